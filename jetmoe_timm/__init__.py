@@ -1,0 +1,9 @@
+""" jetmoe_timm: MoE Jetpack vision models for timm.
+
+``import jetmoe_timm`` registers the V-JetMoE (and C-JetMoE) models with timm, so that
+``timm.create_model('v_jetmoe_tiny', pretrained=True)`` works.
+"""
+from .version import __version__
+from .layers import SpheroMoE, entmax15
+from .models import VisionTransformerJetMoE
+from .routing import routing_info, set_routing_capture

@@ -1,0 +1,3 @@
+from .entmax import entmax15
+from .reference import sphero_moe_reference
+from .sphero_moe import ROUTING_PRESETS, ExpertLinear, ExpertMlp, SpheroMoE

@@ -1,0 +1,310 @@
+""" SpheroMoE: the soft mixture-of-experts layer of MoE Jetpack (Zhu et al., NeurIPS 2024).
+
+Tokens and slot queries meet on the unit sphere: routing logits are cosine similarities between the
+L2-normalised tokens and the LayerNormed + L2-normalised slot queries, divided by two learnable
+temperatures (dispatch and combine). Each slot is a softmax-over-tokens mixture of the input tokens; a few
+large *core* experts and many small *universal* experts process the slots; every token reads back a mixture
+of all expert outputs (softmax, or 1.5-entmax as in the official code, over all slots).
+
+Shapes: B batch, N tokens, d channels, E experts of a path, S slots per expert, M = (E_core + E_univ) * S.
+
+Deviations from the official MMPretrain code (see docs/deviations.md for the reasoning):
+  * logit noise is added in training only (the official code also adds it at inference, a bug);
+    ``noise_at_eval=True`` restores that behaviour.
+  * combine is softmax by default (the paper's equation, no sparse kernel); ``combine='entmax15'`` and the
+    ``routing='official'`` preset give the official sparse combine.
+  * temperatures are kept positive by a softplus parametrisation with a floor (the official raw scalars can
+    reach zero or flip sign); the initial value is the official 0.5.
+  * expert weights use timm's ViT init (trunc normal 0.02) rather than the official kaiming init on the
+    3-D tensor, whose bound is far too small for training from scratch.
+  * expert drop path scales the layer output per sample; this is exactly the official drop path on the
+    stacked expert outputs, since combine is linear in them, but cheaper.
+"""
+import math
+from typing import Dict, List, Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import drop_path, trunc_normal_
+
+from .entmax import entmax15
+
+__all__ = ['ExpertLinear', 'ExpertMlp', 'SpheroMoE', 'ROUTING_PRESETS']
+
+
+# Routing presets: each names the options it sets; explicit constructor arguments override them.
+ROUTING_PRESETS: Dict[str, Dict] = {
+    # MoE Jetpack SpheroMoE as this library recommends it (paper equations, official normalisation)
+    'sphero': dict(slot_norm=True, num_temperatures=2, combine='softmax', noise=True),
+    # the official dual-path layer: sparse 1.5-entmax combine (noise at eval stays opt-in)
+    'official': dict(slot_norm=True, num_temperatures=2, combine='entmax15', noise=True),
+    # plain Soft MoE (Puigcerver et al.): one learnable scale, softmax both ways, no noise, no slot norm
+    'softmoe': dict(slot_norm=False, num_temperatures=1, combine='softmax', noise=False),
+}
+
+
+class ExpertLinear(nn.Module):
+    """E independent linear maps run as one batched matmul.
+
+    weight (E, in, out), bias (E, out); input (E, T, in) -> output (E, T, out).
+    """
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features, **dd))
+        self.bias = nn.Parameter(torch.empty(num_experts, out_features, **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        trunc_normal_(self.weight, std=.02)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bias add fused into the batched matmul
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f'num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}'
+
+
+class ExpertMlp(nn.Module):
+    """A group of E expert MLPs (fc1 -> act -> drop -> fc2 -> drop), all computed at once.
+
+    Input (E, T, d) -> output (E, T, d): expert e sees the T rows x[e].
+    """
+
+    def __init__(
+            self,
+            num_experts: int,
+            dim: int,
+            hidden_features: int,
+            act_layer: Type[nn.Module] = nn.GELU,
+            drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_experts = num_experts
+        self.hidden_features = hidden_features
+        self.fc1 = ExpertLinear(num_experts, dim, hidden_features, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = ExpertLinear(num_experts, hidden_features, dim, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(x))
+
+
+class SpheroMoE(nn.Module):
+    """SpheroMoE layer: cosine soft routing into a dual path of core and universal experts.
+
+    Input (B, N, d) tokens or a channels-last (B, H, W, d) map; output has the input's shape.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_core_experts: int = 98,
+            num_univ_experts: int = 196,
+            core_hidden: Optional[int] = None,
+            univ_ratio: float = 0.25,
+            slots_per_expert: int = 1,
+            routing: str = 'sphero',
+            combine: Optional[str] = None,
+            noise_mult: Optional[float] = None,
+            noise_at_eval: bool = False,
+            temperature_init: Optional[float] = None,
+            temperature_min: float = 1e-2,
+            expert_drop: float = 0.,
+            expert_drop_mode: str = 'element',
+            expert_drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            dim: token channels d.
+            num_core_experts: number of large (core) experts.
+            num_univ_experts: number of small (universal) experts; must be 0 for ``routing='softmoe'``.
+            core_hidden: hidden width of a core expert (default 4 * dim).
+            univ_ratio: universal expert hidden width as a fraction of core_hidden (paper: 1/4).
+            slots_per_expert: slots S routed to each expert.
+            routing: preset, one of ``ROUTING_PRESETS`` ('sphero', 'official', 'softmoe').
+            combine: 'softmax' or 'entmax15' (default: the preset's).
+            noise_mult: std of the Gaussian logit noise (default 1 / number of experts; 0 disables it).
+            noise_at_eval: also add noise in eval mode, as the official code does.
+            temperature_init: initial temperatures (default 0.5 for two temperatures, 1.0 for softmoe's one).
+            temperature_min: floor of the temperatures, which keeps them positive.
+            expert_drop: dropout rate inside the experts (official: 0.4, element-wise).
+            expert_drop_mode: 'element' (official) or 'expert' (paper: drop whole expert outputs per sample).
+            expert_drop_path: per-sample stochastic depth on the layer output.
+            act_layer: expert activation.
+        """
+        super().__init__()
+        if routing not in ROUTING_PRESETS:
+            raise ValueError(f"Unknown routing preset '{routing}'; choose one of {sorted(ROUTING_PRESETS)}.")
+        preset = ROUTING_PRESETS[routing]
+        combine = combine or preset['combine']
+        if combine not in ('softmax', 'entmax15'):
+            raise ValueError(f"Unknown combine '{combine}'; choose 'softmax' or 'entmax15'.")
+        if expert_drop_mode not in ('element', 'expert'):
+            raise ValueError(f"Unknown expert_drop_mode '{expert_drop_mode}'; choose 'element' or 'expert'.")
+        if routing == 'softmoe' and num_univ_experts:
+            raise ValueError("routing='softmoe' is single-path: set num_univ_experts=0.")
+        if num_core_experts < 0 or num_univ_experts < 0 or num_core_experts + num_univ_experts == 0:
+            raise ValueError(
+                f'Need at least one expert, got num_core_experts={num_core_experts}, '
+                f'num_univ_experts={num_univ_experts}.')
+        if slots_per_expert < 1:
+            raise ValueError(f'slots_per_expert must be >= 1, got {slots_per_expert}.')
+        dd = {'device': device, 'dtype': dtype}
+        core_hidden = core_hidden or 4 * dim
+        univ_hidden = max(1, int(round(core_hidden * univ_ratio)))
+
+        self.dim = dim
+        self.routing = routing
+        self.combine = combine
+        self.num_core_experts = num_core_experts
+        self.num_univ_experts = num_univ_experts
+        self.num_experts = num_core_experts + num_univ_experts
+        self.slots_per_expert = slots_per_expert
+        self.num_slots = self.num_experts * slots_per_expert
+        self.core_hidden = core_hidden
+        self.univ_hidden = univ_hidden
+        self.noise_mult = (1. / self.num_experts if noise_mult is None else noise_mult) if preset['noise'] else 0.
+        self.noise_at_eval = noise_at_eval
+        self.temperature_min = temperature_min
+        self.expert_drop_mode = expert_drop_mode
+        self.expert_drop = expert_drop
+        self.expert_drop_path = expert_drop_path
+        self.norm_eps = 1e-6
+        self.capture_routing = False
+        self.last_routing: Optional[Dict[str, torch.Tensor]] = None
+
+        num_temps = preset['num_temperatures']
+        self.temperature_init = temperature_init or (0.5 if num_temps == 2 else 1.0)
+        self.slot_query = nn.Parameter(torch.empty(self.num_experts, slots_per_expert, dim, **dd))
+        self.slot_norm = nn.LayerNorm(dim, **dd) if preset['slot_norm'] else nn.Identity()
+        # softplus parametrisation: temperature = temperature_min + softplus(temp_raw) stays > 0 with a live grad
+        self.temp_raw = nn.Parameter(torch.empty(num_temps, **dd))
+
+        element_drop = expert_drop if expert_drop_mode == 'element' else 0.
+        self.core_experts = ExpertMlp(
+            num_core_experts, dim, core_hidden, act_layer=act_layer, drop=element_drop, **dd,
+        ) if num_core_experts else None
+        self.univ_experts = ExpertMlp(
+            num_univ_experts, dim, univ_hidden, act_layer=act_layer, drop=element_drop, **dd,
+        ) if num_univ_experts else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Orthogonal slot queries (as the official code), temperatures at their initial value."""
+        if self.slot_query.is_meta:
+            return
+        with torch.no_grad():
+            q = torch.randn_like(self.slot_query)
+            nn.init.orthogonal_(q)
+            self.slot_query.copy_(q)
+            self.temp_raw.fill_(self._temp_to_raw(self.temperature_init))
+        if isinstance(self.slot_norm, nn.LayerNorm):
+            self.slot_norm.reset_parameters()
+
+    def _temp_to_raw(self, t: float) -> float:
+        """Inverse of the softplus parametrisation."""
+        if t <= self.temperature_min:
+            raise ValueError(f'temperature {t} must exceed temperature_min={self.temperature_min}.')
+        v = t - self.temperature_min
+        return v + math.log(-math.expm1(-v))  # log(expm1(v)), stable for large v
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """Effective temperatures (dispatch, combine); one shared value for 'softmoe'."""
+        return self.temperature_min + F.softplus(self.temp_raw)
+
+    def routing_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of tokens and slot queries: (B, N, d) -> (B, N, M)."""
+        key = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.norm_eps)
+        query = self.slot_norm(self.slot_query).flatten(0, 1)
+        query = query / (torch.linalg.vector_norm(query, dim=-1, keepdim=True) + self.norm_eps)
+        return key @ query.t()
+
+    def _combine_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.combine == 'entmax15':
+            return entmax15(logits, dim=-1)
+        return logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.flatten(1, -2)  # channels-last maps become token sequences; (B, N, d) is unchanged
+        B = x.shape[0]
+        S = self.slots_per_expert
+
+        # routing in float32: cosine logits are bounded, but softmax / entmax over many slots is not bf16-safe
+        logits = self.routing_logits(x).float()
+        temp = self.temperature.float()
+        dispatch_logits = logits / temp[0]
+        combine_logits = logits / temp[-1]
+        if self.noise_mult > 0 and (self.training or self.noise_at_eval):
+            noise = torch.randn_like(logits) * self.noise_mult  # one draw shared by both, as officially
+            dispatch_logits = dispatch_logits + noise
+            combine_logits = combine_logits + noise
+        dispatch = dispatch_logits.softmax(dim=1)  # over tokens: each slot is a convex mixture of tokens
+        combine = self._combine_weights(combine_logits)  # over all slots, for each token
+
+        # slots, expert-major: (M, B, d); slot m = e * S + s
+        slots = torch.bmm(dispatch.transpose(1, 2).to(x.dtype), x).transpose(0, 1)
+        m_core = self.num_core_experts * S
+        outs: List[torch.Tensor] = []
+        if self.core_experts is not None:
+            core_in = slots[:m_core].reshape(self.num_core_experts, S * B, -1)
+            outs.append(self.core_experts(core_in).reshape(m_core, B, -1))
+        if self.univ_experts is not None:
+            univ_in = slots[m_core:].reshape(self.num_univ_experts, S * B, -1)
+            outs.append(self.univ_experts(univ_in).reshape(self.num_slots - m_core, B, -1))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (M, B, d)
+        if self.training and self.expert_drop_mode == 'expert' and self.expert_drop > 0.:
+            keep = 1. - self.expert_drop
+            mask = torch.empty(self.num_experts, 1, B, 1, device=y.device, dtype=y.dtype).bernoulli_(keep)
+            y = (y.view(self.num_experts, S, B, -1) * mask / keep).view(self.num_slots, B, -1)
+
+        out = torch.bmm(combine.to(y.dtype), y.transpose(0, 1))  # (B, N, d)
+        if self.expert_drop_path > 0. and self.training:
+            out = drop_path(out, self.expert_drop_path, self.training)
+        if self.capture_routing:
+            self._capture(dispatch, combine, y)
+        return out.reshape(shape)
+
+    @torch.jit.unused
+    def _capture(self, dispatch: torch.Tensor, combine: torch.Tensor, y: torch.Tensor) -> None:
+        """Keep the last pass's routing for inspection (see ``jetmoe_timm.routing_info``)."""
+        m_core = self.num_core_experts * self.slots_per_expert
+        y = y.detach().float().transpose(0, 1)  # (B, M, d)
+        combine = combine.detach().float()
+        core_out = combine[..., :m_core] @ y[:, :m_core]
+        univ_out = combine[..., m_core:] @ y[:, m_core:]
+        # per-slot share of the output: || sum_n combine[b, n, m] * y[b, m] || over the batch
+        slot_contrib = combine.sum(1) * torch.linalg.vector_norm(y, dim=-1)
+        self.last_routing = dict(
+            dispatch=dispatch.detach().float(),  # (B, N, M), sums to 1 over N
+            combine=combine,  # (B, N, M), sums to 1 over M
+            core_out=core_out,  # (B, N, d)
+            univ_out=univ_out,  # (B, N, d); core_out + univ_out = layer output (before drop path)
+            slot_contrib=slot_contrib,  # (B, M)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f'dim={self.dim}, core={self.num_core_experts}x{self.core_hidden}, '
+            f'univ={self.num_univ_experts}x{self.univ_hidden}, slots_per_expert={self.slots_per_expert}, '
+            f'routing={self.routing}, combine={self.combine}')

@@ -1,0 +1,1 @@
+from .vit_jetmoe import VisionTransformerJetMoE

@@ -1,0 +1,210 @@
+""" V-JetMoE: Vision Transformers whose later MLPs are SpheroMoE layers (MoE Jetpack, Zhu et al. 2024).
+
+The model is timm's ``VisionTransformer`` with the MLP of each block in ``moe_blocks`` replaced by a
+``SpheroMoE`` layer, so patch embedding, attention, pooling, features, grad checkpointing and
+``forward_intermediates`` are timm's own. Blocks stay pre-norm: ``x + drop_path(moe(norm2(x)))``.
+
+Pretrained tags ``*.recycled_in21k`` are never fine-tuned inits recycled from a timm ImageNet-21k ViT
+(see ``jetmoe_timm.recycle``): built locally on first ``pretrained=True`` load when no converted copy can be
+downloaded. They carry no classifier (``num_classes=0``): fine-tune with your own head.
+
+Paper: `MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
+    - https://arxiv.org/abs/2406.04801
+"""
+import re
+from typing import Dict, Iterable, List, Optional, Set, Union
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
+
+from ..layers import SpheroMoE
+from ._pretrained import prepare_pretrained
+
+__all__ = ['VisionTransformerJetMoE']
+
+HF_ORG = 'jetmoe-timm'
+
+
+class VisionTransformerJetMoE(VisionTransformer):
+    """timm VisionTransformer with SpheroMoE layers in place of the MLPs of ``moe_blocks``."""
+
+    def __init__(
+            self,
+            moe_blocks: Optional[Iterable[int]] = None,
+            num_core_experts: int = 98,
+            num_univ_experts: int = 196,
+            core_hidden: Optional[int] = None,
+            univ_ratio: float = 0.25,
+            slots_per_expert: int = 1,
+            routing: str = 'sphero',
+            moe_combine: Optional[str] = None,
+            moe_noise_mult: Optional[float] = None,
+            moe_noise_at_eval: bool = False,
+            moe_drop_rate: float = 0.,
+            moe_drop_mode: str = 'element',
+            moe_drop_path_rate: Optional[float] = None,
+            **kwargs,
+    ):
+        """
+        Args:
+            moe_blocks: 0-based indices of the blocks whose MLP becomes a SpheroMoE layer (default: the later
+                half, blocks depth//2 .. depth-1, as in the paper).
+            num_core_experts / num_univ_experts: experts per path in every MoE block.
+            core_hidden: core expert hidden width (default: the dense MLP's, mlp_ratio * embed_dim).
+            univ_ratio: universal expert hidden width relative to core_hidden.
+            slots_per_expert: slots per expert.
+            routing: SpheroMoE routing preset ('sphero', 'official' or 'softmoe').
+            moe_combine: override the preset's combine ('softmax' or 'entmax15').
+            moe_noise_mult / moe_noise_at_eval: logit noise std (default 1/E) and whether it runs in eval too.
+            moe_drop_rate / moe_drop_mode: dropout inside the experts, 'element' (official) or 'expert'.
+            moe_drop_path_rate: peak expert drop path, on the block drop-path schedule (default: drop_path_rate).
+            **kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim, depth, ...).
+        """
+        super().__init__(**kwargs)
+        depth = len(self.blocks)
+        if moe_blocks is None:
+            moe_blocks = range(depth // 2, depth)
+        moe_blocks = sorted({int(i) for i in moe_blocks})
+        if any(i < 0 or i >= depth for i in moe_blocks):
+            raise ValueError(f'moe_blocks {moe_blocks} must lie in 0..{depth - 1} (0-based block indices).')
+        self.moe_blocks = moe_blocks
+
+        drop_path_rate = kwargs.get('drop_path_rate', 0.)
+        moe_drop_path_rate = drop_path_rate if moe_drop_path_rate is None else moe_drop_path_rate
+        mlp_ratio = kwargs.get('mlp_ratio', 4.)
+        first = self.patch_embed.proj.weight
+        dd = {'device': first.device, 'dtype': first.dtype}
+        for i in moe_blocks:
+            self.blocks[i].mlp = SpheroMoE(
+                self.embed_dim,
+                num_core_experts=num_core_experts,
+                num_univ_experts=num_univ_experts,
+                core_hidden=core_hidden or int(self.embed_dim * mlp_ratio),
+                univ_ratio=univ_ratio,
+                slots_per_expert=slots_per_expert,
+                routing=routing,
+                combine=moe_combine,
+                noise_mult=moe_noise_mult,
+                noise_at_eval=moe_noise_at_eval,
+                expert_drop=moe_drop_rate,
+                expert_drop_mode=moe_drop_mode,
+                expert_drop_path=moe_drop_path_rate * i / max(depth - 1, 1),
+                **dd,
+            )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Position embedding, CLS token and the MoE temperatures."""
+        return super().no_weight_decay() | {f'blocks.{i}.mlp.temp_raw' for i in self.moe_blocks}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Groups for layer-wise lr decay.
+
+        As in the official recipe, the MoE slot queries, temperatures, experts and the MoE blocks' norm2 are
+        grouped with the head (last group, full learning rate) rather than with their block.
+        """
+        moe_idx = '|'.join(str(i) for i in self.moe_blocks) or 'none'
+        moe_params = rf'blocks\.(?:{moe_idx})\.(?:norm2|mlp)\.'
+        return dict(
+            stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
+            blocks=[(rf'^(?!{moe_params})blocks\.(\d+)', None), (r'^norm\.', (99999,))],
+            head=rf'^(?:{moe_params}|fc_norm|head|attn_pool)',
+        )
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformerJetMoE) -> Dict[str, torch.Tensor]:
+    """Unwrap, resample position embeddings to the model's grid, and map the official layout if found."""
+    from ..official import is_official_state_dict, official_to_timm
+    state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
+    if is_official_state_dict(state_dict):
+        state_dict = official_to_timm(state_dict, model)
+    return _vit_checkpoint_filter_fn(state_dict, model)
+
+
+def _create_vit_jetmoe(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerJetMoE:
+    if pretrained:
+        kwargs = prepare_pretrained(variant, kwargs)
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionTransformerJetMoE,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': None,
+        'crop_pct': .9,
+        'interpolation': 'bicubic',
+        'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN,
+        'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2406.04801',
+        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+        'origin_url': 'https://github.com/Adlith/MoE-Jetpack',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'v_jetmoe_tiny.recycled_in21k': _cfg(
+        hf_hub_id=f'{HF_ORG}/v_jetmoe_tiny.recycled_in21k',
+        num_classes=0,
+        notes=(
+            'Recycled init, not fine-tuned: built from vit_small_patch16_224.augreg_in21k by importance '
+            'sampling (paper recipe). No classifier; fine-tune before use.',
+        ),
+    ),
+    'v_jetmoe_tiny.official_in1k': _cfg(
+        hf_hub_id=f'{HF_ORG}/v_jetmoe_tiny.official_in1k',
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        crop_pct=0.875,
+        notes=(
+            'Official MoE Jetpack V-JetMoE-T fine-tuned on ImageNet-1k, converted from the MMPretrain '
+            'checkpoint (paper: 79.9% top-1). Uses routing="official" (entmax15 combine).',
+        ),
+    ),
+    'v_jetmoe_small.recycled_in21k': _cfg(
+        hf_hub_id=f'{HF_ORG}/v_jetmoe_small.recycled_in21k',
+        num_classes=0,
+        notes=(
+            'Recycled init, not fine-tuned: built from vit_base_patch16_224.augreg_in21k by importance '
+            'sampling (paper recipe). No classifier; fine-tune before use.',
+        ),
+    ),
+})
+
+
+@register_model
+def v_jetmoe_tiny(pretrained: bool = False, **kwargs) -> VisionTransformerJetMoE:
+    """V-JetMoE-T: ViT-T/16 at 224 with SpheroMoE (98 core + 196 universal experts) in blocks 6..11 (the later half)."""
+    model_args = dict(
+        patch_size=16, embed_dim=192, depth=12, num_heads=3, global_pool='avg',
+        num_core_experts=98, num_univ_experts=196,
+    )
+    return _create_vit_jetmoe('v_jetmoe_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def v_jetmoe_small(pretrained: bool = False, **kwargs) -> VisionTransformerJetMoE:
+    """V-JetMoE-S: ViT-S/16 at 224 with SpheroMoE (98 core + 196 universal experts) in blocks 6..11 (the later half)."""
+    model_args = dict(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, global_pool='avg',
+        num_core_experts=98, num_univ_experts=196,
+    )
+    return _create_vit_jetmoe('v_jetmoe_small', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,152 @@
+"""SpheroMoE against a plain reference computation, and the routing properties it must keep."""
+import pytest
+import torch
+
+from jetmoe_timm.layers import SpheroMoE, entmax15, sphero_moe_reference
+
+
+def _layer(**kwargs):
+    args = dict(dim=16, num_core_experts=3, num_univ_experts=5, slots_per_expert=2)
+    args.update(kwargs)
+    torch.manual_seed(0)
+    layer = SpheroMoE(**args)
+    with torch.no_grad():  # non-trivial biases so that the reference comparison covers them
+        for name, p in layer.named_parameters():
+            if name.endswith('bias'):
+                p.normal_(std=0.1)
+    return layer
+
+
+@pytest.mark.parametrize('combine', ['softmax', 'entmax15'])
+@pytest.mark.parametrize('slots', [1, 2])
+def test_matches_reference(combine, slots):
+    layer = _layer(combine=combine, slots_per_expert=slots).eval()
+    x = torch.randn(3, 11, 16)
+    torch.testing.assert_close(layer(x), sphero_moe_reference(layer, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('core,univ', [(4, 0), (0, 4)])
+def test_single_path_matches_reference(core, univ):
+    layer = _layer(num_core_experts=core, num_univ_experts=univ).eval()
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(layer(x), sphero_moe_reference(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_softmoe_preset_matches_reference():
+    layer = _layer(num_univ_experts=0, routing='softmoe').eval()
+    assert layer.temp_raw.numel() == 1 and layer.noise_mult == 0
+    x = torch.randn(2, 7, 16)
+    torch.testing.assert_close(layer(x), sphero_moe_reference(layer, x), atol=1e-5, rtol=1e-5)
+
+
+def test_channels_last_map_equals_tokens():
+    layer = _layer().eval()
+    x = torch.randn(2, 4, 5, 16)
+    out = layer(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, layer(x.flatten(1, 2)).view_as(x))
+
+
+def test_routing_weights_are_distributions():
+    layer = _layer().eval()
+    layer.capture_routing = True
+    x = torch.randn(2, 9, 16)
+    out = layer(x)
+    r = layer.last_routing
+    M = layer.num_slots
+    assert r['dispatch'].shape == (2, 9, M) and r['combine'].shape == (2, 9, M)
+    torch.testing.assert_close(r['dispatch'].sum(1), torch.ones(2, M))  # each slot: over tokens
+    torch.testing.assert_close(r['combine'].sum(2), torch.ones(2, 9))  # each token: over slots
+    torch.testing.assert_close(r['core_out'] + r['univ_out'], out, atol=1e-5, rtol=1e-5)
+
+
+def test_initial_temperature_and_positivity():
+    layer = _layer()
+    torch.testing.assert_close(layer.temperature, torch.full((2,), 0.5))
+    with torch.no_grad():
+        layer.temp_raw.fill_(-1e4)  # an optimiser pushing hard towards zero
+    assert (layer.temperature >= layer.temperature_min).all()
+    layer.temperature.sum().backward()
+    assert layer.temp_raw.grad is not None
+
+
+def test_noise_only_in_training():
+    layer = _layer(noise_mult=0.5)
+    x = torch.randn(2, 9, 16)
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(2)
+    b = layer(x)
+    assert not torch.allclose(a, b)
+    layer.eval()
+    layer.noise_at_eval = True  # the official behaviour, opt-in
+    torch.manual_seed(1)
+    assert not torch.allclose(layer(x), layer(x))
+
+
+def test_dropout_and_drop_path_only_in_training():
+    layer = _layer(expert_drop=0.5, expert_drop_path=0.5, noise_mult=0.)
+    x = torch.randn(4, 9, 16)
+    layer.eval()
+    torch.testing.assert_close(layer(x), sphero_moe_reference(layer, x), atol=1e-5, rtol=1e-5)
+    layer.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(layer(x), sphero_moe_reference(layer, x), atol=1e-3)
+
+
+def test_expert_drop_mode_drops_whole_experts():
+    layer = _layer(expert_drop=0.999, expert_drop_mode='expert', noise_mult=0.).train()
+    x = torch.randn(2, 9, 16)
+    torch.manual_seed(0)
+    assert layer(x).abs().max() == 0  # every expert dropped: nothing passes
+
+
+def test_every_parameter_gets_a_gradient():
+    layer = _layer(expert_drop=0.1, expert_drop_path=0.1).train()
+    layer(torch.randn(2, 9, 16)).sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_autocast_finite_and_float32_routing(dtype):
+    layer = _layer().eval()
+    layer.capture_routing = True
+    x = torch.randn(2, 9, 16)
+    with torch.autocast('cpu', dtype=dtype):
+        out = layer(x)
+    assert torch.isfinite(out).all()
+    assert layer.last_routing['dispatch'].dtype == torch.float32
+    torch.testing.assert_close(layer.last_routing['combine'].sum(-1), torch.ones(2, 9))
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ValueError, match='routing preset'):
+        SpheroMoE(8, routing='nope')
+    with pytest.raises(ValueError, match='num_univ_experts=0'):
+        SpheroMoE(8, routing='softmoe')
+    with pytest.raises(ValueError, match='at least one expert'):
+        SpheroMoE(8, num_core_experts=0, num_univ_experts=0)
+
+
+def test_entmax15_definition():
+    z = torch.randn(5, 12, dtype=torch.float64) * 3
+    p = entmax15(z, dim=-1)
+    torch.testing.assert_close(p.sum(-1), torch.ones(5, dtype=torch.float64))
+    assert (p == 0).any()  # sparse for spread-out scores
+    # closed form: p = [z/2 - tau]_+^2, with one tau per row
+    tau = z / 2 - p.sqrt()
+    support = p > 0
+    for row in range(5):
+        t = tau[row][support[row]]
+        torch.testing.assert_close(t, t.mean().expand_as(t))
+        assert (z[row][~support[row]] / 2 <= t[0] + 1e-9).all()
+    # it keeps the ranking, and small scores give a nearly uniform (dense) answer like softmax
+    assert torch.equal(p.argmax(-1), z.argmax(-1))
+    flat = entmax15(torch.zeros(1, 6, dtype=torch.float64) + 1e-3 * torch.randn(1, 6, dtype=torch.float64))
+    assert (flat > 0).all()
+    # gradient check against finite differences
+    zz = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: entmax15(t, dim=-1), (zz,))
