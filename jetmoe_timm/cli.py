@@ -1,0 +1,39 @@
+""" The ``jetmoe-timm`` command line: one subcommand per feature module.
+
+Each module listed in ``_COMMAND_MODULES`` defines ``add_parser(subparsers)``, which registers its
+subcommand and sets ``func`` (called with the parsed args, returns an exit code). Modules are imported only
+to build the parser, so ``jetmoe-timm --help`` stays cheap.
+"""
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+from .version import __version__
+
+_COMMAND_MODULES = (
+    'jetmoe_timm.recycle.cli',  # convert
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='jetmoe-timm', description='MoE Jetpack models for timm.')
+    parser.add_argument('--version', action='version', version=f'jetmoe_timm {__version__}')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        # user errors: one clear line, no traceback
+        print(f'jetmoe-timm {args.command}: error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
