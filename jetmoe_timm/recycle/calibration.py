@@ -1,0 +1,128 @@
+""" Calibration images for activation statistics.
+
+Sources (``calib``):
+    'synthetic' (default)  deterministic procedural images: multi-octave Gaussian noise with a 1/f-like
+                           spectrum and random colour mixing, seeded; works offline, needs no download
+    a folder               every image below it (any depth), a seeded subset of ``num_images``
+    a Dataset/DataLoader   yields images (PIL or tensors) or (image, label) pairs
+All images go through the predecessor's own eval transform (timm's ``resolve_data_config``).
+"""
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, List, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+
+from .selection import make_generator
+
+__all__ = ['IMAGE_EXTENSIONS', 'calibration_batches', 'synthetic_image']
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
+
+
+def synthetic_image(index: int, size: int = 224, seed: int = 0) -> Image.Image:
+    """A deterministic, natural-looking RGB image: octaves of upsampled noise, amplitude ~ 1/frequency."""
+    g = make_generator(seed, 'synthetic', index)
+    img = torch.zeros(1, 3, size, size)
+    for octave in range(1, 7):
+        res = 2 ** octave
+        noise = torch.randn(1, 3, res, res, generator=g)
+        img += F.interpolate(noise, size=(size, size), mode='bicubic', align_corners=False) / res ** 0.5
+    mix = torch.randn(3, 3, generator=g) * 0.5 + torch.eye(3)
+    img = torch.einsum('ij,bjhw->bihw', mix, img)
+    img = torch.sigmoid(img * 1.5 + torch.randn(1, 3, 1, 1, generator=g) * 0.5)
+    arr = (img[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr, mode='RGB')
+
+
+def _image_files(folder: Path) -> List[Path]:
+    if not folder.exists():
+        raise FileNotFoundError(f"calibration folder '{folder}' does not exist: pass an existing image folder, "
+                                f"or calib='synthetic' for the built-in images.")
+    if not folder.is_dir() or not os.access(folder, os.R_OK | os.X_OK):
+        raise ValueError(f"calibration path '{folder}' is not a readable folder: pass a folder of images.")
+    files = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"calibration folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                         f"add some, or use calib='synthetic'.")
+    return files
+
+
+def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.Image]:
+    files = _image_files(folder)
+    order = torch.randperm(len(files), generator=make_generator(seed, 'calib-folder')).tolist()
+    taken = skipped = 0
+    for i in order:
+        if taken == num_images:
+            break
+        try:
+            with Image.open(files[i]) as im:
+                img = im.convert('RGB')
+        except (UnidentifiedImageError, OSError) as e:
+            skipped += 1
+            warnings.warn(f'skipping calibration image {files[i]} that cannot be decoded: {e}')
+            continue
+        taken += 1
+        yield img
+    if skipped:
+        warnings.warn(f'{skipped} calibration image(s) could not be decoded and were skipped')
+    if taken == 0:
+        raise ValueError(f"no image in '{folder}' could be decoded: check the files, or use calib='synthetic'.")
+
+
+def _batched(images, transform, batch_size: int) -> Iterator[torch.Tensor]:
+    batch = []
+    for img in images:
+        batch.append(transform(img) if isinstance(img, Image.Image) else img)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+def calibration_batches(
+        calib: Union[str, os.PathLike, torch.utils.data.Dataset, torch.utils.data.DataLoader, None],
+        model: nn.Module,
+        num_images: int = 256,
+        batch_size: int = 32,
+        seed: int = 0,
+) -> Tuple[Iterator[torch.Tensor], int, str]:
+    """(batches, number of batches, description) of calibration images transformed for ``model``."""
+    data_cfg = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if img_size is not None:  # fixed-size models built at a non-default size
+        data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
+    transform = create_transform(**data_cfg, is_training=False)
+    total = -(-num_images // batch_size)
+    if calib is None or calib == 'synthetic':
+        size = data_cfg['input_size'][-1]
+        images = (synthetic_image(i, size, seed) for i in range(num_images))
+        return _batched(images, transform, batch_size), total, f'synthetic:{num_images}:seed{seed}'
+    if isinstance(calib, (str, os.PathLike)):
+        folder = Path(calib)
+        _image_files(folder)  # fail now, with a clear message, rather than mid-way
+        return (_batched(_folder_images(folder, num_images, seed), transform, batch_size), total,
+                f'folder:{folder.name}:{num_images}')
+    if isinstance(calib, torch.utils.data.Dataset):
+        calib = torch.utils.data.DataLoader(calib, batch_size=batch_size, shuffle=False,
+                                            collate_fn=lambda items: items)
+    if isinstance(calib, torch.utils.data.DataLoader):
+        def loader_images():
+            n = 0
+            for batch in calib:
+                items = batch[0] if isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]) else batch
+                for item in items:
+                    if isinstance(item, (tuple, list)):
+                        item = item[0]
+                    yield item
+                    n += 1
+                    if n == num_images:
+                        return
+        return _batched(loader_images(), transform, batch_size), total, f'loader:{num_images}'
+    raise ValueError(f'calib must be a folder path, a Dataset/DataLoader or "synthetic", got {type(calib).__name__}')

@@ -1,0 +1,154 @@
+""" Which channels, heads and hidden neurons a successor keeps: the selection methods of checkpoint recycling.
+
+All randomness comes from explicit, seeded CPU ``torch.Generator``s and float64 arithmetic, so a selection
+depends only on (statistics, seed, names), never on global RNG state or library versions.
+
+Methods for expert neurons (``METHODS``):
+    importance  each expert samples its neurons without replacement, with probability proportional to the
+                neuron statistic (Efraimidis-Spirakis weighted sampling)
+    graph       the neuron co-activation graph is partitioned with METIS (pymetis); each expert samples whole
+                parts without replacement, in proportion to their intra-part co-activation, until it is full
+    uniform     an evenly strided subset (the same for every expert)
+    random      a uniformly random subset per expert
+    copy        sparse upcycling: every core expert takes the top neurons the recycled dense successor would
+                keep; universal experts an evenly strided subset of them
+"""
+import zlib
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ['METHODS', 'make_generator', 'weighted_order', 'weighted_sample', 'top_k', 'uniform_indices',
+           'select_neurons', 'partition_graph']
+
+METHODS = ('importance', 'graph', 'uniform', 'random', 'copy')
+
+
+def make_generator(seed: int, *names) -> torch.Generator:
+    """An independent generator per (seed, names): the draw of one layer never shifts another's."""
+    key = zlib.crc32(repr(names).encode())
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + key) % (2 ** 63))
+
+
+def weighted_order(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation in which each prefix is a weighted sample without replacement, P ~ weights.
+
+    Efraimidis-Spirakis keys log(u) / w, sorted descending; zero weights come last, by index.
+    """
+    w = weights.double().clamp(min=0)
+    u = torch.rand(w.numel(), generator=generator, dtype=torch.float64).clamp(min=1e-300)
+    keys = torch.where(w > 0, u.log() / w, torch.full_like(w, -float('inf')))
+    return torch.argsort(keys, descending=True, stable=True)
+
+
+def weighted_sample(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k indices without replacement, P ~ weights, sorted ascending."""
+    if k > weights.numel():
+        raise ValueError(f'cannot sample {k} of {weights.numel()} items without replacement')
+    return weighted_order(weights, generator)[:k].sort().values
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores (ties by index), sorted ascending."""
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def uniform_indices(n: int, k: int) -> torch.Tensor:
+    """k evenly spaced indices of range(n), endpoints included."""
+    if k > n:
+        raise ValueError(f'cannot take {k} of {n} items')
+    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()
+
+
+def partition_graph(coact: torch.Tensor, num_parts: int) -> torch.Tensor:
+    """METIS partition of a co-activation graph: (n, n) counts -> part id per node, (n,) long.
+
+    The graph is symmetrised, self-loops dropped and weights scaled to integers; ``num_parts`` is clamped so
+    METIS cannot collapse everything into one part (which it may do when parts >= nodes / 2).
+    """
+    import pymetis
+
+    n = coact.shape[0]
+    num_parts = int(max(2, min(num_parts, n // 4)))
+    a = coact.double()
+    a = (a + a.t()) / 2
+    a.fill_diagonal_(0)
+    scale = a.max()
+    weights = (a / scale * 1000).round().long() if scale > 0 else torch.zeros_like(a, dtype=torch.long)
+    adj = weights > 0
+    xadj = np.concatenate([[0], np.cumsum(adj.sum(1).numpy())]).astype(np.int64)
+    rows, cols = adj.nonzero(as_tuple=True)
+    if rows.numel() == 0:  # no co-activation at all: contiguous blocks are as good as any partition
+        return torch.div(torch.arange(n) * num_parts, n, rounding_mode='floor')
+    _, parts = pymetis.part_graph(
+        num_parts, xadj=xadj, adjncy=cols.numpy().astype(np.int64), eweights=weights[rows, cols].numpy())
+    parts = torch.as_tensor(np.asarray(parts), dtype=torch.long)
+    # relabel to 0..P-1 without gaps (METIS may leave a part empty)
+    return torch.unique(parts, return_inverse=True)[1]
+
+
+def _graph_sample(
+        parts: torch.Tensor,
+        coact: torch.Tensor,
+        importance: torch.Tensor,
+        k: int,
+        generator: torch.Generator,
+) -> torch.Tensor:
+    """Whole parts sampled by intra-part co-activation until k neurons; the last part is cut by importance."""
+    num_parts = int(parts.max()) + 1
+    intra = torch.stack([coact[parts == p][:, parts == p].double().sum() for p in range(num_parts)])
+    chosen = []
+    total = 0
+    for p in weighted_order(intra + 1e-12, generator).tolist():
+        nodes = (parts == p).nonzero().flatten()
+        need = k - total
+        if nodes.numel() > need:
+            nodes = nodes[top_k(importance[nodes], need)]
+        chosen.append(nodes)
+        total += nodes.numel()
+        if total == k:
+            break
+    return torch.cat(chosen).sort().values
+
+
+def select_neurons(
+        method: str,
+        num_experts: int,
+        k: int,
+        importance: torch.Tensor,
+        generator: torch.Generator,
+        coact: Optional[torch.Tensor] = None,
+        parts: Optional[torch.Tensor] = None,
+        copy_pool: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Hidden neurons for ``num_experts`` experts of width k: (E, k) long, each row sorted, no repeats in a row.
+
+    Args:
+        method: one of ``METHODS``.
+        importance: (H,) neuron statistic of the predecessor MLP.
+        coact, parts: co-activation counts (H, H) and their METIS partition, for 'graph'.
+        copy_pool: for 'copy', the neurons the dense successor keeps (experts take it whole, or evenly
+            strided when narrower).
+    """
+    H = importance.numel()
+    if k > H:
+        raise ValueError(f'an expert of {k} hidden neurons cannot be sampled from an MLP of {H}')
+    if method == 'importance':
+        rows = [weighted_sample(importance, k, generator) for _ in range(num_experts)]
+    elif method == 'random':
+        rows = [torch.randperm(H, generator=generator)[:k].sort().values for _ in range(num_experts)]
+    elif method == 'uniform':
+        rows = [uniform_indices(H, k)] * num_experts
+    elif method == 'copy':
+        pool = copy_pool if copy_pool is not None else top_k(importance, k)
+        row = pool if pool.numel() == k else pool[uniform_indices(pool.numel(), k)]
+        rows = [row] * num_experts
+    elif method == 'graph':
+        if coact is None or parts is None:
+            raise ValueError("method 'graph' needs co-activation statistics")
+        rows = [_graph_sample(parts, coact, importance, k, generator) for _ in range(num_experts)]
+    else:
+        raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+    return torch.stack(rows) if rows else torch.empty(0, k, dtype=torch.long)

@@ -1,0 +1,119 @@
+""" Activation statistics of a predecessor, collected with forward hooks in one pass over calibration data.
+
+Per probe (a module output, or a module input) and per feature (last dim) it accumulates in float64:
+    l2    root mean square                         (the official default)
+    l1    mean absolute value
+    freq  fraction of positions with a positive value
+and, where asked, co-activation counts (x > 0)^T (x > 0) for the graph method.
+"""
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+__all__ = ['STATISTICS', 'Probe', 'ActivationStats', 'collect_statistics']
+
+STATISTICS = ('l2', 'l1', 'freq')
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where to measure: ``module``'s output (or its input, for ``on_input``), optionally with co-activation."""
+    module: str
+    on_input: bool = False
+    coact: bool = False
+
+
+class _Accumulator:
+    def __init__(self, coact: bool):
+        self.count = 0
+        self.sum_abs = self.sum_sq = self.pos = None
+        self.coact_sum = None
+        self.want_coact = coact
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        xd = x.double()
+        pos = x > 0
+        if self.sum_abs is None:
+            d = x.shape[-1]
+            self.sum_abs, self.sum_sq, self.pos = (torch.zeros(d, dtype=torch.float64) for _ in range(3))
+            if self.want_coact:
+                self.coact_sum = torch.zeros(d, d, dtype=torch.float64)
+        self.count += x.shape[0]
+        self.sum_abs += xd.abs().sum(0)
+        self.sum_sq += (xd * xd).sum(0)
+        self.pos += pos.sum(0, dtype=torch.float64)
+        if self.want_coact:
+            b = pos.float()
+            self.coact_sum += (b.t() @ b).double()  # exact: float32 holds integers up to 2^24
+
+
+class ActivationStats:
+    """Finished statistics: ``stats[module, 'l2']`` -> (D,) float64; ``stats.coact(module)`` -> (D, D)."""
+
+    def __init__(self, accumulators: Dict[str, _Accumulator], num_images: int, source: str):
+        self._acc = accumulators
+        self.num_images = num_images
+        self.source = source
+
+    def __getitem__(self, key) -> torch.Tensor:
+        module, statistic = key
+        a = self._acc[module]
+        if statistic == 'l2':
+            return (a.sum_sq / a.count).sqrt()
+        if statistic == 'l1':
+            return a.sum_abs / a.count
+        if statistic == 'freq':
+            return a.pos / a.count
+        raise ValueError(f"Unknown statistic '{statistic}'; choose one of {', '.join(STATISTICS)}.")
+
+    def coact(self, module: str) -> torch.Tensor:
+        c = self._acc[module].coact_sum
+        if c is None:
+            raise KeyError(f'no co-activation was collected for {module}')
+        return c
+
+    def __contains__(self, module: str) -> bool:
+        return module in self._acc
+
+
+@torch.no_grad()
+def collect_statistics(
+        model: nn.Module,
+        probes: List[Probe],
+        batches: Iterable[torch.Tensor],
+        total: Optional[int] = None,
+        source: str = '',
+        progress: bool = True,
+) -> ActivationStats:
+    """Run ``batches`` (B, C, H, W) through ``model`` in eval mode and gather statistics at ``probes``."""
+    modules = dict(model.named_modules())
+    missing = [p.module for p in probes if p.module not in modules]
+    if missing:
+        raise ValueError(f'the predecessor has no module(s) {missing}: is it the right model family?')
+    acc = {p.module: _Accumulator(p.coact) for p in probes}
+    handles = []
+    for p in probes:
+        a = acc[p.module]
+        if p.on_input:
+            handles.append(modules[p.module].register_forward_pre_hook(lambda m, args, a=a: a.update(args[0])))
+        else:
+            handles.append(modules[p.module].register_forward_hook(lambda m, args, out, a=a: a.update(out)))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    num_images = 0
+    try:
+        for x in tqdm(batches, total=total, desc='calibration', unit='batch', disable=not progress):
+            model(x.to(device))
+            num_images += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if num_images == 0:
+        raise ValueError('the calibration data yielded no images')
+    return ActivationStats(acc, num_images, source)

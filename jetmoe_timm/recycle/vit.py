@@ -1,0 +1,255 @@
+""" Recycling a timm VisionTransformer into a V-JetMoE successor: probes, selection and the key plan.
+
+Successor block i comes from predecessor block i. Residual channels are one index set ``channels`` used
+everywhere (patch embedding, position embedding, tokens, norms, attention and MLP inputs / outputs). Attention
+keeps whole heads (top heads by the statistic of their output dims) and, if the successor's heads are
+narrower, the same top dims within every kept head, for q, k and v alike.
+"""
+from typing import Dict, Optional
+
+import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from ..layers import SpheroMoE
+from .rules import Take
+from .selection import make_generator, partition_graph, select_neurons, top_k
+from .stats import Probe
+
+NUM_GRAPH_PARTS = 32
+
+
+def _head_dim(model: VisionTransformer) -> int:
+    attn = model.blocks[0].attn
+    return attn.head_dim
+
+
+def _moe(model, i) -> Optional[SpheroMoE]:
+    mlp = model.blocks[i].mlp
+    return mlp if isinstance(mlp, SpheroMoE) else None
+
+
+def check(pred, succ) -> None:
+    """Raise a clear error when ``pred`` cannot be recycled into ``succ``."""
+    if not isinstance(pred, VisionTransformer) or any(isinstance(b.mlp, SpheroMoE) for b in pred.blocks):
+        raise ValueError(f'a V-JetMoE successor needs a dense timm VisionTransformer predecessor, got '
+                         f'{type(pred).__name__}: pass a ViT checkpoint (e.g. vit_small_patch16_224.augreg_in21k).')
+    d, d_s = pred.embed_dim, succ.embed_dim
+    if d_s > d:
+        raise ValueError(f'successor width {d_s} exceeds the predecessor width {d}: pick a wider predecessor '
+                         f'or a smaller embed_dim.')
+    h, h_s = pred.blocks[0].attn.num_heads, succ.blocks[0].attn.num_heads
+    if h_s > h:
+        raise ValueError(f'successor has {h_s} attention heads, the predecessor only {h}: use num_heads <= {h}.')
+    if _head_dim(succ) > _head_dim(pred):
+        raise ValueError(f'successor head_dim {_head_dim(succ)} exceeds the predecessor head_dim {_head_dim(pred)}.')
+    if len(succ.blocks) > len(pred.blocks):
+        raise ValueError(f'successor depth {len(succ.blocks)} exceeds the predecessor depth {len(pred.blocks)}.')
+    if (succ.cls_token is None) != (pred.cls_token is None) or succ.num_reg_tokens != pred.num_reg_tokens:
+        raise ValueError('predecessor and successor must agree on class / register tokens.')
+    if not hasattr(pred.blocks[0].mlp, 'fc1') or not hasattr(pred.blocks[0].mlp, 'act'):
+        raise ValueError('the predecessor MLPs must be timm Mlp modules (fc1 -> act -> fc2); GLU MLPs are not '
+                         'supported.')
+
+
+def probes(pred, succ, method: str):
+    out = []
+    for i in range(len(succ.blocks)):
+        out += [
+            Probe(f'blocks.{i}.norm2'),
+            Probe(f'blocks.{i}.attn.proj', on_input=True),
+            Probe(f'blocks.{i}.mlp.act', coact=method == 'graph' and _moe(succ, i) is not None),
+        ]
+    return out
+
+
+class WeightStats:
+    """Data-free statistics from the predecessor's weights: |norm2 gain|, and for each hidden neuron or
+    attention dim the product of its input and output weight norms. No co-activation."""
+
+    def __init__(self, pred):
+        self.pred = pred
+        self.num_images = 0
+        self.source = 'weights'
+
+    def __getitem__(self, key) -> torch.Tensor:
+        module, _ = key
+        i = int(module.split('.')[1])
+        blk = self.pred.blocks[i]
+        with torch.no_grad():
+            if module.endswith('norm2'):
+                return blk.norm2.weight.double().abs()
+            if module.endswith('attn.proj'):
+                return blk.attn.proj.weight.double().norm(dim=0) * blk.attn.qkv.weight.double().view(
+                    3, -1, blk.attn.qkv.weight.shape[-1])[2].norm(dim=1)
+            if module.endswith('mlp.act'):
+                return blk.mlp.fc1.weight.double().norm(dim=1) * blk.mlp.fc2.weight.double().norm(dim=0)
+        raise KeyError(module)
+
+    def coact(self, module):
+        raise ValueError("method 'graph' needs activation statistics: pass calibration images, not calib='weights'.")
+
+
+def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: str) -> Dict[str, torch.Tensor]:
+    """The index sets of a recycling, as flat {name: LongTensor} (stored for audit)."""
+    d_s = succ.embed_dim
+    depth = len(succ.blocks)
+    sel: Dict[str, torch.Tensor] = {}
+    channel_score = torch.stack([stats[f'blocks.{i}.norm2', statistic] for i in range(depth)]).mean(0)
+    channels = top_k(channel_score, d_s)
+    sel['channels'] = channels
+
+    h, hd = pred.blocks[0].attn.num_heads, _head_dim(pred)
+    h_s, hd_s = succ.blocks[0].attn.num_heads, _head_dim(succ)
+    for i in range(depth):
+        dim_score = stats[f'blocks.{i}.attn.proj', statistic].view(h, hd)
+        heads = top_k(dim_score.sum(1), h_s)
+        within = top_k(dim_score[heads].sum(0), hd_s)  # the same dims in every kept head (q, k, v alike)
+        sel[f'blocks.{i}.heads'] = heads
+        sel[f'blocks.{i}.attn_dims'] = (heads[:, None] * hd + within[None, :]).flatten()
+
+        importance = stats[f'blocks.{i}.mlp.act', statistic]
+        moe = _moe(succ, i)
+        if moe is None:
+            width = succ.blocks[i].mlp.fc1.out_features
+            g = make_generator(seed, 'mlp', i)
+            sel[f'blocks.{i}.mlp'] = select_neurons(
+                'importance' if method in ('graph', 'copy') else method, 1, width, importance, g)[0]
+            continue
+        coact = parts = None
+        if method == 'graph':
+            coact = stats.coact(f'blocks.{i}.mlp.act')
+            parts = partition_graph(coact, NUM_GRAPH_PARTS)
+            sel[f'blocks.{i}.graph_parts'] = parts
+        core = select_neurons(method, moe.num_core_experts, moe.core_hidden, importance,
+                              make_generator(seed, 'core', i), coact=coact, parts=parts)
+        pool = core[0] if method == 'copy' and core.numel() else None
+        univ = select_neurons(method, moe.num_univ_experts, moe.univ_hidden, importance,
+                              make_generator(seed, 'univ', i), coact=coact, parts=parts, copy_pool=pool)
+        sel[f'blocks.{i}.core_neurons'] = core
+        sel[f'blocks.{i}.univ_neurons'] = univ
+        if recipe == 'official':
+            # each expert also samples its own input / output channels, as the official tool does
+            ch_importance = stats[f'blocks.{i}.norm2', statistic]
+            ch_method = 'importance' if method == 'graph' else method
+            sel[f'blocks.{i}.core_channels'] = select_neurons(
+                ch_method, moe.num_core_experts, d_s, ch_importance, make_generator(seed, 'core-ch', i))
+            sel[f'blocks.{i}.univ_channels'] = select_neurons(
+                ch_method, moe.num_univ_experts, d_s, ch_importance, make_generator(seed, 'univ-ch', i))
+    return sel
+
+
+def _expert_takes(prefix: str, src: str, neurons: torch.Tensor, channels: torch.Tensor) -> Dict[str, Take]:
+    """Experts of one path: fc1 (E, d', h) / fc2 (E, h, d') from the predecessor MLP ``src``.
+
+    ``channels`` is (d',) shared by all experts, or (E, d') per expert (official recipe).
+    """
+    E = neurons.shape[0]
+    per_expert = channels.ndim == 2
+    ch = channels[:, None, :] if per_expert else channels[None, None, :]
+    n = neurons[:, :, None]
+    return {
+        f'{prefix}.fc1.weight': Take(f'{src}.fc1.weight', (n, ch), permute=(0, 2, 1)),  # W1[n, c] -> (E, d', h)
+        f'{prefix}.fc1.bias': Take(f'{src}.fc1.bias', (neurons,)),
+        f'{prefix}.fc2.weight': Take(f'{src}.fc2.weight', (ch, n)),  # W2[c, n] -> (E, h, d')
+        f'{prefix}.fc2.bias': (Take(f'{src}.fc2.bias', (channels,)) if per_expert
+                               else Take(f'{src}.fc2.bias', (channels,), expand=E)),
+    }
+
+
+def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Take]:
+    """Successor key -> Take, for every tensor recycled from the predecessor(s)."""
+    ch = sel['channels']
+    all_ = slice(None)
+    grid_p, grid_s = pred.patch_embed.grid_size, succ.patch_embed.grid_size
+    patch_s = succ.patch_embed.patch_size
+    num_prefix = 0 if succ.no_embed_class else succ.num_prefix_tokens
+    body = 'body' if recipe == 'official' else 'main'
+    # in the official recipe the body comes whole from a same-width predecessor: no channel selection
+    cidx = (all_,) if body == 'body' else (ch,)
+    last = (Ellipsis,) + cidx
+
+    def resample_pos(t):
+        return t if tuple(grid_p) == tuple(grid_s) else resample_abs_pos_embed(
+            t, new_size=grid_s, old_size=grid_p, num_prefix_tokens=num_prefix, verbose=False)
+
+    def resample_patch(t):
+        return t if tuple(t.shape[-2:]) == tuple(patch_s) else resample_patch_embed(t, list(patch_s), verbose=False)
+
+    p: Dict[str, Take] = {}
+
+    def vec(key, src=None):
+        p[key] = Take(src or key, last, predecessor=body)
+
+    if succ.cls_token is not None:
+        vec('cls_token')
+    if succ.reg_token is not None:
+        vec('reg_token')
+    if succ.pos_embed is not None:
+        p['pos_embed'] = Take('pos_embed', last, transform=resample_pos, predecessor=body)
+    p['patch_embed.proj.weight'] = Take('patch_embed.proj.weight', cidx, transform=resample_patch, predecessor=body)
+    if succ.patch_embed.proj.bias is not None:
+        vec('patch_embed.proj.bias')
+    for name, _ in succ.norm_pre.named_parameters():
+        vec(f'norm_pre.{name}')
+
+    pred_keys = dict(pred.state_dict())
+    for i, blk in enumerate(succ.blocks):
+        b = f'blocks.{i}'
+        rows = torch.cat([sel[f'{b}.attn_dims'] + k * pred.blocks[i].attn.qkv.out_features // 3 for k in range(3)])
+        for name, _ in blk.named_parameters():
+            key = f'{b}.{name}'
+            if name.startswith(('norm1.', 'norm2.', 'ls1.', 'ls2.')):
+                vec(key)
+        if body == 'body':
+            for name, _ in blk.attn.named_parameters():
+                p[f'{b}.attn.{name}'] = Take(f'{b}.attn.{name}', predecessor='body')
+        else:
+            p[f'{b}.attn.qkv.weight'] = Take(f'{b}.attn.qkv.weight', (rows[:, None], ch[None, :]))
+            if blk.attn.qkv.bias is not None:
+                p[f'{b}.attn.qkv.bias'] = Take(f'{b}.attn.qkv.bias', (rows,))
+            within = sel[f'{b}.attn_dims'][:_head_dim(succ)] % _head_dim(pred)
+            for norm in ('q_norm', 'k_norm'):
+                for name, _ in getattr(blk.attn, norm).named_parameters():
+                    p[f'{b}.attn.{norm}.{name}'] = Take(f'{b}.attn.{norm}.{name}', (within,))
+            p[f'{b}.attn.proj.weight'] = Take(f'{b}.attn.proj.weight', (ch[:, None], sel[f'{b}.attn_dims'][None, :]))
+            if blk.attn.proj.bias is not None:
+                p[f'{b}.attn.proj.bias'] = Take(f'{b}.attn.proj.bias', (ch,))
+
+        moe = _moe(succ, i)
+        if moe is None:
+            if body == 'body':
+                for name, _ in blk.mlp.named_parameters():
+                    p[f'{b}.mlp.{name}'] = Take(f'{b}.mlp.{name}', predecessor='body')
+                continue
+            n = sel[f'{b}.mlp']
+            p[f'{b}.mlp.fc1.weight'] = Take(f'{b}.mlp.fc1.weight', (n[:, None], ch[None, :]))
+            p[f'{b}.mlp.fc1.bias'] = Take(f'{b}.mlp.fc1.bias', (n,))
+            p[f'{b}.mlp.fc2.weight'] = Take(f'{b}.mlp.fc2.weight', (ch[:, None], n[None, :]))
+            p[f'{b}.mlp.fc2.bias'] = Take(f'{b}.mlp.fc2.bias', (ch,))
+            continue
+        for path in ('core', 'univ'):
+            if getattr(moe, f'{path}_experts') is None:
+                continue
+            channels = sel.get(f'{b}.{path}_channels', ch)
+            p.update(_expert_takes(f'{b}.mlp.{path}_experts', f'{b}.mlp', sel[f'{b}.{path}_neurons'], channels))
+
+    # final norm: the predecessor's pre-pool norm also serves as the successor's post-pool fc_norm
+    succ_norm = 'fc_norm' if len(list(succ.fc_norm.parameters())) else 'norm'
+    pred_norm = 'fc_norm' if len(list(pred.fc_norm.parameters())) else 'norm'
+    for name, _ in getattr(succ, succ_norm).named_parameters():
+        src = f'{pred_norm}.{name}'
+        if src in pred_keys:
+            vec(f'{succ_norm}.{name}', src)
+    # the classifier only when it means the same thing: same classes, same pooling
+    head_w = getattr(succ.head, 'weight', None)
+    pred_head_w = getattr(pred.head, 'weight', None)
+    if (head_w is not None and pred_head_w is not None and head_w.shape[0] == pred_head_w.shape[0]
+            and succ.global_pool == pred.global_pool):
+        p['head.weight'] = Take('head.weight', (all_, ch) if body == 'main' else (), predecessor=body)
+        p['head.bias'] = Take('head.bias', predecessor=body)
+    return p
+
+
+def body_width(model) -> int:
+    return model.embed_dim
