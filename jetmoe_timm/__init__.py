@@ -6,4 +6,5 @@
 from .version import __version__
 from .layers import SpheroMoE, entmax15
 from .models import VisionTransformerJetMoE
+from .models import ConvNeXtJetMoE
 from .routing import routing_info, set_routing_capture

@@ -1,1 +1,2 @@
 from .vit_jetmoe import VisionTransformerJetMoE
+from .convnext_jetmoe import ConvNeXtJetMoE

@@ -1,0 +1,244 @@
+""" C-JetMoE: ConvNeXts whose later pointwise MLPs are SpheroMoE layers (MoE Jetpack, Zhu et al. 2024).
+
+The model is timm's ``ConvNeXt`` (built with ``conv_mlp=False``, so each block runs its norm and MLP
+channels-last) with the MLP of each block in ``moe_blocks`` replaced by a ``SpheroMoE`` layer that sees the
+H*W positions as tokens. Stem, downsampling, depthwise convs, norms, layer scale (``gamma``), drop path,
+residuals, head, features and grad checkpointing are timm's own, and so are all parameter names outside
+``stages.{s}.blocks.{b}.mlp``: a timm ConvNeXt state dict maps onto this model key for key except there.
+
+Pretrained tags ``*.recycled_in22k`` are never fine-tuned inits recycled from a timm ImageNet-22k ConvNeXt
+(see ``jetmoe_timm.recycle``): built locally on first ``pretrained=True`` load when no converted copy can be
+downloaded. They carry no classifier (``num_classes=0``): fine-tune with your own head.
+
+Paper: `MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
+    - https://arxiv.org/abs/2406.04801
+"""
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_act_layer
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.convnext import ConvNeXt
+from timm.models.convnext import checkpoint_filter_fn as _convnext_checkpoint_filter_fn
+
+from ..layers import SpheroMoE
+from ._pretrained import prepare_pretrained
+
+__all__ = ['ConvNeXtJetMoE']
+
+HF_ORG = 'jetmoe-timm'
+
+# Experts per stage from the paper's rule of thumb at 224 px: N/2 core and 2 x that many universal experts,
+# N the stage's tokens (56^2, 28^2, 14^2, 7^2). Stages 3 and 4 give C-JetMoE-F's 98/196 and 24/48.
+_CORE_EXPERTS_224 = (1568, 392, 98, 24)
+_UNIV_EXPERTS_224 = (3136, 784, 196, 48)
+
+
+def _per_stage(value: Union[int, Sequence[int]], num_stages: int, name: str) -> Tuple[int, ...]:
+    """Broadcast an int to every stage, or check a per-stage sequence."""
+    if isinstance(value, int):
+        return (value,) * num_stages
+    value = tuple(int(v) for v in value)
+    if len(value) != num_stages:
+        raise ValueError(f'{name} needs one value per stage ({num_stages}), got {value}; or pass a single int.')
+    return value
+
+
+class ConvNeXtJetMoE(ConvNeXt):
+    """timm ConvNeXt with SpheroMoE layers in place of the pointwise MLPs of ``moe_blocks``."""
+
+    def __init__(
+            self,
+            moe_blocks: Optional[Iterable[int]] = None,
+            num_core_experts: Union[int, Sequence[int]] = _CORE_EXPERTS_224,
+            num_univ_experts: Union[int, Sequence[int]] = _UNIV_EXPERTS_224,
+            core_mlp_ratio: float = 4.,
+            univ_ratio: float = 0.25,
+            slots_per_expert: int = 1,
+            routing: str = 'sphero',
+            moe_combine: Optional[str] = None,
+            moe_noise_mult: Optional[float] = None,
+            moe_noise_at_eval: bool = False,
+            moe_drop_rate: float = 0.,
+            moe_drop_mode: str = 'element',
+            moe_drop_path_rate: Optional[float] = None,
+            **kwargs,
+    ):
+        """
+        Args:
+            moe_blocks: 0-based indices over all blocks of all stages (stage by stage) whose MLP becomes a
+                SpheroMoE layer (default: the later half, blocks sum(depths)//2 .. sum(depths)-1).
+            num_core_experts / num_univ_experts: experts per path in each MoE block, one int for every stage or
+                one per stage (default: the paper's N/2 and N for N tokens of the stage at 224 px).
+            core_mlp_ratio: core expert hidden width relative to the stage width (4, as the dense MLP).
+            univ_ratio: universal expert hidden width relative to the core hidden width.
+            slots_per_expert: slots per expert.
+            routing: SpheroMoE routing preset ('sphero', 'official' or 'softmoe').
+            moe_combine: override the preset's combine ('softmax' or 'entmax15').
+            moe_noise_mult / moe_noise_at_eval: logit noise std (default 1/E) and whether it runs in eval too.
+            moe_drop_rate / moe_drop_mode: dropout inside the experts, 'element' (official) or 'expert'.
+            moe_drop_path_rate: peak expert drop path, on the block drop-path schedule (default: drop_path_rate).
+            **kwargs: timm ``ConvNeXt`` arguments (depths, dims, drop_path_rate, ...); ``conv_mlp`` must stay False.
+        """
+        if kwargs.get('conv_mlp', False):
+            raise ValueError('C-JetMoE needs conv_mlp=False: SpheroMoE takes channels-last (B, H, W, C) tokens.')
+        super().__init__(**kwargs)
+        depths = [len(stage.blocks) for stage in self.stages]
+        total = sum(depths)
+        if moe_blocks is None:
+            moe_blocks = range(total // 2, total)
+        moe_blocks = sorted({int(i) for i in moe_blocks})
+        if any(i < 0 or i >= total for i in moe_blocks):
+            raise ValueError(
+                f'moe_blocks {moe_blocks} must lie in 0..{total - 1} (0-based over all blocks, depths {depths}).')
+        self.moe_blocks = moe_blocks
+        core = _per_stage(num_core_experts, len(depths), 'num_core_experts')
+        univ = _per_stage(num_univ_experts, len(depths), 'num_univ_experts')
+
+        drop_path_rate = kwargs.get('drop_path_rate', 0.)
+        moe_drop_path_rate = drop_path_rate if moe_drop_path_rate is None else moe_drop_path_rate
+        act_layer = get_act_layer(kwargs.get('act_layer', 'gelu'))
+        first = self.stem[0].weight
+        dd = {'device': first.device, 'dtype': first.dtype}
+        for i in moe_blocks:
+            s, b = self._stage_block(i)
+            dim = self.feature_info[s]['num_chs']
+            self.stages[s].blocks[b].mlp = SpheroMoE(
+                dim,
+                num_core_experts=core[s],
+                num_univ_experts=univ[s],
+                core_hidden=int(dim * core_mlp_ratio),
+                univ_ratio=univ_ratio,
+                slots_per_expert=slots_per_expert,
+                routing=routing,
+                combine=moe_combine,
+                noise_mult=moe_noise_mult,
+                noise_at_eval=moe_noise_at_eval,
+                expert_drop=moe_drop_rate,
+                expert_drop_mode=moe_drop_mode,
+                expert_drop_path=moe_drop_path_rate * i / max(total - 1, 1),  # ConvNeXt's linear schedule
+                act_layer=act_layer,
+                **dd,
+            )
+
+    def _stage_block(self, index: int) -> Tuple[int, int]:
+        """Global 0-based block index -> (stage, block within the stage)."""
+        for s, stage in enumerate(self.stages):
+            if index < len(stage.blocks):
+                return s, index
+            index -= len(stage.blocks)
+        raise IndexError(index)
+
+    @torch.jit.ignore
+    def moe_block_names(self) -> List[str]:
+        """Module names of the MoE blocks, e.g. ``['stages.2.blocks.3', ...]``; the layers are ``<name>.mlp``."""
+        return ['stages.{}.blocks.{}'.format(*self._stage_block(i)) for i in self.moe_blocks]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The MoE temperatures (timm's optimizer factory already spares other 1-D params such as gamma)."""
+        return {f'{name}.mlp.temp_raw' for name in self.moe_block_names()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        """Groups for layer-wise lr decay (timm ConvNeXt's stages / blocks).
+
+        As the official ViT recipe does, the MoE slot queries, temperatures, experts and the norm feeding them
+        (the MoE blocks' ``norm``, ViT's ``norm2``) are grouped with the head (last group, full learning rate)
+        rather than with their block. The rest of a MoE block (conv_dw, gamma) decays with the block.
+        """
+        names = '|'.join(re.escape(n) for n in self.moe_block_names()) or 'none'
+        moe_params = rf'(?:{names})\.(?:norm|mlp)\.'
+        return dict(
+            stem=r'^stem',
+            blocks=rf'^(?!{moe_params})stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),  # with the stage's first block, as timm ConvNeXt
+                (rf'^(?!{moe_params})stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm_pre', (99999,)),
+            ],
+            head=rf'^(?:{moe_params}|head\.)',
+        )
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJetMoE) -> Dict[str, torch.Tensor]:
+    """Unwrap and map the FB ConvNeXt layout to timm keys; refuse dense MLP weights where the model has a MoE."""
+    state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
+    for name in model.moe_block_names():
+        s, b = name.split('.')[1::2]
+        dense = [k for k in state_dict if k.startswith((f'{name}.mlp.fc1.', f'stages.{s}.{b}.pwconv1.'))]
+        if dense:
+            raise ValueError(
+                f"Checkpoint has a dense MLP ('{dense[0]}') where {type(model).__name__} has a SpheroMoE layer "
+                f"({name}.mlp): it is a dense ConvNeXt checkpoint. Recycle it into C-JetMoE weights with "
+                f"jetmoe_timm.recycle first.")
+    return _convnext_checkpoint_filter_fn(state_dict, model)
+
+
+def _create_convnext_jetmoe(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtJetMoE:
+    if pretrained:
+        kwargs = prepare_pretrained(variant, kwargs)
+    return build_model_with_cfg(
+        ConvNeXtJetMoE,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '',
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0',
+        'classifier': 'head.fc',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2406.04801',
+        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+        'origin_url': 'https://github.com/Adlith/MoE-Jetpack',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'c_jetmoe_femto.recycled_in22k': _cfg(
+        hf_hub_id=f'{HF_ORG}/c_jetmoe_femto.recycled_in22k',
+        num_classes=0,
+        notes=(
+            'Recycled init, not fine-tuned: built from convnext_tiny.fb_in22k by importance sampling '
+            '(paper recipe). No classifier; fine-tune before use.',
+        ),
+    ),
+    'c_jetmoe_tiny.recycled_in22k': _cfg(
+        hf_hub_id=f'{HF_ORG}/c_jetmoe_tiny.recycled_in22k',
+        num_classes=0,
+        notes=(
+            'Recycled init, not fine-tuned: built from convnext_base.fb_in22k (the next wider ImageNet-22k '
+            'ConvNeXt; the paper has no C-JetMoE-T) by importance sampling. No classifier; fine-tune before use.',
+        ),
+    ),
+})
+
+
+@register_model
+def c_jetmoe_femto(pretrained: bool = False, **kwargs) -> ConvNeXtJetMoE:
+    """C-JetMoE-F: ConvNeXt-T at half width (48..384) with SpheroMoE in blocks 9..17 (98/196 experts at 14x14,
+    24/48 at 7x7)."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 384))
+    return _create_convnext_jetmoe('c_jetmoe_femto', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def c_jetmoe_tiny(pretrained: bool = False, **kwargs) -> ConvNeXtJetMoE:
+    """C-JetMoE-T: ConvNeXt-T (96..768) with SpheroMoE in blocks 9..17 (98/196 experts at 14x14, 24/48 at 7x7)."""
+    model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
+    return _create_convnext_jetmoe('c_jetmoe_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
