@@ -206,6 +206,13 @@ def test_torchscript():
     torch.testing.assert_close(scripted(x), model(x))
 
 
+def test_bf16_autocast_finite():
+    model = timm.create_model('c_jetmoe_femto', num_classes=3, **TINY_CONVNEXT).eval()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert torch.isfinite(out).all()
+
+
 def test_routing_inspection_on_spatial_tokens():
     model = timm.create_model('c_jetmoe_femto', num_classes=3, **TINY_CONVNEXT).eval()
     set_routing_capture(model, True)
