@@ -8,3 +8,4 @@ from .layers import SpheroMoE, entmax15
 from .models import VisionTransformerJetMoE
 from .models import ConvNeXtJetMoE
 from .routing import routing_info, set_routing_capture
+from .recycle import convert, recycle

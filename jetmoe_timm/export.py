@@ -22,6 +22,12 @@ __all__ = ['save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance
 PROVENANCE_KEY = 'jetmoe'
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _contiguous_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     # safetensors rejects views and shared storage
     return {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
@@ -37,6 +43,7 @@ def save_safetensors_atomic(state_dict: Dict[str, torch.Tensor], path: os.PathLi
     os.close(fd)
     try:
         safetensors.torch.save_file(_contiguous_state_dict(state_dict), tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -82,8 +89,10 @@ def save_pretrained_folder(
         save_safetensors_atomic(model.state_dict(), tmp / 'model.safetensors', provenance)
         config_path = tmp / 'config.json'
         config = json.loads(config_path.read_text())
-        config[PROVENANCE_KEY] = provenance
+        # the (large) index selection stays in the weights' metadata only
+        config[PROVENANCE_KEY] = {k: v for k, v in provenance.items() if k != 'selection'}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=False) + '\n')
+        os.chmod(tmp, 0o777 & ~_umask())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -176,9 +176,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJet
     return _convnext_checkpoint_filter_fn(state_dict, model)
 
 
-def _create_convnext_jetmoe(variant: str, pretrained: bool = False, **kwargs) -> ConvNeXtJetMoE:
+def _create_convnext_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> ConvNeXtJetMoE:
+    # model_args: the entrypoint's architecture; kwargs: what the user asked for on top of it
     if pretrained:
-        kwargs = prepare_pretrained(variant, kwargs)
+        kwargs = prepare_pretrained(variant, model_args or {}, kwargs)
+    kwargs = dict(model_args or {}, **kwargs)
     return build_model_with_cfg(
         ConvNeXtJetMoE,
         variant,
@@ -234,11 +236,11 @@ def c_jetmoe_femto(pretrained: bool = False, **kwargs) -> ConvNeXtJetMoE:
     """C-JetMoE-F: ConvNeXt-T at half width (48..384) with SpheroMoE in blocks 9..17 (98/196 experts at 14x14,
     24/48 at 7x7)."""
     model_args = dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 384))
-    return _create_convnext_jetmoe('c_jetmoe_femto', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_convnext_jetmoe('c_jetmoe_femto', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
 def c_jetmoe_tiny(pretrained: bool = False, **kwargs) -> ConvNeXtJetMoE:
     """C-JetMoE-T: ConvNeXt-T (96..768) with SpheroMoE in blocks 9..17 (98/196 experts at 14x14, 24/48 at 7x7)."""
     model_args = dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768))
-    return _create_convnext_jetmoe('c_jetmoe_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_convnext_jetmoe('c_jetmoe_tiny', pretrained=pretrained, model_args=model_args, **kwargs)

@@ -125,9 +125,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
     return _vit_checkpoint_filter_fn(state_dict, model)
 
 
-def _create_vit_jetmoe(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformerJetMoE:
+def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> VisionTransformerJetMoE:
+    # model_args: the entrypoint's architecture; kwargs: what the user asked for on top of it
     if pretrained:
-        kwargs = prepare_pretrained(variant, kwargs)
+        kwargs = prepare_pretrained(variant, model_args or {}, kwargs)
+    kwargs = dict(model_args or {}, **kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
         VisionTransformerJetMoE,
@@ -197,7 +199,7 @@ def v_jetmoe_tiny(pretrained: bool = False, **kwargs) -> VisionTransformerJetMoE
         patch_size=16, embed_dim=192, depth=12, num_heads=3, global_pool='avg',
         num_core_experts=98, num_univ_experts=196,
     )
-    return _create_vit_jetmoe('v_jetmoe_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_vit_jetmoe('v_jetmoe_tiny', pretrained=pretrained, model_args=model_args, **kwargs)
 
 
 @register_model
@@ -207,4 +209,4 @@ def v_jetmoe_small(pretrained: bool = False, **kwargs) -> VisionTransformerJetMo
         patch_size=16, embed_dim=384, depth=12, num_heads=6, global_pool='avg',
         num_core_experts=98, num_univ_experts=196,
     )
-    return _create_vit_jetmoe('v_jetmoe_small', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_vit_jetmoe('v_jetmoe_small', pretrained=pretrained, model_args=model_args, **kwargs)

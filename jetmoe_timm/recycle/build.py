@@ -1,0 +1,189 @@
+""" Building recycled weights for a registered model: predecessor loading, caching, locking.
+
+``RECYCLE_SOURCES`` says, per pretrained tag, which dense timm checkpoint a tag is recycled from and how.
+``build_recycled`` makes a successor model with recycled weights; ``cached_recycled_file`` does the same
+once per machine: the weights go to ``$JETMOE_TIMM_CACHE`` (default ``~/.cache/jetmoe_timm``) as safetensors
+with provenance metadata, written under a file lock and by atomic rename, so concurrent processes (torchrun
+ranks) build once and nobody ever reads half a file.
+
+Environment:
+    JETMOE_TIMM_CACHE         cache folder
+    JETMOE_TIMM_PREDECESSOR   use this predecessor instead of the tag's (a timm name, hf-hub:..., local-dir:...,
+                              or a checkpoint file of the tag's predecessor architecture)
+    JETMOE_TIMM_CALIB         calibration source for builds: 'synthetic' (default), 'weights' or an image folder
+    JETMOE_TIMM_CALIB_IMAGES  number of calibration images (default 256)
+"""
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from filelock import FileLock
+
+from ..export import read_provenance, save_safetensors_atomic
+from ..version import __version__
+from .engine import RecycleResult, recycle, selection_to_json
+
+__all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
+           'cache_dir']
+
+_logger = logging.getLogger(__name__)
+
+# pretrained tag -> how its weights are recycled
+RECYCLE_SOURCES: Dict[str, Dict[str, Any]] = {
+    'v_jetmoe_tiny.recycled_in21k': dict(
+        predecessor='vit_small_patch16_224.augreg_in21k', body_predecessor='vit_tiny_patch16_224.augreg_in21k'),
+    'v_jetmoe_small.recycled_in21k': dict(
+        predecessor='vit_base_patch16_224.augreg_in21k', body_predecessor='vit_small_patch16_224.augreg_in21k'),
+    'c_jetmoe_femto.recycled_in22k': dict(predecessor='convnext_tiny.fb_in22k'),
+    'c_jetmoe_tiny.recycled_in22k': dict(predecessor='convnext_small.fb_in22k'),
+}
+
+DEFAULT_OPTIONS = dict(method='importance', recipe='paper', statistic='l2', seed=0)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get('JETMOE_TIMM_CACHE') or Path.home() / '.cache' / 'jetmoe_timm')
+
+
+def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
+    """('arch.tag', its recycling source) for 'arch' (default tag) or 'arch.tag'."""
+    import timm
+    arch, _, tag = model_name.partition('.')
+    if not timm.is_model(arch):
+        raise ValueError(f"Unknown model '{arch}': pick one of {timm.list_models('*jetmoe*')} "
+                         f"(and import jetmoe_timm first).")
+    if not tag:
+        names = [n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES]
+        if not names:
+            raise ValueError(f"'{arch}' has no recycled pretrained tag.")
+        return names[0], dict(RECYCLE_SOURCES[names[0]])
+    full = f'{arch}.{tag}'
+    if full not in RECYCLE_SOURCES:
+        raise ValueError(f"'{full}' is not built by recycling; recycled tags: {sorted(RECYCLE_SOURCES)}.")
+    return full, dict(RECYCLE_SOURCES[full])
+
+
+def _offline_error(spec: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"Cannot load the predecessor '{spec}' to recycle from ({type(err).__name__}: {err}). Ways out: connect to "
+        f"the Hugging Face Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR to a local checkpoint "
+        f"file, a 'local-dir:' folder or an 'hf-hub:' name; or point JETMOE_TIMM_CACHE at a cache that already "
+        f"holds the recycled weights; or pass pretrained_cfg_overlay=dict(file=...) with converted weights.")
+
+
+def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
+    """A dense timm model with pretrained weights from ``spec``.
+
+    ``spec`` is a timm name ('vit_small_patch16_224.augreg_in21k'), 'hf-hub:org/name', 'local-dir:/path', or a
+    checkpoint file (.safetensors / .pth / .bin) holding weights of the ``arch_hint`` architecture.
+    """
+    import timm
+    try:
+        if os.path.isfile(spec):
+            if arch_hint is None:
+                raise ValueError(f"a predecessor file needs its architecture: use 'local-dir:' with a config.json, "
+                                 f"or a timm name, instead of the bare file '{spec}'.")
+            return timm.create_model(arch_hint, pretrained=True,
+                                     pretrained_cfg_overlay=dict(file=spec, custom_load=False))
+        return timm.create_model(spec, pretrained=True)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, FileNotFoundError) or 'offline' in str(e).lower() or 'connect' in str(e).lower() \
+                or type(e).__name__.endswith(('EntryNotFoundError', 'NotFoundError', 'ConnectionError')) \
+                or 'Hub' in str(e) or 'hf_hub' in str(e).lower():
+            raise _offline_error(spec, e) from e
+        raise
+
+
+def _create_successor(model_name: str, model_kwargs: Dict[str, Any], seed: int) -> nn.Module:
+    """The successor, with its non-recycled tensors (slot queries, ...) initialised from ``seed``."""
+    import timm
+    arch = model_name.partition('.')[0]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return timm.create_model(arch, pretrained=False, **model_kwargs)
+
+
+def build_recycled(
+        model_name: str,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        predecessor: Optional[str] = None,
+        body_predecessor: Optional[str] = None,
+        progress: bool = True,
+        **options,
+) -> Tuple[nn.Module, RecycleResult]:
+    """Create ``model_name`` (+ ``model_kwargs``) and fill it with weights recycled from its predecessor.
+
+    ``options`` go to ``jetmoe_timm.recycle.recycle`` (method, recipe, statistic, calib, num_calib, seed, ...).
+    Returns the loaded successor and the recycling result (with selection and provenance).
+    """
+    full, source = recycle_source(model_name)
+    opts = dict(DEFAULT_OPTIONS, **options)
+    pred_spec = predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
+    model_kwargs = dict(model_kwargs or {})
+    succ = _create_successor(full, model_kwargs, opts['seed'])
+    pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])
+    body = None
+    if opts['recipe'] == 'official':
+        body_spec = body_predecessor or source.get('body_predecessor')
+        if not body_spec:
+            raise ValueError(f"recipe 'official' needs a body predecessor for {full}: pass --body-predecessor.")
+        body = load_predecessor(body_spec, arch_hint=source.get('body_predecessor'))
+    result = recycle(succ, pred, body_predecessor=body, progress=progress, **opts)
+    succ.load_state_dict(result.state_dict)
+    result.provenance.update(
+        model=full, predecessor=pred_spec, body_predecessor=body_predecessor or source.get('body_predecessor')
+        if opts['recipe'] == 'official' else None, model_kwargs=model_kwargs)
+    return succ, result
+
+
+def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options: Dict[str, Any]) -> str:
+    blob = json.dumps(dict(model=full, kwargs=model_kwargs, predecessor=pred_spec, options=options,
+                           version=__version__), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _valid_cache_file(path: Path, key: str) -> bool:
+    """A cached file is used only if it opens as safetensors and its provenance names this very build."""
+    if not path.is_file():
+        return False
+    try:
+        prov = read_provenance(path)
+    except Exception as e:  # truncated or corrupted header
+        _logger.warning(f'Ignoring unreadable cached weights {path} ({e}); rebuilding.')
+        return False
+    if prov.get('cache_key') != key:
+        _logger.warning(f'Cached weights {path} were built for another request; rebuilding.')
+        return False
+    return True
+
+
+def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, **options) -> Path:
+    """Path of recycled weights for ``model_name``, building them (once, under a lock) if not cached."""
+    full, source = recycle_source(model_name)
+    model_kwargs = dict(model_kwargs or {})
+    opts = dict(DEFAULT_OPTIONS, **options)
+    calib = os.environ.get('JETMOE_TIMM_CALIB')
+    if calib and 'calib' not in opts:
+        opts['calib'] = calib
+    if 'num_calib' not in opts and os.environ.get('JETMOE_TIMM_CALIB_IMAGES'):
+        opts['num_calib'] = int(os.environ['JETMOE_TIMM_CALIB_IMAGES'])
+    pred_spec = os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
+    key = _cache_key(full, model_kwargs, pred_spec, opts)
+    path = cache_dir() / full / f'{key}.safetensors'
+    if _valid_cache_file(path, key):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the OS releases the lock when its holder dies, so a killed build never blocks later ones
+    with FileLock(str(path) + '.lock'):
+        if _valid_cache_file(path, key):  # another process built it while we waited
+            return path
+        _logger.info(f'Recycling {full} from {pred_spec} (first load; cached at {path}).')
+        model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, **opts)
+        provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection))
+        save_safetensors_atomic(model.state_dict(), path, provenance)
+    return path

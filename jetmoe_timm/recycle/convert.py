@@ -1,0 +1,49 @@
+""" ``convert``: recycle a predecessor into a JetMoE model and write a timm / Hub folder. """
+import ast
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ..export import save_pretrained_folder
+from .build import build_recycled
+from .engine import selection_to_json
+
+__all__ = ['convert', 'parse_model_kwargs']
+
+
+def convert(
+        model_name: str,
+        out_dir: os.PathLike,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        predecessor: Optional[str] = None,
+        body_predecessor: Optional[str] = None,
+        overwrite: bool = False,
+        progress: bool = True,
+        **options,
+) -> Path:
+    """Recycle weights for ``model_name`` and write ``out_dir`` (model.safetensors + config.json).
+
+    The folder loads with ``timm.create_model('local-dir:OUT', pretrained=True)`` after ``import jetmoe_timm``.
+    ``options``: method, recipe, statistic, calib, num_calib, batch_size, seed (see ``recycle``).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:  # fail before the (long) recycling, not after
+        raise FileExistsError(f'{out_dir} already exists: choose another --out or pass --overwrite.')
+    model, result = build_recycled(model_name, model_kwargs, predecessor=predecessor,
+                                   body_predecessor=body_predecessor, progress=progress, **options)
+    provenance = dict(result.provenance, selection=selection_to_json(result.selection))
+    return save_pretrained_folder(model, out_dir, provenance, overwrite=overwrite)
+
+
+def parse_model_kwargs(items) -> Dict[str, Any]:
+    """``k=v`` strings -> dict, values parsed as Python literals (as timm's train.py does)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f"model kwarg '{item}' is not of the form key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
