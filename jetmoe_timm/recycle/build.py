@@ -40,7 +40,7 @@ RECYCLE_SOURCES: Dict[str, Dict[str, Any]] = {
     'v_jetmoe_small.recycled_in21k': dict(
         predecessor='vit_base_patch16_224.augreg_in21k', body_predecessor='vit_small_patch16_224.augreg_in21k'),
     'c_jetmoe_femto.recycled_in22k': dict(predecessor='convnext_tiny.fb_in22k'),
-    'c_jetmoe_tiny.recycled_in22k': dict(predecessor='convnext_small.fb_in22k'),
+    'c_jetmoe_tiny.recycled_in22k': dict(predecessor='convnext_base.fb_in22k'),
 }
 
 DEFAULT_OPTIONS = dict(method='importance', recipe='paper', statistic='l2', seed=0)

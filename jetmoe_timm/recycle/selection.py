@@ -82,8 +82,8 @@ def partition_graph(coact: torch.Tensor, num_parts: int) -> torch.Tensor:
     rows, cols = adj.nonzero(as_tuple=True)
     if rows.numel() == 0:  # no co-activation at all: contiguous blocks are as good as any partition
         return torch.div(torch.arange(n) * num_parts, n, rounding_mode='floor')
-    _, parts = pymetis.part_graph(
-        num_parts, xadj=xadj, adjncy=cols.numpy().astype(np.int64), eweights=weights[rows, cols].numpy())
+    adjacency = pymetis.CSRAdjacency(adj_starts=xadj, adjacent=cols.numpy().astype(np.int64))
+    _, parts = pymetis.part_graph(num_parts, adjacency, eweights=weights[rows, cols].numpy())
     parts = torch.as_tensor(np.asarray(parts), dtype=torch.long)
     # relabel to 0..P-1 without gaps (METIS may leave a part empty)
     return torch.unique(parts, return_inverse=True)[1]

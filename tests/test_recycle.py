@@ -1,0 +1,324 @@
+"""Checkpoint recycling: the recycled weights are the predecessor's, index by index, for every method."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.models import save_for_hf
+
+from jetmoe_timm.export import read_provenance
+from jetmoe_timm.recycle import METHODS, convert, recycle
+from jetmoe_timm.recycle.selection import partition_graph, weighted_sample, make_generator
+
+PRED_KWARGS = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
+SUCC_KWARGS = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_core_experts=4,
+                   num_univ_experts=6, num_classes=10)
+
+
+def _randomize(model):
+    """Every tensor distinct and non-trivial, so that index checks cannot pass by accident."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture(scope='module')
+def predecessor():
+    torch.manual_seed(0)
+    return _randomize(timm.create_model('vit_small_patch16_224', **PRED_KWARGS)).eval()
+
+
+def _successor(**kwargs):
+    torch.manual_seed(1)
+    return timm.create_model('v_jetmoe_tiny', **dict(SUCC_KWARGS, **kwargs))
+
+
+def _recycle(pred, method='importance', succ=None, **kwargs):
+    succ = succ or _successor()
+    kwargs.setdefault('num_calib', 16)
+    kwargs.setdefault('batch_size', 8)
+    result = recycle(succ, pred, method=method, progress=False, **kwargs)
+    succ.load_state_dict(result.state_dict)  # strict: every key present, every shape right
+    return succ, result
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_every_method_matches_predecessor_index_by_index(predecessor, method):
+    succ, r = _recycle(predecessor, method)
+    P, S, sel = predecessor.state_dict(), succ.state_dict(), r.selection
+    ch = sel['channels']
+    assert ch.numel() == 32 and torch.equal(ch, ch.sort().values) and ch.unique().numel() == 32
+    torch.testing.assert_close(S['cls_token'], P['cls_token'][..., ch], rtol=0, atol=0)
+    torch.testing.assert_close(S['pos_embed'], P['pos_embed'][..., ch], rtol=0, atol=0)
+    torch.testing.assert_close(S['patch_embed.proj.weight'], P['patch_embed.proj.weight'][ch], rtol=0, atol=0)
+    torch.testing.assert_close(S['fc_norm.weight'], P['norm.weight'][ch], rtol=0, atol=0)
+    hd = 16
+    for i in range(4):
+        b = f'blocks.{i}'
+        # the same channel indices in every layer
+        for n in ('norm1.weight', 'norm1.bias', 'norm2.weight', 'norm2.bias', 'attn.proj.bias'):
+            assert torch.equal(S[f'{b}.{n}'], P[f'{b}.{n}'][ch]), (b, n)
+        # whole heads, q / k / v alike
+        heads, dims = sel[f'{b}.heads'], sel[f'{b}.attn_dims']
+        assert heads.numel() == 2 and torch.equal(dims, (heads[:, None] * hd + torch.arange(hd)).flatten())
+        qkv = P[f'{b}.attn.qkv.weight'].view(3, 64, 64)
+        assert torch.equal(S[f'{b}.attn.qkv.weight'].view(3, 32, 32), qkv[:, dims][:, :, ch])
+        assert torch.equal(S[f'{b}.attn.qkv.bias'].view(3, 32), P[f'{b}.attn.qkv.bias'].view(3, 64)[:, dims])
+        assert torch.equal(S[f'{b}.attn.proj.weight'], P[f'{b}.attn.proj.weight'][ch][:, dims])
+        if i < 2:  # dense blocks
+            n = sel[f'{b}.mlp']
+            assert torch.equal(S[f'{b}.mlp.fc1.weight'], P[f'{b}.mlp.fc1.weight'][n][:, ch])
+            assert torch.equal(S[f'{b}.mlp.fc2.weight'], P[f'{b}.mlp.fc2.weight'][ch][:, n])
+            continue
+        for path, E, h in (('core', 4, 128), ('univ', 6, 32)):
+            neurons = sel[f'{b}.{path}_neurons']
+            assert neurons.shape == (E, h)
+            assert all(row.unique().numel() == h for row in neurons), 'an expert repeats a neuron'
+            pre = f'{b}.mlp.{path}_experts'
+            for e in range(E):
+                n = neurons[e]
+                assert torch.equal(S[f'{pre}.fc1.weight'][e], P[f'{b}.mlp.fc1.weight'][n][:, ch].t())
+                assert torch.equal(S[f'{pre}.fc1.bias'][e], P[f'{b}.mlp.fc1.bias'][n])
+                assert torch.equal(S[f'{pre}.fc2.weight'][e], P[f'{b}.mlp.fc2.weight'][ch][:, n].t())
+                assert torch.equal(S[f'{pre}.fc2.bias'][e], P[f'{b}.mlp.fc2.bias'][ch])
+    # router parameters and the head (token pool vs avg pool) keep the successor's own init
+    assert 'blocks.2.mlp.slot_query' in r.fresh_keys and 'head.weight' in r.fresh_keys
+    assert r.provenance['method'] == method
+
+
+def test_method_specifics(predecessor):
+    _, imp = _recycle(predecessor, 'importance')
+    _, cp = _recycle(predecessor, 'copy')
+    _, uni = _recycle(predecessor, 'uniform')
+    _, gr = _recycle(predecessor, 'graph')
+    # importance: experts differ from each other; copy / uniform: all experts identical
+    assert not torch.equal(imp.selection['blocks.3.core_neurons'][0], imp.selection['blocks.3.core_neurons'][1])
+    for r in (cp, uni):
+        core = r.selection['blocks.3.core_neurons']
+        assert all(torch.equal(core[0], row) for row in core)
+    # copy: universal experts are an evenly strided subset of the core expert
+    assert set(cp.selection['blocks.3.univ_neurons'][0].tolist()) <= set(cp.selection['blocks.3.core_neurons'][0].tolist())
+    # graph: a partition (every neuron in exactly one part), experts made of whole parts but the last one
+    parts = gr.selection['blocks.3.graph_parts']
+    assert parts.shape == (256,) and parts.min() == 0
+    for row in gr.selection['blocks.3.core_neurons']:
+        used = parts[row]
+        partial = [p for p in used.unique() if (used == p).sum() != (parts == p).sum()]
+        assert len(partial) <= 1
+
+
+def test_deterministic_by_seed(predecessor):
+    _, a = _recycle(predecessor, 'importance', seed=3)
+    _, b = _recycle(predecessor, 'importance', seed=3)
+    _, c = _recycle(predecessor, 'importance', seed=4)
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+    assert not torch.equal(a.selection['blocks.3.core_neurons'], c.selection['blocks.3.core_neurons'])
+    _, g1 = _recycle(predecessor, 'graph', seed=5)
+    _, g2 = _recycle(predecessor, 'graph', seed=5)
+    assert torch.equal(g1.selection['blocks.3.core_neurons'], g2.selection['blocks.3.core_neurons'])
+
+
+def test_full_width_dense_successor_reproduces_predecessor(predecessor):
+    """At full width with no MoE block, recycling is an identity map: same outputs to float precision."""
+    succ = _successor(embed_dim=64, num_heads=4, moe_blocks=(), global_pool='token')
+    succ, r = _recycle(predecessor, succ=succ)
+    assert 'head.weight' not in r.fresh_keys  # same classes, same pool: the head is recycled too
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(succ.eval()(x), predecessor(x), atol=2e-5, rtol=1e-5)
+
+
+def test_copy_experts_reproduce_dense_mlp_on_equal_tokens(predecessor):
+    """Construction: d' == d, core experts only (universal would be narrower), method 'copy' with the full
+    hidden width, so every expert IS the dense MLP. With all tokens equal, every slot equals that token
+    whatever the dispatch weights, and combine weights sum to one: the layer returns MLP(token) exactly."""
+    succ = _successor(embed_dim=64, num_heads=4, num_univ_experts=0, num_core_experts=3)
+    succ, _ = _recycle(predecessor, 'copy', succ=succ)
+    for i in (2, 3):
+        token = torch.randn(1, 1, 64)
+        x = token.expand(2, 17, 64)
+        moe, mlp = succ.blocks[i].mlp.eval(), predecessor.blocks[i].mlp
+        torch.testing.assert_close(moe(x), mlp(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe(token), mlp(token), atol=1e-5, rtol=1e-5)  # a single token too
+
+
+def test_resampled_grid_and_narrow_heads(predecessor):
+    succ = _successor(img_size=48)
+    succ, _ = _recycle(predecessor, succ=succ)
+    assert succ.pos_embed.shape == (1, 1 + 12 * 12, 32)
+    succ = _successor(patch_size=8, img_size=32, num_heads=4)  # head_dim 8 < 16: top dims within each head
+    succ, r = _recycle(predecessor, succ=succ)
+    dims = r.selection['blocks.0.attn_dims'].view(4, 8)
+    assert torch.equal(dims % 16, dims[:1].expand(4, 8) % 16)  # the same dims in every head
+    assert succ.patch_embed.proj.weight.shape == (32, 3, 8, 8)
+
+
+def test_official_recipe(predecessor):
+    torch.manual_seed(2)
+    body = _randomize(timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, embed_dim=32,
+                                        depth=4, num_heads=2, num_classes=10))
+    succ, r = _recycle(predecessor, recipe='official', body_predecessor=body)
+    B, S, P = body.state_dict(), succ.state_dict(), predecessor.state_dict()
+    for k in ('blocks.0.mlp.fc1.weight', 'blocks.3.attn.qkv.weight', 'blocks.3.norm2.weight', 'pos_embed'):
+        assert torch.equal(S[k], B[k]), k  # body verbatim
+    chx, n = r.selection['blocks.3.core_channels'], r.selection['blocks.3.core_neurons']
+    assert chx.shape == (4, 32)
+    for e in range(4):  # experts from the large predecessor, each with its own channels
+        assert torch.equal(S['blocks.3.mlp.core_experts.fc1.weight'][e], P['blocks.3.mlp.fc1.weight'][n[e]][:, chx[e]].t())
+        assert torch.equal(S['blocks.3.mlp.core_experts.fc2.bias'][e], P['blocks.3.mlp.fc2.bias'][chx[e]])
+    with pytest.raises(ValueError, match='body_predecessor'):
+        recycle(_successor(), predecessor, recipe='official', calib='weights', progress=False)
+
+
+def test_calibration_sources(predecessor, tmp_path):
+    for i in range(6):
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / f'img{i}.png')
+    (tmp_path / 'broken.jpg').write_bytes(b'not an image')
+    with pytest.warns(UserWarning, match='cannot be decoded'):
+        _, r = _recycle(predecessor, calib=str(tmp_path), num_calib=7)
+    assert r.provenance['calibration_images'] == 6
+    _, r = _recycle(predecessor, calib='weights')
+    assert r.provenance['calibration'] == 'weights'
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        _recycle(predecessor, calib=str(tmp_path / 'missing'))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(ValueError, match='holds no images'):
+        _recycle(predecessor, calib=str(empty))
+
+
+def test_bad_requests_name_the_fix(predecessor):
+    with pytest.raises(ValueError, match='exceeds the predecessor width'):
+        recycle(_successor(embed_dim=128, num_heads=4), predecessor, progress=False)
+    with pytest.raises(ValueError, match='attention heads'):
+        recycle(_successor(num_heads=8, embed_dim=32, patch_size=4), predecessor, progress=False)
+    with pytest.raises(ValueError, match="Unknown method 'best'"):
+        recycle(_successor(), predecessor, method='best', progress=False)
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        recycle(_successor(), predecessor, recipe='mine', progress=False)
+    convnext = timm.create_model('convnext_atto', num_classes=10)
+    with pytest.raises(ValueError, match='VisionTransformer predecessor'):
+        recycle(_successor(), convnext, progress=False)
+
+
+def test_weighted_sampler_properties():
+    w = torch.tensor([0., 1., 0., 5., 2.])
+    for seed in range(20):
+        s = weighted_sample(w, 3, make_generator(seed, 'x'))
+        assert sorted(s.tolist()) == [1, 3, 4]  # zero weights only once positives run out
+    counts = torch.zeros(5)
+    for seed in range(400):
+        counts[weighted_sample(w, 1, make_generator(seed, 'y'))] += 1
+    assert counts[3] > counts[4] > counts[1] and counts[0] == counts[2] == 0
+    coact = torch.zeros(40, 40)
+    coact[:20, :20] = 10
+    coact[20:, 20:] = 10
+    parts = partition_graph(coact, 32)  # clamped to 10 parts
+    assert parts.max() < 10 and parts.numel() == 40
+    assert all(len(set(parts[g].tolist()) & set(parts[20:].tolist())) == 0 for g in [slice(0, 20)])
+
+
+# --- build on first load, convert -------------------------------------------------------------------------
+
+@pytest.fixture
+def pred_dir(tmp_path, predecessor):
+    d = tmp_path / 'pred'
+    save_for_hf(predecessor, d, safe_serialization=True)
+    return d
+
+
+def _env(tmp_path, pred_dir, **extra):
+    env = dict(os.environ, JETMOE_TIMM_CACHE=str(tmp_path / 'cache'), JETMOE_TIMM_PREDECESSOR=f'local-dir:{pred_dir}',
+               JETMOE_TIMM_CALIB_IMAGES='8', HF_HUB_OFFLINE='1', **extra)
+    return env
+
+
+_LOAD_SCRIPT = textwrap.dedent('''
+    import hashlib, logging, sys, timm, torch, jetmoe_timm
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_core_experts=4, num_univ_experts=6)
+    m = timm.create_model('v_jetmoe_tiny', pretrained=True, num_classes=3, **kw)
+    h = hashlib.sha256()
+    for k, v in sorted(m.state_dict().items()):
+        if not k.startswith('head.'):
+            h.update(v.numpy().tobytes())
+    print(h.hexdigest())
+''')
+
+
+def _run_load(env):
+    return subprocess.Popen([sys.executable, '-c', _LOAD_SCRIPT], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_build_on_first_load_cache_and_concurrency(tmp_path, pred_dir):
+    env = _env(tmp_path, pred_dir)
+    procs = [_run_load(env) for _ in range(2)]  # two processes at once
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    hashes = {o[0].strip() for o in outs}
+    assert len(hashes) == 1  # identical weights
+    builds = sum(o[1].count('Recycling v_jetmoe_tiny.recycled_in21k') for o in outs)
+    assert builds == 1  # built once
+    files = list((tmp_path / 'cache' / 'v_jetmoe_tiny.recycled_in21k').glob('*.safetensors'))
+    assert len(files) == 1
+    prov = read_provenance(files[0])
+    assert prov['predecessor'] == f'local-dir:{pred_dir}' and prov['method'] == 'importance'
+    assert {'seed', 'recipe', 'statistic', 'calibration', 'jetmoe_timm_version', 'selection'} <= set(prov)
+    # the second load reads the cache: it works even with the predecessor gone
+    import shutil
+    shutil.rmtree(pred_dir)
+    p = _run_load(env)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert out.strip() in hashes and 'Recycling' not in err
+
+
+def test_offline_error_names_the_ways_out(tmp_path, tiny_vit_kwargs):
+    env = dict(os.environ, JETMOE_TIMM_CACHE=str(tmp_path / 'cache'), HF_HUB_OFFLINE='1',
+               HF_HOME=str(tmp_path / 'hf'))
+    env.pop('JETMOE_TIMM_PREDECESSOR', None)
+    code = 'import timm, jetmoe_timm; timm.create_model("v_jetmoe_tiny", pretrained=True)'
+    p = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert 'vit_small_patch16_224.augreg_in21k' in p.stderr
+    assert 'JETMOE_TIMM_PREDECESSOR' in p.stderr and 'connect' in p.stderr
+    assert not list((tmp_path / 'cache').rglob('*.safetensors'))  # nothing half-written
+
+
+def test_user_source_is_respected(tmp_path, pred_dir, monkeypatch, tiny_vit_kwargs):
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+    model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs)
+    from safetensors.torch import save_file
+    f = tmp_path / 'mine.safetensors'
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f)
+    loaded = timm.create_model('v_jetmoe_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(f)),
+                               **tiny_vit_kwargs)
+    assert torch.equal(loaded.blocks[3].mlp.core_experts.fc1.weight, model.blocks[3].mlp.core_experts.fc1.weight)
+    assert not (tmp_path / 'cache').exists()  # nothing recycled
+
+
+def test_convert_cli_writes_loadable_folder(tmp_path, pred_dir, monkeypatch):
+    from jetmoe_timm.cli import main
+    out = tmp_path / 'out'
+    args = ['convert', 'v_jetmoe_tiny', '--out', str(out), '--predecessor', f'local-dir:{pred_dir}',
+            '--method', 'graph', '--num-calib', '8', '--no-progress', '--model-kwargs', 'img_size=32', 'patch_size=4',
+            'embed_dim=32', 'depth=4', 'num_heads=2', 'num_core_experts=4', 'num_univ_experts=6']
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', 'model.safetensors']
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert model.embed_dim == 32 and model.blocks[3].mlp.num_core_experts == 4
+    prov = read_provenance(out / 'model.safetensors')
+    assert prov['method'] == 'graph' and len(prov['selection']['channels']) == 32
+    before = (out / 'model.safetensors').read_bytes()
+    assert main(args) == 2  # exists: a clear error, the folder untouched
+    assert (out / 'model.safetensors').read_bytes() == before
+    with pytest.raises(SystemExit):  # argparse names the valid methods
+        main(args[:5] + ['--method', 'best'])
