@@ -1,0 +1,205 @@
+"""Routing inspection figures: the numbers are checked against an independent recomputation, the files are
+read back, and the ``inspect`` command runs end to end on real checkpoint files."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from jetmoe_timm import cli
+from jetmoe_timm.export import save_pretrained_folder
+from jetmoe_timm.export import save_safetensors_atomic
+from jetmoe_timm.layers import SpheroMoE
+from jetmoe_timm.visualize import inspect_routing, plot_dispatch_maps, save_inspection
+
+pytest.importorskip('matplotlib', reason='figures need matplotlib (the [test] extra)')
+
+TINY_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2, num_univ_experts=4)
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _moe_io(model):
+    """Hooks that keep each SpheroMoE layer's input and output of the next forward pass."""
+    io, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, SpheroMoE):
+            hooks.append(m.register_forward_hook(lambda mod, args, out, name=name: io.__setitem__(name, (args[0], out))))
+    return io, hooks
+
+
+def _write_images(tmp_path, n=2, size=(40, 30)):
+    paths = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = tmp_path / f'img{i}.png'
+        Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_contributions_add_up_and_dispatch_sums_to_one(tiny_vit_kwargs):
+    # a non-square grid and 2 slots per expert exercise the reshapes
+    kwargs = dict(tiny_vit_kwargs, img_size=(32, 48), slots_per_expert=2)
+    model = timm.create_model('v_jetmoe_tiny', **kwargs).train()  # inspection must switch noise off itself
+    x = torch.randn(3, 3, 32, 48)
+    io, hooks = _moe_io(model)
+    result = inspect_routing(model, x)
+    for h in hooks:
+        h.remove()
+
+    assert model.training and not any(m.capture_routing or m.last_routing is not None
+                                      for m in model.modules() if isinstance(m, SpheroMoE))
+    again = inspect_routing(model, x)  # eval routing is deterministic
+    assert list(result.layers) == ['blocks.2.mlp', 'blocks.3.mlp'] == list(io)
+    for name, lr in result.layers.items():
+        out = io[name][1].numpy()
+        assert lr.grid == (8, 12) and lr.num_prefix_tokens == 1
+        np.testing.assert_allclose(lr.core_out + lr.univ_out, out, atol=1e-5)
+        np.testing.assert_allclose(again.layers[name].dispatch, lr.dispatch)
+        np.testing.assert_allclose(lr.dispatch.sum(1), 1, atol=1e-5)  # over tokens
+        np.testing.assert_allclose(lr.combine.sum(2), 1, atol=1e-5)  # over slots
+        maps = lr.expert_dispatch
+        assert maps.shape == (3, 12, 8, 12)
+        np.testing.assert_allclose(maps.sum((2, 3)) + lr.prefix_dispatch, 1, atol=1e-5)
+        shares = lr.path_shares
+        np.testing.assert_allclose(shares['core'] + shares['univ'], 1, atol=1e-9)
+        rms = np.sqrt((out.astype(np.float64) ** 2).sum(-1).mean(-1))
+        np.testing.assert_allclose(lr.path_norms['output'], rms, rtol=1e-5)
+        np.testing.assert_allclose(lr.expert_share.sum(-1), 1, rtol=1e-5)
+
+
+def test_expert_importance_matches_independent_recomputation(tiny_vit_kwargs):
+    model = timm.create_model('v_jetmoe_tiny', slots_per_expert=2, **tiny_vit_kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    io, hooks = _moe_io(model)
+    result = inspect_routing(model, x)
+    for h in hooks:
+        h.remove()
+
+    for name, lr in result.layers.items():
+        layer = model.get_submodule(name)
+        tokens = io[name][0]
+        with torch.no_grad():
+            logits = layer.routing_logits(tokens)
+            t = layer.temperature
+            dispatch = (logits / t[0]).softmax(1)
+            combine = (logits / t[-1]).softmax(-1)
+            np.testing.assert_allclose(lr.dispatch, dispatch.numpy(), atol=1e-6)
+            S = layer.slots_per_expert
+            contrib = torch.zeros(2, layer.num_experts)
+            core_sum = torch.zeros(2, layer.dim)
+            for e in range(layer.num_experts):
+                group, i = ((layer.core_experts, e) if e < layer.num_core_experts
+                            else (layer.univ_experts, e - layer.num_core_experts))
+                for s in range(S):
+                    m = e * S + s
+                    slot = torch.einsum('bn,bnd->bd', dispatch[..., m], tokens)
+                    y = group.act(slot @ group.fc1.weight[i] + group.fc1.bias[i]) @ group.fc2.weight[i] + group.fc2.bias[i]
+                    v = combine[..., m].sum(1, keepdim=True) * y  # what slot m adds to the output, over all tokens
+                    contrib[:, e] += v.norm(dim=-1)
+                    if e < layer.num_core_experts:
+                        core_sum += v
+        np.testing.assert_allclose(lr.expert_contrib, contrib.numpy(), rtol=1e-4)
+        np.testing.assert_allclose(lr.core_out.sum(1), core_sum.numpy(), rtol=1e-4, atol=1e-6)
+        for path, idx in (('core', np.arange(4)), ('univ', np.arange(4, 12))):
+            expected = idx[np.argsort(-contrib.numpy()[:, idx], axis=-1)[:, :3]]
+            np.testing.assert_array_equal(lr.top_experts(path, 3), expected)
+            assert (np.diff(lr.expert_contrib[np.arange(2)[:, None], lr.top_experts(path, 3)]) <= 0).all()
+
+
+def test_dispatch_maps_are_laid_out_on_the_image(tiny_vit_kwargs):
+    """One bright patch in a black image: every expert's map must single out that patch's cell."""
+    model = timm.create_model('v_jetmoe_tiny', **dict(tiny_vit_kwargs, img_size=(32, 48), moe_blocks=[0])).eval()
+    with torch.no_grad():  # tokens reach the MoE unmixed: no attention output, no position embedding
+        model.blocks[0].attn.proj.weight.zero_()
+        model.blocks[0].attn.proj.bias.zero_()
+        model.pos_embed.zero_()
+        model.patch_embed.proj.bias.zero_()
+    x = torch.zeros(1, 3, 32, 48)
+    x[..., 8:12, 36:40] = 1.  # patch row 2, column 9 of the 8 x 12 grid
+    maps = inspect_routing(model, x).layers['blocks.0.mlp'].expert_dispatch[0]
+    for m in maps:
+        assert np.unravel_index(np.abs(m - np.median(m)).argmax(), m.shape) == (2, 9)
+
+
+def test_convnext_tokens_are_the_map_positions():
+    model = timm.create_model('c_jetmoe_femto', **TINY_CONVNEXT)
+    result = inspect_routing(model, torch.randn(2, 3, 64, 96))
+    assert {n: lr.grid for n, lr in result.layers.items()} == {
+        'stages.2.blocks.0.mlp': (4, 6), 'stages.2.blocks.1.mlp': (4, 6), 'stages.3.blocks.0.mlp': (2, 3)}
+    for lr in result.layers.values():
+        assert lr.num_prefix_tokens == 0
+        np.testing.assert_allclose(lr.expert_dispatch.sum((2, 3)), 1, atol=1e-5)
+
+
+def test_figures_and_json_are_written(tmp_path, tiny_vit_kwargs):
+    model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs)
+    images = _write_images(tmp_path)
+    result = inspect_routing(model, images)
+    assert result.images.shape == (2, 32, 32, 3) and result.names == ['img0.png', 'img1.png']
+    assert 0 <= result.images.min() and result.images.max() <= 1
+    written = save_inspection(result, tmp_path / 'out', top_k=2)
+    assert sorted(p.name for p in written) == [
+        'contributions.png', 'dispatch_blocks.2.mlp.png', 'dispatch_blocks.3.mlp.png', 'routing.json']
+    for p in written[:-1]:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as im:
+            im.verify()
+            assert min(im.size) > 300
+    assert not list((tmp_path / 'out').glob('.*'))  # no temporary files left
+
+    data = json.loads((tmp_path / 'out' / 'routing.json').read_text())
+    assert data['model'] == 'v_jetmoe_tiny' and data['images'] == result.names
+    for name, lr in result.layers.items():
+        d = data['layers'][name]
+        assert d['grid'] == [8, 8] and d['num_core_experts'] == 4 and d['num_univ_experts'] == 8
+        np.testing.assert_allclose(d['core_share'], lr.path_shares['core'], rtol=1e-5)
+        np.testing.assert_allclose(np.array(d['core_share']) + d['univ_share'], 1, atol=1e-5)
+        for b in range(2):
+            for path in ('core', 'univ'):
+                top = d['top_experts'][b][path]
+                assert [t['expert'] for t in top] == lr.top_experts(path, 2)[b].tolist()
+                np.testing.assert_allclose(top[0]['dispatch'], lr.expert_dispatch[b, top[0]['expert']], rtol=1e-5)
+    with pytest.raises(ValueError, match='No MoE layer'):
+        plot_dispatch_maps(result, 'blocks.0.mlp')
+
+
+TINY_ARGS = ['img_size=32', 'patch_size=4', 'embed_dim=32', 'depth=4', 'num_heads=2', 'num_core_experts=4',
+             'num_univ_experts=8']
+
+
+@pytest.mark.parametrize('kind', ['file', 'folder'])
+def test_cli_inspect_end_to_end(tmp_path, tiny_vit_kwargs, kind, capsys):
+    model = timm.create_model('v_jetmoe_tiny', num_classes=0, **tiny_vit_kwargs)
+    if kind == 'file':
+        checkpoint = save_safetensors_atomic(model.state_dict(), tmp_path / 'weights.safetensors')
+    else:
+        checkpoint = save_pretrained_folder(model, tmp_path / 'folder')
+    images = _write_images(tmp_path)
+    out = tmp_path / 'out'
+    rc = cli.main(['inspect', 'v_jetmoe_tiny', *images, '--checkpoint', str(checkpoint), '--out', str(out),
+                   '--top-k', '2', '--model-kwargs', 'num_classes=0', *TINY_ARGS])
+    assert rc == 0
+    assert 'wrote 4 files' in capsys.readouterr().out
+    data = json.loads((out / 'routing.json').read_text())
+    expected = inspect_routing(model, images)  # the CLI must have run these very weights on these images
+    for name, lr in expected.layers.items():
+        np.testing.assert_allclose(data['layers'][name]['expert_share'], lr.expert_share, rtol=1e-4)
+    assert (out / 'dispatch_blocks.3.mlp.png').read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_inspect_errors(tmp_path, capsys):
+    images = _write_images(tmp_path, n=1)
+    cases = [
+        (['v_jetmoe_tiny', str(tmp_path / 'missing.jpg')], 'Image not found'),
+        (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path / 'nope.safetensors')], 'Checkpoint not found'),
+        (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path), '--pretrained'], 'pass only one'),
+        (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path)], 'has no config.json'),
+        (['v_jetmoe_tiny', *images, '--top-k', '0'], '--top-k must be >= 1'),
+    ]
+    for args, message in cases:
+        assert cli.main(['inspect', *args, '--model-kwargs', *TINY_ARGS, '--out', str(tmp_path / 'o')]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / 'o').exists()
