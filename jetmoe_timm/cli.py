@@ -13,8 +13,8 @@ from .version import __version__
 
 _COMMAND_MODULES = (
     'jetmoe_timm.recycle.cli',  # convert
-    'jetmoe_timm.data',  # data export
     'jetmoe_timm.visualize',  # inspect
+    'jetmoe_timm.data',  # data export
 )
 
 
