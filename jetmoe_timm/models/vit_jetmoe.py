@@ -127,11 +127,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
 
 def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> VisionTransformerJetMoE:
     # model_args: the entrypoint's architecture; kwargs: what the user asked for on top of it
+    from ..official import _load_official_pre_hook
+    cfg = kwargs.get('pretrained_cfg')
+    tag = cfg if isinstance(cfg, str) else cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
+    if tag == 'official_in1k':  # the official weights are only the official model with its entmax15 combine
+        model_args = dict(model_args or {}, routing='official')
     if pretrained:
         kwargs = prepare_pretrained(variant, model_args or {}, kwargs)
     kwargs = dict(model_args or {}, **kwargs)
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         VisionTransformerJetMoE,
         variant,
         pretrained,
@@ -139,6 +144,10 @@ def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optio
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
+    if isinstance(model, VisionTransformerJetMoE):  # not the features_only wrapper, whose keys differ
+        # official MoE Jetpack state dicts then load as they are, e.g. with timm.models.load_checkpoint
+        model.register_load_state_dict_pre_hook(_load_official_pre_hook)
+    return model
 
 
 def _cfg(**kwargs):
