@@ -130,7 +130,8 @@ def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: nn.Module, 
     if width is not None and width.shape[-1] != model.embed_dim:
         raise ValueError(
             f'The checkpoint has width {width.shape[-1]} but the model has embed_dim={model.embed_dim}: pick the '
-            f'architecture of that width (v_jetmoe_tiny: 192, v_jetmoe_small: 384).')
+            f'architecture of that width (v_jetmoe_tiny: 192, v_jetmoe_small: 384) or set embed_dim, depth and '
+            f'num_heads.')
     layout = _official_layout(state_dict)
     if sorted(layout) != sorted(layers):
         raise ValueError(
