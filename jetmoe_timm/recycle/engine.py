@@ -89,11 +89,14 @@ def recycle(
     family = _family(successor)
     family.check(predecessor, successor)
     if recipe == 'official':
+        if not getattr(family, 'HAS_OFFICIAL_RECIPE', False):
+            raise ValueError(f"recipe 'official' mirrors the official ViT tool and exists for ViT only; "
+                             f"use recipe='paper' for {type(successor).__name__}.")
         if body_predecessor is None:
             raise ValueError("recipe 'official' needs body_predecessor: a dense model of the successor's width "
                              "(e.g. vit_tiny_patch16_224.augreg_in21k for v_jetmoe_tiny).")
         family.check(body_predecessor, successor)
-        if body_predecessor.state_dict().keys() and family.body_width(body_predecessor) != family.body_width(successor):
+        if family.body_width(body_predecessor) != family.body_width(successor):
             raise ValueError('the official recipe copies the body verbatim: body_predecessor must have the '
                              'successor\'s width.')
 

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ['Take', 'apply_plan']
+__all__ = ['Take', 'apply_plan', 'expert_takes']
 
 
 @dataclass
@@ -61,3 +61,21 @@ def apply_plan(
                              f"the successor expects {tuple(target.shape)}")
         out[key] = value
     return out, fresh
+
+
+def expert_takes(prefix: str, src: str, neurons: torch.Tensor, channels: torch.Tensor) -> Dict[str, Take]:
+    """Experts of one path: fc1 (E, d', h) / fc2 (E, h, d') from the predecessor MLP ``src``.
+
+    ``channels`` is (d',) shared by all experts, or (E, d') per expert (official recipe).
+    """
+    E = neurons.shape[0]
+    per_expert = channels.ndim == 2
+    ch = channels[:, None, :] if per_expert else channels[None, None, :]
+    n = neurons[:, :, None]
+    return {
+        f'{prefix}.fc1.weight': Take(f'{src}.fc1.weight', (n, ch), permute=(0, 2, 1)),  # W1[n, c] -> (E, d', h)
+        f'{prefix}.fc1.bias': Take(f'{src}.fc1.bias', (neurons,)),
+        f'{prefix}.fc2.weight': Take(f'{src}.fc2.weight', (ch, n)),  # W2[c, n] -> (E, h, d')
+        f'{prefix}.fc2.bias': (Take(f'{src}.fc2.bias', (channels,)) if per_expert
+                               else Take(f'{src}.fc2.bias', (channels,), expand=E)),
+    }

@@ -19,10 +19,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ['METHODS', 'make_generator', 'weighted_order', 'weighted_sample', 'top_k', 'uniform_indices',
+__all__ = ['METHODS', 'NUM_GRAPH_PARTS', 'select_experts', 'make_generator', 'weighted_order', 'weighted_sample', 'top_k', 'uniform_indices',
            'select_neurons', 'partition_graph']
 
 METHODS = ('importance', 'graph', 'uniform', 'random', 'copy')
+NUM_GRAPH_PARTS = 32  # METIS parts of a co-activation graph, as the official tool
 
 
 def make_generator(seed: int, *names) -> torch.Generator:
@@ -152,3 +153,22 @@ def select_neurons(
     else:
         raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
     return torch.stack(rows) if rows else torch.empty(0, k, dtype=torch.long)
+
+
+def select_experts(moe, importance: torch.Tensor, method: str, seed: int, layer, coact_fn):
+    """Neurons of every core and universal expert of one SpheroMoE layer, recycled from one dense MLP.
+
+    Returns (core (E_core, h_core), univ (E_univ, h_univ), graph parts or None). ``coact_fn`` is called
+    (only for 'graph') to get the MLP's co-activation counts.
+    """
+    coact = parts = None
+    if method == 'graph':
+        coact = coact_fn()
+        parts = partition_graph(coact, NUM_GRAPH_PARTS)
+    core = select_neurons(method, moe.num_core_experts, moe.core_hidden, importance,
+                          make_generator(seed, 'core', layer), coact=coact, parts=parts)
+    # copy: universal experts are a strided subset of the (single) core expert, the dense successor's MLP
+    pool = core[0] if method == 'copy' and core.numel() else None
+    univ = select_neurons(method, moe.num_univ_experts, moe.univ_hidden, importance,
+                          make_generator(seed, 'univ', layer), coact=coact, parts=parts, copy_pool=pool)
+    return core, univ, parts

@@ -12,11 +12,11 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers import SpheroMoE
-from .rules import Take
-from .selection import make_generator, partition_graph, select_neurons, top_k
+from .rules import Take, expert_takes
+from .selection import make_generator, select_experts, select_neurons, top_k
 from .stats import Probe
 
-NUM_GRAPH_PARTS = 32
+HAS_OFFICIAL_RECIPE = True
 
 
 def _head_dim(model: VisionTransformer) -> int:
@@ -114,18 +114,12 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
             width = succ.blocks[i].mlp.fc1.out_features
             g = make_generator(seed, 'mlp', i)
             sel[f'blocks.{i}.mlp'] = select_neurons(
-                'importance' if method in ('graph', 'copy') else method, 1, width, importance, g)[0]
+                'importance' if method == 'graph' else method, 1, width, importance, g)[0]
             continue
-        coact = parts = None
-        if method == 'graph':
-            coact = stats.coact(f'blocks.{i}.mlp.act')
-            parts = partition_graph(coact, NUM_GRAPH_PARTS)
+        core, univ, parts = select_experts(moe, importance, method, seed, i,
+                                           lambda: stats.coact(f'blocks.{i}.mlp.act'))
+        if parts is not None:
             sel[f'blocks.{i}.graph_parts'] = parts
-        core = select_neurons(method, moe.num_core_experts, moe.core_hidden, importance,
-                              make_generator(seed, 'core', i), coact=coact, parts=parts)
-        pool = core[0] if method == 'copy' and core.numel() else None
-        univ = select_neurons(method, moe.num_univ_experts, moe.univ_hidden, importance,
-                              make_generator(seed, 'univ', i), coact=coact, parts=parts, copy_pool=pool)
         sel[f'blocks.{i}.core_neurons'] = core
         sel[f'blocks.{i}.univ_neurons'] = univ
         if recipe == 'official':
@@ -137,24 +131,6 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
             sel[f'blocks.{i}.univ_channels'] = select_neurons(
                 ch_method, moe.num_univ_experts, d_s, ch_importance, make_generator(seed, 'univ-ch', i))
     return sel
-
-
-def _expert_takes(prefix: str, src: str, neurons: torch.Tensor, channels: torch.Tensor) -> Dict[str, Take]:
-    """Experts of one path: fc1 (E, d', h) / fc2 (E, h, d') from the predecessor MLP ``src``.
-
-    ``channels`` is (d',) shared by all experts, or (E, d') per expert (official recipe).
-    """
-    E = neurons.shape[0]
-    per_expert = channels.ndim == 2
-    ch = channels[:, None, :] if per_expert else channels[None, None, :]
-    n = neurons[:, :, None]
-    return {
-        f'{prefix}.fc1.weight': Take(f'{src}.fc1.weight', (n, ch), permute=(0, 2, 1)),  # W1[n, c] -> (E, d', h)
-        f'{prefix}.fc1.bias': Take(f'{src}.fc1.bias', (neurons,)),
-        f'{prefix}.fc2.weight': Take(f'{src}.fc2.weight', (ch, n)),  # W2[c, n] -> (E, h, d')
-        f'{prefix}.fc2.bias': (Take(f'{src}.fc2.bias', (channels,)) if per_expert
-                               else Take(f'{src}.fc2.bias', (channels,), expand=E)),
-    }
 
 
 def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Take]:
@@ -232,7 +208,7 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Tak
             if getattr(moe, f'{path}_experts') is None:
                 continue
             channels = sel.get(f'{b}.{path}_channels', ch)
-            p.update(_expert_takes(f'{b}.mlp.{path}_experts', f'{b}.mlp', sel[f'{b}.{path}_neurons'], channels))
+            p.update(expert_takes(f'{b}.mlp.{path}_experts', f'{b}.mlp', sel[f'{b}.{path}_neurons'], channels))
 
     # final norm: the predecessor's pre-pool norm also serves as the successor's post-pool fc_norm
     succ_norm = 'fc_norm' if len(list(succ.fc_norm.parameters())) else 'norm'
