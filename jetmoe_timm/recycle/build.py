@@ -125,8 +125,8 @@ def build_recycled(
     opts = dict(DEFAULT_OPTIONS, **options)
     pred_spec = predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
     model_kwargs = dict(model_kwargs or {})
+    pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
     succ = _create_successor(full, model_kwargs, opts['seed'])
-    pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])
     body = None
     if opts['recipe'] == 'official':
         body_spec = body_predecessor or source.get('body_predecessor')
