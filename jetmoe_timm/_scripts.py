@@ -9,6 +9,7 @@ scripts is shipped here.
 import functools
 import importlib.metadata
 import os
+import re
 import runpy
 import sys
 import warnings
@@ -68,14 +69,13 @@ def _check_timm(scripts_dir: Path) -> None:
             f'timm was imported from {imported} (version {timm.__version__}), not from the installed package at '
             f'{installed}: the working directory is probably a timm checkout that is first on sys.path. Run from '
             f'another directory, or use the jetmoe-timm-train / jetmoe-timm-validate commands.', stacklevel=3)
-    version_file = scripts_dir / 'timm' / 'version.py'
-    if version_file.is_file():
-        scope = runpy.run_path(str(version_file))
-        if scope.get('__version__') != timm.__version__:
-            warnings.warn(
-                f"timm's scripts in {scripts_dir} come from timm {scope.get('__version__')} but timm "
-                f'{timm.__version__} is in use; if the script fails on an import or an option, check out the '
-                f'matching tag (git -C {scripts_dir} checkout v{timm.__version__}).', stacklevel=3)
+    version_file = scripts_dir / 'timm' / 'version.py'  # present when scripts_dir is a timm checkout
+    found = version_file.is_file() and re.search(r"""__version__\s*=\s*['"]([^'"]+)['"]""", version_file.read_text())
+    if found and found.group(1) != timm.__version__:
+        warnings.warn(
+            f"timm's scripts in {scripts_dir} come from timm {found.group(1)} but timm {timm.__version__} is in "
+            f"use; if the script fails on an import or an option, use the scripts of the matching release "
+            f"(git clone --depth 1 --branch v{timm.__version__} {_TIMM_REPO}).", stacklevel=3)
 
 
 def _allow_cpu_ddp() -> None:
@@ -128,7 +128,8 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
     """Import jetmoe_timm, then run timm's ``script`` as ``__main__`` with ``argv`` (default: ``sys.argv[1:]``).
 
     ``--timm-scripts DIR`` in ``argv`` is consumed here; all other arguments are passed through unchanged.
-    Returns the script's exit status (argparse errors and ``sys.exit`` in the script propagate as SystemExit).
+    Returns 0 when the script returns, 2 when it cannot be found; ``sys.exit`` in the script (argparse errors
+    included) propagates as SystemExit.
     """
     import jetmoe_timm  # noqa: F401  (registers the models with timm before the script creates one)
 
