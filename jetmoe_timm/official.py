@@ -202,8 +202,9 @@ def official_to_timm(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[st
         else:
             out[k] = v  # slot_norm, and anything unknown: let the strict load report it
     for i, found in sorted(scales.items()):
-        if sorted(found) != [0, 1]:
-            continue  # incomplete: the strict load reports temp_raw as missing
+        if sorted(found) != [0, 1] or i not in layers:  # malformed: left for the strict load to report
+            out.update({f'blocks.{i}.mlp.scales.{j}': v for j, v in found.items()})
+            continue
         raw = [_temperature_to_raw(found[j], layers[i], f'blocks.{i}.mlp.scales.{j}') for j in (0, 1)]
         dtype = found[0].dtype if found[0].is_floating_point() else torch.float32
         out[f'blocks.{i}.mlp.temp_raw'] = torch.tensor(raw, dtype=dtype)
