@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,11 @@ ImageInput = Union[torch.Tensor, Sequence[Union[str, os.PathLike, 'PIL.Image.Ima
 
 _PATH_COLORS = {'core': 'C0', 'univ': 'C1'}
 _PATH_NAMES = {'core': 'core', 'univ': 'universal'}
+
+
+def _rms(a: np.ndarray) -> np.ndarray:
+    """(B, N, d) -> (B,): root mean square over tokens of the token L2 norms."""
+    return np.sqrt((a.astype(np.float64) ** 2).sum(-1).mean(-1))
 
 
 @dataclass
@@ -92,8 +96,7 @@ class LayerRouting:
     @property
     def path_norms(self) -> Dict[str, np.ndarray]:
         """RMS over tokens of the per-token L2 norm of each path's output and of their sum: {name: (B,)}."""
-        rms = lambda a: np.sqrt((a.astype(np.float64) ** 2).sum(-1).mean(-1))
-        return dict(core=rms(self.core_out), univ=rms(self.univ_out), output=rms(self.core_out + self.univ_out))
+        return dict(core=_rms(self.core_out), univ=_rms(self.univ_out), output=_rms(self.core_out + self.univ_out))
 
     @property
     def path_shares(self) -> Dict[str, np.ndarray]:
@@ -354,7 +357,7 @@ def plot_dispatch_maps(result: RoutingInspection, layer: str, top_k: int = 3):
     n_grid = lr.grid[0] * lr.grid[1]
     for b in range(B):
         axes[b, 0].imshow(result.images[b])
-        axes[b, 0].set_title(_short(result.names[b]), fontsize=8)
+        axes[b, 0].set_title(_short(result.names[b]), fontsize=8, y=1.0)
         col = 1
         for path, top in tops.items():
             for e in top[b]:
@@ -363,7 +366,7 @@ def plot_dispatch_maps(result: RoutingInspection, layer: str, top_k: int = 3):
                 text = f'{lr.expert_label(e)}\n{100 * share[b, e]:.1f}% · peak {m.max() * n_grid:.1f}x'
                 if lr.num_prefix_tokens:
                     text += f' · cls {100 * prefix[b, e]:.0f}%'
-                axes[b, col].set_title(text, fontsize=7, color=_PATH_COLORS[path])
+                axes[b, col].set_title(text, fontsize=7, color=_PATH_COLORS[path], y=1.0)
                 col += 1
         for ax in axes[b]:
             ax.set_axis_off()
@@ -427,14 +430,14 @@ def plot_contributions(result: RoutingInspection):
 
 
 def _save_atomic(path: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
+    # a temporary name in the same folder, then a rename: readers never see half a file
+    # (created with open(), not mkstemp, so the file gets the user's umask rather than mode 0600)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -450,7 +453,7 @@ def save_inspection(result: RoutingInspection, out_dir: os.PathLike, top_k: int 
     fig = plot_contributions(result)
     written.append(_save_atomic(out_dir / 'contributions.png', lambda p: fig.savefig(p, dpi=dpi, format='png')))
     text = json.dumps(result.to_dict(top_k=top_k), indent=1) + '\n'
-    written.append(_save_atomic(out_dir / 'routing.json', lambda p: Path(p).write_text(text)))
+    written.append(_save_atomic(out_dir / 'routing.json', lambda p: p.write_text(text)))
     return written
 
 

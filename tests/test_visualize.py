@@ -1,6 +1,9 @@
 """Routing inspection figures: the numbers are checked against an independent recomputation, the files are
 read back, and the ``inspect`` command runs end to end on real checkpoint files."""
+import importlib.util
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -9,12 +12,12 @@ import torch
 from PIL import Image
 
 from jetmoe_timm import cli
-from jetmoe_timm.export import save_pretrained_folder
-from jetmoe_timm.export import save_safetensors_atomic
+from jetmoe_timm.export import save_pretrained_folder, save_safetensors_atomic
 from jetmoe_timm.layers import SpheroMoE
 from jetmoe_timm.visualize import inspect_routing, plot_dispatch_maps, save_inspection
 
-pytest.importorskip('matplotlib', reason='figures need matplotlib (the [test] extra)')
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec('matplotlib') is None, reason='figures need matplotlib (pip install -e ".[test]")')
 
 TINY_CONVNEXT = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2, num_univ_experts=4)
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -25,7 +28,8 @@ def _moe_io(model):
     io, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, SpheroMoE):
-            hooks.append(m.register_forward_hook(lambda mod, args, out, name=name: io.__setitem__(name, (args[0], out))))
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: io.__setitem__(name, (args[0], out))))
     return io, hooks
 
 
@@ -96,7 +100,8 @@ def test_expert_importance_matches_independent_recomputation(tiny_vit_kwargs):
                 for s in range(S):
                     m = e * S + s
                     slot = torch.einsum('bn,bnd->bd', dispatch[..., m], tokens)
-                    y = group.act(slot @ group.fc1.weight[i] + group.fc1.bias[i]) @ group.fc2.weight[i] + group.fc2.bias[i]
+                    h = group.act(slot @ group.fc1.weight[i] + group.fc1.bias[i])
+                    y = h @ group.fc2.weight[i] + group.fc2.bias[i]
                     v = combine[..., m].sum(1, keepdim=True) * y  # what slot m adds to the output, over all tokens
                     contrib[:, e] += v.norm(dim=-1)
                     if e < layer.num_core_experts:
@@ -134,6 +139,7 @@ def test_convnext_tokens_are_the_map_positions():
         np.testing.assert_allclose(lr.expert_dispatch.sum((2, 3)), 1, atol=1e-5)
 
 
+@needs_matplotlib
 def test_figures_and_json_are_written(tmp_path, tiny_vit_kwargs):
     model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs)
     images = _write_images(tmp_path)
@@ -143,6 +149,10 @@ def test_figures_and_json_are_written(tmp_path, tiny_vit_kwargs):
     written = save_inspection(result, tmp_path / 'out', top_k=2)
     assert sorted(p.name for p in written) == [
         'contributions.png', 'dispatch_blocks.2.mlp.png', 'dispatch_blocks.3.mlp.png', 'routing.json']
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in written:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # an ordinary file, not a private temp file
     for p in written[:-1]:
         assert p.read_bytes()[:8] == PNG_MAGIC
         with Image.open(p) as im:
@@ -170,6 +180,7 @@ TINY_ARGS = ['img_size=32', 'patch_size=4', 'embed_dim=32', 'depth=4', 'num_head
              'num_univ_experts=8']
 
 
+@needs_matplotlib
 @pytest.mark.parametrize('kind', ['file', 'folder'])
 def test_cli_inspect_end_to_end(tmp_path, tiny_vit_kwargs, kind, capsys):
     model = timm.create_model('v_jetmoe_tiny', num_classes=0, **tiny_vit_kwargs)
