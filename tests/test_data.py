@@ -1,5 +1,4 @@
 """Dataset export: ImageFolder trees that timm reads back with the source's labels and pixels."""
-import argparse
 import gzip
 import hashlib
 import json
@@ -150,11 +149,11 @@ def test_bad_input_errors(tmp_path):
 
 
 def test_cli_export(tmp_path, mnist_raw, capsys):
-    parser = argparse.ArgumentParser(prog='jetmoe-timm')
-    data.add_parser(parser.add_subparsers(dest='command', required=True))
-    args = parser.parse_args(['data', 'export', 'mnist5k', str(tmp_path / 'm'), '--split', 'train',
-                              '--limit', '12'])
-    assert args.func(args) == 0
+    from jetmoe_timm.cli import main
+    out = tmp_path / 'm'
+    assert main(['data', 'export', 'mnist5k', str(out), '--split', 'train', '--limit', '12']) == 0
     assert 'train 12' in capsys.readouterr().out
-    assert len(list((tmp_path / 'm' / 'train').glob('*/*.png'))) == 12
-    assert not (tmp_path / 'm' / 'validation').exists()
+    assert len(list((out / 'train').glob('*/*.png'))) == 12
+    assert not (out / 'validation').exists()
+    assert main(['data', 'export', 'mnist5k', str(out)]) == 2  # user error: one line, no traceback
+    assert 'already exists: pass --force' in capsys.readouterr().err
