@@ -14,6 +14,7 @@ from .version import __version__
 _COMMAND_MODULES = (
     'jetmoe_timm.recycle.cli',  # convert
     'jetmoe_timm.visualize',  # inspect
+    'jetmoe_timm.hub',  # push
     'jetmoe_timm.data',  # data export
 )
 

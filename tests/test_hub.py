@@ -1,0 +1,266 @@
+"""Publishing to the Hub and loading back: the real huggingface_hub client and timm's loaders, over real HTTP, against
+a local Hub stand-in (tests/hub_server.py). huggingface_hub reads HF_ENDPOINT at import, so whatever talks to the
+server runs in a subprocess with the environment set; in-process tests stay offline (conftest)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+from timm.models import get_pretrained_cfg, save_for_hf
+
+from hub_server import LocalHub
+from jetmoe_timm.cli import main
+from jetmoe_timm.export import save_pretrained_folder
+from jetmoe_timm.hub import CARD_DIR, CARD_MARK, UPLOAD_FILES, push_to_hub, render_model_card
+from jetmoe_timm.profile import count_macs, count_params
+
+REPO = 'jetmoe-test/v_jetmoe_tiny.pushed'
+PROVENANCE = dict(predecessor='vit_small_patch16_224.augreg_in21k', method='importance', recipe='paper',
+                  statistic='l2', calibration='synthetic', calibration_images=16, seed=0, jetmoe_timm_version='0.1.0')
+
+
+@pytest.fixture
+def tiny_model(tiny_vit_kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('v_jetmoe_tiny', num_classes=10, **tiny_vit_kwargs).eval()
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_model):
+    """A converted folder as `jetmoe-timm convert` writes it, with random weights."""
+    return save_pretrained_folder(tiny_model, tmp_path / 'converted', PROVENANCE)
+
+
+@pytest.fixture
+def local_hub(tmp_path):
+    with LocalHub(tmp_path / 'hub', max_lifetime_s=180) as hub:
+        yield hub
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith('---\n')
+    return yaml.safe_load(card.split('\n---\n', 1)[0][4:])
+
+
+def _client_env(home, endpoint, **extra):
+    """The environment of a huggingface_hub client process talking to ``endpoint`` with a fresh HF_HOME."""
+    env = {k: v for k, v in os.environ.items() if k not in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'TRANSFORMERS_OFFLINE')}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_OFFLINE='0', HF_HUB_DISABLE_XET='1',
+               HF_HUB_DISABLE_TELEMETRY='1', JETMOE_TIMM_CACHE=str(home / 'jetmoe_cache'), **extra)
+    return env
+
+
+def _run(code, env, expect_rc=0):
+    r = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == expect_rc, f'rc={r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}'
+    return r
+
+
+# --- end to end: push, re-push, load three ways ----------------------------------------------------------
+
+_PUSH = """
+    import sys
+    from huggingface_hub import HfApi
+    from jetmoe_timm.cli import main
+    args = ['push', '--from', {folder!r}, '--repo-id', {repo!r}]
+    assert main(args + ['--endpoint', {dead!r}]) == 2  # unreachable: a one-line error
+    assert main(args + ['--dry-run']) == 0
+    assert not HfApi().repo_exists({repo!r})  # the dry run sent nothing
+    print('=== push')
+    assert main(args) == 0
+    print('=== re-push')
+    assert main(args) == 0
+    print('=== branch')
+    assert main(args + ['--revision', 'v1']) == 0
+"""
+
+_LOAD = """
+    import json, os, sys
+    import safetensors.torch, timm, torch
+    from huggingface_hub import snapshot_download
+    from timm.models import generate_default_cfgs, register_model
+    import jetmoe_timm
+    from jetmoe_timm.models.vit_jetmoe import _cfg, _create_vit_jetmoe
+    torch.set_num_threads(2)
+    repo, home, tiny = {repo!r}, {home!r}, {tiny!r}
+
+    # The registered v_jetmoe_tiny is 265 M parameters; prepare_pretrained fetches a cfg's hf_hub_id only for the
+    # registered architecture, so register a tiny twin whose default cfg points at the pushed repo.
+    default_cfgs = generate_default_cfgs({{'v_jetmoe_hubtest.pushed': _cfg(
+        hf_hub_id=repo, num_classes=10, input_size=(3, 32, 32))}})
+
+    @register_model
+    def v_jetmoe_hubtest(pretrained=False, **kwargs):
+        return _create_vit_jetmoe('v_jetmoe_hubtest', pretrained=pretrained, model_args=dict(tiny), **kwargs)
+
+    snapshot = snapshot_download(repo, local_dir=os.path.join(home, 'snapshot'))
+    models = dict(
+        hf_hub_id=timm.create_model('v_jetmoe_hubtest', pretrained=True, cache_dir=os.path.join(home, 'c1')),
+        hf_hub=timm.create_model('hf-hub:' + repo, pretrained=True, cache_dir=os.path.join(home, 'c2')),
+        local_dir=timm.create_model('local-dir:' + snapshot, pretrained=True),
+    )
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = {{}}
+    for key, model in models.items():
+        out.update({{f'{{key}}/{{k}}': v for k, v in model.state_dict().items()}})
+        out[f'{{key}}/logits'] = model.eval()(x).detach()
+    safetensors.torch.save_file({{k: v.contiguous() for k, v in out.items()}}, os.path.join(home, 'loaded.safetensors'))
+    print(json.dumps(dict(snapshot=sorted(os.listdir(snapshot)))))
+"""
+
+
+def _dead_endpoint() -> str:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(('127.0.0.1', 0))
+        return f'http://127.0.0.1:{s.getsockname()[1]}'
+
+
+def test_push_repush_and_load_three_ways(tmp_path, local_hub, tiny_folder, tiny_model):
+    push_env = _client_env(tmp_path / 'pusher', local_hub.url, HF_TOKEN=local_hub.token)
+    dead = _dead_endpoint()
+    r = _run(_PUSH.format(folder=str(tiny_folder), repo=REPO, dead=dead), push_env)
+    assert f'jetmoe-timm push: error: Cannot reach the Hub at {dead} (ConnectError' in r.stderr
+    assert 'HF_ENDPOINT' in r.stderr and 'Traceback' not in r.stderr
+    dry, push, repush, branch = r.stdout.split('=== ')
+    assert 'dry run: would upload' in dry and 'nothing was sent' in dry
+
+    # the dry run reached the server only through the repo_exists probe; then exactly one commit was made
+    hub_calls = [c for c in local_hub.requests if c[1] != '/api/agent-harnesses']
+    assert hub_calls[:2] == [('GET', f'/api/models/{REPO}'), ('POST', '/api/repos/create')]
+    assert [f for f in local_hub.files(REPO) if f != '.gitattributes'] == sorted(UPLOAD_FILES)
+    for name in UPLOAD_FILES:
+        assert local_hub.read(REPO, name) == (tiny_folder / name).read_bytes()
+    assert f'pushed {tiny_folder} to {local_hub.url}/{REPO}' in push
+
+    # re-pushing identical files: preupload reports their oids, the client drops them, no commit is sent
+    assert len(local_hub.commits(REPO)) == 2  # the repo's initial commit + the push
+    assert sum(c == ('POST', f'/api/models/{REPO}/commit/main') for c in local_hub.requests) == 1
+    assert 'already has these files: no new commit' in repush
+    assert local_hub.branches(REPO) == {'main': local_hub.commits(REPO)[0], 'v1': local_hub.commits(REPO)[0]}
+    assert 'no new commit' in branch and not local_hub.is_private(REPO)
+
+    # load back in a fresh HF_HOME, without a token: by the cfg's hf_hub_id, by hf-hub: name, from local-dir:
+    home = tmp_path / 'loader'
+    tiny = json.loads((tiny_folder / 'config.json').read_text())['model_args']  # the pushed architecture
+    r = _run(_LOAD.format(repo=REPO, home=str(home), tiny=tiny), _client_env(home, local_hub.url))
+    assert set(json.loads(r.stdout.splitlines()[-1])['snapshot']) >= set(UPLOAD_FILES)
+    for cache in ('c1', 'c2'):  # each load downloaded its own copy from the server
+        assert list((home / cache).glob(f'models--jetmoe-test--{REPO.split("/")[1]}/snapshots/*/model.safetensors'))
+    assert not (home / 'jetmoe_cache').exists()  # nothing was recycled locally
+    loaded = safetensors.torch.load_file(home / 'loaded.safetensors')
+    pushed = safetensors.torch.load_file(tiny_folder / 'model.safetensors')
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = tiny_model(x)
+    for way in ('hf_hub_id', 'hf_hub', 'local_dir'):
+        for k, v in pushed.items():
+            assert torch.equal(loaded[f'{way}/{k}'], v), (way, k)
+        assert torch.equal(loaded[f'{way}/logits'], logits), way
+
+
+# --- in-process: no network (HF_HUB_OFFLINE=1 from conftest) ---------------------------------------------
+
+def test_card_renders_with_computed_figures(tiny_folder, tiny_model):
+    card = render_model_card(tiny_folder, 'org/name')
+    meta = _front_matter(card)
+    assert meta['library_name'] == 'timm' and meta['license'] == 'apache-2.0'
+    assert meta['datasets'] == ['imagenet-21k'] and {'timm', 'image-classification', 'jetmoe_timm'} <= set(meta['tags'])
+    assert card.split('\n---\n', 1)[1].startswith(CARD_MARK) and '${' not in card
+    assert '# Model card for v_jetmoe_tiny.recycled_in21k' in card
+    assert f'Params (M): {count_params(tiny_model) / 1e6:.4g}' in card
+    assert f'GMACs: {count_macs(tiny_model, (3, 32, 32)) / 1e9:.4g}' in card
+    assert 'Image size: 32 x 32' in card and 'Classes: 10; features: 32' in card
+    assert '2 x SpheroMoE (`blocks.2.mlp` ... `blocks.3.mlp`): 4 core experts (hidden 128) + 8 universal' in card
+    assert '[vit_small_patch16_224.augreg_in21k](https://huggingface.co/timm/vit_small_patch16_224.augreg_in21k)' in card
+    assert '**neuron selection:** `importance`' in card and '`synthetic` (16 images)' in card
+    assert 'https://arxiv.org/abs/2406.04801' in card and '@inproceedings{zhu2024moejetpack' in card
+    usage = card[card.index('## Model Usage'):]
+    assert usage.index('import jetmoe_timm') < usage.index("timm.create_model('hf-hub:org/name', pretrained=True)")
+    assert 'features_only=True' in usage and 'forward_intermediates' in usage
+    assert '--device-modules jetmoe_timm' in usage and 'python -m jetmoe_timm.train' in usage
+
+
+@pytest.mark.parametrize('arch', timm.list_models(['v_jetmoe_*', 'c_jetmoe_*']))
+def test_every_registered_model_has_a_card_template(arch, tiny_folder):
+    template = CARD_DIR / f'{arch}.md'
+    assert template.is_file()
+    card = render_model_card(tiny_folder, 'org/name', template=template)  # every placeholder is a known one
+    assert '${' not in card and _front_matter(card)['library_name'] == 'timm'
+
+
+def test_dry_run_writes_the_folder_and_sends_nothing(tiny_folder, local_hub, monkeypatch, capsys):
+    monkeypatch.setenv('HF_TOKEN', local_hub.token)
+    assert main(['push', '--from', str(tiny_folder), '--repo-id', 'org/name', '--endpoint', local_hub.url,
+                 '--dry-run']) == 0
+    out = capsys.readouterr().out
+    assert f'would upload these files from {tiny_folder} to {local_hub.url}/org/name' in out
+    for name in UPLOAD_FILES:
+        assert f'{name:<18} {(tiny_folder / name).stat().st_size:>14,d} bytes' in out
+    assert (tiny_folder / 'README.md').read_text() == render_model_card(tiny_folder, 'org/name')
+    assert local_hub.requests == []
+
+
+def test_hand_written_card_is_kept(tiny_folder, capsys):
+    (tiny_folder / 'README.md').write_text('# my own card\n')
+    push_to_hub(tiny_folder, 'org/name', dry_run=True)
+    assert (tiny_folder / 'README.md').read_text() == '# my own card\n'
+    assert 'Keeping the hand-written' in capsys.readouterr().out
+
+
+def test_missing_token_is_a_clear_error(tiny_folder, monkeypatch, capsys):
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)
+    assert main(['push', '--from', str(tiny_folder), '--repo-id', 'org/name']) == 2
+    err = capsys.readouterr().err
+    assert 'No Hugging Face token' in err and 'hf auth login' in err and 'HF_TOKEN' in err
+
+
+def test_offline_is_a_clear_error(tiny_folder, monkeypatch):
+    monkeypatch.setenv('HF_TOKEN', 'hf_anything')
+    with pytest.raises(RuntimeError, match='HF_HUB_OFFLINE is set'):
+        push_to_hub(tiny_folder, 'org/name')
+
+
+def test_default_repo_refuses_weights_of_another_architecture(tiny_folder):
+    default = get_pretrained_cfg('v_jetmoe_tiny').hf_hub_id
+    assert default == 'jetmoe-timm/v_jetmoe_tiny.recycled_in21k'  # where create_model(pretrained=True) looks
+    with pytest.raises(ValueError, match=f"{default} is the default repo of 'v_jetmoe_tiny.recycled_in21k'"):
+        push_to_hub(tiny_folder, dry_run=True)  # --repo-id defaults to the tag's hf_hub_id
+
+
+def test_bad_folders_are_clear_errors(tiny_folder, tmp_path):
+    with pytest.raises(ValueError, match="holds 'v_jetmoe_tiny.recycled_in21k', not 'v_jetmoe_small'"):
+        push_to_hub(tiny_folder, 'org/name', model_name='v_jetmoe_small', dry_run=True)
+    config = json.loads((tiny_folder / 'config.json').read_text())
+    config['model_args']['embed_dim'] = 64
+    (tiny_folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match='does not fit the model its config.json describes'):
+        push_to_hub(tiny_folder, 'org/name', dry_run=True)
+    (tiny_folder / 'model.safetensors').unlink()
+    with pytest.raises(FileNotFoundError, match='lacks model.safetensors'):
+        push_to_hub(tiny_folder, 'org/name', dry_run=True)
+    assert main(['push', '--from', str(tmp_path), '--method', 'graph', '--dry-run']) == 2  # options for converting
+
+
+def test_convert_then_push_dry_run(tmp_path, tiny_vit_kwargs, capsys):
+    torch.manual_seed(0)
+    dense = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4,
+                              num_heads=4, num_classes=10)
+    save_for_hf(dense, tmp_path / 'dense', safe_serialization=True)
+    out = tmp_path / 'out'
+    kwargs = [f'{k}={v}' for k, v in tiny_vit_kwargs.items()]
+    assert main(['push', 'v_jetmoe_tiny', '--repo-id', 'org/name', '--out', str(out), '--dry-run', '--no-progress',
+                 '--predecessor', f'local-dir:{tmp_path / "dense"}', '--num-calib', '8', '--method', 'uniform',
+                 '--model-kwargs', *kwargs]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(UPLOAD_FILES)
+    card = (out / 'README.md').read_text()
+    assert '**neuron selection:** `uniform`' in card and f'`local-dir:{tmp_path / "dense"}`' in card
+    assert 'nothing was sent' in capsys.readouterr().out
