@@ -36,7 +36,6 @@ __all__ = [
 ImageInput = Union[torch.Tensor, Sequence[Union[str, os.PathLike, 'PIL.Image.Image']]]
 
 _PATH_COLORS = {'core': 'C0', 'univ': 'C1'}
-_PATH_NAMES = {'core': 'core', 'univ': 'universal'}
 
 
 def _rms(a: np.ndarray) -> np.ndarray:
@@ -211,9 +210,11 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
             except UnidentifiedImageError:
                 raise ValueError(f'Not an image PIL can read: {path}') from None
             names.append(path.name)
-        else:
+        elif hasattr(img, 'convert'):
             img = img.convert('RGB')
             names.append(f'image {i}')
+        else:
+            raise TypeError(f'Expected image paths, PIL images or one (B, C, H, W) tensor; got a {type(img).__name__}.')
         tensors.append(transform(img))
     if not tensors:
         raise ValueError('No images given.')
@@ -270,6 +271,7 @@ def inspect_routing(
     try:
         for layer in layers.values():
             layer.capture_routing = True
+            layer.last_routing = None  # a layer this forward does not reach must not report an older pass
         start = time.perf_counter()
         model(x)
         seconds = time.perf_counter() - start
@@ -471,11 +473,10 @@ def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_
             raise FileNotFoundError(
                 f'{path} has no config.json: pass a folder written by save_pretrained_folder / timm save_for_hf, '
                 'or the weights file itself.')
-        model = timm.create_model(f'local-dir:{path}', pretrained=True, **model_kwargs)
-        arch = model.pretrained_cfg.get('architecture')
+        arch = json.loads((path / 'config.json').read_text()).get('architecture')
         if arch != timm.models.split_model_name_tag(name)[0]:
             raise ValueError(f"{path} holds a '{arch}', not a '{name}': pass MODEL {arch}.")
-        return model
+        return timm.create_model(f'local-dir:{path}', pretrained=True, **model_kwargs)
     if not path.is_file():
         raise FileNotFoundError(f'Checkpoint not found: {path}')
     overlay = dict(file=str(path), custom_load=False)

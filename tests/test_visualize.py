@@ -203,11 +203,13 @@ def test_cli_inspect_end_to_end(tmp_path, tiny_vit_kwargs, kind, capsys):
 
 def test_cli_inspect_errors(tmp_path, capsys):
     images = _write_images(tmp_path, n=1)
+    convnext = save_pretrained_folder(timm.create_model('c_jetmoe_femto', **TINY_CONVNEXT), tmp_path / 'convnext')
     cases = [
         (['v_jetmoe_tiny', str(tmp_path / 'missing.jpg')], 'Image not found'),
         (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path / 'nope.safetensors')], 'Checkpoint not found'),
         (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path), '--pretrained'], 'pass only one'),
         (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path)], 'has no config.json'),
+        (['v_jetmoe_tiny', *images, '--checkpoint', str(convnext)], "holds a 'c_jetmoe_femto'"),
         (['v_jetmoe_tiny', *images, '--top-k', '0'], '--top-k must be >= 1'),
     ]
     for args, message in cases:
