@@ -181,11 +181,14 @@ TINY_ARGS = ['img_size=32', 'patch_size=4', 'embed_dim=32', 'depth=4', 'num_head
 
 
 @needs_matplotlib
-@pytest.mark.parametrize('kind', ['file', 'folder'])
+@pytest.mark.parametrize('kind', ['safetensors', 'pth', 'folder'])
 def test_cli_inspect_end_to_end(tmp_path, tiny_vit_kwargs, kind, capsys):
     model = timm.create_model('v_jetmoe_tiny', num_classes=0, **tiny_vit_kwargs)
-    if kind == 'file':
+    if kind == 'safetensors':
         checkpoint = save_safetensors_atomic(model.state_dict(), tmp_path / 'weights.safetensors')
+    elif kind == 'pth':  # a training checkpoint: the weights under 'state_dict'
+        checkpoint = tmp_path / 'checkpoint.pth'
+        torch.save({'state_dict': model.state_dict(), 'epoch': 3}, checkpoint)
     else:
         checkpoint = save_pretrained_folder(model, tmp_path / 'folder')
     images = _write_images(tmp_path)
