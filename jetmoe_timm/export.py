@@ -4,7 +4,12 @@ The folder loads with ``timm.create_model('local-dir:DIR', pretrained=True)`` (a
 and ``jetmoe-timm push`` uploads it. Provenance (how the weights were made) goes into the safetensors metadata
 and into ``config.json`` under ``"jetmoe"``; it is also summarised in ``pretrained_cfg.description``.
 Folders are written next to their destination and renamed into place, so a crash never leaves half a folder.
+
+Every safetensors file written here also carries a content checksum (``jetmoe_sha256`` in its metadata: sha256
+over each tensor's name, dtype, shape and bytes, in name order); ``verify_safetensors`` recomputes it, so a
+truncated file or flipped bytes are caught before anything is loaded.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -15,11 +20,20 @@ from typing import Any, Dict, Optional
 import safetensors.torch
 import torch
 import torch.nn as nn
-from timm.models import save_for_hf
+from timm.models._hub import save_config_for_hf
 
-__all__ = ['save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance']
+__all__ = ['save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance', 'verify_safetensors']
 
 PROVENANCE_KEY = 'jetmoe'
+CHECKSUM_KEY = 'jetmoe_sha256'
+
+# dtype names of the safetensors format, as they appear in a file's header
+_SAFETENSORS_DTYPES = {
+    torch.float64: 'F64', torch.float32: 'F32', torch.float16: 'F16', torch.bfloat16: 'BF16',
+    torch.int64: 'I64', torch.int32: 'I32', torch.int16: 'I16', torch.int8: 'I8', torch.uint8: 'U8',
+    torch.bool: 'BOOL', torch.float8_e4m3fn: 'F8_E4M3', torch.float8_e5m2: 'F8_E5M2',
+}
+_READ_CHUNK = 16 << 20
 
 
 def _umask() -> int:
@@ -33,16 +47,34 @@ def _contiguous_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, tor
     return {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
 
 
+def _entry_bytes(name: str, dtype: str, shape) -> bytes:
+    return json.dumps([name, dtype, list(shape)]).encode()
+
+
+def _state_dict_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """The content checksum of ``tensors`` as they will be stored (see ``verify_safetensors``)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(_entry_bytes(name, _SAFETENSORS_DTYPES[t.dtype], t.shape))
+        # safetensors stores the little-endian bytes of a contiguous tensor, which is what a CPU tensor holds
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_safetensors_atomic(state_dict: Dict[str, torch.Tensor], path: os.PathLike,
                             provenance: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``state_dict`` to ``path`` via a temporary file and an atomic rename."""
+    """Write ``state_dict`` to ``path`` (with provenance and a content checksum) via a temporary file and an
+    atomic rename: readers see the old file or the complete new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True)}
+    tensors = _contiguous_state_dict(state_dict)
+    metadata = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True),
+                CHECKSUM_KEY: _state_dict_digest(tensors)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
     try:
-        safetensors.torch.save_file(_contiguous_state_dict(state_dict), tmp, metadata=metadata)
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
@@ -59,9 +91,59 @@ def read_provenance(path: os.PathLike) -> Dict[str, Any]:
     return json.loads(meta.get(PROVENANCE_KEY, '{}'))
 
 
+def verify_safetensors(path: os.PathLike, require_checksum: bool = False) -> Dict[str, str]:
+    """Check that ``path`` is a complete safetensors file whose tensors match its content checksum.
+
+    Reads the whole file (about 0.5 s per GB). Files without a checksum (not written by jetmoe_timm) only get the
+    structural checks, unless ``require_checksum``. Returns the file's metadata; raises ``ValueError`` naming
+    what is wrong (truncated, header damaged, checksum mismatch).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little') if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f'{path} is not a complete safetensors file ({size} bytes; truncated or not safetensors)')
+        try:
+            header = json.loads(f.read(n))
+            metadata = header.pop('__metadata__', None) or {}
+            entries = {k: (v['dtype'], v['shape'], *v['data_offsets']) for k, v in header.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f'{path} has a damaged safetensors header ({type(e).__name__}: {e})') from e
+        expected = 8 + n + max((e[3] for e in entries.values()), default=0)
+        if size != expected:
+            raise ValueError(f'{path} is {size} bytes but its header describes {expected}: '
+                             f'{"truncated" if size < expected else "trailing data"}')
+        checksum = metadata.get(CHECKSUM_KEY)
+        if checksum is None:
+            if require_checksum:
+                raise ValueError(f'{path} has no content checksum ({CHECKSUM_KEY}): it was not written by '
+                                 f'jetmoe_timm.export')
+            return metadata
+        h = hashlib.sha256()
+        buf = memoryview(bytearray(_READ_CHUNK))
+        for name in sorted(entries):
+            dtype, shape, start, end = entries[name]
+            h.update(_entry_bytes(name, dtype, shape))
+            f.seek(8 + n + start)
+            left = end - start
+            while left > 0:
+                got = f.readinto(buf[:min(left, _READ_CHUNK)])
+                if not got:
+                    raise ValueError(f'{path} ended while reading {name}')
+                h.update(buf[:got])
+                left -= got
+    if h.hexdigest() != checksum:
+        raise ValueError(f'{path} does not match its content checksum: its tensor data or header is corrupted')
+    return metadata
+
+
 def _describe(provenance: Dict[str, Any]) -> str:
     if not provenance:
         return ''
+    if provenance.get('source') == 'official':
+        return (f"Converted from the official MoE Jetpack checkpoint {provenance.get('file', '')} "
+                f"(sha256 {str(provenance.get('sha256', ''))[:12]})")
     keys = ('predecessor', 'recipe', 'method', 'statistic', 'calibration', 'seed')
     parts = [f'{k}={provenance[k]}' for k in keys if k in provenance]
     return 'Recycled with jetmoe_timm (' + ', '.join(parts) + ')'
@@ -84,10 +166,10 @@ def save_pretrained_folder(
         model_config = {}
         if provenance:
             model_config['pretrained_cfg'] = dict(description=_describe(provenance))
-        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True)
-        # re-write the weights with provenance metadata
+        # weights written once, with provenance; config.json is timm's own (architecture, model_args, cfg)
         save_safetensors_atomic(model.state_dict(), tmp / 'model.safetensors', provenance)
         config_path = tmp / 'config.json'
+        save_config_for_hf(model, config_path, model_config=model_config)
         config = json.loads(config_path.read_text())
         # the (large) index selection stays in the weights' metadata only
         config[PROVENANCE_KEY] = {k: v for k, v in provenance.items() if k != 'selection'}

@@ -39,7 +39,7 @@ def run(args) -> int:
     if args.from_official:
         from ..official import convert_official_checkpoint
         out = convert_official_checkpoint(args.from_official, args.out, model_name=args.model.partition('.')[0],
-                                          **model_kwargs)
+                                          overwrite=args.overwrite, **model_kwargs)
     else:
         out = convert(args.model, args.out, model_kwargs=model_kwargs, predecessor=args.predecessor,
                       body_predecessor=args.body_predecessor, overwrite=args.overwrite,
