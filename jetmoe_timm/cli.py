@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     'jetmoe_timm.visualize',  # inspect
     'jetmoe_timm.hub',  # push
     'jetmoe_timm.data',  # data export
+    'jetmoe_timm.demo',  # demo
 )
 
 
