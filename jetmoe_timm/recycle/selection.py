@@ -90,16 +90,20 @@ def partition_graph(coact: torch.Tensor, num_parts: int) -> torch.Tensor:
     return torch.unique(parts, return_inverse=True)[1]
 
 
+def _intra_part_coactivation(parts: torch.Tensor, coact: torch.Tensor) -> torch.Tensor:
+    """(P,) sum of co-activation counts inside each part."""
+    one_hot = torch.nn.functional.one_hot(parts).double()  # (H, P)
+    return ((one_hot.t() @ coact.double()) * one_hot.t()).sum(1)
+
+
 def _graph_sample(
         parts: torch.Tensor,
-        coact: torch.Tensor,
+        intra: torch.Tensor,
         importance: torch.Tensor,
         k: int,
         generator: torch.Generator,
 ) -> torch.Tensor:
     """Whole parts sampled by intra-part co-activation until k neurons; the last part is cut by importance."""
-    num_parts = int(parts.max()) + 1
-    intra = torch.stack([coact[parts == p][:, parts == p].double().sum() for p in range(num_parts)])
     chosen = []
     total = 0
     for p in weighted_order(intra + 1e-12, generator).tolist():
@@ -149,7 +153,8 @@ def select_neurons(
     elif method == 'graph':
         if coact is None or parts is None:
             raise ValueError("method 'graph' needs co-activation statistics")
-        rows = [_graph_sample(parts, coact, importance, k, generator) for _ in range(num_experts)]
+        intra = _intra_part_coactivation(parts, coact)
+        rows = [_graph_sample(parts, intra, importance, k, generator) for _ in range(num_experts)]
     else:
         raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
     return torch.stack(rows) if rows else torch.empty(0, k, dtype=torch.long)
