@@ -267,7 +267,7 @@ def inspect_routing(
         for name, layer in layers.items()]
     was_training = model.training
     was_capturing = {name: layer.capture_routing for name, layer in layers.items()}
-    model.eval()  # no logit noise, dropout or drop path: the routing the model would use at test time
+    model.eval()  # no dropout, drop path or (unless noise_at_eval) logit noise: the routing used at test time
     try:
         for layer in layers.values():
             layer.capture_routing = True
