@@ -181,6 +181,7 @@ def test_card_renders_with_computed_figures(tiny_folder, tiny_model):
     assert '2 x SpheroMoE (`blocks.2.mlp` ... `blocks.3.mlp`): 4 core experts (hidden 128) + 8 universal' in card
     assert '[vit_small_patch16_224.augreg_in21k](https://huggingface.co/timm/vit_small_patch16_224.augreg_in21k)' in card
     assert '**neuron selection:** `importance`' in card and '`synthetic` (16 images)' in card
+    assert 'metadata' not in card  # no index selection was stored, so the card does not claim one
     assert 'https://arxiv.org/abs/2406.04801' in card and '@inproceedings{zhu2024moejetpack' in card
     usage = card[card.index('## Model Usage'):]
     assert usage.index('import jetmoe_timm') < usage.index("timm.create_model('hf-hub:org/name', pretrained=True)")
@@ -208,11 +209,11 @@ def test_dry_run_writes_the_folder_and_sends_nothing(tiny_folder, local_hub, mon
     assert local_hub.requests == []
 
 
-def test_hand_written_card_is_kept(tiny_folder, capsys):
+def test_hand_written_card_is_kept(tiny_folder, caplog):
     (tiny_folder / 'README.md').write_text('# my own card\n')
     push_to_hub(tiny_folder, 'org/name', dry_run=True)
     assert (tiny_folder / 'README.md').read_text() == '# my own card\n'
-    assert 'Keeping the hand-written' in capsys.readouterr().out
+    assert 'Keeping the hand-written' in caplog.text
 
 
 def test_missing_token_is_a_clear_error(tiny_folder, monkeypatch, capsys):
@@ -257,10 +258,14 @@ def test_convert_then_push_dry_run(tmp_path, tiny_vit_kwargs, capsys):
     save_for_hf(dense, tmp_path / 'dense', safe_serialization=True)
     out = tmp_path / 'out'
     kwargs = [f'{k}={v}' for k, v in tiny_vit_kwargs.items()]
+    # without --repo-id the tag's default repo is the target: another architecture is refused before converting
+    assert main(['push', 'v_jetmoe_tiny', '--out', str(out), '--dry-run', '--model-kwargs', *kwargs]) == 2
+    assert 'pass your own --repo-id' in capsys.readouterr().err and not out.exists()
     assert main(['push', 'v_jetmoe_tiny', '--repo-id', 'org/name', '--out', str(out), '--dry-run', '--no-progress',
                  '--predecessor', f'local-dir:{tmp_path / "dense"}', '--num-calib', '8', '--method', 'uniform',
                  '--model-kwargs', *kwargs]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(UPLOAD_FILES)
     card = (out / 'README.md').read_text()
     assert '**neuron selection:** `uniform`' in card and f'`local-dir:{tmp_path / "dense"}`' in card
+    assert 'neurons of every expert are in the `model.safetensors` metadata' in card
     assert 'nothing was sent' in capsys.readouterr().out
