@@ -51,7 +51,20 @@ CONFIGS = {
     'full': dict(pretrain_images=20000, pretrain_epochs=2, epochs=6, batch_size=64, calib_images=1024, lr=1e-3),
     'quick': dict(pretrain_images=6000, pretrain_epochs=1, epochs=3, batch_size=64, calib_images=256, lr=1e-3,
                   train_limit=1500),
+    # the same pipeline on toy sizes, for the test suite
+    'smoke': dict(pretrain_images=128, pretrain_epochs=1, epochs=1, batch_size=64, calib_images=32, lr=1e-3,
+                  train_limit=128, test_limit=100, width=0.25),
 }
+
+
+def _scaled(args: Dict, width: float) -> Dict:
+    """Architecture args with widths scaled (heads kept) and fewer experts, for the smoke configuration."""
+    if width == 1:
+        return args
+    out = dict(args, embed_dim=int(args['embed_dim'] * width), depth=4)
+    if 'moe_blocks' in args:
+        out.update(moe_blocks=(2, 3), num_core_experts=4, num_univ_experts=8)
+    return out
 
 
 def _load(name: str, split: str, limit: Optional[int] = None):
@@ -145,24 +158,29 @@ def linear_probe(model: nn.Module, x, y, xt, yt) -> float:
     return 100.0 * (pred == yt).float().mean().item()
 
 
-def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 0) -> Dict:
-    cfg = CONFIGS['quick' if quick else 'full']
+def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 0, config: Optional[str] = None) -> Dict:
+    """Run the demo ('full', or 'quick'; 'smoke' is a toy size for tests) and write its JSON and plot to ``out``."""
+    name = config or ('quick' if quick else 'full')
+    cfg = CONFIGS[name]
+    quick = name != 'full'
+    width = cfg.get('width', 1)
+    pred_args, body_args, succ_args = (_scaled(a, width) for a in (PRED_ARGS, BODY_ARGS, SUCC_ARGS))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     fm = (*_load('fashion-mnist', 'train', cfg['pretrain_images']), *_load('fashion-mnist', 'validation', 2000))
     x, y = _load('mnist5k', 'train', cfg.get('train_limit'))
-    xt, yt = _load('mnist5k', 'validation')
+    xt, yt = _load('mnist5k', 'validation', cfg.get('test_limit'))
     print(f'data: Fashion-MNIST {len(fm[0])} pretraining images; MNIST-5k {len(x)} train / {len(xt)} test')
 
-    pred = _pretrained_predecessor(PRED_ARGS, cfg, fm, 'vit192')
-    body = _pretrained_predecessor(BODY_ARGS, cfg, fm, 'vit96')
+    pred = _pretrained_predecessor(pred_args, cfg, fm, f"vit{pred_args['embed_dim']}")
+    body = _pretrained_predecessor(body_args, cfg, fm, f"vit{body_args['embed_dim']}")
     calib = torch.utils.data.TensorDataset(fm[0][:cfg['calib_images']])  # the predecessor's own domain
 
     def successor(**kw):
         torch.manual_seed(seed + 1)
-        return timm.create_model('v_jetmoe_tiny', **dict(SUCC_ARGS, **kw))
+        return timm.create_model('v_jetmoe_tiny', **dict(succ_args, **kw))
 
     def recycled(method='importance', recipe='paper', calib_src=None, **kw):
         model = successor(**kw)
@@ -185,15 +203,15 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
         runs['moe importance, synthetic calib'] = (lambda: recycled(calib_src='synthetic')[0], 0.75)
 
     results = {}
-    for name, (make, layer_decay) in runs.items():
+    for run, (make, layer_decay) in runs.items():
         t0 = time.perf_counter()
         model = make()
         probe0 = linear_probe(model, x, y, xt, yt)
-        accs = train(model, x, y, xt, yt, cfg['epochs'], cfg['batch_size'], cfg['lr'], layer_decay, seed, desc=name)
-        results[name] = dict(acc=accs, probe_before=probe0, probe_after=linear_probe(model, x, y, xt, yt),
-                             seconds=time.perf_counter() - t0, layer_decay=layer_decay,
-                             params_m=sum(p.numel() for p in model.parameters()) / 1e6)
-        print(f'{name:34s} final {accs[-1]:5.1f}%  probe before {probe0:5.1f}%  ({results[name]["seconds"]:.0f} s)')
+        accs = train(model, x, y, xt, yt, cfg['epochs'], cfg['batch_size'], cfg['lr'], layer_decay, seed, desc=run)
+        results[run] = dict(acc=accs, probe_before=probe0, probe_after=linear_probe(model, x, y, xt, yt),
+                            seconds=time.perf_counter() - t0, layer_decay=layer_decay,
+                            params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+        print(f'{run:34s} final {accs[-1]:5.1f}%  probe before {probe0:5.1f}%  ({results[run]["seconds"]:.0f} s)')
 
     # how the synthetic calibration compares with in-domain images: overlap of the selected channels / neurons
     if not quick:
@@ -206,12 +224,12 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
 
     target = results['moe scratch']['acc'][-1]
     table = []
-    for name, r in results.items():
+    for run, r in results.items():
         e = _epochs_to(r['acc'], target)
-        table.append(dict(run=name, final=r['acc'][-1], epochs_to_scratch_final=e,
+        table.append(dict(run=run, final=r['acc'][-1], epochs_to_scratch_final=e,
                           speedup=(cfg['epochs'] / e) if e else None, probe_before=r['probe_before'],
                           probe_after=r['probe_after'], delta_vs_moe_scratch=r['acc'][-1] - target))
-    summary = dict(config=cfg, quick=quick, seed=seed, succ_args=SUCC_ARGS, pred_args=PRED_ARGS, results=results,
+    summary = dict(config=dict(cfg, name=name), seed=seed, succ_args=succ_args, pred_args=pred_args, results=results,
                    table=table, calibration_comparison=calib_cmp, wall_seconds=time.perf_counter() - t_start,
                    torch=torch.__version__, timm=timm.__version__)
     _print_table(summary)

@@ -131,7 +131,9 @@ def test_no_weight_decay_and_group_matcher():
     model = timm.create_model('c_jetmoe_femto', num_classes=3, **TINY_CONVNEXT)
     names = dict(model.named_parameters())
     nwd = model.no_weight_decay()
-    assert nwd == {f'{n}.mlp.temp_raw' for n in MOE_NAMES} and nwd <= set(names)
+    expert_biases = {f'{n}.mlp.{path}.{fc}.bias' for n in MOE_NAMES for path in ('core_experts', 'univ_experts')
+                     for fc in ('fc1', 'fc2')}
+    assert nwd == {f'{n}.mlp.temp_raw' for n in MOE_NAMES} | expert_biases and nwd <= set(names)
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.6, no_weight_decay_list=nwd)
     scale, decay = {}, {}
     for g in groups:

@@ -87,7 +87,9 @@ def test_no_weight_decay_and_group_matcher(tiny_vit_kwargs):
     model = timm.create_model('v_jetmoe_tiny', num_classes=3, **tiny_vit_kwargs)
     names = dict(model.named_parameters())
     nwd = model.no_weight_decay()
-    assert {'pos_embed', 'cls_token', 'blocks.2.mlp.temp_raw', 'blocks.3.mlp.temp_raw'} <= nwd
+    assert {'pos_embed', 'cls_token', 'blocks.2.mlp.temp_raw', 'blocks.3.mlp.temp_raw',
+            'blocks.2.mlp.core_experts.fc1.bias', 'blocks.3.mlp.univ_experts.fc2.bias'} <= nwd
+    assert 'blocks.3.mlp.core_experts.fc1.weight' not in nwd
     assert all(n in names for n in nwd if n not in ('reg_token', 'dist_token'))
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.6,
                                       no_weight_decay_list=nwd)

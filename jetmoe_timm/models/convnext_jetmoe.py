@@ -138,8 +138,16 @@ class ConvNeXtJetMoE(ConvNeXt):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """The MoE temperatures (timm's optimizer factory already spares other 1-D params such as gamma)."""
-        return {f'{name}.mlp.temp_raw' for name in self.moe_block_names()}
+        """The MoE temperatures and expert biases (2-D, so timm's 1-D rule misses them; the official recipe
+        decays no bias). timm's optimizer factory already spares other 1-D params such as gamma."""
+        names = set()
+        for name in self.moe_block_names():
+            moe = self.get_submodule(f'{name}.mlp')
+            names.add(f'{name}.mlp.temp_raw')
+            for path in ('core_experts', 'univ_experts'):
+                if getattr(moe, path) is not None:
+                    names.update(f'{name}.mlp.{path}.{fc}.bias' for fc in ('fc1', 'fc2'))
+        return names
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:

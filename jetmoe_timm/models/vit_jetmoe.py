@@ -97,8 +97,18 @@ class VisionTransformerJetMoE(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """Position embedding, CLS token and the MoE temperatures."""
-        return super().no_weight_decay() | {f'blocks.{i}.mlp.temp_raw' for i in self.moe_blocks}
+        """Position embedding, CLS token, the MoE temperatures and expert biases.
+
+        Expert biases are 2-D (E, out), so timm's "no decay for 1-D params" rule misses them; the official
+        recipe decays no bias.
+        """
+        names = set()
+        for i in self.moe_blocks:
+            names.add(f'blocks.{i}.mlp.temp_raw')
+            for path in ('core_experts', 'univ_experts'):
+                if getattr(self.blocks[i].mlp, path) is not None:
+                    names.update(f'blocks.{i}.mlp.{path}.{fc}.bias' for fc in ('fc1', 'fc2'))
+        return super().no_weight_decay() | names
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
