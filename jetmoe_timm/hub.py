@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
+from .recycle.cli import CONVERT_DEFAULTS, add_convert_arguments
+
 __all__ = ['UPLOAD_FILES', 'PushResult', 'push_to_hub', 'render_model_card']
 
 _logger = logging.getLogger(__name__)
@@ -379,12 +381,9 @@ def _upload(folder, repo_id, name, config, private, revision, token, endpoint, c
 
 # --- command line ----------------------------------------------------------------------------------------
 
-_CONVERT_OPTIONS = ('predecessor', 'body_predecessor', 'method', 'recipe', 'statistic', 'calib', 'num_calib',
-                    'batch_size', 'seed')
 
 
 def add_parser(subparsers) -> None:
-    from .recycle import METHODS, RECIPES, STATISTICS
     p = subparsers.add_parser(
         'push', help='publish converted weights (+ model card) to the Hugging Face Hub',
         description='Convert MODEL (or take a converted folder with --from), write its model card, and upload '
@@ -405,18 +404,7 @@ def add_parser(subparsers) -> None:
                    help='model card template (default: model_cards/<architecture>.md)')
     g = p.add_argument_group('conversion (without --from; defaults as in `jetmoe-timm convert`)')
     g.add_argument('--out', default=None, metavar='DIR', help='folder to convert into (default: ./<repo name>)')
-    g.add_argument('--predecessor', default=None, metavar='SPEC', help='timm name, hf-hub:..., local-dir:... or checkpoint file')
-    g.add_argument('--body-predecessor', default=None, metavar='SPEC')
-    g.add_argument('--method', default=None, choices=METHODS)
-    g.add_argument('--recipe', default=None, choices=RECIPES)
-    g.add_argument('--statistic', default=None, choices=STATISTICS)
-    g.add_argument('--calib', default=None, metavar='SOURCE', help="'synthetic', 'weights' or a folder of images")
-    g.add_argument('--num-calib', type=int, default=None, metavar='N')
-    g.add_argument('--batch-size', type=int, default=None, metavar='N')
-    g.add_argument('--seed', type=int, default=None, metavar='N')
-    g.add_argument('--model-kwargs', nargs='*', default=None, metavar='K=V')
-    g.add_argument('--overwrite', action='store_true', help='replace an existing --out folder')
-    g.add_argument('--no-progress', action='store_true')
+    add_convert_arguments(g, defaults=False)
     p.set_defaults(func=run)
 
 
@@ -434,14 +422,14 @@ def _convert_for_push(args) -> Path:
             raise ValueError(f"--model-kwargs change the architecture of '{args.model}': its default repo must "
                              f"hold the default architecture, so pass your own --repo-id ORG/NAME.")
     out = Path(args.out or (args.repo_id or args.model).split('/')[-1])
-    options = {k: getattr(args, k) for k in _CONVERT_OPTIONS if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in CONVERT_DEFAULTS if getattr(args, k) is not None}
     return convert(args.model, out, model_kwargs=model_kwargs, overwrite=args.overwrite,
                    progress=not args.no_progress, **options)
 
 
 def run(args) -> int:
     if args.from_dir:
-        given = [k for k in (*_CONVERT_OPTIONS, 'out', 'model_kwargs') if getattr(args, k) is not None]
+        given = [k for k in (*CONVERT_DEFAULTS, 'out', 'model_kwargs') if getattr(args, k) is not None]
         if given or args.overwrite:
             flags = ', '.join('--' + k.replace('_', '-') for k in given + (['overwrite'] if args.overwrite else []))
             raise ValueError(f'{flags}: conversion options do not apply to --from (the folder is already converted).')

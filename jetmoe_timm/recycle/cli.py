@@ -14,23 +14,39 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('model', help="JetMoE model, optionally with its tag, e.g. 'v_jetmoe_tiny'")
     p.add_argument('--out', required=True, help='output folder (must not exist unless --overwrite)')
-    p.add_argument('--predecessor', default=None,
-                   help="timm name, hf-hub:..., local-dir:... or a checkpoint file (default: the tag's)")
-    p.add_argument('--body-predecessor', default=None, help="the official recipe's same-width body model")
     p.add_argument('--from-official', default=None, metavar='FILE',
                    help='convert an official MoE Jetpack .pt/.pth checkpoint instead of recycling')
-    p.add_argument('--method', default='importance', choices=METHODS)
-    p.add_argument('--recipe', default='paper', choices=RECIPES)
-    p.add_argument('--statistic', default='l2', choices=STATISTICS)
-    p.add_argument('--calib', default='synthetic',
-                   help="'synthetic' (built-in), 'weights' (data-free) or a folder of images")
-    p.add_argument('--num-calib', type=int, default=256, help='calibration images')
-    p.add_argument('--batch-size', type=int, default=32)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', help='model kwargs, e.g. embed_dim=96')
-    p.add_argument('--overwrite', action='store_true')
-    p.add_argument('--no-progress', action='store_true')
+    add_convert_arguments(p)
     p.set_defaults(func=run)
+
+
+# every recycling option of ``convert``, with its default; ``push`` shares them
+CONVERT_DEFAULTS = dict(predecessor=None, body_predecessor=None, method='importance', recipe='paper', statistic='l2',
+                        calib='synthetic', num_calib=256, batch_size=32, seed=0)
+
+
+def add_convert_arguments(parser, defaults: bool = True) -> None:
+    """The recycling options (and --model-kwargs, --overwrite, --no-progress) on ``parser``.
+
+    With ``defaults=False`` every option defaults to None, so a caller can tell which ones were given.
+    """
+    d = CONVERT_DEFAULTS if defaults else dict.fromkeys(CONVERT_DEFAULTS)
+    parser.add_argument('--predecessor', default=d['predecessor'], metavar='SPEC',
+                        help="timm name, hf-hub:..., local-dir:... or a checkpoint file (default: the tag's)")
+    parser.add_argument('--body-predecessor', default=d['body_predecessor'], metavar='SPEC',
+                        help="the official recipe's same-width body model")
+    parser.add_argument('--method', default=d['method'], choices=METHODS)
+    parser.add_argument('--recipe', default=d['recipe'], choices=RECIPES)
+    parser.add_argument('--statistic', default=d['statistic'], choices=STATISTICS)
+    parser.add_argument('--calib', default=d['calib'], metavar='SOURCE',
+                        help="'synthetic' (built-in), 'weights' (data-free) or a folder of images")
+    parser.add_argument('--num-calib', type=int, default=d['num_calib'], metavar='N', help='calibration images')
+    parser.add_argument('--batch-size', type=int, default=d['batch_size'], metavar='N')
+    parser.add_argument('--seed', type=int, default=d['seed'], metavar='N')
+    parser.add_argument('--model-kwargs', nargs='*', default=[] if defaults else None, metavar='K=V',
+                        help='model kwargs, e.g. embed_dim=96')
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
+    parser.add_argument('--no-progress', action='store_true')
 
 
 def run(args) -> int:
@@ -41,10 +57,8 @@ def run(args) -> int:
         out = convert_official_checkpoint(args.from_official, args.out, model_name=args.model.partition('.')[0],
                                           overwrite=args.overwrite, **model_kwargs)
     else:
-        out = convert(args.model, args.out, model_kwargs=model_kwargs, predecessor=args.predecessor,
-                      body_predecessor=args.body_predecessor, overwrite=args.overwrite,
-                      progress=not args.no_progress, method=args.method, recipe=args.recipe,
-                      statistic=args.statistic, calib=args.calib, num_calib=args.num_calib,
-                      batch_size=args.batch_size, seed=args.seed)
+        options = {k: getattr(args, k) for k in CONVERT_DEFAULTS}
+        out = convert(args.model, args.out, model_kwargs=model_kwargs, overwrite=args.overwrite,
+                      progress=not args.no_progress, **options)
     print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True) after import jetmoe_timm")
     return 0
