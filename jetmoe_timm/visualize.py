@@ -186,6 +186,8 @@ def _data_config(model: nn.Module) -> Dict[str, Any]:
     # the pretrained cfg keeps the registered 224 even when the model was built with another img_size
     if pe is not None and getattr(pe, 'strict_img_size', False) and getattr(pe, 'img_size', None):
         cfg['input_size'] = (cfg['input_size'][0], *pe.img_size)
+    # and its channels, e.g. a grey model built with in_chans=1
+    cfg['input_size'] = (getattr(model, 'in_chans', cfg['input_size'][0]), *cfg['input_size'][1:])
     return cfg
 
 
@@ -197,6 +199,10 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
         return x, [f'image {i}' for i in range(x.shape[0])]
     from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform
+    chans = data_config['input_size'][0]
+    mode = 'L' if chans == 1 else 'RGB'
+    if chans == 1:  # grey models: one channel's statistics
+        data_config = dict(data_config, mean=tuple(data_config['mean'])[:1], std=tuple(data_config['std'])[:1])
     transform = create_transform(**data_config, is_training=False)
     tensors, names = [], []
     for i, img in enumerate(images):
@@ -206,12 +212,12 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
                 raise FileNotFoundError(f'Image not found: {path}')
             try:
                 with Image.open(path) as f:
-                    img = f.convert('RGB')
+                    img = f.convert(mode)
             except UnidentifiedImageError:
                 raise ValueError(f'Not an image PIL can read: {path}') from None
             names.append(path.name)
         elif hasattr(img, 'convert'):
-            img = img.convert('RGB')
+            img = img.convert(mode)
             names.append(f'image {i}')
         else:
             raise TypeError(f'Expected image paths, PIL images or one (B, C, H, W) tensor; got a {type(img).__name__}.')
@@ -295,9 +301,11 @@ def inspect_routing(
             name=name, grid=grid, num_prefix_tokens=prefix, num_core_experts=layer.num_core_experts,
             num_univ_experts=layer.num_univ_experts, slots_per_expert=layer.slots_per_expert, **r)
 
-    mean = torch.tensor(data_config.get('mean', (0., 0., 0.))).view(-1, 1, 1)
-    std = torch.tensor(data_config.get('std', (1., 1., 1.))).view(-1, 1, 1)
-    shown = (x.detach().float().cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    c = x.shape[1]
+    mean = torch.tensor(data_config.get('mean', (0., 0., 0.)))[:c].view(-1, 1, 1)
+    std = torch.tensor(data_config.get('std', (1., 1., 1.)))[:c].view(-1, 1, 1)
+    shown = (x.detach().float().cpu() * std + mean).clamp(0, 1)
+    shown = shown.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()  # grey images shown as RGB
     pretrained_cfg = getattr(model, 'pretrained_cfg', None) or {}
     return RoutingInspection(
         images=shown, names=names, layers=out,

@@ -219,3 +219,16 @@ def test_cli_inspect_errors(tmp_path, capsys):
         assert cli.main(['inspect', *args, '--model-kwargs', *TINY_ARGS, '--out', str(tmp_path / 'o')]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / 'o').exists()
+
+
+def test_grey_models_take_grey_images(tmp_path):
+    """A model built with in_chans=1 gets one-channel inputs with one channel's statistics, shown as RGB."""
+    torch.manual_seed(0)
+    model = timm.create_model('v_jetmoe_tiny', img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
+                              num_core_experts=4, num_univ_experts=8, in_chans=1).eval()
+    img = Image.fromarray((np.random.default_rng(0).random((28, 28, 3)) * 255).astype('uint8'))
+    result = inspect_routing(model, [img])
+    assert result.images.shape == (1, 32, 32, 3)
+    assert np.allclose(result.images[..., 0], result.images[..., 2])  # grey, shown in three equal channels
+    layer = result.layers['blocks.3.mlp']
+    assert np.allclose(layer.dispatch.sum(1), 1, atol=1e-5)
