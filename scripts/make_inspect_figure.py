@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""The README's routing figure: a recycled V-JetMoE, briefly fine-tuned, looked at with `inspect_routing`.
+
+Uses the demo's Fashion-MNIST predecessor (pretrained and cached by `jetmoe-timm demo`, or here on first use),
+recycles it into the demo's successor by importance sampling, fine-tunes it for one epoch on MNIST-5k and draws
+the dispatch maps and contributions of four test digits.
+
+    python scripts/make_inspect_figure.py --out docs/inspect_example
+"""
+import argparse
+
+import timm
+import torch
+
+from jetmoe_timm.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, _load, _pretrained_predecessor, train
+from jetmoe_timm.recycle import recycle
+from jetmoe_timm.visualize import inspect_routing, save_inspection
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='docs/inspect_example')
+    parser.add_argument('--epochs', type=int, default=1)
+    args = parser.parse_args()
+    cfg = CONFIGS['full']
+    fm = (*_load('fashion-mnist', 'train', cfg['pretrain_images']), *_load('fashion-mnist', 'validation', 2000))
+    pred = _pretrained_predecessor(PRED_ARGS, cfg, fm, 'vit192')
+    torch.manual_seed(1)
+    model = timm.create_model('v_jetmoe_tiny', **SUCC_ARGS)
+    r = recycle(model, pred, calib=torch.utils.data.TensorDataset(fm[0][:1024]), num_calib=1024, progress=False)
+    model.load_state_dict(r.state_dict)
+    model.reset_classifier(10)
+    x, y = _load('mnist5k', 'train')
+    xt, yt = _load('mnist5k', 'validation')
+    accs = train(model, x, y, xt, yt, args.epochs, 64, cfg['lr'], layer_decay=0.75, desc='fine-tune')
+    print(f'MNIST-5k test accuracy after {args.epochs} epoch(s): {accs[-1]:.1f}%')
+    picks = torch.stack([(yt == d).nonzero()[0, 0] for d in (0, 3, 7, 8)])
+    result = inspect_routing(model.eval(), xt[picks])
+    paths = save_inspection(result, args.out)
+    print('\n'.join(str(p) for p in paths))
+
+
+if __name__ == '__main__':
+    main()
