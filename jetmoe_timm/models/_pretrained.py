@@ -5,7 +5,8 @@ timm has no hook for "build the weights if they cannot be downloaded", so the mo
   a. a source the user gave (``pretrained_cfg_overlay=dict(file=...)`` / ``state_dict``, ``hf-hub:``,
      ``local-dir:``, train.py's ``--pretrained-path``) is used as is;
   b. the converted ``model.safetensors`` of the cfg's ``hf_hub_id``, from the HF cache or downloaded
-     (skipped when the user changed the architecture: the published file is for the default one);
+     (skipped when the user changed the architecture: the published file is for the default one); a cached
+     copy that fails its checks (truncated, content checksum) is downloaded again, or recycled when offline;
   c. otherwise the weights are recycled locally from the tag's predecessor and cached
      (``jetmoe_timm.recycle.build``); the second load reads the cache.
 The chosen file is handed to timm as ``pretrained_cfg_overlay=dict(file=...)``.
@@ -29,21 +30,53 @@ _NON_ARCH_KWARGS = {
 }
 
 
+def _damage(path: str) -> Optional[str]:
+    """Why the weights file ``path`` must not be loaded (truncated, checksum mismatch), or None."""
+    from ..export import verify_safetensors
+    try:
+        verify_safetensors(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def _hub_file(hf_hub_id: str, cache_dir: Optional[str]) -> Optional[str]:
-    """The converted weights of ``hf_hub_id``: from the HF cache, else downloaded unless offline; else None."""
+    """The converted weights of ``hf_hub_id`` ('org/name[@revision]'): from the HF cache, else downloaded unless
+    offline; a damaged cached copy is downloaded again. None when there is no usable file."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    cached = try_to_load_from_cache(hf_hub_id, 'model.safetensors', cache_dir=cache_dir)
+    repo_id, _, revision = hf_hub_id.partition('@')
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"hf_hub_id '{hf_hub_id}' is not a valid Hub repo id ({e}): use 'ORG/NAME' or "
+                         f"'ORG/NAME@REVISION'.") from e
+    revision = revision or None
+    cached = try_to_load_from_cache(repo_id, 'model.safetensors', cache_dir=cache_dir, revision=revision)
+    damaged = False
     if isinstance(cached, str):  # the "known missing" sentinel is truthy too
-        return cached
+        problem = _damage(cached)
+        if problem is None:
+            return cached
+        damaged = True
+        _logger.warning(f'The cached weights of {hf_hub_id} are damaged ({problem}); '
+                        + ('cannot download them again offline: recycling locally.' if HF_HUB_OFFLINE
+                           else 'downloading them again.'))
     if HF_HUB_OFFLINE:
         return None
     try:
-        return hf_hub_download(hf_hub_id, 'model.safetensors', cache_dir=cache_dir)
+        path = hf_hub_download(repo_id, 'model.safetensors', cache_dir=cache_dir, revision=revision,
+                               force_download=damaged)
     except Exception as e:  # not published, unreachable, no such repo: fall back to recycling
         _logger.info(f'No converted weights at {hf_hub_id} ({type(e).__name__}); recycling locally.')
         return None
+    problem = _damage(path)
+    if problem is not None:
+        _logger.warning(f'The weights downloaded from {hf_hub_id} are damaged ({problem}); recycling locally.')
+        return None
+    return path
 
 
 def prepare_pretrained(variant: str, model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -3,8 +3,11 @@
 ``RECYCLE_SOURCES`` says, per pretrained tag, which dense timm checkpoint a tag is recycled from and how.
 ``build_recycled`` makes a successor model with recycled weights; ``cached_recycled_file`` does the same
 once per machine: the weights go to ``$JETMOE_TIMM_CACHE`` (default ``~/.cache/jetmoe_timm``) as safetensors
-with provenance metadata, written under a file lock and by atomic rename, so concurrent processes (torchrun
-ranks) build once and nobody ever reads half a file.
+with provenance metadata and a content checksum, written under a file lock and by atomic rename, so concurrent
+processes (torchrun ranks) build once and nobody ever reads half a file. A cached file is used only after its
+checksum and provenance check out; a damaged or foreign one is reported, removed and rebuilt. The lock is an OS
+lock (flock), released when its holder dies, so a killed build never blocks later loads; its temporary file is
+removed by the next build.
 
 Environment:
     JETMOE_TIMM_CACHE         cache folder
@@ -22,11 +25,11 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from ..export import read_provenance, save_safetensors_atomic
+from ..export import PROVENANCE_KEY, save_safetensors_atomic, verify_safetensors
 from ..version import __version__
-from .engine import RecycleResult, recycle, selection_to_json
+from .engine import RecycleResult, check_options, recycle, selection_to_json
 
 __all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
            'cache_dir']
@@ -44,6 +47,7 @@ RECYCLE_SOURCES: Dict[str, Dict[str, Any]] = {
 }
 
 DEFAULT_OPTIONS = dict(method='importance', recipe='paper', statistic='l2', seed=0)
+_LOCK_NOTICE_S = 10.  # after this long waiting for another process's build, say so
 
 
 def cache_dir() -> Path:
@@ -83,6 +87,9 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
     checkpoint file (.safetensors / .pth / .bin) holding weights of the ``arch_hint`` architecture.
     """
     import timm
+    if spec.startswith('local-dir:') and not os.path.isdir(spec[len('local-dir:'):]):
+        raise FileNotFoundError(f"predecessor folder '{spec[len('local-dir:'):]}' does not exist: pass an existing "
+                                f"folder with model.safetensors and config.json (e.g. written by timm save_for_hf).")
     try:
         if os.path.isfile(spec):
             if arch_hint is None:
@@ -96,6 +103,12 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
                 or type(e).__name__.endswith(('EntryNotFoundError', 'NotFoundError', 'ConnectionError')) \
                 or 'Hub' in str(e) or 'hf_hub' in str(e).lower():
             raise _offline_error(spec, e) from e
+        if 'loading state_dict' in str(e):  # missing / unexpected keys or wrong shapes
+            raise RuntimeError(
+                f"The predecessor weights '{spec}' do not fit their architecture"
+                f"{f' {arch_hint}' if arch_hint and os.path.isfile(spec) else ''}: {e}\nPass an unmodified timm "
+                f"checkpoint of that architecture, or a 'local-dir:' folder whose config.json describes the "
+                f"weights.") from e
         raise
 
 
@@ -123,6 +136,7 @@ def build_recycled(
     """
     full, source = recycle_source(model_name)
     opts = dict(DEFAULT_OPTIONS, **options)
+    _check_options(opts)  # before the (slow) model loading
     pred_spec = predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
@@ -147,19 +161,42 @@ def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _valid_cache_file(path: Path, key: str) -> bool:
-    """A cached file is used only if it opens as safetensors and its provenance names this very build."""
+def _check_options(opts: Dict[str, Any]) -> None:
+    keys = ('method', 'recipe', 'statistic', 'calib', 'num_calib', 'batch_size')
+    check_options(**{k: opts[k] for k in keys if k in opts})
+
+
+def _cache_problem(path: Path, key: str) -> Optional[str]:
+    """Why the cached file ``path`` must not be used for build ``key``: None if it can, '' if there is none."""
     if not path.is_file():
-        return False
+        return ''
     try:
-        prov = read_provenance(path)
-    except Exception as e:  # truncated or corrupted header
-        _logger.warning(f'Ignoring unreadable cached weights {path} ({e}); rebuilding.')
-        return False
+        meta = verify_safetensors(path, require_checksum=True)
+        prov = json.loads(meta.get(PROVENANCE_KEY, '{}'))
+    except (OSError, ValueError) as e:  # truncated, damaged header or data, unreadable
+        return str(e)
     if prov.get('cache_key') != key:
-        _logger.warning(f'Cached weights {path} were built for another request; rebuilding.')
-        return False
-    return True
+        made = ', '.join(f'{k}={prov.get(k)}' for k in ('model', 'recipe', 'method', 'jetmoe_timm_version'))
+        return f'{path} was built for another request ({made})'
+    return None
+
+
+def _lock(path: Path) -> FileLock:
+    """The build lock of ``path``, acquired; tells the user when another process's build makes them wait."""
+    lock = FileLock(str(path) + '.lock')
+    try:
+        lock.acquire(timeout=_LOCK_NOTICE_S)
+    except Timeout:
+        _logger.info(f'Waiting for another process that is building {path} (lock {lock.lock_file}).')
+        lock.acquire()
+    return lock
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete temporary files of killed builds of ``path``; only call this holding its lock."""
+    for tmp in path.parent.glob(f'.{path.name}.*.tmp'):
+        _logger.info(f'Removing {tmp}, left by an interrupted build.')
+        tmp.unlink(missing_ok=True)
 
 
 def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, **options) -> Path:
@@ -171,19 +208,31 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
     if calib and 'calib' not in opts:
         opts['calib'] = calib
     if 'num_calib' not in opts and os.environ.get('JETMOE_TIMM_CALIB_IMAGES'):
-        opts['num_calib'] = int(os.environ['JETMOE_TIMM_CALIB_IMAGES'])
+        value = os.environ['JETMOE_TIMM_CALIB_IMAGES']
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"JETMOE_TIMM_CALIB_IMAGES='{value}' is not a positive number of images: "
+                             f"set it to e.g. 256, or unset it.")
+        opts['num_calib'] = int(value)
+    _check_options(opts)  # bad requests fail here, before anything is created
     pred_spec = os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
     key = _cache_key(full, model_kwargs, pred_spec, opts)
     path = cache_dir() / full / f'{key}.safetensors'
-    if _valid_cache_file(path, key):
+    if _cache_problem(path, key) is None:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the OS releases the lock when its holder dies, so a killed build never blocks later ones
-    with FileLock(str(path) + '.lock'):
-        if _valid_cache_file(path, key):  # another process built it while we waited
+    lock = _lock(path)
+    try:
+        problem = _cache_problem(path, key)  # another process may have built it while we waited
+        if problem is None:
             return path
+        if problem:  # reported once, by the process that replaces it
+            _logger.warning(f'Not using cached weights: {problem}. Rebuilding them.')
+            path.unlink(missing_ok=True)
+        _remove_leftovers(path)
         _logger.info(f'Recycling {full} from {pred_spec} (first load; cached at {path}).')
         model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, **opts)
         provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection))
         save_safetensors_atomic(model.state_dict(), path, provenance)
+    finally:
+        lock.release()
     return path

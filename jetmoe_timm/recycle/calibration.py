@@ -20,7 +20,7 @@ from timm.data import create_transform, resolve_data_config
 
 from .selection import make_generator
 
-__all__ = ['IMAGE_EXTENSIONS', 'calibration_batches', 'synthetic_image']
+__all__ = ['IMAGE_EXTENSIONS', 'calibration_batches', 'check_calibration', 'synthetic_image']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
 
@@ -53,6 +53,18 @@ def _image_files(folder: Path) -> List[Path]:
     return files
 
 
+def check_calibration(calib) -> None:
+    """Raise a clear error now for a calibration source that cannot work (a missing or empty folder, ...)."""
+    if calib is None or calib in ('synthetic', 'weights') or isinstance(calib, torch.utils.data.Dataset) \
+            or isinstance(calib, torch.utils.data.DataLoader):
+        return
+    if isinstance(calib, (str, os.PathLike)):
+        _image_files(Path(calib))
+        return
+    raise ValueError(f'calib must be a folder path, a Dataset/DataLoader, "synthetic" or "weights", got '
+                     f'{type(calib).__name__}.')
+
+
 def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.Image]:
     files = _image_files(folder)
     order = torch.randperm(len(files), generator=make_generator(seed, 'calib-folder')).tolist()
@@ -63,7 +75,7 @@ def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.I
         try:
             with Image.open(files[i]) as im:
                 img = im.convert('RGB')
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             skipped += 1
             warnings.warn(f'skipping calibration image {files[i]} that cannot be decoded: {e}')
             continue

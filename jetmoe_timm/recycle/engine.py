@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 
 from ..version import __version__
-from .calibration import calibration_batches
+from .calibration import calibration_batches, check_calibration
 from .rules import apply_plan
 from .selection import METHODS
 from .stats import STATISTICS, collect_statistics
 
-__all__ = ['RECIPES', 'RecycleResult', 'recycle']
+__all__ = ['RECIPES', 'RecycleResult', 'check_options', 'recycle']
 
 RECIPES = ('paper', 'official')
 
@@ -45,6 +45,42 @@ def _family(successor: nn.Module):
             return module
     raise ValueError(f'cannot recycle into a {type(successor).__name__}: the successor must be a JetMoE model '
                      f'(e.g. timm.create_model("v_jetmoe_tiny")).')
+
+
+def check_options(method: str = 'importance', recipe: str = 'paper', statistic: str = 'l2', calib: Any = 'synthetic',
+                  num_calib: int = 1, batch_size: int = 1) -> None:
+    """Raise a clear error for a recycling request that cannot work, before any model is loaded."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}.")
+    if statistic not in STATISTICS:
+        raise ValueError(f"Unknown statistic '{statistic}'; choose one of {', '.join(STATISTICS)}.")
+    if calib == 'weights':
+        if method == 'graph':
+            raise ValueError("method 'graph' needs co-activation statistics: pass calibration images.")
+        return
+    if num_calib < 1 or batch_size < 1:
+        raise ValueError(f'num_calib ({num_calib}) and batch_size ({batch_size}) must be at least 1.')
+    check_calibration(calib)
+
+
+def _input_channels(model: nn.Module) -> Optional[int]:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # the stem / patch embedding
+    return conv.in_channels if conv is not None else None
+
+
+def _check_input(predecessor: nn.Module, successor: nn.Module) -> None:
+    c_pred, c_succ = _input_channels(predecessor), _input_channels(successor)
+    if c_pred != c_succ:
+        raise ValueError(f'the predecessor takes {c_pred} input channels, the successor {c_succ}: build the '
+                         f'successor with in_chans={c_pred} (timm adapts pretrained weights to other in_chans '
+                         f'when loading them).')
+    grid = getattr(getattr(successor, 'patch_embed', None), 'grid_size', None)
+    if grid is not None and min(grid) < 1:
+        pe = successor.patch_embed
+        raise ValueError(f'the successor cannot take any image: img_size {tuple(pe.img_size)} is smaller than its '
+                         f'patch_size {tuple(pe.patch_size)}; use img_size >= patch_size.')
 
 
 def selection_to_json(selection: Dict[str, torch.Tensor]) -> Dict[str, list]:
@@ -80,14 +116,10 @@ def recycle(
         seed: every random choice derives from it; same inputs + seed give bit-identical weights.
         progress: show a progress bar.
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
-    if recipe not in RECIPES:
-        raise ValueError(f"Unknown recipe '{recipe}'; choose one of {', '.join(RECIPES)}.")
-    if statistic not in STATISTICS:
-        raise ValueError(f"Unknown statistic '{statistic}'; choose one of {', '.join(STATISTICS)}.")
+    check_options(method, recipe, statistic, calib, num_calib, batch_size)
     family = _family(successor)
     family.check(predecessor, successor)
+    _check_input(predecessor, successor)
     if recipe == 'official':
         if not getattr(family, 'HAS_OFFICIAL_RECIPE', False):
             raise ValueError(f"recipe 'official' mirrors the official ViT tool and exists for ViT only; "
@@ -102,8 +134,6 @@ def recycle(
 
     t0 = time.perf_counter()
     if calib == 'weights':
-        if method == 'graph':
-            raise ValueError("method 'graph' needs co-activation statistics: pass calibration images.")
         stats = family.WeightStats(predecessor)
     else:
         batches, total, source = calibration_batches(calib, predecessor, num_calib, batch_size, seed)
