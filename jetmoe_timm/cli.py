@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     'jetmoe_timm.hub',  # push
     'jetmoe_timm.data',  # data export
     'jetmoe_timm.demo',  # demo
+    'jetmoe_timm.bench',  # bench
 )
 
 

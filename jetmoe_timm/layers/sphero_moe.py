@@ -21,7 +21,7 @@ Deviations from the official MMPretrain code (see docs/deviations.md for the rea
     stacked expert outputs, since combine is linear in them, but cheaper.
 """
 import math
-from typing import Dict, List, Optional, Type
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,26 @@ ROUTING_PRESETS: Dict[str, Dict] = {
     # plain Soft MoE (Puigcerver et al.): one learnable scale, softmax both ways, no noise, no slot norm
     'softmoe': dict(slot_norm=False, num_temperatures=1, combine='softmax', noise=False),
 }
+
+
+@torch.library.custom_op('jetmoe_timm::normal_like', mutates_args=())
+def _normal_like(like: torch.Tensor, std: float) -> torch.Tensor:
+    """N(0, std^2) noise shaped like ``like``, from ATen's vectorised sampler."""
+    return torch.empty_like(like).normal_(0., std)
+
+
+@_normal_like.register_fake
+def _(like, std):
+    return torch.empty_like(like)
+
+
+def _logit_noise(logits: torch.Tensor, std: float) -> torch.Tensor:
+    """Routing noise. On CPU it is an opaque op, so that torch.compile keeps ATen's sampler: inductor's own
+    per-element RNG is about 10x slower there (~140 ms vs 13 ms for the (64, 197, 294) logits of v_jetmoe_tiny).
+    """
+    if logits.device.type == 'cpu':
+        return torch.ops.jetmoe_timm.normal_like(logits.detach(), std)
+    return torch.empty_like(logits).normal_(0., std)
 
 
 class ExpertLinear(nn.Module):
@@ -232,53 +252,85 @@ class SpheroMoE(nn.Module):
         """Effective temperatures (dispatch, combine); one shared value for 'softmoe'."""
         return self.temperature_min + F.softplus(self.temp_raw)
 
+    def _unit_query(self) -> torch.Tensor:
+        """Slot queries, LayerNormed and L2-normalised: (M, d)."""
+        query = self.slot_norm(self.slot_query).flatten(0, 1)
+        return query / (torch.linalg.vector_norm(query, dim=-1, keepdim=True) + self.norm_eps)
+
     def routing_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of tokens and slot queries: (B, N, d) -> (B, N, M)."""
         key = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.norm_eps)
-        query = self.slot_norm(self.slot_query).flatten(0, 1)
-        query = query / (torch.linalg.vector_norm(query, dim=-1, keepdim=True) + self.norm_eps)
-        return key @ query.t()
+        return key @ self._unit_query().t()
 
-    def _combine_weights(self, logits: torch.Tensor) -> torch.Tensor:
+    def _routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32.
+
+        The logits matmul runs in the input's (or autocast's) dtype; the temperatures, the noise and both
+        normalisations run in float32, where bf16 would visibly distort the weights of ~300 slots.
+        """
+        inv_temp = 1. / self.temperature.float()
+        key = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.norm_eps)
+        # 1 / t_dispatch is folded into the (M, d) query, not applied to the much larger (B, N, M) logits
+        query = self._unit_query() * inv_temp[0].to(x.dtype)
+        logits = (key @ query.t()).float()  # cos / t_dispatch
+        noisy = self.noise_mult > 0 and (self.training or self.noise_at_eval)
+        if self.temp_raw.shape[0] == 1:  # one shared temperature: both directions read the same logits
+            if noisy:
+                logits = logits + _logit_noise(logits, self.noise_mult)
+            dispatch_logits = logits
+            combine_logits = logits
+        else:
+            ratio = inv_temp[1] / inv_temp[0]  # cos / t_combine = ratio * (cos / t_dispatch)
+            if noisy:
+                noise = _logit_noise(logits, self.noise_mult)  # one draw for both, as officially
+                combine_logits = torch.addcmul(noise, logits, ratio)
+                dispatch_logits = logits + noise
+            else:
+                combine_logits = logits * ratio
+                dispatch_logits = logits
+        dispatch = dispatch_logits.softmax(dim=1)  # over tokens: each slot is a convex mixture of tokens
         if self.combine == 'entmax15':
-            return entmax15(logits, dim=-1)
-        return logits.softmax(dim=-1)
+            combine = entmax15(combine_logits, dim=-1)
+        else:
+            combine = combine_logits.softmax(dim=-1)  # over all slots, for each token
+        return dispatch, combine
+
+    def _run_experts(self, slots: torch.Tensor) -> torch.Tensor:
+        """Both expert paths on the slots: (B, M, d) -> expert-major outputs (M, B, d).
+
+        With one slot per expert, each path reads its slots through a strided (E, B, d) view of the batch-major
+        tensor: the batched matmul takes that layout as it is, so nothing is copied on the way in.
+        """
+        B = slots.shape[0]
+        S = self.slots_per_expert
+        slots = slots.transpose(0, 1)  # (M, B, d) view; slot m = e * S + s
+        m_core = self.num_core_experts * S
+        # split (not two slices): its backward writes both gradients into one buffer instead of summing two
+        # zero-padded full-size ones
+        core_in, univ_in = slots.split([m_core, self.num_slots - m_core], dim=0)
+        outs: List[torch.Tensor] = []
+        if self.core_experts is not None:
+            outs.append(self.core_experts(core_in.reshape(self.num_core_experts, S * B, -1)).view(m_core, B, -1))
+        if self.univ_experts is not None:
+            univ_out = self.univ_experts(univ_in.reshape(self.num_univ_experts, S * B, -1))
+            outs.append(univ_out.view(self.num_slots - m_core, B, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.flatten(1, -2)  # channels-last maps become token sequences; (B, N, d) is unchanged
         B = x.shape[0]
-        S = self.slots_per_expert
 
-        # routing in float32: cosine logits are bounded, but softmax / entmax over many slots is not bf16-safe
-        logits = self.routing_logits(x).float()
-        temp = self.temperature.float()
-        dispatch_logits = logits / temp[0]
-        combine_logits = logits / temp[-1]
-        if self.noise_mult > 0 and (self.training or self.noise_at_eval):
-            noise = torch.randn_like(logits) * self.noise_mult  # one draw shared by both, as officially
-            dispatch_logits = dispatch_logits + noise
-            combine_logits = combine_logits + noise
-        dispatch = dispatch_logits.softmax(dim=1)  # over tokens: each slot is a convex mixture of tokens
-        combine = self._combine_weights(combine_logits)  # over all slots, for each token
-
-        # slots, expert-major: (M, B, d); slot m = e * S + s
-        slots = torch.bmm(dispatch.transpose(1, 2).to(x.dtype), x).transpose(0, 1)
-        m_core = self.num_core_experts * S
-        outs: List[torch.Tensor] = []
-        if self.core_experts is not None:
-            core_in = slots[:m_core].reshape(self.num_core_experts, S * B, -1)
-            outs.append(self.core_experts(core_in).reshape(m_core, B, -1))
-        if self.univ_experts is not None:
-            univ_in = slots[m_core:].reshape(self.num_univ_experts, S * B, -1)
-            outs.append(self.univ_experts(univ_in).reshape(self.num_slots - m_core, B, -1))
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (M, B, d)
+        dispatch, combine = self._routing_weights(x)
+        slots = torch.bmm(dispatch.transpose(1, 2).to(x.dtype), x)  # (B, M, d)
+        y = self._run_experts(slots)  # (M, B, d)
         if self.training and self.expert_drop_mode == 'expert' and self.expert_drop > 0.:
             keep = 1. - self.expert_drop
+            S = self.slots_per_expert
             mask = torch.empty(self.num_experts, 1, B, 1, device=y.device, dtype=y.dtype).bernoulli_(keep)
             y = (y.view(self.num_experts, S, B, -1) * mask / keep).view(self.num_slots, B, -1)
 
-        out = torch.bmm(combine.to(y.dtype), y.transpose(0, 1))  # (B, N, d)
+        out = torch.bmm(combine.to(y.dtype), y.transpose(0, 1))  # (B, N, d); y read in place, not permuted
         if self.expert_drop_path > 0. and self.training:
             out = drop_path(out, self.expert_drop_path, self.training)
         if self.capture_routing:

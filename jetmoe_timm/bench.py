@@ -1,0 +1,547 @@
+""" Speed benchmark: JetMoE models against their dense twins, and SpheroMoE against its own matmul floor.
+
+    jetmoe-timm bench [--quick] [--out bench.json]
+
+Every figure is a median over rounds in which the candidates take turns (the order alternates each round), so
+a machine shared with other work slows them alike. Sections:
+
+  models  images/s of inference and of a full training step (forward, backward, fused AdamW step) for each
+          JetMoE model and its dense twin, per batch size, precision (float32, bf16 autocast) and torch.compile
+          on/off; ratio = JetMoE / twin.
+  layer   the SpheroMoE layer (forward in eval, forward+backward in train) against its floor: the same matmuls
+          (logits, dispatch, experts, combine, and their gradients) with the same shapes, timed alone on
+          contiguous operands into preallocated outputs; the looped reference layer shows what batching buys.
+          Also: graph breaks of the layer under torch.compile (eval and train).
+  memory  peak tensor memory of a float32 training step: parameters + AdamW state + the step's own peak
+          (activations, gradients, temporaries) from the profiler's allocation events.
+  convert time and peak RSS of a full-size conversion (only with --convert: minutes).
+
+Results go to a JSON file and a printed table (see docs/benchmark.md).
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import SpheroMoE, sphero_moe_reference
+
+__all__ = ['Pair', 'LayerShape', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'run_benchmark', 'format_table',
+           'add_parser']
+
+
+class Pair(NamedTuple):
+    """A JetMoE model and the dense model it is compared with, each a timm name plus kwargs."""
+    model: str
+    twin: str
+    model_kwargs: Dict = {}
+    twin_kwargs: Dict = {}
+    input_size: Tuple[int, int, int] = (3, 224, 224)
+
+    @property
+    def name(self) -> str:
+        return f'{self.model} / {self.twin}'
+
+
+class LayerShape(NamedTuple):
+    """SpheroMoE layer arguments and the number of tokens it sees per image."""
+    dim: int
+    tokens: int
+    num_core_experts: int
+    num_univ_experts: int
+    core_hidden: int
+    univ_ratio: float = 0.25
+    slots_per_expert: int = 1
+
+    def build(self) -> SpheroMoE:
+        return SpheroMoE(self.dim, self.num_core_experts, self.num_univ_experts, core_hidden=self.core_hidden,
+                         univ_ratio=self.univ_ratio, slots_per_expert=self.slots_per_expert)
+
+
+# c_jetmoe_femto's twin is ConvNeXt-T at half width, not timm's convnext_femto (a different, shallower model)
+DEFAULT_PAIRS = (
+    Pair('v_jetmoe_tiny', 'vit_tiny_patch16_224'),
+    Pair('c_jetmoe_femto', 'convnext_tiny', twin_kwargs=dict(dims=(48, 96, 192, 384))),
+)
+# one MoE block of v_jetmoe_tiny: 197 tokens of width 192, 98 core (768) + 196 universal (192) experts
+V_JETMOE_TINY_LAYER = LayerShape(dim=192, tokens=197, num_core_experts=98, num_univ_experts=196, core_hidden=768)
+PRECISIONS = {'float32': None, 'bf16': torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------- timing
+
+def _interleaved(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int) -> Dict[str, List[float]]:
+    """Seconds per call of each candidate; candidates take turns, in alternating order, every round."""
+    for fn in cands.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in cands}
+    names = list(cands)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            cands[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def _median(v: Sequence[float]) -> float:
+    return statistics.median(v)
+
+
+def _autocast(precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast('cpu', dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence C++ logging on fd 2 (the profiler's start/stop chatter), not Python exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, 'w') as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+def _build(name: str, kwargs: Dict) -> nn.Module:
+    import timm
+    # an ImageNet-1k head on both sides (the JetMoE default configs have none: their tags are headless inits)
+    return timm.create_model(name, pretrained=False, **dict(dict(num_classes=1000), **kwargs))
+
+
+def _runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, precision: str,
+            opt: Optional[torch.optim.Optimizer]) -> Callable[[], None]:
+    if mode == 'infer':
+        def run():
+            with torch.inference_mode(), _autocast(precision):
+                model(x)
+    else:
+        def run():
+            opt.zero_grad(set_to_none=True)
+            with _autocast(precision):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+    return run
+
+
+def _train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Dict:
+    """Peak tensor bytes of one float32 training step (the optimizer state already exists)."""
+    from torch.profiler import ProfilerActivity, profile
+    model.train()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    opt.zero_grad(set_to_none=True)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]')
+    live = peak = 0
+    for _, nbytes in events:  # allocations are positive, frees negative
+        live += nbytes
+        peak = max(peak, live)
+    gb = 2 ** -30
+    return dict(params_gb=params * gb, optimizer_state_gb=state * gb, step_peak_gb=peak * gb,
+                peak_gb=(params + state + peak) * gb)
+
+
+def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List[Dict], List[Dict]]:
+    """Rows of images/s (one per cell) and of training-step memory for one model pair."""
+    rows, mem_rows = [], []
+    models = {'model': _build(pair.model, pair.model_kwargs), 'twin': _build(pair.twin, pair.twin_kwargs)}
+    names = {'model': pair.model, 'twin': pair.twin}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.05, fused=True) for k, m in models.items()}
+    compiled: Dict[str, nn.Module] = {}
+    for batch in cfg['batch_sizes']:
+        x = torch.randn(batch, *pair.input_size)
+        y = torch.randint(0, models['model'].num_classes, (batch,))
+        for compile_on in cfg['compile']:
+            if compile_on and batch not in cfg['compile_batch_sizes']:
+                continue
+            for precision in cfg['precisions']:
+                for mode in cfg['modes']:
+                    cands, compile_s = {}, {}
+                    for k, m in models.items():
+                        m.train(mode == 'train')
+                        if compile_on:
+                            compiled.setdefault(k, torch.compile(m))
+                            run = _runner(compiled[k], mode, x, y, precision, opts[k])
+                            t0 = time.perf_counter()
+                            run()  # compiles for this batch, precision and mode
+                            compile_s[k] = time.perf_counter() - t0
+                        else:
+                            run = _runner(m, mode, x, y, precision, opts[k])
+                        cands[k] = run
+                    times = _interleaved(cands, cfg['rounds'], cfg['warmup'])
+                    ips = {k: batch / _median(v) for k, v in times.items()}
+                    row = dict(pair=pair.name, model=pair.model, twin=pair.twin, mode=mode, batch=batch,
+                               precision=precision, compile=bool(compile_on), model_img_s=ips['model'],
+                               twin_img_s=ips['twin'], ratio=ips['model'] / ips['twin'],
+                               model_s=times['model'], twin_s=times['twin'])
+                    if compile_on:
+                        row['compile_s'] = compile_s
+                    rows.append(row)
+                    log(_format_model_row(row))
+        if cfg['memory']:
+            for k, m in models.items():
+                mem = _train_step_memory(m, opts[k], x, y)
+                mem_rows.append(dict(model=names[k], batch=batch, precision='float32', **mem))
+                log(f"memory  {names[k]:24s} batch {batch:4d}: {mem['peak_gb']:.2f} GB")
+    return rows, mem_rows
+
+
+# ---------------------------------------------------------------------------------------------------- layer
+
+class _MatmulFloor:
+    """The layer's matmuls alone: same shapes, contiguous operands, preallocated outputs.
+
+    Forward: logits (BN, d) @ (d, M); slots (B, M, N) @ (B, N, d); per expert path fc1 (E, SB, d) @ (E, d, h) and
+    fc2 (E, SB, h) @ (E, h, d); combine (B, N, M) @ (B, M, d). Backward: for each C = A @ B, dA = dC @ B^T and
+    dB = A^T @ dC (every operand of the layer's matmuls carries a gradient when the layer sits in a model).
+    """
+
+    def __init__(self, layer: SpheroMoE, batch: int, tokens: int, dtype=torch.float32):
+        B, N, d, M, S = batch, tokens, layer.dim, layer.num_slots, layer.slots_per_expert
+        shapes = [((B * N, d), (d, M)), ((B, M, N), (B, N, d))]
+        for group in (layer.core_experts, layer.univ_experts):
+            if group is not None:
+                E, h = group.num_experts, group.hidden_features
+                shapes += [((E, S * B, d), (E, d, h)), ((E, S * B, h), (E, h, d))]
+        shapes.append(((B, N, M), (B, M, d)))
+        self.forward_ops, self.backward_ops = [], []
+        for a_shape, b_shape in shapes:
+            a, b = torch.randn(a_shape, dtype=dtype), torch.randn(b_shape, dtype=dtype)
+            c = torch.empty(*a_shape[:-1], b_shape[-1], dtype=dtype)
+            dc = torch.randn_like(c)
+            self.forward_ops.append((a, b, c))
+            self.backward_ops.append((dc, b.transpose(-1, -2).contiguous(), torch.empty_like(a)))  # dA
+            self.backward_ops.append((a.transpose(-1, -2).contiguous(), dc, torch.empty_like(b)))  # dB
+        self.macs = sum(a.shape[:-1].numel() * a.shape[-1] * b.shape[-1] for a, b, _ in self.forward_ops)
+
+    @staticmethod
+    def _run(ops):
+        for a, b, out in ops:
+            (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out=out)
+
+    def forward(self):
+        self._run(self.forward_ops)
+
+    def forward_backward(self):
+        self._run(self.forward_ops)
+        self._run(self.backward_ops)
+
+
+def _graph_breaks(layer: SpheroMoE, x: torch.Tensor) -> Dict[str, int]:
+    """Graph breaks torch._dynamo finds in the layer's forward, in eval and in train mode."""
+    import torch._dynamo as dynamo
+    out = {}
+    for mode in ('eval', 'train'):
+        layer.train(mode == 'train')
+        dynamo.reset()
+        out[mode] = dynamo.explain(layer)(x).graph_break_count
+    dynamo.reset()
+    return out
+
+
+def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], None]) -> Tuple[List[Dict], Dict]:
+    torch.manual_seed(0)
+    layer = shape.build()
+    x = torch.randn(batch, shape.tokens, shape.dim)
+    x_grad = x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    floor = _MatmulFloor(layer, batch, shape.tokens)
+
+    def fwd(m):
+        def run():
+            with torch.inference_mode():
+                m(x)
+        return run
+
+    def fwd_bwd(m):
+        def run():
+            layer.zero_grad(set_to_none=True)  # a fresh step: gradients are not accumulated
+            x_grad.grad = None
+            m(x_grad).backward(dy)
+        return run
+
+    info = dict(batch=batch, floor_gmacs_forward=floor.macs / 1e9, graph_breaks=None)
+    use_compile = cfg['compile_layer']
+    if use_compile:
+        info['graph_breaks'] = _graph_breaks(layer, x[:2])
+        compiled = torch.compile(layer, fullgraph=True)
+    rows = []
+    for pass_name, mode in (('forward', 'eval'), ('forward+backward', 'train')):
+        layer.train(mode == 'train')
+        make = fwd if mode == 'eval' else fwd_bwd
+        cands = {'floor (matmuls alone)': floor.forward if mode == 'eval' else floor.forward_backward,
+                 'SpheroMoE': make(layer)}
+        if use_compile:
+            t0 = time.perf_counter()
+            make(compiled)()
+            info[f'compile_s_{mode}'] = time.perf_counter() - t0
+            cands['SpheroMoE compiled'] = make(compiled)
+        times = _interleaved(cands, cfg['rounds'], cfg['warmup'])
+        if mode == 'eval' and cfg['reference']:
+            # the looped reference is ~B*E small ops: time it on its own, fewer rounds
+            def reference():
+                with torch.no_grad():
+                    sphero_moe_reference(layer, x)
+            times['looped reference'] = list(_interleaved({'r': reference}, cfg['reference_rounds'], 0)['r'])
+        base = _median(times['floor (matmuls alone)'])
+        for name, t in times.items():
+            row = dict(batch=batch, pass_=pass_name, candidate=name, ms=_median(t) * 1e3, x_floor=_median(t) / base,
+                       seconds=t)
+            rows.append(row)
+            log(f"layer   {pass_name:16s} {name:22s} {row['ms']:9.1f} ms  {row['x_floor']:6.2f} x floor")
+    return rows, info
+
+
+# -------------------------------------------------------------------------------------------------- convert
+
+_CONVERT_CHILD = r'''
+import json, resource, sys, time
+import jetmoe_timm
+t0 = time.perf_counter()
+jetmoe_timm.convert('v_jetmoe_tiny', sys.argv[2], predecessor=sys.argv[1], method=sys.argv[3],
+                    num_calib=int(sys.argv[4]), progress=False)
+print(json.dumps(dict(seconds=time.perf_counter() - t0,
+                      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)))
+'''
+
+
+def _bench_convert(method: str, num_calib: int) -> Dict:
+    """Full-size v_jetmoe_tiny from a (randomly initialised) vit_small_patch16_224 file, in a fresh process."""
+    import timm
+    from safetensors.torch import save_file
+    with tempfile.TemporaryDirectory() as tmp:
+        pred = timm.create_model('vit_small_patch16_224', num_classes=21843)
+        pred_file = os.path.join(tmp, 'vit_small.safetensors')
+        save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, pred_file)
+        del pred
+        res = subprocess.run([sys.executable, '-c', _CONVERT_CHILD, pred_file, os.path.join(tmp, 'out'), method,
+                              str(num_calib)], capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f'conversion benchmark failed:\n{res.stderr[-2000:]}')
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]), model='v_jetmoe_tiny',
+                predecessor='vit_small_patch16_224', method=method, num_calib=num_calib)
+
+
+# --------------------------------------------------------------------------------------------------- driver
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_benchmark(
+        pairs: Sequence[Pair] = DEFAULT_PAIRS,
+        batch_sizes: Sequence[int] = (32, 64, 128),
+        precisions: Sequence[str] = ('float32', 'bf16'),
+        modes: Sequence[str] = ('infer', 'train'),
+        torch_compile: Sequence[bool] = (False, True),
+        compile_batch_sizes: Optional[Sequence[int]] = (64,),
+        layer: Optional[LayerShape] = V_JETMOE_TINY_LAYER,
+        layer_batch_sizes: Sequence[int] = (64,),
+        reference: bool = True,
+        compile_layer: bool = True,
+        memory: bool = True,
+        convert: bool = False,
+        rounds: int = 5,
+        warmup: int = 1,
+        reference_rounds: int = 2,
+        threads: Optional[int] = None,
+        log: Callable[[str], None] = print,
+) -> Dict:
+    """Run the benchmark and return its results (see the module docstring for the sections).
+
+    ``torch_compile``: time the models eager (False), compiled (True) or both; ``compile_batch_sizes``: the batch
+    sizes at which they are also timed compiled (None: all). ``compile_layer``: also time the layer compiled.
+    """
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"Unknown precision '{p}'; choose from {sorted(PRECISIONS)}.")
+    for m in modes:
+        if m not in ('infer', 'train'):
+            raise ValueError(f"Unknown mode '{m}'; choose 'infer' or 'train'.")
+    if rounds < 1 or any(b < 1 for b in list(batch_sizes) + list(layer_batch_sizes)):
+        raise ValueError('rounds and batch sizes must be >= 1.')
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = dict(batch_sizes=list(batch_sizes), precisions=list(precisions), modes=list(modes),
+               compile=list(dict.fromkeys(bool(c) for c in torch_compile)),
+               compile_batch_sizes=list(batch_sizes if compile_batch_sizes is None else compile_batch_sizes),
+               reference=reference, compile_layer=compile_layer, memory=memory, rounds=rounds, warmup=warmup,
+               reference_rounds=reference_rounds)
+    from .version import __version__
+    import timm
+    t_start = time.perf_counter()
+    result = dict(
+        meta=dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+                  command=' '.join(sys.argv), cpu=_cpu_name(), threads=torch.get_num_threads(),
+                  torch=torch.__version__, timm=timm.__version__, jetmoe_timm=__version__,
+                  python=platform.python_version(), gpu='none used (CPU benchmark)',
+                  loadavg_start=list(os.getloadavg()), config={k: v for k, v in cfg.items()}),
+        models=[], memory=[], layer=[], layer_info=[], convert=None)
+    for shape_batch in (layer_batch_sizes if layer is not None else ()):
+        rows, info = _bench_layer(layer, shape_batch, cfg, log)
+        result['layer'] += rows
+        result['layer_info'].append(dict(info, shape=layer._asdict()))
+    for pair in pairs:
+        rows, mem_rows = _bench_pair(pair, cfg, log)
+        result['models'] += rows
+        result['memory'] += mem_rows
+    if convert:
+        log('convert: full-size v_jetmoe_tiny from vit_small_patch16_224 (minutes)...')
+        result['convert'] = _bench_convert('importance', 256)
+    result['meta'].update(loadavg_end=list(os.getloadavg()), seconds=time.perf_counter() - t_start)
+    return result
+
+
+def _format_model_row(r: Dict) -> str:
+    return (f"{r['pair']:40s} {r['mode']:5s} {r['batch']:5d} {r['precision']:7s} {'on' if r['compile'] else 'off':3s}"
+            f" {r['model_img_s']:8.1f} {r['twin_img_s']:8.1f} {r['ratio']:6.2f}")
+
+
+def format_table(result: Dict) -> str:
+    """The results as plain-text tables (what ``jetmoe-timm bench`` prints at the end)."""
+    meta = result['meta']
+    rounds = meta['config']['rounds']
+    lines = [f"jetmoe-timm bench  {meta['date']}  {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
+             f"timm {meta['timm']}; load average {meta['loadavg_start'][0]:.1f} -> "
+             f"{meta.get('loadavg_end', [float('nan')])[0]:.1f}; no GPU used"]
+    if result['models']:
+        lines += ['', f'Models: images/s, median of {rounds} interleaved rounds; ratio = JetMoE / dense twin',
+                  f"{'pair':40s} {'mode':5s} {'batch':>5s} {'prec':7s} {'cmp':3s} {'JetMoE':>8s} {'twin':>8s} "
+                  f"{'ratio':>6s}"]
+        lines += [_format_model_row(r) for r in result['models']]
+    for info in result['layer_info']:
+        s = info['shape']
+        lines += ['', f"SpheroMoE layer: batch {info['batch']}, {s['tokens']} tokens, d={s['dim']}, "
+                      f"{s['num_core_experts']}x{s['core_hidden']} core + {s['num_univ_experts']}x"
+                      f"{int(round(s['core_hidden'] * s['univ_ratio']))} universal experts, "
+                      f"{s['slots_per_expert']} slot(s) each; floor = its matmuls alone "
+                      f"({info['floor_gmacs_forward']:.2f} GMACs forward, 3x that forward+backward)",
+                  f"{'pass':16s} {'candidate':22s} {'ms':>9s} {'x floor':>8s}"]
+        lines += [f"{r['pass_']:16s} {r['candidate']:22s} {r['ms']:9.1f} {r['x_floor']:8.2f}"
+                  for r in result['layer'] if r['batch'] == info['batch']]
+        if info['graph_breaks'] is not None:
+            lines.append(f"torch.compile graph breaks inside the layer: eval {info['graph_breaks']['eval']}, "
+                         f"train {info['graph_breaks']['train']}")
+    if result['memory']:
+        lines += ['', 'Training-step memory (float32, fused AdamW): parameters + optimizer state + step peak',
+                  f"{'model':24s} {'batch':>5s} {'params':>8s} {'adamw':>8s} {'step':>8s} {'peak GB':>8s}"]
+        lines += [f"{r['model']:24s} {r['batch']:5d} {r['params_gb']:8.2f} {r['optimizer_state_gb']:8.2f} "
+                  f"{r['step_peak_gb']:8.2f} {r['peak_gb']:8.2f}" for r in result['memory']]
+    if result['convert']:
+        c = result['convert']
+        lines += ['', f"Convert {c['model']} from {c['predecessor']} ({c['method']}, {c['num_calib']} calibration "
+                      f"images): {c['seconds']:.1f} s, peak RSS {c['peak_rss_gb']:.2f} GB"]
+    return '\n'.join(lines)
+
+
+def _write_json(result: Dict, path: str) -> None:
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _run(args) -> int:
+    quick = args.quick
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f'output folder {out_dir} does not exist: create it or choose another --out.')
+    pairs = [p for p in DEFAULT_PAIRS if p.model in args.models] if args.models else list(DEFAULT_PAIRS)
+    unknown = set(args.models or ()) - {p.model for p in DEFAULT_PAIRS}
+    if unknown:
+        raise ValueError(f"No benchmark pair for {sorted(unknown)}; choose from {[p.model for p in DEFAULT_PAIRS]}.")
+    batch_sizes = args.batch_sizes or ([32] if quick else [32, 64, 128])
+    compile_mode = args.compile or ('layer' if quick else 'all')
+    result = run_benchmark(
+        pairs=pairs,
+        batch_sizes=batch_sizes,
+        precisions=args.precisions or (['float32'] if quick else ['float32', 'bf16']),
+        modes=args.modes,
+        torch_compile=(False, True) if compile_mode == 'all' else (False,),
+        compile_batch_sizes=args.compile_batch_sizes or ([64] if 64 in batch_sizes else batch_sizes[:1]),
+        layer=V_JETMOE_TINY_LAYER,
+        layer_batch_sizes=args.layer_batch_sizes or ([32] if quick else [64]),
+        reference=not args.no_reference,
+        compile_layer=compile_mode != 'off',
+        memory=not args.no_memory,
+        convert=args.convert,
+        rounds=args.rounds or (3 if quick else 7),
+        warmup=1,
+        reference_rounds=1 if quick else 2,
+        threads=args.threads,
+    )
+    _write_json(result, args.out)
+    print()
+    print(format_table(result))
+    print(f'\nwrote {args.out}')
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``jetmoe-timm bench``."""
+    p = subparsers.add_parser(
+        'bench', help='speed: JetMoE models vs their dense twins, SpheroMoE vs its matmul floor',
+        description='Time JetMoE models against their dense twins (inference and fused-AdamW training, '
+                    'float32 / bf16 autocast, eager / torch.compile) and the SpheroMoE layer against its matmul '
+                    'floor and the looped reference; write JSON and print a table (see docs/benchmark.md). '
+                    'Candidates are interleaved and medians reported, so a busy machine slows them alike.')
+    p.add_argument('--quick', action='store_true',
+                   help='batch 32, float32, eager models, 3 rounds (about 2 minutes)')
+    p.add_argument('--out', default='bench.json', help='JSON results file (default: ./bench.json)')
+    p.add_argument('--models', nargs='+', metavar='NAME',
+                   help=f'JetMoE models to compare (default: all of {[q.model for q in DEFAULT_PAIRS]})')
+    p.add_argument('--batch-sizes', nargs='+', type=int, metavar='B', help='model batch sizes (default: 32 64 128)')
+    p.add_argument('--precisions', nargs='+', choices=sorted(PRECISIONS), help='default: float32 bf16')
+    p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
+    p.add_argument('--compile', choices=('off', 'layer', 'all'),
+                   help="torch.compile: 'off', 'layer' (the layer also compiled; --quick default) or 'all' (models "
+                        "too, eager and compiled side by side; default)")
+    p.add_argument('--compile-batch-sizes', nargs='+', type=int, metavar='B',
+                   help='batch sizes at which models are also compiled (default: 64)')
+    p.add_argument('--layer-batch-sizes', nargs='+', type=int, metavar='B', help='layer batch sizes (default: 64)')
+    p.add_argument('--rounds', type=int, help='interleaved rounds per measurement (default: 7, quick: 3)')
+    p.add_argument('--threads', type=int, help='torch threads (default: torch\'s)')
+    p.add_argument('--no-reference', action='store_true', help='skip the (slow) looped reference layer')
+    p.add_argument('--no-memory', action='store_true', help='skip the training-step memory measurement')
+    p.add_argument('--convert', action='store_true',
+                   help='also time a full-size conversion (v_jetmoe_tiny from ViT-S/16, minutes)')
+    p.set_defaults(func=_run)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='bench')
+    add_parser(parser.add_subparsers(dest='command', required=True))
+    return _run(parser.parse_args(['bench'] + list(sys.argv[1:] if argv is None else argv)))

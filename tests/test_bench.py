@@ -1,0 +1,118 @@
+"""The benchmark machinery on tiny shapes (what it writes, not how fast), and SpheroMoE under torch.compile."""
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from jetmoe_timm import bench, cli
+from jetmoe_timm.bench import LayerShape, Pair, run_benchmark
+from jetmoe_timm.layers import SpheroMoE
+
+from conftest import TINY_VIT
+
+TINY_PAIR = Pair('v_jetmoe_tiny', 'vit_tiny_patch16_224', model_kwargs=dict(TINY_VIT),
+                 twin_kwargs=dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2),
+                 input_size=(3, 32, 32))
+TINY_LAYER = LayerShape(dim=16, tokens=9, num_core_experts=3, num_univ_experts=5, core_hidden=32,
+                        slots_per_expert=2)
+
+
+def test_run_benchmark_rows_and_json(tmp_path):
+    result = run_benchmark(
+        pairs=[TINY_PAIR], batch_sizes=(2,), precisions=('float32', 'bf16'), torch_compile=(False,),
+        layer=TINY_LAYER, layer_batch_sizes=(3,), compile_layer=False, rounds=2, warmup=0, log=lambda s: None)
+    # one row per (mode, precision), each with both medians and their ratio
+    assert {(r['mode'], r['precision']) for r in result['models']} == {
+        (m, p) for m in ('infer', 'train') for p in ('float32', 'bf16')}
+    for r in result['models']:
+        assert r['model'] == 'v_jetmoe_tiny' and r['twin'] == 'vit_tiny_patch16_224' and r['batch'] == 2
+        assert len(r['model_s']) == len(r['twin_s']) == 2
+        assert r['ratio'] == pytest.approx(r['model_img_s'] / r['twin_img_s'])
+    # the layer against its floor, forward and forward+backward, and the looped reference (forward only)
+    cands = {(r['pass_'], r['candidate']) for r in result['layer']}
+    assert cands == {('forward', 'floor (matmuls alone)'), ('forward', 'SpheroMoE'), ('forward', 'looped reference'),
+                     ('forward+backward', 'floor (matmuls alone)'), ('forward+backward', 'SpheroMoE')}
+    assert all(r['x_floor'] == 1 for r in result['layer'] if r['candidate'].startswith('floor'))
+    # training-step memory: fused AdamW keeps two float32 moments per parameter (plus tiny step counters)
+    assert {r['model'] for r in result['memory']} == {'v_jetmoe_tiny', 'vit_tiny_patch16_224'}
+    for r in result['memory']:
+        assert r['optimizer_state_gb'] == pytest.approx(2 * r['params_gb'], rel=0.02)
+        assert r['step_peak_gb'] > 0
+        assert r['peak_gb'] == pytest.approx(r['params_gb'] + r['optimizer_state_gb'] + r['step_peak_gb'])
+    assert result['meta']['threads'] >= 1 and result['convert'] is None
+    path = tmp_path / 'bench.json'
+    bench._write_json(result, str(path))
+    assert json.loads(path.read_text())['layer'] == json.loads(json.dumps(result['layer']))
+    table = bench.format_table(result)
+    assert 'v_jetmoe_tiny / vit_tiny_patch16_224' in table and 'looped reference' in table
+
+
+def test_floor_has_the_layers_matmuls():
+    """The floor times exactly the matmul work of the layer's forward (same MACs as the layer, counted)."""
+    layer = TINY_LAYER.build().eval()
+    B = 3
+    floor = bench._MatmulFloor(layer, B, TINY_LAYER.tokens)
+    with FlopCounterMode(display=False) as counter:
+        layer(torch.randn(B, TINY_LAYER.tokens, TINY_LAYER.dim))
+    matmul_ops = {'mm', 'bmm', 'baddbmm'}
+    layer_flops = sum(n for op, n in counter.get_flop_counts()['Global'].items() if op.__name__.split('.')[0] in matmul_ops)
+    assert floor.macs * 2 == layer_flops
+    assert len(floor.backward_ops) == 2 * len(floor.forward_ops)
+
+
+def test_cli_quick_writes_json(tmp_path, monkeypatch, capsys):
+    """`jetmoe-timm bench --quick` end to end, with the full-size models swapped for tiny ones."""
+    monkeypatch.setattr(bench, 'DEFAULT_PAIRS', (TINY_PAIR,))
+    monkeypatch.setattr(bench, 'V_JETMOE_TINY_LAYER', TINY_LAYER)
+    out = tmp_path / 'b.json'
+    rc = cli.main(['bench', '--quick', '--compile', 'off', '--batch-sizes', '2', '--layer-batch-sizes', '2',
+                   '--rounds', '1', '--no-memory', '--out', str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {'meta', 'models', 'memory', 'layer', 'layer_info', 'convert'}
+    assert [(r['mode'], r['precision'], r['compile']) for r in result['models']] == [
+        ('infer', 'float32', False), ('train', 'float32', False)]
+    assert result['memory'] == [] and result['layer_info'][0]['graph_breaks'] is None
+    assert result['meta']['config']['rounds'] == 1
+    assert f'wrote {out}' in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_model(tmp_path):
+    assert cli.main(['bench', '--models', 'nope', '--out', str(tmp_path / 'b.json')]) == 2
+
+
+def test_layer_compiles_without_graph_breaks():
+    """One graph in eval and in train (noise on), and the compiled train graph's gradients match eager's.
+
+    Dynamo (the part that finds graph breaks) and AOT autograd run for real; the backend is aot_eager, so no
+    C++ compile is needed here (`jetmoe-timm bench` times the inductor build).
+    """
+    if not hasattr(torch, 'compile'):
+        pytest.skip('torch.compile is not available in this torch build')
+    import torch._dynamo as dynamo
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    for routing in ('sphero', 'official'):  # softmax and entmax15 combine
+        layer = SpheroMoE(16, num_core_experts=3, num_univ_experts=5, slots_per_expert=2, routing=routing)
+        for train in (False, True):
+            layer.train(train)
+            dynamo.reset()
+            explain = dynamo.explain(layer)(x)
+            assert explain.graph_break_count == 0, explain.break_reasons
+            assert explain.graph_count == 1
+    dynamo.reset()
+    compiled = torch.compile(layer, backend='aot_eager', fullgraph=True)
+    layer.train()
+    out = compiled(x)  # the noise op traces (its fake kernel) and runs
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    layer.noise_mult = 0.  # deterministic: compiled and eager forward and gradients agree
+    grads = []
+    for fn in (layer, compiled):
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        fn(xg).square().sum().backward()
+        grads.append([xg.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    dynamo.reset()
