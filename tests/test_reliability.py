@@ -6,6 +6,7 @@ with its own file lock, and they start within milliseconds of each other, which 
 zygote talks to a local Hub stand-in (tests/hub_server.py); nothing reaches the internet.
 """
 import contextlib
+import hashlib
 import json
 import os
 import select
@@ -66,7 +67,7 @@ def _flip_byte(path: Path, offset_from_end: int = 5) -> None:
 
 
 def _digest(state_dict) -> str:
-    import hashlib
+    """Digest of the weights, the (num_classes-dependent) head left out."""
     h = hashlib.sha256()
     for k, v in sorted(state_dict.items()):
         if not k.startswith('head.'):
@@ -209,12 +210,12 @@ for line in sys.stdin:
 
 # a loader: waits for the start signal (if any), loads the model with pretrained=True, reports a digest
 _LOAD = r'''
-import hashlib, os, time, timm, torch
+import ast, hashlib, os, time, timm, torch
 go = os.environ.get('GO_FILE')
 while go and not os.path.exists(go):
     time.sleep(0.01)
 m = timm.create_model(os.environ.get('MODEL', 'v_jetmoe_tiny'), pretrained=True, num_classes=3,
-                      **eval(os.environ.get('MODEL_KWARGS', '{}')))
+                      **ast.literal_eval(os.environ.get('MODEL_KWARGS', '{}')))
 h = hashlib.sha256()
 for k, v in sorted(m.state_dict().items()):
     if not k.startswith('head.'):
@@ -229,6 +230,7 @@ class Zygote:
     def __init__(self, env):
         self.proc = subprocess.Popen([sys.executable, '-c', _ZYGOTE], env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self._pending = []  # children started and not yet collected
 
     def _line(self, timeout):
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -242,16 +244,20 @@ class Zygote:
 
     def start(self, code, workdir, n=1, env=None, tag='child'):
         """Fork ``n`` children running ``code``; returns their pids (call ``finish`` next)."""
+        if self._pending:  # a failed test left its children behind
+            self.abort()
         self._workdir, self._tag = Path(workdir), tag
         self._workdir.mkdir(parents=True, exist_ok=True)
         cmd = dict(code=textwrap.dedent(code), dir=str(workdir), n=n, env=env or {}, tag=tag)
         self.proc.stdin.write(json.dumps(cmd) + '\n')
         self.proc.stdin.flush()
-        return self._line(30)['pids']
+        self._pending = self._line(TIMEOUT_S)['pids']  # the first command also waits for the zygote's imports
+        return self._pending
 
     def finish(self, timeout=TIMEOUT_S):
         """Exit codes (-9: SIGKILL), results (None for a child that failed) and logs of the children."""
         codes = self._line(timeout)['exit']
+        self._pending = []
         results, logs = [], []
         for i in range(len(codes)):
             res = self._workdir / f'{self._tag}{i}.json'
@@ -264,7 +270,15 @@ class Zygote:
         self.start(code, workdir, n, env, tag)
         return self.finish(timeout)
 
+    def abort(self):
+        for pid in self._pending:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.finish(30)
+
     def close(self):
+        if self._pending:
+            self.abort()
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
@@ -454,6 +468,7 @@ def test_four_processes_and_two_torchrun_ranks_build_once(tmp_path, pred_dir, zy
 # --- 1b. a damaged Hub-cache file: downloaded again, or recycled offline ---------------------------------
 
 _HUB_TWIN = r'''
+import ast
 from timm.models import generate_default_cfgs, register_model
 from jetmoe_timm.models.vit_jetmoe import _cfg, _create_vit_jetmoe
 from jetmoe_timm.recycle.build import RECYCLE_SOURCES
@@ -462,8 +477,8 @@ default_cfgs = generate_default_cfgs({'v_jetmoe_reltest.pushed': _cfg(hf_hub_id=
                                                                       input_size=(3, 32, 32))})
 @register_model
 def v_jetmoe_reltest(pretrained=False, **kwargs):
-    return _create_vit_jetmoe('v_jetmoe_reltest', pretrained=pretrained, model_args=eval(os.environ['TWIN']),
-                              **kwargs)
+    twin = ast.literal_eval(os.environ['TWIN'])
+    return _create_vit_jetmoe('v_jetmoe_reltest', pretrained=pretrained, model_args=twin, **kwargs)
 RECYCLE_SOURCES['v_jetmoe_reltest.pushed'] = dict(predecessor=os.environ['PRED'])
 if os.environ.get('OFFLINE'):
     import huggingface_hub.constants
