@@ -322,6 +322,12 @@ def push_to_hub(
         raise ValueError(f"'{name}' has no default Hub repo: pass --repo-id ORG/NAME.")
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ValueError(f"--repo-id must look like ORG/NAME, got '{repo_id}'.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:  # the Hub's own naming rules, checked before anything is written
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({e}): use letters, digits, '-', '_' "
+                         f"and '.' in ORG/NAME, at most 96 characters.") from None
     if repo_id == default_id and not _fits_default_model(name, folder):
         raise ValueError(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "
@@ -329,19 +335,19 @@ def push_to_hub(
             f"fail to load them. Push them to your own --repo-id ORG/NAME.")
     endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
     revision = revision or 'main'
+    if not dry_run:  # refuse before the folder is touched
+        token = token or get_token()
+        if not token:
+            raise RuntimeError('No Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write '
+                               f"access to '{repo_id.split('/')[0]}' (or use --dry-run to only write the folder).")
+        if constants.HF_HUB_OFFLINE:
+            raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
     if not _write_card(folder, _render(name, config, model, repo_id, folder, card_template)):
         _logger.warning(f'Keeping the hand-written {folder}/README.md (it lacks the generated-card mark).')
     files = [(n, (folder / n).stat().st_size) for n in UPLOAD_FILES]
     result = PushResult(repo_id, revision, folder, files, url=f'{endpoint}/{repo_id}')
     if dry_run:
         return result
-
-    token = token or get_token()
-    if not token:
-        raise RuntimeError('No Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write access '
-                           f"to '{repo_id.split('/')[0]}' (or use --dry-run to only write the folder).")
-    if constants.HF_HUB_OFFLINE:
-        raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
     result.commit, result.changed = _upload(folder, repo_id, name, config, private, revision, token, endpoint,
                                             commit_message)
     return result
