@@ -349,6 +349,11 @@ def _bench_convert(method: str, num_calib: int) -> Dict:
 
 # --------------------------------------------------------------------------------------------------- driver
 
+# settings that change CPU timings: recorded with the results
+_ENV_KEYS = ('THP_MEM_ALLOC_ENABLE', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'LD_PRELOAD', 'KMP_AFFINITY',
+             'MALLOC_MMAP_THRESHOLD_')
+
+
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
@@ -407,6 +412,7 @@ def run_benchmark(
                   command=' '.join(sys.argv), cpu=_cpu_name(), threads=torch.get_num_threads(),
                   torch=torch.__version__, timm=timm.__version__, jetmoe_timm=__version__,
                   python=platform.python_version(), gpu='none used (CPU benchmark)',
+                  env={k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
                   loadavg_start=list(os.getloadavg()), config={k: v for k, v in cfg.items()}),
         models=[], memory=[], layer=[], layer_info=[], convert=None)
     for shape_batch in (layer_batch_sizes if layer is not None else ()):
@@ -542,6 +548,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='bench')
+    parser = argparse.ArgumentParser(prog='jetmoe-timm')
     add_parser(parser.add_subparsers(dest='command', required=True))
     return _run(parser.parse_args(['bench'] + list(sys.argv[1:] if argv is None else argv)))

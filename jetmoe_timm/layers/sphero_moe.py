@@ -257,10 +257,14 @@ class SpheroMoE(nn.Module):
         query = self.slot_norm(self.slot_query).flatten(0, 1)
         return query / (torch.linalg.vector_norm(query, dim=-1, keepdim=True) + self.norm_eps)
 
+    def _unit_key(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens L2-normalised: (B, N, d). A multiply by the (B, N, 1) inverse norm has a cheaper backward
+        than a broadcast divide (fewer passes over the (B, N, d) tokens)."""
+        return x * (1. / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.norm_eps))
+
     def routing_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of tokens and slot queries: (B, N, d) -> (B, N, M)."""
-        key = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.norm_eps)
-        return key @ self._unit_query().t()
+        return self._unit_key(x) @ self._unit_query().t()
 
     def _routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32.
@@ -269,7 +273,7 @@ class SpheroMoE(nn.Module):
         normalisations run in float32, where bf16 would visibly distort the weights of ~300 slots.
         """
         inv_temp = 1. / self.temperature.float()
-        key = x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + self.norm_eps)
+        key = self._unit_key(x)
         # 1 / t_dispatch is folded into the (M, d) query, not applied to the much larger (B, N, M) logits
         query = self._unit_query() * inv_temp[0].to(x.dtype)
         logits = (key @ query.t()).float()  # cos / t_dispatch
@@ -298,8 +302,9 @@ class SpheroMoE(nn.Module):
     def _run_experts(self, slots: torch.Tensor) -> torch.Tensor:
         """Both expert paths on the slots: (B, M, d) -> expert-major outputs (M, B, d).
 
-        With one slot per expert, each path reads its slots through a strided (E, B, d) view of the batch-major
-        tensor: the batched matmul takes that layout as it is, so nothing is copied on the way in.
+        With one slot per expert (all registered models), each path reads its slots through a strided (E, B, d)
+        view of the batch-major tensor, a layout the batched matmul takes as it is: nothing is copied on the way
+        in. With S > 1 slots, expert e's rows are ordered s * B + b and gathering them costs one copy.
         """
         B = slots.shape[0]
         S = self.slots_per_expert
