@@ -48,7 +48,7 @@ SUCC_ARGS = dict(img_size=IMG, patch_size=4, in_chans=1, embed_dim=96, depth=6, 
                  moe_blocks=(3, 4, 5), num_core_experts=32, num_univ_experts=64)
 
 CONFIGS = {
-    'full': dict(pretrain_images=20000, pretrain_epochs=2, epochs=6, batch_size=64, calib_images=1024, lr=1e-3),
+    'full': dict(pretrain_images=20000, pretrain_epochs=2, epochs=5, batch_size=64, calib_images=1024, lr=1e-3),
     'quick': dict(pretrain_images=6000, pretrain_epochs=1, epochs=3, batch_size=64, calib_images=256, lr=1e-3,
                   train_limit=1500),
     # the same pipeline on toy sizes, for the test suite
@@ -94,7 +94,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def train(model, x, y, x_test, y_test, epochs, batch_size, lr, layer_decay=None, seed=0, desc='') -> List[float]:
     """AdamW + warm-up + cosine, label smoothing; returns test accuracy after each epoch (index 0: before)."""
     g = torch.Generator().manual_seed(seed)
-    opt = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=0.05, layer_decay=layer_decay)
+    # fused AdamW: several times faster than the foreach kernels on CPU for MoE-sized parameter counts
+    opt = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=0.05, layer_decay=layer_decay, fused=True)
     steps = epochs * math.ceil(len(x) / batch_size)
     sched = CosineLRScheduler(opt, t_initial=steps, warmup_t=steps // 10, warmup_lr_init=lr * 0.01,
                               lr_min=lr * 0.01, t_in_epochs=False)
