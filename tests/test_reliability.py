@@ -416,8 +416,12 @@ exec(open(os.path.join(workdir, 'load.py')).read())
 digests = [None] * dist.get_world_size()
 dist.all_gather_object(digests, out['digest'])  # the ranks hold identical weights
 out['all_ranks'] = digests
-json.dump(out, open(os.path.join(workdir, f'rank{rank}.json'), 'w'))
+with open(os.path.join(workdir, f'rank{rank}.json'), 'w') as f:
+    json.dump(out, f)
+dist.barrier()  # neither rank tears gloo down while the other still talks to it
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # skip interpreter teardown: gloo's threads can abort() there ("terminate called without...")
 '''
 
 
