@@ -52,8 +52,8 @@ CONFIGS = {
     'quick': dict(pretrain_images=6000, pretrain_epochs=1, epochs=3, batch_size=64, calib_images=256, lr=1e-3,
                   train_limit=1500),
     # the same pipeline on toy sizes, for the test suite
-    'smoke': dict(pretrain_images=128, pretrain_epochs=1, epochs=1, batch_size=64, calib_images=32, lr=1e-3,
-                  train_limit=128, test_limit=100, width=0.25),
+    'smoke': dict(pretrain_images=64, pretrain_epochs=1, epochs=1, batch_size=64, calib_images=16, lr=1e-3,
+                  train_limit=64, test_limit=50, width=0.25),
 }
 
 
