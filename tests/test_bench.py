@@ -56,7 +56,8 @@ def test_floor_has_the_layers_matmuls():
     with FlopCounterMode(display=False) as counter:
         layer(torch.randn(B, TINY_LAYER.tokens, TINY_LAYER.dim))
     matmul_ops = {'mm', 'bmm', 'baddbmm'}
-    layer_flops = sum(n for op, n in counter.get_flop_counts()['Global'].items() if op.__name__.split('.')[0] in matmul_ops)
+    layer_flops = sum(n for op, n in counter.get_flop_counts()['Global'].items()
+                      if op.__name__.split('.')[0] in matmul_ops)
     assert floor.macs * 2 == layer_flops
     assert len(floor.backward_ops) == 2 * len(floor.forward_ops)
 
