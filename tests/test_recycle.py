@@ -193,6 +193,23 @@ def test_calibration_sources(predecessor, tmp_path):
         _recycle(predecessor, calib=str(empty))
 
 
+@pytest.mark.parametrize('source', ['synthetic', 'folder'])
+def test_calibration_feeds_single_channel_models(tmp_path, source):
+    """A grey-scale predecessor (in_chans=1) gets 1-channel calibration images, normalised with one mean / std."""
+    from jetmoe_timm.recycle.calibration import calibration_batches
+    torch.manual_seed(0)
+    pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, in_chans=1)).eval()
+    if source == 'folder':
+        for i in range(3):
+            Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / f'img{i}.png')
+        source = str(tmp_path)
+    batches, total, _ = calibration_batches(source, pred, num_images=3, batch_size=2)
+    shapes = [b.shape for b in batches]
+    assert total == 2 and shapes == [(2, 1, 32, 32), (1, 1, 32, 32)]
+    succ, r = _recycle(pred, succ=_successor(in_chans=1), calib=source, num_calib=3)
+    assert torch.equal(succ.patch_embed.proj.weight, pred.patch_embed.proj.weight[r.selection['channels']])
+
+
 def test_bad_requests_name_the_fix(predecessor):
     with pytest.raises(ValueError, match='exceeds the predecessor width'):
         recycle(_successor(embed_dim=128, num_heads=4), predecessor, progress=False)

@@ -87,15 +87,29 @@ def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.I
         raise ValueError(f"no image in '{folder}' could be decoded: check the files, or use calib='synthetic'.")
 
 
-def _batched(images, transform, batch_size: int) -> Iterator[torch.Tensor]:
+def _batched(images, transform, batch_size: int, mode: str = 'RGB') -> Iterator[torch.Tensor]:
     batch = []
     for img in images:
-        batch.append(transform(img) if isinstance(img, Image.Image) else img)
+        batch.append(transform(img.convert(mode)) if isinstance(img, Image.Image) else img)
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []
     if batch:
         yield torch.stack(batch)
+
+
+def _in_chans(model: nn.Module):
+    """Input channels of the model's first conv (timm's ``first_conv``), None when it cannot be found."""
+    first_conv = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+    try:
+        conv = model.get_submodule(first_conv) if first_conv else None
+    except AttributeError:
+        return None
+    return getattr(conv, 'in_channels', None)
+
+
+def _to_chans(values, chans: int) -> Tuple[float, ...]:
+    return (sum(values) / len(values),) if chans == 1 else tuple(values)
 
 
 def calibration_batches(
@@ -110,16 +124,25 @@ def calibration_batches(
     img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
     if img_size is not None:  # fixed-size models built at a non-default size
         data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
+    chans = _in_chans(model)
+    if chans is not None and chans != data_cfg['input_size'][0]:
+        if chans not in (1, 3):
+            raise ValueError(f'calibration images can feed 1- or 3-channel models, not in_chans={chans}: pass a '
+                             f'Dataset of ready {chans}-channel tensors as calib.')
+        # timm keeps the pretrained cfg's 3-channel input size and mean / std for models built with in_chans=1
+        data_cfg.update(input_size=(chans, *data_cfg['input_size'][1:]),
+                        mean=_to_chans(data_cfg['mean'], chans), std=_to_chans(data_cfg['std'], chans))
+    mode = 'L' if data_cfg['input_size'][0] == 1 else 'RGB'
     transform = create_transform(**data_cfg, is_training=False)
     total = -(-num_images // batch_size)
     if calib is None or calib == 'synthetic':
         size = data_cfg['input_size'][-1]
         images = (synthetic_image(i, size, seed) for i in range(num_images))
-        return _batched(images, transform, batch_size), total, f'synthetic:{num_images}:seed{seed}'
+        return _batched(images, transform, batch_size, mode), total, f'synthetic:{num_images}:seed{seed}'
     if isinstance(calib, (str, os.PathLike)):
         folder = Path(calib)
         _image_files(folder)  # fail now, with a clear message, rather than mid-way
-        return (_batched(_folder_images(folder, num_images, seed), transform, batch_size), total,
+        return (_batched(_folder_images(folder, num_images, seed), transform, batch_size, mode), total,
                 f'folder:{folder.name}:{num_images}')
     if isinstance(calib, torch.utils.data.Dataset):
         calib = torch.utils.data.DataLoader(calib, batch_size=batch_size, shuffle=False,
@@ -136,5 +159,5 @@ def calibration_batches(
                     n += 1
                     if n == num_images:
                         return
-        return _batched(loader_images(), transform, batch_size), total, f'loader:{num_images}'
+        return _batched(loader_images(), transform, batch_size, mode), total, f'loader:{num_images}'
     raise ValueError(f'calib must be a folder path, a Dataset/DataLoader or "synthetic", got {type(calib).__name__}')
