@@ -51,12 +51,13 @@ SUCC_ARGS = dict(img_size=IMG, patch_size=8, in_chans=1, embed_dim=96, depth=6, 
 
 CONFIGS = {
     # pretrain_images None: all 60,000 Fashion-MNIST training images
-    'full': dict(pretrain_images=None, pretrain_epochs=3, epochs=10, batch_size=64, calib_images=1024, lr=1e-3),
+    'full': dict(pretrain_images=None, pretrain_epochs=3, epochs=10, batch_size=64, calib_images=1024, lr=1e-3,
+                 compare_calibration=True),
     'quick': dict(pretrain_images=20000, pretrain_epochs=1, epochs=4, batch_size=64, calib_images=256, lr=1e-3,
                   train_limit=2000),
     # the same pipeline on toy sizes, for the test suite
     'smoke': dict(pretrain_images=64, pretrain_epochs=1, epochs=1, batch_size=64, calib_images=16, lr=1e-3,
-                  train_limit=64, test_limit=50, width=0.25),
+                  train_limit=64, test_limit=50, width=0.25, compare_calibration=True),
 }
 
 
@@ -166,7 +167,6 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     """Run the demo ('full', or 'quick'; 'smoke' is a toy size for tests) and write its JSON and plot to ``out``."""
     name = config or ('quick' if quick else 'full')
     cfg = CONFIGS[name]
-    quick = name != 'full'
     width = cfg.get('width', 1)
     pred_args, body_args, succ_args = (_scaled(a, width) for a in (PRED_ARGS, BODY_ARGS, SUCC_ARGS))
     out = Path(out)
@@ -203,7 +203,7 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     for method in ('importance', 'graph', 'uniform', 'random', 'copy'):
         runs[f'moe {method}'] = (lambda m=method: recycled(m)[0], 0.75)
     runs['moe importance, official recipe'] = (lambda: recycled(recipe='official')[0], 0.75)
-    if not quick:
+    if cfg.get('compare_calibration'):
         runs['moe importance, synthetic calib'] = (lambda: recycled(calib_src='synthetic')[0], 0.75)
 
     results = {}
@@ -218,7 +218,7 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
         print(f'{run:34s} final {accs[-1]:5.1f}%  probe before {probe0:5.1f}%  ({results[run]["seconds"]:.0f} s)')
 
     # how the synthetic calibration compares with in-domain images: overlap of the selected channels / neurons
-    if not quick:
+    if cfg.get('compare_calibration'):
         _, r_in = recycled()
         _, r_syn = recycled(calib_src='synthetic')
         ch_in, ch_syn = set(r_in.selection['channels'].tolist()), set(r_syn.selection['channels'].tolist())
@@ -238,6 +238,7 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
                    torch=torch.__version__, timm=timm.__version__)
     _print_table(summary)
     (out / 'demo_results.json').write_text(json.dumps(summary, indent=2, default=str))
+    (out / 'demo_results.md').write_text(markdown_table(summary))
     _plot(summary, out / 'demo_convergence.png')
     print(f'wrote {out / "demo_results.json"} and {out / "demo_convergence.png"} ({summary["wall_seconds"]:.0f} s)')
     return summary
@@ -255,6 +256,22 @@ def _print_table(summary: Dict) -> None:
         speedup = '-' if not row['speedup'] else f"{row['speedup']:.1f}x"
         print(f"{row['run']:34s} " + ' '.join(f'{a:5.1f}' for a in accs)
               + f"  {to_target:>9}  {speedup:>8}  {row['delta_vs_moe_scratch']:+5.1f}")
+
+
+def markdown_table(summary: Dict) -> str:
+    """The results table in Markdown (written next to the JSON as demo_results.md)."""
+    epochs = summary['config']['epochs']
+    lines = ['| run | ' + ' | '.join(f'ep {e}' for e in range(epochs + 1))
+             + ' | epochs to MoE-scratch final | speed-up | final vs MoE scratch | probe before |',
+             '|---|' + '---:|' * (epochs + 5)]
+    for row in summary['table']:
+        accs = summary['results'][row['run']]['acc']
+        e = row['epochs_to_scratch_final']
+        speedup = f"{row['speedup']:.1f}x" if row['speedup'] else '-'
+        lines.append(f"| {row['run']} | " + ' | '.join(f'{a:.1f}' for a in accs)
+                     + f" | {'-' if e is None else e} | {speedup} | {row['delta_vs_moe_scratch']:+.1f}"
+                     + f" | {row['probe_before']:.1f} |")
+    return '\n'.join(lines) + '\n'
 
 
 def _plot(summary: Dict, path: Path) -> None:
