@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The README's routing figure: a recycled V-JetMoE, briefly fine-tuned, looked at with `inspect_routing`.
 
-Uses the demo's Fashion-MNIST predecessor (pretrained and cached by `jetmoe-timm demo`, or here on first use),
-recycles it into the demo's successor by importance sampling, fine-tunes it for one epoch on MNIST-5k and draws
+Uses a Fashion-MNIST predecessor like the demo's but with patch 4 (an 8x8 token grid draws finer maps than the
+demo's 4x4), pretrained here on first use and cached, recycles it into a V-JetMoE by importance sampling, fine-tunes it for one epoch on MNIST-5k and draws
 the dispatch maps and contributions of four test digits.
 
     python scripts/make_inspect_figure.py --out docs/inspect_example
@@ -12,9 +12,14 @@ import argparse
 import timm
 import torch
 
-from jetmoe_timm.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, _load, _pretrained_predecessor, train
+from jetmoe_timm.demo import PRED_ARGS, SUCC_ARGS, _load, _pretrained_predecessor, train
 from jetmoe_timm.recycle import recycle
 from jetmoe_timm.visualize import inspect_routing, save_inspection
+
+# the setup the committed figure was made with: 64 patch tokens, N/2 = 32 core and N = 64 universal experts
+FIGURE_PRED_ARGS = dict(PRED_ARGS, patch_size=4)
+FIGURE_SUCC_ARGS = dict(SUCC_ARGS, patch_size=4, num_core_experts=32, num_univ_experts=64)
+FIGURE_CFG = dict(pretrain_images=20000, pretrain_epochs=2, lr=1e-3)
 
 
 def main():
@@ -22,11 +27,11 @@ def main():
     parser.add_argument('--out', default='docs/inspect_example')
     parser.add_argument('--epochs', type=int, default=1)
     args = parser.parse_args()
-    cfg = CONFIGS['full']
+    cfg = FIGURE_CFG
     fm = (*_load('fashion-mnist', 'train', cfg['pretrain_images']), *_load('fashion-mnist', 'validation', 2000))
-    pred = _pretrained_predecessor(PRED_ARGS, cfg, fm, 'vit192')
+    pred = _pretrained_predecessor(FIGURE_PRED_ARGS, cfg, fm, 'vit192')
     torch.manual_seed(1)
-    model = timm.create_model('v_jetmoe_tiny', **SUCC_ARGS)
+    model = timm.create_model('v_jetmoe_tiny', **FIGURE_SUCC_ARGS)
     r = recycle(model, pred, calib=torch.utils.data.TensorDataset(fm[0][:1024]), num_calib=1024, progress=False)
     model.load_state_dict(r.state_dict)
     model.reset_classifier(10)
