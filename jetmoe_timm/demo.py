@@ -35,7 +35,7 @@ from .export import save_safetensors_atomic
 from .recycle import recycle
 from .recycle.build import cache_dir
 
-__all__ = ['run_demo', 'add_parser']
+__all__ = ['run_demo', 'markdown_table', 'add_parser']
 
 IMG = 32  # 28x28 images padded to 32 so that patch 8 gives a 4x4 grid
 
@@ -195,21 +195,24 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
         model.reset_classifier(10)  # Fashion-MNIST classes mean nothing for digits: a fresh head for everyone
         return model, r
 
+    # each maker returns (model, RecycleResult or None for scratch)
     runs = {
-        'moe scratch': (lambda: successor(), None),
-        'dense scratch': (lambda: successor(moe_blocks=()), None),
-        'dense weight-selected': (lambda: recycled(moe_blocks=())[0], 0.75),
+        'moe scratch': (lambda: (successor(), None), None),
+        'dense scratch': (lambda: (successor(moe_blocks=()), None), None),
+        'dense weight-selected': (lambda: recycled(moe_blocks=()), 0.75),
     }
     for method in ('importance', 'graph', 'uniform', 'random', 'copy'):
-        runs[f'moe {method}'] = (lambda m=method: recycled(m)[0], 0.75)
-    runs['moe importance, official recipe'] = (lambda: recycled(recipe='official')[0], 0.75)
+        runs[f'moe {method}'] = (lambda m=method: recycled(m), 0.75)
+    runs['moe importance, official recipe'] = (lambda: recycled(recipe='official'), 0.75)
     if cfg.get('compare_calibration'):
-        runs['moe importance, synthetic calib'] = (lambda: recycled(calib_src='synthetic')[0], 0.75)
+        runs['moe importance, synthetic calib'] = (lambda: recycled(calib_src='synthetic'), 0.75)
 
-    results = {}
+    results, selections = {}, {}
     for run, (make, layer_decay) in runs.items():
         t0 = time.perf_counter()
-        model = make()
+        model, recycle_result = make()
+        if recycle_result is not None:
+            selections[run] = recycle_result.selection
         probe0 = linear_probe(model, x, y, xt, yt)
         accs = train(model, x, y, xt, yt, cfg['epochs'], cfg['batch_size'], cfg['lr'], layer_decay, seed, desc=run)
         results[run] = dict(acc=accs, probe_before=probe0, probe_after=linear_probe(model, x, y, xt, yt),
@@ -219,9 +222,8 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
 
     # how the synthetic calibration compares with in-domain images: overlap of the selected channels / neurons
     if cfg.get('compare_calibration'):
-        _, r_in = recycled()
-        _, r_syn = recycled(calib_src='synthetic')
-        ch_in, ch_syn = set(r_in.selection['channels'].tolist()), set(r_syn.selection['channels'].tolist())
+        ch_in = set(selections['moe importance']['channels'].tolist())
+        ch_syn = set(selections['moe importance, synthetic calib']['channels'].tolist())
         calib_cmp = dict(channel_jaccard=len(ch_in & ch_syn) / len(ch_in | ch_syn))
     else:
         calib_cmp = {}
@@ -244,16 +246,20 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     return summary
 
 
+def _row_cells(summary: Dict, row: Dict):
+    """(accuracy per epoch, epochs to target, speed-up) of one table row, '-' where the target was not reached."""
+    e = row['epochs_to_scratch_final']
+    speedup = f"{row['speedup']:.1f}x" if row['speedup'] else '-'
+    return summary['results'][row['run']]['acc'], '-' if e is None else str(e), speedup
+
+
 def _print_table(summary: Dict) -> None:
     epochs = summary['config']['epochs']
     head = f"{'run':34s} " + ' '.join(f'ep{e:<3d}' for e in range(epochs + 1)) + '  to-target  speed-up  Δfinal'
     print('\nMNIST-5k test accuracy (%) per epoch; target = MoE scratch final accuracy')
     print(head)
     for row in summary['table']:
-        accs = summary['results'][row['run']]['acc']
-        e = row['epochs_to_scratch_final']
-        to_target = '-' if e is None else str(e)
-        speedup = '-' if not row['speedup'] else f"{row['speedup']:.1f}x"
+        accs, to_target, speedup = _row_cells(summary, row)
         print(f"{row['run']:34s} " + ' '.join(f'{a:5.1f}' for a in accs)
               + f"  {to_target:>9}  {speedup:>8}  {row['delta_vs_moe_scratch']:+5.1f}")
 
@@ -265,11 +271,9 @@ def markdown_table(summary: Dict) -> str:
              + ' | epochs to MoE-scratch final | speed-up | final vs MoE scratch | probe before |',
              '|---|' + '---:|' * (epochs + 5)]
     for row in summary['table']:
-        accs = summary['results'][row['run']]['acc']
-        e = row['epochs_to_scratch_final']
-        speedup = f"{row['speedup']:.1f}x" if row['speedup'] else '-'
+        accs, to_target, speedup = _row_cells(summary, row)
         lines.append(f"| {row['run']} | " + ' | '.join(f'{a:.1f}' for a in accs)
-                     + f" | {'-' if e is None else e} | {speedup} | {row['delta_vs_moe_scratch']:+.1f}"
+                     + f" | {to_target} | {speedup} | {row['delta_vs_moe_scratch']:+.1f}"
                      + f" | {row['probe_before']:.1f} |")
     return '\n'.join(lines) + '\n'
 

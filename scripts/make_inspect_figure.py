@@ -2,8 +2,8 @@
 """The README's routing figure: a recycled V-JetMoE, briefly fine-tuned, looked at with `inspect_routing`.
 
 Uses a Fashion-MNIST predecessor like the demo's but with patch 4 (an 8x8 token grid draws finer maps than the
-demo's 4x4), pretrained here on first use and cached, recycles it into a V-JetMoE by importance sampling, fine-tunes it for one epoch on MNIST-5k and draws
-the dispatch maps and contributions of four test digits.
+demo's 4x4), pretrained here on first use and cached, recycles it into a V-JetMoE by importance sampling,
+fine-tunes it for one epoch on MNIST-5k and draws the dispatch maps and contributions of four test digits.
 
     python scripts/make_inspect_figure.py --out docs/inspect_example
 """

@@ -90,7 +90,9 @@ def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.I
 def _batched(images, transform, batch_size: int, mode: str = 'RGB') -> Iterator[torch.Tensor]:
     batch = []
     for img in images:
-        batch.append(transform(img.convert(mode)) if isinstance(img, Image.Image) else img)
+        if isinstance(img, Image.Image):
+            img = transform(img if img.mode == mode else img.convert(mode))
+        batch.append(img)
         if len(batch) == batch_size:
             yield torch.stack(batch)
             batch = []
