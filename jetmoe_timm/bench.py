@@ -21,6 +21,7 @@ Results go to a JSON file and a printed table (see docs/benchmark.md).
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -77,7 +78,10 @@ DEFAULT_PAIRS = (
 )
 # one MoE block of v_jetmoe_tiny: 197 tokens of width 192, 98 core (768) + 196 universal (192) experts
 V_JETMOE_TINY_LAYER = LayerShape(dim=192, tokens=197, num_core_experts=98, num_univ_experts=196, core_hidden=768)
-PRECISIONS = {'float32': None, 'bf16': torch.bfloat16}
+# 'bf16' is autocast over float32 weights; 'bf16-weights' (inference only) runs a bfloat16 copy of the model, which
+# skips autocast's per-forward cast of every weight: a cost that grows with the parameter count, not the FLOPs
+PRECISIONS = {'float32': None, 'bf16': torch.bfloat16, 'bf16-weights': torch.bfloat16}
+_CAST_WEIGHTS = ('bf16-weights',)
 _REFERENCE_IMAGES = 4  # the looped reference is timed on this many images, then scaled to the batch
 
 
@@ -100,7 +104,9 @@ def _interleaved(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int)
 
 def _autocast(precision: str):
     dtype = PRECISIONS[precision]
-    return torch.autocast('cpu', dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    if dtype is None or precision in _CAST_WEIGHTS:
+        return contextlib.nullcontext()
+    return torch.autocast('cpu', dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -170,7 +176,8 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
     models = {'model': _build(pair.model, pair.model_kwargs), 'twin': _build(pair.twin, pair.twin_kwargs)}
     names = {'model': pair.model, 'twin': pair.twin}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.05, fused=True) for k, m in models.items()}
-    compiled: Dict[str, nn.Module] = {}
+    compiled: Dict[Tuple[str, bool], nn.Module] = {}
+    cast_models: Dict[str, nn.Module] = {}  # bfloat16 copies for 'bf16-weights', made on first use
     for batch in cfg['batch_sizes']:
         x = torch.randn(batch, *pair.input_size)
         y = torch.randint(0, models['model'].num_classes, (batch,))
@@ -178,18 +185,26 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
             if compile_on and batch not in cfg['compile_batch_sizes']:
                 continue
             for precision in cfg['precisions']:
+                cast = precision in _CAST_WEIGHTS
                 for mode in cfg['modes']:
+                    if cast and mode == 'train':
+                        continue  # training keeps float32 master weights: bf16 there means autocast
                     cands, compile_s = {}, {}
-                    for k, m in models.items():
+                    for k in models:
+                        if cast:
+                            m = cast_models.setdefault(k, copy.deepcopy(models[k]).to(PRECISIONS[precision]))
+                            xm = x.to(PRECISIONS[precision])
+                        else:
+                            m, xm = models[k], x
                         m.train(mode == 'train')
                         if compile_on:
-                            compiled.setdefault(k, torch.compile(m))
-                            run = _runner(compiled[k], mode, x, y, precision, opts[k])
+                            c = compiled.setdefault((k, cast), torch.compile(m))
+                            run = _runner(c, mode, xm, y, precision, opts[k])
                             t0 = time.perf_counter()
                             run()  # compiles for this batch, precision and mode
                             compile_s[k] = time.perf_counter() - t0
                         else:
-                            run = _runner(m, mode, x, y, precision, opts[k])
+                            run = _runner(m, mode, xm, y, precision, opts[k])
                         cands[k] = run
                     times = _interleaved(cands, cfg['rounds'], cfg['warmup'])
                     ips = {k: batch / statistics.median(v) for k, v in times.items()}
@@ -322,14 +337,28 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
 
 # -------------------------------------------------------------------------------------------------- convert
 
+# Peak RSS is read from the child's own VmHWM: its ru_maxrss would also count the benchmark parent's pages, which
+# Linux folds into the child's high-water mark when the forked child execs Python.
 _CONVERT_CHILD = r'''
 import json, resource, sys, time
 import jetmoe_timm
+
+
+def peak_rss_gb():
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # not Linux: best effort
+
+
 t0 = time.perf_counter()
 jetmoe_timm.convert('v_jetmoe_tiny', sys.argv[2], predecessor=sys.argv[1], method=sys.argv[3],
                     num_calib=int(sys.argv[4]), progress=False)
-print(json.dumps(dict(seconds=time.perf_counter() - t0,
-                      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)))
+print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_rss_gb=peak_rss_gb())))
 '''
 
 
@@ -354,7 +383,7 @@ def _bench_convert(method: str, num_calib: int) -> Dict:
 
 # settings that change CPU timings: recorded with the results
 _ENV_KEYS = ('THP_MEM_ALLOC_ENABLE', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'LD_PRELOAD', 'KMP_AFFINITY',
-             'MALLOC_MMAP_THRESHOLD_')
+             'MALLOC_MMAP_THRESHOLD_', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_')
 
 
 def _cpu_name() -> str:
@@ -442,7 +471,7 @@ def run_benchmark(
 
 def _format_model_row(r: Dict) -> str:
     best = min(r['twin_s']) / min(r['model_s'])  # fastest round of each: the least disturbed by other load
-    return (f"{r['pair']:40s} {r['mode']:5s} {r['batch']:5d} {r['precision']:7s} {'on' if r['compile'] else 'off':3s}"
+    return (f"{r['pair']:40s} {r['mode']:5s} {r['batch']:5d} {r['precision']:12s} {'on' if r['compile'] else 'off':3s}"
             f" {r['model_img_s']:8.1f} {r['twin_img_s']:8.1f} {r['ratio']:6.2f} {best:6.2f}")
 
 
@@ -456,7 +485,7 @@ def format_table(result: Dict) -> str:
     if result['models']:
         lines += ['', f'Models: images/s, median of {rounds} interleaved rounds; ratio = JetMoE / dense twin '
                       f'(best: of the fastest rounds)',
-                  f"{'pair':40s} {'mode':5s} {'batch':>5s} {'prec':7s} {'cmp':3s} {'JetMoE':>8s} {'twin':>8s} "
+                  f"{'pair':40s} {'mode':5s} {'batch':>5s} {'prec':12s} {'cmp':3s} {'JetMoE':>8s} {'twin':>8s} "
                   f"{'ratio':>6s} {'best':>6s}"]
         lines += [_format_model_row(r) for r in result['models']]
     for info in result['layer_info']:
@@ -516,7 +545,7 @@ def _run(args) -> int:
         modes=args.modes,
         torch_compile=(False, True) if compile_mode == 'all' else (False,),
         compile_batch_sizes=args.compile_batch_sizes or ([64] if 64 in batch_sizes else batch_sizes[:1]),
-        layer=V_JETMOE_TINY_LAYER,
+        layer=None if args.no_layer else V_JETMOE_TINY_LAYER,
         layer_batch_sizes=args.layer_batch_sizes or ([32] if quick else [64]),
         reference=not args.no_reference,
         compile_layer=compile_mode != 'off',
@@ -549,7 +578,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f'JetMoE models to compare with their twins, from {[q.model for q in DEFAULT_PAIRS]} '
                         '(default: all; --quick: the first)')
     p.add_argument('--batch-sizes', nargs='+', type=int, metavar='B', help='model batch sizes (default: 32 64 128)')
-    p.add_argument('--precisions', nargs='+', choices=sorted(PRECISIONS), help='default: float32 bf16')
+    p.add_argument('--precisions', nargs='+', choices=sorted(PRECISIONS), help="default: float32 bf16 (autocast); 'bf16-weights': inference of a bfloat16 copy of each model")
     p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
     p.add_argument('--compile', choices=('off', 'layer', 'all'),
                    help="torch.compile: 'off', 'layer' (the layer also compiled; --quick default) or 'all' (models "
@@ -561,6 +590,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, help='torch threads (default: torch\'s)')
     p.add_argument('--no-reference', action='store_true', help='skip the (slow) looped reference layer')
     p.add_argument('--no-memory', action='store_true', help='skip the training-step memory measurement')
+    p.add_argument('--no-layer', action='store_true', help='skip the SpheroMoE layer section')
     p.add_argument('--convert', action='store_true',
                    help='also time a full-size conversion (v_jetmoe_tiny from ViT-S/16, minutes)')
     p.set_defaults(func=_run)

@@ -79,6 +79,36 @@ def test_cli_quick_writes_json(tmp_path, monkeypatch, capsys):
     assert f'wrote {out}' in capsys.readouterr().out
 
 
+def test_bf16_weights_is_inference_of_a_bfloat16_copy(tmp_path, monkeypatch):
+    """'bf16-weights' times bfloat16 copies of both models (inference only) and leaves the originals float32."""
+    monkeypatch.setattr(bench, 'DEFAULT_PAIRS', (TINY_PAIR,))
+    built = []
+    real_build = bench._build
+    monkeypatch.setattr(bench, '_build', lambda name, kwargs: built.append(real_build(name, kwargs)) or built[-1])
+    out = tmp_path / 'b.json'
+    rc = cli.main(['bench', '--models', 'v_jetmoe_tiny', '--precisions', 'float32', 'bf16-weights', '--compile',
+                   'off', '--batch-sizes', '2', '--rounds', '1', '--no-memory', '--no-layer', '--out', str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [(r['mode'], r['precision']) for r in result['models']] == [
+        ('infer', 'float32'), ('train', 'float32'), ('infer', 'bf16-weights')]
+    assert result['layer'] == [] and result['layer_info'] == []
+    assert len(built) == 2 and all(p.dtype == torch.float32 for m in built for p in m.parameters())
+    assert 'bf16-weights' in bench.format_table(result)
+
+
+def test_convert_child_reads_its_own_peak_rss():
+    """The conversion child reports its own high-water mark, not the one it inherits from a big parent."""
+    import subprocess
+    import sys
+    parent_pages = torch.ones(2 ** 28)  # 1 GiB touched here, in the parent
+    helper = bench._CONVERT_CHILD.split('t0 = time.perf_counter()')[0].replace('import jetmoe_timm', '')
+    res = subprocess.run([sys.executable, '-c', helper + 'print(peak_rss_gb())'], capture_output=True, text=True,
+                         check=True)
+    assert 0 < float(res.stdout) < 0.5
+    del parent_pages
+
+
 def test_cli_rejects_unknown_model(tmp_path):
     assert cli.main(['bench', '--models', 'nope', '--out', str(tmp_path / 'b.json')]) == 2
 
