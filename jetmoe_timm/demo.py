@@ -255,7 +255,7 @@ def _row_cells(summary: Dict, row: Dict):
 
 def _print_table(summary: Dict) -> None:
     epochs = summary['config']['epochs']
-    head = f"{'run':34s} " + ' '.join(f'ep{e:<3d}' for e in range(epochs + 1)) + '  to-target  speed-up  Δfinal'
+    head = f"{'run':34s} " + ' '.join(f"{f'ep{e}':>5s}" for e in range(epochs + 1)) + '  to-target  speed-up  Δfinal'
     print('\nMNIST-5k test accuracy (%) per epoch; target = MoE scratch final accuracy')
     print(head)
     for row in summary['table']:
