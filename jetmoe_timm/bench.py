@@ -7,8 +7,8 @@ a machine shared with other work slows them alike; each ratio is also given from
 candidate ("best"), the figure least disturbed by bursts of other load. Sections:
 
   models  images/s of inference and of a full training step (forward, backward, fused AdamW step) for each
-          JetMoE model and its dense twin, per batch size, precision (float32, bf16 autocast) and torch.compile
-          on/off; ratio = JetMoE / twin.
+          JetMoE model and its dense twin, per batch size, precision (float32, bf16 autocast, and for inference
+          bf16-weights: a bfloat16 copy of each model) and torch.compile on/off; ratio = JetMoE / twin.
   layer   the SpheroMoE layer (forward in eval, forward+backward in train) against its floor: the same matmuls
           (logits, dispatch, experts, combine, and their gradients) with the same shapes, timed alone on
           contiguous operands into preallocated outputs; the looped reference layer shows what batching buys.
@@ -192,8 +192,11 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     cands, compile_s = {}, {}
                     for k in models:
                         if cast:
-                            m = cast_models.setdefault(k, copy.deepcopy(models[k]).to(PRECISIONS[precision]))
-                            xm = x.to(PRECISIONS[precision])
+                            if k not in cast_models:
+                                m = copy.deepcopy(models[k])
+                                m.zero_grad(set_to_none=True)  # the float32 training cells' gradients stay behind
+                                cast_models[k] = m.to(PRECISIONS[precision])
+                            m, xm = cast_models[k], x.to(PRECISIONS[precision])
                         else:
                             m, xm = models[k], x
                         m.train(mode == 'train')
@@ -427,6 +430,9 @@ def run_benchmark(
     for m in modes:
         if m not in ('infer', 'train'):
             raise ValueError(f"Unknown mode '{m}'; choose 'infer' or 'train'.")
+    if 'infer' not in modes and all(p in _CAST_WEIGHTS for p in precisions):
+        raise ValueError(f'{list(precisions)} time inference only: add the infer mode or a training precision '
+                         '(float32, bf16).')
     if rounds < 1 or any(b < 1 for b in list(batch_sizes) + list(layer_batch_sizes)):
         raise ValueError('rounds and batch sizes must be >= 1.')
     if threads:
@@ -568,7 +574,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         'bench', help='speed: JetMoE models vs their dense twins, SpheroMoE vs its matmul floor',
         description='Time JetMoE models against their dense twins (inference and fused-AdamW training, '
-                    'float32 / bf16 autocast, eager / torch.compile) and the SpheroMoE layer against its matmul '
+                    'float32 / bf16 autocast / bf16 weights, eager / torch.compile) and the SpheroMoE layer '
+                    'against its matmul '
                     'floor and the looped reference; write JSON and print a table (see docs/benchmark.md). '
                     'Candidates are interleaved and medians reported, so a busy machine slows them alike.')
     p.add_argument('--quick', action='store_true',
@@ -578,7 +585,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f'JetMoE models to compare with their twins, from {[q.model for q in DEFAULT_PAIRS]} '
                         '(default: all; --quick: the first)')
     p.add_argument('--batch-sizes', nargs='+', type=int, metavar='B', help='model batch sizes (default: 32 64 128)')
-    p.add_argument('--precisions', nargs='+', choices=sorted(PRECISIONS), help="default: float32 bf16 (autocast); 'bf16-weights': inference of a bfloat16 copy of each model")
+    p.add_argument('--precisions', nargs='+', choices=sorted(PRECISIONS),
+                   help="default: float32 bf16 (autocast); 'bf16-weights': a bfloat16 copy of each model, "
+                        'inference only')
     p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
     p.add_argument('--compile', choices=('off', 'layer', 'all'),
                    help="torch.compile: 'off', 'layer' (the layer also compiled; --quick default) or 'all' (models "
