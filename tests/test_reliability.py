@@ -88,6 +88,23 @@ def _rewrite_header(path: Path, edit) -> None:
     path.write_bytes(len(new).to_bytes(8, 'little') + new + raw[8 + n:])
 
 
+def test_save_handles_shared_views_and_transposed_tensors(tmp_path):
+    """Tied weights, views and non-contiguous tensors are copied for safetensors (which rejects them); the file
+    round-trips exactly and the caller's tensors are untouched."""
+    from safetensors.torch import load_file
+    base = torch.randn(4, 6)
+    sd = dict(plain=torch.randn(3, 3), tied1=base, tied2=base, row_view=base[1:3], transposed=torch.randn(5, 2).t(),
+              empty=torch.zeros(0, 2))
+    before = {k: v.clone() for k, v in sd.items()}
+    path = save_safetensors_atomic(sd, tmp_path / 'w.safetensors')
+    verify_safetensors(path, require_checksum=True)
+    back = load_file(str(path))
+    assert set(back) == set(sd)
+    for k in sd:
+        torch.testing.assert_close(back[k], before[k], rtol=0, atol=0)
+        torch.testing.assert_close(sd[k], before[k], rtol=0, atol=0)
+
+
 def test_checksum_catches_every_kind_of_damage(tmp_path):
     sd = dict(a=torch.randn(4, 8), b=torch.randn(3).bfloat16(), c=torch.arange(5), d=torch.tensor([True, False]),
               e=torch.tensor(2.5), f=torch.zeros(0, 3), g=torch.randn(6).half())
