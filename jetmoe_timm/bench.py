@@ -575,8 +575,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         'bench', help='speed: JetMoE models vs their dense twins, SpheroMoE vs its matmul floor',
         description='Time JetMoE models against their dense twins (inference and fused-AdamW training, '
                     'float32 / bf16 autocast / bf16 weights, eager / torch.compile) and the SpheroMoE layer '
-                    'against its matmul '
-                    'floor and the looped reference; write JSON and print a table (see docs/benchmark.md). '
+                    'against its matmul floor and the looped reference; write JSON and print a table (see '
+                    'docs/benchmark.md). '
                     'Candidates are interleaved and medians reported, so a busy machine slows them alike.')
     p.add_argument('--quick', action='store_true',
                    help='v_jetmoe_tiny pair only, batch 32, float32, eager models, 3 rounds (under 2 minutes)')

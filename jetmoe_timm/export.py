@@ -9,6 +9,7 @@ Every safetensors file written here also carries a content checksum (``jetmoe_sh
 over each tensor's name, dtype, shape and bytes, in name order); ``verify_safetensors`` recomputes it, so a
 truncated file or flipped bytes are caught before anything is loaded.
 """
+import collections
 import hashlib
 import json
 import os
@@ -45,17 +46,15 @@ def _umask() -> int:
 def _contiguous_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Tensors safetensors accepts: each dense, contiguous and alone in its storage. Only those that are not get
     copied, so a full-size model is not held twice while it is written (v_jetmoe_small: 4 GB)."""
-    storages = {}
-    for v in state_dict.values():
-        ptr = v.untyped_storage().data_ptr()
-        storages[ptr] = storages.get(ptr, 0) + 1
+    # counted on the caller's tensors: .cpu() of a GPU tensor makes a new storage, alone by construction
+    sharing = collections.Counter(v.untyped_storage().data_ptr() for v in state_dict.values())
     out = {}
     for k, v in state_dict.items():
+        shared = sharing[v.untyped_storage().data_ptr()] > 1
         v = v.detach().cpu()
         whole = (v.is_contiguous() and v.storage_offset() == 0
                  and v.untyped_storage().nbytes() == v.numel() * v.element_size())
-        out[k] = v if whole and storages[v.untyped_storage().data_ptr()] == 1 else v.clone(
-            memory_format=torch.contiguous_format)
+        out[k] = v if whole and not shared else v.clone(memory_format=torch.contiguous_format)
     return out
 
 
