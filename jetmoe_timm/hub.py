@@ -171,6 +171,18 @@ def _moe_layers(model: nn.Module) -> str:
     return '\n'.join(lines)
 
 
+def _retention_lines(prov: Dict[str, Any]):
+    kept, contract = prov.get('retention'), prov.get('input_contract')
+    if kept:
+        yield (f"- **Retention at init:** linear CKA of its pooled features with the predecessor's "
+               f"{_fmt(kept['cka'])} (the same architecture at random init: {_fmt(kept['cka_scratch'])}), on "
+               f"{kept['images']} calibration images, before any fine-tuning")
+    if contract and 'mean' in contract:
+        yield (f"- **Preprocessing** (the predecessor's): mean {tuple(contract['mean'])}, std "
+               f"{tuple(contract['std'])}" + (f", {contract['interpolation']} interpolation"
+                                              if contract.get('interpolation') else ''))
+
+
 def _provenance(prov: Dict[str, Any], has_selection: bool) -> str:
     if prov.get('source') == 'official':
         return (f"- **Converted from:** the official MoE Jetpack checkpoint `{prov.get('file')}` "
@@ -186,6 +198,7 @@ def _provenance(prov: Dict[str, Any], has_selection: bool) -> str:
         f"- **Calibration:** `{prov.get('calibration')}`" + (
             f" ({prov['calibration_images']} images)" if prov.get('calibration_images') else '') +
         f"; **seed:** {prov.get('seed')}",
+        *_retention_lines(prov),
         f"- **Tool:** jetmoe_timm {prov.get('jetmoe_timm_version', '')}".rstrip() + ' (`jetmoe-timm convert`)' + (
             '; the chosen channels, heads and neurons of every expert are in the `model.safetensors` metadata'
             if has_selection else ''),

@@ -107,4 +107,8 @@ def prepare_pretrained(variant: str, model_args: Dict[str, Any], kwargs: Dict[st
         build_kwargs['num_classes'] = cfg.num_classes
         path = str(cached_recycled_file(full, build_kwargs))
     overlay.update(file=path, custom_load=False)
+    # the preprocessing the recycled weights expect is their predecessor's: data configs follow it
+    from ..export import read_provenance
+    contract = read_provenance(path).get('input_contract') or {}
+    overlay.update({k: tuple(v) if isinstance(v, list) else v for k, v in contract.items() if k not in overlay})
     return dict(kwargs, pretrained_cfg_overlay=overlay)

@@ -1,6 +1,6 @@
 """ Checkpoint recycling: dense timm checkpoints become initial weights of JetMoE successors. """
 from .build import RECYCLE_SOURCES, build_recycled, cached_recycled_file, load_predecessor
 from .convert import convert
-from .engine import RECIPES, RecycleResult, recycle
+from .engine import CALIB_SIZES, RECIPES, RecycleResult, recycle
 from .selection import METHODS
 from .stats import STATISTICS

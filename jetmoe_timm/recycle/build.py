@@ -32,7 +32,7 @@ from ..version import __version__
 from .engine import RecycleResult, check_options, recycle, selection_to_json
 
 __all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
-           'cache_dir']
+           'cache_dir', 'input_contract']
 
 _logger = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ RECYCLE_SOURCES: Dict[str, Dict[str, Any]] = {
     'c_jetmoe_tiny.recycled_in22k': dict(predecessor='convnext_base.fb_in22k'),
 }
 
-DEFAULT_OPTIONS = dict(method='importance', recipe='paper', statistic='l2', seed=0)
+DEFAULT_OPTIONS = dict(method='importance', recipe='paper', statistic='l2', seed=0, calib_size='successor')
+# the predecessor's preprocessing, which its weights were trained for: the successor inherits it
+INPUT_CONTRACT_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
 _LOCK_NOTICE_S = 10.  # after this long waiting for another process's build, say so
 
 
@@ -149,10 +151,19 @@ def build_recycled(
         body = load_predecessor(body_spec, arch_hint=source.get('body_predecessor'))
     result = recycle(succ, pred, body_predecessor=body, progress=progress, **opts)
     succ.load_state_dict(result.state_dict)
+    contract = input_contract(pred)
+    succ.pretrained_cfg = dict(succ.pretrained_cfg, **contract)
     result.provenance.update(
+        input_contract=contract,
         model=full, predecessor=pred_spec, body_predecessor=body_predecessor or source.get('body_predecessor')
         if opts['recipe'] == 'official' else None, model_kwargs=model_kwargs)
     return succ, result
+
+
+def input_contract(model: nn.Module) -> Dict[str, Any]:
+    """The preprocessing ``model``'s weights expect (mean, std, interpolation, crop), from its pretrained cfg."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in INPUT_CONTRACT_KEYS if k in cfg}
 
 
 def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options: Dict[str, Any]) -> str:
@@ -162,7 +173,7 @@ def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options:
 
 
 def _check_options(opts: Dict[str, Any]) -> None:
-    keys = ('method', 'recipe', 'statistic', 'calib', 'num_calib', 'batch_size')
+    keys = ('method', 'recipe', 'statistic', 'calib', 'num_calib', 'batch_size', 'calib_size')
     check_options(**{k: opts[k] for k in keys if k in opts})
 
 

@@ -5,12 +5,13 @@ Sources (``calib``):
                            spectrum and random colour mixing, seeded; works offline, needs no download
     a folder               every image below it (any depth), a seeded subset of ``num_images``
     a Dataset/DataLoader   yields images (PIL or tensors) or (image, label) pairs
-All images go through the predecessor's own eval transform (timm's ``resolve_data_config``).
+PIL images go through the predecessor's own eval transform (timm's ``resolve_data_config``) at the input size
+asked for; tensors are taken as already normalised and only resized to it.
 """
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -87,11 +88,15 @@ def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.I
         raise ValueError(f"no image in '{folder}' could be decoded: check the files, or use calib='synthetic'.")
 
 
-def _batched(images, transform, batch_size: int, mode: str = 'RGB') -> Iterator[torch.Tensor]:
+def _batched(images, transform, batch_size: int, mode: str = 'RGB',
+             size: Optional[Tuple[int, int]] = None) -> Iterator[torch.Tensor]:
+    """Batches of transformed images; ready tensors are only resized (antialiased bicubic) to ``size``."""
     batch = []
     for img in images:
         if isinstance(img, Image.Image):
             img = transform(img if img.mode == mode else img.convert(mode))
+        elif size is not None and tuple(img.shape[-2:]) != tuple(size):
+            img = F.interpolate(img[None].float(), size=size, mode='bicubic', antialias=True, align_corners=False)[0]
         batch.append(img)
         if len(batch) == batch_size:
             yield torch.stack(batch)
@@ -120,11 +125,16 @@ def calibration_batches(
         num_images: int = 256,
         batch_size: int = 32,
         seed: int = 0,
+        img_size: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Iterator[torch.Tensor], int, str]:
-    """(batches, number of batches, description) of calibration images transformed for ``model``."""
+    """(batches, number of batches, description) of calibration images transformed for ``model``.
+
+    Images get ``model``'s own preprocessing (mean, std, interpolation, crop) at ``img_size`` (H, W), by default
+    the model's input size.
+    """
     data_cfg = resolve_data_config({}, model=model)
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-    if img_size is not None:  # fixed-size models built at a non-default size
+    img_size = img_size or getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if img_size is not None:  # fixed-size models built at a non-default size, or the size asked for
         data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
     chans = _in_chans(model)
     if chans is not None and chans != data_cfg['input_size'][0]:
@@ -161,5 +171,6 @@ def calibration_batches(
                     n += 1
                     if n == num_images:
                         return
-        return _batched(loader_images(), transform, batch_size, mode), total, f'loader:{num_images}'
+        return (_batched(loader_images(), transform, batch_size, mode, data_cfg['input_size'][1:]), total,
+                f'loader:{num_images}')
     raise ValueError(f'calib must be a folder path, a Dataset/DataLoader or "synthetic", got {type(calib).__name__}')

@@ -1,7 +1,10 @@
 """ ``jetmoe-timm convert``: the command-line face of checkpoint recycling. """
 import argparse
+from pathlib import Path
 
-from .engine import RECIPES
+from ..export import read_provenance
+
+from .engine import CALIB_SIZES, RECIPES
 from .selection import METHODS
 from .stats import STATISTICS
 
@@ -22,7 +25,7 @@ def add_parser(subparsers) -> None:
 
 # every recycling option of ``convert``, with its default; ``push`` shares them
 CONVERT_DEFAULTS = dict(predecessor=None, body_predecessor=None, method='importance', recipe='paper', statistic='l2',
-                        calib='synthetic', num_calib=256, batch_size=32, seed=0)
+                        calib='synthetic', num_calib=256, batch_size=32, seed=0, calib_size='successor')
 
 
 def add_convert_arguments(parser, defaults: bool = True) -> None:
@@ -41,6 +44,9 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
     parser.add_argument('--calib', default=d['calib'], metavar='SOURCE',
                         help="'synthetic' (built-in), 'weights' (data-free) or a folder of images")
     parser.add_argument('--num-calib', type=int, default=d['num_calib'], metavar='N', help='calibration images')
+    parser.add_argument('--calib-size', default=d['calib_size'], choices=CALIB_SIZES,
+                        help="take statistics at the successor's input size (the predecessor resampled to its "
+                             "grid) or at the predecessor's own")
     parser.add_argument('--batch-size', type=int, default=d['batch_size'], metavar='N')
     parser.add_argument('--seed', type=int, default=d['seed'], metavar='N')
     parser.add_argument('--model-kwargs', nargs='*', default=[] if defaults else None, metavar='K=V',
@@ -60,5 +66,9 @@ def run(args) -> int:
         options = {k: getattr(args, k) for k in CONVERT_DEFAULTS}
         out = convert(args.model, args.out, model_kwargs=model_kwargs, overwrite=args.overwrite,
                       progress=not args.no_progress, **options)
+    kept = (read_provenance(Path(out) / 'model.safetensors').get('retention') if not args.from_official else None)
+    if kept:
+        print(f"retention: linear CKA with the predecessor's features {kept['cka']:.3f} (random init "
+              f"{kept['cka_scratch']:.3f}) on {kept['images']} calibration images")
     print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True) after import jetmoe_timm")
     return 0

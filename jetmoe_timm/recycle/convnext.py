@@ -26,6 +26,14 @@ def _blocks(model):
 
 HAS_OFFICIAL_RECIPE = False  # the official tool is ViT-only
 
+# layer scale -> the linear whose output it scales, folded into it when the successor has none (ls_init_value=None)
+SCALE_RULES = {r'stages\.(\d+)\.blocks\.(\d+)\.gamma': r'stages.\1.blocks.\2.mlp.fc2'}
+
+
+def resize(pred, succ):
+    """ConvNeXt takes any input size: the predecessor as it is (statistics run at the successor's size)."""
+    return pred
+
 
 def body_width(model) -> int:
     return model.num_features

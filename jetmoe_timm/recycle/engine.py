@@ -4,22 +4,28 @@ It does not care where weights come from: pass built timm models. Each model fam
 contributes a small module with ``check``, ``probes``, ``select``, ``plan`` and ``WeightStats``; statistics,
 selection, the rule engine and caching are shared.
 """
+import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..version import __version__
 from .calibration import calibration_batches, check_calibration
-from .rules import apply_plan
+from .retention import retention
+from .rules import apply_plan, fold_scales
 from .selection import METHODS
 from .stats import STATISTICS, collect_statistics
 
-__all__ = ['RECIPES', 'RecycleResult', 'check_options', 'recycle']
+__all__ = ['CALIB_SIZES', 'RECIPES', 'RecycleResult', 'check_options', 'recycle']
 
 RECIPES = ('paper', 'official')
+# where the statistics are taken: at the successor's input size and tokens (the predecessor resized to it, the
+# default), or at the predecessor's own (e.g. 518 px for DINOv2, although the successor may see 56 px)
+CALIB_SIZES = ('successor', 'predecessor')
+RETENTION_IMAGES = 256  # at most this many calibration images measure retention
 
 
 @dataclass
@@ -48,8 +54,10 @@ def _family(successor: nn.Module):
 
 
 def check_options(method: str = 'importance', recipe: str = 'paper', statistic: str = 'l2', calib: Any = 'synthetic',
-                  num_calib: int = 1, batch_size: int = 1) -> None:
+                  num_calib: int = 1, batch_size: int = 1, calib_size: str = 'successor') -> None:
     """Raise a clear error for a recycling request that cannot work, before any model is loaded."""
+    if calib_size not in CALIB_SIZES:
+        raise ValueError(f"Unknown calib_size '{calib_size}'; choose one of {', '.join(CALIB_SIZES)}.")
     if method not in METHODS:
         raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
     if recipe not in RECIPES:
@@ -87,6 +95,22 @@ def selection_to_json(selection: Dict[str, torch.Tensor]) -> Dict[str, list]:
     return {k: v.tolist() for k, v in selection.items()}
 
 
+def _input_size(model: nn.Module) -> Tuple[int, int]:
+    """(H, W) the model is built for: a ViT's patch-embedding size, else its pretrained cfg's input size."""
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    return tuple(img_size) if img_size is not None else tuple(model.pretrained_cfg['input_size'][-2:])
+
+
+def _keep_first(batches: Iterator[torch.Tensor], kept: List[torch.Tensor], limit: int) -> Iterator[torch.Tensor]:
+    """Pass ``batches`` through, keeping up to ``limit`` of their images in ``kept``."""
+    n = 0
+    for x in batches:
+        if n < limit:
+            kept.append(x[:limit - n])
+            n += kept[-1].shape[0]
+        yield x
+
+
 def recycle(
         successor: nn.Module,
         predecessor: nn.Module,
@@ -98,6 +122,8 @@ def recycle(
         batch_size: int = 32,
         seed: int = 0,
         body_predecessor: Optional[nn.Module] = None,
+        calib_size: str = 'successor',
+        measure_retention: bool = True,
         progress: bool = True,
 ) -> RecycleResult:
     """Recycle ``predecessor`` (a dense timm model) into weights for ``successor`` (a JetMoE model).
@@ -105,7 +131,7 @@ def recycle(
     Args:
         successor: the JetMoE model to initialise; its own tensors are kept where nothing is recycled
             (slot queries, temperatures, a head whose classes differ).
-        predecessor: the dense timm model whose weights are recycled.
+        predecessor: the dense timm model whose weights are recycled; it is not modified.
         method: expert neuron selection, one of ``METHODS``.
         recipe: 'paper' (one predecessor, the same channels everywhere) or 'official' (body copied from
             ``body_predecessor``, a same-width model; experts from ``predecessor``, each with its own channels).
@@ -114,9 +140,14 @@ def recycle(
             from weight norms).
         num_calib / batch_size: calibration images and batch size.
         seed: every random choice derives from it; same inputs + seed give bit-identical weights.
+        calib_size: 'successor' (default): statistics at the successor's input size, from the predecessor with
+            its position / patch embedding resampled to the successor's grid; 'predecessor': at its own size.
+            Either way the images get the predecessor's preprocessing (mean, std, interpolation, crop).
+        measure_retention: add ``provenance['retention']``: linear CKA of predecessor and successor features on
+            the calibration images, recycled and at the successor's random init (see ``retention.py``).
         progress: show a progress bar.
     """
-    check_options(method, recipe, statistic, calib, num_calib, batch_size)
+    check_options(method, recipe, statistic, calib, num_calib, batch_size, calib_size)
     family = _family(successor)
     family.check(predecessor, successor)
     _check_input(predecessor, successor)
@@ -133,20 +164,33 @@ def recycle(
                              'successor\'s width.')
 
     t0 = time.perf_counter()
+    # everything is recycled from the predecessor at the successor's grid; statistics are taken there by default
+    pred = family.resize(predecessor, successor)
+    size = _input_size(successor)
+    kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
     if calib == 'weights':
-        stats = family.WeightStats(predecessor)
+        stats = family.WeightStats(pred)
     else:
-        batches, total, source = calibration_batches(calib, predecessor, num_calib, batch_size, seed)
-        stats = collect_statistics(predecessor, family.probes(predecessor, successor, method), batches,
+        at_succ = calib_size == 'successor'
+        stats_model = pred if at_succ else predecessor
+        batches, total, source = calibration_batches(calib, stats_model, num_calib, batch_size, seed,
+                                                     img_size=size if at_succ else None)
+        if at_succ and measure_retention:
+            batches = _keep_first(batches, kept, RETENTION_IMAGES)
+        stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
                                    total=total, source=source, progress=progress)
+        if at_succ:
+            stats.source += f':{size[0]}x{size[1]}'
     t_stats = time.perf_counter() - t0
 
-    selection = family.select(predecessor, successor, stats, method, statistic, seed, recipe)
-    plan = family.plan(predecessor, successor, selection, recipe)
-    sources = {'main': predecessor.state_dict()}
+    selection = family.select(pred, successor, stats, method, statistic, seed, recipe)
+    plan = family.plan(pred, successor, selection, recipe)
+    target = successor.state_dict()
+    sources = {'main': fold_scales(pred.state_dict(), target, family.SCALE_RULES)}
     if body_predecessor is not None:
-        sources['body'] = body_predecessor.state_dict()
-    state_dict, fresh = apply_plan(plan, sources, successor.state_dict())
+        body = family.resize(body_predecessor, successor)
+        sources['body'] = fold_scales(body.state_dict(), target, family.SCALE_RULES)
+    state_dict, fresh = apply_plan(plan, sources, target)
 
     provenance = dict(
         method=method,
@@ -154,9 +198,19 @@ def recycle(
         statistic=statistic,
         calibration=stats.source,
         calibration_images=stats.num_images,
+        calib_size=calib_size if calib != 'weights' else None,
         seed=seed,
         jetmoe_timm_version=__version__,
         stats_seconds=round(t_stats, 3),
-        total_seconds=round(time.perf_counter() - t0, 3),
     )
+    if measure_retention:
+        t1 = time.perf_counter()
+        if not kept:  # data-free or native-size statistics: the same images again, at the successor's size
+            images = calib if calib != 'weights' else 'synthetic'
+            batches, _, _ = calibration_batches(images, pred, min(num_calib, RETENTION_IMAGES), batch_size, seed,
+                                                img_size=size)
+            kept = list(batches)
+        provenance['retention'] = retention(pred, successor, state_dict, kept)
+        provenance['retention_seconds'] = round(time.perf_counter() - t1, 3)
+    provenance['total_seconds'] = round(time.perf_counter() - t0, 3)
     return RecycleResult(state_dict=state_dict, selection=selection, provenance=provenance, fresh_keys=fresh)

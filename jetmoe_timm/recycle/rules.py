@@ -8,9 +8,11 @@ plan does not name keep the successor's own initialisation (slot queries, temper
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+import re
+
 import torch
 
-__all__ = ['Take', 'apply_plan', 'expert_takes']
+__all__ = ['Take', 'apply_plan', 'expert_takes', 'fold_scales']
 
 
 @dataclass
@@ -79,3 +81,34 @@ def expert_takes(prefix: str, src: str, neurons: torch.Tensor, channels: torch.T
         f'{prefix}.fc2.bias': (Take(f'{src}.fc2.bias', (channels,)) if per_expert
                                else Take(f'{src}.fc2.bias', (channels,), expand=E)),
     }
+
+
+def fold_scales(
+        state: Dict[str, torch.Tensor],
+        successor_state: Dict[str, torch.Tensor],
+        scale_rules: Dict[str, str],
+) -> Dict[str, torch.Tensor]:
+    r"""The predecessor ``state`` with each per-channel output scale the successor lacks folded into its linear.
+
+    ``scale_rules`` maps a regex of scale keys (layer scale ``gamma``, shape (d,)) to the prefix of the linear
+    whose output it scales (e.g. ``r'blocks\.(\d+)\.ls2\.gamma'`` -> ``r'blocks.\1.mlp.fc2'``): y = g * (W x + b)
+    = (diag(g) W) x + g b, so ``W`` and ``b`` absorb ``g`` and the successor needs no scale. Scales the successor
+    has too are left alone (copied as they are); scales it has that the predecessor lacks become ones, so the
+    recycled block computes what the predecessor's did. Returns a new dict; ``state``'s tensors are not changed.
+    """
+    out = dict(state)
+    for pattern, linear in scale_rules.items():
+        rx = re.compile(pattern)
+        for key in [k for k in state if rx.fullmatch(k)]:
+            if key in successor_state:
+                continue
+            g = state[key]
+            prefix = rx.sub(linear, key)
+            out[f'{prefix}.weight'] = state[f'{prefix}.weight'] * g[:, None]
+            if f'{prefix}.bias' in state:
+                out[f'{prefix}.bias'] = state[f'{prefix}.bias'] * g
+        for key in [k for k in successor_state if rx.fullmatch(k) and k not in state]:
+            weight = state.get(f'{rx.sub(linear, key)}.weight')
+            if weight is not None:  # of the predecessor's width: the plan selects channels from it
+                out[key] = torch.ones(weight.shape[0], dtype=weight.dtype)
+    return out

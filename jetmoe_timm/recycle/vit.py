@@ -5,11 +5,13 @@ everywhere (patch embedding, position embedding, tokens, norms, attention and ML
 keeps whole heads (top heads by the statistic of their output dims) and, if the successor's heads are
 narrower, the same top dims within every kept head, for q, k and v alike.
 """
+import copy
 from typing import Dict, Optional
 
 import torch
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
-from timm.models.vision_transformer import VisionTransformer
+import torch.nn as nn
+from timm.layers import Mlp
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import SpheroMoE
 from .rules import Take, expert_takes
@@ -17,6 +19,13 @@ from .selection import make_generator, select_experts, select_neurons, top_k
 from .stats import Probe
 
 HAS_OFFICIAL_RECIPE = True
+
+# layer scale (DeiT-3, DINOv2, CaiT-style ``ls1`` / ``ls2``) -> the linear whose output it scales; folded into that
+# linear when the successor has no layer scale (``rules.fold_scales``)
+SCALE_RULES = {
+    r'blocks\.(\d+)\.ls1\.gamma': r'blocks.\1.attn.proj',
+    r'blocks\.(\d+)\.ls2\.gamma': r'blocks.\1.mlp.fc2',
+}
 
 
 def _head_dim(model: VisionTransformer) -> int:
@@ -33,7 +42,8 @@ def check(pred, succ) -> None:
     """Raise a clear error when ``pred`` cannot be recycled into ``succ``."""
     if not isinstance(pred, VisionTransformer) or any(isinstance(b.mlp, SpheroMoE) for b in pred.blocks):
         raise ValueError(f'a V-JetMoE successor needs a dense timm VisionTransformer predecessor, got '
-                         f'{type(pred).__name__}: pass a ViT checkpoint (e.g. vit_small_patch16_224.augreg_in21k).')
+                         f'{type(pred).__name__}: pass a ViT checkpoint (e.g. vit_small_patch16_224.augreg_in21k; '
+                         f'RoPE ViTs such as EVA are not supported).')
     d, d_s = pred.embed_dim, succ.embed_dim
     if d_s > d:
         raise ValueError(f'successor width {d_s} exceeds the predecessor width {d}: pick a wider predecessor '
@@ -47,9 +57,35 @@ def check(pred, succ) -> None:
         raise ValueError(f'successor depth {len(succ.blocks)} exceeds the predecessor depth {len(pred.blocks)}.')
     if (succ.cls_token is None) != (pred.cls_token is None) or succ.num_reg_tokens != pred.num_reg_tokens:
         raise ValueError('predecessor and successor must agree on class / register tokens.')
-    if not hasattr(pred.blocks[0].mlp, 'fc1') or not hasattr(pred.blocks[0].mlp, 'act'):
-        raise ValueError('the predecessor MLPs must be timm Mlp modules (fc1 -> act -> fc2); GLU MLPs are not '
-                         'supported.')
+    _check_blocks(pred)
+
+
+def _check_blocks(pred) -> None:
+    """Refuse, in one line, predecessor blocks whose computation the recycling plan would not reproduce."""
+    blk = pred.blocks[0]
+    if type(blk) is not Block:
+        raise ValueError(f'predecessor blocks are {type(blk).__name__}, not timm\'s pre-norm Block (post-norm and '
+                         f'parallel blocks cannot be recycled): pass a standard ViT checkpoint.')
+    if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
+        raise ValueError(f'predecessor MLPs are {type(blk.mlp).__name__}{" with an inner norm" if type(blk.mlp) is Mlp else ""}'
+                         f': only plain fc1 -> act -> fc2 MLPs can be split into experts (GLU / SwiGLU cannot).')
+    if not isinstance(getattr(blk.attn, 'norm', nn.Identity()), nn.Identity):
+        raise ValueError('predecessor attention has an inner norm (scale_attn_norm): not supported; pass a '
+                         'standard ViT checkpoint.')
+
+
+def resize(pred, succ):
+    """The predecessor at the successor's input size and patch size (a resized copy; ``pred`` if they agree).
+
+    Position and patch embeddings are resampled with timm's own ``set_input_size``, so statistics can be taken
+    and weights recycled in the regime the successor will run in (its tokens, its resolution).
+    """
+    size, patch = tuple(succ.patch_embed.img_size), tuple(succ.patch_embed.patch_size)
+    if (tuple(pred.patch_embed.img_size), tuple(pred.patch_embed.patch_size)) == (size, patch):
+        return pred
+    pred = copy.deepcopy(pred)
+    pred.set_input_size(img_size=size, patch_size=patch)
+    return pred
 
 
 def probes(pred, succ, method: str):
@@ -134,24 +170,14 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
 
 
 def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Take]:
-    """Successor key -> Take, for every tensor recycled from the predecessor(s)."""
+    """Successor key -> Take, for every tensor recycled from the predecessor(s), which ``resize`` has brought to
+    the successor's grid and patch size."""
     ch = sel['channels']
     all_ = slice(None)
-    grid_p, grid_s = pred.patch_embed.grid_size, succ.patch_embed.grid_size
-    patch_s = succ.patch_embed.patch_size
-    num_prefix = 0 if succ.no_embed_class else succ.num_prefix_tokens
     body = 'body' if recipe == 'official' else 'main'
     # in the official recipe the body comes whole from a same-width predecessor: no channel selection
     cidx = (all_,) if body == 'body' else (ch,)
     last = (Ellipsis,) + cidx
-
-    def resample_pos(t):
-        return t if tuple(grid_p) == tuple(grid_s) else resample_abs_pos_embed(
-            t, new_size=grid_s, old_size=grid_p, num_prefix_tokens=num_prefix, verbose=False)
-
-    def resample_patch(t):
-        return t if tuple(t.shape[-2:]) == tuple(patch_s) else resample_patch_embed(t, list(patch_s), verbose=False)
-
     p: Dict[str, Take] = {}
 
     def vec(key, src=None):
@@ -162,8 +188,8 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Tak
     if succ.reg_token is not None:
         vec('reg_token')
     if succ.pos_embed is not None:
-        p['pos_embed'] = Take('pos_embed', last, transform=resample_pos, predecessor=body)
-    p['patch_embed.proj.weight'] = Take('patch_embed.proj.weight', cidx, transform=resample_patch, predecessor=body)
+        p['pos_embed'] = Take('pos_embed', last, predecessor=body)  # grids agree: see ``resize``
+    p['patch_embed.proj.weight'] = Take('patch_embed.proj.weight', cidx, predecessor=body)
     if succ.patch_embed.proj.bias is not None:
         vec('patch_embed.proj.bias')
     for name, _ in succ.norm_pre.named_parameters():

@@ -1,0 +1,153 @@
+"""Recycling is exact where it can be: every ViT flavour timm ships, and ConvNeXt, into full-width successors.
+
+A full-width dense successor selects every channel, head and neuron (a permutation at most), so it must compute
+what the predecessor computes; full-width copy experts must compute the dense MLP on equal tokens (every slot
+then holds that token, and the combine weights sum to one). Predecessors have random weights and random layer
+scales, so an index or a scale that is dropped shows.
+"""
+import pytest
+import timm
+import torch
+from timm.layers import SwiGLUPacked
+
+from jetmoe_timm.recycle import recycle
+
+BASE = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)
+VIT_FLAVOURS = {  # timm ViT flavours: what real checkpoints carry
+    'augreg': dict(qkv_bias=True),
+    'deit3_layer_scale': dict(init_values=1e-5, no_embed_class=True),
+    'dinov2_patch14': dict(img_size=42, patch_size=14, init_values=1e-5),
+    'dinov2_registers': dict(img_size=28, patch_size=14, init_values=1e-5, reg_tokens=4, no_embed_class=True),
+    'no_class_token_avg_pool': dict(class_token=False, global_pool='avg', fc_norm=False),
+    'qk_norm': dict(qk_norm=True, qkv_bias=False),
+    'patch16_big_grid': dict(img_size=96, patch_size=16),
+    'no_head': dict(num_classes=0),
+}
+
+
+def _randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('gamma'):  # trained layer scales are far from their 1e-5 init, and differ per channel
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.1)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _vit(flavour):
+    kwargs = dict(BASE, **VIT_FLAVOURS[flavour])
+    pred = _randomize(timm.create_model('vit_small_patch16_224', **kwargs))
+    return pred, dict(kwargs, global_pool=pred.global_pool)  # V-JetMoE pools by average unless told
+
+
+def _succ(kwargs, **overrides):
+    keys = ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'num_classes', 'class_token',
+            'global_pool', 'reg_tokens', 'no_embed_class', 'qk_norm', 'qkv_bias', 'fc_norm')
+    succ_kwargs = {k: v for k, v in kwargs.items() if k in keys}
+    torch.manual_seed(1)
+    return timm.create_model('v_jetmoe_tiny', **dict(succ_kwargs, **overrides))
+
+
+def _recycled(succ, pred, method='importance'):
+    r = recycle(succ, pred, method=method, num_calib=8, batch_size=4, progress=False)
+    succ.load_state_dict(r.state_dict)
+    return succ.eval(), r
+
+
+@pytest.mark.parametrize('layer_scale', [False, True], ids=['ls-folded', 'ls-copied'])
+@pytest.mark.parametrize('flavour', VIT_FLAVOURS)
+def test_full_width_dense_successor_is_exact(flavour, layer_scale):
+    pred, kwargs = _vit(flavour)
+    if layer_scale and 'init_values' not in kwargs:
+        pytest.skip('no layer scale in this flavour (the successor-has-ls case is the next test)')
+    succ = _succ(kwargs, moe_blocks=(), init_values=1e-5 if layer_scale else None)
+    succ, r = _recycled(succ, pred)
+    x = torch.randn(2, 3, kwargs['img_size'], kwargs['img_size'])
+    with torch.no_grad():
+        torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
+        if kwargs['num_classes']:  # the whole head came along too
+            assert 'head.weight' not in r.fresh_keys
+
+
+def test_successor_layer_scale_without_predecessor_one_is_identity():
+    """A successor built with init_values from a predecessor without layer scale gets gammas of one."""
+    pred, kwargs = _vit('augreg')
+    succ, _ = _recycled(_succ(kwargs, moe_blocks=(), init_values=1e-5), pred)
+    assert torch.equal(succ.blocks[0].ls1.gamma, torch.ones(48))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('flavour', ['augreg', 'deit3_layer_scale', 'dinov2_registers', 'qk_norm'])
+def test_full_width_copy_experts_are_exact_on_equal_tokens(flavour):
+    pred, kwargs = _vit(flavour)
+    succ = _succ(kwargs, moe_blocks=(1, 2), num_core_experts=3, num_univ_experts=2, univ_ratio=1.0)
+    succ, _ = _recycled(succ, pred, method='copy')
+    for i in (1, 2):
+        token = torch.randn(1, 1, 48)
+        x = token.expand(2, 5, 48)  # equal tokens: attention returns v(token) for every query, slots equal it
+        with torch.no_grad():
+            torch.testing.assert_close(succ.blocks[i](x), pred.blocks[i](x), atol=1e-4, rtol=1e-4)
+
+
+def test_statistics_and_weights_at_the_successor_grid():
+    """A successor at another resolution is recycled from the predecessor resampled to its grid: with full
+    width it computes what the resampled predecessor computes, and statistics are taken at its own size."""
+    pred, kwargs = _vit('dinov2_patch14')
+    succ = _succ(kwargs, img_size=28, moe_blocks=())
+    succ, r = _recycled(succ, pred)
+    assert r.provenance['calibration'].endswith(':28x28') and r.provenance['calib_size'] == 'successor'
+    resized = timm.create_model('vit_small_patch16_224', **dict(kwargs, img_size=28))
+    resized.load_state_dict(pred.state_dict() | {'pos_embed': timm.layers.resample_abs_pos_embed(
+        pred.pos_embed, new_size=(2, 2), old_size=(3, 3), num_prefix_tokens=1)})
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(succ(x), resized.eval()(x), atol=1e-4, rtol=1e-4)
+    native = recycle(_succ(kwargs, img_size=28, moe_blocks=()), pred, calib_size='predecessor', num_calib=8,
+                     batch_size=4, progress=False)
+    assert native.provenance['calibration'].startswith('synthetic') and ':28x28' not in native.provenance['calibration']
+    with pytest.raises(ValueError, match='calib_size'):
+        recycle(succ, pred, calib_size='native', progress=False)
+
+
+def test_retention_is_reported_and_tells_recycled_from_scratch():
+    pred, kwargs = _vit('deit3_layer_scale')
+    _, r = _recycled(_succ(kwargs, moe_blocks=()), pred)
+    kept = r.provenance['retention']
+    assert kept['images'] == 8 and kept['cka'] == pytest.approx(1.0, abs=1e-3)  # full width: the same features
+    assert kept['cka_scratch'] < 0.99
+    _, r = _recycled(_succ(kwargs, embed_dim=24, num_heads=3, num_core_experts=4, num_univ_experts=4), pred)
+    assert 0 < r.provenance['retention']['cka'] <= 1
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(mlp_layer=SwiGLUPacked, mlp_ratio=2.0), 'GLU'),
+    (dict(block_fn=timm.models.vision_transformer.ResPostBlock), 'pre-norm Block'),
+    (dict(scale_mlp_norm=True), 'inner norm'),
+])
+def test_unrecyclable_vits_are_refused_in_one_line(kwargs, match):
+    pred = timm.create_model('vit_small_patch16_224', **dict(BASE, **kwargs))
+    with pytest.raises(ValueError, match=match) as e:
+        recycle(_succ(BASE, moe_blocks=()), pred, calib='weights', progress=False)
+    assert '\n' not in str(e.value)
+
+
+def test_rope_vit_is_refused():
+    eva = timm.create_model('eva02_tiny_patch14_224', img_size=28, num_classes=0)
+    with pytest.raises(ValueError, match='RoPE'):
+        recycle(_succ(dict(BASE, img_size=28, patch_size=14), moe_blocks=()), eva, calib='weights', progress=False)
+
+
+@pytest.mark.parametrize('succ_ls', [None, 1e-6], ids=['gamma-folded', 'gamma-copied'])
+def test_convnext_full_width_is_exact_with_layer_scale(succ_ls):
+    kwargs = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=5)
+    pred = _randomize(timm.create_model('convnext_tiny', **kwargs))
+    torch.manual_seed(1)
+    succ = timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=(), ls_init_value=succ_ls)
+    succ, _ = _recycled(succ, pred)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
