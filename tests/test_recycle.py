@@ -339,3 +339,48 @@ def test_convert_cli_writes_loadable_folder(tmp_path, pred_dir, monkeypatch):
     assert (out / 'model.safetensors').read_bytes() == before
     with pytest.raises(SystemExit):  # argparse names the valid methods
         main(args[:5] + ['--method', 'best'])
+
+
+def test_predecessor_input_contract_travels(tmp_path, predecessor, monkeypatch, capsys):
+    """Weights trained with some preprocessing keep it: the converted folder, the first-load build and the
+    calibration all use the predecessor's mean / std / interpolation / crop, not the V-JetMoE default."""
+    from timm.data import resolve_model_data_config
+    from jetmoe_timm.cli import main
+    from jetmoe_timm.hub import render_model_card
+    from jetmoe_timm.recycle.calibration import calibration_batches
+    contract = dict(mean=(0.1, 0.2, 0.3), std=(0.9, 0.8, 0.7), interpolation='bilinear', crop_pct=0.75)
+    pred = timm.create_model('vit_small_patch16_224', pretrained_cfg_overlay=contract, **PRED_KWARGS)
+    pred.load_state_dict(predecessor.state_dict())
+    d = tmp_path / 'pred'
+    save_for_hf(pred, d, safe_serialization=True)
+    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_core_experts=4, num_univ_experts=6)
+
+    def expected(model):
+        cfg = resolve_model_data_config(model)
+        return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k] for k in contract}  # JSON gives lists
+
+    out = tmp_path / 'out'
+    assert main(['convert', 'v_jetmoe_tiny', '--out', str(out), '--predecessor', f'local-dir:{d}', '--num-calib', '8',
+                 '--no-progress', '--model-kwargs'] + [f'{k}={v}' for k, v in kw.items()]) == 0
+    assert 'retention: linear CKA' in capsys.readouterr().out
+    assert expected(timm.create_model(f'local-dir:{out}', pretrained=True)) == contract
+    given = timm.create_model('v_jetmoe_tiny', pretrained=True, **kw,  # as train.py's --pretrained-path passes it
+                              pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')))
+    assert expected(given) == contract
+    card = render_model_card(out, 'me/v_jetmoe_tiny_mine')
+    assert 'Retention at init' in card and 'mean (0.1, 0.2, 0.3)' in card
+
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', f'local-dir:{d}')
+    monkeypatch.setenv('JETMOE_TIMM_CALIB_IMAGES', '8')
+    built = timm.create_model('v_jetmoe_tiny', pretrained=True, **kw)  # recycled on first load
+    assert expected(built) == contract
+    assert built.pretrained_cfg['mean'] != timm.create_model('v_jetmoe_tiny', **kw).pretrained_cfg['mean']
+
+    # calibration images get exactly that preprocessing, at the size asked for
+    Image.new('RGB', (40, 40), (128, 128, 128)).save(tmp_path / 'grey.png')
+    batches, _, _ = calibration_batches(tmp_path, pred, num_images=1, batch_size=1, img_size=(16, 16))
+    x = next(iter(batches))
+    assert x.shape == (1, 3, 16, 16)
+    want = (128 / 255 - torch.tensor(contract['mean'])) / torch.tensor(contract['std'])
+    torch.testing.assert_close(x[0, :, 8, 8], want, atol=1e-3, rtol=0)

@@ -141,10 +141,11 @@ def test_rope_vit_is_refused():
         recycle(_succ(dict(BASE, img_size=28, patch_size=14), moe_blocks=()), eva, calib='weights', progress=False)
 
 
-@pytest.mark.parametrize('succ_ls', [None, 1e-6], ids=['gamma-folded', 'gamma-copied'])
-def test_convnext_full_width_is_exact_with_layer_scale(succ_ls):
+@pytest.mark.parametrize('pred_ls, succ_ls', [(1e-6, None), (1e-6, 1e-6), (None, 1e-6)],
+                         ids=['gamma-folded', 'gamma-copied', 'gamma-ones'])
+def test_convnext_full_width_is_exact_with_layer_scale(pred_ls, succ_ls):
     kwargs = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=5)
-    pred = _randomize(timm.create_model('convnext_tiny', **kwargs))
+    pred = _randomize(timm.create_model('convnext_tiny', **kwargs, ls_init_value=pred_ls))
     torch.manual_seed(1)
     succ = timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=(), ls_init_value=succ_ls)
     succ, _ = _recycled(succ, pred)

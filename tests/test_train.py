@@ -258,7 +258,7 @@ def test_train_single_process(first_run, pretrained_file):
     assert [r['epoch'] for r in _summary(run_dir)] == ['0']
     assert (run_dir / 'last.pth.tar').is_file()
     args = yaml.safe_load((run_dir / 'args.yaml').read_text())
-    assert args['aa'] == 'rand-m6-mstd0.5-inc1' and args['epochs'] == 1  # the recipe, then the command line
+    assert args['scale'] == [0.8, 1.0] and args['epochs'] == 1  # the recipe, then the command line
 
 
 @needs_scripts
@@ -269,7 +269,7 @@ def test_recipes_are_train_py_options(recipe):
     options = {a.dest for a in parser._actions}
     cfg = yaml.safe_load((RECIPES / recipe).read_text())
     assert set(cfg) <= options, sorted(set(cfg) - options)
-    assert cfg['model'] in timm.list_models('v_jetmoe_*') and cfg['layer_decay'] == 0.6
+    assert cfg['model'] in timm.list_models('v_jetmoe_*')
 
 
 @needs_scripts

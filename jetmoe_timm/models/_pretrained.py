@@ -84,6 +84,8 @@ def prepare_pretrained(variant: str, model_args: Dict[str, Any], kwargs: Dict[st
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
     if cfg is None or cfg.file or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir') or cfg.url:
+        if cfg is not None and cfg.file and str(cfg.file).endswith('.safetensors') and os.path.isfile(cfg.file):
+            return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, cfg.file))
         return kwargs  # a. the user's (or the cfg's own) source
 
     full = f'{cfg.architecture}.{cfg.tag}'
@@ -107,8 +109,15 @@ def prepare_pretrained(variant: str, model_args: Dict[str, Any], kwargs: Dict[st
         build_kwargs['num_classes'] = cfg.num_classes
         path = str(cached_recycled_file(full, build_kwargs))
     overlay.update(file=path, custom_load=False)
-    # the preprocessing the recycled weights expect is their predecessor's: data configs follow it
+    return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
+
+
+def _with_input_contract(overlay: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``overlay`` plus the preprocessing recorded in a recycled file (its predecessor's mean, std, ...), so that
+    timm's data config feeds the weights what they expect; what the user set in ``overlay`` wins."""
     from ..export import read_provenance
-    contract = read_provenance(path).get('input_contract') or {}
-    overlay.update({k: tuple(v) if isinstance(v, list) else v for k, v in contract.items() if k not in overlay})
-    return dict(kwargs, pretrained_cfg_overlay=overlay)
+    try:
+        contract = read_provenance(path).get('input_contract') or {}
+    except Exception:  # not a readable safetensors file: timm's own loading reports that
+        return overlay
+    return dict({k: tuple(v) if isinstance(v, list) else v for k, v in contract.items()}, **overlay)

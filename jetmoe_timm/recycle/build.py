@@ -244,6 +244,10 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
         model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, **opts)
         provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection))
         save_safetensors_atomic(model.state_dict(), path, provenance)
+        kept = provenance.get('retention')
+        if kept:
+            _logger.info(f"Recycled {full}: linear CKA with the predecessor's features {kept['cka']:.3f} (random "
+                         f"init {kept['cka_scratch']:.3f}).")
     finally:
         lock.release()
     return path
