@@ -30,6 +30,11 @@ HAS_OFFICIAL_RECIPE = False  # the official tool is ViT-only
 SCALE_RULES = {r'stages\.(\d+)\.blocks\.(\d+)\.gamma': r'stages.\1.blocks.\2.mlp.fc2'}
 
 
+# the module whose input is the pooled pre-logits feature (``forward_head(..., pre_logits=True)``): the
+# statistics pass records the predecessor's features there for the retention figure
+FEATURES_MODULE = 'head.fc'
+
+
 def resize(pred, succ):
     """ConvNeXt takes any input size: the predecessor as it is (statistics run at the successor's size)."""
     return pred

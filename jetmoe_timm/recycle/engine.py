@@ -1,10 +1,13 @@
 """ The recycling engine: a dense predecessor model in, the state dict of a JetMoE successor out.
 
 It does not care where weights come from: pass built timm models. Each model family (ViT, ConvNeXt)
-contributes a small module with ``check``, ``probes``, ``select``, ``plan`` and ``WeightStats``; statistics,
-selection, the rule engine and caching are shared.
+contributes a small module with ``check``, ``resize``, ``probes``, ``select``, ``plan``, ``SCALE_RULES`` and
+``WeightStats``; statistics, selection, the rule engine, layer-scale folding, retention and caching are shared.
+
+The steps: resize the predecessor to the successor's input (grid, patch size), take activation statistics there
+(or at the predecessor's own size), select channels / heads / neurons, fold any layer scale the successor lacks
+into the predecessor's weights, apply the plan, and measure what survived (linear CKA of pooled features).
 """
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -168,6 +171,7 @@ def recycle(
     pred = family.resize(predecessor, successor)
     size = _input_size(successor)
     kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
+    pred_features: List[torch.Tensor] = []  # the predecessor's pooled features on them, from the statistics pass
     if calib == 'weights':
         stats = family.WeightStats(pred)
     else:
@@ -175,10 +179,17 @@ def recycle(
         stats_model = pred if at_succ else predecessor
         batches, total, source = calibration_batches(calib, stats_model, num_calib, batch_size, seed,
                                                      img_size=size if at_succ else None)
-        if at_succ and measure_retention:
+        hook = None
+        if at_succ and measure_retention:  # keep the first images and the predecessor's features on them
             batches = _keep_first(batches, kept, RETENTION_IMAGES)
-        stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
-                                   total=total, source=source, progress=progress)
+            hook = pred.get_submodule(family.FEATURES_MODULE).register_forward_pre_hook(
+                lambda module, args: pred_features.append(args[0].detach().float()))
+        try:
+            stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
+                                       total=total, source=source, progress=progress)
+        finally:
+            if hook is not None:
+                hook.remove()
         if at_succ:
             stats.source += f':{size[0]}x{size[1]}'
     t_stats = time.perf_counter() - t0
@@ -205,12 +216,13 @@ def recycle(
     )
     if measure_retention:
         t1 = time.perf_counter()
+        reference = torch.cat(pred_features)[:sum(len(x) for x in kept)] if pred_features else None
         if not kept:  # data-free or native-size statistics: the same images again, at the successor's size
             images = calib if calib != 'weights' else 'synthetic'
             batches, _, _ = calibration_batches(images, pred, min(num_calib, RETENTION_IMAGES), batch_size, seed,
                                                 img_size=size)
             kept = list(batches)
-        provenance['retention'] = retention(pred, successor, state_dict, kept)
+        provenance['retention'] = retention(pred, successor, state_dict, kept, reference)
         provenance['retention_seconds'] = round(time.perf_counter() - t1, 3)
     provenance['total_seconds'] = round(time.perf_counter() - t0, 3)
     return RecycleResult(state_dict=state_dict, selection=selection, provenance=provenance, fresh_keys=fresh)

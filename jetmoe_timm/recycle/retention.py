@@ -5,7 +5,7 @@ features (``forward_head(..., pre_logits=True)``) on the same calibration images
 successor's random initialisation, which is what training from scratch would start from. CKA is invariant to
 rotations and isotropic scaling of either side, so features of different widths compare directly.
 """
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -51,11 +51,12 @@ def pooled_features(model: nn.Module, images: Iterable[torch.Tensor],
 
 
 def retention(predecessor: nn.Module, successor: nn.Module, state_dict: Mapping[str, torch.Tensor],
-              images: Iterable[torch.Tensor]) -> Dict[str, float]:
+              images: Iterable[torch.Tensor], reference: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """{'cka': recycled successor vs predecessor, 'cka_scratch': the successor's own init vs predecessor,
-    'images': n} on ``images`` (batches at the successor's input size)."""
+    'images': n} on ``images`` (batches at the successor's input size). ``reference``: the predecessor's pooled
+    features on them, if already at hand (the statistics pass records them), else computed."""
     images = list(images)
-    ref = pooled_features(predecessor, images)
+    ref = pooled_features(predecessor, images) if reference is None else reference
     return dict(cka=round(linear_cka(ref, pooled_features(successor, images, state_dict)), 4),
                 cka_scratch=round(linear_cka(ref, pooled_features(successor, images)), 4),
                 images=int(ref.shape[0]))

@@ -74,6 +74,11 @@ def _check_blocks(pred) -> None:
                          'standard ViT checkpoint.')
 
 
+# the module whose input is the pooled pre-logits feature (``forward_head(..., pre_logits=True)``): the
+# statistics pass records the predecessor's features there for the retention figure
+FEATURES_MODULE = 'head'
+
+
 def resize(pred, succ):
     """The predecessor at the successor's input size and patch size (a resized copy; ``pred`` if they agree).
 
