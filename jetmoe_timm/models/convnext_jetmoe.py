@@ -13,8 +13,7 @@ downloaded. They carry no classifier (``num_classes=0``): fine-tune with your ow
 Paper: `MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
     - https://arxiv.org/abs/2406.04801
 """
-import re
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -23,7 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as _convnext_checkpoint_filter_fn
 
-from ..layers import SpheroMoE
+from ._moe import JetMoEMixin, MoEOptions
 from ._pretrained import prepare_pretrained
 
 __all__ = ['ConvNeXtJetMoE']
@@ -46,8 +45,9 @@ def _per_stage(value: Union[int, Sequence[int]], num_stages: int, name: str) -> 
     return value
 
 
-class ConvNeXtJetMoE(ConvNeXt):
+class ConvNeXtJetMoE(JetMoEMixin, ConvNeXt):
     """timm ConvNeXt with SpheroMoE layers in place of the pointwise MLPs of ``moe_blocks``."""
+    moe_norm = 'norm'
 
     def __init__(
             self,
@@ -85,43 +85,21 @@ class ConvNeXtJetMoE(ConvNeXt):
         if kwargs.get('conv_mlp', False):
             raise ValueError('C-JetMoE needs conv_mlp=False: SpheroMoE takes channels-last (B, H, W, C) tokens.')
         super().__init__(**kwargs)
+        options = MoEOptions(univ_ratio, slots_per_expert, routing, moe_combine, moe_noise_mult, moe_noise_at_eval,
+                             moe_drop_rate, moe_drop_mode, moe_drop_path_rate)
         depths = [len(stage.blocks) for stage in self.stages]
         total = sum(depths)
-        if moe_blocks is None:
-            moe_blocks = range(total // 2, total)
-        moe_blocks = sorted({int(i) for i in moe_blocks})
-        if any(i < 0 or i >= total for i in moe_blocks):
-            raise ValueError(
-                f'moe_blocks {moe_blocks} must lie in 0..{total - 1} (0-based over all blocks, depths {depths}).')
-        self.moe_blocks = moe_blocks
+        self.moe_blocks = self._resolve_moe_blocks(moe_blocks, total, f' over all blocks, depths {depths}')
         core = _per_stage(num_core_experts, len(depths), 'num_core_experts')
         univ = _per_stage(num_univ_experts, len(depths), 'num_univ_experts')
-
-        drop_path_rate = kwargs.get('drop_path_rate', 0.)
-        moe_drop_path_rate = drop_path_rate if moe_drop_path_rate is None else moe_drop_path_rate
-        act_layer = get_act_layer(kwargs.get('act_layer', 'gelu'))
+        act_layer = get_act_layer(kwargs.get('act_layer', 'gelu'))  # as ConvNeXt resolves it
         first = self.stem[0].weight
-        dd = {'device': first.device, 'dtype': first.dtype}
-        for i in moe_blocks:
+        for i in self.moe_blocks:
             s, b = self._stage_block(i)
             dim = self.feature_info[s]['num_chs']
-            self.stages[s].blocks[b].mlp = SpheroMoE(
-                dim,
-                num_core_experts=core[s],
-                num_univ_experts=univ[s],
-                core_hidden=int(dim * core_mlp_ratio),
-                univ_ratio=univ_ratio,
-                slots_per_expert=slots_per_expert,
-                routing=routing,
-                combine=moe_combine,
-                noise_mult=moe_noise_mult,
-                noise_at_eval=moe_noise_at_eval,
-                expert_drop=moe_drop_rate,
-                expert_drop_mode=moe_drop_mode,
-                expert_drop_path=moe_drop_path_rate * i / max(total - 1, 1),  # ConvNeXt's linear schedule
-                act_layer=act_layer,
-                **dd,
-            )
+            self.stages[s].blocks[b].mlp = self._make_moe(
+                dim, i, total, options, core[s], univ[s], int(dim * core_mlp_ratio), act_layer,
+                kwargs.get('drop_path_rate', 0.), device=first.device, dtype=first.dtype)
 
     def _stage_block(self, index: int) -> Tuple[int, int]:
         """Global 0-based block index -> (stage, block within the stage)."""
@@ -132,33 +110,11 @@ class ConvNeXtJetMoE(ConvNeXt):
         raise IndexError(index)
 
     @torch.jit.ignore
-    def moe_block_names(self) -> List[str]:
-        """Module names of the MoE blocks, e.g. ``['stages.2.blocks.3', ...]``; the layers are ``<name>.mlp``."""
-        return ['stages.{}.blocks.{}'.format(*self._stage_block(i)) for i in self.moe_blocks]
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """The MoE temperatures and expert biases (2-D, so timm's 1-D rule misses them; the official recipe
-        decays no bias). timm's optimizer factory already spares other 1-D params such as gamma."""
-        names = set()
-        for name in self.moe_block_names():
-            moe = self.get_submodule(f'{name}.mlp')
-            names.add(f'{name}.mlp.temp_raw')
-            for path in ('core_experts', 'univ_experts'):
-                if getattr(moe, path) is not None:
-                    names.update(f'{name}.mlp.{path}.{fc}.bias' for fc in ('fc1', 'fc2'))
-        return names
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        """Groups for layer-wise lr decay (timm ConvNeXt's stages / blocks).
-
-        As the official ViT recipe does, the MoE slot queries, temperatures, experts and the norm feeding them
-        (the MoE blocks' ``norm``, ViT's ``norm2``) are grouped with the head (last group, full learning rate)
-        rather than with their block. The rest of a MoE block (conv_dw, gamma) decays with the block.
-        """
-        names = '|'.join(re.escape(n) for n in self.moe_block_names()) or 'none'
-        moe_params = rf'(?:{names})\.(?:norm|mlp)\.'
+        """Groups for layer-wise lr decay (timm ConvNeXt's stages / blocks), with the MoE layers and the norm
+        feeding them in the head's group (full learning rate), as the official ViT recipe does. The rest of a MoE
+        block (conv_dw, gamma) decays with the block."""
+        moe_params = self._moe_group_pattern()
         return dict(
             stem=r'^stem',
             blocks=rf'^(?!{moe_params})stages\.(\d+)' if coarse else [

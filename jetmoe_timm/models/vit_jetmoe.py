@@ -11,16 +11,17 @@ downloaded. They carry no classifier (``num_classes=0``): fine-tune with your ow
 Paper: `MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
     - https://arxiv.org/abs/2406.04801
 """
-import re
-from typing import Dict, Iterable, List, Optional, Set, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import get_act_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
-from ..layers import SpheroMoE
+from ._moe import JetMoEMixin, MoEOptions
 from ._pretrained import prepare_pretrained
 
 __all__ = ['VisionTransformerJetMoE']
@@ -28,8 +29,9 @@ __all__ = ['VisionTransformerJetMoE']
 HF_ORG = 'jetmoe-timm'
 
 
-class VisionTransformerJetMoE(VisionTransformer):
+class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
     """timm VisionTransformer with SpheroMoE layers in place of the MLPs of ``moe_blocks``."""
+    moe_norm = 'norm2'
 
     def __init__(
             self,
@@ -64,61 +66,23 @@ class VisionTransformerJetMoE(VisionTransformer):
             **kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim, depth, ...).
         """
         super().__init__(**kwargs)
+        options = MoEOptions(univ_ratio, slots_per_expert, routing, moe_combine, moe_noise_mult, moe_noise_at_eval,
+                             moe_drop_rate, moe_drop_mode, moe_drop_path_rate)
         depth = len(self.blocks)
-        if moe_blocks is None:
-            moe_blocks = range(depth // 2, depth)
-        moe_blocks = sorted({int(i) for i in moe_blocks})
-        if any(i < 0 or i >= depth for i in moe_blocks):
-            raise ValueError(f'moe_blocks {moe_blocks} must lie in 0..{depth - 1} (0-based block indices).')
-        self.moe_blocks = moe_blocks
-
-        drop_path_rate = kwargs.get('drop_path_rate', 0.)
-        moe_drop_path_rate = drop_path_rate if moe_drop_path_rate is None else moe_drop_path_rate
-        mlp_ratio = kwargs.get('mlp_ratio', 4.)
+        self.moe_blocks = self._resolve_moe_blocks(moe_blocks, depth)
+        act_layer = get_act_layer(kwargs.get('act_layer')) or nn.GELU  # as VisionTransformer resolves it
         first = self.patch_embed.proj.weight
-        dd = {'device': first.device, 'dtype': first.dtype}
-        for i in moe_blocks:
-            self.blocks[i].mlp = SpheroMoE(
-                self.embed_dim,
-                num_core_experts=num_core_experts,
-                num_univ_experts=num_univ_experts,
-                core_hidden=core_hidden or int(self.embed_dim * mlp_ratio),
-                univ_ratio=univ_ratio,
-                slots_per_expert=slots_per_expert,
-                routing=routing,
-                combine=moe_combine,
-                noise_mult=moe_noise_mult,
-                noise_at_eval=moe_noise_at_eval,
-                expert_drop=moe_drop_rate,
-                expert_drop_mode=moe_drop_mode,
-                expert_drop_path=moe_drop_path_rate * i / max(depth - 1, 1),
-                **dd,
-            )
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Position embedding, CLS token, the MoE temperatures and expert biases.
-
-        Expert biases are 2-D (E, out), so timm's "no decay for 1-D params" rule misses them; the official
-        recipe decays no bias.
-        """
-        names = set()
         for i in self.moe_blocks:
-            names.add(f'blocks.{i}.mlp.temp_raw')
-            for path in ('core_experts', 'univ_experts'):
-                if getattr(self.blocks[i].mlp, path) is not None:
-                    names.update(f'blocks.{i}.mlp.{path}.{fc}.bias' for fc in ('fc1', 'fc2'))
-        return super().no_weight_decay() | names
+            self.blocks[i].mlp = self._make_moe(
+                self.embed_dim, i, depth, options, num_core_experts, num_univ_experts,
+                core_hidden or int(self.embed_dim * kwargs.get('mlp_ratio', 4.)), act_layer,
+                kwargs.get('drop_path_rate', 0.), device=first.device, dtype=first.dtype)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        """Groups for layer-wise lr decay.
-
-        As in the official recipe, the MoE slot queries, temperatures, experts and the MoE blocks' norm2 are
-        grouped with the head (last group, full learning rate) rather than with their block.
-        """
-        moe_idx = '|'.join(str(i) for i in self.moe_blocks) or 'none'
-        moe_params = rf'blocks\.(?:{moe_idx})\.(?:norm2|mlp)\.'
+        """Groups for layer-wise lr decay: timm ViT's, with the MoE layers and their ``norm2`` in the head's group
+        (full learning rate), as in the official recipe."""
+        moe_params = self._moe_group_pattern()
         return dict(
             stem=r'^cls_token|reg_token|pos_embed|patch_embed|norm_pre',
             blocks=[(rf'^(?!{moe_params})blocks\.(\d+)', None), (r'^norm\.', (99999,))],

@@ -1,0 +1,101 @@
+""" What every JetMoE model shares, whatever its dense family: SpheroMoE layers built from one bundle of options,
+and the timm hooks that treat those layers alike (``moe_layers``, ``no_weight_decay``, layer-decay grouping).
+
+A family's model subclasses ``JetMoEMixin`` first and its timm model second, builds the dense model, then calls
+``_replace_mlps`` once; everything MoE-specific after that is here.
+"""
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set, Type
+
+import torch
+import torch.nn as nn
+
+from ..layers import SpheroMoE
+
+__all__ = ['JetMoEMixin', 'MoEOptions']
+
+
+@dataclass(frozen=True)
+class MoEOptions:
+    """The SpheroMoE options a JetMoE model passes to every MoE layer (model kwargs of the same names)."""
+    univ_ratio: float = 0.25
+    slots_per_expert: int = 1
+    routing: str = 'sphero'
+    moe_combine: Optional[str] = None
+    moe_noise_mult: Optional[float] = None
+    moe_noise_at_eval: bool = False
+    moe_drop_rate: float = 0.
+    moe_drop_mode: str = 'element'
+    moe_drop_path_rate: Optional[float] = None
+
+
+class JetMoEMixin:
+    """Shared MoE behaviour of V-JetMoE and C-JetMoE (and any later family).
+
+    Class attributes a family sets:
+        moe_norm: name, inside a block, of the norm that feeds the MLP ('norm2' for ViT, 'norm' for ConvNeXt);
+            it trains with the MoE layer under layer decay, as in the official recipe.
+    """
+    moe_norm: str = 'norm2'
+
+    def _resolve_moe_blocks(self, moe_blocks, total: int, what: str = '') -> List[int]:
+        """0-based MoE block indices, the later half by default, checked against ``total`` blocks."""
+        moe_blocks = range(total // 2, total) if moe_blocks is None else moe_blocks
+        moe_blocks = sorted({int(i) for i in moe_blocks})
+        if any(i < 0 or i >= total for i in moe_blocks):
+            raise ValueError(f'moe_blocks {moe_blocks} must lie in 0..{total - 1} (0-based block indices{what}).')
+        return moe_blocks
+
+    def _make_moe(self, dim: int, index: int, total: int, options: MoEOptions, num_core_experts: int,
+                  num_univ_experts: int, core_hidden: int, act_layer: Type[nn.Module], drop_path_rate: float,
+                  **dd) -> SpheroMoE:
+        """The SpheroMoE layer of block ``index`` (0-based over ``total`` blocks): the experts use the dense MLP's
+        activation, and expert drop path follows the blocks' linear drop-path schedule."""
+        peak = drop_path_rate if options.moe_drop_path_rate is None else options.moe_drop_path_rate
+        return SpheroMoE(
+            dim,
+            num_core_experts=num_core_experts,
+            num_univ_experts=num_univ_experts,
+            core_hidden=core_hidden,
+            univ_ratio=options.univ_ratio,
+            slots_per_expert=options.slots_per_expert,
+            routing=options.routing,
+            combine=options.moe_combine,
+            noise_mult=options.moe_noise_mult,
+            noise_at_eval=options.moe_noise_at_eval,
+            expert_drop=options.moe_drop_rate,
+            expert_drop_mode=options.moe_drop_mode,
+            expert_drop_path=peak * index / max(total - 1, 1),
+            act_layer=act_layer,
+            **dd,
+        )
+
+    @torch.jit.ignore
+    def moe_layers(self) -> Dict[str, SpheroMoE]:
+        """{module name: SpheroMoE layer}, e.g. ``{'blocks.6.mlp': ...}``, in model order."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, SpheroMoE)}
+
+    @torch.jit.ignore
+    def moe_block_names(self) -> List[str]:
+        """Module names of the blocks holding a MoE layer, e.g. ``['blocks.6', ...]``; the layer is ``<name>.mlp``."""
+        return [name.rsplit('.', 1)[0] for name in self.moe_layers()]
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The family's own set, plus the MoE temperatures and expert biases: the biases are 2-D (E, out), so
+        timm's no-decay rule for 1-D tensors misses them, and the official recipe decays no bias."""
+        base = getattr(super(), 'no_weight_decay', None)
+        names = set(base()) if base is not None else set()
+        for name, moe in self.moe_layers().items():
+            names.add(f'{name}.temp_raw')
+            names.update(f'{name}.{path}.{fc}.bias' for path in ('core_experts', 'univ_experts')
+                         if getattr(moe, path) is not None for fc in ('fc1', 'fc2'))
+        return names
+
+    def _moe_group_pattern(self) -> str:
+        """Regex prefix of the parameters that train at full lr under layer decay: the MoE layers and the norm
+        feeding each (the official recipe puts slot queries, temperatures, experts and that norm in the head's
+        group)."""
+        names = '|'.join(re.escape(n) for n in self.moe_block_names()) or 'none'
+        return rf'(?:{names})\.(?:{self.moe_norm}|mlp)\.'

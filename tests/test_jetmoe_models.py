@@ -1,0 +1,52 @@
+"""What every JetMoE family shares (``models/_moe.py``), checked once for each family."""
+import pytest
+import timm
+from timm.optim import create_optimizer_v2
+
+from jetmoe_timm.layers import SpheroMoE
+
+FAMILIES = {  # family: (model name, smallest kwargs, its dense MLP's module name in a block)
+    'vit': ('v_jetmoe_tiny', dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                                  num_core_experts=2, num_univ_experts=3), 'blocks.0.mlp'),
+    'convnext': ('c_jetmoe_femto', dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2,
+                                        num_univ_experts=3), 'stages.0.blocks.0.mlp'),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return FAMILIES[request.param]
+
+
+@pytest.mark.parametrize('act_layer, act_name', [('relu', 'relu'), ('silu', 'silu'), (None, 'gelu')])
+def test_experts_use_the_dense_mlps_activation(family, act_layer, act_name):
+    name, kwargs, dense_mlp = family
+    kwargs = dict(kwargs, act_layer=act_layer) if act_layer else kwargs
+    model = timm.create_model(name, **kwargs)
+    dense = model.get_submodule(dense_mlp).act
+    assert type(dense).__name__.lower() == act_name  # timm's GELU or torch's, as the family builds it
+    for moe in model.moe_layers().values():
+        for experts in (moe.core_experts, moe.univ_experts):
+            assert type(experts.act) is type(dense)
+
+
+def test_moe_layers_weight_decay_and_layer_decay_groups(family):
+    name, kwargs, _ = family
+    model = timm.create_model(name, **kwargs)
+    layers = model.moe_layers()
+    assert layers and all(isinstance(m, SpheroMoE) for m in layers.values())
+    assert [f'{n}.mlp' for n in model.moe_block_names()] == list(layers)
+    no_wd = model.no_weight_decay()
+    for layer in layers:
+        assert {f'{layer}.temp_raw', f'{layer}.core_experts.fc1.bias', f'{layer}.univ_experts.fc2.bias'} <= no_wd
+    # under layer decay, the MoE layers and the norm feeding them train at the head's (full) rate
+    groups = create_optimizer_v2(model, 'adamw', lr=1.0, weight_decay=0.05, layer_decay=0.5).param_groups
+    scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
+    params = dict(model.named_parameters())
+    head_scale = max(scale.values())
+    for layer in layers:
+        block = layer.rsplit('.', 1)[0]
+        for key in (f'{layer}.slot_query', f'{layer}.core_experts.fc1.weight', f'{block}.{model.moe_norm}.weight'):
+            assert scale[id(params[key])] == head_scale, key
+    first = next(k for k in params if 'patch_embed' in k or k.startswith('stem'))
+    assert scale[id(params[first])] < head_scale
