@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import drop_path, trunc_normal_
+from timm.layers import drop_path, register_notrace_module, trunc_normal_
 
 from .entmax import entmax15
 
@@ -125,6 +125,8 @@ class ExpertMlp(nn.Module):
         return self.drop2(self.fc2(x))
 
 
+# a leaf for torch.fx (timm's FX feature extraction): routing branches on training mode, device and shapes
+@register_notrace_module
 class SpheroMoE(nn.Module):
     """SpheroMoE layer: cosine soft routing into a dual path of core and universal experts.
 
