@@ -269,3 +269,27 @@ def test_convert_then_push_dry_run(tmp_path, tiny_vit_kwargs, capsys):
     assert '**neuron selection:** `uniform`' in card and f'`local-dir:{tmp_path / "dense"}`' in card
     assert 'neurons of every expert are in the `model.safetensors` metadata' in card
     assert 'nothing was sent' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_model_cards(tmp_path, tiny_folder, local_hub):
+    """Installed from its wheel (not editable), `jetmoe-timm push` finds its card templates from any folder."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation', '-w',
+                    str(tmp_path / 'dist'), root], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / 'dist').glob('jetmoe_timm-*.whl')
+    venv = tmp_path / 'venv'  # torch, timm, ... from this interpreter; jetmoe_timm from the wheel alone
+    subprocess.run([sys.executable, '-m', 'venv', '--system-site-packages', str(venv)], check=True, timeout=300)
+    subprocess.run([str(venv / 'bin' / 'python'), '-m', 'pip', 'install', '-q', '--no-deps', '--no-index', str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    away = tmp_path / 'elsewhere'
+    away.mkdir()
+    env = _client_env(tmp_path / 'home', local_hub.url, HF_TOKEN=local_hub.token)
+    where = subprocess.run([str(venv / 'bin' / 'python'), '-c', 'import jetmoe_timm; print(jetmoe_timm.__file__)'],
+                           cwd=away, env=env, capture_output=True, text=True, timeout=300)
+    assert where.stdout.startswith(str(venv)), where.stdout + where.stderr  # not the source tree
+    push = subprocess.run([str(venv / 'bin' / 'jetmoe-timm'), 'push', '--from', str(tiny_folder), '--repo-id',
+                           'org/name', '--dry-run'], cwd=away, env=env, capture_output=True, text=True, timeout=300)
+    assert push.returncode == 0, push.stderr[-2000:]
+    card = (tiny_folder / 'README.md').read_text()
+    assert card.startswith('---\n') and 'v_jetmoe_tiny' in card and '${' not in card
