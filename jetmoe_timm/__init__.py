@@ -8,4 +8,7 @@ from .layers import SpheroMoE, entmax15
 from .models import VisionTransformerJetMoE
 from .models import ConvNeXtJetMoE
 from .routing import routing_info, set_routing_capture
-from .recycle import convert, recycle
+from .recycle import convert  # the subpackage stays reachable as jetmoe_timm.recycle
+
+__all__ = ['__version__', 'SpheroMoE', 'entmax15', 'VisionTransformerJetMoE', 'ConvNeXtJetMoE', 'routing_info',
+           'set_routing_capture', 'convert']

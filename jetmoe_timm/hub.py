@@ -429,7 +429,7 @@ def add_parser(subparsers) -> None:
 
 def _convert_for_push(args) -> Path:
     from .recycle import convert
-    from .recycle.convert import parse_model_kwargs
+    from .recycle import parse_model_kwargs
     if args.model is None:
         raise ValueError('give MODEL to convert (e.g. v_jetmoe_tiny), or --from DIR with a converted folder.')
     model_kwargs = parse_model_kwargs(args.model_kwargs)

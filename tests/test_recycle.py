@@ -384,3 +384,13 @@ def test_predecessor_input_contract_travels(tmp_path, predecessor, monkeypatch, 
     assert x.shape == (1, 3, 16, 16)
     want = (128 / 255 - torch.tensor(contract['mean'])) / torch.tensor(contract['std'])
     torch.testing.assert_close(x[0, :, 8, 8], want, atol=1e-3, rtol=0)
+
+
+def test_recycle_subpackage_is_importable_by_module_path():
+    """The package attribute ``jetmoe_timm.recycle`` is the subpackage, not a function hiding it."""
+    import importlib
+    import jetmoe_timm
+    import jetmoe_timm.recycle.folder as folder
+    assert jetmoe_timm.recycle is importlib.import_module('jetmoe_timm.recycle')
+    assert folder.convert is jetmoe_timm.convert is jetmoe_timm.recycle.convert
+    assert jetmoe_timm.recycle.recycle is recycle

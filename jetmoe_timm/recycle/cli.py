@@ -56,7 +56,7 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
 
 
 def run(args) -> int:
-    from .convert import convert, parse_model_kwargs
+    from .folder import convert, parse_model_kwargs
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     if args.from_official:
         from ..official import convert_official_checkpoint

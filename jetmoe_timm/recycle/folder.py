@@ -1,4 +1,4 @@
-""" ``convert``: recycle a predecessor into a JetMoE model and write a timm / Hub folder. """
+""" Recycle a predecessor into a JetMoE model and write it as a timm / Hub folder (``convert``). """
 import ast
 import os
 from pathlib import Path
