@@ -7,32 +7,80 @@ timm has no hook for "build the weights if they cannot be downloaded", so the mo
   b. the converted ``model.safetensors`` of the cfg's ``hf_hub_id``, from the HF cache or downloaded
      (skipped when the user changed the architecture: the published file is for the default one); a cached
      copy that fails its checks (truncated, content checksum) is downloaded again, or recycled when offline;
-  c. otherwise the weights are recycled locally from the tag's predecessor and cached
-     (``jetmoe_timm.recycle.build``); the second load reads the cache.
+  c. otherwise the weights are recycled locally from the tag's predecessor and cached, by the builder the
+     recycling package registers (``register_weight_builder``: models never import the recycling code);
+     the second load reads the cache.
 The chosen file is handed to timm as ``pretrained_cfg_overlay=dict(file=...)``.
+
+"Did the user change the architecture?" is answered by the tensors: the model with and without the user's
+kwargs is built on the meta device and the state-dict shapes (and attention head counts) compared, leaving out the
+first conv and the classifier, which timm adapts on load (``in_chans``, ``num_classes``).
 """
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
+import torch
 from timm.models import resolve_pretrained_cfg
+
+from ..export import read_provenance, verify_safetensors
+
+__all__ = ['prepare_pretrained', 'register_weight_builder']
 
 _logger = logging.getLogger(__name__)
 
-# create_model kwargs that do not change the shapes or meaning of the recycled weights
-_NON_ARCH_KWARGS = {
-    'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'num_classes', 'global_pool', 'in_chans',
-    'drop_rate', 'drop_path_rate', 'proj_drop_rate', 'attn_drop_rate', 'pos_drop_rate', 'patch_drop_rate',
-    'drop_block_rate', 'moe_drop_rate', 'moe_drop_mode', 'moe_drop_path_rate', 'moe_noise_mult',
-    'moe_noise_at_eval', 'moe_combine', 'device', 'dtype', 'features_only', 'out_indices', 'feature_cls',
-    'feature_cfg', 'scriptable', 'exportable', 'no_jit', 'bn_momentum', 'bn_eps', 'weight_init', 'fix_init',
-    'head_init_scale', 'dynamic_img_size', 'dynamic_img_pad', 'output_stride',
-}
+# arguments of timm's model factory (create_model / build_model_with_cfg), not of the model class
+_FACTORY_KWARGS = {'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'features_only', 'out_indices',
+                   'feature_cls', 'feature_cfg', 'scriptable', 'exportable', 'no_jit', 'device', 'dtype'}
+# model arguments timm itself adapts pretrained weights to: they never call for other weights
+_ADAPTED_ON_LOAD = {'num_classes', 'in_chans'}
+
+# (tag 'arch.tag', model kwargs) -> path of weights built for them; registered by jetmoe_timm.recycle
+_weight_builder: Optional[Callable[[str, Dict[str, Any]], os.PathLike]] = None
+
+
+def register_weight_builder(builder: Callable[[str, Dict[str, Any]], os.PathLike]) -> None:
+    """Register the function that builds (and caches) the weights of a tag no file can be found for."""
+    global _weight_builder
+    _weight_builder = builder
+
+
+def _shapes(model_cls, model_kwargs: Dict[str, Any], skip) -> Dict[str, Any]:
+    """What the weights of ``model_cls(**model_kwargs)`` mean, built on the meta device (no memory): every
+    tensor's shape, and the head count of every attention (a (3d, d) qkv is the same shape for 3 or 6 heads,
+    but recycled weights differ: heads are selected whole)."""
+    with torch.device('meta'):
+        model = model_cls(**model_kwargs)
+    out: Dict[str, Any] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(skip)}
+    out.update({f'{name}#heads': m.num_heads for name, m in model.named_modules()
+                if isinstance(getattr(m, 'num_heads', None), int)})
+    return out
+
+
+def _architecture_kwargs(model_cls, cfg, model_args: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, Any]:
+    """The user's model kwargs that change the weights' keys or shapes; {} when none do.
+
+    Each kwarg is left out in turn: one whose absence fails the build (it goes with another, e.g. embed_dim with
+    num_heads) or changes the shapes matters; dropout rates and routing options do not, so they never split the
+    cache of recycled weights."""
+    user = {k: v for k, v in user.items() if k not in _ADAPTED_ON_LOAD and model_args.get(k, object()) != v}
+    if not user:
+        return {}
+    skip = tuple(p for p in (cfg.first_conv, cfg.classifier) if p)
+    asked = _shapes(model_cls, dict(model_args, **user), skip)
+    if asked == _shapes(model_cls, model_args, skip):
+        return {}
+
+    def matters(key):
+        try:
+            return _shapes(model_cls, dict(model_args, **{k: v for k, v in user.items() if k != key}), skip) != asked
+        except (ValueError, AssertionError, TypeError, RuntimeError):
+            return True
+    return {k: v for k, v in user.items() if matters(k)}
 
 
 def _damage(path: str) -> Optional[str]:
     """Why the weights file ``path`` must not be loaded (truncated, checksum mismatch), or None."""
-    from ..export import verify_safetensors
     try:
         verify_safetensors(path)
     except (OSError, ValueError) as e:
@@ -79,8 +127,12 @@ def _hub_file(hf_hub_id: str, cache_dir: Optional[str]) -> Optional[str]:
     return path
 
 
-def prepare_pretrained(variant: str, model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Return ``kwargs`` with ``pretrained_cfg_overlay`` pointing at a weights file for ``variant``."""
+def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Return ``kwargs`` with ``pretrained_cfg_overlay`` pointing at a weights file for ``variant``.
+
+    ``model_cls`` / ``model_args``: the entrypoint's model class and architecture; ``kwargs``: what the user
+    passed to ``create_model`` on top of them.
+    """
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
     if cfg is None or cfg.file or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir') or cfg.url:
@@ -89,25 +141,17 @@ def prepare_pretrained(variant: str, model_args: Dict[str, Any], kwargs: Dict[st
         return kwargs  # a. the user's (or the cfg's own) source
 
     full = f'{cfg.architecture}.{cfg.tag}'
-    arch_changes = {
-        k: v for k, v in kwargs.items()
-        if k not in _NON_ARCH_KWARGS and (k not in model_args or model_args[k] != v)
-    }
+    changes = _architecture_kwargs(model_cls, cfg, model_args,
+                                   {k: v for k, v in kwargs.items() if k not in _FACTORY_KWARGS})
     path = None
-    if cfg.hf_hub_id and not arch_changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR'):
+    if cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR'):
         path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'))  # b.
     if path is None:
-        from ..recycle.build import RECYCLE_SOURCES, cached_recycled_file
-        if full not in RECYCLE_SOURCES:
-            raise RuntimeError(
-                f"No weights for '{full}': they are not in the cache and cannot be downloaded from "
-                f"{cfg.hf_hub_id or 'the Hub'}, and this tag is not built by recycling. Connect once, or pass "
-                f"pretrained_cfg_overlay=dict(file=...) with a local copy.")
-        # c. recycle; the successor is built with the cfg's head so the file matches any num_classes
-        build_kwargs = {k: v for k, v in kwargs.items() if k not in _NON_ARCH_KWARGS}
-        build_kwargs = dict(model_args, **build_kwargs)
-        build_kwargs['num_classes'] = cfg.num_classes
-        path = str(cached_recycled_file(full, build_kwargs))
+        if _weight_builder is None:
+            raise RuntimeError(f"No weights for '{full}' and no weight builder: import jetmoe_timm (it registers the "
+                               f"recycler) before creating the model.")
+        # c. recycle the architecture asked for, with the cfg's head so the file fits any num_classes
+        path = str(_weight_builder(full, dict(model_args, **changes, num_classes=cfg.num_classes)))
     overlay.update(file=path, custom_load=False)
     return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 
@@ -115,7 +159,6 @@ def prepare_pretrained(variant: str, model_args: Dict[str, Any], kwargs: Dict[st
 def _with_input_contract(overlay: Dict[str, Any], path: str) -> Dict[str, Any]:
     """``overlay`` plus the preprocessing recorded in a recycled file (its predecessor's mean, std, ...), so that
     timm's data config feeds the weights what they expect; what the user set in ``overlay`` wins."""
-    from ..export import read_provenance
     try:
         contract = read_provenance(path).get('input_contract') or {}
     except Exception:  # not a readable safetensors file: timm's own loading reports that

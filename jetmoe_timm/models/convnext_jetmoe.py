@@ -25,7 +25,7 @@ from timm.models.convnext import checkpoint_filter_fn as _convnext_checkpoint_fi
 from ._moe import JetMoEMixin, MoEOptions
 from ._pretrained import prepare_pretrained
 
-__all__ = ['ConvNeXtJetMoE']
+__all__ = ['ConvNeXtJetMoE', 'RECYCLED_FROM']
 
 HF_ORG = 'jetmoe-timm'
 
@@ -143,7 +143,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJet
 def _create_convnext_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> ConvNeXtJetMoE:
     # model_args: the entrypoint's architecture; kwargs: what the user asked for on top of it
     if pretrained:
-        kwargs = prepare_pretrained(variant, model_args or {}, kwargs)
+        kwargs = prepare_pretrained(variant, ConvNeXtJetMoE, model_args or {}, kwargs)
     kwargs = dict(model_args or {}, **kwargs)
     return build_model_with_cfg(
         ConvNeXtJetMoE,
@@ -174,6 +174,13 @@ def _cfg(**kwargs):
         **kwargs,
     }
 
+
+# pretrained tag -> the dense timm checkpoint its weights are recycled from (jetmoe_timm.recycle builds them on
+# first load)
+RECYCLED_FROM = {
+    'c_jetmoe_femto.recycled_in22k': dict(predecessor='convnext_tiny.fb_in22k'),
+    'c_jetmoe_tiny.recycled_in22k': dict(predecessor='convnext_base.fb_in22k'),
+}
 
 default_cfgs = generate_default_cfgs({
     'c_jetmoe_femto.recycled_in22k': _cfg(

@@ -21,10 +21,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
+from ..official import _load_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
 from ._pretrained import prepare_pretrained
 
-__all__ = ['VisionTransformerJetMoE']
+__all__ = ['RECYCLED_FROM', 'VisionTransformerJetMoE']
 
 HF_ORG = 'jetmoe-timm'
 
@@ -92,7 +93,6 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformerJetMoE) -> Dict[str, torch.Tensor]:
     """Unwrap, resample position embeddings to the model's grid, and map the official layout if found."""
-    from ..official import is_official_state_dict, official_to_timm
     state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
     if is_official_state_dict(state_dict):
         state_dict = official_to_timm(state_dict, model)
@@ -101,13 +101,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
 
 def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> VisionTransformerJetMoE:
     # model_args: the entrypoint's architecture; kwargs: what the user asked for on top of it
-    from ..official import _load_official_pre_hook
     cfg = kwargs.get('pretrained_cfg')
     tag = cfg if isinstance(cfg, str) else cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
     if tag == 'official_in1k':  # the official weights are only the official model with its entmax15 combine
         model_args = dict(model_args or {}, routing='official')
     if pretrained:
-        kwargs = prepare_pretrained(variant, model_args or {}, kwargs)
+        kwargs = prepare_pretrained(variant, VisionTransformerJetMoE, model_args or {}, kwargs)
     kwargs = dict(model_args or {}, **kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     model = build_model_with_cfg(
@@ -144,6 +143,15 @@ def _cfg(**kwargs):
         **kwargs,
     }
 
+
+# pretrained tag -> the dense timm checkpoint its weights are recycled from ('body_predecessor': the official
+# recipe's same-width body); jetmoe_timm.recycle builds them on first load
+RECYCLED_FROM = {
+    'v_jetmoe_tiny.recycled_in21k': dict(
+        predecessor='vit_small_patch16_224.augreg_in21k', body_predecessor='vit_tiny_patch16_224.augreg_in21k'),
+    'v_jetmoe_small.recycled_in21k': dict(
+        predecessor='vit_base_patch16_224.augreg_in21k', body_predecessor='vit_small_patch16_224.augreg_in21k'),
+}
 
 default_cfgs = generate_default_cfgs({
     'v_jetmoe_tiny.recycled_in21k': _cfg(

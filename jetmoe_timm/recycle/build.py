@@ -28,23 +28,19 @@ import torch.nn as nn
 from filelock import FileLock, Timeout
 
 from ..export import PROVENANCE_KEY, save_safetensors_atomic, verify_safetensors
+from ..models._pretrained import register_weight_builder
 from ..version import __version__
 from .engine import RecycleResult, check_options, recycle, selection_to_json
+from .families import FAMILIES
 
 __all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
            'cache_dir', 'input_contract']
 
 _logger = logging.getLogger(__name__)
 
-# pretrained tag -> how its weights are recycled
+# pretrained tag -> how its weights are recycled (each family's ``recycled_from``, next to its cfgs)
 RECYCLE_SOURCES: Dict[str, Dict[str, Any]] = {
-    'v_jetmoe_tiny.recycled_in21k': dict(
-        predecessor='vit_small_patch16_224.augreg_in21k', body_predecessor='vit_tiny_patch16_224.augreg_in21k'),
-    'v_jetmoe_small.recycled_in21k': dict(
-        predecessor='vit_base_patch16_224.augreg_in21k', body_predecessor='vit_small_patch16_224.augreg_in21k'),
-    'c_jetmoe_femto.recycled_in22k': dict(predecessor='convnext_tiny.fb_in22k'),
-    'c_jetmoe_tiny.recycled_in22k': dict(predecessor='convnext_base.fb_in22k'),
-}
+    tag: dict(source) for spec in FAMILIES for tag, source in spec.recycled_from.items()}
 
 DEFAULT_OPTIONS = dict(method='importance', recipe='paper', statistic='l2', seed=0, calib_size='successor')
 # the predecessor's preprocessing, which its weights were trained for: the successor inherits it
@@ -251,3 +247,15 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
     finally:
         lock.release()
     return path
+
+
+def _weights_for_tag(model_name: str, model_kwargs: Dict[str, Any]) -> Path:
+    """Build-on-first-load (``models._pretrained``): the recycled weights of a tag that has no file anywhere."""
+    if model_name not in RECYCLE_SOURCES:
+        raise RuntimeError(
+            f"No weights for '{model_name}': they are not in the cache and cannot be downloaded, and this tag is "
+            f"not built by recycling. Connect once, or pass pretrained_cfg_overlay=dict(file=...) with a local copy.")
+    return cached_recycled_file(model_name, model_kwargs)
+
+
+register_weight_builder(_weights_for_tag)

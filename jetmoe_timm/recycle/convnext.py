@@ -12,8 +12,10 @@ import torch
 from timm.models.convnext import ConvNeXt
 
 from ..layers import SpheroMoE
+from ..models.convnext_jetmoe import RECYCLED_FROM, ConvNeXtJetMoE
+from .family import FamilySpec
 from .rules import Take, expert_takes
-from .selection import make_generator, select_experts, select_neurons, top_k
+from .selection import METHODS, dense_neurons, make_generator, select_experts, top_k
 from .stats import Probe
 
 
@@ -24,15 +26,11 @@ def _blocks(model):
             yield s, b, f'stages.{s}.blocks.{b}', blk
 
 
-HAS_OFFICIAL_RECIPE = False  # the official tool is ViT-only
 
 # layer scale -> the linear whose output it scales, folded into it when the successor has none (ls_init_value=None)
 SCALE_RULES = {r'stages\.(\d+)\.blocks\.(\d+)\.gamma': r'stages.\1.blocks.\2.mlp.fc2'}
 
 
-# the module whose input is the pooled pre-logits feature (``forward_head(..., pre_logits=True)``): the
-# statistics pass records the predecessor's features there for the retention figure
-FEATURES_MODULE = 'head.fc'
 
 
 def resize(pred, succ):
@@ -69,7 +67,8 @@ def check(pred, succ) -> None:
 def probes(pred, succ, method: str):
     out = []
     for s, b, name, blk in _blocks(succ):
-        out += [Probe(f'{name}.norm'), Probe(f'{name}.mlp.act', coact=method == 'graph' and isinstance(blk.mlp, SpheroMoE))]
+        coact = METHODS[method].needs_coactivation and isinstance(blk.mlp, SpheroMoE)
+        out += [Probe(f'{name}.norm'), Probe(f'{name}.mlp.act', coact=coact)]
     return out
 
 
@@ -90,7 +89,7 @@ class WeightStats:
             return blk.mlp.fc1.weight.double().norm(dim=1) * blk.mlp.fc2.weight.double().norm(dim=0)
 
     def coact(self, module):
-        raise ValueError("method 'graph' needs activation statistics: pass calibration images, not calib='weights'.")
+        raise ValueError("co-activation needs activation statistics: pass calibration images, not calib='weights'.")
 
 
 def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: str) -> Dict[str, torch.Tensor]:
@@ -102,9 +101,8 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
     for s, b, name, blk in _blocks(succ):
         importance = stats[f'{name}.mlp.act', statistic]
         if not isinstance(blk.mlp, SpheroMoE):
-            sel[f'{name}.mlp'] = select_neurons('importance' if method == 'graph' else method, 1,
-                                                blk.mlp.fc1.out_features, importance,
-                                                make_generator(seed, 'mlp', name))[0]
+            sel[f'{name}.mlp'] = dense_neurons(method, blk.mlp.fc1.out_features, importance,
+                                               make_generator(seed, 'mlp', name))
             continue
         core, univ, parts = select_experts(blk.mlp, importance, method, seed, name,
                                            lambda: stats.coact(f'{name}.mlp.act'))
@@ -157,3 +155,20 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Tak
         p['head.fc.weight'] = Take('head.fc.weight', (slice(None), last))
         p['head.fc.bias'] = Take('head.fc.bias')
     return p
+
+
+SPEC = FamilySpec(
+    name='convnext',
+    model_cls=ConvNeXtJetMoE,
+    recycled_from=RECYCLED_FROM,
+    check=check,
+    resize=resize,
+    probes=probes,
+    select=select,
+    plan=plan,
+    weight_stats=WeightStats,
+    body_width=body_width,
+    scale_rules=SCALE_RULES,
+    features_module='head.fc',  # its input is the pooled pre-logits feature
+    official_recipe=False,
+)

@@ -1,8 +1,8 @@
 """ The recycling engine: a dense predecessor model in, the state dict of a JetMoE successor out.
 
-It does not care where weights come from: pass built timm models. Each model family (ViT, ConvNeXt)
-contributes a small module with ``check``, ``resize``, ``probes``, ``select``, ``plan``, ``SCALE_RULES`` and
-``WeightStats``; statistics, selection, the rule engine, layer-scale folding, retention and caching are shared.
+It does not care where weights come from: pass built timm models. Each model family (ViT, ConvNeXt) is one
+``FamilySpec`` (``family.py``, registry ``families.py``); the engine reads only the spec and owns what is shared:
+statistics, selection, the rule engine, layer-scale folding and retention.
 
 The steps: resize the predecessor to the successor's input (grid, patch size), take activation statistics there
 (or at the predecessor's own size), select channels / heads / neurons, fold any layer scale the successor lacks
@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..version import __version__
 from .calibration import calibration_batches, check_calibration
+from .families import family_of
 from .retention import retention
 from .rules import apply_plan, fold_scales
 from .selection import METHODS
@@ -39,23 +40,6 @@ class RecycleResult:
     fresh_keys: List[str] = field(default_factory=list)  # successor tensors not taken from a predecessor
 
 
-def _family(successor: nn.Module):
-    from ..models.vit_jetmoe import VisionTransformerJetMoE
-    from . import vit
-    families = [(VisionTransformerJetMoE, vit)]
-    try:
-        from ..models.convnext_jetmoe import ConvNeXtJetMoE
-        from . import convnext
-        families.append((ConvNeXtJetMoE, convnext))
-    except ImportError:
-        pass
-    for cls, module in families:
-        if isinstance(successor, cls):
-            return module
-    raise ValueError(f'cannot recycle into a {type(successor).__name__}: the successor must be a JetMoE model '
-                     f'(e.g. timm.create_model("v_jetmoe_tiny")).')
-
-
 def check_options(method: str = 'importance', recipe: str = 'paper', statistic: str = 'l2', calib: Any = 'synthetic',
                   num_calib: int = 1, batch_size: int = 1, calib_size: str = 'successor') -> None:
     """Raise a clear error for a recycling request that cannot work, before any model is loaded."""
@@ -68,8 +52,8 @@ def check_options(method: str = 'importance', recipe: str = 'paper', statistic: 
     if statistic not in STATISTICS:
         raise ValueError(f"Unknown statistic '{statistic}'; choose one of {', '.join(STATISTICS)}.")
     if calib == 'weights':
-        if method == 'graph':
-            raise ValueError("method 'graph' needs co-activation statistics: pass calibration images.")
+        if METHODS[method].needs_coactivation:
+            raise ValueError(f"method '{method}' needs co-activation statistics: pass calibration images.")
         return
     if num_calib < 1 or batch_size < 1:
         raise ValueError(f'num_calib ({num_calib}) and batch_size ({batch_size}) must be at least 1.')
@@ -151,11 +135,11 @@ def recycle(
         progress: show a progress bar.
     """
     check_options(method, recipe, statistic, calib, num_calib, batch_size, calib_size)
-    family = _family(successor)
+    family = family_of(successor)
     family.check(predecessor, successor)
     _check_input(predecessor, successor)
     if recipe == 'official':
-        if not getattr(family, 'HAS_OFFICIAL_RECIPE', False):
+        if not family.official_recipe:
             raise ValueError(f"recipe 'official' mirrors the official ViT tool and exists for ViT only; "
                              f"use recipe='paper' for {type(successor).__name__}.")
         if body_predecessor is None:
@@ -173,7 +157,7 @@ def recycle(
     kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
     pred_features: List[torch.Tensor] = []  # the predecessor's pooled features on them, from the statistics pass
     if calib == 'weights':
-        stats = family.WeightStats(pred)
+        stats = family.weight_stats(pred)
     else:
         at_succ = calib_size == 'successor'
         stats_model = pred if at_succ else predecessor
@@ -182,7 +166,7 @@ def recycle(
         hook = None
         if at_succ and measure_retention:  # keep the first images and the predecessor's features on them
             batches = _keep_first(batches, kept, RETENTION_IMAGES)
-            hook = pred.get_submodule(family.FEATURES_MODULE).register_forward_pre_hook(
+            hook = pred.get_submodule(family.features_module).register_forward_pre_hook(
                 lambda module, args: pred_features.append(args[0].detach().float()))
         try:
             stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
@@ -197,10 +181,10 @@ def recycle(
     selection = family.select(pred, successor, stats, method, statistic, seed, recipe)
     plan = family.plan(pred, successor, selection, recipe)
     target = successor.state_dict()
-    sources = {'main': fold_scales(pred.state_dict(), target, family.SCALE_RULES)}
+    sources = {'main': fold_scales(pred.state_dict(), target, family.scale_rules)}
     if body_predecessor is not None:
         body = family.resize(body_predecessor, successor)
-        sources['body'] = fold_scales(body.state_dict(), target, family.SCALE_RULES)
+        sources['body'] = fold_scales(body.state_dict(), target, family.scale_rules)
     state_dict, fresh = apply_plan(plan, sources, target)
 
     provenance = dict(

@@ -14,15 +14,15 @@ Methods for expert neurons (``METHODS``):
                 keep; universal experts an evenly strided subset of them
 """
 import zlib
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-__all__ = ['METHODS', 'NUM_GRAPH_PARTS', 'select_experts', 'make_generator', 'weighted_order', 'weighted_sample', 'top_k', 'uniform_indices',
-           'select_neurons', 'partition_graph']
+__all__ = ['METHODS', 'Method', 'NUM_GRAPH_PARTS', 'select_experts', 'make_generator', 'weighted_order',
+           'weighted_sample', 'top_k', 'uniform_indices', 'select_neurons', 'partition_graph']
 
-METHODS = ('importance', 'graph', 'uniform', 'random', 'copy')
 NUM_GRAPH_PARTS = 32  # METIS parts of a co-activation graph, as the official tool
 
 
@@ -118,6 +118,45 @@ def _graph_sample(
     return torch.cat(chosen).sort().values
 
 
+@dataclass(frozen=True)
+class Method:
+    """A neuron selection method.
+
+    ``rows(num_experts, k, importance, generator, context)`` returns one (k,) sorted index row per expert;
+    ``context`` holds 'coact' / 'parts' (graph) and 'copy_pool' (copy) where the method needs them.
+    """
+    rows: Callable[..., List[torch.Tensor]]
+    needs_coactivation: bool = False  # co-activation counts from calibration images (not data-free)
+    dense_method: Optional[str] = None  # the method a dense MLP (a single row) uses instead; None: itself
+    univ_from_core: bool = False  # universal experts are taken from the core experts' neurons
+
+
+def _copy_rows(n, k, importance, g, ctx):
+    pool = ctx.get('copy_pool')
+    pool = pool if pool is not None else top_k(importance, k)
+    return [pool if pool.numel() == k else pool[uniform_indices(pool.numel(), k)]] * n
+
+
+def _graph_rows(n, k, importance, g, ctx):
+    if ctx.get('coact') is None or ctx.get('parts') is None:
+        raise ValueError("method 'graph' needs co-activation statistics")
+    intra = _intra_part_coactivation(ctx['parts'], ctx['coact'])
+    return [_graph_sample(ctx['parts'], intra, importance, k, g) for _ in range(n)]
+
+
+# the one place to add a method: name -> how it draws each expert's neurons
+METHODS: Dict[str, Method] = {
+    'importance': Method(lambda n, k, w, g, ctx: [weighted_sample(w, k, g) for _ in range(n)]),
+    'graph': Method(_graph_rows, needs_coactivation=True, dense_method='importance'),
+    'uniform': Method(lambda n, k, w, g, ctx: [uniform_indices(w.numel(), k)] * n),
+    'random': Method(lambda n, k, w, g, ctx: [torch.randperm(w.numel(), generator=g)[:k].sort().values
+                                              for _ in range(n)]),
+    # sparse upcycling: every core expert takes the top neurons the recycled dense successor would keep;
+    # universal experts an evenly strided subset of them
+    'copy': Method(_copy_rows, univ_from_core=True),
+}
+
+
 def select_neurons(
         method: str,
         num_experts: int,
@@ -140,40 +179,31 @@ def select_neurons(
     H = importance.numel()
     if k > H:
         raise ValueError(f'an expert of {k} hidden neurons cannot be sampled from an MLP of {H}')
-    if method == 'importance':
-        rows = [weighted_sample(importance, k, generator) for _ in range(num_experts)]
-    elif method == 'random':
-        rows = [torch.randperm(H, generator=generator)[:k].sort().values for _ in range(num_experts)]
-    elif method == 'uniform':
-        rows = [uniform_indices(H, k)] * num_experts
-    elif method == 'copy':
-        pool = copy_pool if copy_pool is not None else top_k(importance, k)
-        row = pool if pool.numel() == k else pool[uniform_indices(pool.numel(), k)]
-        rows = [row] * num_experts
-    elif method == 'graph':
-        if coact is None or parts is None:
-            raise ValueError("method 'graph' needs co-activation statistics")
-        intra = _intra_part_coactivation(parts, coact)
-        rows = [_graph_sample(parts, intra, importance, k, generator) for _ in range(num_experts)]
-    else:
+    if method not in METHODS:
         raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+    rows = METHODS[method].rows(num_experts, k, importance, generator,
+                                dict(coact=coact, parts=parts, copy_pool=copy_pool))
     return torch.stack(rows) if rows else torch.empty(0, k, dtype=torch.long)
+
+
+def dense_neurons(method: str, k: int, importance: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The k neurons a dense (non-MoE) MLP of the successor keeps: (k,) long, sorted."""
+    return select_neurons(METHODS[method].dense_method or method, 1, k, importance, generator)[0]
 
 
 def select_experts(moe, importance: torch.Tensor, method: str, seed: int, layer, coact_fn):
     """Neurons of every core and universal expert of one SpheroMoE layer, recycled from one dense MLP.
 
     Returns (core (E_core, h_core), univ (E_univ, h_univ), graph parts or None). ``coact_fn`` is called
-    (only for 'graph') to get the MLP's co-activation counts.
+    (only for methods that need co-activation) to get the MLP's co-activation counts.
     """
     coact = parts = None
-    if method == 'graph':
+    if METHODS[method].needs_coactivation:
         coact = coact_fn()
         parts = partition_graph(coact, NUM_GRAPH_PARTS)
     core = select_neurons(method, moe.num_core_experts, moe.core_hidden, importance,
                           make_generator(seed, 'core', layer), coact=coact, parts=parts)
-    # copy: universal experts are a strided subset of the (single) core expert, the dense successor's MLP
-    pool = core[0] if method == 'copy' and core.numel() else None
+    pool = core[0] if METHODS[method].univ_from_core and core.numel() else None
     univ = select_neurons(method, moe.num_univ_experts, moe.univ_hidden, importance,
                           make_generator(seed, 'univ', layer), coact=coact, parts=parts, copy_pool=pool)
     return core, univ, parts

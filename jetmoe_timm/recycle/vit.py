@@ -14,11 +14,12 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import SpheroMoE
+from ..models.vit_jetmoe import RECYCLED_FROM, VisionTransformerJetMoE
+from .family import FamilySpec
 from .rules import Take, expert_takes
-from .selection import make_generator, select_experts, select_neurons, top_k
+from .selection import METHODS, dense_neurons, make_generator, select_experts, select_neurons, top_k
 from .stats import Probe
 
-HAS_OFFICIAL_RECIPE = True
 
 # layer scale (DeiT-3, DINOv2, CaiT-style ``ls1`` / ``ls2``) -> the linear whose output it scales; folded into that
 # linear when the successor has no layer scale (``rules.fold_scales``)
@@ -74,9 +75,6 @@ def _check_blocks(pred) -> None:
                          'standard ViT checkpoint.')
 
 
-# the module whose input is the pooled pre-logits feature (``forward_head(..., pre_logits=True)``): the
-# statistics pass records the predecessor's features there for the retention figure
-FEATURES_MODULE = 'head'
 
 
 def resize(pred, succ):
@@ -99,7 +97,7 @@ def probes(pred, succ, method: str):
         out += [
             Probe(f'blocks.{i}.norm2'),
             Probe(f'blocks.{i}.attn.proj', on_input=True),
-            Probe(f'blocks.{i}.mlp.act', coact=method == 'graph' and _moe(succ, i) is not None),
+            Probe(f'blocks.{i}.mlp.act', coact=METHODS[method].needs_coactivation and _moe(succ, i) is not None),
         ]
     return out
 
@@ -128,7 +126,7 @@ class WeightStats:
         raise KeyError(module)
 
     def coact(self, module):
-        raise ValueError("method 'graph' needs activation statistics: pass calibration images, not calib='weights'.")
+        raise ValueError("co-activation needs activation statistics: pass calibration images, not calib='weights'.")
 
 
 def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: str) -> Dict[str, torch.Tensor]:
@@ -154,8 +152,7 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
         if moe is None:
             width = succ.blocks[i].mlp.fc1.out_features
             g = make_generator(seed, 'mlp', i)
-            sel[f'blocks.{i}.mlp'] = select_neurons(
-                'importance' if method == 'graph' else method, 1, width, importance, g)[0]
+            sel[f'blocks.{i}.mlp'] = dense_neurons(method, width, importance, g)
             continue
         core, univ, parts = select_experts(moe, importance, method, seed, i,
                                            lambda: stats.coact(f'blocks.{i}.mlp.act'))
@@ -166,7 +163,7 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
         if recipe == 'official':
             # each expert also samples its own input / output channels, as the official tool does
             ch_importance = stats[f'blocks.{i}.norm2', statistic]
-            ch_method = 'importance' if method == 'graph' else method
+            ch_method = METHODS[method].dense_method or method  # channels have no co-activation graph
             sel[f'blocks.{i}.core_channels'] = select_neurons(
                 ch_method, moe.num_core_experts, d_s, ch_importance, make_generator(seed, 'core-ch', i))
             sel[f'blocks.{i}.univ_channels'] = select_neurons(
@@ -260,3 +257,20 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Tak
 
 def body_width(model) -> int:
     return model.embed_dim
+
+
+SPEC = FamilySpec(
+    name='vit',
+    model_cls=VisionTransformerJetMoE,
+    recycled_from=RECYCLED_FROM,
+    check=check,
+    resize=resize,
+    probes=probes,
+    select=select,
+    plan=plan,
+    weight_stats=WeightStats,
+    body_width=body_width,
+    scale_rules=SCALE_RULES,
+    features_module='head',  # its input is the pooled pre-logits feature
+    official_recipe=True,
+)

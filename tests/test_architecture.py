@@ -1,0 +1,65 @@
+"""The package's layering holds: layers <- models <- recycling <- tools, with no way back and no circle."""
+import ast
+from pathlib import Path
+
+import pytest
+import timm
+
+from jetmoe_timm.models._pretrained import _architecture_kwargs
+from jetmoe_timm.models.vit_jetmoe import VisionTransformerJetMoE
+
+PACKAGE = Path(__file__).resolve().parents[1] / 'jetmoe_timm'
+TOOLS = {'bench', 'demo', 'visualize', 'data', 'cli', 'profile', '_scripts', 'train', 'validate'}
+
+
+def _imports(path: Path):
+    """Every jetmoe_timm module ``path`` imports, at any depth of the file, as dotted names."""
+    package = path.relative_to(PACKAGE.parent).with_suffix('').parts[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - node.level + 1]
+            out.add('.'.join(base + tuple(filter(None, (node.module or '').split('.')))))
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith('jetmoe_timm'))
+        elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('jetmoe_timm'):
+            out.add(node.module)
+    return out
+
+
+def _modules(sub):
+    return sorted((PACKAGE / sub).glob('*.py'))
+
+
+@pytest.mark.parametrize('path', _modules('layers') + _modules('models'), ids=lambda p: f'{p.parent.name}/{p.name}')
+def test_layers_and_models_never_import_recycling_or_tools(path):
+    bad = {m for m in _imports(path) if m.startswith('jetmoe_timm.recycle')
+           or m.split('.')[1:2] and m.split('.')[1] in TOOLS}
+    assert not bad, f'{path.name} imports {bad}'
+
+
+@pytest.mark.parametrize('path', _modules('recycle'), ids=lambda p: p.name)
+def test_recycling_engine_reaches_models_only_through_family_specs(path):
+    models = {m for m in _imports(path) if m.startswith('jetmoe_timm.models')}
+    allowed = {'vit.py', 'convnext.py', 'build.py'}  # family modules name their model class; build registers
+    assert not models or path.name in allowed, f'{path.name} imports {models}'
+    assert not {m for m in _imports(path) if m.split('.')[1:2] and m.split('.')[1] in TOOLS - {'cli'}}
+
+
+V_JETMOE_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, global_pool='avg',
+                     num_core_experts=98, num_univ_experts=196)
+
+
+@pytest.mark.parametrize('kwargs, changes', [
+    (dict(routing='official'), {}),
+    (dict(moe_combine='entmax15', moe_noise_at_eval=True), {}),  # the same weights as routing='official'
+    (dict(drop_path_rate=0.1, moe_drop_rate=0.4, num_classes=5, in_chans=1), {}),  # adapted or shape-free
+    (dict(img_size=112, drop_path_rate=0.1), dict(img_size=112)),
+    (dict(embed_dim=96, num_heads=2, moe_drop_rate=0.1), dict(embed_dim=96, num_heads=2)),
+    (dict(routing='softmoe', num_univ_experts=0), dict(routing='softmoe', num_univ_experts=0)),
+    (dict(global_pool='token'), dict(global_pool='token')),  # norm instead of fc_norm: other keys
+    (dict(num_heads=6), dict(num_heads=6)),  # same shapes, other heads: recycled weights differ
+])
+def test_architecture_change_is_decided_by_tensor_shapes(kwargs, changes):
+    cfg = timm.models.get_pretrained_cfg('v_jetmoe_tiny.recycled_in21k')
+    assert _architecture_kwargs(VisionTransformerJetMoE, cfg, V_JETMOE_TINY, kwargs) == changes
