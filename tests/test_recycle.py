@@ -394,3 +394,32 @@ def test_recycle_subpackage_is_importable_by_module_path():
     assert jetmoe_timm.recycle is importlib.import_module('jetmoe_timm.recycle')
     assert folder.convert is jetmoe_timm.convert is jetmoe_timm.recycle.convert
     assert jetmoe_timm.recycle.recycle is recycle
+
+
+def test_registered_tags_carry_their_predecessors_preprocessing():
+    """Every recycled tag's cfg asks for the preprocessing its predecessor was trained with."""
+    from timm.models import get_pretrained_cfg
+    from jetmoe_timm.recycle import RECYCLE_SOURCES
+    assert {'v_jetmoe_tiny.recycled_deit3_in22k', 'v_jetmoe_small.recycled_deit3_in22k'} <= set(RECYCLE_SOURCES)
+    for tag, source in RECYCLE_SOURCES.items():
+        ours, theirs = get_pretrained_cfg(tag), get_pretrained_cfg(source['predecessor'])
+        assert (ours.mean, ours.std, ours.interpolation) == (theirs.mean, theirs.std, theirs.interpolation), tag
+
+
+def test_deit3_tag_builds_from_a_deit3_predecessor(tmp_path, monkeypatch, tiny_vit_kwargs):
+    """A second ViT flavour, added by a spec entry alone: DeiT-3 (layer scale, no class position embedding)."""
+    torch.manual_seed(0)
+    deit3 = timm.create_model('deit3_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4,
+                              num_heads=4, pretrained_cfg='fb_in22k_ft_in1k')
+    assert deit3.no_embed_class and deit3.blocks[0].ls1.gamma.numel() == 64
+    save_for_hf(deit3, tmp_path / 'deit3', safe_serialization=True)
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', f'local-dir:{tmp_path / "deit3"}')
+    monkeypatch.setenv('JETMOE_TIMM_CALIB_IMAGES', '8')
+    model = timm.create_model('v_jetmoe_tiny.recycled_deit3_in22k', pretrained=True, num_classes=3,
+                              **tiny_vit_kwargs)
+    (built,) = (tmp_path / 'cache' / 'v_jetmoe_tiny.recycled_deit3_in22k').glob('*.safetensors')
+    prov = read_provenance(built)
+    assert prov['model'] == 'v_jetmoe_tiny.recycled_deit3_in22k' and prov['retention']['cka'] > 0
+    assert tuple(model.pretrained_cfg['mean']) == (0.485, 0.456, 0.406)
+    assert not model.no_embed_class and model.pos_embed.shape[1] == 1 + 8 * 8

@@ -155,3 +155,17 @@ def test_convnext_full_width_is_exact_with_layer_scale(pred_ls, succ_ls):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('pred_flavour, succ_no_embed_class', [('deit3_layer_scale', False), ('augreg', True),
+                                                                ('dinov2_registers', False)])
+def test_prefix_position_embedding_convention_is_converted_exactly(pred_flavour, succ_no_embed_class):
+    """DeiT-3 / DINOv2-reg predecessors (no position embedding on class / register tokens) into the default
+    successor (with one), and the other way round: still the predecessor's function at full width."""
+    pred, kwargs = _vit(pred_flavour)
+    assert pred.no_embed_class != succ_no_embed_class
+    succ, _ = _recycled(_succ(kwargs, moe_blocks=(), no_embed_class=succ_no_embed_class), pred)
+    x = torch.randn(2, 3, kwargs['img_size'], kwargs['img_size'])
+    with torch.no_grad():
+        torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
+    assert pred.no_embed_class != succ_no_embed_class  # the predecessor itself was not changed

@@ -151,6 +151,11 @@ RECYCLED_FROM = {
         predecessor='vit_small_patch16_224.augreg_in21k', body_predecessor='vit_tiny_patch16_224.augreg_in21k'),
     'v_jetmoe_small.recycled_in21k': dict(
         predecessor='vit_base_patch16_224.augreg_in21k', body_predecessor='vit_small_patch16_224.augreg_in21k'),
+    # DeiT-3 (layer scale, no position embedding on the class token): both converted exactly, see recycle/vit.py
+    'v_jetmoe_tiny.recycled_deit3_in22k': dict(predecessor='deit3_small_patch16_224.fb_in22k_ft_in1k'),
+    'v_jetmoe_small.recycled_deit3_in22k': dict(
+        predecessor='deit3_base_patch16_224.fb_in22k_ft_in1k',
+        body_predecessor='deit3_small_patch16_224.fb_in22k_ft_in1k'),
 }
 
 default_cfgs = generate_default_cfgs({
@@ -178,6 +183,22 @@ default_cfgs = generate_default_cfgs({
         notes=(
             'Recycled init, not fine-tuned: built from vit_base_patch16_224.augreg_in21k by importance '
             'sampling (paper recipe). No classifier; fine-tune before use.',
+        ),
+    ),
+    'v_jetmoe_tiny.recycled_deit3_in22k': _cfg(
+        hf_hub_id=f'{HF_ORG}/v_jetmoe_tiny.recycled_deit3_in22k',
+        num_classes=0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=1.0,  # DeiT-3's
+        notes=(
+            'Recycled init, not fine-tuned: built from deit3_small_patch16_224.fb_in22k_ft_in1k (layer scale '
+            'folded) by importance sampling. No classifier; fine-tune before use.',
+        ),
+    ),
+    'v_jetmoe_small.recycled_deit3_in22k': _cfg(
+        hf_hub_id=f'{HF_ORG}/v_jetmoe_small.recycled_deit3_in22k',
+        num_classes=0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=1.0,
+        notes=(
+            'Recycled init, not fine-tuned: built from deit3_base_patch16_224.fb_in22k_ft_in1k (layer scale '
+            'folded) by importance sampling. No classifier; fine-tune before use.',
         ),
     ),
 })

@@ -78,17 +78,42 @@ def _check_blocks(pred) -> None:
 
 
 def resize(pred, succ):
-    """The predecessor at the successor's input size and patch size (a resized copy; ``pred`` if they agree).
+    """The predecessor re-expressed in the successor's input layout: its input size, patch size and position
+    embedding convention (a changed copy; ``pred`` itself if they agree). It computes what ``pred`` computes.
 
     Position and patch embeddings are resampled with timm's own ``set_input_size``, so statistics can be taken
-    and weights recycled in the regime the successor will run in (its tokens, its resolution).
+    and weights recycled in the regime the successor will run in (its tokens, its resolution). Class / register
+    tokens with or without position embeddings (``no_embed_class``: DeiT-3, DINOv2 with registers) are moved to
+    the successor's convention exactly: a token without one gets a zero embedding, and one with an embedding that
+    the successor does not add carries it in the token itself.
     """
     size, patch = tuple(succ.patch_embed.img_size), tuple(succ.patch_embed.patch_size)
-    if (tuple(pred.patch_embed.img_size), tuple(pred.patch_embed.patch_size)) == (size, patch):
+    same_size = (tuple(pred.patch_embed.img_size), tuple(pred.patch_embed.patch_size)) == (size, patch)
+    if same_size and pred.no_embed_class == succ.no_embed_class:
         return pred
     pred = copy.deepcopy(pred)
-    pred.set_input_size(img_size=size, patch_size=patch)
+    if not same_size:
+        pred.set_input_size(img_size=size, patch_size=patch)
+    if pred.no_embed_class != succ.no_embed_class and pred.pos_embed is not None and pred.num_prefix_tokens:
+        _move_prefix_embedding(pred, to_tokens=succ.no_embed_class)
     return pred
+
+
+@torch.no_grad()
+def _move_prefix_embedding(model, to_tokens: bool) -> None:
+    """Switch ``model`` between prefix tokens with and without position embeddings, keeping its function."""
+    n = model.num_prefix_tokens
+    pos = model.pos_embed.data
+    if to_tokens:  # the prefix rows of the embedding go into the tokens themselves
+        prefix = [t for t in (model.cls_token, model.reg_token) if t is not None]
+        rows = pos[:, :n]
+        for t in prefix:
+            t.add_(rows[:, :t.shape[1]])
+            rows = rows[:, t.shape[1]:]
+        model.pos_embed = nn.Parameter(pos[:, n:].clone())
+    else:  # prefix tokens get an embedding of zeros
+        model.pos_embed = nn.Parameter(torch.cat([pos.new_zeros(1, n, pos.shape[-1]), pos], dim=1))
+    model.no_embed_class = to_tokens
 
 
 def probes(pred, succ, method: str):
