@@ -27,7 +27,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from .recycle.cli import CONVERT_DEFAULTS, add_convert_arguments
 
 __all__ = ['UPLOAD_FILES', 'PushResult', 'push_to_hub', 'render_model_card']
 
@@ -396,80 +395,3 @@ def _upload(folder, repo_id, name, config, private, revision, token, endpoint, c
                                f'or HF_ENDPOINT / --endpoint.') from e
         raise
     return info.oid, info.oid != before
-
-
-# --- command line ----------------------------------------------------------------------------------------
-
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'push', help='publish converted weights (+ model card) to the Hugging Face Hub',
-        description='Convert MODEL (or take a converted folder with --from), write its model card, and upload '
-                    'model.safetensors, config.json and README.md to the Hub. Afterwards '
-                    "timm.create_model('hf-hub:ORG/NAME', pretrained=True) loads it after import jetmoe_timm.")
-    p.add_argument('model', nargs='?', default=None,
-                   help="JetMoE model with optional tag, e.g. 'v_jetmoe_tiny' (optional with --from)")
-    p.add_argument('--repo-id', default=None, metavar='ORG/NAME', help="target repo (default: the tag's hf_hub_id)")
-    p.add_argument('--from', dest='from_dir', default=None, metavar='DIR',
-                   help='push this converted folder instead of converting (README.md is written into it)')
-    p.add_argument('--private', action='store_true', help='create the repo as private')
-    p.add_argument('--revision', default=None, metavar='BRANCH',
-                   help='branch to push to (created if missing; default: main)')
-    p.add_argument('--dry-run', action='store_true', help='write the folder and card, print the upload, send nothing')
-    p.add_argument('--commit-message', default=None, metavar='MSG')
-    p.add_argument('--endpoint', default=None, metavar='URL', help='Hub URL (default: HF_ENDPOINT or https://huggingface.co)')
-    p.add_argument('--card-template', default=None, metavar='FILE',
-                   help='model card template (default: model_cards/<architecture>.md)')
-    g = p.add_argument_group('conversion (without --from; defaults as in `jetmoe-timm convert`)')
-    g.add_argument('--out', default=None, metavar='DIR', help='folder to convert into (default: ./<repo name>)')
-    add_convert_arguments(g, defaults=False)
-    p.set_defaults(func=run)
-
-
-def _convert_for_push(args) -> Path:
-    from .recycle import convert
-    from .recycle import parse_model_kwargs
-    if args.model is None:
-        raise ValueError('give MODEL to convert (e.g. v_jetmoe_tiny), or --from DIR with a converted folder.')
-    model_kwargs = parse_model_kwargs(args.model_kwargs)
-    if args.repo_id is None and model_kwargs:  # fail now, not after a long conversion
-        import timm
-        default = timm.create_model(args.model, device='meta')
-        changed = timm.create_model(args.model, device='meta', **model_kwargs)
-        if _mismatch(default, {k: tuple(v.shape) for k, v in changed.state_dict().items()}):
-            raise ValueError(f"--model-kwargs change the architecture of '{args.model}': its default repo must "
-                             f"hold the default architecture, so pass your own --repo-id ORG/NAME.")
-    out = Path(args.out or (args.repo_id or args.model).split('/')[-1])
-    options = {k: getattr(args, k) for k in CONVERT_DEFAULTS if getattr(args, k) is not None}
-    return convert(args.model, out, model_kwargs=model_kwargs, overwrite=args.overwrite,
-                   progress=not args.no_progress, **options)
-
-
-def run(args) -> int:
-    if args.from_dir:
-        given = [k for k in (*CONVERT_DEFAULTS, 'out', 'model_kwargs') if getattr(args, k) is not None]
-        if given or args.overwrite:
-            flags = ', '.join('--' + k.replace('_', '-') for k in given + (['overwrite'] if args.overwrite else []))
-            raise ValueError(f'{flags}: conversion options do not apply to --from (the folder is already converted).')
-        folder = Path(args.from_dir)
-    else:
-        folder = _convert_for_push(args)
-    r = push_to_hub(folder, args.repo_id, model_name=args.model, private=args.private, revision=args.revision,
-                    dry_run=args.dry_run, endpoint=args.endpoint, commit_message=args.commit_message,
-                    card_template=args.card_template)
-    for n, size in r.files:
-        print(f'  {n:<18} {size:>14,d} bytes')
-    target = f'{r.url} (revision {r.revision})'
-    if args.dry_run:
-        print(f'dry run: would upload these files from {r.folder} to {target}; nothing was sent.')
-        from huggingface_hub import get_token
-        if not get_token():
-            print('note: no Hugging Face token found: run `hf auth login` (or set HF_TOKEN) before a real push.')
-    elif r.changed:
-        print(f'pushed {r.folder} to {target}: commit {r.commit}')
-    else:
-        print(f'{target} already has these files: no new commit (head {r.commit})')
-    at = '' if r.revision == 'main' else f'@{r.revision}'
-    print(f"load it with: import jetmoe_timm; timm.create_model('hf-hub:{r.repo_id}{at}', pretrained=True)")
-    return 0

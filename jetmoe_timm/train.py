@@ -10,7 +10,7 @@ or ``$JETMOE_TIMM_SCRIPTS``) as ``__main__`` with all other arguments unchanged.
 import sys
 from typing import List, Optional
 
-from ._scripts import run_timm_script
+from .tools._scripts import run_timm_script
 
 
 def main(argv: Optional[List[str]] = None) -> int:

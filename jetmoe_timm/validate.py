@@ -9,7 +9,7 @@ timm's ``validate.py`` has no option to import a plugin, so ``validate.py --mode
 import sys
 from typing import List, Optional
 
-from ._scripts import run_timm_script
+from .tools._scripts import run_timm_script
 
 
 def main(argv: Optional[List[str]] = None) -> int:

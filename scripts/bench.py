@@ -6,7 +6,7 @@
 """
 import sys
 
-from jetmoe_timm.bench import main
+from jetmoe_timm.tools.bench import main
 
 if __name__ == '__main__':
     sys.exit(main())

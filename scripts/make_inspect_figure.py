@@ -12,9 +12,9 @@ import argparse
 import timm
 import torch
 
-from jetmoe_timm.demo import PRED_ARGS, SUCC_ARGS, _load, _pretrained_predecessor, train
+from jetmoe_timm.tools.demo import PRED_ARGS, SUCC_ARGS, _load, _pretrained_predecessor, train
 from jetmoe_timm.recycle import recycle
-from jetmoe_timm.visualize import inspect_routing, save_inspection
+from jetmoe_timm.tools.visualize import inspect_routing, save_inspection
 
 # the setup the committed figure was made with: 64 patch tokens, N/2 = 32 core and N = 64 universal experts
 FIGURE_PRED_ARGS = dict(PRED_ARGS, patch_size=4)

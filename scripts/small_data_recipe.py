@@ -24,7 +24,7 @@ from pathlib import Path
 from timm.models import save_for_hf
 
 import jetmoe_timm  # noqa: F401  (registers the models)
-from jetmoe_timm.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, _pretrained_predecessor
+from jetmoe_timm.tools.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, _pretrained_predecessor
 from jetmoe_timm.recycle.build import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def main(argv=None):
 
     data = args.out / 'mnist1k'
     if not data.exists():
-        _run([sys.executable, '-m', 'jetmoe_timm.cli', 'data', 'export', 'mnist5k', str(data), '--limit', '1000'],
+        _run([sys.executable, '-m', 'jetmoe_timm.tools.cli', 'data', 'export', 'mnist5k', str(data), '--limit', '1000'],
              args.out / 'export.log')
     pred_dir = args.out / 'predecessor'
     if not pred_dir.exists():
@@ -71,7 +71,7 @@ def main(argv=None):
         save_for_hf(pred, pred_dir, safe_serialization=True)
     succ_dir = args.out / 'recycled'
     if not succ_dir.exists():
-        _run([sys.executable, '-m', 'jetmoe_timm.cli', 'convert', 'v_jetmoe_tiny', '--out', str(succ_dir),
+        _run([sys.executable, '-m', 'jetmoe_timm.tools.cli', 'convert', 'v_jetmoe_tiny', '--out', str(succ_dir),
               '--predecessor', f'local-dir:{pred_dir}', '--calib', str(data / 'train'), '--num-calib', '1000',
               '--no-progress', '--model-kwargs', *_kwargs(SUCC_ARGS)], args.out / 'convert.log')
     retention = json.loads((succ_dir / 'config.json').read_text())['jetmoe']['retention']

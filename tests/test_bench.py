@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from jetmoe_timm import bench, cli
-from jetmoe_timm.bench import LayerShape, Pair, run_benchmark
+from jetmoe_timm.tools import bench, cli
+from jetmoe_timm.tools.bench import LayerShape, Pair, run_benchmark
 from jetmoe_timm.layers import SpheroMoE
 
 from conftest import TINY_VIT

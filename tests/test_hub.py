@@ -16,7 +16,7 @@ import yaml
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from hub_server import LocalHub
-from jetmoe_timm.cli import main
+from jetmoe_timm.tools.cli import main
 from jetmoe_timm.export import save_pretrained_folder
 from jetmoe_timm.hub import CARD_DIR, CARD_MARK, UPLOAD_FILES, push_to_hub, render_model_card
 from jetmoe_timm.profile import count_macs, count_params
@@ -69,7 +69,7 @@ def _run(code, env, expect_rc=0):
 _PUSH = """
     import sys
     from huggingface_hub import HfApi
-    from jetmoe_timm.cli import main
+    from jetmoe_timm.tools.cli import main
     args = ['push', '--from', {folder!r}, '--repo-id', {repo!r}]
     assert main(args + ['--endpoint', {dead!r}]) == 2  # unreachable: a one-line error
     assert main(args + ['--dry-run']) == 0

@@ -323,7 +323,7 @@ def test_user_source_is_respected(tmp_path, pred_dir, monkeypatch, tiny_vit_kwar
 
 
 def test_convert_cli_writes_loadable_folder(tmp_path, pred_dir, monkeypatch):
-    from jetmoe_timm.cli import main
+    from jetmoe_timm.tools.cli import main
     out = tmp_path / 'out'
     args = ['convert', 'v_jetmoe_tiny', '--out', str(out), '--predecessor', f'local-dir:{pred_dir}',
             '--method', 'graph', '--num-calib', '8', '--no-progress', '--model-kwargs', 'img_size=32', 'patch_size=4',
@@ -345,7 +345,7 @@ def test_predecessor_input_contract_travels(tmp_path, predecessor, monkeypatch, 
     """Weights trained with some preprocessing keep it: the converted folder, the first-load build and the
     calibration all use the predecessor's mean / std / interpolation / crop, not the V-JetMoE default."""
     from timm.data import resolve_model_data_config
-    from jetmoe_timm.cli import main
+    from jetmoe_timm.tools.cli import main
     from jetmoe_timm.hub import render_model_card
     from jetmoe_timm.recycle.calibration import calibration_batches
     contract = dict(mean=(0.1, 0.2, 0.3), std=(0.9, 0.8, 0.7), interpolation='bilinear', crop_pct=0.75)

@@ -28,7 +28,7 @@ from timm.optim import create_optimizer_v2
 
 import jetmoe_timm.train
 import jetmoe_timm.validate
-from jetmoe_timm import _scripts, data
+from jetmoe_timm.tools import _scripts, data
 from jetmoe_timm.export import save_safetensors_atomic
 from conftest import TINY_VIT
 

@@ -11,10 +11,10 @@ import timm
 import torch
 from PIL import Image
 
-from jetmoe_timm import cli
+from jetmoe_timm.tools import cli
 from jetmoe_timm.export import save_pretrained_folder, save_safetensors_atomic
 from jetmoe_timm.layers import SpheroMoE
-from jetmoe_timm.visualize import inspect_routing, plot_dispatch_maps, save_inspection
+from jetmoe_timm.tools.visualize import inspect_routing, plot_dispatch_maps, save_inspection
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec('matplotlib') is None, reason='figures need matplotlib (pip install -e ".[test]")')

@@ -36,10 +36,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from .export import save_safetensors_atomic
-from .recycle import CALIB_SIZES, METHODS, recycle
-from .recycle.build import cache_dir
-from .recycle.retention import linear_cka, pooled_features
+from ..export import save_safetensors_atomic
+from ..recycle import CALIB_SIZES, METHODS, recycle
+from ..recycle.build import cache_dir
+from ..recycle.retention import linear_cka, pooled_features
 
 __all__ = ['run_demo', 'markdown_table', 'add_parser']
 

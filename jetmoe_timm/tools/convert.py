@@ -4,9 +4,9 @@ from pathlib import Path
 
 from ..export import read_provenance
 
-from .engine import CALIB_SIZES, RECIPES
-from .selection import METHODS
-from .stats import STATISTICS
+from ..recycle.engine import CALIB_SIZES, RECIPES
+from ..recycle.selection import METHODS
+from ..recycle.stats import STATISTICS
 
 
 def add_parser(subparsers) -> None:
@@ -56,7 +56,7 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
 
 
 def run(args) -> int:
-    from .folder import convert, parse_model_kwargs
+    from ..recycle.folder import convert, parse_model_kwargs
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     if args.from_official:
         from ..official import convert_official_checkpoint

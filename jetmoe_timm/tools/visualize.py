@@ -1,6 +1,6 @@
 """ Look inside a JetMoE model: where its experts look, and what each path and expert contributes.
 
-    from jetmoe_timm.visualize import inspect_routing, save_inspection
+    from jetmoe_timm.tools.visualize import inspect_routing, save_inspection
     result = inspect_routing(model, ['cat.jpg', 'dog.jpg'])    # image paths, PIL images or a (B, 3, H, W) batch
     result.layers['blocks.6.mlp'].expert_share                  # (B, E) numpy arrays, ready for a notebook
     save_inspection(result, 'inspect/')                         # PNG figures + routing.json
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .routing import moe_layers, routing_info
+from ..routing import moe_layers, routing_info
 
 __all__ = [
     'LayerRouting', 'RoutingInspection', 'inspect_routing', 'plot_dispatch_maps', 'plot_contributions',

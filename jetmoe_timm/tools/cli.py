@@ -9,15 +9,15 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .version import __version__
+from ..version import __version__
 
 _COMMAND_MODULES = (
-    'jetmoe_timm.recycle.cli',  # convert
-    'jetmoe_timm.visualize',  # inspect
-    'jetmoe_timm.hub',  # push
-    'jetmoe_timm.data',  # data export
-    'jetmoe_timm.demo',  # demo
-    'jetmoe_timm.bench',  # bench
+    'jetmoe_timm.tools.convert',  # convert
+    'jetmoe_timm.tools.visualize',  # inspect
+    'jetmoe_timm.tools.push',  # push
+    'jetmoe_timm.tools.data',  # data export
+    'jetmoe_timm.tools.demo',  # demo
+    'jetmoe_timm.tools.bench',  # bench
 )
 
 

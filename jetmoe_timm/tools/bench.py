@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import SpheroMoE, sphero_moe_reference
+from ..layers import SpheroMoE, sphero_moe_reference
 
 __all__ = ['Pair', 'LayerShape', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'run_benchmark', 'format_table',
            'add_parser']
@@ -442,7 +442,7 @@ def run_benchmark(
                compile_batch_sizes=list(batch_sizes if compile_batch_sizes is None else compile_batch_sizes),
                reference=reference, compile_layer=compile_layer, memory=memory, rounds=rounds, warmup=warmup,
                reference_rounds=reference_rounds)
-    from .version import __version__
+    from ..version import __version__
     import timm
     t_start = time.perf_counter()
     result = dict(
