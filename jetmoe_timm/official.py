@@ -28,7 +28,7 @@ import math
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Union
 
 import torch
 import torch.nn as nn

@@ -11,7 +11,7 @@ from PIL import Image
 from timm.models import save_for_hf
 
 from jetmoe_timm.export import read_provenance
-from jetmoe_timm.recycle import METHODS, convert, recycle
+from jetmoe_timm.recycle import METHODS, recycle
 from jetmoe_timm.recycle.selection import partition_graph, weighted_sample, make_generator
 
 PRED_KWARGS = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)

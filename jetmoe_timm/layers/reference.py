@@ -5,7 +5,6 @@ compare the optimised layer against it, and the benchmark times it to show what 
 Noise, dropout and drop path are left out: call it on a layer in eval mode.
 """
 import torch
-import torch.nn.functional as F
 
 from .entmax import entmax15
 from .sphero_moe import SpheroMoE

@@ -14,7 +14,7 @@ from timm.models.convnext import ConvNeXt
 from ..layers import SpheroMoE
 from ..models.convnext_jetmoe import RECYCLED_FROM, ConvNeXtJetMoE
 from .family import FamilySpec
-from .rules import Take, expert_takes
+from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, dense_neurons, make_generator, select_experts, top_k
 from .stats import Probe
 
@@ -113,47 +113,40 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
     return sel
 
 
-def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Take]:
-    p: Dict[str, Take] = {}
-    ch0 = sel['stage0.channels']
-    p['stem.0.weight'] = Take('stem.0.weight', (ch0,))
-    p['stem.0.bias'] = Take('stem.0.bias', (ch0,))
-    p['stem.1.weight'] = Take('stem.1.weight', (ch0,))
-    p['stem.1.bias'] = Take('stem.1.bias', (ch0,))
-    for s, stage in enumerate(succ.stages):
-        ch = sel[f'stage{s}.channels']
-        if s > 0:
-            prev = sel[f'stage{s - 1}.channels']
-            d = f'stages.{s}.downsample'
-            p[f'{d}.0.weight'] = Take(f'{d}.0.weight', (prev,))
-            p[f'{d}.0.bias'] = Take(f'{d}.0.bias', (prev,))
-            p[f'{d}.1.weight'] = Take(f'{d}.1.weight', (ch[:, None], prev[None, :]))
-            p[f'{d}.1.bias'] = Take(f'{d}.1.bias', (ch,))
-        for b, blk in enumerate(stage.blocks):
-            name = f'stages.{s}.blocks.{b}'
-            for key in ('conv_dw.weight', 'conv_dw.bias', 'norm.weight', 'norm.bias', 'gamma'):
-                if f'{name}.{key}' in succ.state_dict():
-                    p[f'{name}.{key}'] = Take(f'{name}.{key}', (ch,))
-            if isinstance(blk.mlp, SpheroMoE):
-                for path in ('core', 'univ'):
-                    if getattr(blk.mlp, f'{path}_experts') is not None:
-                        p.update(expert_takes(f'{name}.mlp.{path}_experts', f'{name}.mlp',
-                                              sel[f'{name}.{path}_neurons'], ch))
-                continue
-            n = sel[f'{name}.mlp']
-            p[f'{name}.mlp.fc1.weight'] = Take(f'{name}.mlp.fc1.weight', (n[:, None], ch[None, :]))
-            p[f'{name}.mlp.fc1.bias'] = Take(f'{name}.mlp.fc1.bias', (n,))
-            p[f'{name}.mlp.fc2.weight'] = Take(f'{name}.mlp.fc2.weight', (ch[:, None], n[None, :]))
-            p[f'{name}.mlp.fc2.bias'] = Take(f'{name}.mlp.fc2.bias', (ch,))
-    last = sel[f'stage{len(succ.stages) - 1}.channels']
-    succ_keys = succ.state_dict()
-    for key in ('head.norm.weight', 'head.norm.bias', 'norm_pre.weight', 'norm_pre.bias'):
-        if key in succ_keys:
-            p[key] = Take(key, (last,))
+# which index set selects each dimension of each recycled tensor (successor key patterns; see rules.Rule):
+# stage s keeps 'stage{s}.channels'; a downsample reads the previous stage's ('stage{s}.in')
+RULES = (
+    Rule(r'stem\.[01]\.(?:weight|bias)', ('stage0.channels',)),
+    Rule(r'stages\.(\d+)\.downsample\.0\.(?:weight|bias)', ('stage{0}.in',)),
+    Rule(r'stages\.(\d+)\.downsample\.1\.weight', ('stage{0}.channels', 'stage{0}.in')),
+    Rule(r'stages\.(\d+)\.downsample\.1\.bias', ('stage{0}.channels',)),
+    Rule(r'stages\.(\d+)\.blocks\.\d+\.(?:conv_dw\.weight|conv_dw\.bias|norm\..*|gamma|mlp\.fc2\.bias)',
+         ('stage{0}.channels',)),
+    Rule(r'(stages\.(\d+)\.blocks\.\d+)\.mlp\.fc1\.weight', ('{0}.mlp', 'stage{1}.channels')),
+    Rule(r'(stages\.\d+\.blocks\.\d+)\.mlp\.fc1\.bias', ('{0}.mlp',)),
+    Rule(r'(stages\.(\d+)\.blocks\.\d+)\.mlp\.fc2\.weight', ('stage{1}.channels', '{0}.mlp')),
+    Rule(r'(?:head\.norm|norm_pre)\.(?:weight|bias)', ('last.channels',)),
+    Rule(r'head\.fc\.weight', (None, 'last.channels')),
+    Rule(r'head\.fc\.bias', (None,)),
+)
+
+
+def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Dict[str, Take]:
+    """Successor key -> Take for every tensor recycled from the predecessor."""
+    idx = dict(sel)
+    num_stages = len(succ.stages)
+    for s in range(1, num_stages):
+        idx[f'stage{s}.in'] = sel[f'stage{s - 1}.channels']
+    idx['last.channels'] = sel[f'stage{num_stages - 1}.channels']
     fc_w, pred_fc_w = getattr(succ.head.fc, 'weight', None), getattr(pred.head.fc, 'weight', None)
-    if fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0]:
-        p['head.fc.weight'] = Take('head.fc.weight', (slice(None), last))
-        p['head.fc.bias'] = Take('head.fc.bias')
+    same_head = fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0]
+    keys = [k for k in succ.state_dict() if same_head or not k.startswith('head.fc.')]
+    p = plan_from_rules(RULES, keys, idx)
+    for s, b, name, blk in _blocks(succ):
+        for path in ('core', 'univ') if isinstance(blk.mlp, SpheroMoE) else ():
+            if getattr(blk.mlp, f'{path}_experts') is not None:
+                p.update(expert_takes(f'{name}.mlp.{path}_experts', f'{name}.mlp', sel[f'{name}.{path}_neurons'],
+                                      sel[f'stage{s}.channels']))
     return p
 
 

@@ -179,11 +179,11 @@ def recycle(
     t_stats = time.perf_counter() - t0
 
     selection = family.select(pred, successor, stats, method, statistic, seed, recipe)
-    plan = family.plan(pred, successor, selection, recipe)
+    body = family.resize(body_predecessor, successor) if body_predecessor is not None else None
+    plan = family.plan(pred, successor, selection, recipe, body)
     target = successor.state_dict()
     sources = {'main': fold_scales(pred.state_dict(), target, family.scale_rules)}
-    if body_predecessor is not None:
-        body = family.resize(body_predecessor, successor)
+    if body is not None:
         sources['body'] = fold_scales(body.state_dict(), target, family.scale_rules)
     state_dict, fresh = apply_plan(plan, sources, target)
 

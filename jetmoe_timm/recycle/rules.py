@@ -1,18 +1,20 @@
 """ Declarative recycling: each successor tensor is a ``Take`` of one predecessor tensor.
 
-A plan maps successor keys to ``Take``s. A ``Take`` names its source tensor, an advanced index (which
-channels / heads / neurons; a 2-D index stacks experts on a new leading axis), an optional permutation, an
-optional leading expert axis to broadcast to, and an optional final transform (e.g. resampling). Keys the
-plan does not name keep the successor's own initialisation (slot queries, temperatures, a new head).
+A family states, in a table of ``Rule``s keyed by parameter-name patterns (in the spirit of vmoe's upcycling
+rules), which index set indexes each dimension of each tensor: residual channels, attention dims, hidden neurons.
+``plan_from_rules`` turns the table and a selection into a plan: successor key -> ``Take``. A ``Take`` names its
+source tensor, an advanced index (a 2-D index stacks experts on a new leading axis), an optional permutation, an
+optional leading expert axis to broadcast to, and an optional final transform. Keys the plan does not name keep
+the successor's own initialisation (slot queries, temperatures, a new head).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import re
 
 import torch
 
-__all__ = ['Take', 'apply_plan', 'expert_takes', 'fold_scales']
+__all__ = ['Rule', 'Take', 'apply_plan', 'expert_takes', 'fold_scales', 'plan_from_rules']
 
 
 @dataclass
@@ -36,6 +38,40 @@ class Take:
         if self.transform is not None:
             t = self.transform(t)
         return t.contiguous().clone()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Successor keys matching ``pattern`` take the same-named predecessor tensor, indexed dimension by dimension.
+
+    ``axes`` names, per leading dimension, the index set that selects it ('{0}', '{1}', ... are filled with the
+    pattern's groups, e.g. 'blocks.{0}.mlp'), or None for the whole dimension; a leading '...' indexes the last dimension
+    instead (tokens and position embeddings: (1, N, d)).
+    """
+    pattern: str
+    axes: Tuple[Optional[str], ...]
+
+
+def plan_from_rules(rules, keys, indices: Dict[str, torch.Tensor], predecessor: str = 'main') -> Dict[str, Take]:
+    """A Take for every key in ``keys`` that a rule matches (the first that does), indexed by ``indices``."""
+    compiled = [(re.compile(r.pattern), r.axes) for r in rules]
+    plan = {}
+    for key in keys:
+        for rx, axes in compiled:
+            m = rx.fullmatch(key)
+            if m is None:
+                continue
+            groups = m.groups()
+            sets = [None if a in (None, '...') else indices[a.format(*groups)] for a in axes]
+            if axes and axes[0] == '...':
+                index = (Ellipsis, sets[1])
+            else:  # an open mesh: each index set varies along its own dimension
+                named = [i for i, t in enumerate(sets) if t is not None]
+                index = tuple(slice(None) if t is None else t.view([-1 if j == i else 1 for j in named])
+                              for i, t in enumerate(sets))
+            plan[key] = Take(key, index, predecessor=predecessor)
+            break
+    return plan
 
 
 def apply_plan(

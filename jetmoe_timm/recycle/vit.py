@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..layers import SpheroMoE
 from ..models.vit_jetmoe import RECYCLED_FROM, VisionTransformerJetMoE
 from .family import FamilySpec
-from .rules import Take, expert_takes
+from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, dense_neurons, make_generator, select_experts, select_neurons, top_k
 from .stats import Probe
 
@@ -196,87 +196,75 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
     return sel
 
 
-def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str) -> Dict[str, Take]:
+# which index set selects each dimension of each recycled tensor (successor key patterns; see rules.Rule)
+RULES = (
+    Rule(r'cls_token|reg_token|pos_embed', ('...', 'channels')),
+    Rule(r'patch_embed\.proj\.(?:weight|bias)|norm_pre\..*', ('channels',)),
+    Rule(r'blocks\.(\d+)\.(?:norm1|norm2|ls1|ls2)\..*', ('channels',)),
+    Rule(r'blocks\.(\d+)\.attn\.qkv\.weight', ('blocks.{0}.qkv_rows', 'channels')),
+    Rule(r'blocks\.(\d+)\.attn\.qkv\.bias', ('blocks.{0}.qkv_rows',)),
+    Rule(r'blocks\.(\d+)\.attn\.[qk]_norm\..*', ('blocks.{0}.head_dims',)),
+    Rule(r'blocks\.(\d+)\.attn\.proj\.weight', ('channels', 'blocks.{0}.attn_dims')),
+    Rule(r'blocks\.(\d+)\.(?:attn\.proj|mlp\.fc2)\.bias', ('channels',)),
+    Rule(r'blocks\.(\d+)\.mlp\.fc1\.weight', ('blocks.{0}.mlp', 'channels')),
+    Rule(r'blocks\.(\d+)\.mlp\.fc1\.bias', ('blocks.{0}.mlp',)),
+    Rule(r'blocks\.(\d+)\.mlp\.fc2\.weight', ('channels', 'blocks.{0}.mlp')),
+    Rule(r'head\.weight', (None, 'channels')),
+    Rule(r'head\.bias', (None,)),
+)
+
+
+def _indices(pred, succ, sel: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The selection plus the index sets derived from it: q/k/v rows and the dims within a head, per block."""
+    out = dict(sel)
+    hd_p, hd_s = _head_dim(pred), _head_dim(succ)
+    for i, blk in enumerate(pred.blocks[:len(succ.blocks)]):
+        dims = sel[f'blocks.{i}.attn_dims']
+        out[f'blocks.{i}.qkv_rows'] = torch.cat([dims + k * blk.attn.qkv.out_features // 3 for k in range(3)])
+        out[f'blocks.{i}.head_dims'] = dims[:hd_s] % hd_p
+    return out
+
+
+def _identity(body, succ) -> Dict[str, torch.Tensor]:
+    """Index sets that take the same-width body predecessor whole (the official recipe)."""
+    state = body.state_dict()
+    out = {'channels': torch.arange(succ.embed_dim)}
+    for i in range(len(succ.blocks)):
+        out[f'blocks.{i}.attn_dims'] = torch.arange(state[f'blocks.{i}.attn.proj.weight'].shape[1])
+        out[f'blocks.{i}.mlp'] = torch.arange(state[f'blocks.{i}.mlp.fc1.weight'].shape[0])
+    return _indices(body, succ, out)
+
+
+def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Dict[str, Take]:
     """Successor key -> Take, for every tensor recycled from the predecessor(s), which ``resize`` has brought to
-    the successor's grid and patch size."""
-    ch = sel['channels']
-    all_ = slice(None)
-    body = 'body' if recipe == 'official' else 'main'
-    # in the official recipe the body comes whole from a same-width predecessor: no channel selection
-    cidx = (all_,) if body == 'body' else (ch,)
-    last = (Ellipsis,) + cidx
-    p: Dict[str, Take] = {}
-
-    def vec(key, src=None):
-        p[key] = Take(src or key, last, predecessor=body)
-
-    if succ.cls_token is not None:
-        vec('cls_token')
-    if succ.reg_token is not None:
-        vec('reg_token')
-    if succ.pos_embed is not None:
-        p['pos_embed'] = Take('pos_embed', last, predecessor=body)  # grids agree: see ``resize``
-    p['patch_embed.proj.weight'] = Take('patch_embed.proj.weight', cidx, predecessor=body)
-    if succ.patch_embed.proj.bias is not None:
-        vec('patch_embed.proj.bias')
-    for name, _ in succ.norm_pre.named_parameters():
-        vec(f'norm_pre.{name}')
-
-    pred_keys = dict(pred.state_dict())
-    for i, blk in enumerate(succ.blocks):
-        b = f'blocks.{i}'
-        rows = torch.cat([sel[f'{b}.attn_dims'] + k * pred.blocks[i].attn.qkv.out_features // 3 for k in range(3)])
-        for name, _ in blk.named_parameters():
-            key = f'{b}.{name}'
-            if name.startswith(('norm1.', 'norm2.', 'ls1.', 'ls2.')):
-                vec(key)
-        if body == 'body':
-            for name, _ in blk.attn.named_parameters():
-                p[f'{b}.attn.{name}'] = Take(f'{b}.attn.{name}', predecessor='body')
-        else:
-            p[f'{b}.attn.qkv.weight'] = Take(f'{b}.attn.qkv.weight', (rows[:, None], ch[None, :]))
-            if blk.attn.qkv.bias is not None:
-                p[f'{b}.attn.qkv.bias'] = Take(f'{b}.attn.qkv.bias', (rows,))
-            within = sel[f'{b}.attn_dims'][:_head_dim(succ)] % _head_dim(pred)
-            for norm in ('q_norm', 'k_norm'):
-                for name, _ in getattr(blk.attn, norm).named_parameters():
-                    p[f'{b}.attn.{norm}.{name}'] = Take(f'{b}.attn.{norm}.{name}', (within,))
-            p[f'{b}.attn.proj.weight'] = Take(f'{b}.attn.proj.weight', (ch[:, None], sel[f'{b}.attn_dims'][None, :]))
-            if blk.attn.proj.bias is not None:
-                p[f'{b}.attn.proj.bias'] = Take(f'{b}.attn.proj.bias', (ch,))
-
-        moe = _moe(succ, i)
-        if moe is None:
-            if body == 'body':
-                for name, _ in blk.mlp.named_parameters():
-                    p[f'{b}.mlp.{name}'] = Take(f'{b}.mlp.{name}', predecessor='body')
-                continue
-            n = sel[f'{b}.mlp']
-            p[f'{b}.mlp.fc1.weight'] = Take(f'{b}.mlp.fc1.weight', (n[:, None], ch[None, :]))
-            p[f'{b}.mlp.fc1.bias'] = Take(f'{b}.mlp.fc1.bias', (n,))
-            p[f'{b}.mlp.fc2.weight'] = Take(f'{b}.mlp.fc2.weight', (ch[:, None], n[None, :]))
-            p[f'{b}.mlp.fc2.bias'] = Take(f'{b}.mlp.fc2.bias', (ch,))
-            continue
-        for path in ('core', 'univ'):
-            if getattr(moe, f'{path}_experts') is None:
-                continue
-            channels = sel.get(f'{b}.{path}_channels', ch)
-            p.update(expert_takes(f'{b}.mlp.{path}_experts', f'{b}.mlp', sel[f'{b}.{path}_neurons'], channels))
-
+    the successor's grid, patch size and token convention. The official recipe takes the body whole from the
+    same-width ``body`` predecessor and only the experts from ``pred``."""
+    keys = list(succ.state_dict())
+    # the classifier only when it means the same thing: same classes, same pooling
+    head_w, pred_head_w = getattr(succ.head, 'weight', None), getattr(pred.head, 'weight', None)
+    same_head = (head_w is not None and pred_head_w is not None and head_w.shape[0] == pred_head_w.shape[0]
+                 and succ.global_pool == pred.global_pool)
+    keys = [k for k in keys if same_head or not k.startswith('head.')]
+    if recipe == 'official':
+        p = plan_from_rules(RULES, keys, _identity(body, succ), predecessor='body')
+    else:
+        p = plan_from_rules(RULES, keys, _indices(pred, succ, sel))
+    ch, source = (torch.arange(succ.embed_dim), 'body') if recipe == 'official' else (sel['channels'], 'main')
     # final norm: the predecessor's pre-pool norm also serves as the successor's post-pool fc_norm
     succ_norm = 'fc_norm' if len(list(succ.fc_norm.parameters())) else 'norm'
     pred_norm = 'fc_norm' if len(list(pred.fc_norm.parameters())) else 'norm'
+    source_keys = (body if recipe == 'official' else pred).state_dict()
     for name, _ in getattr(succ, succ_norm).named_parameters():
-        src = f'{pred_norm}.{name}'
-        if src in pred_keys:
-            vec(f'{succ_norm}.{name}', src)
-    # the classifier only when it means the same thing: same classes, same pooling
-    head_w = getattr(succ.head, 'weight', None)
-    pred_head_w = getattr(pred.head, 'weight', None)
-    if (head_w is not None and pred_head_w is not None and head_w.shape[0] == pred_head_w.shape[0]
-            and succ.global_pool == pred.global_pool):
-        p['head.weight'] = Take('head.weight', (all_, ch) if body == 'main' else (), predecessor=body)
-        p['head.bias'] = Take('head.bias', predecessor=body)
+        if f'{pred_norm}.{name}' in source_keys:  # a predecessor without a final norm leaves the successor's
+            p[f'{succ_norm}.{name}'] = Take(f'{pred_norm}.{name}', (Ellipsis, ch), predecessor=source)
+    # experts: fc1 / fc2 of every expert sampled from the block's dense MLP in the (main) predecessor
+    for i in range(len(succ.blocks)):
+        moe = _moe(succ, i)
+        for path in ('core', 'univ') if moe is not None else ():
+            if getattr(moe, f'{path}_experts') is not None:
+                p.update(expert_takes(f'blocks.{i}.mlp.{path}_experts', f'blocks.{i}.mlp',
+                                      sel[f'blocks.{i}.{path}_neurons'],
+                                      sel.get(f'blocks.{i}.{path}_channels', sel['channels'])))
     return p
 
 

@@ -319,7 +319,7 @@ def _row_cells(row: Dict):
 
 def _print_tables(summary: Dict) -> None:
     epochs = summary['config']['epochs']
-    print(f"\nMNIST test accuracy (%) per epoch, mean over seeds; target = MoE scratch's final accuracy")
+    print("\nMNIST test accuracy (%) per epoch, mean over seeds; target = MoE scratch's final accuracy")
     print(f"{'run':34s} {'seeds':>5s} " + ' '.join(f"{f'ep{e}':>5s}" for e in range(epochs + 1))
           + f"  {'final (± std, range)':>24s}  to-target  speed-up  Δfinal  CKA@init  probe@init")
     for row in summary['table']:
@@ -346,7 +346,7 @@ def markdown_table(summary: Dict) -> str:
         lines.append(f"| {row['run']} | {row['seeds']} | " + ' | '.join(f'{a:.1f}' for a in row['acc'])
                      + f" | {_final_cell(row)} | {to_target} | {speedup} | {row['delta_vs_moe_scratch']:+.1f}"
                      + f" | {row['cka_before']:.3f} | {row['probe_before']:.1f} |")
-    lines += ['', f'| statistics taken at | method | CKA at init | CKA of random init | probe at init |',
+    lines += ['', '| statistics taken at | method | CKA at init | CKA of random init | probe at init |',
               '|---|---|---:|---:|---:|']
     size = {'successor': f'successor size ({IMG} px)', 'predecessor': f'predecessor size ({NATIVE_IMG} px)'}
     for r in summary['retention']:
