@@ -25,8 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import safetensors
+import timm
 import torch.nn as nn
+from timm.models import get_pretrained_cfg
 
+from .export import read_provenance
+from .profile import count_macs, count_params
+from .recycle import RECYCLE_SOURCES
+from .routing import moe_layers
+from .version import __version__
 
 __all__ = ['UPLOAD_FILES', 'PushResult', 'push_to_hub', 'render_model_card']
 
@@ -72,7 +80,6 @@ def _read_config(folder: Path) -> Dict[str, Any]:
 
 
 def _weight_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
-    import safetensors
     with safetensors.safe_open(str(path), framework='pt') as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
@@ -90,7 +97,6 @@ def _mismatch(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) -> str:
 
 def _inspect_folder(folder: Path, model_name: Optional[str] = None) -> Tuple[str, Dict[str, Any], nn.Module]:
     """('arch.tag', config, the model config.json describes on the meta device) for a checked folder."""
-    import timm
     config = _read_config(folder)
     arch, tag = config['architecture'], config['pretrained_cfg'].get('tag')
     if not timm.is_model(arch):
@@ -111,7 +117,6 @@ def _inspect_folder(folder: Path, model_name: Optional[str] = None) -> Tuple[str
 
 
 def _default_hub_id(name: str) -> Optional[str]:
-    from timm.models import get_pretrained_cfg
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError:  # a tag timm does not know has no default repo
@@ -121,7 +126,6 @@ def _default_hub_id(name: str) -> Optional[str]:
 
 def _fits_default_model(name: str, folder: Path) -> bool:
     """Whether the weights load into ``timm.create_model(name)`` as is (what ``pretrained=True`` builds)."""
-    import timm
     return not _mismatch(timm.create_model(name, device='meta'), _weight_shapes(folder / 'model.safetensors'))
 
 
@@ -152,13 +156,11 @@ def _link(spec: Optional[str]) -> str:
 
 def _moe_layers(model: nn.Module) -> str:
     """One bullet per distinct SpheroMoE configuration: where the layers are and what experts they hold."""
-    from .layers import SpheroMoE
     groups: Dict[tuple, List[str]] = {}
-    for module_name, m in model.named_modules():
-        if isinstance(m, SpheroMoE):
-            key = (m.num_core_experts, m.core_hidden, m.num_univ_experts, m.univ_hidden, m.slots_per_expert,
-                   m.routing, m.combine)
-            groups.setdefault(key, []).append(module_name)
+    for module_name, m in moe_layers(model).items():
+        key = (m.num_core_experts, m.core_hidden, m.num_univ_experts, m.univ_hidden, m.slots_per_expert,
+               m.routing, m.combine)
+        groups.setdefault(key, []).append(module_name)
     if not groups:
         return '  - no SpheroMoE layers'
     lines = []
@@ -206,11 +208,6 @@ def _provenance(prov: Dict[str, Any], has_selection: bool) -> str:
 
 
 def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: str, folder: Path) -> Dict[str, str]:
-    from timm.models import get_pretrained_cfg
-    from . import __version__
-    from .export import read_provenance
-    from .profile import count_macs, count_params
-    from .recycle import RECYCLE_SOURCES
     arch, _, tag = name.partition('.')
     cfg, prov = config['pretrained_cfg'], config.get('jetmoe') or {}
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))

@@ -30,10 +30,14 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
+import safetensors.torch
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .export import save_pretrained_folder
 from .layers import SpheroMoE
 
 __all__ = ['is_official_state_dict', 'official_to_timm', 'timm_to_official', 'convert_official_checkpoint']
@@ -260,7 +264,6 @@ def _read_checkpoint(path: Path, weights_only: bool) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f'No checkpoint at {path}.')
     if path.suffix == '.safetensors':
-        import safetensors.torch
         return _unwrap(safetensors.torch.load_file(str(path)))
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=weights_only)
@@ -329,9 +332,6 @@ def convert_official_checkpoint(
         weights_only: refuse pickled objects other than tensors (safe); False only for files you trust.
         **model_kwargs: extra ``timm.create_model`` kwargs (e.g. ``moe_noise_at_eval=True``).
     """
-    import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from .export import save_pretrained_folder
 
     path = Path(path)
     state_dict = _read_checkpoint(path, weights_only)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import SpheroMoE
+from ..routing import moe_layers
 
 __all__ = ['JetMoEMixin', 'MoEOptions']
 
@@ -74,7 +75,7 @@ class JetMoEMixin:
     @torch.jit.ignore
     def moe_layers(self) -> Dict[str, SpheroMoE]:
         """{module name: SpheroMoE layer}, e.g. ``{'blocks.6.mlp': ...}``, in model order."""
-        return {name: m for name, m in self.named_modules() if isinstance(m, SpheroMoE)}
+        return moe_layers(self)
 
     @torch.jit.ignore
     def moe_block_names(self) -> List[str]:

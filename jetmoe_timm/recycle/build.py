@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import timm
 import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
@@ -54,7 +55,6 @@ def cache_dir() -> Path:
 
 def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """('arch.tag', its recycling source) for 'arch' (default tag) or 'arch.tag'."""
-    import timm
     arch, _, tag = model_name.partition('.')
     if not timm.is_model(arch):
         raise ValueError(f"Unknown model '{arch}': pick one of {timm.list_models('*jetmoe*')} "
@@ -84,7 +84,6 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
     ``spec`` is a timm name ('vit_small_patch16_224.augreg_in21k'), 'hf-hub:org/name', 'local-dir:/path', or a
     checkpoint file (.safetensors / .pth / .bin) holding weights of the ``arch_hint`` architecture.
     """
-    import timm
     if spec.startswith('local-dir:') and not os.path.isdir(spec[len('local-dir:'):]):
         raise FileNotFoundError(f"predecessor folder '{spec[len('local-dir:'):]}' does not exist: pass an existing "
                                 f"folder with model.safetensors and config.json (e.g. written by timm save_for_hf).")
@@ -112,7 +111,6 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
 
 def _create_successor(model_name: str, model_kwargs: Dict[str, Any], seed: int) -> nn.Module:
     """The successor, with its non-recycled tensors (slot queries, ...) initialised from ``seed``."""
-    import timm
     arch = model_name.partition('.')[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
