@@ -31,6 +31,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 from .export import read_provenance
+from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
 from .routing import moe_layers
@@ -125,8 +126,13 @@ def _default_hub_id(name: str) -> Optional[str]:
 
 
 def _fits_default_model(name: str, folder: Path) -> bool:
-    """Whether the weights load into ``timm.create_model(name)`` as is (what ``pretrained=True`` builds)."""
-    return not _mismatch(timm.create_model(name, device='meta'), _weight_shapes(folder / 'model.safetensors'))
+    """Whether the folder holds weights of ``timm.create_model(name)`` itself (what ``pretrained=True`` builds):
+    the same shapes, module types and attention heads as the architecture its config.json describes."""
+    default = timm.create_model(name, device='meta')
+    if _mismatch(default, _weight_shapes(folder / 'model.safetensors')):
+        return False
+    return architecture_signature(timm.create_model(f'local-dir:{folder}', device='meta')) == \
+        architecture_signature(default)
 
 
 # --- the model card --------------------------------------------------------------------------------------

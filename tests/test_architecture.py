@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import timm
+from timm.models.vision_transformer import ResPostBlock
 
 from jetmoe_timm.models._pretrained import _architecture_kwargs
 from jetmoe_timm.models.vit_jetmoe import VisionTransformerJetMoE
@@ -68,6 +69,8 @@ V_JETMOE_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, global
     (dict(routing='softmoe', num_univ_experts=0), dict(routing='softmoe', num_univ_experts=0)),
     (dict(global_pool='token'), dict(global_pool='token')),  # norm instead of fc_norm: other keys
     (dict(num_heads=6), dict(num_heads=6)),  # same shapes, other heads: recycled weights differ
+    (dict(block_fn=ResPostBlock), dict(block_fn=ResPostBlock)),  # same shapes, post-norm blocks
+    (dict(act_layer='relu', drop_rate=0.1), dict(act_layer='relu')),  # same shapes, another activation
 ])
 def test_architecture_change_is_decided_by_tensor_shapes(kwargs, changes):
     cfg = timm.models.get_pretrained_cfg('v_jetmoe_tiny.recycled_in21k')

@@ -417,7 +417,7 @@ def test_deit3_tag_builds_from_a_deit3_predecessor(tmp_path, monkeypatch, tiny_v
     monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', f'local-dir:{tmp_path / "deit3"}')
     monkeypatch.setenv('JETMOE_TIMM_CALIB_IMAGES', '8')
     model = timm.create_model('v_jetmoe_tiny.recycled_deit3_in22k', pretrained=True, num_classes=3,
-                              **tiny_vit_kwargs)
+                              pretrained_strict=True, **tiny_vit_kwargs)  # a factory option: passed through
     (built,) = (tmp_path / 'cache' / 'v_jetmoe_tiny.recycled_deit3_in22k').glob('*.safetensors')
     prov = read_provenance(built)
     assert prov['model'] == 'v_jetmoe_tiny.recycled_deit3_in22k' and prov['retention']['cka'] > 0

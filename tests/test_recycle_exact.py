@@ -169,3 +169,33 @@ def test_prefix_position_embedding_convention_is_converted_exactly(pred_flavour,
     with torch.no_grad():
         torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
     assert pred.no_embed_class != succ_no_embed_class  # the predecessor itself was not changed
+
+
+def test_official_recipe_takes_head_and_norm_from_the_body_and_refuses_layer_scale():
+    """The official recipe copies body, final norm and head from the same-width body predecessor: they are
+    checked against it (a headless body leaves the head fresh), and a layer-scale successor is refused."""
+    pred, kwargs = _vit('augreg')
+    torch.manual_seed(3)
+    body = _randomize(timm.create_model('vit_small_patch16_224', **dict(kwargs, embed_dim=24, num_classes=0)))
+    succ = _succ(kwargs, embed_dim=24, num_heads=3, num_core_experts=2, num_univ_experts=2)
+    r = recycle(succ, pred, recipe='official', body_predecessor=body, calib='weights', progress=False)
+    assert 'head.weight' in r.fresh_keys and torch.equal(r.state_dict['norm.weight'], body.norm.weight)
+    with pytest.raises(ValueError, match="recipe 'official'.*layer scale") as e:
+        recycle(_succ(kwargs, embed_dim=24, num_heads=3, init_values=1e-5), pred, recipe='official',
+                body_predecessor=body, calib='weights', progress=False)
+    assert '\n' not in str(e.value)
+
+
+def test_convnext_built_directly_and_tensor_calibration_at_its_own_size():
+    """A ConvNeXt successor takes any input size: one built without timm's factory (no pretrained_cfg) recycles,
+    and ready tensors are used at their own size, not blown up to the cfg's 224 px."""
+    from jetmoe_timm import ConvNeXtJetMoE
+    from jetmoe_timm.recycle.calibration import calibration_batches
+    kwargs = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=5)
+    pred = _randomize(timm.create_model('convnext_tiny', **kwargs))
+    succ = ConvNeXtJetMoE(**kwargs, num_core_experts=2, num_univ_experts=2)
+    data = torch.utils.data.TensorDataset(torch.randn(6, 3, 32, 32))
+    r = recycle(succ, pred, calib=data, num_calib=6, batch_size=3, progress=False)
+    assert r.provenance['retention']['images'] == 6
+    batches, _, _ = calibration_batches(data, pred, num_images=6, batch_size=3)
+    assert next(iter(batches)).shape == (3, 3, 32, 32)

@@ -16,22 +16,29 @@ The chosen file is handed to timm as ``pretrained_cfg_overlay=dict(file=...)``.
 kwargs is built on the meta device and the state-dict shapes (and attention head counts) compared, leaving out the
 first conv and the classifier, which timm adapts on load (``in_chans``, ``num_classes``).
 """
+import inspect
 import logging
 import os
 from typing import Any, Callable, Dict, Optional
 
+import timm
 import torch
-from timm.models import resolve_pretrained_cfg
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..export import read_provenance, verify_safetensors
 
-__all__ = ['prepare_pretrained', 'register_weight_builder']
+__all__ = ['architecture_signature', 'prepare_pretrained', 'register_weight_builder']
 
 _logger = logging.getLogger(__name__)
 
-# arguments of timm's model factory (create_model / build_model_with_cfg), not of the model class
-_FACTORY_KWARGS = {'pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir', 'features_only', 'out_indices',
-                   'feature_cls', 'feature_cfg', 'scriptable', 'exportable', 'no_jit', 'device', 'dtype'}
+# arguments of timm's model factory (create_model / build_model_with_cfg and its feature options), not of the
+# model class; device / dtype are the model's but the comparison builds on the meta device anyway
+_FACTORY_KWARGS = ({p for f in (timm.create_model, build_model_with_cfg) for p in inspect.signature(f).parameters}
+                   | {'features_only', 'out_indices', 'feature_cls', 'device', 'dtype'}) - {'kwargs'}
+# modules that can come and go without changing what the weights mean (dropout rates of 0 give Identity)
+_MEANINGLESS = (nn.Dropout, DropPath, nn.Identity)
 # model arguments timm itself adapts pretrained weights to: they never call for other weights
 _ADAPTED_ON_LOAD = {'num_classes', 'in_chans'}
 
@@ -45,16 +52,25 @@ def register_weight_builder(builder: Callable[[str, Dict[str, Any]], os.PathLike
     _weight_builder = builder
 
 
+def architecture_signature(model: nn.Module, skip=()) -> Dict[str, Any]:
+    """What a model's weights mean: every tensor's shape, every module's type (post-norm blocks, another
+    activation) and the head count of every attention (a (3d, d) qkv is the same shape for 3 or 6 heads, but
+    recycled weights differ: heads are selected whole). Dropout and drop path, which come and go with their
+    rates, are left out, and so are keys starting with ``skip``."""
+    out: Dict[str, Any] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(skip)}
+    for name, m in model.named_modules():
+        if not isinstance(m, _MEANINGLESS) and not (skip and name.startswith(skip)):
+            out[f'{name}#type'] = type(m).__name__
+        if isinstance(getattr(m, 'num_heads', None), int):
+            out[f'{name}#heads'] = m.num_heads
+    return out
+
+
 def _shapes(model_cls, model_kwargs: Dict[str, Any], skip) -> Dict[str, Any]:
-    """What the weights of ``model_cls(**model_kwargs)`` mean, built on the meta device (no memory): every
-    tensor's shape, and the head count of every attention (a (3d, d) qkv is the same shape for 3 or 6 heads,
-    but recycled weights differ: heads are selected whole)."""
+    """``architecture_signature`` of ``model_cls(**model_kwargs)``, built on the meta device (no memory)."""
     with torch.device('meta'):
         model = model_cls(**model_kwargs)
-    out: Dict[str, Any] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(skip)}
-    out.update({f'{name}#heads': m.num_heads for name, m in model.named_modules()
-                if isinstance(getattr(m, 'num_heads', None), int)})
-    return out
+    return architecture_signature(model, skip)
 
 
 def _architecture_kwargs(model_cls, cfg, model_args: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, Any]:

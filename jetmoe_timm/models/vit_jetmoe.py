@@ -4,8 +4,9 @@ The model is timm's ``VisionTransformer`` with the MLP of each block in ``moe_bl
 ``SpheroMoE`` layer, so patch embedding, attention, pooling, features, grad checkpointing and
 ``forward_intermediates`` are timm's own. Blocks stay pre-norm: ``x + drop_path(moe(norm2(x)))``.
 
-Pretrained tags ``*.recycled_in21k`` are never fine-tuned inits recycled from a timm ImageNet-21k ViT
-(see ``jetmoe_timm.recycle``): built locally on first ``pretrained=True`` load when no converted copy can be
+Pretrained tags ``*.recycled_in21k`` (from timm ImageNet-21k ViTs) and ``*.recycled_deit3_in22k`` (from DeiT-3
+ImageNet-22k checkpoints) are never fine-tuned inits recycled from their dense predecessor (``RECYCLED_FROM``,
+see ``jetmoe_timm.recycle``): built locally on first ``pretrained=True`` load when no converted copy can be
 downloaded. They carry no classifier (``num_classes=0``): fine-tune with your own head.
 
 Paper: `MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`

@@ -6,7 +6,8 @@ Sources (``calib``):
     a folder               every image below it (any depth), a seeded subset of ``num_images``
     a Dataset/DataLoader   yields images (PIL or tensors) or (image, label) pairs
 PIL images go through the predecessor's own eval transform (timm's ``resolve_data_config``) at the input size
-asked for; tensors are taken as already normalised and only resized to it.
+asked for; tensors are taken as already normalised, and resized only to a size asked for or the one size a
+fixed-size model (a ViT) takes.
 """
 import os
 import warnings
@@ -133,8 +134,10 @@ def calibration_batches(
     the model's input size.
     """
     data_cfg = resolve_data_config({}, model=model)
-    img_size = img_size or getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-    if img_size is not None:  # fixed-size models built at a non-default size, or the size asked for
+    pe = getattr(model, 'patch_embed', None)
+    if img_size is None and pe is not None and not getattr(pe, 'dynamic_img_size', False):
+        img_size = pe.img_size  # fixed-size models built at a non-default size
+    if img_size is not None:
         data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
     chans = _in_chans(model)
     if chans is not None and chans != data_cfg['input_size'][0]:
@@ -171,6 +174,6 @@ def calibration_batches(
                     n += 1
                     if n == num_images:
                         return
-        return (_batched(loader_images(), transform, batch_size, mode, data_cfg['input_size'][1:]), total,
-                f'loader:{num_images}')
+        # ready tensors are resized only for a model that takes one size (a ViT) or to a size asked for
+        return (_batched(loader_images(), transform, batch_size, mode, img_size), total, f'loader:{num_images}')
     raise ValueError(f'calib must be a folder path, a Dataset/DataLoader or "synthetic", got {type(calib).__name__}')

@@ -26,15 +26,12 @@ def _blocks(model):
             yield s, b, f'stages.{s}.blocks.{b}', blk
 
 
-
 # layer scale -> the linear whose output it scales, folded into it when the successor has none (ls_init_value=None)
 SCALE_RULES = {r'stages\.(\d+)\.blocks\.(\d+)\.gamma': r'stages.\1.blocks.\2.mlp.fc2'}
 
 
-
-
 def resize(pred, succ):
-    """ConvNeXt takes any input size: the predecessor as it is (statistics run at the successor's size)."""
+    """ConvNeXt takes any input size: the predecessor as it is (statistics run at its data config's size)."""
     return pred
 
 

@@ -8,6 +8,7 @@ The steps: resize the predecessor to the successor's input (grid, patch size), t
 (or at the predecessor's own size), select channels / heads / neurons, fold any layer scale the successor lacks
 into the predecessor's weights, apply the plan, and measure what survived (linear CKA of pooled features).
 """
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -82,20 +83,31 @@ def selection_to_json(selection: Dict[str, torch.Tensor]) -> Dict[str, list]:
     return {k: v.tolist() for k, v in selection.items()}
 
 
-def _input_size(model: nn.Module) -> Tuple[int, int]:
-    """(H, W) the model is built for: a ViT's patch-embedding size, else its pretrained cfg's input size."""
-    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-    return tuple(img_size) if img_size is not None else tuple(model.pretrained_cfg['input_size'][-2:])
+def _fixed_input_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """(H, W) of a model that takes one input size (a ViT's patch embedding); None for any-size models."""
+    pe = getattr(model, 'patch_embed', None)
+    if pe is None or getattr(pe, 'dynamic_img_size', False):
+        return None
+    return tuple(pe.img_size)
 
 
 def _keep_first(batches: Iterator[torch.Tensor], kept: List[torch.Tensor], limit: int) -> Iterator[torch.Tensor]:
-    """Pass ``batches`` through, keeping up to ``limit`` of their images in ``kept``."""
+    """Pass ``batches`` through, keeping (copies of) up to ``limit`` of their images in ``kept``."""
     n = 0
     for x in batches:
         if n < limit:
-            kept.append(x[:limit - n])
+            kept.append(x[:limit - n].clone())
             n += kept[-1].shape[0]
         yield x
+
+
+def _record_features(features: List[torch.Tensor], limit: int):
+    """A forward pre-hook that records the input of a module (the pooled features) for the first ``limit`` rows."""
+    def hook(module, args):
+        have = sum(len(f) for f in features)
+        if have < limit:
+            features.append(args[0][:limit - have].detach().float().cpu())
+    return hook
 
 
 def recycle(
@@ -129,7 +141,8 @@ def recycle(
         seed: every random choice derives from it; same inputs + seed give bit-identical weights.
         calib_size: 'successor' (default): statistics at the successor's input size, from the predecessor with
             its position / patch embedding resampled to the successor's grid; 'predecessor': at its own size.
-            Either way the images get the predecessor's preprocessing (mean, std, interpolation, crop).
+            Either way PIL images get the predecessor's preprocessing (mean, std, interpolation, crop); ready
+            tensors are taken as normalised and only resized where a fixed-size (ViT) model needs it.
         measure_retention: add ``provenance['retention']``: linear CKA of predecessor and successor features on
             the calibration images, recycled and at the successor's random init (see ``retention.py``).
         progress: show a progress bar.
@@ -145,6 +158,11 @@ def recycle(
         if body_predecessor is None:
             raise ValueError("recipe 'official' needs body_predecessor: a dense model of the successor's width "
                              "(e.g. vit_tiny_patch16_224.augreg_in21k for v_jetmoe_tiny).")
+        scales = [k for k in successor.state_dict() if any(re.fullmatch(r, k) for r in family.scale_rules)]
+        if scales:  # the experts (from one predecessor) would be scaled by the body's (another's) layer scale
+            raise ValueError(f"recipe 'official' takes the experts and the body from two predecessors and cannot "
+                             f"give a successor with layer scale ('{scales[0]}') one scale for both: build it "
+                             f"without init_values, or use recipe='paper'.")
         family.check(body_predecessor, successor)
         if family.body_width(body_predecessor) != family.body_width(successor):
             raise ValueError('the official recipe copies the body verbatim: body_predecessor must have the '
@@ -153,7 +171,7 @@ def recycle(
     t0 = time.perf_counter()
     # everything is recycled from the predecessor at the successor's grid; statistics are taken there by default
     pred = family.resize(predecessor, successor)
-    size = _input_size(successor)
+    size = _fixed_input_size(successor)  # None: the successor takes any size; the predecessor's data config rules
     kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
     pred_features: List[torch.Tensor] = []  # the predecessor's pooled features on them, from the statistics pass
     if calib == 'weights':
@@ -167,14 +185,14 @@ def recycle(
         if at_succ and measure_retention:  # keep the first images and the predecessor's features on them
             batches = _keep_first(batches, kept, RETENTION_IMAGES)
             hook = pred.get_submodule(family.features_module).register_forward_pre_hook(
-                lambda module, args: pred_features.append(args[0].detach().float()))
+                _record_features(pred_features, RETENTION_IMAGES))
         try:
             stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
                                        total=total, source=source, progress=progress)
         finally:
             if hook is not None:
                 hook.remove()
-        if at_succ:
+        if at_succ and size is not None:
             stats.source += f':{size[0]}x{size[1]}'
     t_stats = time.perf_counter() - t0
 

@@ -42,12 +42,14 @@ def pooled_features(model: nn.Module, images: Iterable[torch.Tensor],
     was_training = model.training
     model.eval()
     wrapper = _Pooled(model)
-    params = None if state_dict is None else {f'model.{k}': v for k, v in state_dict.items()}
+    device = next(model.parameters()).device
+    params = None if state_dict is None else {f'model.{k}': v.to(device) for k, v in state_dict.items()}
     try:
-        feats = [wrapper(x) if params is None else functional_call(wrapper, params, (x,)) for x in images]
+        feats = [(wrapper(x.to(device)) if params is None else functional_call(wrapper, params, (x.to(device),)))
+                 .float().cpu() for x in images]
     finally:
         model.train(was_training)
-    return torch.cat(feats).float()
+    return torch.cat(feats)
 
 
 def retention(predecessor: nn.Module, successor: nn.Module, state_dict: Mapping[str, torch.Tensor],
@@ -56,7 +58,7 @@ def retention(predecessor: nn.Module, successor: nn.Module, state_dict: Mapping[
     'images': n} on ``images`` (batches at the successor's input size). ``reference``: the predecessor's pooled
     features on them, if already at hand (the statistics pass records them), else computed."""
     images = list(images)
-    ref = pooled_features(predecessor, images) if reference is None else reference
+    ref = pooled_features(predecessor, images) if reference is None else reference.float().cpu()
     return dict(cka=round(linear_cka(ref, pooled_features(successor, images, state_dict)), 4),
                 cka_scratch=round(linear_cka(ref, pooled_features(successor, images)), 4),
                 images=int(ref.shape[0]))

@@ -3,12 +3,12 @@
 A family states, in a table of ``Rule``s keyed by parameter-name patterns (in the spirit of vmoe's upcycling
 rules), which index set indexes each dimension of each tensor: residual channels, attention dims, hidden neurons.
 ``plan_from_rules`` turns the table and a selection into a plan: successor key -> ``Take``. A ``Take`` names its
-source tensor, an advanced index (a 2-D index stacks experts on a new leading axis), an optional permutation, an
-optional leading expert axis to broadcast to, and an optional final transform. Keys the plan does not name keep
-the successor's own initialisation (slot queries, temperatures, a new head).
+source tensor, an advanced index (a 2-D index stacks experts on a new leading axis), an optional permutation and
+an optional leading expert axis to broadcast to. Keys the plan does not name keep the successor's own
+initialisation (slot queries, temperatures, a new head).
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import re
 
@@ -19,12 +19,11 @@ __all__ = ['Rule', 'Take', 'apply_plan', 'expert_takes', 'fold_scales', 'plan_fr
 
 @dataclass
 class Take:
-    """successor tensor = transform(expand(permute(source[index])))."""
+    """successor tensor = expand(permute(source[index]))."""
     source: str
     index: Tuple = ()
     permute: Optional[Tuple[int, ...]] = None
     expand: Optional[int] = None
-    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     predecessor: str = 'main'  # 'main', or 'body' for the official recipe's second predecessor
 
     def __call__(self, state: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -35,8 +34,6 @@ class Take:
             t = t.permute(*self.permute)
         if self.expand is not None:
             t = t.unsqueeze(0).expand(self.expand, *t.shape)
-        if self.transform is not None:
-            t = self.transform(t)
         return t.contiguous().clone()
 
 
@@ -50,6 +47,14 @@ class Rule:
     """
     pattern: str
     axes: Tuple[Optional[str], ...]
+
+    def __post_init__(self):
+        named = [i for i, a in enumerate(self.axes) if a not in (None, '...')]
+        if '...' in self.axes and (self.axes[0] != '...' or len(self.axes) != 2):
+            raise ValueError(f"rule '{self.pattern}': '...' goes first, with exactly one named axis after it")
+        if named and named != list(range(named[0], named[-1] + 1)):
+            # advanced indices split by a slice would move their dimensions to the front (NumPy's rule)
+            raise ValueError(f"rule '{self.pattern}': the named axes {self.axes} must be adjacent")
 
 
 def plan_from_rules(rules, keys, indices: Dict[str, torch.Tensor], predecessor: str = 'main') -> Dict[str, Take]:

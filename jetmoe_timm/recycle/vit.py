@@ -68,24 +68,23 @@ def _check_blocks(pred) -> None:
         raise ValueError(f'predecessor blocks are {type(blk).__name__}, not timm\'s pre-norm Block (post-norm and '
                          f'parallel blocks cannot be recycled): pass a standard ViT checkpoint.')
     if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
-        raise ValueError(f'predecessor MLPs are {type(blk.mlp).__name__}{" with an inner norm" if type(blk.mlp) is Mlp else ""}'
-                         f': only plain fc1 -> act -> fc2 MLPs can be split into experts (GLU / SwiGLU cannot).')
+        inner = ' with an inner norm' if type(blk.mlp) is Mlp else ''
+        raise ValueError(f'predecessor MLPs are {type(blk.mlp).__name__}{inner}: only plain fc1 -> act -> fc2 MLPs '
+                         f'can be split into experts (GLU / SwiGLU cannot).')
     if not isinstance(getattr(blk.attn, 'norm', nn.Identity()), nn.Identity):
         raise ValueError('predecessor attention has an inner norm (scale_attn_norm): not supported; pass a '
                          'standard ViT checkpoint.')
 
 
-
-
 def resize(pred, succ):
     """The predecessor re-expressed in the successor's input layout: its input size, patch size and position
-    embedding convention (a changed copy; ``pred`` itself if they agree). It computes what ``pred`` computes.
+    embedding convention (a changed copy; ``pred`` itself if they agree).
 
-    Position and patch embeddings are resampled with timm's own ``set_input_size``, so statistics can be taken
-    and weights recycled in the regime the successor will run in (its tokens, its resolution). Class / register
-    tokens with or without position embeddings (``no_embed_class``: DeiT-3, DINOv2 with registers) are moved to
-    the successor's convention exactly: a token without one gets a zero embedding, and one with an embedding that
-    the successor does not add carries it in the token itself.
+    Position and patch embeddings are resampled with timm's own ``set_input_size`` (as exact as resampling can
+    be), so statistics can be taken and weights recycled in the regime the successor will run in (its tokens, its
+    resolution). Class / register tokens with or without position embeddings (``no_embed_class``: DeiT-3, DINOv2
+    with registers) are moved to the successor's convention exactly: a token without one gets a zero embedding,
+    and one with an embedding that the successor does not add carries it in the token itself.
     """
     size, patch = tuple(succ.patch_embed.img_size), tuple(succ.patch_embed.patch_size)
     same_size = (tuple(pred.patch_embed.img_size), tuple(pred.patch_embed.patch_size)) == (size, patch)
@@ -240,10 +239,11 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     the successor's grid, patch size and token convention. The official recipe takes the body whole from the
     same-width ``body`` predecessor and only the experts from ``pred``."""
     keys = list(succ.state_dict())
+    src = body if recipe == 'official' else pred  # what the body, final norm and head are taken from
     # the classifier only when it means the same thing: same classes, same pooling
-    head_w, pred_head_w = getattr(succ.head, 'weight', None), getattr(pred.head, 'weight', None)
-    same_head = (head_w is not None and pred_head_w is not None and head_w.shape[0] == pred_head_w.shape[0]
-                 and succ.global_pool == pred.global_pool)
+    head_w, src_head_w = getattr(succ.head, 'weight', None), getattr(src.head, 'weight', None)
+    same_head = (head_w is not None and src_head_w is not None and head_w.shape[0] == src_head_w.shape[0]
+                 and succ.global_pool == src.global_pool)
     keys = [k for k in keys if same_head or not k.startswith('head.')]
     if recipe == 'official':
         p = plan_from_rules(RULES, keys, _identity(body, succ), predecessor='body')
@@ -252,11 +252,11 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     ch, source = (torch.arange(succ.embed_dim), 'body') if recipe == 'official' else (sel['channels'], 'main')
     # final norm: the predecessor's pre-pool norm also serves as the successor's post-pool fc_norm
     succ_norm = 'fc_norm' if len(list(succ.fc_norm.parameters())) else 'norm'
-    pred_norm = 'fc_norm' if len(list(pred.fc_norm.parameters())) else 'norm'
-    source_keys = (body if recipe == 'official' else pred).state_dict()
+    src_norm = 'fc_norm' if len(list(src.fc_norm.parameters())) else 'norm'
+    src_keys = src.state_dict()
     for name, _ in getattr(succ, succ_norm).named_parameters():
-        if f'{pred_norm}.{name}' in source_keys:  # a predecessor without a final norm leaves the successor's
-            p[f'{succ_norm}.{name}'] = Take(f'{pred_norm}.{name}', (Ellipsis, ch), predecessor=source)
+        if f'{src_norm}.{name}' in src_keys:  # a predecessor without a final norm leaves the successor's
+            p[f'{succ_norm}.{name}'] = Take(f'{src_norm}.{name}', (Ellipsis, ch), predecessor=source)
     # experts: fc1 / fc2 of every expert sampled from the block's dense MLP in the (main) predecessor
     for i in range(len(succ.blocks)):
         moe = _moe(succ, i)

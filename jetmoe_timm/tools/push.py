@@ -3,7 +3,8 @@ from pathlib import Path
 
 import timm
 
-from ..hub import _mismatch, push_to_hub
+from ..hub import push_to_hub
+from ..models._pretrained import architecture_signature
 from ..recycle import convert, parse_model_kwargs
 from .convert import CONVERT_DEFAULTS, add_convert_arguments
 
@@ -42,7 +43,7 @@ def _convert_for_push(args) -> Path:
     if args.repo_id is None and model_kwargs:  # fail now, not after a long conversion
         default = timm.create_model(args.model, device='meta')
         changed = timm.create_model(args.model, device='meta', **model_kwargs)
-        if _mismatch(default, {k: tuple(v.shape) for k, v in changed.state_dict().items()}):
+        if architecture_signature(default) != architecture_signature(changed):
             raise ValueError(f"--model-kwargs change the architecture of '{args.model}': its default repo must "
                              f"hold the default architecture, so pass your own --repo-id ORG/NAME.")
     out = Path(args.out or (args.repo_id or args.model).split('/')[-1])
