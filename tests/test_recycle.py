@@ -1,5 +1,6 @@
 """Checkpoint recycling: the recycled weights are the predecessor's, index by index, for every method."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -298,15 +299,35 @@ def test_build_on_first_load_cache_and_concurrency(tmp_path, pred_dir):
     assert out.strip() in hashes and 'Recycling' not in err
 
 
-def test_offline_error_names_the_ways_out(tmp_path, tiny_vit_kwargs):
-    env = dict(os.environ, JETMOE_TIMM_CACHE=str(tmp_path / 'cache'), HF_HUB_OFFLINE='1',
-               HF_HOME=str(tmp_path / 'hf'))
+@pytest.mark.parametrize('how', ['HF_HUB_OFFLINE=1', 'endpoint unreachable'])
+def test_offline_first_use_fails_fast_in_one_message(tmp_path, how):
+    """Nothing cached and no Hub: one short error naming the predecessor and the ways out, at once (no retry
+    storm, no chained traceback), and nothing left in the cache."""
+    env = dict(os.environ, JETMOE_TIMM_CACHE=str(tmp_path / 'cache'), HF_HOME=str(tmp_path / 'hf'))
     env.pop('JETMOE_TIMM_PREDECESSOR', None)
-    code = 'import timm, jetmoe_timm; timm.create_model("v_jetmoe_tiny", pretrained=True)'
+    if how == 'HF_HUB_OFFLINE=1':
+        env['HF_HUB_OFFLINE'] = '1'
+    else:  # a port nothing listens on: the probe is refused, as an unplugged network would be
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        env.update(HF_HUB_OFFLINE='0', HF_ENDPOINT=f'http://127.0.0.1:{port}')
+    code = textwrap.dedent('''
+        import sys, time, timm, jetmoe_timm
+        t0 = time.perf_counter()
+        try:
+            timm.create_model("v_jetmoe_tiny", pretrained=True)
+        finally:
+            print(f"library seconds {time.perf_counter() - t0:.2f}", file=sys.stderr)
+    ''')
     p = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
-    assert 'vit_small_patch16_224.augreg_in21k' in p.stderr
-    assert 'JETMOE_TIMM_PREDECESSOR' in p.stderr and 'connect' in p.stderr
+    err = p.stderr
+    assert float(err.split('library seconds ')[1].split()[0]) < 5
+    assert 'WeightsUnavailableError' in err and 'vit_small_patch16_224.augreg_in21k' in err
+    assert 'JETMOE_TIMM_PREDECESSOR' in err and 'connect' in err
+    assert 'During handling' not in err and 'direct cause' not in err and 'Retrying' not in err
+    assert len(err.strip().splitlines()) <= 16  # 4 frames (user, timm, entrypoint, helper) and the message
     assert not list((tmp_path / 'cache').rglob('*.safetensors'))  # nothing half-written
 
 

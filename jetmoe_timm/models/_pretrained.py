@@ -28,8 +28,9 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..export import read_provenance, verify_safetensors
+from ..hub_access import hub_offline_unless_reachable
 
-__all__ = ['architecture_signature', 'prepare_pretrained', 'register_weight_builder']
+__all__ = ['WeightsUnavailableError', 'architecture_signature', 'prepare_pretrained', 'register_weight_builder']
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ _FACTORY_KWARGS = ({p for f in (timm.create_model, build_model_with_cfg) for p i
 _MEANINGLESS = (nn.Dropout, DropPath, nn.Identity)
 # model arguments timm itself adapts pretrained weights to: they never call for other weights
 _ADAPTED_ON_LOAD = {'num_classes', 'in_chans'}
+
+class WeightsUnavailableError(RuntimeError):
+    """No pretrained weights can be had (offline, nothing cached): the message names the ways out. The model
+    entrypoints re-raise it without the frames inside jetmoe_timm, which add nothing to it."""
+
 
 # (tag 'arch.tag', model kwargs) -> path of weights built for them; registered by jetmoe_timm.recycle
 _weight_builder: Optional[Callable[[str, Dict[str, Any]], os.PathLike]] = None
@@ -160,14 +166,15 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     changes = _architecture_kwargs(model_cls, cfg, model_args,
                                    {k: v for k, v in kwargs.items() if k not in _FACTORY_KWARGS})
     path = None
-    if cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR'):
-        path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'))  # b.
-    if path is None:
-        if _weight_builder is None:
-            raise RuntimeError(f"No weights for '{full}' and no weight builder: import jetmoe_timm (it registers the "
-                               f"recycler) before creating the model.")
-        # c. recycle the architecture asked for, with the cfg's head so the file fits any num_classes
-        path = str(_weight_builder(full, dict(model_args, **changes, num_classes=cfg.num_classes)))
+    with hub_offline_unless_reachable():  # no network: the cache answers at once, no retry storm
+        if cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR'):
+            path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'))  # b.
+        if path is None:
+            if _weight_builder is None:
+                raise RuntimeError(f"No weights for '{full}' and no weight builder: import jetmoe_timm (it registers "
+                                   f"the recycler) before creating the model.")
+            # c. recycle the architecture asked for, with the cfg's head so the file fits any num_classes
+            path = str(_weight_builder(full, dict(model_args, **changes, num_classes=cfg.num_classes)))
     overlay.update(file=path, custom_load=False)
     return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoi
 
 from ..official import _load_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
-from ._pretrained import prepare_pretrained
+from ._pretrained import WeightsUnavailableError, prepare_pretrained
 
 __all__ = ['RECYCLED_FROM', 'VisionTransformerJetMoE']
 
@@ -107,7 +107,10 @@ def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optio
     if tag == 'official_in1k':  # the official weights are only the official model with its entmax15 combine
         model_args = dict(model_args or {}, routing='official')
     if pretrained:
-        kwargs = prepare_pretrained(variant, VisionTransformerJetMoE, model_args or {}, kwargs)
+        try:
+            kwargs = prepare_pretrained(variant, VisionTransformerJetMoE, model_args or {}, kwargs)
+        except WeightsUnavailableError as e:
+            raise e.with_traceback(None) from None  # one message that says it all
     kwargs = dict(model_args or {}, **kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     model = build_model_with_cfg(

@@ -29,7 +29,8 @@ import torch.nn as nn
 from filelock import FileLock, Timeout
 
 from ..export import PROVENANCE_KEY, save_safetensors_atomic, verify_safetensors
-from ..models._pretrained import register_weight_builder
+from ..hub_access import hub_reachable
+from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
 from .engine import RecycleResult, check_options, recycle, selection_to_json
 from .families import FAMILIES
@@ -70,12 +71,14 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     return full, dict(RECYCLE_SOURCES[full])
 
 
-def _offline_error(spec: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"Cannot load the predecessor '{spec}' to recycle from ({type(err).__name__}: {err}). Ways out: connect to "
-        f"the Hugging Face Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR to a local checkpoint "
-        f"file, a 'local-dir:' folder or an 'hf-hub:' name; or point JETMOE_TIMM_CACHE at a cache that already "
-        f"holds the recycled weights; or pass pretrained_cfg_overlay=dict(file=...) with converted weights.")
+def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
+    reason = ('the Hub cannot be reached and it is not in the local cache' if not hub_reachable()
+              else f'{type(err).__name__}: {str(err).splitlines()[0][:200]}')
+    return WeightsUnavailableError(
+        f"Cannot load the predecessor '{spec}' to recycle from ({reason}). Ways out: connect to the Hugging Face "
+        f"Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR to a local checkpoint file, a "
+        f"'local-dir:' folder or an 'hf-hub:' name; or point JETMOE_TIMM_CACHE at a cache that already holds the "
+        f"recycled weights; or pass pretrained_cfg_overlay=dict(file=...) with converted weights.")
 
 
 def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
@@ -99,7 +102,7 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
         if isinstance(e, FileNotFoundError) or 'offline' in str(e).lower() or 'connect' in str(e).lower() \
                 or type(e).__name__.endswith(('EntryNotFoundError', 'NotFoundError', 'ConnectionError')) \
                 or 'Hub' in str(e) or 'hf_hub' in str(e).lower():
-            raise _offline_error(spec, e) from e
+            raise _offline_error(spec, e) from None  # the cause is in the message; no chained traceback
         if 'loading state_dict' in str(e):  # missing / unexpected keys or wrong shapes
             raise RuntimeError(
                 f"The predecessor weights '{spec}' do not fit their architecture"

@@ -1,0 +1,47 @@
+""" Is the Hugging Face Hub reachable? Asked once per process, answered in seconds.
+
+Without a network, every Hub download retries with back-off (about 70 s and a hundred log lines for one
+``pretrained=True`` here). ``hub_offline_unless_reachable`` probes the endpoint's TCP port once, with a short
+timeout, and when nothing answers runs the block in huggingface_hub's offline mode, in which a download is
+answered from the local cache at once, or refused at once. ``HF_HUB_OFFLINE=1`` skips the probe.
+"""
+import functools
+import socket
+from contextlib import contextmanager
+from urllib.parse import urlparse
+
+from huggingface_hub import constants
+
+__all__ = ['hub_reachable', 'hub_offline_unless_reachable']
+
+PROBE_TIMEOUT_S = 3.
+
+
+@functools.lru_cache(maxsize=None)
+def _reachable(endpoint: str, timeout: float) -> bool:
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == 'https' else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:  # no route, refused, DNS failure, timeout
+        return False
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub endpoint (``HF_ENDPOINT``) accepts a connection; False in offline mode. Cached per endpoint."""
+    return not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT, timeout)
+
+
+@contextmanager
+def hub_offline_unless_reachable():
+    """Run the block as is when the Hub answers, else in huggingface_hub's offline mode (cache only, no retries)."""
+    if hub_reachable():
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
