@@ -444,3 +444,38 @@ def test_deit3_tag_builds_from_a_deit3_predecessor(tmp_path, monkeypatch, tiny_v
     assert prov['model'] == 'v_jetmoe_tiny.recycled_deit3_in22k' and prov['retention']['cka'] > 0
     assert tuple(model.pretrained_cfg['mean']) == (0.485, 0.456, 0.406)
     assert not model.no_embed_class and model.pos_embed.shape[1] == 1 + 8 * 8
+
+
+def _flip_tensor_bytes(path, count=16):
+    """Flip ``count`` bytes inside the tensor data of a safetensors file (after its header)."""
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], 'little') + 64
+    data[start:start + count] = bytes(b ^ 0xFF for b in data[start:start + count])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_weights_are_refused_through_every_path(tmp_path, monkeypatch, tiny_vit_kwargs):
+    """A file the library wrote carries a content checksum: flipped bytes are caught whichever way it is loaded
+    (local-dir: folder, file= overlay / train.py's --pretrained-path, an hf-hub: repo's cached copy)."""
+    from jetmoe_timm.export import save_pretrained_folder
+    torch.manual_seed(0)
+    folder = save_pretrained_folder(timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs), tmp_path / 'conv')
+    weights = folder / 'model.safetensors'
+    timm.create_model(f'local-dir:{folder}', pretrained=True)  # intact: loads
+    # an hf-hub: repo as the Hugging Face cache holds it (offline: timm reads the cached snapshot)
+    snapshot = tmp_path / 'hf' / 'hub' / 'models--me--tiny' / 'snapshots' / ('0' * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / 'refs').mkdir()
+    (snapshot.parents[1] / 'refs' / 'main').write_text('0' * 40)
+    for name in ('model.safetensors', 'config.json'):
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'hf' / 'hub'))
+    timm.create_model('hf-hub:me/tiny', pretrained=True)  # intact: loads from the cache
+    _flip_tensor_bytes(weights)
+    _flip_tensor_bytes(snapshot / 'model.safetensors')
+    for load in (lambda: timm.create_model(f'local-dir:{folder}', pretrained=True),
+                 lambda: timm.create_model('v_jetmoe_tiny', pretrained=True, **tiny_vit_kwargs,
+                                           pretrained_cfg_overlay=dict(file=str(weights))),
+                 lambda: timm.create_model('hf-hub:me/tiny', pretrained=True)):
+        with pytest.raises(ValueError, match='Refusing to load damaged weights: .*content checksum'):
+            load()

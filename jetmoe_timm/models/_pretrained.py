@@ -110,6 +110,22 @@ def _damage(path: str) -> Optional[str]:
     return None
 
 
+def _given_weights(cfg) -> Optional[str]:
+    """The local safetensors file behind a user's source, when there is one to check before timm loads it: a
+    ``file`` (train.py's --pretrained-path), a ``local-dir:`` folder's, or an ``hf-hub:`` repo's cached copy."""
+    if cfg.file:  # a file, or a local-dir: folder (timm keeps the folder there)
+        path = str(cfg.file)
+        path = os.path.join(path, 'model.safetensors') if os.path.isdir(path) else path
+    elif cfg.source == 'hf-hub' and cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        repo_id, _, revision = cfg.hf_hub_id.partition('@')
+        path = try_to_load_from_cache(repo_id, 'model.safetensors', revision=revision or None)
+        path = path if isinstance(path, str) else None  # the "known missing" sentinel is truthy too
+    else:
+        return None
+    return path if path and path.endswith('.safetensors') and os.path.isfile(path) else None
+
+
 def _hub_file(hf_hub_id: str, cache_dir: Optional[str]) -> Optional[str]:
     """The converted weights of ``hf_hub_id`` ('org/name[@revision]'): from the HF cache, else downloaded unless
     offline; a damaged cached copy is downloaded again. None when there is no usable file."""
@@ -158,9 +174,13 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
     if cfg is None or cfg.file or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir') or cfg.url:
-        if cfg is not None and cfg.file and str(cfg.file).endswith('.safetensors') and os.path.isfile(cfg.file):
-            return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, cfg.file))
-        return kwargs  # a. the user's (or the cfg's own) source
+        path = _given_weights(cfg) if cfg is not None else None  # a. the user's (or the cfg's own) source
+        if path is None:
+            return kwargs
+        problem = _damage(path)  # a file the library wrote carries a checksum: a damaged one is refused
+        if problem:
+            raise ValueError(f'Refusing to load damaged weights: {problem}. Convert or download them again.')
+        return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 
     full = f'{cfg.architecture}.{cfg.tag}'
     changes = _architecture_kwargs(model_cls, cfg, model_args,
