@@ -479,3 +479,62 @@ def test_damaged_weights_are_refused_through_every_path(tmp_path, monkeypatch, t
                  lambda: timm.create_model('hf-hub:me/tiny', pretrained=True)):
         with pytest.raises(ValueError, match='Refusing to load damaged weights: .*content checksum'):
             load()
+
+
+@pytest.mark.parametrize('flavour, classes, suffix', [  # heads of width 64, as timm's ViTs have them
+    (dict(embed_dim=128, num_heads=2), 21843, '.safetensors'),  # augreg in21k-like, with its 21k head
+    (dict(embed_dim=128, num_heads=2, patch_size=8, img_size=40, init_values=1e-5, reg_tokens=2,
+          no_embed_class=True), 0, '.pth'),  # DINOv2-reg-like, headless
+    (dict(embed_dim=64, num_heads=1, depth=3, class_token=False, global_pool='avg'), 1000, '.bin'),  # smaller
+])
+def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, classes, suffix):
+    """A predecessor as users have it: a bare checkpoint file, any head, any compatible size; the architecture
+    is read off its tensors and said in one line."""
+    import logging
+    from safetensors.torch import save_file
+    from jetmoe_timm.recycle import build_recycled
+    kwargs = dict(PRED_KWARGS, num_classes=classes, **flavour)
+    torch.manual_seed(0)
+    pred = _randomize(timm.create_model('vit_small_patch16_224', **kwargs))
+    path = tmp_path / f'pred{suffix}'
+    state = {k: v.contiguous() for k, v in pred.state_dict().items()}
+    save_file(state, path) if suffix == '.safetensors' else torch.save({'model': state}, path)
+    succ_kwargs = dict(img_size=kwargs['img_size'], patch_size=kwargs.get('patch_size', 4), embed_dim=32,
+                       depth=kwargs['depth'], num_heads=1, num_core_experts=2, num_univ_experts=2, num_classes=0,
+                       class_token=kwargs.get('class_token', True), reg_tokens=kwargs.get('reg_tokens', 0))
+    with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.build'):
+        succ, result = build_recycled('v_jetmoe_tiny', succ_kwargs, predecessor=str(path), num_calib=8,
+                                      progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if 'read off its tensors' in r.getMessage()]
+    assert f"embed_dim={kwargs['embed_dim']}" in line and f"depth={kwargs['depth']}" in line
+    assert (f'its {classes}-class head is not used' in line) == bool(classes)
+    ch = result.selection['channels']
+    torch.testing.assert_close(succ.blocks[0].norm1.weight, pred.blocks[0].norm1.weight[ch], rtol=0, atol=0)
+
+
+def test_bare_file_that_is_not_a_timm_checkpoint_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+    from jetmoe_timm.recycle import build_recycled
+    save_file({'encoder.weight': torch.zeros(3, 3)}, tmp_path / 'other.safetensors')
+    with pytest.raises(ValueError, match='not a timm-format VisionTransformer checkpoint') as e:
+        build_recycled('v_jetmoe_tiny', dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2),
+                       predecessor=str(tmp_path / 'other.safetensors'), calib='weights', progress=False)
+    assert '\n' not in str(e.value)
+
+
+def test_bare_convnext_predecessor_file(tmp_path, caplog):
+    import logging
+    from safetensors.torch import save_file
+    from jetmoe_timm.recycle import build_recycled
+    torch.manual_seed(0)
+    pred = _randomize(timm.create_model('convnext_tiny', depths=(1, 1, 2, 1), dims=(16, 24, 32, 40),
+                                        num_classes=21841))
+    save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, tmp_path / 'cnx.safetensors')
+    with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.build'):
+        succ, r = build_recycled('c_jetmoe_femto', dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2,
+                                                        num_univ_experts=2, num_classes=0),
+                                 predecessor=str(tmp_path / 'cnx.safetensors'), num_calib=4, progress=False)
+    assert any('depths=(1, 1, 2, 1), dims=(16, 24, 32, 40)' in rec.getMessage() and '21841-class head' in
+               rec.getMessage() for rec in caplog.records)
+    ch = r.selection['stage3.channels']
+    torch.testing.assert_close(succ.head.norm.weight, pred.head.norm.weight[ch], rtol=0, atol=0)

@@ -95,8 +95,7 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
             if arch_hint is None:
                 raise ValueError(f"a predecessor file needs its architecture: use 'local-dir:' with a config.json, "
                                  f"or a timm name, instead of the bare file '{spec}'.")
-            return timm.create_model(arch_hint, pretrained=True,
-                                     pretrained_cfg_overlay=dict(file=spec, custom_load=False))
+            return _predecessor_from_file(spec, arch_hint)
         return timm.create_model(spec, pretrained=True)
     except (OSError, RuntimeError) as e:
         if isinstance(e, FileNotFoundError) or 'offline' in str(e).lower() or 'connect' in str(e).lower() \
@@ -110,6 +109,37 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
                 f"checkpoint of that architecture, or a 'local-dir:' folder whose config.json describes the "
                 f"weights.") from e
         raise
+
+
+def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
+    """A predecessor from a bare checkpoint file with any head (none, 1000, 21k classes) and any size of the
+    ``arch_hint`` family: the architecture is read off the tensors (and said in one line), the head dropped."""
+    arch = arch_hint.partition('.')[0]
+    hint = timm.create_model(arch, device='meta')
+    family = next((f for f in FAMILIES if isinstance(hint, f.predecessor_cls)), None)
+    if family is None:
+        raise ValueError(f"no JetMoE family recycles a {type(hint).__name__} ('{arch_hint}').")
+    state = timm.models.load_state_dict(path)  # .safetensors / .pth / .bin; unwraps 'state_dict' / 'model'
+    try:
+        args = family.predecessor_args(state, hint)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"'{path}' is not a timm-format {type(hint).__name__} checkpoint (no {e}): pass a timm "
+                         f"checkpoint, or a 'local-dir:' folder with its config.json.") from None
+    model = timm.create_model(arch, **args)
+    head = tuple(f'{c}.' for c in (hint.pretrained_cfg.get('classifier'), 'head_dist') if c)  # the classifier
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)},
+                                                strict=False)
+    if missing or unexpected:
+        raise ValueError(f"'{path}' does not fit {arch}({_args_line(args)}) read off its tensors: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}. Pass a 'local-dir:' folder with its config.json.")
+    classes = next((v.shape[0] for k, v in state.items() if k.startswith(head[:1]) and k.endswith('weight')), 0)
+    _logger.warning(f"Predecessor {path}: {arch}({_args_line(args)}) read off its tensors"
+                    + (f'; its {classes}-class head is not used.' if classes else '.'))
+    return model.eval()
+
+
+def _args_line(args: Dict[str, Any]) -> str:
+    return ', '.join(f'{k}={v}' for k, v in args.items() if k != 'num_classes')
 
 
 def _create_successor(model_name: str, model_kwargs: Dict[str, Any], seed: int) -> nn.Module:

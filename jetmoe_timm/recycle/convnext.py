@@ -30,6 +30,17 @@ def _blocks(model):
 SCALE_RULES = {r'stages\.(\d+)\.blocks\.(\d+)\.gamma': r'stages.\1.blocks.\2.mlp.fc2'}
 
 
+def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
+    """timm ConvNeXt arguments of a bare (timm-format) checkpoint, read off its tensors. The head is dropped."""
+    stages = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('stages.'))
+    depths = tuple(1 + max(int(k.split('.')[3]) for k in state if k.startswith(f'stages.{s}.blocks.'))
+                   for s in range(stages))
+    dims = tuple(state[f'stages.{s}.blocks.0.conv_dw.weight'].shape[0] for s in range(stages))
+    stem = state['stem.0.weight']
+    return dict(depths=depths, dims=dims, in_chans=stem.shape[1], patch_size=stem.shape[-1],
+                ls_init_value=1. if 'stages.0.blocks.0.gamma' in state else None, num_classes=0)
+
+
 def resize(pred, succ):
     """ConvNeXt takes any input size: the predecessor as it is (statistics run at its data config's size)."""
     return pred
@@ -150,7 +161,9 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
 SPEC = FamilySpec(
     name='convnext',
     model_cls=ConvNeXtJetMoE,
+    predecessor_cls=ConvNeXt,
     recycled_from=RECYCLED_FROM,
+    predecessor_args=predecessor_args,
     check=check,
     resize=resize,
     probes=probes,

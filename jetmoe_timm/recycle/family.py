@@ -17,7 +17,10 @@ __all__ = ['FamilySpec']
 class FamilySpec:
     name: str
     model_cls: type  # the JetMoE successor class (a JetMoEMixin subclass)
+    predecessor_cls: type  # the timm class of its dense predecessors
     recycled_from: Mapping[str, Mapping[str, str]]  # pretrained tag -> dict(predecessor=..., [body_predecessor=...])
+    # the predecessor's timm arguments read off a bare checkpoint's tensors, f(state, hint model on meta)
+    predecessor_args: Callable[[Mapping[str, Any], nn.Module], dict]
     # recycling steps, each f(pred, succ, ...): see vit.py for the contract of each
     check: Callable[[nn.Module, nn.Module], None]  # raise one clear line when pred cannot be recycled into succ
     resize: Callable[[nn.Module, nn.Module], nn.Module]  # the predecessor at the successor's input size

@@ -6,6 +6,7 @@ keeps whole heads (top heads by the statistic of their output dims) and, if the 
 narrower, the same top dims within every kept head, for q, k and v alike.
 """
 import copy
+import math
 from typing import Dict, Optional
 
 import torch
@@ -74,6 +75,25 @@ def _check_blocks(pred) -> None:
     if not isinstance(getattr(blk.attn, 'norm', nn.Identity()), nn.Identity):
         raise ValueError('predecessor attention has an inner norm (scale_attn_norm): not supported; pass a '
                          'standard ViT checkpoint.')
+
+
+def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
+    """timm VisionTransformer arguments of a bare (timm-format) checkpoint, read off its tensors; heads come from
+    the family's head width (``hint``, the tag's predecessor, built on the meta device). The head is dropped."""
+    d, c, p = state['patch_embed.proj.weight'].shape[:3]
+    prefix = int('cls_token' in state) + (state['reg_token'].shape[1] if 'reg_token' in state else 0)
+    n_pos = state['pos_embed'].shape[1]
+    # prefix tokens without a position embedding (DeiT-3, DINOv2-reg) when only the whole count is a square
+    no_embed_class = bool(prefix) and math.isqrt(n_pos) ** 2 == n_pos and math.isqrt(n_pos - prefix) ** 2 != n_pos - prefix
+    grid = math.isqrt(n_pos if no_embed_class else n_pos - prefix)
+    return dict(
+        embed_dim=d, in_chans=c, patch_size=p, img_size=grid * p, num_heads=max(1, d // _head_dim(hint)),
+        depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
+        mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / d, qkv_bias='blocks.0.attn.qkv.bias' in state,
+        qk_norm='blocks.0.attn.q_norm.weight' in state, init_values=1. if 'blocks.0.ls1.gamma' in state else None,
+        class_token='cls_token' in state, reg_tokens=prefix - int('cls_token' in state),
+        no_embed_class=no_embed_class, fc_norm='fc_norm.weight' in state,
+        global_pool='avg' if 'fc_norm.weight' in state or 'cls_token' not in state else 'token', num_classes=0)
 
 
 def resize(pred, succ):
@@ -275,7 +295,9 @@ def body_width(model) -> int:
 SPEC = FamilySpec(
     name='vit',
     model_cls=VisionTransformerJetMoE,
+    predecessor_cls=VisionTransformer,
     recycled_from=RECYCLED_FROM,
+    predecessor_args=predecessor_args,
     check=check,
     resize=resize,
     probes=probes,
