@@ -12,7 +12,8 @@ removed by the next build.
 Environment:
     JETMOE_TIMM_CACHE         cache folder
     JETMOE_TIMM_PREDECESSOR   use this predecessor instead of the tag's (a timm name, hf-hub:..., local-dir:...,
-                              or a checkpoint file of the tag's predecessor architecture)
+                              or a bare checkpoint file of the tag's family, any head and size: its architecture is
+                              read off the tensors)
     JETMOE_TIMM_CALIB         calibration source for builds: 'synthetic' (default), 'weights' or an image folder
     JETMOE_TIMM_CALIB_IMAGES  number of calibration images (default 256)
 """
