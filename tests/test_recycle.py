@@ -427,7 +427,7 @@ def test_registered_tags_carry_their_predecessors_preprocessing():
         assert (ours.mean, ours.std, ours.interpolation) == (theirs.mean, theirs.std, theirs.interpolation), tag
 
 
-def test_deit3_tag_builds_from_a_deit3_predecessor(tmp_path, monkeypatch, tiny_vit_kwargs):
+def test_deit3_tag_builds_from_a_deit3_predecessor(tmp_path, monkeypatch, tiny_vit_kwargs, caplog):
     """A second ViT flavour, added by a spec entry alone: DeiT-3 (layer scale, no class position embedding)."""
     torch.manual_seed(0)
     deit3 = timm.create_model('deit3_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4,
@@ -440,6 +440,10 @@ def test_deit3_tag_builds_from_a_deit3_predecessor(tmp_path, monkeypatch, tiny_v
     model = timm.create_model('v_jetmoe_tiny.recycled_deit3_in22k', pretrained=True, num_classes=3,
                               pretrained_strict=True, **tiny_vit_kwargs)  # a factory option: passed through
     (built,) = (tmp_path / 'cache' / 'v_jetmoe_tiny.recycled_deit3_in22k').glob('*.safetensors')
+    # a first build says, at WARNING (shown by a default Python process), what, from what, how long and where
+    (said,) = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING' and 'first load' in r.getMessage()]
+    assert said.startswith('Recycling v_jetmoe_tiny.recycled_deit3_in22k from local-dir:') and str(built) in said
+    assert ' s on 2 CPU cores for ' in said
     prov = read_provenance(built)
     assert prov['model'] == 'v_jetmoe_tiny.recycled_deit3_in22k' and prov['retention']['cka'] > 0
     assert tuple(model.pretrained_cfg['mean']) == (0.485, 0.456, 0.406)

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..version import __version__
 from .calibration import calibration_batches, check_calibration
@@ -172,6 +173,8 @@ def recycle(
     # everything is recycled from the predecessor at the successor's grid; statistics are taken there by default
     pred = family.resize(predecessor, successor)
     size = _fixed_input_size(successor)  # None: the successor takes any size; the predecessor's data config rules
+    # one bar over the whole recycling: statistics (one step per calibration batch), selection, plan, retention
+    bar = tqdm(total=3, desc=f'recycling {type(successor).__name__}', unit='step', disable=not progress)
     kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
     pred_features: List[torch.Tensor] = []  # the predecessor's pooled features on them, from the statistics pass
     if calib == 'weights':
@@ -186,9 +189,11 @@ def recycle(
             batches = _keep_first(batches, kept, RETENTION_IMAGES)
             hook = pred.get_submodule(family.features_module).register_forward_pre_hook(
                 _record_features(pred_features, RETENTION_IMAGES))
+        bar.reset(total=total + 3)  # calibration batches, then selection, the plan, retention
+        bar.set_postfix_str('statistics')
         try:
             stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
-                                       total=total, source=source, progress=progress)
+                                       total=total, source=source, bar=bar)
         finally:
             if hook is not None:
                 hook.remove()
@@ -196,7 +201,10 @@ def recycle(
             stats.source += f':{size[0]}x{size[1]}'
     t_stats = time.perf_counter() - t0
 
+    bar.set_postfix_str('selection')
     selection = family.select(pred, successor, stats, method, statistic, seed, recipe)
+    bar.update()
+    bar.set_postfix_str('plan')
     body = family.resize(body_predecessor, successor) if body_predecessor is not None else None
     plan = family.plan(pred, successor, selection, recipe, body)
     target = successor.state_dict()
@@ -204,6 +212,7 @@ def recycle(
     if body is not None:
         sources['body'] = fold_scales(body.state_dict(), target, family.scale_rules)
     state_dict, fresh = apply_plan(plan, sources, target)
+    bar.update()
 
     provenance = dict(
         method=method,
@@ -224,7 +233,10 @@ def recycle(
             batches, _, _ = calibration_batches(images, pred, min(num_calib, RETENTION_IMAGES), batch_size, seed,
                                                 img_size=size)
             kept = list(batches)
+        bar.set_postfix_str('retention')
         provenance['retention'] = retention(pred, successor, state_dict, kept, reference)
         provenance['retention_seconds'] = round(time.perf_counter() - t1, 3)
+    bar.update()
+    bar.close()
     provenance['total_seconds'] = round(time.perf_counter() - t0, 3)
     return RecycleResult(state_dict=state_dict, selection=selection, provenance=provenance, fresh_keys=fresh)

@@ -88,6 +88,7 @@ def collect_statistics(
         total: Optional[int] = None,
         source: str = '',
         progress: bool = True,
+        bar: Optional[tqdm] = None,
 ) -> ActivationStats:
     """Run ``batches`` (B, C, H, W) through ``model`` in eval mode and gather statistics at ``probes``."""
     modules = dict(model.named_modules())
@@ -107,9 +108,14 @@ def collect_statistics(
     device = next(model.parameters()).device
     num_images = 0
     try:
-        for x in tqdm(batches, total=total, desc='calibration', unit='batch', disable=not progress):
+        own = bar is None  # a caller's bar counts these batches among its own steps
+        bar = tqdm(total=total, desc='calibration', unit='batch', disable=not progress) if own else bar
+        for x in batches:
             model(x.to(device))
             num_images += x.shape[0]
+            bar.update()
+        if own:
+            bar.close()
     finally:
         for h in handles:
             h.remove()
