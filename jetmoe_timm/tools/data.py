@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -66,9 +66,10 @@ def export_dataset(
         name: str,
         out: os.PathLike,
         splits: Sequence[str] = SPLITS,
-        limit: Optional[int] = None,
+        limit: Union[int, Mapping[str, int], None] = None,
         source: Optional[os.PathLike] = None,
         force: bool = False,
+        calib_images: Optional[int] = None,
 ) -> Path:
     """Write dataset ``name`` as an ImageFolder tree ``out/<split>/<class>/<index>.png``.
 
@@ -80,9 +81,13 @@ def export_dataset(
         out: destination folder; must not exist unless ``force``.
         splits: which of 'train' / 'validation' to write.
         limit: at most this many images per split, class-balanced (round-robin over the classes in source
-            order), so that every class folder exists; must be at least the number of classes.
+            order), so that every class folder exists; must be at least the number of classes. One number for
+            every split, or {split: number} (e.g. {'train': 5000, 'validation': 2000}).
         source: Fashion-MNIST only: folder with the idx ``.gz`` files.
         force: replace an existing ``out``.
+        calib_images: also write this many training-split images that are NOT among the exported training
+            images to ``out/calibration/<index>.png`` (class-balanced): a held-out calibration folder for
+            ``jetmoe-timm convert --calib``. timm's train.py reads only the split folders.
     Returns:
         The path of the written tree.
     """
@@ -94,10 +99,17 @@ def export_dataset(
     if not splits or any(s not in SPLITS for s in splits):
         raise ValueError(f'splits {list(splits)} must be a non-empty subset of {list(SPLITS)}.')
     classes = class_names(name)
-    if limit is not None and limit < len(classes):
-        raise ValueError(
-            f'limit {limit} is smaller than the {len(classes)} classes of {name}: timm numbers classes by the '
-            f'folders it finds, so every class needs at least one image. Use limit >= {len(classes)}.')
+    limits = dict(limit) if isinstance(limit, Mapping) else dict.fromkeys(splits, limit)
+    unknown = sorted(set(limits) - set(splits))
+    if unknown:
+        raise ValueError(f'limit names splits {unknown} that are not exported ({list(splits)}): name only those.')
+    for split, n in limits.items():
+        if n is not None and n < len(classes):
+            raise ValueError(
+                f'limit {n} ({split}) is smaller than the {len(classes)} classes of {name}: timm numbers classes by '
+                f'the folders it finds, so every class needs at least one image. Use limit >= {len(classes)}.')
+    if calib_images is not None and (calib_images < 1 or 'train' not in splits):
+        raise ValueError(f'calib_images ({calib_images}) must be at least 1 and needs the train split exported.')
     if out.exists() and not force:
         raise FileExistsError(f'{out} already exists: pass --force (force=True) to replace it.')
 
@@ -113,7 +125,7 @@ def export_dataset(
         )
         for split in splits:
             images, labels, source_index = _load_split(name, split, source)
-            keep = _balanced_subset(labels, limit)
+            keep = _balanced_subset(labels, limits.get(split))
             for c in classes:
                 (tmp / split / c).mkdir(parents=True)
             for i in keep:
@@ -121,6 +133,16 @@ def export_dataset(
                 Image.fromarray(images[i]).save(tmp / split / classes[labels[i]] / f'{source_index[i]:05d}.png')
             per_class = np.bincount(labels[keep], minlength=len(classes)).tolist()
             meta['splits'][split] = dict(count=len(keep), per_class=per_class)
+            if split == 'train' and calib_images:
+                rest = np.setdiff1d(np.arange(len(labels)), keep)  # never an exported training image
+                if len(rest) < calib_images:
+                    raise ValueError(f'only {len(rest)} training images are left outside the exported ones: ask '
+                                     f'for at most {len(rest)} calibration images, or export fewer (--limit).')
+                held_out = rest[_balanced_subset(labels[rest], calib_images)]
+                (tmp / 'calibration').mkdir()
+                for i in held_out:
+                    Image.fromarray(images[i]).save(tmp / 'calibration' / f'{source_index[i]:05d}.png')
+                meta['calibration'] = dict(count=len(held_out), split='train', disjoint_from='train')
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         _replace_dir(tmp, out)
@@ -243,13 +265,38 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _cmd_export(args) -> int:
-    out = export_dataset(args.dataset, args.out, splits=args.split, limit=args.limit, source=args.source,
-                         force=args.force)
+    out = export_dataset(args.dataset, args.out, splits=args.split, limit=_parse_limit(args.limit),
+                         source=args.source, force=args.force, calib_images=args.calib_images)
     meta = json.loads((out / _META_FILE).read_text())
     counts = ', '.join(f'{s} {v["count"]}' for s, v in meta['splits'].items())
     print(f'Wrote {args.dataset} to {out} ({counts} images, {len(meta["classes"])} classes).')
     print(f'Train with: jetmoe-timm-train {out} --model ... (timm ImageFolder layout).')
+    if 'calibration' in meta:
+        print(f"Held-out calibration images ({meta['calibration']['count']}, none among the training ones): "
+              f"jetmoe-timm convert ... --calib {out / 'calibration'}")
     return 0
+
+
+def _parse_limit(items):
+    """``['500']`` -> 500 for every split; ``['train=5000', 'validation=2000']`` -> per split."""
+    if not items:
+        return None
+    if len(items) == 1 and '=' not in items[0]:
+        return _positive(items[0], '--limit')
+    out = {}
+    for item in items:
+        split, sep, n = item.partition('=')
+        if not sep:
+            raise ValueError(f"--limit {' '.join(items)}: give one number, or SPLIT=N for each split (e.g. "
+                             f"train=5000 validation=2000).")
+        out[split] = _positive(n, f'--limit {split}')
+    return out
+
+
+def _positive(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{what} '{text}' is not a positive number of images.")
+    return int(text)
 
 
 def add_parser(subparsers) -> None:
@@ -264,8 +311,12 @@ def add_parser(subparsers) -> None:
     export.add_argument('out', type=Path, metavar='OUT', help='destination folder (created atomically)')
     export.add_argument('--split', nargs='+', choices=SPLITS, default=list(SPLITS),
                         help='splits to write (default: both)')
-    export.add_argument('--limit', type=int, default=None, metavar='N',
-                        help='at most N images per split, class-balanced (N >= number of classes)')
+    export.add_argument('--limit', nargs='+', default=None, metavar='N|SPLIT=N',
+                        help='at most N images per split, class-balanced (N >= number of classes); or per split, '
+                             'e.g. train=5000 validation=2000')
+    export.add_argument('--calib-images', type=int, default=None, metavar='N',
+                        help='also write N training images not among the exported ones to OUT/calibration '
+                             '(a held-out folder for jetmoe-timm convert --calib)')
     export.add_argument('--source', type=Path, default=None, metavar='DIR',
                         help=f'fashion-mnist: folder with the idx .gz files (default: {FASHION_MNIST_DIR})')
     export.add_argument('--force', action='store_true', help='replace OUT if it exists')
