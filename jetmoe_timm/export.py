@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from timm.models._hub import save_config_for_hf
 
-__all__ = ['save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance', 'verify_safetensors']
+__all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance', 'verify_safetensors']
 
 PROVENANCE_KEY = 'jetmoe'
 CHECKSUM_KEY = 'jetmoe_sha256'
@@ -149,6 +149,17 @@ def verify_safetensors(path: os.PathLike, require_checksum: bool = False) -> Dic
     return metadata
 
 
+def public_source(spec: Optional[str]) -> Optional[str]:
+    """A predecessor spec as it may be published: timm and ``hf-hub:`` names as they are, a local folder or file
+    only by its name (``local checkpoint 'name'``), never its path."""
+    if not spec:
+        return spec
+    local = spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec
+    if spec.startswith('local-dir:') or os.sep in local or local.endswith(('.safetensors', '.pth', '.bin', '.pt')):
+        return f"local checkpoint '{Path(local.rstrip(os.sep)).name}'"
+    return spec
+
+
 def _describe(provenance: Dict[str, Any]) -> str:
     if not provenance:
         return ''
@@ -156,7 +167,8 @@ def _describe(provenance: Dict[str, Any]) -> str:
         return (f"Converted from the official MoE Jetpack checkpoint {provenance.get('file', '')} "
                 f"(sha256 {str(provenance.get('sha256', ''))[:12]})")
     keys = ('predecessor', 'recipe', 'method', 'statistic', 'calibration', 'seed')
-    parts = [f'{k}={provenance[k]}' for k in keys if k in provenance]
+    parts = [f'{k}={public_source(provenance[k]) if k == "predecessor" else provenance[k]}' for k in keys
+             if k in provenance]
     return 'Recycled with jetmoe_timm (' + ', '.join(parts) + ')'
 
 

@@ -30,7 +30,7 @@ import timm
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
-from .export import read_provenance
+from .export import public_source, read_provenance
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
@@ -153,11 +153,26 @@ def _link(spec: Optional[str]) -> str:
     """Markdown for a predecessor spec: a Hub link for timm names and hf-hub: ids, code otherwise."""
     if not spec:
         return 'not recorded'
+    if public_source(spec) != spec:  # a local folder or file: its name only, never a local path
+        return public_source(spec)
     if spec.startswith('hf-hub:'):
         return f'[{spec[7:]}](https://huggingface.co/{spec[7:]})'
     if ':' not in spec and '/' not in spec and '.' in spec:  # a timm 'arch.tag' name, hosted as timm/arch.tag
         return f'[{spec}](https://huggingface.co/timm/{spec})'
     return f'`{spec}`'
+
+
+def _architecture(model: nn.Module) -> str:
+    """The dense layout this model has, in words, from the model itself (not the registered default)."""
+    if hasattr(model, 'blocks'):  # ViT
+        pe = model.patch_embed
+        return (f'a ViT with {len(model.blocks)} blocks of width {model.embed_dim} '
+                f'({model.blocks[0].attn.num_heads} heads), patch {pe.patch_size[0]} at {pe.img_size[0]} px')
+    if hasattr(model, 'stages'):  # ConvNeXt
+        depths = tuple(len(s.blocks) for s in model.stages)
+        dims = tuple(f['num_chs'] for f in model.feature_info)
+        return f'a ConvNeXt with depths {depths} and widths {dims}'
+    return f'a {type(model).__name__}'
 
 
 def _moe_layers(model: nn.Module) -> str:
@@ -217,8 +232,12 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
     arch, _, tag = name.partition('.')
     cfg, prov = config['pretrained_cfg'], config.get('jetmoe') or {}
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
-    datasets = [_TAG_DATASETS[t] for t in tag.split('_') if t in _TAG_DATASETS] or ['imagenet-1k']
-    predecessor = _link(prov.get('predecessor') or RECYCLE_SOURCES.get(name, {}).get('predecessor'))
+    registered_pred = RECYCLE_SOURCES.get(name, {}).get('predecessor')
+    predecessor = _link(prov.get('predecessor') or registered_pred)
+    # the tag's datasets are those of the tag's own predecessor; another predecessor's are not known here
+    own_predecessor = prov.get('predecessor', registered_pred) == registered_pred
+    datasets = ([_TAG_DATASETS[t] for t in tag.split('_') if t in _TAG_DATASETS] or ['imagenet-1k']
+                if own_predecessor else [])
     num_classes = int(config.get('num_classes', cfg.get('num_classes', 0)))
     # the tag's notes describe the registered weights: not a re-headed (fine-tuned) model, nor another recycling
     # recipe than the tag's (the provenance says what this folder is)
@@ -249,8 +268,10 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
         model_name=name, arch=arch, tag=tag, repo_id=repo_id, version=__version__,
         license=cfg.get('license', 'apache-2.0'),
         datasets='\n'.join(f'- {d}' for d in datasets),
-        dataset_line=(f'none: a recycled initialisation, never fine-tuned (the predecessor was trained on '
-                      f'{", ".join(datasets)})' if tag.startswith('recycled') else ', '.join(datasets)),
+        dataset_line=('none: a recycled initialisation, never fine-tuned (the predecessor was trained on '
+                      + (', '.join(datasets) if datasets else 'what its own card says') + ')'
+                      if tag.startswith('recycled') else ', '.join(datasets) or 'see the predecessor'),
+        architecture=_architecture(model),
         origin=origin,
         notes=' '.join(notes),
         params_m=_fmt(count_params(model) / 1e6),

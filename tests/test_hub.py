@@ -266,7 +266,8 @@ def test_convert_then_push_dry_run(tmp_path, tiny_vit_kwargs, capsys):
                  '--model-kwargs', *kwargs]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(UPLOAD_FILES)
     card = (out / 'README.md').read_text()
-    assert '**neuron selection:** `uniform`' in card and f'`local-dir:{tmp_path / "dense"}`' in card
+    assert '**neuron selection:** `uniform`' in card and "local checkpoint 'dense'" in card
+    assert str(tmp_path) not in card  # a card never publishes a local path
     assert 'neurons of every expert are in the `model.safetensors` metadata' in card
     assert 'nothing was sent' in capsys.readouterr().out
 
@@ -293,3 +294,24 @@ def test_wheel_ships_the_model_cards(tmp_path, tiny_folder, local_hub):
     assert push.returncode == 0, push.stderr[-2000:]
     card = (tiny_folder / 'README.md').read_text()
     assert card.startswith('---\n') and 'v_jetmoe_tiny' in card and '${' not in card
+
+
+def test_card_and_config_describe_the_model_actually_converted(tmp_path, monkeypatch):
+    """A 32 px, 32-wide variant recycled from a local folder: the card and config.json describe that model and
+    that predecessor, not the registered default, and publish no local path."""
+    from jetmoe_timm.recycle import convert
+    torch.manual_seed(0)
+    pred = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+    save_for_hf(pred, tmp_path / 'my_pred', safe_serialization=True)
+    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_core_experts=2, num_univ_experts=2)
+    monkeypatch.chdir(tmp_path)
+    out = convert('v_jetmoe_tiny', 'conv', model_kwargs=kw, predecessor='local-dir:my_pred', num_calib=4,
+                  progress=False)
+    card = render_model_card(out, 'me/mine')
+    config = (out / 'config.json').read_text()
+    assert 'a ViT with 4 blocks of width 32 (2 heads), patch 4 at 32 px' in card
+    assert 'ViT-Tiny' not in card and 'imagenet-21k' not in card and 'vit_small_patch16_224.augreg_in21k' not in card
+    assert "local checkpoint 'my_pred'" in card and "local checkpoint 'my_pred'" in config
+    assert str(tmp_path) not in card and 'local-dir:my_pred' not in card
+    notes = json.loads(config)['pretrained_cfg']['notes']
+    assert "local checkpoint 'my_pred'" in ' '.join(notes) and 'augreg_in21k' not in ' '.join(notes)

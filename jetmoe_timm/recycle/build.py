@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
-from ..export import PROVENANCE_KEY, save_safetensors_atomic, verify_safetensors
+from ..export import PROVENANCE_KEY, public_source, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
@@ -180,7 +180,10 @@ def build_recycled(
     result = recycle(succ, pred, body_predecessor=body, progress=progress, **opts)
     succ.load_state_dict(result.state_dict)
     contract = input_contract(pred)
-    succ.pretrained_cfg = dict(succ.pretrained_cfg, **contract)
+    # the cfg describes these weights, not the registered default's: their predecessor, their recipe
+    notes = (f"Recycled init, not fine-tuned: built from {public_source(pred_spec)} by {opts['method']} sampling "
+             f"({opts['recipe']} recipe). No classifier of the predecessor's; fine-tune before use.",)
+    succ.pretrained_cfg = dict(succ.pretrained_cfg, notes=notes, **contract)
     result.provenance.update(
         input_contract=contract,
         model=full, predecessor=pred_spec, body_predecessor=body_predecessor or source.get('body_predecessor')
