@@ -120,7 +120,12 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
     family = next((f for f in FAMILIES if isinstance(hint, f.predecessor_cls)), None)
     if family is None:
         raise ValueError(f"no JetMoE family recycles a {type(hint).__name__} ('{arch_hint}').")
-    state = timm.models.load_state_dict(path)  # .safetensors / .pth / .bin; unwraps 'state_dict' / 'model'
+    try:
+        state = timm.models.load_state_dict(path)  # .safetensors / .pth / .bin; unwraps 'state_dict' / 'model'
+    except Exception as e:  # truncated, not a checkpoint at all, a pickle of something else
+        raise ValueError(f"'{path}' cannot be read as a checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''}): pass a timm .safetensors, .pth or "
+                         f".bin file.") from None
     try:
         args = family.predecessor_args(state, hint)
     except (KeyError, ValueError, IndexError) as e:

@@ -24,19 +24,27 @@ _COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='jetmoe-timm', description='MoE Jetpack models for timm.')
     parser.add_argument('--version', action='version', version=f'jetmoe_timm {__version__}')
+    parser.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
+_USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # their messages say what is wrong and the fix
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        # user errors: one clear line, no traceback
-        print(f'jetmoe-timm {args.command}: error: {e}', file=sys.stderr)
+    except Exception as e:  # every failure: one line (the traceback only with --debug), exit code 2
+        if args.debug:
+            raise
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        what = lines[0] if isinstance(e, _USER_ERRORS) else f'{type(e).__name__}: {lines[0]}'
+        print(f'jetmoe-timm {args.command}: error: {what}' + ('' if isinstance(e, _USER_ERRORS) else
+                                                                 ' (--debug shows the traceback)'), file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ from ..export import read_provenance
 from ..recycle.engine import CALIB_SIZES, RECIPES
 from ..recycle.selection import METHODS
 from ..recycle.stats import STATISTICS
+from .checks import check_model_kwargs, check_output_folder
 
 
 def add_parser(subparsers) -> None:
@@ -58,6 +59,8 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
 def run(args) -> int:
     from ..recycle.folder import convert, parse_model_kwargs
     model_kwargs = parse_model_kwargs(args.model_kwargs)
+    check_output_folder(args.out, args.overwrite)  # before the (long) conversion, not after
+    check_model_kwargs(args.model, model_kwargs)
     if args.from_official:
         from ..official import convert_official_checkpoint
         out = convert_official_checkpoint(args.from_official, args.out, model_name=args.model.partition('.')[0],

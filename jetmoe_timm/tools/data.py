@@ -25,6 +25,8 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .checks import check_output_folder
+
 __all__ = ['DATASETS', 'SPLITS', 'class_names', 'load_arrays', 'export_dataset']
 
 DATASETS = ('fashion-mnist', 'mnist5k')
@@ -265,6 +267,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 
 def _cmd_export(args) -> int:
+    check_output_folder(args.out, args.force, flag='OUT')
     out = export_dataset(args.dataset, args.out, splits=args.split, limit=_parse_limit(args.limit),
                          source=args.source, force=args.force, calib_images=args.calib_images)
     meta = json.loads((out / _META_FILE).read_text())

@@ -7,6 +7,7 @@ from ..hub import push_to_hub
 from ..models._pretrained import architecture_signature
 from ..recycle import convert, parse_model_kwargs
 from .convert import CONVERT_DEFAULTS, add_convert_arguments
+from .checks import check_model_kwargs, check_output_folder
 
 __all__ = ['add_parser']
 
@@ -40,13 +41,14 @@ def _convert_for_push(args) -> Path:
     if args.model is None:
         raise ValueError('give MODEL to convert (e.g. v_jetmoe_tiny), or --from DIR with a converted folder.')
     model_kwargs = parse_model_kwargs(args.model_kwargs)
+    check_model_kwargs(args.model, model_kwargs)
     if args.repo_id is None and model_kwargs:  # fail now, not after a long conversion
         default = timm.create_model(args.model, device='meta')
         changed = timm.create_model(args.model, device='meta', **model_kwargs)
         if architecture_signature(default) != architecture_signature(changed):
             raise ValueError(f"--model-kwargs change the architecture of '{args.model}': its default repo must "
                              f"hold the default architecture, so pass your own --repo-id ORG/NAME.")
-    out = Path(args.out or (args.repo_id or args.model).split('/')[-1])
+    out = check_output_folder(args.out or (args.repo_id or args.model).split('/')[-1], args.overwrite)
     options = {k: getattr(args, k) for k in CONVERT_DEFAULTS if getattr(args, k) is not None}
     return convert(args.model, out, model_kwargs=model_kwargs, overwrite=args.overwrite,
                    progress=not args.no_progress, **options)

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..routing import moe_layers, routing_info
+from .checks import check_model_kwargs, check_output_folder
 
 __all__ = [
     'LayerRouting', 'RoutingInspection', 'inspect_routing', 'plot_dispatch_maps', 'plot_contributions',
@@ -495,6 +496,8 @@ def _run(args: argparse.Namespace) -> int:
     import jetmoe_timm  # noqa: F401  (registers the models, also when this module is used on its own)
     if args.top_k < 1:
         raise ValueError(f'--top-k must be >= 1, got {args.top_k}.')
+    check_output_folder(args.out, overwrite=True)
+    check_model_kwargs(args.model, dict(args.model_kwargs or {}))
     start = time.perf_counter()
     model = _create_model(args.model, args.checkpoint, args.pretrained, args.model_kwargs)
     if args.checkpoint is None and not args.pretrained:

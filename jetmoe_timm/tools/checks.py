@@ -1,0 +1,51 @@
+""" Checks every command makes before expensive work: outputs it can write, model kwargs that build. """
+import difflib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+import timm
+
+__all__ = ['check_model_kwargs', 'check_output_folder']
+
+
+def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out') -> Path:
+    """Fail now, before any expensive work, when ``out`` cannot be written as a folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'{flag} {out} is a file: give a folder path.')
+    if out.exists() and not overwrite and any(out.iterdir()) and flag == '--out':
+        return out  # the command's own exists-check names --overwrite
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path('.'))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f'{flag} {out}: {parent} is not writable; choose a folder you can write to.')
+    return out
+
+
+def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
+    """Build ``model`` with ``kwargs`` on the meta device now: a typo or a wrong type is named, with a
+    "did you mean", before any expensive work."""
+    if not kwargs:
+        return
+    arch = model.partition('.')[0]
+    if not timm.is_model(arch):
+        raise ValueError(f"Unknown model '{arch}': pick one of {timm.list_models('*jetmoe*')}.")
+    try:
+        timm.create_model(arch, device='meta', **kwargs)
+    except TypeError as e:
+        bad = next((k for k in kwargs if f"'{k}'" in str(e)), None)
+        if bad is None:
+            raise ValueError(f'--model-kwargs {_kv(kwargs)}: a value has the wrong type ({e}).') from None
+        known = {p for cls in type(timm.create_model(arch, device='meta')).__mro__
+                 for p in inspect.signature(cls.__init__).parameters} - {'self', 'args', 'kwargs'}
+        close = difflib.get_close_matches(bad, sorted(known), n=1)
+        raise ValueError(f"--model-kwargs: {arch} takes no argument '{bad}'"
+                         + (f"; did you mean '{close[0]}'?" if close else '.')) from None
+    except (ValueError, AssertionError) as e:
+        raise ValueError(f'--model-kwargs {_kv(kwargs)} do not make a {arch}: {e or type(e).__name__}.') from None
+
+
+def _kv(kwargs: Dict[str, Any]) -> str:
+    return ' '.join(f'{k}={v}' for k, v in kwargs.items())
+

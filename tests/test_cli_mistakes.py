@@ -1,0 +1,115 @@
+"""Every mistake a user makes on the command line gets one line that names it and the fix, exit code 2, no
+traceback, and leaves nothing behind: the real ``jetmoe-timm`` CLI, one subprocess per mistake."""
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+
+from jetmoe_timm.export import save_pretrained_folder
+
+SUCC = ['img_size=32', 'patch_size=4', 'embed_dim=32', 'depth=4', 'num_heads=2', 'num_core_experts=2',
+        'num_univ_experts=2']
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    """Files a user might point the CLI at: good ones and broken ones."""
+    d = tmp_path_factory.mktemp('mistakes')
+    torch.manual_seed(0)
+    pred = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=1)
+    save_for_hf(pred, d / 'pred', safe_serialization=True)
+    good = (d / 'pred' / 'model.safetensors').read_bytes()
+    (d / 'truncated.safetensors').write_bytes(good[:len(good) // 3])
+    (d / 'garbage.safetensors').write_bytes(os.urandom(4096))
+    (d / 'garbage.pth').write_bytes(b'not a pickle at all')
+    save_file({'encoder.weight': torch.zeros(2, 2)}, d / 'foreign.safetensors')
+    cnx = timm.create_model('convnext_tiny', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+    save_file({k: v.contiguous() for k, v in cnx.state_dict().items()}, d / 'convnext.safetensors')
+    (d / 'a_file').write_text('x')
+    (d / 'exists').mkdir()
+    (d / 'exists' / 'keep.txt').write_text('keep')
+    (d / 'empty_calib').mkdir()
+    succ = timm.create_model('v_jetmoe_tiny', **{k: int(v) for k, v in (a.split('=') for a in SUCC)})
+    save_pretrained_folder(succ, d / 'converted', dict(method='importance'))
+    return d
+
+
+def _rows(d):
+    """(command line, what the one line must say)."""
+    pred = f'local-dir:{d / "pred"}'
+    conv = ['convert', 'v_jetmoe_tiny', '--no-progress', '--num-calib', '4']
+    new = str(d / 'new')
+    return [
+        (['convert', 'v_jetmoe_huge', '--out', new], "Unknown model 'v_jetmoe_huge'"),
+        (conv + ['--out', new, '--model-kwargs', 'embed_dm=96'], "did you mean 'embed_dim'"),
+        (conv + ['--out', new, '--model-kwargs', 'embed_dim=x'], 'a value has the wrong type'),
+        (conv + ['--out', new, '--model-kwargs', 'embed_dim'], 'not of the form key=value'),
+        (conv + ['--out', new, '--model-kwargs', 'embed_dim=100'], 'do not make a v_jetmoe_tiny'),
+        (conv + ['--out', str(d / 'a_file'), '--overwrite'], 'is a file: give a folder path'),
+        (conv + ['--out', str(d / 'a_file' / 'out')], 'is not writable'),
+        (conv + ['--out', str(d / 'exists')], 'already exists'),
+        (conv + ['--out', new, '--predecessor', f'local-dir:{d / "nowhere"}'], 'does not exist'),
+        (conv + ['--out', new, '--predecessor', str(d / 'truncated.safetensors'), '--model-kwargs', *SUCC],
+         'cannot be read as a checkpoint'),
+        (conv + ['--out', new, '--predecessor', str(d / 'garbage.safetensors'), '--model-kwargs', *SUCC],
+         'cannot be read as a checkpoint'),
+        (conv + ['--out', new, '--predecessor', str(d / 'garbage.pth'), '--model-kwargs', *SUCC],
+         'cannot be read as a checkpoint'),
+        (conv + ['--out', new, '--predecessor', str(d / 'foreign.safetensors'), '--model-kwargs', *SUCC],
+         'not a timm-format VisionTransformer checkpoint'),
+        (conv + ['--out', new, '--predecessor', str(d / 'convnext.safetensors'), '--model-kwargs', *SUCC],
+         'not a timm-format VisionTransformer checkpoint'),
+        (conv + ['--out', new, '--predecessor', 'hf-hub:nobody/nothing', '--model-kwargs', *SUCC],
+         "Cannot load the predecessor 'hf-hub:nobody/nothing'"),
+        (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'no_calib')], 'does not exist'),
+        (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'empty_calib')], 'holds no images'),
+        (['convert', 'v_jetmoe_tiny', '--out', new, '--num-calib', '0'], 'must be at least 1'),
+        (['convert', 'v_jetmoe_tiny', '--out', new, '--method', 'graph', '--calib', 'weights'],
+         'needs co-activation statistics'),
+        (conv + ['--out', new, '--predecessor', pred, '--model-kwargs', *SUCC[:2], 'embed_dim=128', 'num_heads=2',
+                 *SUCC[4:]], 'exceeds the predecessor width'),
+        (['convert', 'v_jetmoe_tiny', '--out', new, '--from-official', str(d / 'garbage.pth')], ''),
+        (['data', 'export', 'mnist5k', new, '--limit', 'test=5'], "limit names splits ['test']"),
+        (['data', 'export', 'mnist5k', str(d / 'a_file')], 'is a file: give a folder path'),
+        (['data', 'export', 'mnist5k', new, '--limit', '5'], 'smaller than the 10 classes'),
+        (['data', 'export', 'mnist5k', str(d / 'exists')], 'already exists'),
+        (['inspect', 'v_jetmoe_tiny', str(d / 'no_image.png'), '--out', new, '--top-k', '0'], '--top-k must be >= 1'),
+        (['inspect', 'v_jetmoe_tiny', str(d / 'no_image.png'), '--out', new, '--model-kwargs', 'num_head=2'],
+         "did you mean 'num_heads'"),
+        (['inspect', 'v_jetmoe_tiny', str(d / 'no_image.png'), '--out', str(d / 'a_file')], 'is a file'),
+        (['push', '--from', str(d / 'nowhere'), '--repo-id', 'me/x', '--dry-run'], 'nowhere'),
+        (['push', '--from', str(d / 'converted'), '--repo-id', 'me/x', '--dry-run', '--method', 'copy'],
+         'do not apply to --from'),
+        (['push', '--dry-run'], 'give MODEL to convert'),
+    ]
+
+
+def _run(argv, env):
+    return subprocess.run([sys.executable, '-m', 'jetmoe_timm.tools.cli', *argv], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_every_mistake_gets_one_line_exit_2_and_leaves_nothing(world, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', JETMOE_TIMM_CACHE=str(tmp_path / 'cache'),
+               HF_HOME=str(tmp_path / 'hf'), PYTHONWARNINGS='ignore')
+    env.pop('JETMOE_TIMM_PREDECESSOR', None)
+    rows = _rows(world)
+    assert len(rows) >= 25
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda row: _run(row[0], env), rows))
+    for (argv, says), r in zip(rows, results):
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2, (argv, r.stderr[-2000:])
+        assert 'Traceback' not in r.stderr, (argv, r.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith(f'jetmoe-timm {argv[0]}: error: '), (argv, lines)
+        assert says in lines[0], (argv, lines[0])
+    assert not (world / 'new').exists() and not list(world.glob('.new*'))  # nothing half-written
+    assert (world / 'exists' / 'keep.txt').read_text() == 'keep' and (world / 'a_file').read_text() == 'x'
+    assert not list((tmp_path / 'cache').rglob('*.safetensors'))
