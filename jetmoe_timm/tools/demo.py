@@ -16,6 +16,9 @@
    Writes JSON, Markdown and a PNG.
 
     jetmoe-timm demo [--quick] [--out DIR]
+
+Measured on 2 CPU cores (2026-12-05): the full run 641 s (3 seeds; recycled MoE 79.6 %, MoE from scratch 45.3 %);
+--quick 415 s with other load on the machine (one seed, 6 epochs; 65.2 % against 32.1 %).
 """
 import argparse
 import copy
@@ -378,7 +381,10 @@ def _plot(summary: Dict, path: Path) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser('demo', help='convergence demo: recycled MoE vs scratch on real data, offline',
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--quick', action='store_true', help='a smaller run (one seed, a shorter pretraining)')
+    p.add_argument('--quick', action='store_true',
+                   help='a smaller run: one seed, 20k-image pretraining for 1 epoch, 6 fine-tune epochs; 415 s on 2 '
+                        'CPU cores with other load (the full run: 641 s); recycled MoE about 65 %% against 32 %% '
+                        'from scratch')
     p.add_argument('--out', default='jetmoe_demo', help='folder for demo_results.json and demo_convergence.png')
     p.add_argument('--seed', type=int, default=0)
     p.set_defaults(func=lambda args: run_demo(args.out, args.quick, args.seed) and 0)
