@@ -50,3 +50,18 @@ def test_moe_layers_weight_decay_and_layer_decay_groups(family):
             assert scale[id(params[key])] == head_scale, key
     first = next(k for k in params if 'patch_embed' in k or k.startswith('stem'))
     assert scale[id(params[first])] < head_scale
+
+
+def test_checkpoint_of_another_model_is_named_not_dumped(tmp_path):
+    """Loading weights made for another model says, in one message, what they hold and what the model is."""
+    from safetensors.torch import save_file
+    files = {}
+    for fam, (name, kwargs, _) in FAMILIES.items():
+        other = timm.create_model(name, **dict(kwargs, num_core_experts=3))
+        files[fam] = tmp_path / f'{fam}.safetensors'
+        save_file({k: v.contiguous() for k, v in other.state_dict().items()}, files[fam])
+    for fam, (name, kwargs, _) in FAMILIES.items():
+        for source in files.values():  # the same family with other experts, and the other family
+            with pytest.raises(ValueError, match='The checkpoint holds a model of width .* this .* is a model of') as e:
+                timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(source)), **kwargs)
+            assert '\n' not in str(e.value)

@@ -31,6 +31,18 @@ class MoEOptions:
     moe_drop_path_rate: Optional[float] = None
 
 
+def _describe(shapes: Dict[str, tuple]) -> str:
+    """A model's layout in words, read off its (timm-layout) tensor shapes."""
+    blocks = sorted({'.'.join(k.split('.')[:k.split('.').index('blocks') + 2]) for k in shapes if '.blocks.' in k
+                     or k.startswith('blocks.')})
+    moe = [b for b in blocks if f'{b}.mlp.slot_query' in shapes]
+    width = next((s[0] for k, s in shapes.items() if k.endswith(('patch_embed.proj.weight', 'stem.0.weight'))), None)
+    width = width or next((s[-1] for k, s in shapes.items() if k.endswith('norm1.weight')), '?')
+    experts = next((shapes[f'{b}.mlp.slot_query'][0] for b in moe), 0)
+    return (f'a model of width {width} with {len(blocks)} blocks, {len(moe)} of them MoE'
+            + (f' ({experts} experts each)' if moe else '') if blocks else 'no JetMoE weights')
+
+
 class JetMoEMixin:
     """Shared MoE behaviour of V-JetMoE and C-JetMoE (and any later family).
 
@@ -93,6 +105,21 @@ class JetMoEMixin:
             names.update(f'{name}.{path}.{fc}.bias' for path in ('core_experts', 'univ_experts')
                          if getattr(moe, path) is not None for fc in ('fc1', 'fc2'))
         return names
+
+    def check_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Refuse, in one message, a (timm-layout) checkpoint of another model: say what it holds and what this
+        model is, instead of timm's dump of every mismatched key. The first conv and the classifier are left to
+        timm, which adapts them (in_chans, num_classes)."""
+        cfg = getattr(self, 'pretrained_cfg', None) or {}  # none on a model built without timm's factory
+        skip = tuple(c for c in (cfg.get('first_conv'), cfg.get('classifier'), 'head') if c)
+        ours = {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith(skip)}
+        theirs = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(skip)}
+        bad = [k for k, s in ours.items() if theirs.get(k) != s]
+        if len(bad) <= 3:  # a few keys: timm's strict load names them better than a summary would
+            return
+        raise ValueError(f'The checkpoint holds {_describe(theirs)}; this {type(self).__name__} is '
+                         f'{_describe(ours)} ({len(bad)} tensors differ, e.g. {bad[0]}). Create the model the '
+                         f'checkpoint was made for (the same model kwargs), or pass the checkpoint of this one.')
 
     def _moe_group_pattern(self) -> str:
         """Regex prefix of the parameters that train at full lr under layer decay: the MoE layers and the norm

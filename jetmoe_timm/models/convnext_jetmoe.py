@@ -137,7 +137,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJet
                 f"Checkpoint has a dense MLP ('{dense[0]}') where {type(model).__name__} has a SpheroMoE layer "
                 f"({name}.mlp): it is a dense ConvNeXt checkpoint. Recycle it into C-JetMoE weights with "
                 f"jetmoe_timm.recycle first.")
-    return _convnext_checkpoint_filter_fn(state_dict, model)
+    try:
+        converted = _convnext_checkpoint_filter_fn(state_dict, model)
+    except KeyError:  # not a ConvNeXt checkpoint in any layout timm knows: say what it is instead
+        model.check_checkpoint(state_dict)
+        raise
+    model.check_checkpoint(converted)
+    return converted
 
 
 def _create_convnext_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> ConvNeXtJetMoE:
