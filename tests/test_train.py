@@ -321,3 +321,14 @@ def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, t
     # both ranks trained on different shards and still agree: gradients were all-reduced every step
     assert ranks[0]['final'] == ranks[1]['final'] != resumed
     assert [r['epoch'] for r in _summary(tmp_path / 'output' / 'ddp')] == ['1']
+
+
+def test_launcher_refuses_img_size_without_its_data_size(tmp_path, capsys):
+    """--model-kwargs img_size=32 without --img-size would fail after the first batch: said before anything runs."""
+    (tmp_path / 'train.py').write_text('raise SystemExit("the script must not run")\n')
+    argv = [f'--timm-scripts={tmp_path}', 'DATA', '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32',
+            'patch_size=4']
+    assert jetmoe_timm.train.main(argv) == 2
+    assert 'add --img-size 32' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match='must not run'):  # with --img-size the script runs
+        jetmoe_timm.train.main(argv + ['--img-size', '32'])

@@ -124,6 +124,21 @@ def _split_scripts_opt(argv: List[str]) -> Tuple[Optional[str], List[str]]:
     return value, rest
 
 
+def _img_size_problem(argv: List[str]) -> Optional[str]:
+    """train.py / validate.py size their data pipeline from --img-size (else the default cfg's 224), not from the
+    model: ``--model-kwargs img_size=32`` alone fails after the first batch. Say so before anything runs."""
+    kwargs = []
+    for i, a in enumerate(argv):
+        if a == '--model-kwargs':
+            kwargs = [v for v in argv[i + 1:] if not v.startswith('--')]
+    size = next((v.partition('=')[2] for v in kwargs if v.startswith('img_size=')), None)
+    if size is None or any(a in ('--img-size', '--input-size') or a.startswith(('--img-size=', '--input-size='))
+                           for a in argv):
+        return None
+    return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
+            f'(train.py and validate.py size the images from it).')
+
+
 def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     """Import jetmoe_timm, then run timm's ``script`` as ``__main__`` with ``argv`` (default: ``sys.argv[1:]``).
 
@@ -142,6 +157,10 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
     _check_timm(path.parent)
+    problem = _img_size_problem(argv)
+    if problem:
+        print(f'{prog}: error: {problem}', file=sys.stderr)
+        return 2
     if script == 'train.py' and 'WORLD_SIZE' in os.environ:  # started by torchrun
         _allow_cpu_ddp()
 
