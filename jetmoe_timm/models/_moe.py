@@ -106,6 +106,17 @@ class JetMoEMixin:
                          if getattr(moe, path) is not None for fc in ('fc1', 'fc2'))
         return names
 
+    def filter_checkpoint(self, state_dict: Dict[str, torch.Tensor], timm_filter) -> Dict[str, torch.Tensor]:
+        """``timm_filter(state_dict, self)`` (timm's layout conversions), then ``check_checkpoint``; a checkpoint
+        timm cannot convert at all (a KeyError) is described instead, when it is another model's."""
+        try:
+            converted = timm_filter(state_dict, self)
+        except KeyError:
+            self.check_checkpoint(state_dict)
+            raise
+        self.check_checkpoint(converted)
+        return converted
+
     def check_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> None:
         """Refuse, in one message, a (timm-layout) checkpoint of another model: say what it holds and what this
         model is, instead of timm's dump of every mismatched key. The first conv and the classifier are left to

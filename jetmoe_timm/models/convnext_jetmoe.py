@@ -137,13 +137,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJet
                 f"Checkpoint has a dense MLP ('{dense[0]}') where {type(model).__name__} has a SpheroMoE layer "
                 f"({name}.mlp): it is a dense ConvNeXt checkpoint. Recycle it into C-JetMoE weights with "
                 f"jetmoe_timm.recycle first.")
-    try:
-        converted = _convnext_checkpoint_filter_fn(state_dict, model)
-    except KeyError:  # not a ConvNeXt checkpoint in any layout timm knows: say what it is instead
-        model.check_checkpoint(state_dict)
-        raise
-    model.check_checkpoint(converted)
-    return converted
+    return model.filter_checkpoint(state_dict, _convnext_checkpoint_filter_fn)
 
 
 def _create_convnext_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> ConvNeXtJetMoE:

@@ -97,13 +97,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
     state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
     if is_official_state_dict(state_dict):
         state_dict = official_to_timm(state_dict, model)
-    try:
-        converted = _vit_checkpoint_filter_fn(state_dict, model)
-    except KeyError:  # not a ViT checkpoint in any layout timm knows: say what it is instead
-        model.check_checkpoint(state_dict)
-        raise
-    model.check_checkpoint(converted)
-    return converted
+    return model.filter_checkpoint(state_dict, _vit_checkpoint_filter_fn)
 
 
 def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> VisionTransformerJetMoE:
