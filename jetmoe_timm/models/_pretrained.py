@@ -28,7 +28,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..export import read_provenance, verify_safetensors
-from ..hub_access import hub_offline_unless_reachable
+from ..hub_access import hub_reachable
 
 __all__ = ['WeightsUnavailableError', 'architecture_signature', 'prepare_pretrained', 'register_weight_builder']
 
@@ -130,7 +130,6 @@ def _hub_file(hf_hub_id: str, cache_dir: Optional[str]) -> Optional[str]:
     """The converted weights of ``hf_hub_id`` ('org/name[@revision]'): from the HF cache, else downloaded unless
     offline; a damaged cached copy is downloaded again. None when there is no usable file."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.constants import HF_HUB_OFFLINE
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     repo_id, _, revision = hf_hub_id.partition('@')
@@ -147,10 +146,12 @@ def _hub_file(hf_hub_id: str, cache_dir: Optional[str]) -> Optional[str]:
         if problem is None:
             return cached
         damaged = True
+    online = hub_reachable()  # asked only now that the cache has no usable copy
+    if damaged:
         _logger.warning(f'The cached weights of {hf_hub_id} are damaged ({problem}); '
-                        + ('cannot download them again offline: recycling locally.' if HF_HUB_OFFLINE
-                           else 'downloading them again.'))
-    if HF_HUB_OFFLINE:
+                        + ('downloading them again.' if online
+                           else 'cannot download them again offline: recycling locally.'))
+    if not online:
         return None
     try:
         path = hf_hub_download(repo_id, 'model.safetensors', cache_dir=cache_dir, revision=revision,
@@ -186,15 +187,14 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     changes = _architecture_kwargs(model_cls, cfg, model_args,
                                    {k: v for k, v in kwargs.items() if k not in _FACTORY_KWARGS})
     path = None
-    with hub_offline_unless_reachable():  # no network: the cache answers at once, no retry storm
-        if cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR'):
-            path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'))  # b.
-        if path is None:
-            if _weight_builder is None:
-                raise RuntimeError(f"No weights for '{full}' and no weight builder: import jetmoe_timm (it registers "
-                                   f"the recycler) before creating the model.")
-            # c. recycle the architecture asked for, with the cfg's head so the file fits any num_classes
-            path = str(_weight_builder(full, dict(model_args, **changes, num_classes=cfg.num_classes)))
+    if cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR'):
+        path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'))  # b.
+    if path is None:
+        if _weight_builder is None:
+            raise RuntimeError(f"No weights for '{full}' and no weight builder: import jetmoe_timm (it registers "
+                               f"the recycler) before creating the model.")
+        # c. recycle the architecture asked for, with the cfg's head so the file fits any num_classes
+        path = str(_weight_builder(full, dict(model_args, **changes, num_classes=cfg.num_classes)))
     overlay.update(file=path, custom_load=False)
     return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 from filelock import FileLock, Timeout
 
 from ..export import PROVENANCE_KEY, public_source, save_safetensors_atomic, verify_safetensors
-from ..hub_access import hub_reachable
+from ..hub_access import hub_offline_unless_reachable, hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
 from .engine import RecycleResult, check_options, recycle, selection_to_json
@@ -97,7 +97,8 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
                 raise ValueError(f"a predecessor file needs its architecture: use 'local-dir:' with a config.json, "
                                  f"or a timm name, instead of the bare file '{spec}'.")
             return _predecessor_from_file(spec, arch_hint)
-        return timm.create_model(spec, pretrained=True)
+        with hub_offline_unless_reachable():  # no network: the HF cache answers at once, no retry storm
+            return timm.create_model(spec, pretrained=True)
     except (OSError, RuntimeError) as e:
         if isinstance(e, FileNotFoundError) or 'offline' in str(e).lower() or 'connect' in str(e).lower() \
                 or type(e).__name__.endswith(('EntryNotFoundError', 'NotFoundError', 'ConnectionError')) \

@@ -22,7 +22,7 @@ from timm.data import create_transform, resolve_data_config
 
 from .selection import make_generator
 
-__all__ = ['IMAGE_EXTENSIONS', 'calibration_batches', 'check_calibration', 'synthetic_image']
+__all__ = ['IMAGE_EXTENSIONS', 'calibration_batches', 'check_calibration', 'fixed_input_size', 'synthetic_image']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
 
@@ -53,6 +53,14 @@ def _image_files(folder: Path) -> List[Path]:
         raise ValueError(f"calibration folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                          f"add some, or use calib='synthetic'.")
     return files
+
+
+def fixed_input_size(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """(H, W) of a model that takes one input size (a ViT's patch embedding); None for any-size models."""
+    pe = getattr(model, 'patch_embed', None)
+    if pe is None or getattr(pe, 'dynamic_img_size', False):
+        return None
+    return tuple(pe.img_size)
 
 
 def check_calibration(calib) -> None:
@@ -134,9 +142,7 @@ def calibration_batches(
     the model's input size.
     """
     data_cfg = resolve_data_config({}, model=model)
-    pe = getattr(model, 'patch_embed', None)
-    if img_size is None and pe is not None and not getattr(pe, 'dynamic_img_size', False):
-        img_size = pe.img_size  # fixed-size models built at a non-default size
+    img_size = img_size or fixed_input_size(model)  # fixed-size models built at a non-default size
     if img_size is not None:
         data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
     chans = _in_chans(model)

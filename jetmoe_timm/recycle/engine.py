@@ -11,14 +11,14 @@ into the predecessor's weights, apply the plan, and measure what survived (linea
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..version import __version__
-from .calibration import calibration_batches, check_calibration
+from .calibration import calibration_batches, check_calibration, fixed_input_size
 from .families import family_of
 from .retention import retention
 from .rules import apply_plan, fold_scales
@@ -82,14 +82,6 @@ def _check_input(predecessor: nn.Module, successor: nn.Module) -> None:
 
 def selection_to_json(selection: Dict[str, torch.Tensor]) -> Dict[str, list]:
     return {k: v.tolist() for k, v in selection.items()}
-
-
-def _fixed_input_size(model: nn.Module) -> Optional[Tuple[int, int]]:
-    """(H, W) of a model that takes one input size (a ViT's patch embedding); None for any-size models."""
-    pe = getattr(model, 'patch_embed', None)
-    if pe is None or getattr(pe, 'dynamic_img_size', False):
-        return None
-    return tuple(pe.img_size)
 
 
 def _keep_first(batches: Iterator[torch.Tensor], kept: List[torch.Tensor], limit: int) -> Iterator[torch.Tensor]:
@@ -172,7 +164,7 @@ def recycle(
     t0 = time.perf_counter()
     # everything is recycled from the predecessor at the successor's grid; statistics are taken there by default
     pred = family.resize(predecessor, successor)
-    size = _fixed_input_size(successor)  # None: the successor takes any size; the predecessor's data config rules
+    size = fixed_input_size(successor)  # None: the successor takes any size; the predecessor's data config rules
     # one bar over the whole recycling: statistics (one step per calibration batch), selection, plan, retention
     bar = tqdm(total=3, desc=f'recycling {type(successor).__name__}', unit='step', disable=not progress)
     kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
