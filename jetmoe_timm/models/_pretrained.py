@@ -17,10 +17,12 @@ kwargs is built on the meta device and the state-dict shapes (and attention head
 first conv and the classifier, which timm adapts on load (``in_chans``, ``num_classes``).
 """
 import inspect
+import itertools
 import logging
 import os
 from typing import Any, Callable, Dict, Optional
 
+import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
@@ -30,7 +32,8 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from ..export import read_provenance, verify_safetensors
 from ..hub_access import hub_reachable
 
-__all__ = ['WeightsUnavailableError', 'architecture_signature', 'prepare_pretrained', 'register_weight_builder']
+__all__ = ['WeightsUnavailableError', 'architecture_signature', 'build_jetmoe', 'prepare_pretrained',
+           'register_weight_builder']
 
 _logger = logging.getLogger(__name__)
 
@@ -207,3 +210,31 @@ def _with_input_contract(overlay: Dict[str, Any], path: str) -> Dict[str, Any]:
     except Exception:  # not a readable safetensors file: timm's own loading reports that
         return overlay
     return dict({k: tuple(v) if isinstance(v, list) else v for k, v in contract.items()}, **overlay)
+
+
+def build_jetmoe(model_cls, variant: str, pretrained: bool, **kwargs) -> nn.Module:
+    """timm's ``build_model_with_cfg``, except that safetensors weights which fit the model as they are (same
+    keys, shapes and dtypes: no new head, no other ``in_chans``) are memory-mapped into a model built on the
+    meta device (``load_state_dict(assign=True)``): no random init to throw away and the weights held once, as
+    the file's pages (copy-on-write: training writes its own copy of what it changes). Anything else, and
+    ``features_only``, goes through timm's own load, which adapts heads and input convs."""
+    path = _mappable_weights(variant, kwargs) if pretrained and not kwargs.get('features_only') else None
+    if path is not None:
+        with torch.device('meta'):
+            model = build_model_with_cfg(model_cls, variant, False, **kwargs)
+        state = safetensors.torch.load_file(path)  # lazy: tensors over the file's mapped pages
+        state = kwargs['pretrained_filter_fn'](state, model)
+        own = model.state_dict()
+        if own.keys() == state.keys() and all(
+                (v.shape, v.dtype) == (state[k].shape, state[k].dtype) for k, v in own.items()):
+            model.load_state_dict(state, assign=True)
+            if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+                return model
+    return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+
+
+def _mappable_weights(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
+    """The local safetensors file ``pretrained=True`` will load for ``variant`` with ``kwargs``, if there is one."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    return _given_weights(cfg) if cfg is not None else None

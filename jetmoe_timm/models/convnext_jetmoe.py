@@ -18,12 +18,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import get_act_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as _convnext_checkpoint_filter_fn
 
 from ._moe import JetMoEMixin, MoEOptions
-from ._pretrained import WeightsUnavailableError, prepare_pretrained
+from ._pretrained import WeightsUnavailableError, build_jetmoe, prepare_pretrained
 
 __all__ = ['ConvNeXtJetMoE', 'RECYCLED_FROM']
 
@@ -148,7 +148,7 @@ def _create_convnext_jetmoe(variant: str, pretrained: bool = False, model_args: 
         except WeightsUnavailableError as e:
             raise e.with_traceback(None) from None  # one message that says it all
     kwargs = dict(model_args or {}, **kwargs)
-    return build_model_with_cfg(
+    return build_jetmoe(
         ConvNeXtJetMoE,
         variant,
         pretrained,

@@ -18,13 +18,13 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import get_act_layer
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
 from ..official import _load_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
-from ._pretrained import WeightsUnavailableError, prepare_pretrained
+from ._pretrained import WeightsUnavailableError, build_jetmoe, prepare_pretrained
 
 __all__ = ['RECYCLED_FROM', 'VisionTransformerJetMoE']
 
@@ -113,7 +113,7 @@ def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optio
             raise e.with_traceback(None) from None  # one message that says it all
     kwargs = dict(model_args or {}, **kwargs)
     out_indices = kwargs.pop('out_indices', 3)
-    model = build_model_with_cfg(
+    model = build_jetmoe(
         VisionTransformerJetMoE,
         variant,
         pretrained,

@@ -176,15 +176,16 @@ def build_recycled(
     pred_spec = predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
-    succ = _create_successor(full, model_kwargs, opts['seed'])
     body = None
     if opts['recipe'] == 'official':
         body_spec = body_predecessor or source.get('body_predecessor')
         if not body_spec:
             raise ValueError(f"recipe 'official' needs a body predecessor for {full}: pass --body-predecessor.")
         body = load_predecessor(body_spec, arch_hint=source.get('body_predecessor'))
-    result = recycle(succ, pred, body_predecessor=body, progress=progress, **opts)
-    succ.load_state_dict(result.state_dict)
+    # built after the calibration pass, then filled in place: the successor is held once (see recycle)
+    result = recycle(lambda: _create_successor(full, model_kwargs, opts['seed']), pred, body_predecessor=body,
+                     progress=progress, **opts)
+    succ = result.model
     contract = input_contract(pred)
     # the cfg describes these weights, not the registered default's: their predecessor, their recipe
     notes = (f"Recycled init, not fine-tuned: built from {public_source(pred_spec)} by {opts['method']} sampling "

@@ -8,10 +8,13 @@ The steps: resize the predecessor to the successor's input (grid, patch size), t
 (or at the predecessor's own size), select channels / heads / neurons, fold any layer scale the successor lacks
 into the predecessor's weights, apply the plan, and measure what survived (linear CKA of pooled features).
 """
+import ctypes
+import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 from ..version import __version__
 from .calibration import calibration_batches, check_calibration, fixed_input_size
 from .families import family_of
-from .retention import retention
+from .retention import pooled_features, retention
 from .rules import apply_plan, fold_scales
 from .selection import METHODS
 from .stats import STATISTICS, collect_statistics
@@ -36,10 +39,11 @@ RETENTION_IMAGES = 256  # at most this many calibration images measure retention
 
 @dataclass
 class RecycleResult:
-    state_dict: Dict[str, torch.Tensor]
+    state_dict: Dict[str, torch.Tensor]  # the successor's own (it is filled in place)
     selection: Dict[str, torch.Tensor]  # index sets: channels, heads, neurons per expert, ...
     provenance: Dict[str, Any]
     fresh_keys: List[str] = field(default_factory=list)  # successor tensors not taken from a predecessor
+    model: Optional[nn.Module] = None  # the successor, filled with the recycled weights
 
 
 def check_options(method: str = 'importance', recipe: str = 'paper', statistic: str = 'l2', calib: Any = 'synthetic',
@@ -80,6 +84,15 @@ def _check_input(predecessor: nn.Module, successor: nn.Module) -> None:
                          f'patch_size {tuple(pe.patch_size)}; use img_size >= patch_size.')
 
 
+def _release_free_memory() -> None:
+    """Hand memory the allocator holds but nobody uses back to the OS (glibc keeps freed activations of a
+    calibration pass, hundreds of MB, in its arenas). A no-op where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def selection_to_json(selection: Dict[str, torch.Tensor]) -> Dict[str, list]:
     return {k: v.tolist() for k, v in selection.items()}
 
@@ -92,6 +105,33 @@ def _keep_first(batches: Iterator[torch.Tensor], kept: List[torch.Tensor], limit
             kept.append(x[:limit - n].clone())
             n += kept[-1].shape[0]
         yield x
+
+
+def _retention_images(kept: List[torch.Tensor], calib: Any, num_images: int, model: nn.Module, batch_size: int,
+                      seed: int, size) -> Callable[[], Iterable[torch.Tensor]]:
+    """The images retention is measured on (at most ``RETENTION_IMAGES``, at the successor's size), as a function
+    that yields them anew on each call: synthetic images and a folder's are made again from their seed (one
+    image batch in memory, not 256 images next to the successor: 154 MB at 224 px); other sources are kept."""
+    if kept:
+        return lambda: kept
+    source = 'synthetic' if calib == 'weights' else calib
+
+    def make():
+        batches, _, _ = calibration_batches(source, model, num_images, batch_size, seed, img_size=size)
+        n = 0
+        while n < RETENTION_IMAGES:
+            with warnings.catch_warnings():  # undecodable files were reported by the statistics pass
+                warnings.simplefilter('ignore')
+                x = next(batches, None)
+            if x is None:
+                return
+            x = x[:RETENTION_IMAGES - n]
+            n += len(x)
+            yield x
+    if isinstance(source, (str, os.PathLike)):
+        return make
+    kept = list(make())  # a Dataset or DataLoader may not give the same images twice
+    return lambda: kept
 
 
 def _record_features(features: List[torch.Tensor], limit: int):
@@ -121,8 +161,11 @@ def recycle(
     """Recycle ``predecessor`` (a dense timm model) into weights for ``successor`` (a JetMoE model).
 
     Args:
-        successor: the JetMoE model to initialise; its own tensors are kept where nothing is recycled
-            (slot queries, temperatures, a head whose classes differ).
+        successor: the JetMoE model to initialise, filled in place (``RecycleResult.state_dict`` is its
+            ``state_dict()``); its own tensors are kept where nothing is recycled (slot queries, temperatures, a
+            head whose classes differ). Or a function that builds it (``RecycleResult.model``): it is called
+            once on the meta device for the layout and once for real after the calibration pass, so a large
+            successor and the calibration activations are never in memory together (what ``convert`` does).
         predecessor: the dense timm model whose weights are recycled; it is not modified.
         method: expert neuron selection, one of ``METHODS``.
         recipe: 'paper' (one predecessor, the same channels everywhere) or 'official' (body copied from
@@ -141,6 +184,13 @@ def recycle(
         progress: show a progress bar.
     """
     check_options(method, recipe, statistic, calib, num_calib, batch_size, calib_size)
+    make_successor = None
+    if callable(successor) and not isinstance(successor, nn.Module):
+        # its layout (on the meta device, no memory) serves the checks, statistics and selection; the model
+        # itself is built after the calibration pass, so the two never hold memory at the same time
+        make_successor = successor
+        with torch.device('meta'):
+            successor = make_successor()
     family = family_of(successor)
     family.check(predecessor, successor)
     _check_input(predecessor, successor)
@@ -177,8 +227,9 @@ def recycle(
         batches, total, source = calibration_batches(calib, stats_model, num_calib, batch_size, seed,
                                                      img_size=size if at_succ else None)
         hook = None
-        if at_succ and measure_retention:  # keep the first images and the predecessor's features on them
-            batches = _keep_first(batches, kept, RETENTION_IMAGES)
+        if at_succ and measure_retention:  # the predecessor's features on the first images (and those images)
+            if not isinstance(calib, (str, os.PathLike)):  # a folder or synthetic images are made again instead
+                batches = _keep_first(batches, kept, RETENTION_IMAGES)
             hook = pred.get_submodule(family.features_module).register_forward_pre_hook(
                 _record_features(pred_features, RETENTION_IMAGES))
         bar.reset(total=total + 3)  # calibration batches, then selection, the plan, retention
@@ -197,13 +248,23 @@ def recycle(
     selection = family.select(pred, successor, stats, method, statistic, seed, recipe)
     bar.update()
     bar.set_postfix_str('plan')
+    if make_successor is not None:
+        _release_free_memory()  # what the calibration pass freed, before the successor is allocated
+        successor = make_successor()
     body = family.resize(body_predecessor, successor) if body_predecessor is not None else None
     plan = family.plan(pred, successor, selection, recipe, body)
     target = successor.state_dict()
     sources = {'main': fold_scales(pred.state_dict(), target, family.scale_rules)}
     if body is not None:
         sources['body'] = fold_scales(body.state_dict(), target, family.scale_rules)
-    state_dict, fresh = apply_plan(plan, sources, target)
+    scratch = None
+    if measure_retention:  # the successor's features at its own init, before the plan overwrites it
+        t1 = time.perf_counter()
+        images = _retention_images(kept, calib, num_calib if pred_features else min(num_calib, RETENTION_IMAGES),
+                                   pred, batch_size, seed, size)
+        scratch = pooled_features(successor, images())
+        t_retention = time.perf_counter() - t1
+    fresh = apply_plan(plan, sources, target)  # in place: the successor is never held twice
     bar.update()
 
     provenance = dict(
@@ -219,16 +280,12 @@ def recycle(
     )
     if measure_retention:
         t1 = time.perf_counter()
-        reference = torch.cat(pred_features)[:sum(len(x) for x in kept)] if pred_features else None
-        if not kept:  # data-free or native-size statistics: the same images again, at the successor's size
-            images = calib if calib != 'weights' else 'synthetic'
-            batches, _, _ = calibration_batches(images, pred, min(num_calib, RETENTION_IMAGES), batch_size, seed,
-                                                img_size=size)
-            kept = list(batches)
         bar.set_postfix_str('retention')
-        provenance['retention'] = retention(pred, successor, state_dict, kept, reference)
-        provenance['retention_seconds'] = round(time.perf_counter() - t1, 3)
+        reference = torch.cat(pred_features)[:len(scratch)] if pred_features else pooled_features(pred, images())
+        provenance['retention'] = retention(reference, pooled_features(successor, images()), scratch)
+        provenance['retention_seconds'] = round(t_retention + time.perf_counter() - t1, 3)
     bar.update()
     bar.close()
     provenance['total_seconds'] = round(time.perf_counter() - t0, 3)
-    return RecycleResult(state_dict=state_dict, selection=selection, provenance=provenance, fresh_keys=fresh)
+    return RecycleResult(state_dict=successor.state_dict(), selection=selection, provenance=provenance,
+                         fresh_keys=fresh, model=successor)

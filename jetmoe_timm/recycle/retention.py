@@ -5,11 +5,10 @@ features (``forward_head(..., pre_logits=True)``) on the same calibration images
 successor's random initialisation, which is what training from scratch would start from. CKA is invariant to
 rotations and isotropic scaling of either side, so features of different widths compare directly.
 """
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 __all__ = ['linear_cka', 'pooled_features', 'retention']
 
@@ -35,30 +34,24 @@ class _Pooled(nn.Module):
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, images: Iterable[torch.Tensor],
-                    state_dict: Mapping[str, torch.Tensor] = None) -> torch.Tensor:
-    """Pooled features (n, num_features) of ``model`` in eval mode, optionally with the weights ``state_dict``
-    swapped in for the call (no copy of the model)."""
+def pooled_features(model: nn.Module, images: Iterable[torch.Tensor], chunk: int = 8) -> torch.Tensor:
+    """Pooled features (n, num_features) of ``model`` in eval mode on ``images`` (batches, run ``chunk`` images
+    at a time)."""
     was_training = model.training
     model.eval()
     wrapper = _Pooled(model)
     device = next(model.parameters()).device
-    params = None if state_dict is None else {f'model.{k}': v.to(device) for k, v in state_dict.items()}
     try:
-        feats = [(wrapper(x.to(device)) if params is None else functional_call(wrapper, params, (x.to(device),)))
-                 .float().cpu() for x in images]
+        # a few images at a time: the figure needs no speed, and a large successor's activations stay small
+        feats = [wrapper(c.to(device)).float().cpu() for x in images for c in x.split(chunk)]
     finally:
         model.train(was_training)
     return torch.cat(feats)
 
 
-def retention(predecessor: nn.Module, successor: nn.Module, state_dict: Mapping[str, torch.Tensor],
-              images: Iterable[torch.Tensor], reference: Optional[torch.Tensor] = None) -> Dict[str, float]:
+def retention(reference: torch.Tensor, recycled: torch.Tensor, scratch: torch.Tensor) -> Dict[str, float]:
     """{'cka': recycled successor vs predecessor, 'cka_scratch': the successor's own init vs predecessor,
-    'images': n} on ``images`` (batches at the successor's input size). ``reference``: the predecessor's pooled
-    features on them, if already at hand (the statistics pass records them), else computed."""
-    images = list(images)
-    ref = pooled_features(predecessor, images) if reference is None else reference.float().cpu()
-    return dict(cka=round(linear_cka(ref, pooled_features(successor, images, state_dict)), 4),
-                cka_scratch=round(linear_cka(ref, pooled_features(successor, images)), 4),
-                images=int(ref.shape[0]))
+    'images': n}, from pooled features (n, d) on the same images: the predecessor's (``reference``), the
+    successor's after recycling and at its random init."""
+    return dict(cka=round(linear_cka(reference, recycled), 4), cka_scratch=round(linear_cka(reference, scratch), 4),
+                images=int(reference.shape[0]))

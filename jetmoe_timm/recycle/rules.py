@@ -27,6 +27,7 @@ class Take:
     predecessor: str = 'main'  # 'main', or 'body' for the official recipe's second predecessor
 
     def __call__(self, state: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The taken tensor: a new tensor where it is indexed, else a view of the source (copy it to keep it)."""
         t = state[self.source]
         if self.index:
             t = t[self.index]
@@ -34,7 +35,7 @@ class Take:
             t = t.permute(*self.permute)
         if self.expand is not None:
             t = t.unsqueeze(0).expand(self.expand, *t.shape)
-        return t.contiguous().clone()
+        return t
 
 
 @dataclass(frozen=True)
@@ -79,31 +80,37 @@ def plan_from_rules(rules, keys, indices: Dict[str, torch.Tensor], predecessor: 
     return plan
 
 
+@torch.no_grad()
 def apply_plan(
         plan: Dict[str, Take],
         sources: Dict[str, Dict[str, torch.Tensor]],
         successor_state: Dict[str, torch.Tensor],
-) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Build the successor state dict; returns it and the keys that kept their fresh initialisation."""
+) -> List[str]:
+    """Fill the successor's tensors (``successor_state``, e.g. its ``state_dict()``) in place, one take at a time,
+    so a conversion holds the successor once plus one taken tensor; returns the keys that kept their fresh
+    initialisation. Every take is checked before anything is written: a failed plan leaves the successor as it
+    was."""
     unknown = sorted(set(plan) - set(successor_state))
     if unknown:
         raise KeyError(f'recycling plan names keys the successor does not have: {unknown[:5]}')
-    out, fresh = {}, []
-    for key, target in successor_state.items():
-        take = plan.get(key)
-        if take is None:
-            out[key] = target.detach().clone()
-            fresh.append(key)
-            continue
+    for key, take in plan.items():
         src = sources[take.predecessor]
         if take.source not in src:
             raise KeyError(f"predecessor has no '{take.source}' (needed for successor '{key}')")
-        value = take(src).to(target.dtype)
-        if value.shape != target.shape:
-            raise ValueError(f"recycled '{key}' from '{take.source}' has shape {tuple(value.shape)}, "
-                             f"the successor expects {tuple(target.shape)}")
-        out[key] = value
-    return out, fresh
+        shape = _taken_shape(take, src[take.source])
+        if shape != tuple(successor_state[key].shape):
+            raise ValueError(f"recycled '{key}' from '{take.source}' has shape {shape}, "
+                             f"the successor expects {tuple(successor_state[key].shape)}")
+    for key, take in plan.items():
+        successor_state[key].copy_(take(sources[take.predecessor]))  # casts to the successor's dtype
+    return [k for k in successor_state if k not in plan]
+
+
+def _taken_shape(take: Take, source: torch.Tensor) -> Tuple[int, ...]:
+    """The shape ``take`` gives on ``source``, worked out on the meta device (no data is touched)."""
+    meta = {take.source: torch.empty(source.shape, dtype=source.dtype, device='meta')}
+    index = tuple(i.to('meta') if isinstance(i, torch.Tensor) else i for i in take.index)
+    return tuple(Take(take.source, index, take.permute, take.expand)(meta).shape)
 
 
 def expert_takes(prefix: str, src: str, neurons: torch.Tensor, channels: torch.Tensor) -> Dict[str, Take]:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 __all__ = ['STATISTICS', 'Probe', 'ActivationStats', 'collect_statistics']
 
 STATISTICS = ('l2', 'l1', 'freq')
+_ROWS = 1024  # activation rows (positions) reduced at a time
 
 
 @dataclass(frozen=True)
@@ -34,21 +35,24 @@ class _Accumulator:
         self.want_coact = coact
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        xd = x.double()
-        pos = x > 0
+        x = x.detach().reshape(-1, x.shape[-1])
         if self.sum_abs is None:
             d = x.shape[-1]
             self.sum_abs, self.sum_sq, self.pos = (torch.zeros(d, dtype=torch.float64) for _ in range(3))
             if self.want_coact:
                 self.coact_sum = torch.zeros(d, d, dtype=torch.float64)
         self.count += x.shape[0]
-        self.sum_abs += xd.abs().sum(0)
-        self.sum_sq += (xd * xd).sum(0)
-        self.pos += pos.sum(0, dtype=torch.float64)
-        if self.want_coact:
-            b = pos.float()
-            self.coact_sum += (b.t() @ b).double()  # exact: float32 holds integers up to 2^24
+        # in row chunks: float64 copies of a whole batch's activations (32 x 197 x 1536 for ViT-S) would cost
+        # ~80 MB each, several per probe, the largest transient of a conversion
+        for chunk in x.split(_ROWS):
+            xd = chunk.float().double()
+            pos = xd > 0
+            self.sum_abs += xd.abs().sum(0)
+            self.sum_sq += (xd * xd).sum(0)
+            self.pos += pos.sum(0, dtype=torch.float64)
+            if self.want_coact:
+                b = pos.float()
+                self.coact_sum += (b.t() @ b).double()  # exact: float32 holds integers up to 2^24
 
 
 class ActivationStats:
