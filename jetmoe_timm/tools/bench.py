@@ -15,7 +15,7 @@ candidate ("best"), the figure least disturbed by bursts of other load. Sections
           Also: graph breaks of the layer under torch.compile (eval and train).
   memory  peak tensor memory of a float32 training step: parameters + AdamW state + the step's own peak
           (activations, gradients, temporaries) from the profiler's allocation events.
-  convert time and peak RSS of a full-size conversion (only with --convert: minutes).
+  convert time and peak RSS of full-size conversions, per variant (only with --convert: minutes).
 
 Results go to a JSON file and a printed table (see docs/benchmark.md).
 """
@@ -340,46 +340,60 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
 
 # -------------------------------------------------------------------------------------------------- convert
 
-# Peak RSS is read from the child's own VmHWM: its ru_maxrss would also count the benchmark parent's pages, which
-# Linux folds into the child's high-water mark when the forked child execs Python.
+# Each conversion runs in a fresh process. Peak RSS is the child's own VmHWM (its ru_maxrss would also count
+# the benchmark parent's pages, which Linux folds into the high-water mark when the forked child execs Python);
+# `base` is its RSS once torch, timm and jetmoe_timm are imported (0.7 GB of libraries, shared and file-backed),
+# so `above` = peak - base is what the conversion itself needs: the target is above <= 1.3 x successor + predecessor.
 _CONVERT_CHILD = r'''
-import json, resource, sys, time
+import json, sys, time
 import jetmoe_timm
 
 
-def peak_rss_gb():
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 2 ** 20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # not Linux: best effort
+def status(key):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ':'))
 
 
+base = status('VmRSS')
 t0 = time.perf_counter()
-jetmoe_timm.convert('v_jetmoe_tiny', sys.argv[2], predecessor=sys.argv[1], method=sys.argv[3],
-                    num_calib=int(sys.argv[4]), progress=False)
-print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_rss_gb=peak_rss_gb())))
+jetmoe_timm.convert(sys.argv[3], sys.argv[2], predecessor=sys.argv[1], method=sys.argv[4],
+                    num_calib=int(sys.argv[5]), progress=False)
+print(json.dumps(dict(seconds=time.perf_counter() - t0, peak=status('VmHWM'), base=base)))
 '''
 
+# variant -> (the dense architecture it is recycled from, its in21k / in22k head)
+CONVERT_VARIANTS = {
+    'v_jetmoe_tiny': ('vit_small_patch16_224', 21843),
+    'v_jetmoe_small': ('vit_base_patch16_224', 21843),
+    'c_jetmoe_femto': ('convnext_tiny', 21841),
+    'c_jetmoe_tiny': ('convnext_base', 21841),
+}
 
-def _bench_convert(method: str, num_calib: int) -> Dict:
-    """Full-size v_jetmoe_tiny from a (randomly initialised) vit_small_patch16_224 file, in a fresh process."""
+
+def _bench_convert(model: str, method: str = 'importance', num_calib: int = 256) -> Dict:
+    """Full-size ``model`` from a (randomly initialised) file of its predecessor's architecture, with its in21k /
+    in22k head, in a fresh process: seconds, peak RSS, and the bytes of the successor and the predecessor."""
     import timm
     from safetensors.torch import save_file
+    arch, classes = CONVERT_VARIANTS[model]
     with tempfile.TemporaryDirectory() as tmp:
-        pred = timm.create_model('vit_small_patch16_224', num_classes=21843)
-        pred_file = os.path.join(tmp, 'vit_small.safetensors')
+        pred = timm.create_model(arch, num_classes=classes)
+        pred_file = os.path.join(tmp, f'{arch}.safetensors')
         save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, pred_file)
         del pred
-        res = subprocess.run([sys.executable, '-c', _CONVERT_CHILD, pred_file, os.path.join(tmp, 'out'), method,
+        out = os.path.join(tmp, 'out')
+        res = subprocess.run([sys.executable, '-c', _CONVERT_CHILD, pred_file, out, model, method,
                               str(num_calib)], capture_output=True, text=True)
         if res.returncode:
-            raise RuntimeError(f'conversion benchmark failed:\n{res.stderr[-2000:]}')
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]), model='v_jetmoe_tiny',
-                predecessor='vit_small_patch16_224', method=method, num_calib=num_calib)
+            raise RuntimeError(f'conversion benchmark of {model} failed:\n{res.stderr[-2000:]}')
+        m = json.loads(res.stdout.strip().splitlines()[-1])
+        successor, predecessor = os.path.getsize(os.path.join(out, 'model.safetensors')), os.path.getsize(pred_file)
+    gb = 2 ** 30
+    above = (m['peak'] - m['base']) / gb
+    bound = (1.3 * successor + predecessor) / gb
+    return dict(model=model, predecessor=arch, method=method, num_calib=num_calib, seconds=m['seconds'],
+                peak_rss_gb=m['peak'] / gb, base_rss_gb=m['base'] / gb, above_base_gb=above,
+                successor_gb=successor / gb, predecessor_gb=predecessor / gb, bound_gb=bound, met=above <= bound)
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -412,7 +426,7 @@ def run_benchmark(
         reference: bool = True,
         compile_layer: bool = True,
         memory: bool = True,
-        convert: bool = False,
+        convert: Sequence[str] = (),
         rounds: int = 5,
         warmup: int = 1,
         reference_rounds: int = 2,
@@ -452,7 +466,7 @@ def run_benchmark(
                   python=platform.python_version(), gpu='none used (CPU benchmark)',
                   env={k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
                   loadavg_start=list(os.getloadavg()), config={k: v for k, v in cfg.items()}),
-        models=[], memory=[], layer=[], layer_info=[], convert=None)
+        models=[], memory=[], layer=[], layer_info=[], convert=[])
     sections = result['meta']['section_seconds'] = {}
     for shape_batch in (layer_batch_sizes if layer is not None else ()):
         t0 = time.perf_counter()
@@ -466,11 +480,11 @@ def run_benchmark(
         result['models'] += rows
         result['memory'] += mem_rows
         sections[pair.name] = time.perf_counter() - t0
-    if convert:
-        log('convert: full-size v_jetmoe_tiny from vit_small_patch16_224 (minutes)...')
+    for model in convert:
+        log(f'convert: full-size {model} from {CONVERT_VARIANTS[model][0]} (minutes)...')
         t0 = time.perf_counter()
-        result['convert'] = _bench_convert('importance', 256)
-        sections['convert'] = time.perf_counter() - t0
+        result['convert'].append(_bench_convert(model))
+        sections[f'convert {model}'] = time.perf_counter() - t0
     result['meta'].update(loadavg_end=list(os.getloadavg()), seconds=time.perf_counter() - t_start)
     return result
 
@@ -518,9 +532,15 @@ def format_table(result: Dict) -> str:
         lines += [f"{r['model']:24s} {r['batch']:5d} {r['params_gb']:8.2f} {r['optimizer_state_gb']:8.2f} "
                   f"{r['step_peak_gb']:8.2f} {r['peak_gb']:8.2f}" for r in result['memory']]
     if result['convert']:
-        c = result['convert']
-        lines += ['', f"Convert {c['model']} from {c['predecessor']} ({c['method']}, {c['num_calib']} calibration "
-                      f"images): {c['seconds']:.1f} s, peak RSS {c['peak_rss_gb']:.2f} GB"]
+        lines += ['', f"Conversion ({result['convert'][0]['method']}, {result['convert'][0]['num_calib']} calibration "
+                      f"images, from a full-size predecessor file): peak RSS above the process after its imports "
+                      f"(base) against the target 1.3 x successor + predecessor",
+                  f"{'model':16s} {'predecessor':24s} {'s':>6s} {'succ GB':>8s} {'pred GB':>8s} {'base':>6s} "
+                  f"{'peak':>6s} {'above':>6s} {'bound':>6s} met"]
+        lines += [f"{c['model']:16s} {c['predecessor']:24s} {c['seconds']:6.0f} {c['successor_gb']:8.2f} "
+                  f"{c['predecessor_gb']:8.2f} {c['base_rss_gb']:6.2f} {c['peak_rss_gb']:6.2f} "
+                  f"{c['above_base_gb']:6.2f} {c['bound_gb']:6.2f} {'yes' if c['met'] else 'NO'}"
+                  for c in result['convert']]
     return '\n'.join(lines)
 
 
@@ -556,7 +576,7 @@ def _run(args) -> int:
         reference=not args.no_reference,
         compile_layer=compile_mode != 'off',
         memory=not args.no_memory,
-        convert=args.convert,
+        convert=list(CONVERT_VARIANTS) if args.convert == [] else args.convert or [],
         rounds=args.rounds or (3 if quick else 7),
         warmup=1,
         reference_rounds=1 if quick else 2,
@@ -600,8 +620,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--no-reference', action='store_true', help='skip the (slow) looped reference layer')
     p.add_argument('--no-memory', action='store_true', help='skip the training-step memory measurement')
     p.add_argument('--no-layer', action='store_true', help='skip the SpheroMoE layer section')
-    p.add_argument('--convert', action='store_true',
-                   help='also time a full-size conversion (v_jetmoe_tiny from ViT-S/16, minutes)')
+    p.add_argument('--convert', nargs='*', choices=sorted(CONVERT_VARIANTS), metavar='NAME',
+                   help='also convert full-size models from predecessor files and report time and peak RSS: the '
+                        f'NAMEs given, or all four ({", ".join(CONVERT_VARIANTS)}; about 15 minutes on 2 cores)')
     p.set_defaults(func=_run)
     return p
 
