@@ -7,6 +7,7 @@ converts it with `jetmoe-timm convert` (task images for calibration, statistics 
     recycled + recipes/v_jetmoe_small_data_finetune.yaml
     scratch  + the same recipe
     recycled + the previous small-data recipe (layer decay 0.6, RandAugment, crops from half the image)
+    recycled + this recipe with the memory-lean optimizer (timm's Adafactor, LEAN_OPTIMIZER)
 
 for each seed, then prints top-1 per epoch (train.py's summary.csv) and the final mean / spread.
 
@@ -34,6 +35,11 @@ PREVIOUS = ['--layer-decay', '0.6', '--aa', 'rand-m6-mstd0.5-inc1', '--hflip', '
             '--warmup-epochs', '2', '--clip-grad', '1.0', '--drop-path', '0.05']
 
 
+# the memory-lean optimizer (docs/training.md): timm's Adafactor, no first moment, factored second moment, steps
+# not scaled by the weights' RMS (so the recipe's lr means what it means for AdamW)
+LEAN_OPTIMIZER = ['--opt', 'adafactor', '--opt-kwargs', 'scale_parameter=False']
+
+
 def _kwargs(args: dict, skip=('num_classes',)):
     """``k=v`` model kwargs (train.py takes ``num_classes`` and ``in_chans`` as options of their own)."""
     return [f'{k}={list(v) if isinstance(v, tuple) else v}' for k, v in args.items() if k not in skip]
@@ -51,6 +57,10 @@ def main(argv=None):
     p.add_argument('--out', type=Path, required=True)
     p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--epochs', type=int, default=10)
+    p.add_argument('--runs', nargs='+', default=['recycled', 'scratch', 'previous', 'lean'],
+                   choices=['recycled', 'scratch', 'previous', 'lean'],
+                   help="which runs: 'recycled' / 'scratch' (this recipe), 'previous' (recycled, previous recipe), "
+                        "'lean' (recycled, this recipe with the memory-lean optimizer)")
     args = p.parse_args(argv)
     if not os.environ.get('JETMOE_TIMM_SCRIPTS'):
         sys.exit('set JETMOE_TIMM_SCRIPTS to a timm checkout holding train.py')
@@ -82,12 +92,14 @@ def main(argv=None):
               '--img-size', '32',
               '--in-chans', '1', '--device', 'cpu', '-j', '0', '--epochs', str(args.epochs), '--output',
               str(args.out / 'runs'), '--log-interval', '100']
-    runs = {
-        'recycled, this recipe': ['--pretrained', '--pretrained-path', str(succ_dir / 'model.safetensors')],
-        'scratch, this recipe': [],
-        'recycled, previous recipe': ['--pretrained', '--pretrained-path', str(succ_dir / 'model.safetensors'),
-                                      *PREVIOUS],
+    recycled = ['--pretrained', '--pretrained-path', str(succ_dir / 'model.safetensors')]
+    runs = {  # id: (label, extra train.py options)
+        'recycled': ('recycled, this recipe', recycled),
+        'scratch': ('scratch, this recipe', []),
+        'previous': ('recycled, previous recipe', recycled + PREVIOUS),
+        'lean': ('recycled, lean optimizer', recycled + LEAN_OPTIMIZER),
     }
+    runs = dict(runs[k] for k in args.runs)
     results = {}
     for name, extra in runs.items():
         results[name] = []

@@ -46,7 +46,7 @@ PROBE = '''
 import atexit, hashlib, json, os, sys
 import torch
 
-record, models = {}, []
+record, models, optimizers = {}, [], []
 script = sys.modules['__main__']  # train.py's namespace: --device-modules are imported inside its main()
 
 
@@ -65,6 +65,7 @@ def create_optimizer_v2(model, *args, **kwargs):
                         for g in optimizer.param_groups]
     record['at_optimizer'] = hashes(model)
     models.append(model)
+    optimizers.append(optimizer)
     return optimizer
 
 
@@ -84,6 +85,10 @@ torch.nn.parallel.DistributedDataParallel.__init__ = __init__
 @atexit.register
 def dump():
     record['final'] = hashes(models[0])
+    record['optimizer'] = type(optimizers[0]).__name__
+    record['state_bytes'] = sum(t.numel() * t.element_size() for st in optimizers[0].state.values()
+                                for t in st.values() if torch.is_tensor(t))
+    record['param_bytes'] = sum(p.numel() * p.element_size() for p in models[0].parameters())
     with open(os.path.join(os.environ['WEIGHT_PROBE_DIR'], 'rank%s.json' % os.environ.get('RANK', 0)), 'w') as f:
         json.dump(record, f)
 '''
@@ -259,6 +264,24 @@ def test_train_single_process(first_run, pretrained_file):
     assert (run_dir / 'last.pth.tar').is_file()
     args = yaml.safe_load((run_dir / 'args.yaml').read_text())
     assert args['scale'] == [0.8, 1.0] and args['epochs'] == 1  # the recipe, then the command line
+
+
+@needs_scripts
+def test_lean_optimizer_trains_experts_with_little_state(tiny_data, pretrained_file, tmp_path):
+    """The memory-lean option of docs/training.md through train.py: timm's Adafactor (no first moment, factored
+    second moments of the (E, d, h) expert weights) updates every expert and keeps state of a few % of the
+    parameters' bytes, where AdamW keeps 200 %."""
+    env = _probe_env(tmp_path / 'probe')
+    _run([sys.executable, '-m', 'jetmoe_timm.train', *_train_args(
+        tiny_data, tmp_path / 'output', 'lean', '--config', str(RECIPES / 'v_jetmoe_small_data_finetune.yaml'),
+        '--epochs', '1', '--pretrained', '--pretrained-path', str(pretrained_file), '--layer-decay', '0',
+        '--opt', 'adafactor', '--opt-kwargs', 'scale_parameter=False')], env, tmp_path)
+    record = json.loads((tmp_path / 'probe' / 'rank0.json').read_text())
+    assert record['optimizer'] == 'Adafactor'
+    assert 0 < record['state_bytes'] < 0.1 * record['param_bytes']
+    experts = [k for k in record['final'] if '_experts.' in k]
+    assert experts and all(record['final'][k] != record['at_optimizer'][k] for k in experts)
+    assert float(_summary(tmp_path / 'output' / 'lean')[0]['train_loss']) < 10
 
 
 @needs_scripts

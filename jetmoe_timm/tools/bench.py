@@ -13,8 +13,9 @@ candidate ("best"), the figure least disturbed by bursts of other load. Sections
           (logits, dispatch, experts, combine, and their gradients) with the same shapes, timed alone on
           contiguous operands into preallocated outputs; the looped reference layer shows what batching buys.
           Also: graph breaks of the layer under torch.compile (eval and train).
-  memory  peak tensor memory of a float32 training step: parameters + AdamW state + the step's own peak
-          (activations, gradients, temporaries) from the profiler's allocation events.
+  memory  peak tensor memory of a float32 training step: parameters + optimizer state + the step's own peak
+          (activations, gradients, temporaries) from the profiler's allocation events, with fused AdamW and with
+          the memory-lean option (timm's Adafactor: factored second moment, no first moment).
   convert time and peak RSS of full-size conversions, per variant (only with --convert: minutes).
 
 Results go to a JSON file and a printed table (see docs/benchmark.md).
@@ -147,6 +148,17 @@ def _runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, preci
     return run
 
 
+# optimizers whose training-step memory is reported: fused AdamW (what the speed cells use) and the memory-lean
+# option of docs/training.md, timm's Adafactor with a factored second moment and no first moment
+MEMORY_OPTIMIZERS = ('adamw', 'adafactor')
+
+
+def _optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+    extra = dict(scale_parameter=False) if name == 'adafactor' else {}
+    return create_optimizer_v2(model, name, lr=5e-4, weight_decay=0.05, **extra)
+
+
 def _train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Dict:
     """Peak tensor bytes of one float32 training step (the optimizer state already exists)."""
     from torch.profiler import ProfilerActivity, profile
@@ -220,10 +232,14 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     rows.append(row)
                     log(_format_model_row(row))
         if cfg['memory']:
-            for k, m in models.items():
-                mem = _train_step_memory(m, opts[k], x, y)
-                mem_rows.append(dict(model=names[k], batch=batch, precision='float32', **mem))
-                log(f"memory  {names[k]:24s} batch {batch:4d}: {mem['peak_gb']:.2f} GB")
+            for opt_name in cfg['memory_optimizers']:
+                for k, m in models.items():
+                    opt = opts[k] if opt_name == 'adamw' else _optimizer(m, opt_name)
+                    if not opt.state:
+                        _runner(m, 'train', x, y, 'float32', opt)()  # a first step creates the optimizer state
+                    mem = _train_step_memory(m, opt, x, y)
+                    mem_rows.append(dict(model=names[k], batch=batch, precision='float32', optimizer=opt_name, **mem))
+                    log(f"memory  {names[k]:24s} batch {batch:4d} {opt_name:9s}: {mem['peak_gb']:.2f} GB")
     return rows, mem_rows
 
 
@@ -426,6 +442,7 @@ def run_benchmark(
         reference: bool = True,
         compile_layer: bool = True,
         memory: bool = True,
+        memory_optimizers: Sequence[str] = MEMORY_OPTIMIZERS,
         convert: Sequence[str] = (),
         rounds: int = 5,
         warmup: int = 1,
@@ -454,7 +471,8 @@ def run_benchmark(
     cfg = dict(batch_sizes=list(batch_sizes), precisions=list(precisions), modes=list(modes),
                compile=list(dict.fromkeys(bool(c) for c in torch_compile)),
                compile_batch_sizes=list(batch_sizes if compile_batch_sizes is None else compile_batch_sizes),
-               reference=reference, compile_layer=compile_layer, memory=memory, rounds=rounds, warmup=warmup,
+               reference=reference, compile_layer=compile_layer, memory=memory,
+               memory_optimizers=list(memory_optimizers), rounds=rounds, warmup=warmup,
                reference_rounds=reference_rounds)
     from ..version import __version__
     import timm
@@ -527,10 +545,13 @@ def format_table(result: Dict) -> str:
             lines.append(f"torch.compile graph breaks inside the layer: eval {info['graph_breaks']['eval']}, "
                          f"train {info['graph_breaks']['train']}")
     if result['memory']:
-        lines += ['', 'Training-step memory (float32, fused AdamW): parameters + optimizer state + step peak',
-                  f"{'model':24s} {'batch':>5s} {'params':>8s} {'adamw':>8s} {'step':>8s} {'peak GB':>8s}"]
-        lines += [f"{r['model']:24s} {r['batch']:5d} {r['params_gb']:8.2f} {r['optimizer_state_gb']:8.2f} "
-                  f"{r['step_peak_gb']:8.2f} {r['peak_gb']:8.2f}" for r in result['memory']]
+        lines += ['', 'Training-step memory (float32): parameters + optimizer state + step peak; adamw is fused AdamW, '
+                      'adafactor the memory-lean option (docs/training.md)',
+                  f"{'model':24s} {'batch':>5s} {'optimizer':9s} {'params':>8s} {'state':>8s} {'step':>8s} "
+                  f"{'peak GB':>8s}"]
+        lines += [f"{r['model']:24s} {r['batch']:5d} {r.get('optimizer', 'adamw'):9s} {r['params_gb']:8.2f} "
+                  f"{r['optimizer_state_gb']:8.2f} {r['step_peak_gb']:8.2f} {r['peak_gb']:8.2f}"
+                  for r in result['memory']]
     if result['convert']:
         lines += ['', f"Conversion ({result['convert'][0]['method']}, {result['convert'][0]['num_calib']} calibration "
                       f"images, from a full-size predecessor file): peak RSS above the process after its imports "
