@@ -1,0 +1,49 @@
+""" The SpheroMoE layer's forward+backward with the experts' kept gradient memory against a plain baddbmm.
+
+One process, candidates alternating over 8 rounds (2 steps each), v_jetmoe_tiny's layer shape, float32; each step
+starts with ``zero_grad(set_to_none=True)`` as timm's train.py does.
+
+    python scripts/expert_grad_ab.py [BATCH]
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+from jetmoe_timm.layers import ExpertLinear, SpheroMoE
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    batch = int(argv[0]) if argv else 64
+    torch.manual_seed(0)
+    layer = SpheroMoE(192, 98, 196).train()
+    x = torch.randn(batch, 197, 192, requires_grad=True)
+    grad = torch.randn(batch, 197, 192)
+    kept = ExpertLinear.forward
+
+    def plain(self, x):
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).backward(grad)
+
+    times = {'plain baddbmm': [], 'kept gradient memory': []}
+    for r in range(8):
+        for name in reversed(list(times)) if r % 2 else times:
+            ExpertLinear.forward = kept if name == 'kept gradient memory' else plain
+            step()
+            t0 = time.perf_counter()
+            step()
+            step()
+            times[name].append((time.perf_counter() - t0) / 2)
+    ExpertLinear.forward = kept
+    for name, t in times.items():
+        print(f'{name:22s} median {statistics.median(t) * 1e3:6.1f} ms  min {min(t) * 1e3:6.1f} ms')
+
+
+if __name__ == '__main__':
+    main()
