@@ -32,7 +32,8 @@ def test_run_benchmark_rows_and_json(tmp_path):
     # the layer against its floor, forward and forward+backward, and the looped reference (forward only)
     cands = {(r['pass_'], r['candidate']) for r in result['layer']}
     assert cands == {('forward', 'floor (matmuls alone)'), ('forward', 'SpheroMoE'), ('forward', 'looped reference'),
-                     ('forward+backward', 'floor (matmuls alone)'), ('forward+backward', 'SpheroMoE')}
+                     ('forward+backward', 'floor (matmuls alone)'), ('forward+backward', 'SpheroMoE'),
+                     ('forward+backward', 'SpheroMoE kept grads')}
     assert all(r['x_floor'] == 1 for r in result['layer'] if r['candidate'].startswith('floor'))
     # training-step memory: fused AdamW keeps two float32 moments per parameter (plus tiny step counters); the
     # lean option (Adafactor) only row and column second moments of each matrix (experts: (E, d) and (E, h))

@@ -45,7 +45,11 @@ def _recycle(pred, method='importance', succ=None, **kwargs):
     kwargs.setdefault('num_calib', 16)
     kwargs.setdefault('batch_size', 8)
     result = recycle(succ, pred, method=method, progress=False, **kwargs)
-    succ.load_state_dict(result.state_dict)  # strict: every key present, every shape right
+    # filled in place: the result's tensors are the successor's own, none shares memory with the predecessor
+    assert result.model is succ and result.state_dict.keys() == succ.state_dict().keys()
+    assert all(result.state_dict[k].data_ptr() == v.data_ptr() for k, v in succ.state_dict().items())
+    assert not {v.untyped_storage().data_ptr() for v in succ.state_dict().values()} & {
+        v.untyped_storage().data_ptr() for v in pred.state_dict().values()}
     return succ, result
 
 

@@ -25,7 +25,7 @@ def _recycle(pred, method='importance', **kwargs):
     torch.manual_seed(1)
     succ = timm.create_model('c_jetmoe_femto', **dict(SUCC, **kwargs))
     r = recycle(succ, pred, method=method, num_calib=8, batch_size=4, progress=False)
-    succ.load_state_dict(r.state_dict)
+    assert r.model is succ and all(r.state_dict[k].data_ptr() == v.data_ptr() for k, v in succ.state_dict().items())
     return succ, r
 
 

@@ -153,13 +153,15 @@ def test_entmax15_definition():
 
 
 def test_expert_weight_gradient_memory_is_reused_only_when_free():
-    """The weight gradient is written into memory kept across steps (no page faults on a fresh 58 MB buffer
-    each step), and only when nothing else holds it: accumulation, kept gradients and autograd.grad see exactly
-    what a plain baddbmm gives."""
+    """With ``keep_grad_memory`` the weight gradient is written into memory kept across steps (no page faults on a
+    fresh 58 MB buffer each step), and only when nothing else holds it: accumulation, kept gradients,
+    autograd.grad, double backward, autocast, torch.func and old pickles see exactly what a plain baddbmm gives."""
     import copy
-    from jetmoe_timm.layers import ExpertLinear
+    from jetmoe_timm.layers import ExpertLinear, set_keep_grad_memory
     torch.manual_seed(0)
     layer = ExpertLinear(3, 4, 5)
+    assert not layer.keep_grad_memory  # off by default: it holds a gradient-sized buffer through the forward
+    set_keep_grad_memory(layer, True)
     x = torch.randn(3, 7, 4)
 
     def plain_grads(scale=1.):
@@ -174,6 +176,7 @@ def test_expert_weight_gradient_memory_is_reused_only_when_free():
         want_w, want_b = plain_grads()
         assert torch.allclose(layer.weight.grad, want_w) and torch.allclose(layer.bias.grad, want_b)
         ptrs.add(layer.weight.grad.untyped_storage().data_ptr())
+        assert layer.weight.grad.untyped_storage().data_ptr() == layer._grad_buffer.untyped_storage().data_ptr()
     assert len(ptrs) == 1  # one buffer for every step
 
     layer(x).square().sum().backward()  # no zero_grad: accumulates
@@ -189,8 +192,30 @@ def test_expert_weight_gradient_memory_is_reused_only_when_free():
     first = torch.autograd.grad(layer(x).square().sum(), layer.weight)[0]
     second = torch.autograd.grad(layer(2 * x).square().sum(), layer.weight)[0]
     assert torch.allclose(first, want_w) and torch.allclose(second, plain_grads(2.)[0])
+    y = layer(layer(x)[..., :4])  # one module twice in one graph
+    ref = copy.deepcopy(layer)
+    set_keep_grad_memory(ref, False)
+    layer.zero_grad(set_to_none=True)
+    y.square().sum().backward()
+    ref(ref(x)[..., :4]).square().sum().backward()
+    assert torch.allclose(layer.weight.grad, ref.weight.grad)
 
+    xg = x.clone().requires_grad_()  # double backward (gradient penalties, Hessian-vector products)
+    g, = torch.autograd.grad(layer(xg).square().sum(), xg, create_graph=True)
+    g.square().sum().backward()
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast runs the matmul in bf16: the plain path
+        out = layer(x)
+    out.float().sum().backward()
+    params = {k: v.detach().requires_grad_() for k, v in layer.named_parameters()}
+    fgrad = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(params)
+    assert torch.allclose(fgrad['weight'], want_w)
+
+    old = copy.deepcopy(layer)
+    old.__dict__.pop('_grad_buffer', None)  # pickled by a version without the attribute
+    old.zero_grad(set_to_none=True)
+    old(x).square().sum().backward()
     assert copy.deepcopy(layer)._grad_buffer is None and layer._grad_buffer is not None
+    assert layer.double()._grad_buffer is None  # .to() / .double() drop the kept memory
     assert torch.autograd.gradcheck(
         lambda a, w, b: ExpertLinear.forward.__globals__['_ExpertLinearFn'].apply(a, w, b, layer),
         tuple(torch.randn(s, dtype=torch.double, requires_grad=True) for s in ((2, 3, 4), (2, 4, 5), (2, 5))))

@@ -1,3 +1,3 @@
 from .entmax import entmax15
 from .reference import sphero_moe_reference
-from .sphero_moe import ROUTING_PRESETS, ExpertLinear, ExpertMlp, SpheroMoE
+from .sphero_moe import ROUTING_PRESETS, ExpertLinear, ExpertMlp, SpheroMoE, set_keep_grad_memory

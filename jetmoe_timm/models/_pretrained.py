@@ -217,8 +217,10 @@ def build_jetmoe(model_cls, variant: str, pretrained: bool, **kwargs) -> nn.Modu
     keys, shapes and dtypes: no new head, no other ``in_chans``) are memory-mapped into a model built on the
     meta device (``load_state_dict(assign=True)``): no random init to throw away and the weights held once, as
     the file's pages (copy-on-write: training writes its own copy of what it changes). Anything else, and
-    ``features_only``, goes through timm's own load, which adapts heads and input convs."""
-    path = _mappable_weights(variant, kwargs) if pretrained and not kwargs.get('features_only') else None
+    ``features_only``, or a model built for another device goes through timm's own load, which adapts heads and
+    input convs."""
+    on_cpu = torch.device(kwargs.get('device') or torch.get_default_device()).type == 'cpu'
+    path = _mappable_weights(variant, kwargs) if pretrained and on_cpu and not kwargs.get('features_only') else None
     if path is not None:
         with torch.device('meta'):
             model = build_model_with_cfg(model_cls, variant, False, **kwargs)
@@ -234,7 +236,9 @@ def build_jetmoe(model_cls, variant: str, pretrained: bool, **kwargs) -> nn.Modu
 
 
 def _mappable_weights(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:
-    """The local safetensors file ``pretrained=True`` will load for ``variant`` with ``kwargs``, if there is one."""
+    """The local safetensors file ``pretrained=True`` will load for ``variant`` with ``kwargs``: a resolved
+    ``file`` (what ``prepare_pretrained`` hands timm, ``--pretrained-path``) or a ``local-dir:`` folder's; None for
+    anything timm resolves itself (``hf-hub:`` with its own cache and revision rules)."""
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
                                  pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    return _given_weights(cfg) if cfg is not None else None
+    return _given_weights(cfg) if cfg is not None and cfg.file else None

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import SpheroMoE, sphero_moe_reference
+from ..layers import SpheroMoE, set_keep_grad_memory, sphero_moe_reference
 
 __all__ = ['Pair', 'LayerShape', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'run_benchmark', 'format_table',
            'add_parser']
@@ -177,9 +177,12 @@ def _train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Te
     for _, nbytes in events:  # allocations are positive, frees negative
         live += nbytes
         peak = max(peak, live)
+    # weight-gradient memory the experts keep between steps (opt-in) is live all through the step, unseen above
+    kept = sum(m._grad_buffer.numel() * m._grad_buffer.element_size() for m in model.modules()
+               if getattr(m, '_grad_buffer', None) is not None)
     gb = 2 ** -30
-    return dict(params_gb=params * gb, optimizer_state_gb=state * gb, step_peak_gb=peak * gb,
-                peak_gb=(params + state + peak) * gb)
+    return dict(params_gb=params * gb, optimizer_state_gb=state * gb, step_peak_gb=(peak + kept) * gb,
+                peak_gb=(params + state + peak + kept) * gb)
 
 
 def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List[Dict], List[Dict]]:
@@ -312,7 +315,7 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
 
     def fwd_bwd(m):
         def run():
-            layer.zero_grad(set_to_none=True)  # a fresh step: gradients are not accumulated
+            m.zero_grad(set_to_none=True)  # a fresh step: gradients are not accumulated
             x_grad.grad = None
             m(x_grad).backward(dy)
         return run
@@ -328,6 +331,10 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
         make = fwd if mode == 'eval' else fwd_bwd
         cands = {'floor (matmuls alone)': floor.forward if mode == 'eval' else floor.forward_backward,
                  'SpheroMoE': make(layer)}
+        if mode == 'train':  # the opt-in kept weight-gradient memory (ExpertLinear.keep_grad_memory)
+            kept = copy.deepcopy(layer)
+            set_keep_grad_memory(kept, True)
+            cands['SpheroMoE kept grads'] = make(kept)
         if use_compile:
             t0 = time.perf_counter()
             make(compiled)()
