@@ -14,7 +14,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -144,7 +144,7 @@ def _record_features(features: List[torch.Tensor], limit: int):
 
 
 def recycle(
-        successor: nn.Module,
+        successor: Union[nn.Module, Callable[[], nn.Module]],
         predecessor: nn.Module,
         method: str = 'importance',
         recipe: str = 'paper',
@@ -165,7 +165,8 @@ def recycle(
             ``state_dict()``); its own tensors are kept where nothing is recycled (slot queries, temperatures, a
             head whose classes differ). Or a function that builds it (``RecycleResult.model``): it is called
             once on the meta device for the layout and once for real after the calibration pass, so a large
-            successor and the calibration activations are never in memory together (what ``convert`` does).
+            successor and the calibration activations are never in memory together (what ``convert`` does). A
+            function should seed its own init (calibration data loaders draw from the global RNG before it runs).
         predecessor: the dense timm model whose weights are recycled; it is not modified.
         method: expert neuron selection, one of ``METHODS``.
         recipe: 'paper' (one predecessor, the same channels everywhere) or 'official' (body copied from
