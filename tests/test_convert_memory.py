@@ -93,8 +93,12 @@ _CONVERT_PEAK = textwrap.dedent(r'''
     jetmoe_timm.convert('v_jetmoe_tiny', out + '_warm', predecessor=warm_pred, progress=False, num_calib=4,
                         batch_size=4, model_kwargs=dict(img_size=64, depth=1, moe_blocks=(0,), num_classes=0))
     ctypes.CDLL(None).malloc_trim(0)
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')  # reset the peak (VmHWM) to what the process holds now
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset the peak (VmHWM) to what the process holds now
+    except OSError:
+        print(json.dumps(dict(skip='this kernel cannot reset the peak RSS (/proc/self/clear_refs)')))
+        sys.exit(0)
     base = status('VmRSS')
     jetmoe_timm.convert('v_jetmoe_tiny', out, predecessor=pred, progress=False, num_calib=16, batch_size=8,
                         model_kwargs=dict(img_size=64, depth=4, moe_blocks=(0, 1, 2, 3), num_classes=0))
@@ -115,6 +119,8 @@ def test_conversion_peak_memory_is_bounded_by_its_output(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads(res.stdout.strip().splitlines()[-1])
+    if 'skip' in m:
+        pytest.skip(m['skip'])
     assert m['successor'] > 600e6  # the figure below is about the model, not the interpreter
     assert m['peak'] <= 1.3 * m['successor'] + m['predecessor'], \
         f"peak {m['peak'] / 2**30:.2f} GB for a {m['successor'] / 2**30:.2f} GB successor"
