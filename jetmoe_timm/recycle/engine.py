@@ -107,6 +107,12 @@ def _keep_first(batches: Iterator[torch.Tensor], kept: List[torch.Tensor], limit
         yield x
 
 
+def _made_again(calib: Any) -> bool:
+    """Whether calibration images can be made again, identical, from their seed: synthetic images and a folder's
+    can; a Dataset or DataLoader may not give the same images twice."""
+    return isinstance(calib, (str, os.PathLike))
+
+
 def _retention_images(kept: List[torch.Tensor], calib: Any, num_images: int, model: nn.Module, batch_size: int,
                       seed: int, size) -> Callable[[], Iterable[torch.Tensor]]:
     """The images retention is measured on (at most ``RETENTION_IMAGES``, at the successor's size), as a function
@@ -128,9 +134,9 @@ def _retention_images(kept: List[torch.Tensor], calib: Any, num_images: int, mod
             x = x[:RETENTION_IMAGES - n]
             n += len(x)
             yield x
-    if isinstance(source, (str, os.PathLike)):
+    if _made_again(source):
         return make
-    kept = list(make())  # a Dataset or DataLoader may not give the same images twice
+    kept = list(make())
     return lambda: kept
 
 
@@ -229,7 +235,7 @@ def recycle(
                                                      img_size=size if at_succ else None)
         hook = None
         if at_succ and measure_retention:  # the predecessor's features on the first images (and those images)
-            if not isinstance(calib, (str, os.PathLike)):  # a folder or synthetic images are made again instead
+            if not _made_again(calib):  # otherwise they are made again for retention instead of kept
                 batches = _keep_first(batches, kept, RETENTION_IMAGES)
             hook = pred.get_submodule(family.features_module).register_forward_pre_hook(
                 _record_features(pred_features, RETENTION_IMAGES))

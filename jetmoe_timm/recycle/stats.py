@@ -45,7 +45,7 @@ class _Accumulator:
         # in row chunks: float64 copies of a whole batch's activations (32 x 197 x 1536 for ViT-S) would cost
         # ~80 MB each, several per probe, the largest transient of a conversion
         for chunk in x.split(_ROWS):
-            xd = chunk.float().double()
+            xd = chunk.double()  # exact from any float dtype
             pos = xd > 0
             self.sum_abs += xd.abs().sum(0)
             self.sum_sq += (xd * xd).sum(0)
