@@ -4,11 +4,11 @@
 ``timm.create_model('v_jetmoe_tiny', pretrained=True)`` works.
 """
 from .version import __version__
-from .layers import SpheroMoE, entmax15, set_keep_grad_memory
+from .layers import SpheroMoE, entmax15, set_autocast_weight_cache, set_keep_grad_memory
 from .models import VisionTransformerJetMoE
 from .models import ConvNeXtJetMoE
 from .routing import routing_info, set_routing_capture
 from .recycle import convert  # the subpackage stays reachable as jetmoe_timm.recycle
 
 __all__ = ['__version__', 'SpheroMoE', 'entmax15', 'VisionTransformerJetMoE', 'ConvNeXtJetMoE', 'routing_info',
-           'set_routing_capture', 'set_keep_grad_memory', 'convert']
+           'set_routing_capture', 'set_keep_grad_memory', 'set_autocast_weight_cache', 'convert']

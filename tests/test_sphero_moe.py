@@ -219,3 +219,58 @@ def test_expert_weight_gradient_memory_is_reused_only_when_free():
     assert torch.autograd.gradcheck(
         lambda a, w, b: ExpertLinear.forward.__globals__['_ExpertLinearFn'].apply(a, w, b, layer),
         tuple(torch.randn(s, dtype=torch.double, requires_grad=True) for s in ((2, 3, 4), (2, 4, 5), (2, 5))))
+
+
+def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
+    """In eval mode without gradients under autocast, the experts keep their weights cast to autocast's dtype from
+    one call to the next (autocast would cast 1 GB of V-JetMoE-T expert weights again every call); outputs are
+    bit for bit autocast's own, and any change of the weights, train(), .to() or switching the copy off drop it."""
+    import copy
+    import pickle
+    from jetmoe_timm.layers import ExpertLinear, set_autocast_weight_cache
+    torch.manual_seed(0)
+    layer = SpheroMoE(16, 3, 6, routing='sphero').eval()
+    x = torch.randn(2, 9, 16)
+    recast = copy.deepcopy(layer)
+    set_autocast_weight_cache(recast, False)
+    experts = [m for m in layer.modules() if isinstance(m, ExpertLinear)]
+
+    def run(m, ctx=torch.inference_mode):
+        with ctx(), torch.autocast('cpu', dtype=torch.bfloat16):
+            return m(x)
+
+    assert torch.equal(run(layer), run(recast))
+    copies = [m._autocast_copy[1] for m in experts]
+    assert all(c.dtype == torch.bfloat16 and not c.is_inference() for c in copies)
+    assert torch.equal(run(layer, torch.no_grad), run(recast, torch.no_grad))  # made in inference mode, read outside
+    assert all(m._autocast_copy[1] is c for m, c in zip(experts, copies))  # kept, not cast again
+    assert all(m._autocast_copy is None for m in recast.modules() if isinstance(m, ExpertLinear))
+
+    with torch.no_grad():  # an in-place change (load_state_dict, EMA updates) bumps the version: cast again
+        for m in (layer, recast):
+            m.core_experts.fc1.weight.mul_(-2.)
+    assert torch.equal(run(layer), run(recast))
+    assert layer.core_experts.fc1._autocast_copy[1] is not copies[0]
+    layer.load_state_dict(copy.deepcopy(recast.state_dict()))  # so is a load
+    assert torch.equal(run(layer), run(recast))
+
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # gradients on: autocast's own cast, no copy read or made
+        layer.core_experts.fc1._autocast_copy = None
+        layer(x)
+    assert layer.core_experts.fc1._autocast_copy is None
+    with torch.inference_mode():
+        layer(x)  # no autocast: float32 weights as they are
+    assert layer.core_experts.fc1._autocast_copy is None
+
+    run(layer)
+    assert pickle.loads(pickle.dumps(layer)).core_experts.fc1._autocast_copy is None
+    assert copy.deepcopy(layer).core_experts.fc1._autocast_copy is None
+    layer.train()  # training changes the weights: the copies would only hold memory
+    assert all(m._autocast_copy is None for m in experts)
+    layer.eval()
+    run(layer)
+    layer.float()
+    assert all(m._autocast_copy is None for m in experts)
+    run(layer)
+    set_autocast_weight_cache(layer, False)
+    assert all(m._autocast_copy is None and not m.cache_autocast_weights for m in experts)

@@ -30,7 +30,8 @@ from timm.layers import drop_path, register_notrace_module, trunc_normal_
 
 from .entmax import entmax15
 
-__all__ = ['ExpertLinear', 'ExpertMlp', 'SpheroMoE', 'ROUTING_PRESETS', 'set_keep_grad_memory']
+__all__ = ['ExpertLinear', 'ExpertMlp', 'SpheroMoE', 'ROUTING_PRESETS', 'set_keep_grad_memory',
+           'set_autocast_weight_cache']
 
 
 # Routing presets: each names the options it sets; explicit constructor arguments override them.
@@ -118,9 +119,20 @@ class ExpertLinear(nn.Module):
     group and step on CPU (the SpheroMoE layer's forward+backward ~15 % faster) at the cost of holding one
     weight-gradient-sized buffer through the next forward, when ``zero_grad(set_to_none=True)`` would have freed it
     (+0.97 GB at the peak of a V-JetMoE-T training step).
+
+    ``cache_autocast_weights`` (on by default; ``set_autocast_weight_cache``): in eval mode without gradients under
+    CPU or CUDA autocast, keep the weight and bias cast to autocast's dtype from one call to the next. Autocast
+    casts them again on every call (its own cache ends with each autocast region), which for expert groups is
+    most of the work at small batches: V-JetMoE-T reads 1 GB of float32 expert weights per image batch. The copy
+    (half the weights' bytes in bf16) is made again when a weight changes (its version counter or storage), and
+    dropped by ``train()``, ``.to()`` and pickling. Writes through ``.data`` bypass the version counter: after
+    such a write, call ``train()`` or ``set_autocast_weight_cache(model, False)`` before the next eval call.
     """
     keep_grad_memory: bool = False
+    cache_autocast_weights: bool = True
     _grad_buffer: Optional[torch.Tensor] = None  # the kept weight-gradient memory
+    _autocast_copy: Optional[Tuple[Tuple, torch.Tensor, torch.Tensor]] = None  # (key, weight, bias) cast
+    __jit_ignored_attributes__ = ['_autocast_copy']  # eager-only; TorchScript cannot type its key
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__()
@@ -139,8 +151,12 @@ class ExpertLinear(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._keeps_grad_memory(x):
-            return self._forward_keeping_grad_memory(x)
+        if not torch.jit.is_scripting():
+            if self._keeps_grad_memory(x):
+                return self._forward_keeping_grad_memory(x)
+            if self._uses_autocast_copy(x):
+                weight, bias = self._autocast_weights(x.device.type)
+                return torch.baddbmm(bias.unsqueeze(1), x, weight)
         # bias add fused into the batched matmul
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
@@ -156,25 +172,64 @@ class ExpertLinear(nn.Module):
     def _forward_keeping_grad_memory(self, x: torch.Tensor) -> torch.Tensor:
         return _ExpertLinearFn.apply(x, self.weight, self.bias, self)
 
+    @torch.jit.unused
+    def _uses_autocast_copy(self, x: torch.Tensor) -> bool:
+        """Whether this call reads the kept autocast copy: eval, no gradients, CPU / CUDA autocast to another
+        dtype (both list baddbmm among the ops they cast), eager, version-counted weights."""
+        device = x.device.type
+        return (self.cache_autocast_weights and not self.training and not torch.is_grad_enabled()
+                and device in ('cpu', 'cuda') and torch.is_autocast_enabled(device)
+                and torch.get_autocast_dtype(device) != self.weight.dtype and self.weight.is_floating_point()
+                and not torch.compiler.is_compiling() and not self.weight.is_inference())
+
+    @torch.jit.unused
+    def _autocast_weights(self, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias in autocast's dtype, cast once per change of the weights."""
+        dtype = torch.get_autocast_dtype(device)
+        w, b = self.weight, self.bias
+        key = (dtype, w.data_ptr(), w._version, b.data_ptr(), b._version)
+        if self._autocast_copy is None or self._autocast_copy[0] != key:
+            self._autocast_copy = None  # free the stale copy before casting the new one
+            # a normal tensor even under inference_mode, so later no_grad calls outside it may read it too
+            with torch.inference_mode(False), torch.no_grad():
+                self._autocast_copy = (key, w.to(dtype), b.to(dtype))
+        return self._autocast_copy[1], self._autocast_copy[2]
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._autocast_copy = None  # training changes the weights: the copy would only hold memory
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):
-        self._grad_buffer = None  # .to() / .half() / .cuda(): the kept memory would be dead weight
+        # .to() / .half() / .cuda(): the kept memory would be dead weight
+        self._grad_buffer = self._autocast_copy = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self):  # copies and pickles do not take the kept memory along
-        return dict(super().__getstate__(), _grad_buffer=None)
+        return dict(super().__getstate__(), _grad_buffer=None, _autocast_copy=None)
 
     def extra_repr(self) -> str:
         return f'num_experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}'
 
 
+def _set_expert_linears(module: nn.Module, flag: str, memory: str, enable: bool) -> None:
+    for m in module.modules():
+        if isinstance(m, ExpertLinear):
+            setattr(m, flag, enable)
+            if not enable:
+                setattr(m, memory, None)
+
+
 def set_keep_grad_memory(module: nn.Module, enable: bool = True) -> None:
     """Switch the kept weight-gradient memory of every expert group in ``module`` on or off (see
     ``ExpertLinear``): faster CPU training steps for one expert-gradient-sized buffer held through the forward."""
-    for m in module.modules():
-        if isinstance(m, ExpertLinear):
-            m.keep_grad_memory = enable
-            if not enable:
-                m._grad_buffer = None
+    _set_expert_linears(module, 'keep_grad_memory', '_grad_buffer', enable)
+
+
+def set_autocast_weight_cache(module: nn.Module, enable: bool = True) -> None:
+    """Switch the expert groups' autocast weight copies in ``module`` on (the default) or off, freeing them (see
+    ``ExpertLinear``): faster autocast inference for a copy of the expert weights in autocast's dtype."""
+    _set_expert_linears(module, 'cache_autocast_weights', '_autocast_copy', enable)
 
 
 class ExpertMlp(nn.Module):
