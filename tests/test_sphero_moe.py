@@ -274,3 +274,56 @@ def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
     run(layer)
     set_autocast_weight_cache(layer, False)
     assert all(m._autocast_copy is None and not m.cache_autocast_weights for m in experts)
+
+
+@pytest.mark.parametrize('routing,combine', [('sphero', 'softmax'), ('official', 'entmax15'), ('softmoe', None)])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, combine, autocast):
+    """No-grad CPU calls write the (B, N, M) routing tensors into per-thread buffers shared by every layer (fresh
+    ones page-fault on every call): outputs are bit for bit the gradient-tracking path's, whatever is returned
+    or captured never points into the buffers, and another thread keeps buffers of its own."""
+    import threading
+    from jetmoe_timm.layers import free_routing_buffers
+    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    torch.manual_seed(0)
+    univ = 0 if routing == 'softmoe' else 6
+    layers = [SpheroMoE(16, 3, univ, routing=routing, combine=combine).eval() for _ in range(2)]
+    x = torch.randn(2, 9, 16)
+    amp = torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast)
+
+    def no_grad_call(layer, inputs, ctx=torch.inference_mode):
+        with ctx(), amp:
+            return layer(inputs)
+
+    free_routing_buffers()
+    with amp:
+        want = [layer(x).detach() for layer in layers]  # gradients tracked: fresh tensors, the reference path
+    assert not _ROUTING_BUFFERS.tensors
+    first = no_grad_call(layers[0], x)
+    names = {'logits', 'dispatch'} | ({'combine'} if layers[0].combine == 'softmax' else set())
+    assert set(_ROUTING_BUFFERS.tensors) == names
+    ptrs = {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()}
+    second = no_grad_call(layers[1], x, torch.no_grad)  # made under inference_mode, written outside it
+    assert {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()} == ptrs  # one set for both layers
+    assert torch.equal(first, want[0]) and torch.equal(second, want[1])  # the first output was not overwritten
+
+    seen = {}
+    thread = threading.Thread(target=lambda: seen.update(out=no_grad_call(layers[0], x),
+                                                         ptrs={v.data_ptr() for v in _ROUTING_BUFFERS.tensors.values()}))
+    thread.start()
+    thread.join()
+    assert torch.equal(seen['out'], want[0]) and not seen['ptrs'] & set(ptrs.values())
+
+    layers[0].capture_routing = True  # captured routing outlives the call: fresh tensors
+    no_grad_call(layers[0], x)
+    captured = layers[0].last_routing['dispatch'].clone()
+    no_grad_call(layers[1], 2 * x)
+    assert torch.equal(layers[0].last_routing['dispatch'], captured)
+    layers[0].capture_routing = False
+
+    assert torch.equal(no_grad_call(layers[0], x[:1]), want[0][:1])  # another batch size: buffers resized
+    assert _ROUTING_BUFFERS.tensors['logits'].shape[0] == 1
+    layers[1].train()  # training routing draws noise (softmoe has none): the fresh path
+    free_routing_buffers()
+    no_grad_call(layers[1], x)
+    assert bool(_ROUTING_BUFFERS.tensors) == (routing == 'softmoe')
