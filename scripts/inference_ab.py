@@ -1,0 +1,72 @@
+""" v_jetmoe_tiny inference with and without the no-grad memory reuse of the SpheroMoE layers, against ViT-T.
+
+One process, candidates interleaved (the order alternates every round), median seconds per batch; ratio = images/s
+of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults; without the kept routing
+buffers (``SpheroMoE._routes_in_buffers`` off); without the kept autocast weight copies
+(``set_autocast_weight_cache(model, False)``; bf16 only); neither. Outputs of all candidates are checked equal.
+
+    python scripts/inference_ab.py [--batch-sizes 32 64 128] [--precisions float32 bf16] [--rounds 7]
+"""
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+
+import timm
+import torch
+
+import jetmoe_timm
+from jetmoe_timm.layers import SpheroMoE
+
+
+@contextlib.contextmanager
+def _routing_buffers(enabled: bool):
+    keep = SpheroMoE._routes_in_buffers
+    if not enabled:
+        SpheroMoE._routes_in_buffers = lambda self, x: False
+    try:
+        yield
+    finally:
+        SpheroMoE._routes_in_buffers = keep
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[32, 64, 128])
+    parser.add_argument('--precisions', nargs='+', choices=['float32', 'bf16'], default=['float32', 'bf16'])
+    parser.add_argument('--rounds', type=int, default=7)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    moe = timm.create_model('v_jetmoe_tiny', num_classes=1000).eval()
+    recast = copy.deepcopy(moe)
+    jetmoe_timm.set_autocast_weight_cache(recast, False)
+    dense = timm.create_model('vit_tiny_patch16_224', num_classes=1000).eval()
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per batch, ratio vs the dense twin')
+    for precision in args.precisions:
+        # (model, routing buffers on); the weight copies only matter under autocast
+        cands = {'default': (moe, True), 'no routing buffers': (moe, False), 'dense twin': (dense, True)}
+        if precision == 'bf16':
+            cands.update({'no weight copies': (recast, True), 'neither': (recast, False)})
+        for batch in args.batch_sizes:
+            x = torch.randn(batch, 3, 224, 224)
+
+            def run(model, buffers):
+                with _routing_buffers(buffers), torch.inference_mode(), \
+                        torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
+                    return model(x)
+            outs = [run(*c) for name, c in cands.items() if name != 'dense twin']
+            assert all(torch.equal(o, outs[0]) for o in outs), 'candidates disagree'
+            times = {k: [] for k in cands}
+            for r in range(args.rounds):
+                for name in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
+                    t0 = time.perf_counter()
+                    run(*cands[name])
+                    times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            cells = '  '.join(f'{k} {med[k] * 1e3:7.1f} ms ({med["dense twin"] / med[k]:.2f})' for k in cands)
+            print(f'{precision:8s} batch {batch:4d}  {cells}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
