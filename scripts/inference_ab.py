@@ -1,9 +1,10 @@
 """ v_jetmoe_tiny inference with and without the no-grad memory reuse of the SpheroMoE layers, against ViT-T.
 
 One process, candidates interleaved (the order alternates every round), median seconds per batch; ratio = images/s
-of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults; without the kept routing
-buffers (``SpheroMoE._routes_in_buffers`` off); without the kept autocast weight copies
-(``set_autocast_weight_cache(model, False)``; bf16 only); neither. Outputs of all candidates are checked equal.
+of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults (kept routing buffers); without
+them (``SpheroMoE._claims_routing_buffers`` off); under bf16 autocast also with the opt-in kept autocast weight
+copies (``set_autocast_weight_cache(model)``), with and without the routing buffers. Outputs of all candidates are
+checked equal.
 
     python scripts/inference_ab.py [--batch-sizes 32 64 128] [--precisions float32 bf16] [--rounds 7]
 """
@@ -22,13 +23,13 @@ from jetmoe_timm.layers import SpheroMoE
 
 @contextlib.contextmanager
 def _routing_buffers(enabled: bool):
-    keep = SpheroMoE._routes_in_buffers
+    keep = SpheroMoE._claims_routing_buffers
     if not enabled:
-        SpheroMoE._routes_in_buffers = lambda self, x: False
+        SpheroMoE._claims_routing_buffers = lambda self, x: False
     try:
         yield
     finally:
-        SpheroMoE._routes_in_buffers = keep
+        SpheroMoE._claims_routing_buffers = keep
 
 
 def main(argv=None):
@@ -39,15 +40,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     moe = timm.create_model('v_jetmoe_tiny', num_classes=1000).eval()
-    recast = copy.deepcopy(moe)
-    jetmoe_timm.set_autocast_weight_cache(recast, False)
+    copies = copy.deepcopy(moe)
+    jetmoe_timm.set_autocast_weight_cache(copies)
     dense = timm.create_model('vit_tiny_patch16_224', num_classes=1000).eval()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per batch, ratio vs the dense twin')
     for precision in args.precisions:
         # (model, routing buffers on); the weight copies only matter under autocast
         cands = {'default': (moe, True), 'no routing buffers': (moe, False), 'dense twin': (dense, True)}
         if precision == 'bf16':
-            cands.update({'no weight copies': (recast, True), 'neither': (recast, False)})
+            cands.update({'weight copies': (copies, True), 'weight copies, no routing buffers': (copies, False)})
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224)
 

@@ -1,6 +1,7 @@
 """SpheroMoE against a plain reference computation, and the routing properties it must keep."""
 import pytest
 import torch
+import torch.nn as nn
 
 from jetmoe_timm.layers import SpheroMoE, entmax15, sphero_moe_reference
 
@@ -222,45 +223,81 @@ def test_expert_weight_gradient_memory_is_reused_only_when_free():
 
 
 def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
-    """In eval mode without gradients under autocast, the experts keep their weights cast to autocast's dtype from
-    one call to the next (autocast would cast 1 GB of V-JetMoE-T expert weights again every call); outputs are
-    bit for bit autocast's own, and any change of the weights, train(), .to() or switching the copy off drop it."""
+    """With ``set_autocast_weight_cache`` (opt-in), the experts keep their weights cast to autocast's dtype between
+    eval calls without gradients (autocast would cast V-JetMoE-T's 1 GB of expert weights again every call):
+    outputs are bit for bit autocast's own, and the copy is never read once the weights may have changed: other
+    tensors (also at a freed tensor's address), in-place writes, parametrizations, a forward with gradients
+    (fused optimizers do not bump version counters), train(), .to(), pickling, switching it off."""
     import copy
     import pickle
+    from torch.nn.utils import parametrize
     from jetmoe_timm.layers import ExpertLinear, set_autocast_weight_cache
     torch.manual_seed(0)
     layer = SpheroMoE(16, 3, 6, routing='sphero').eval()
     x = torch.randn(2, 9, 16)
-    recast = copy.deepcopy(layer)
-    set_autocast_weight_cache(recast, False)
+    recast = copy.deepcopy(layer)  # autocast's own cast on every call
     experts = [m for m in layer.modules() if isinstance(m, ExpertLinear)]
+    assert not any(m.cache_autocast_weights for m in experts)  # opt-in
+    set_autocast_weight_cache(layer)
 
-    def run(m, ctx=torch.inference_mode):
+    def run(m, ctx=torch.inference_mode, inputs=x):
         with ctx(), torch.autocast('cpu', dtype=torch.bfloat16):
-            return m(x)
+            return m(inputs)
 
-    assert torch.equal(run(layer), run(recast))
+    def same():
+        return torch.equal(run(layer), run(recast))
+
+    assert same()
     copies = [m._autocast_copy[1] for m in experts]
     assert all(c.dtype == torch.bfloat16 and not c.is_inference() for c in copies)
     assert torch.equal(run(layer, torch.no_grad), run(recast, torch.no_grad))  # made in inference mode, read outside
     assert all(m._autocast_copy[1] is c for m, c in zip(experts, copies))  # kept, not cast again
-    assert all(m._autocast_copy is None for m in recast.modules() if isinstance(m, ExpertLinear))
 
     with torch.no_grad():  # an in-place change (load_state_dict, EMA updates) bumps the version: cast again
         for m in (layer, recast):
             m.core_experts.fc1.weight.mul_(-2.)
-    assert torch.equal(run(layer), run(recast))
-    assert layer.core_experts.fc1._autocast_copy[1] is not copies[0]
+    assert same() and layer.core_experts.fc1._autocast_copy[1] is not copies[0]
     layer.load_state_dict(copy.deepcopy(recast.state_dict()))  # so is a load
-    assert torch.equal(run(layer), run(recast))
+    assert same()
 
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # gradients on: autocast's own cast, no copy read or made
-        layer.core_experts.fc1._autocast_copy = None
-        layer(x)
-    assert layer.core_experts.fc1._autocast_copy is None
-    with torch.inference_mode():
-        layer(x)  # no autocast: float32 weights as they are
-    assert layer.core_experts.fc1._autocast_copy is None
+    # train in eval mode (no dropout) with a fused optimizer: its steps leave the version counters alone, but
+    # the forward with gradients drops the copies
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in (layer, recast)]
+    for m, opt in zip((layer, recast), opts):
+        m(x).square().sum().backward()
+        versions = [p._version for p in m.parameters()]
+        opt.step()
+        assert [p._version for p in m.parameters()] == versions
+    assert all(m._autocast_copy is None for m in experts) and same()
+
+    # functional_call with new parameters every call: a new tensor at the address of the last one, at the same
+    # version (0), as when the allocator hands a freed block back; numpy memory makes that happen every time
+    fc1 = layer.core_experts.fc1
+    t = torch.randn(3, 2, 16)
+    w_mem, b_mem = fc1.weight.detach().numpy().copy(), fc1.bias.detach().numpy().copy()
+    for scale in (1., -1., 3.):
+        w_mem[...], b_mem[...] = fc1.weight.detach().numpy() * scale, fc1.bias.detach().numpy() * scale
+        params = {'weight': nn.Parameter(torch.from_numpy(w_mem)), 'bias': nn.Parameter(torch.from_numpy(b_mem))}
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+            got = torch.func.functional_call(fc1, params, (t,))
+            want = torch.baddbmm(params['bias'].unsqueeze(1), t, params['weight'])
+        assert torch.equal(got, want) and params['weight']._version == 0
+        del params
+
+    class Negate(nn.Module):
+        def forward(self, w):
+            return -w
+    for m in (layer, recast):  # a parametrized weight is computed anew on every access: never kept
+        parametrize.register_parametrization(m.univ_experts.fc2, 'weight', Negate())
+    layer.univ_experts.fc2._autocast_copy = None
+    assert same() and layer.univ_experts.fc2._autocast_copy is None
+    with torch.no_grad():
+        for m in (layer, recast):
+            m.univ_experts.fc2.parametrizations.weight.original.mul_(0.5)
+    assert same()
+    for m in (layer, recast):
+        parametrize.remove_parametrizations(m.univ_experts.fc2, 'weight')
+    assert same()
 
     run(layer)
     assert pickle.loads(pickle.dumps(layer)).core_experts.fc1._autocast_copy is None
@@ -272,6 +309,10 @@ def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
     layer.float()
     assert all(m._autocast_copy is None for m in experts)
     run(layer)
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16, cache_enabled=False):
+        layer.core_experts.fc1._autocast_copy = None
+        layer(x)  # the caller turned autocast's caching off: no copy either
+    assert layer.core_experts.fc1._autocast_copy is None
     set_autocast_weight_cache(layer, False)
     assert all(m._autocast_copy is None and not m.cache_autocast_weights for m in experts)
 
@@ -281,7 +322,8 @@ def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
 def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, combine, autocast):
     """No-grad CPU calls write the (B, N, M) routing tensors into per-thread buffers shared by every layer (fresh
     ones page-fault on every call): outputs are bit for bit the gradient-tracking path's, whatever is returned
-    or captured never points into the buffers, and another thread keeps buffers of its own."""
+    or captured never points into the buffers, a layer run inside another's call (a hook) takes fresh tensors,
+    and another thread keeps buffers of its own."""
     import threading
     from jetmoe_timm.layers import free_routing_buffers
     from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
@@ -301,7 +343,7 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
     assert not _ROUTING_BUFFERS.tensors
     first = no_grad_call(layers[0], x)
     names = {'logits', 'dispatch'} | ({'combine'} if layers[0].combine == 'softmax' else set())
-    assert set(_ROUTING_BUFFERS.tensors) == names
+    assert {name for name, _ in _ROUTING_BUFFERS.tensors} == names and not _ROUTING_BUFFERS.busy
     ptrs = {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()}
     second = no_grad_call(layers[1], x, torch.no_grad)  # made under inference_mode, written outside it
     assert {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()} == ptrs  # one set for both layers
@@ -314,6 +356,13 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
     thread.join()
     assert torch.equal(seen['out'], want[0]) and not seen['ptrs'] & set(ptrs.values())
 
+    # a hook inside the experts runs the other layer while this call still holds the buffers
+    def run_other_layer(*_):
+        layers[1](2 * x)  # returns None: the hooked module's output stays its own
+    hook = layers[0].core_experts.register_forward_hook(run_other_layer)
+    assert torch.equal(no_grad_call(layers[0], x), want[0]) and not _ROUTING_BUFFERS.busy
+    hook.remove()
+
     layers[0].capture_routing = True  # captured routing outlives the call: fresh tensors
     no_grad_call(layers[0], x)
     captured = layers[0].last_routing['dispatch'].clone()
@@ -321,9 +370,46 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
     assert torch.equal(layers[0].last_routing['dispatch'], captured)
     layers[0].capture_routing = False
 
-    assert torch.equal(no_grad_call(layers[0], x[:1]), want[0][:1])  # another batch size: buffers resized
-    assert _ROUTING_BUFFERS.tensors['logits'].shape[0] == 1
+    assert torch.equal(no_grad_call(layers[0], x[:1]), want[0][:1])  # another batch size: buffers replaced
+    assert {shape[0] for _, shape in _ROUTING_BUFFERS.tensors} == {1}
     layers[1].train()  # training routing draws noise (softmoe has none): the fresh path
     free_routing_buffers()
     no_grad_call(layers[1], x)
     assert bool(_ROUTING_BUFFERS.tensors) == (routing == 'softmoe')
+
+
+def test_no_grad_routing_buffers_stay_out_of_traces_transforms_and_fake_tensors():
+    """Calls that would bake kept memory into a graph or fill it with tensors of another kind take fresh tensors:
+    torch.jit.trace (its check runs under no_grad), torch.func.vmap, forward-mode AD, FakeTensorMode; a
+    float64 default dtype does not change the float32 buffers."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from jetmoe_timm.layers import free_routing_buffers
+    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    torch.manual_seed(0)
+    layer = SpheroMoE(16, 3, 6).eval()
+    x = torch.randn(2, 9, 16)
+    traced = torch.jit.trace(layer, x)  # check_trace compares with a second trace made under no_grad
+    with torch.no_grad():
+        want = layer(x)
+        assert torch.equal(traced(x), want) and torch.equal(traced(2 * x), layer(2 * x))
+        assert torch.allclose(torch.func.vmap(layer)(x.unsqueeze(1)).squeeze(1), want, atol=1e-6)
+    import torch.autograd.forward_ad as fwAD
+    with torch.no_grad(), fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, torch.ones_like(x)))
+        assert fwAD.unpack_dual(out).tangent is not None
+    free_routing_buffers()
+    with FakeTensorMode() as mode, torch.no_grad():
+        layer_fake = SpheroMoE(16, 3, 6).eval()
+        layer_fake(mode.from_tensor(x))
+    assert not _ROUTING_BUFFERS.tensors
+    with torch.no_grad():
+        assert type(layer(x)) is torch.Tensor
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        free_routing_buffers()
+        with torch.no_grad():
+            assert torch.equal(layer(x), want)
+        assert all(t.dtype == torch.float32 for t in _ROUTING_BUFFERS.tensors.values())
+    finally:
+        torch.set_default_dtype(default)

@@ -22,6 +22,7 @@ Deviations from the official MMPretrain code (see docs/deviations.md for the rea
 """
 import math
 import threading
+import weakref
 from typing import Dict, List, Optional, Tuple, Type
 
 import torch
@@ -76,14 +77,17 @@ class _RoutingBuffers(threading.local):
     """
 
     def __init__(self):
-        self.tensors: Dict[str, torch.Tensor] = {}
+        self.tensors: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+        self.busy = False  # handed out to a call still running: a nested call takes fresh tensors
 
     def get(self, name: str, shape: Tuple[int, int, int]) -> torch.Tensor:
-        t = self.tensors.get(name)
-        if t is None or t.shape != shape:
-            self.tensors.pop(name, None)  # free the old size first
+        t = self.tensors.get((name, shape))
+        if t is None:
+            # one set per routing shape (C-JetMoE has two stages), replaced when the batch size changes
+            for k in [k for k in self.tensors if k[0] == name and k[1][0] != shape[0]]:
+                del self.tensors[k]
             with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
-                t = self.tensors[name] = torch.empty(shape)
+                t = self.tensors[(name, shape)] = torch.empty(shape, dtype=torch.float32, device='cpu')
         return t
 
 
@@ -91,9 +95,18 @@ _ROUTING_BUFFERS = _RoutingBuffers()
 
 
 def free_routing_buffers() -> None:
-    """Free this thread's routing buffers (3 x B x N x M float32 after a no-grad call; 22 MB at batch 32 for
-    V-JetMoE-T). They are made again by the next no-grad call."""
+    """Free this thread's routing buffers (3 x B x N x M float32 per routing shape after a no-grad call; 22 MB at
+    batch 32 for V-JetMoE-T). They are made again by the next no-grad call."""
     _ROUTING_BUFFERS.tensors.clear()
+
+
+def _plain_eager_call(x: torch.Tensor) -> bool:
+    """An eager call on a plain tensor: not compiled, traced, transformed (torch.func), under forward-mode AD or
+    under a dispatch mode (FakeTensorMode and the like). Only such calls may read or fill memory kept between
+    calls: anything else would bake it into a graph or hand out tensors of another kind."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._are_functorch_transforms_active() and torch._C._len_torch_dispatch_stack() == 0
+            and getattr(torch.autograd.forward_ad, '_current_level', -1) < 0)
 
 
 def _storage_refs(t: torch.Tensor) -> int:
@@ -151,16 +164,17 @@ class ExpertLinear(nn.Module):
     weight-gradient-sized buffer through the next forward, when ``zero_grad(set_to_none=True)`` would have freed it
     (+0.97 GB at the peak of a V-JetMoE-T training step).
 
-    ``cache_autocast_weights`` (on by default; ``set_autocast_weight_cache``): in eval mode without gradients under
-    CPU or CUDA autocast, keep the weight and bias cast to autocast's dtype from one call to the next. Autocast
-    casts them again on every call (its own cache ends with each autocast region), which for expert groups is
-    most of the work at small batches: V-JetMoE-T reads 1 GB of float32 expert weights per image batch. The copy
-    (half the weights' bytes in bf16) is made again when a weight changes (its version counter or storage), and
-    dropped by ``train()``, ``.to()`` and pickling. Writes through ``.data`` bypass the version counter: after
-    such a write, call ``train()`` or ``set_autocast_weight_cache(model, False)`` before the next eval call.
+    ``cache_autocast_weights`` (off by default; ``set_autocast_weight_cache``): in eval mode without gradients
+    under CPU or CUDA autocast, keep the weight and bias cast to autocast's dtype from one call to the next.
+    Autocast casts them again on every call (its own cache ends with each autocast region), which for expert
+    groups is much of the work at small batches: V-JetMoE-T reads 1 GB of float32 expert weights per batch. The
+    copy (half the weights' bytes in bf16) is made again when the weight is another tensor or its version
+    counter moved, and dropped by any forward with gradients, ``train()``, ``.to()`` and pickling. Off by default
+    because writes that bypass the version counter (``.data``, ``.numpy()`` views, fused optimizer steps, another
+    process writing shared memory) would leave it stale until one of those.
     """
     keep_grad_memory: bool = False
-    cache_autocast_weights: bool = True
+    cache_autocast_weights: bool = False
     _grad_buffer: Optional[torch.Tensor] = None  # the kept weight-gradient memory
     _autocast_copy: Optional[Tuple[Tuple, torch.Tensor, torch.Tensor]] = None  # (key, weight, bias) cast
     __jit_ignored_attributes__ = ['_autocast_copy']  # eager-only; TorchScript cannot type its key
@@ -185,7 +199,9 @@ class ExpertLinear(nn.Module):
         if not torch.jit.is_scripting():
             if self._keeps_grad_memory(x):
                 return self._forward_keeping_grad_memory(x)
-            if self._uses_autocast_copy(x):
+            if torch.is_grad_enabled():
+                self._autocast_copy = None  # gradients on: the weights may be trained from here on
+            elif self._uses_autocast_copy(x):
                 weight, bias = self._autocast_weights(x.device.type)
                 return torch.baddbmm(bias.unsqueeze(1), x, weight)
         # bias add fused into the batched matmul
@@ -205,26 +221,33 @@ class ExpertLinear(nn.Module):
 
     @torch.jit.unused
     def _uses_autocast_copy(self, x: torch.Tensor) -> bool:
-        """Whether this call reads the kept autocast copy: eval, no gradients, CPU / CUDA autocast to another
-        dtype (both list baddbmm among the ops they cast), eager, version-counted weights."""
+        """Whether this call reads the kept autocast copy: eval, no gradients, CPU / CUDA autocast (both list
+        baddbmm among the ops they cast) with its own cache on, to another dtype; eager, not traced or
+        transformed, plain registered parameters (not parametrized: those are computed anew on every access)."""
         device = x.device.type
-        return (self.cache_autocast_weights and not self.training and not torch.is_grad_enabled()
+        if not (self.cache_autocast_weights and not self.training and not torch.is_grad_enabled()
                 and device in ('cpu', 'cuda') and torch.is_autocast_enabled(device)
-                and torch.get_autocast_dtype(device) != self.weight.dtype and self.weight.is_floating_point()
-                and not torch.compiler.is_compiling() and not self.weight.is_inference())
+                and torch.is_autocast_cache_enabled() and _plain_eager_call(x)
+                and not (device == 'cuda' and torch.cuda.is_current_stream_capturing())):
+            return False
+        w = self._parameters.get('weight')
+        return (isinstance(w, nn.Parameter) and isinstance(self._parameters.get('bias'), nn.Parameter)
+                and w.is_floating_point() and torch.get_autocast_dtype(device) != w.dtype and not w.is_inference())
 
     @torch.jit.unused
     def _autocast_weights(self, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias in autocast's dtype, cast once per change of the weights."""
+        """Weight and bias in autocast's dtype, cast once per change of the weights: the key holds the tensors
+        themselves (weakly: a new tensor at a freed one's address is another tensor), their storage and versions."""
         dtype = torch.get_autocast_dtype(device)
         w, b = self.weight, self.bias
-        key = (dtype, w.data_ptr(), w._version, b.data_ptr(), b._version)
-        if self._autocast_copy is None or self._autocast_copy[0] != key:
-            self._autocast_copy = None  # free the stale copy before casting the new one
+        state = (dtype, w.data_ptr(), w._version, b.data_ptr(), b._version)
+        copy = self._autocast_copy  # read once: another thread may replace it meanwhile
+        if copy is None or copy[0][0] != state or copy[0][1]() is not w or copy[0][2]() is not b:
             # a normal tensor even under inference_mode, so later no_grad calls outside it may read it too
             with torch.inference_mode(False), torch.no_grad():
-                self._autocast_copy = (key, w.to(dtype), b.to(dtype))
-        return self._autocast_copy[1], self._autocast_copy[2]
+                copy = ((state, weakref.ref(w), weakref.ref(b)), w.to(dtype), b.to(dtype))
+            self._autocast_copy = copy
+        return copy[1], copy[2]
 
     def train(self, mode: bool = True):
         if mode:
@@ -437,8 +460,9 @@ class SpheroMoE(nn.Module):
         """Cosine similarity of tokens and slot queries: (B, N, d) -> (B, N, M)."""
         return self._unit_key(x) @ self._unit_query().t()
 
-    def _routing_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32.
+    def _routing_weights(self, x: torch.Tensor, in_buffers: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32, written
+        into this thread's routing buffers when ``in_buffers`` (see ``_claims_routing_buffers``).
 
         The logits matmul runs in the input's (or autocast's) dtype; the temperatures, the noise and both
         normalisations run in float32, where bf16 would visibly distort the weights of ~300 slots.
@@ -447,10 +471,10 @@ class SpheroMoE(nn.Module):
         key = self._unit_key(x)
         # 1 / t_dispatch is folded into the (M, d) query, not applied to the much larger (B, N, M) logits
         query = self._unit_query() * inv_temp[0].to(x.dtype)
-        noisy = self.noise_mult > 0 and (self.training or self.noise_at_eval)
-        if not torch.jit.is_scripting() and not noisy and self._routes_in_buffers(x):
+        if not torch.jit.is_scripting() and in_buffers:
             return self._routing_weights_in_buffers(key, query, inv_temp)
         logits = (key @ query.t()).float()  # cos / t_dispatch
+        noisy = self.noise_mult > 0 and (self.training or self.noise_at_eval)
         if self.temp_raw.shape[0] == 1:  # one shared temperature: both directions read the same logits
             if noisy:
                 logits = logits + _logit_noise(logits, self.noise_mult)
@@ -473,11 +497,22 @@ class SpheroMoE(nn.Module):
         return dispatch, combine
 
     @torch.jit.unused
-    def _routes_in_buffers(self, x: torch.Tensor) -> bool:
-        """Whether the routing tensors go to this thread's kept buffers: a no-grad eager CPU call whose routing
-        tensors do not outlive it (routing capture keeps them)."""
-        return (not torch.is_grad_enabled() and x.device.type == 'cpu' and not self.capture_routing
-                and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+    def _claims_routing_buffers(self, x: torch.Tensor) -> bool:
+        """Whether this call takes this thread's routing buffers (and marks them taken): a no-grad plain eager
+        CPU call without noise whose routing tensors do not outlive it (routing capture keeps them), while no
+        other call holds them (a hook inside the experts may run another layer)."""
+        if (torch.is_grad_enabled() or x.device.type != 'cpu' or self.capture_routing or _ROUTING_BUFFERS.busy
+                or (self.noise_mult > 0 and (self.training or self.noise_at_eval)) or not _plain_eager_call(x)):
+            return False
+        _ROUTING_BUFFERS.busy = True
+        return True
+
+    @torch.jit.unused
+    def _forward_in_buffers(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x, True)
+        finally:
+            _ROUTING_BUFFERS.busy = False
 
     @torch.jit.unused
     def _routing_weights_in_buffers(
@@ -519,11 +554,16 @@ class SpheroMoE(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._claims_routing_buffers(x):
+            return self._forward_in_buffers(x)
+        return self._forward(x, False)
+
+    def _forward(self, x: torch.Tensor, in_buffers: bool) -> torch.Tensor:
         shape = x.shape
         x = x.flatten(1, -2)  # channels-last maps become token sequences; (B, N, d) is unchanged
         B = x.shape[0]
 
-        dispatch, combine = self._routing_weights(x)
+        dispatch, combine = self._routing_weights(x, in_buffers)
         slots = torch.bmm(dispatch.transpose(1, 2).to(x.dtype), x)  # (B, M, d)
         y = self._run_experts(slots)  # (M, B, d)
         if self.training and self.expert_drop_mode == 'expert' and self.expert_drop > 0.:
