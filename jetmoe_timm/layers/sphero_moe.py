@@ -212,8 +212,7 @@ class ExpertLinear(nn.Module):
         """Whether this call can use the kept gradient memory: a plain eager CPU float step of a leaf weight."""
         return (self.keep_grad_memory and torch.is_grad_enabled() and self.weight.requires_grad
                 and self.weight.is_leaf and x.device.type == 'cpu' and x.dtype == self.weight.dtype
-                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled('cpu')
-                and not torch._C._are_functorch_transforms_active())
+                and not torch.is_autocast_enabled('cpu') and _plain_eager_call(x))
 
     @torch.jit.unused
     def _forward_keeping_grad_memory(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +280,7 @@ def set_keep_grad_memory(module: nn.Module, enable: bool = True) -> None:
 
 
 def set_autocast_weight_cache(module: nn.Module, enable: bool = True) -> None:
-    """Switch the expert groups' autocast weight copies in ``module`` on (the default) or off, freeing them (see
+    """Switch the expert groups' autocast weight copies in ``module`` on or off (the default), freeing them (see
     ``ExpertLinear``): faster autocast inference for a copy of the expert weights in autocast's dtype."""
     _set_expert_linears(module, 'cache_autocast_weights', '_autocast_copy', enable)
 
