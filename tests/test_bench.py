@@ -37,8 +37,10 @@ def test_run_benchmark_rows_and_json(tmp_path):
     assert all(r['x_floor'] == 1 for r in result['layer'] if r['candidate'].startswith('floor'))
     # training-step memory: fused AdamW keeps two float32 moments per parameter (plus tiny step counters); the
     # lean option (Adafactor) only row and column second moments of each matrix (experts: (E, d) and (E, h))
-    assert {(r['model'], r['optimizer']) for r in result['memory']} == {
-        (m, o) for m in ('v_jetmoe_tiny', 'vit_tiny_patch16_224') for o in ('adamw', 'adafactor')}
+    # one row per model, optimizer and training precision (float32 weights; bf16 is autocast over them)
+    assert sorted((r['model'], r['optimizer'], r['precision']) for r in result['memory']) == sorted(
+        (m, o, p) for m in ('v_jetmoe_tiny', 'vit_tiny_patch16_224') for o in ('adamw', 'adafactor')
+        for p in ('float32', 'bf16'))
     for r in result['memory']:
         if r['optimizer'] == 'adamw':
             assert r['optimizer_state_gb'] == pytest.approx(2 * r['params_gb'], rel=0.02)
@@ -91,7 +93,8 @@ def test_bf16_weights_is_inference_of_a_bfloat16_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, 'DEFAULT_PAIRS', (TINY_PAIR,))
     built, timed = [], []
     real_build, real_runner = bench._build, bench._runner
-    monkeypatch.setattr(bench, '_build', lambda name, kwargs: built.append(real_build(name, kwargs)) or built[-1])
+    monkeypatch.setattr(bench, '_build',
+                        lambda name, kwargs, device: built.append(real_build(name, kwargs, device)) or built[-1])
 
     def spy_runner(model, mode, x, y, precision, opt):
         timed.append((precision, mode, {p.dtype for p in model.parameters()}, x.dtype,
@@ -125,6 +128,32 @@ def test_convert_child_reads_its_own_peak_rss():
                          text=True, check=True)
     assert 0 < float(res.stdout) < 0.25
     del parent_pages
+
+
+def test_pairs_are_twins_of_every_variant():
+    """Each registered variant has a pair, and its twin is the dense model of the same width and depth."""
+    import timm
+    assert {p.model for p in bench.PAIRS} == set(timm.list_models('*jetmoe*'))
+    assert {p.model for p in bench.DEFAULT_PAIRS} == {'v_jetmoe_tiny', 'c_jetmoe_femto'}
+    meta = torch.device('meta')
+    for p in bench.PAIRS:
+        model, twin = bench._build(p.model, p.model_kwargs, meta), bench._build(p.twin, p.twin_kwargs, meta)
+        assert model.num_features == twin.num_features and model.num_classes == twin.num_classes == 1000
+        depth = (lambda m: len(m.blocks) if hasattr(m, 'blocks') else [len(s.blocks) for s in m.stages])
+        assert depth(model) == depth(twin), p.name
+        assert all(t.device == meta for t in list(model.parameters()) + list(twin.parameters()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the answer on a machine without a CUDA GPU')
+@pytest.mark.parametrize('device, message', [
+    ('cuda', 'torch sees no CUDA GPU here'), ('tpu', "Unknown device 'tpu'"), ('meta', 'runs on cpu or cuda')])
+def test_cli_rejects_a_device_it_cannot_use(tmp_path, capsys, device, message):
+    """One line that names the problem, exit 2, before any model is built, and no results file."""
+    out = tmp_path / 'b.json'
+    assert cli.main(['bench', '--quick', '--device', device, '--out', str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
 
 
 def test_cli_rejects_unknown_model(tmp_path):

@@ -1,6 +1,6 @@
 """ Speed benchmark: JetMoE models against their dense twins, and SpheroMoE against its own matmul floor.
 
-    jetmoe-timm bench [--quick] [--out bench.json]
+    jetmoe-timm bench [--quick] [--out bench.json] [--device cuda]
 
 Every figure is a median over rounds in which the candidates take turns (the order alternates each round), so
 a machine shared with other work slows them alike; each ratio is also given from the fastest round of each
@@ -17,6 +17,9 @@ candidate ("best"), the figure least disturbed by bursts of other load. Sections
           (activations, gradients, temporaries) from the profiler's allocation events, with fused AdamW and with
           the memory-lean option (timm's Adafactor: factored second moment, no first moment).
   convert time and peak RSS of full-size conversions, per variant (only with --convert: minutes).
+
+On a GPU (``--device cuda``) every timed call ends with a device synchronisation, autocast runs on the device and
+training-step memory is the device allocator's peak; conversions run on the CPU wherever the rest runs.
 
 Results go to a JSON file and a printed table (see docs/benchmark.md).
 """
@@ -72,11 +75,17 @@ class LayerShape(NamedTuple):
                          univ_ratio=self.univ_ratio, slots_per_expert=self.slots_per_expert)
 
 
-# c_jetmoe_femto's twin is ConvNeXt-T at half width, not timm's convnext_femto (a different, shallower model)
-DEFAULT_PAIRS = (
+# every registered variant and the dense model of its width and depth; c_jetmoe_femto's twin is ConvNeXt-T at half
+# width, not timm's convnext_femto (a different, shallower model)
+PAIRS = (
     Pair('v_jetmoe_tiny', 'vit_tiny_patch16_224'),
     Pair('c_jetmoe_femto', 'convnext_tiny', twin_kwargs=dict(dims=(48, 96, 192, 384))),
+    Pair('v_jetmoe_small', 'vit_small_patch16_224'),
+    Pair('c_jetmoe_tiny', 'convnext_tiny'),
 )
+# what runs without --models: the two small variants (v_jetmoe_small and c_jetmoe_tiny need 13 and 19 GB of float32
+# weights, gradients and AdamW state before any activation: ask for them by name, on a machine that holds them)
+DEFAULT_PAIRS = PAIRS[:2]
 # one MoE block of v_jetmoe_tiny: 197 tokens of width 192, 98 core (768) + 196 universal (192) experts
 V_JETMOE_TINY_LAYER = LayerShape(dim=192, tokens=197, num_core_experts=98, num_univ_experts=196, core_hidden=768)
 # 'bf16' is autocast over float32 weights; 'bf16-weights' (inference only) runs a bfloat16 copy of the model, which
@@ -88,7 +97,14 @@ _REFERENCE_IMAGES = 4  # the looped reference is timed on this many images, then
 
 # --------------------------------------------------------------------------------------------------- timing
 
-def _interleaved(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int) -> Dict[str, List[float]]:
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, whose ops return when done)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _interleaved(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int,
+                 device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
     """Seconds per call of each candidate; candidates take turns, in alternating order, every round."""
     for fn in cands.values():
         for _ in range(warmup):
@@ -97,17 +113,19 @@ def _interleaved(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int)
     names = list(cands)
     for r in range(rounds):
         for k in (names if r % 2 == 0 else names[::-1]):
+            _synchronize(device)
             t0 = time.perf_counter()
             cands[k]()
+            _synchronize(device)
             times[k].append(time.perf_counter() - t0)
     return times
 
 
-def _autocast(precision: str):
+def _autocast(precision: str, device: torch.device):
     dtype = PRECISIONS[precision]
     if dtype is None or precision in _CAST_WEIGHTS:
         return contextlib.nullcontext()
-    return torch.autocast('cpu', dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -126,22 +144,23 @@ def _quiet_stderr():
 
 # --------------------------------------------------------------------------------------------------- models
 
-def _build(name: str, kwargs: Dict) -> nn.Module:
+def _build(name: str, kwargs: Dict, device: torch.device = torch.device('cpu')) -> nn.Module:
     import timm
-    # an ImageNet-1k head on both sides (the JetMoE default configs have none: their tags are headless inits)
-    return timm.create_model(name, pretrained=False, **dict(dict(num_classes=1000), **kwargs))
+    # an ImageNet-1k head on both sides (the JetMoE default configs have none: their tags are headless inits);
+    # built on the device itself: no host copy of a billion-parameter model on the way to a GPU
+    return timm.create_model(name, pretrained=False, **dict(dict(num_classes=1000, device=device), **kwargs))
 
 
 def _runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, precision: str,
             opt: Optional[torch.optim.Optimizer]) -> Callable[[], None]:
     if mode == 'infer':
         def run():
-            with torch.inference_mode(), _autocast(precision):
+            with torch.inference_mode(), _autocast(precision, x.device):
                 model(x)
     else:
         def run():
             opt.zero_grad(set_to_none=True)
-            with _autocast(precision):
+            with _autocast(precision, x.device):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
@@ -159,24 +178,39 @@ def _optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
     return create_optimizer_v2(model, name, lr=5e-4, weight_decay=0.05, **extra)
 
 
-def _train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Dict:
-    """Peak tensor bytes of one float32 training step (the optimizer state already exists)."""
-    from torch.profiler import ProfilerActivity, profile
+def _train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                       precision: str = 'float32') -> Dict:
+    """Peak tensor bytes of one training step (the optimizer state already exists): on the CPU from the profiler's
+    allocation events, on a GPU from the device allocator's peak."""
     model.train()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     opt.zero_grad(set_to_none=True)
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        F.cross_entropy(model(x), y).backward()
+
+    def step():
+        with _autocast(precision, x.device):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == '[memory]')
-    live = peak = 0
-    for _, nbytes in events:  # allocations are positive, frees negative
-        live += nbytes
-        peak = max(peak, live)
+    if x.device.type == 'cuda':
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        step()
+        torch.cuda.synchronize(x.device)
+        peak = torch.cuda.max_memory_allocated(x.device) - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == '[memory]')
+        live = peak = 0
+        for _, nbytes in events:  # allocations are positive, frees negative
+            live += nbytes
+            peak = max(peak, live)
     # weight-gradient memory the experts keep between steps (opt-in) is live all through the step, unseen above
     kept = sum(m._grad_buffer.numel() * m._grad_buffer.element_size() for m in model.modules()
                if getattr(m, '_grad_buffer', None) is not None)
@@ -188,14 +222,16 @@ def _train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Te
 def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List[Dict], List[Dict]]:
     """Rows of images/s (one per cell) and of training-step memory for one model pair."""
     rows, mem_rows = [], []
-    models = {'model': _build(pair.model, pair.model_kwargs), 'twin': _build(pair.twin, pair.twin_kwargs)}
+    device = cfg['device']
+    models = {'model': _build(pair.model, pair.model_kwargs, device),
+              'twin': _build(pair.twin, pair.twin_kwargs, device)}
     names = {'model': pair.model, 'twin': pair.twin}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.05, fused=True) for k, m in models.items()}
     compiled: Dict[Tuple[str, bool], nn.Module] = {}
     cast_models: Dict[str, nn.Module] = {}  # bfloat16 copies for 'bf16-weights', made on first use
     for batch in cfg['batch_sizes']:
-        x = torch.randn(batch, *pair.input_size)
-        y = torch.randint(0, models['model'].num_classes, (batch,))
+        x = torch.randn(batch, *pair.input_size, device=device)
+        y = torch.randint(0, models['model'].num_classes, (batch,), device=device)
         for compile_on in cfg['compile']:
             if compile_on and batch not in cfg['compile_batch_sizes']:
                 continue
@@ -220,11 +256,12 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                             run = _runner(c, mode, xm, y, precision, opts[k])
                             t0 = time.perf_counter()
                             run()  # compiles for this batch, precision and mode
+                            _synchronize(device)
                             compile_s[k] = time.perf_counter() - t0
                         else:
                             run = _runner(m, mode, xm, y, precision, opts[k])
                         cands[k] = run
-                    times = _interleaved(cands, cfg['rounds'], cfg['warmup'])
+                    times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
                     ips = {k: batch / statistics.median(v) for k, v in times.items()}
                     row = dict(pair=pair.name, model=pair.model, twin=pair.twin, mode=mode, batch=batch,
                                precision=precision, compile=bool(compile_on), model_img_s=ips['model'],
@@ -240,9 +277,12 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     opt = opts[k] if opt_name == 'adamw' else _optimizer(m, opt_name)
                     if not opt.state:
                         _runner(m, 'train', x, y, 'float32', opt)()  # a first step creates the optimizer state
-                    mem = _train_step_memory(m, opt, x, y)
-                    mem_rows.append(dict(model=names[k], batch=batch, precision='float32', optimizer=opt_name, **mem))
-                    log(f"memory  {names[k]:24s} batch {batch:4d} {opt_name:9s}: {mem['peak_gb']:.2f} GB")
+                    for precision in cfg['memory_precisions']:
+                        mem = _train_step_memory(m, opt, x, y, precision)
+                        mem_rows.append(dict(model=names[k], batch=batch, precision=precision, optimizer=opt_name,
+                                             **mem))
+                        log(f"memory  {names[k]:24s} batch {batch:4d} {precision:8s} {opt_name:9s}: "
+                            f"{mem['peak_gb']:.2f} GB")
     return rows, mem_rows
 
 
@@ -256,7 +296,7 @@ class _MatmulFloor:
     dB = A^T @ dC (every operand of the layer's matmuls carries a gradient when the layer sits in a model).
     """
 
-    def __init__(self, layer: SpheroMoE, batch: int, tokens: int, dtype=torch.float32):
+    def __init__(self, layer: SpheroMoE, batch: int, tokens: int, dtype=torch.float32, device=None):
         B, N, d, M, S = batch, tokens, layer.dim, layer.num_slots, layer.slots_per_expert
         shapes = [((B * N, d), (d, M)), ((B, M, N), (B, N, d))]
         for group in (layer.core_experts, layer.univ_experts):
@@ -266,8 +306,8 @@ class _MatmulFloor:
         shapes.append(((B, N, M), (B, M, d)))
         self.forward_ops, self.backward_ops = [], []
         for a_shape, b_shape in shapes:
-            a, b = torch.randn(a_shape, dtype=dtype), torch.randn(b_shape, dtype=dtype)
-            c = torch.empty(*a_shape[:-1], b_shape[-1], dtype=dtype)
+            a, b = torch.randn(a_shape, dtype=dtype, device=device), torch.randn(b_shape, dtype=dtype, device=device)
+            c = torch.empty(*a_shape[:-1], b_shape[-1], dtype=dtype, device=device)
             dc = torch.randn_like(c)
             self.forward_ops.append((a, b, c))
             self.backward_ops.append((dc, b.transpose(-1, -2).contiguous(), torch.empty_like(a)))  # dA
@@ -301,11 +341,12 @@ def _graph_breaks(layer: SpheroMoE, x: torch.Tensor) -> Dict[str, int]:
 
 def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], None]) -> Tuple[List[Dict], Dict]:
     torch.manual_seed(0)
-    layer = shape.build()
-    x = torch.randn(batch, shape.tokens, shape.dim)
+    device = cfg['device']
+    layer = shape.build().to(device)
+    x = torch.randn(batch, shape.tokens, shape.dim, device=device)
     x_grad = x.clone().requires_grad_()
     dy = torch.randn_like(x)
-    floor = _MatmulFloor(layer, batch, shape.tokens)
+    floor = _MatmulFloor(layer, batch, shape.tokens, device=device)
 
     def fwd(m):
         def run():
@@ -331,16 +372,17 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
         make = fwd if mode == 'eval' else fwd_bwd
         cands = {'floor (matmuls alone)': floor.forward if mode == 'eval' else floor.forward_backward,
                  'SpheroMoE': make(layer)}
-        if mode == 'train':  # the opt-in kept weight-gradient memory (ExpertLinear.keep_grad_memory)
+        if mode == 'train' and device.type == 'cpu':  # the opt-in kept weight-gradient memory (CPU only)
             kept = copy.deepcopy(layer)
             set_keep_grad_memory(kept, True)
             cands['SpheroMoE kept grads'] = make(kept)
         if use_compile:
             t0 = time.perf_counter()
             make(compiled)()
+            _synchronize(device)
             info[f'compile_s_{mode}'] = time.perf_counter() - t0
             cands['SpheroMoE compiled'] = make(compiled)
-        times = _interleaved(cands, cfg['rounds'], cfg['warmup'])
+        times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
         if mode == 'eval' and cfg['reference']:
             # The looped reference runs B * E tiny expert calls, each image on its own: its time is linear in
             # the batch, so it is timed on a few images and scaled to the batch (fewer rounds, not interleaved).
@@ -349,7 +391,7 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
             def reference():
                 with torch.no_grad():
                     sphero_moe_reference(layer, x[:sub])
-            t = _interleaved({'r': reference}, cfg['reference_rounds'], 0)['r']
+            t = _interleaved({'r': reference}, cfg['reference_rounds'], 0, device)['r']
             times['looped reference'] = [v * batch / sub for v in t]
             info['reference_images'] = sub
         base = statistics.median(times['floor (matmuls alone)'])
@@ -426,6 +468,24 @@ _ENV_KEYS = ('THP_MEM_ALLOC_ENABLE', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'LD_P
              'MALLOC_MMAP_THRESHOLD_', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_')
 
 
+def _device(name: str) -> torch.device:
+    """The benchmark's device, checked before anything is built."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"Unknown device '{name}'; use cpu, cuda or cuda:N.") from None
+    if dev.type not in ('cpu', 'cuda'):
+        raise ValueError(f"The benchmark runs on cpu or cuda, not '{name}'.")
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU here; run on a machine with one, or drop "
+                             "--device to benchmark the CPU.")
+        if (dev.index or 0) >= count:
+            raise ValueError(f'--device {name}: torch sees {count} GPU(s), numbered from 0.')
+    return dev
+
+
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
@@ -455,12 +515,14 @@ def run_benchmark(
         warmup: int = 1,
         reference_rounds: int = 2,
         threads: Optional[int] = None,
+        device: str = 'cpu',
         log: Callable[[str], None] = print,
 ) -> Dict:
     """Run the benchmark and return its results (see the module docstring for the sections).
 
     ``torch_compile``: time the models eager (False), compiled (True) or both; ``compile_batch_sizes``: the batch
     sizes at which they are also timed compiled (None: all). ``compile_layer``: also time the layer compiled.
+    ``device``: where the models and the layer run ('cpu', 'cuda', 'cuda:1'); conversions always run on the CPU.
     """
     for p in precisions:
         if p not in PRECISIONS:
@@ -473,14 +535,16 @@ def run_benchmark(
                          '(float32, bf16).')
     if rounds < 1 or any(b < 1 for b in list(batch_sizes) + list(layer_batch_sizes)):
         raise ValueError('rounds and batch sizes must be >= 1.')
+    dev = _device(device)
     if threads:
         torch.set_num_threads(threads)
     cfg = dict(batch_sizes=list(batch_sizes), precisions=list(precisions), modes=list(modes),
                compile=list(dict.fromkeys(bool(c) for c in torch_compile)),
                compile_batch_sizes=list(batch_sizes if compile_batch_sizes is None else compile_batch_sizes),
                reference=reference, compile_layer=compile_layer, memory=memory,
-               memory_optimizers=list(memory_optimizers), rounds=rounds, warmup=warmup,
-               reference_rounds=reference_rounds)
+               memory_optimizers=list(memory_optimizers),
+               memory_precisions=[p for p in precisions if p not in _CAST_WEIGHTS], rounds=rounds, warmup=warmup,
+               reference_rounds=reference_rounds, device=dev)
     from ..version import __version__
     import timm
     t_start = time.perf_counter()
@@ -488,9 +552,10 @@ def run_benchmark(
         meta=dict(date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
                   command=' '.join(sys.argv), cpu=_cpu_name(), threads=torch.get_num_threads(),
                   torch=torch.__version__, timm=timm.__version__, jetmoe_timm=__version__,
-                  python=platform.python_version(), gpu='none used (CPU benchmark)',
+                  python=platform.python_version(), device=str(dev),
+                  gpu=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'none used (CPU benchmark)',
                   env={k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
-                  loadavg_start=list(os.getloadavg()), config={k: v for k, v in cfg.items()}),
+                  loadavg_start=list(os.getloadavg()), config=dict(cfg, device=str(dev))),
         models=[], memory=[], layer=[], layer_info=[], convert=[])
     sections = result['meta']['section_seconds'] = {}
     for shape_batch in (layer_batch_sizes if layer is not None else ()):
@@ -526,7 +591,8 @@ def format_table(result: Dict) -> str:
     rounds = meta['config']['rounds']
     lines = [f"jetmoe-timm bench  {meta['date']}  {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
              f"timm {meta['timm']}; load average {meta['loadavg_start'][0]:.1f} -> "
-             f"{meta.get('loadavg_end', [float('nan')])[0]:.1f}; no GPU used"]
+             f"{meta.get('loadavg_end', [float('nan')])[0]:.1f}; "
+             + (f"on {meta['gpu']} ({meta['device']})" if meta.get('device', 'cpu') != 'cpu' else 'no GPU used')]
     if result['models']:
         lines += ['', f'Models: images/s, median of {rounds} interleaved rounds; ratio = JetMoE / dense twin '
                       f'(best: of the fastest rounds)',
@@ -552,11 +618,12 @@ def format_table(result: Dict) -> str:
             lines.append(f"torch.compile graph breaks inside the layer: eval {info['graph_breaks']['eval']}, "
                          f"train {info['graph_breaks']['train']}")
     if result['memory']:
-        lines += ['', 'Training-step memory (float32): parameters + optimizer state + step peak; adamw is fused AdamW, '
+        lines += ['', 'Training-step memory: parameters + optimizer state + step peak; adamw is fused AdamW, '
                       'adafactor the memory-lean option (docs/training.md)',
-                  f"{'model':24s} {'batch':>5s} {'optimizer':9s} {'params':>8s} {'state':>8s} {'step':>8s} "
-                  f"{'peak GB':>8s}"]
-        lines += [f"{r['model']:24s} {r['batch']:5d} {r.get('optimizer', 'adamw'):9s} {r['params_gb']:8.2f} "
+                  f"{'model':24s} {'batch':>5s} {'prec':8s} {'optimizer':9s} {'params':>8s} {'state':>8s} "
+                  f"{'step':>8s} {'peak GB':>8s}"]
+        lines += [f"{r['model']:24s} {r['batch']:5d} {r['precision']:8s} {r.get('optimizer', 'adamw'):9s} "
+                  f"{r['params_gb']:8.2f} "
                   f"{r['optimizer_state_gb']:8.2f} {r['step_peak_gb']:8.2f} {r['peak_gb']:8.2f}"
                   for r in result['memory']]
     if result['convert']:
@@ -585,11 +652,11 @@ def _run(args) -> int:
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f'output folder {out_dir} does not exist: create it or choose another --out.')
     # --quick: the ViT pair only (building and timing the 391 M-parameter C-JetMoE takes another minute)
-    pairs = [p for p in DEFAULT_PAIRS if p.model in args.models] if args.models else list(
+    pairs = [p for p in PAIRS if p.model in args.models] if args.models else list(
         DEFAULT_PAIRS[:1] if quick else DEFAULT_PAIRS)
-    unknown = set(args.models or ()) - {p.model for p in DEFAULT_PAIRS}
+    unknown = set(args.models or ()) - {p.model for p in PAIRS}
     if unknown:
-        raise ValueError(f"No benchmark pair for {sorted(unknown)}; choose from {[p.model for p in DEFAULT_PAIRS]}.")
+        raise ValueError(f"No benchmark pair for {sorted(unknown)}; choose from {[p.model for p in PAIRS]}.")
     batch_sizes = args.batch_sizes or ([32] if quick else [32, 64, 128])
     compile_mode = args.compile or ('layer' if quick else 'all')
     result = run_benchmark(
@@ -609,6 +676,7 @@ def _run(args) -> int:
         warmup=1,
         reference_rounds=1 if quick else 2,
         threads=args.threads,
+        device=args.device,
     )
     _write_json(result, args.out)
     print()
@@ -630,8 +698,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help='v_jetmoe_tiny pair only, batch 32, float32, eager models, 3 rounds (under 2 minutes)')
     p.add_argument('--out', default='bench.json', help='JSON results file (default: ./bench.json)')
     p.add_argument('--models', nargs='+', metavar='NAME',
-                   help=f'JetMoE models to compare with their twins, from {[q.model for q in DEFAULT_PAIRS]} '
-                        '(default: all; --quick: the first)')
+                   help=f'JetMoE models to compare with their twins, from {[q.model for q in PAIRS]} '
+                        f'(default: {" ".join(q.model for q in DEFAULT_PAIRS)}; --quick: the first)')
     p.add_argument('--batch-sizes', nargs='+', type=int, metavar='B', help='model batch sizes (default: 32 64 128)')
     p.add_argument('--precisions', nargs='+', choices=sorted(PRECISIONS),
                    help="default: float32 bf16 (autocast); 'bf16-weights': a bfloat16 copy of each model, "
@@ -645,6 +713,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--layer-batch-sizes', nargs='+', type=int, metavar='B', help='layer batch sizes (default: 64)')
     p.add_argument('--rounds', type=int, help='interleaved rounds per measurement (default: 7, quick: 3)')
     p.add_argument('--threads', type=int, help='torch threads (default: torch\'s)')
+    p.add_argument('--device', default='cpu',
+                   help='where models and layer run: cpu (default), cuda or cuda:N (conversions stay on the CPU)')
     p.add_argument('--no-reference', action='store_true', help='skip the (slow) looped reference layer')
     p.add_argument('--no-memory', action='store_true', help='skip the training-step memory measurement')
     p.add_argument('--no-layer', action='store_true', help='skip the SpheroMoE layer section')
