@@ -130,6 +130,48 @@ def test_convert_child_reads_its_own_peak_rss():
     del parent_pages
 
 
+def test_step_memory_runs_the_step_in_its_precision(monkeypatch):
+    """A bf16 memory row measures an autocast step (on the inputs' device), a float32 row a plain one."""
+    torch.manual_seed(0)
+    model = bench._build(TINY_PAIR.model, TINY_PAIR.model_kwargs)
+    opt = torch.optim.AdamW(model.parameters())
+    x, y = torch.randn(2, *TINY_PAIR.input_size), torch.tensor([1, 2])
+    seen, real_autocast = [], bench._autocast
+
+    def spy(precision, device):
+        seen.append((precision, device.type))
+        return real_autocast(precision, device)
+    monkeypatch.setattr(bench, '_autocast', spy)
+    dtypes = []
+    hook = model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    rows = {p: bench._train_step_memory(model, opt, x, y, p) for p in ('float32', 'bf16')}
+    hook.remove()
+    assert seen == [('float32', 'cpu'), ('bf16', 'cpu')] and dtypes == [torch.float32, torch.bfloat16]
+    assert all(r['step_peak_gb'] > 0 for r in rows.values())
+    assert rows['float32']['step_peak_gb'] != rows['bf16']['step_peak_gb']
+
+
+def test_cli_keeps_the_sections_measured_before_a_failure(tmp_path, monkeypatch, capsys):
+    """Results are written after every section: a pair that fails later (out of memory, say) leaves the earlier
+    pairs' rows in the JSON file, and the CLI still answers with one line and exit code 2."""
+    second = TINY_PAIR._replace(model='c_jetmoe_femto', model_kwargs={})
+    monkeypatch.setattr(bench, 'PAIRS', (TINY_PAIR, second))
+    real_build = bench._build
+
+    def build(name, kwargs, device):
+        if name == 'c_jetmoe_femto':
+            raise RuntimeError('CUDA out of memory (simulated)')
+        return real_build(name, kwargs, device)
+    monkeypatch.setattr(bench, '_build', build)
+    out = tmp_path / 'b.json'
+    rc = cli.main(['bench', '--models', 'v_jetmoe_tiny', 'c_jetmoe_femto', '--compile', 'off', '--batch-sizes', '2',
+                   '--precisions', 'float32', '--modes', 'infer', '--rounds', '1', '--no-memory', '--no-layer',
+                   '--out', str(out)])
+    assert rc == 2 and 'out of memory (simulated)' in capsys.readouterr().err
+    rows = json.loads(out.read_text())['models']
+    assert [(r['model'], r['mode']) for r in rows] == [('v_jetmoe_tiny', 'infer')]
+
+
 def test_pairs_are_twins_of_every_variant():
     """Each registered variant has a pair, and its twin is the dense model of the same width and depth."""
     import timm
@@ -147,8 +189,9 @@ def test_pairs_are_twins_of_every_variant():
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the answer on a machine without a CUDA GPU')
 @pytest.mark.parametrize('device, message', [
     ('cuda', 'torch sees no CUDA GPU here'), ('tpu', "Unknown device 'tpu'"), ('meta', 'runs on cpu or cuda')])
-def test_cli_rejects_a_device_it_cannot_use(tmp_path, capsys, device, message):
+def test_cli_rejects_a_device_it_cannot_use(tmp_path, monkeypatch, capsys, device, message):
     """One line that names the problem, exit 2, before any model is built, and no results file."""
+    monkeypatch.setattr(bench, '_build', lambda *a: pytest.fail('a model was built before the device was checked'))
     out = tmp_path / 'b.json'
     assert cli.main(['bench', '--quick', '--device', device, '--out', str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

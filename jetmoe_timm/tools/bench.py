@@ -11,11 +11,13 @@ candidate ("best"), the figure least disturbed by bursts of other load. Sections
           bf16-weights: a bfloat16 copy of each model) and torch.compile on/off; ratio = JetMoE / twin.
   layer   the SpheroMoE layer (forward in eval, forward+backward in train) against its floor: the same matmuls
           (logits, dispatch, experts, combine, and their gradients) with the same shapes, timed alone on
-          contiguous operands into preallocated outputs; the looped reference layer shows what batching buys.
+          contiguous operands into preallocated outputs, float32 whatever --precisions says; the looped reference
+          layer shows what batching buys.
           Also: graph breaks of the layer under torch.compile (eval and train).
-  memory  peak tensor memory of a float32 training step: parameters + optimizer state + the step's own peak
-          (activations, gradients, temporaries) from the profiler's allocation events, with fused AdamW and with
-          the memory-lean option (timm's Adafactor: factored second moment, no first moment).
+  memory  peak tensor memory of a training step in each training precision: parameters + optimizer state + the
+          step's own peak (activations, gradients, temporaries; on the CPU from the profiler's allocation events),
+          with fused AdamW and with the memory-lean option (timm's Adafactor: factored second moment, no first
+          moment).
   convert time and peak RSS of full-size conversions, per variant (only with --convert: minutes).
 
 On a GPU (``--device cuda``) every timed call ends with a device synchronisation, autocast runs on the device and
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 
 from ..layers import SpheroMoE, set_keep_grad_memory, sphero_moe_reference
 
-__all__ = ['Pair', 'LayerShape', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'run_benchmark', 'format_table',
+__all__ = ['Pair', 'LayerShape', 'PAIRS', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'run_benchmark', 'format_table',
            'add_parser']
 
 
@@ -83,7 +85,7 @@ PAIRS = (
     Pair('v_jetmoe_small', 'vit_small_patch16_224'),
     Pair('c_jetmoe_tiny', 'convnext_tiny'),
 )
-# what runs without --models: the two small variants (v_jetmoe_small and c_jetmoe_tiny need 13 and 19 GB of float32
+# what runs without --models: the two small variants (v_jetmoe_small and c_jetmoe_tiny need 17 and 25 GB for float32
 # weights, gradients and AdamW state before any activation: ask for them by name, on a machine that holds them)
 DEFAULT_PAIRS = PAIRS[:2]
 # one MoE block of v_jetmoe_tiny: 197 tokens of width 192, 98 core (768) + 196 universal (192) experts
@@ -275,8 +277,8 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
             for opt_name in cfg['memory_optimizers']:
                 for k, m in models.items():
                     opt = opts[k] if opt_name == 'adamw' else _optimizer(m, opt_name)
-                    if not opt.state:
-                        _runner(m, 'train', x, y, 'float32', opt)()  # a first step creates the optimizer state
+                    if not opt.state:  # a first step creates the optimizer state
+                        _runner(m, 'train', x, y, cfg['memory_precisions'][0], opt)()
                     for precision in cfg['memory_precisions']:
                         mem = _train_step_memory(m, opt, x, y, precision)
                         mem_rows.append(dict(model=names[k], batch=batch, precision=precision, optimizer=opt_name,
@@ -517,12 +519,15 @@ def run_benchmark(
         threads: Optional[int] = None,
         device: str = 'cpu',
         log: Callable[[str], None] = print,
+        on_section: Optional[Callable[[Dict], None]] = None,
 ) -> Dict:
     """Run the benchmark and return its results (see the module docstring for the sections).
 
     ``torch_compile``: time the models eager (False), compiled (True) or both; ``compile_batch_sizes``: the batch
     sizes at which they are also timed compiled (None: all). ``compile_layer``: also time the layer compiled.
     ``device``: where the models and the layer run ('cpu', 'cuda', 'cuda:1'); conversions always run on the CPU.
+    ``on_section``: called with the results so far after each section (the CLI writes them, so a run that fails
+    later, e.g. out of GPU memory on a big variant, keeps what it measured).
     """
     for p in precisions:
         if p not in PRECISIONS:
@@ -558,23 +563,28 @@ def run_benchmark(
                   loadavg_start=list(os.getloadavg()), config=dict(cfg, device=str(dev))),
         models=[], memory=[], layer=[], layer_info=[], convert=[])
     sections = result['meta']['section_seconds'] = {}
+
+    def section_done(name: str, t0: float) -> None:
+        sections[name] = time.perf_counter() - t0
+        if on_section is not None:
+            on_section(result)
     for shape_batch in (layer_batch_sizes if layer is not None else ()):
         t0 = time.perf_counter()
         rows, info = _bench_layer(layer, shape_batch, cfg, log)
         result['layer'] += rows
         result['layer_info'].append(dict(info, shape=layer._asdict()))
-        sections[f'layer batch {shape_batch}'] = time.perf_counter() - t0
+        section_done(f'layer batch {shape_batch}', t0)
     for pair in pairs:
         t0 = time.perf_counter()
         rows, mem_rows = _bench_pair(pair, cfg, log)
         result['models'] += rows
         result['memory'] += mem_rows
-        sections[pair.name] = time.perf_counter() - t0
+        section_done(pair.name, t0)
     for model in convert:
         log(f'convert: full-size {model} from {CONVERT_VARIANTS[model][0]} (minutes)...')
         t0 = time.perf_counter()
         result['convert'].append(_bench_convert(model))
-        sections[f'convert {model}'] = time.perf_counter() - t0
+        section_done(f'convert {model}', t0)
     result['meta'].update(loadavg_end=list(os.getloadavg()), seconds=time.perf_counter() - t_start)
     return result
 
@@ -677,6 +687,7 @@ def _run(args) -> int:
         reference_rounds=1 if quick else 2,
         threads=args.threads,
         device=args.device,
+        on_section=lambda partial: _write_json(partial, args.out),
     )
     _write_json(result, args.out)
     print()
