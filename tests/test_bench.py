@@ -118,6 +118,38 @@ def test_bf16_weights_is_inference_of_a_bfloat16_copy(tmp_path, monkeypatch):
         run_benchmark(pairs=[TINY_PAIR], precisions=('bf16-weights',), modes=('train',), layer=None)
 
 
+def test_bf16_cached_times_the_opt_in_weight_copies(tmp_path, monkeypatch):
+    """'bf16-cached' times autocast inference with the experts' weight copies kept between calls (the same copy in
+    every timed call), and frees them after its cell; the other cells never see them."""
+    from jetmoe_timm.layers import ExpertLinear
+    monkeypatch.setattr(bench, 'DEFAULT_PAIRS', (TINY_PAIR,))
+    seen, models = [], []
+    real_runner = bench._runner
+
+    def spy_runner(model, mode, x, y, precision, opt):
+        models.append(model)
+        run = real_runner(model, mode, x, y, precision, opt)
+
+        def timed():
+            run()
+            experts = [m for m in model.modules() if isinstance(m, ExpertLinear)]
+            seen.append((precision, mode, tuple(id(m._autocast_copy) if m._autocast_copy else None for m in experts)))
+        return timed
+    monkeypatch.setattr(bench, '_runner', spy_runner)
+    out = tmp_path / 'b.json'
+    rc = cli.main(['bench', '--models', 'v_jetmoe_tiny', '--precisions', 'bf16', 'bf16-cached', '--compile', 'off',
+                   '--batch-sizes', '2', '--rounds', '2', '--no-memory', '--no-layer', '--out', str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())['models']
+    assert [(r['mode'], r['precision']) for r in rows] == [('infer', 'bf16'), ('train', 'bf16'), ('infer', 'bf16-cached')]
+    cached = [copies for p, _, copies in seen if p == 'bf16-cached' and copies]  # the JetMoE model's calls
+    assert len(cached) == 3 and all(c == cached[0] for c in cached) and None not in cached[0]  # warm-up + 2 rounds
+    assert all(all(c is None for c in copies) for p, _, copies in seen if p != 'bf16-cached')
+    assert 'bf16-cached' in bench.format_table(json.loads(out.read_text()))
+    experts = [m for model in models for m in model.modules() if isinstance(m, ExpertLinear)]
+    assert experts and all(not m.cache_autocast_weights and m._autocast_copy is None for m in experts)  # freed
+
+
 def test_convert_child_reads_its_own_peak_rss():
     """The conversion child reports its own high-water mark, not the one it inherits from a big parent."""
     import subprocess

@@ -8,7 +8,8 @@ candidate ("best"), the figure least disturbed by bursts of other load. Sections
 
   models  images/s of inference and of a full training step (forward, backward, fused AdamW step) for each
           JetMoE model and its dense twin, per batch size, precision (float32, bf16 autocast, and for inference
-          bf16-weights: a bfloat16 copy of each model) and torch.compile on/off; ratio = JetMoE / twin.
+          bf16-weights: a bfloat16 copy of each model, and bf16-cached: autocast with the experts' opt-in weight
+          copies) and torch.compile on/off; ratio = JetMoE / twin.
   layer   the SpheroMoE layer (forward in eval, forward+backward in train) against its floor: the same matmuls
           (logits, dispatch, experts, combine, and their gradients) with the same shapes, timed alone on
           contiguous operands into preallocated outputs, float32 whatever --precisions says; the looped reference
@@ -43,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import SpheroMoE, set_keep_grad_memory, sphero_moe_reference
+from ..layers import SpheroMoE, set_autocast_weight_cache, set_keep_grad_memory, sphero_moe_reference
 
 __all__ = ['Pair', 'LayerShape', 'PAIRS', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'run_benchmark', 'format_table',
            'add_parser']
@@ -90,10 +91,13 @@ PAIRS = (
 DEFAULT_PAIRS = PAIRS[:2]
 # one MoE block of v_jetmoe_tiny: 197 tokens of width 192, 98 core (768) + 196 universal (192) experts
 V_JETMOE_TINY_LAYER = LayerShape(dim=192, tokens=197, num_core_experts=98, num_univ_experts=196, core_hidden=768)
-# 'bf16' is autocast over float32 weights; 'bf16-weights' (inference only) runs a bfloat16 copy of the model, which
-# skips autocast's per-forward cast of every weight: a cost that grows with the parameter count, not the FLOPs
-PRECISIONS = {'float32': None, 'bf16': torch.bfloat16, 'bf16-weights': torch.bfloat16}
+# 'bf16' is autocast over float32 weights. Inference only: 'bf16-weights' runs a bfloat16 copy of the model, which
+# skips autocast's per-forward cast of every weight (a cost that grows with the parameter count, not the FLOPs);
+# 'bf16-cached' is autocast with the experts' opt-in weight copies (``set_autocast_weight_cache``), kept cast between
+# calls
+PRECISIONS = {'float32': None, 'bf16': torch.bfloat16, 'bf16-weights': torch.bfloat16, 'bf16-cached': torch.bfloat16}
 _CAST_WEIGHTS = ('bf16-weights',)
+_INFER_ONLY = ('bf16-weights', 'bf16-cached')
 _REFERENCE_IMAGES = 4  # the looped reference is timed on this many images, then scaled to the batch
 
 
@@ -169,6 +173,20 @@ def _runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, preci
     return run
 
 
+@contextlib.contextmanager
+def _weight_copies(models, enabled: bool):
+    """The experts' opt-in autocast weight copies on for the models (a no-op for dense ones), freed afterwards."""
+    if enabled:
+        for m in models:
+            set_autocast_weight_cache(m, True)
+    try:
+        yield
+    finally:
+        if enabled:
+            for m in models:
+                set_autocast_weight_cache(m, False)
+
+
 # optimizers whose training-step memory is reported: fused AdamW (what the speed cells use) and the memory-lean
 # option of docs/training.md, timm's Adafactor with a factored second moment and no first moment
 MEMORY_OPTIMIZERS = ('adamw', 'adafactor')
@@ -240,7 +258,7 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
             for precision in cfg['precisions']:
                 cast = precision in _CAST_WEIGHTS
                 for mode in cfg['modes']:
-                    if cast and mode == 'train':
+                    if precision in _INFER_ONLY and mode == 'train':
                         continue  # training keeps float32 master weights: bf16 there means autocast
                     cands, compile_s = {}, {}
                     for k in models:
@@ -263,7 +281,8 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                         else:
                             run = _runner(m, mode, xm, y, precision, opts[k])
                         cands[k] = run
-                    times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
+                    with _weight_copies(models.values(), precision == 'bf16-cached'):
+                        times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
                     ips = {k: batch / statistics.median(v) for k, v in times.items()}
                     row = dict(pair=pair.name, model=pair.model, twin=pair.twin, mode=mode, batch=batch,
                                precision=precision, compile=bool(compile_on), model_img_s=ips['model'],
@@ -535,7 +554,7 @@ def run_benchmark(
     for m in modes:
         if m not in ('infer', 'train'):
             raise ValueError(f"Unknown mode '{m}'; choose 'infer' or 'train'.")
-    if 'infer' not in modes and all(p in _CAST_WEIGHTS for p in precisions):
+    if 'infer' not in modes and all(p in _INFER_ONLY for p in precisions):
         raise ValueError(f'{list(precisions)} time inference only: add the infer mode or a training precision '
                          '(float32, bf16).')
     if rounds < 1 or any(b < 1 for b in list(batch_sizes) + list(layer_batch_sizes)):
@@ -548,7 +567,8 @@ def run_benchmark(
                compile_batch_sizes=list(batch_sizes if compile_batch_sizes is None else compile_batch_sizes),
                reference=reference, compile_layer=compile_layer, memory=memory,
                memory_optimizers=list(memory_optimizers),
-               memory_precisions=[p for p in precisions if p not in _CAST_WEIGHTS], rounds=rounds, warmup=warmup,
+               memory_precisions=[p for p in precisions if p not in _INFER_ONLY] or ['float32'], rounds=rounds,
+               warmup=warmup,
                reference_rounds=reference_rounds, device=dev)
     from ..version import __version__
     import timm
@@ -713,8 +733,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f'(default: {" ".join(q.model for q in DEFAULT_PAIRS)}; --quick: the first)')
     p.add_argument('--batch-sizes', nargs='+', type=int, metavar='B', help='model batch sizes (default: 32 64 128)')
     p.add_argument('--precisions', nargs='+', choices=sorted(PRECISIONS),
-                   help="default: float32 bf16 (autocast); 'bf16-weights': a bfloat16 copy of each model, "
-                        'inference only')
+                   help="default: float32 bf16 (autocast); inference only: 'bf16-weights', a bfloat16 copy of "
+                        "each model, and 'bf16-cached', autocast with the experts' opt-in weight copies "
+                        '(set_autocast_weight_cache)')
     p.add_argument('--modes', nargs='+', choices=('infer', 'train'), default=['infer', 'train'])
     p.add_argument('--compile', choices=('off', 'layer', 'all'),
                    help="torch.compile: 'off', 'layer' (the layer also compiled; --quick default) or 'all' (models "
