@@ -3,7 +3,7 @@
 # at most 8; each part has its own time limit so that one that hangs leaves the others their time):
 #   1. v_jetmoe_tiny and c_jetmoe_femto against their dense twins, bf16 autocast, batch 256, inference and
 #      training step, with training-step memory (fused AdamW and the lean Adafactor), and the SpheroMoE layer
-#      against its matmul floor (float32: the layer section ignores --precisions);
+#      against its matmul floor in float32 and in bf16 autocast;
 #   2. training-step memory (and speed) of v_jetmoe_small and c_jetmoe_tiny at the same settings (peaks of about 33
 #      and 44 GiB estimated for the bf16 step: they fit an 80 GB H100);
 #   3. timm's train.py under torchrun, one process per GPU, bf16, on a synthetic image folder. On a one-GPU machine
@@ -55,7 +55,8 @@ run() {
 
     local bench=("$PY" -m jetmoe_timm.tools.cli --debug bench --device "$DEVICE")
     timeout 150 "${bench[@]}" --models $SMALL --batch-sizes "$BATCH" --precisions bf16 \
-        --compile off --layer-batch-sizes "$BATCH" --no-reference --rounds 5 --out "$OUT/bench_small.json" \
+        --compile off --layer-batch-sizes "$BATCH" --layer-precisions float32 bf16 --no-reference --rounds 5 \
+        --out "$OUT/bench_small.json" \
         || echo "bench (small variants) failed: rc $?"
     if [ -n "$BIG" ]; then
         timeout 120 "${bench[@]}" --models $BIG --batch-sizes "$BATCH" --precisions bf16 \

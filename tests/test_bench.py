@@ -56,6 +56,33 @@ def test_run_benchmark_rows_and_json(tmp_path):
     assert 'v_jetmoe_tiny / vit_tiny_patch16_224' in table and 'looped reference' in table
 
 
+def test_layer_section_in_bf16_is_autocast_against_bfloat16_matmuls(monkeypatch):
+    """--layer-precisions bf16: the layer runs under autocast (its experts compute in bfloat16) and its floor times
+    the same matmuls on bfloat16 operands; the float32 section is unchanged beside it."""
+    expert_dtypes = []
+    real_build, real_floor = LayerShape.build, bench._MatmulFloor
+
+    def build(self):
+        layer = real_build(self)
+        layer.core_experts.fc1.register_forward_hook(lambda m, i, o: expert_dtypes[-1].add(o.dtype))
+        expert_dtypes.append(set())
+        return layer
+    floors = []
+    monkeypatch.setattr(LayerShape, 'build', build)
+    monkeypatch.setattr(bench, '_MatmulFloor', lambda *a, **k: floors.append(real_floor(*a, **k)) or floors[-1])
+    result = run_benchmark(pairs=[], layer=TINY_LAYER, layer_batch_sizes=(3,), layer_precisions=('float32', 'bf16'),
+                           compile_layer=False, rounds=1, warmup=0, memory=False, log=lambda s: None)
+    assert expert_dtypes == [{torch.float32}, {torch.bfloat16}]
+    assert [{a.dtype for ops in (f.forward_ops, f.backward_ops) for op in ops for a in op} for f in floors] == [
+        {torch.float32}, {torch.bfloat16}]
+    bf16 = {(r['pass_'], r['candidate']) for r in result['layer'] if r['precision'] == 'bf16'}
+    assert bf16 == {(p, c) for p in ('forward', 'forward+backward') for c in ('floor (matmuls alone)', 'SpheroMoE')}
+    assert [i['precision'] for i in result['layer_info']] == ['float32', 'bf16']
+    assert 'SpheroMoE layer, bf16: batch 3' in bench.format_table(result)
+    with pytest.raises(ValueError, match='Layer precisions'):
+        run_benchmark(pairs=[], layer=TINY_LAYER, layer_precisions=('bf16-weights',))
+
+
 def test_floor_has_the_layers_matmuls():
     """The floor times exactly the matmul work of the layer's forward (same MACs as the layer, counted)."""
     layer = TINY_LAYER.build().eval()

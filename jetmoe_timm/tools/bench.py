@@ -12,8 +12,8 @@ candidate ("best"), the figure least disturbed by bursts of other load. Sections
           copies) and torch.compile on/off; ratio = JetMoE / twin.
   layer   the SpheroMoE layer (forward in eval, forward+backward in train) against its floor: the same matmuls
           (logits, dispatch, experts, combine, and their gradients) with the same shapes, timed alone on
-          contiguous operands into preallocated outputs, float32 whatever --precisions says; the looped reference
-          layer shows what batching buys.
+          contiguous operands into preallocated outputs (float32, or with --layer-precisions bf16 too: autocast
+          against bfloat16 matmuls); the looped reference layer shows what batching buys.
           Also: graph breaks of the layer under torch.compile (eval and train).
   memory  peak tensor memory of a training step in each training precision: parameters + optimizer state + the
           step's own peak (activations, gradients, temporaries; on the CPU from the profiler's allocation events),
@@ -360,18 +360,21 @@ def _graph_breaks(layer: SpheroMoE, x: torch.Tensor) -> Dict[str, int]:
     return out
 
 
-def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], None]) -> Tuple[List[Dict], Dict]:
+def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], None],
+                 precision: str = 'float32') -> Tuple[List[Dict], Dict]:
+    """The layer against its floor in one precision: float32, or bf16 autocast against bfloat16 matmuls (the
+    routing stays float32 inside the layer, by design). Graph breaks and the looped reference: float32 only."""
     torch.manual_seed(0)
     device = cfg['device']
     layer = shape.build().to(device)
     x = torch.randn(batch, shape.tokens, shape.dim, device=device)
     x_grad = x.clone().requires_grad_()
     dy = torch.randn_like(x)
-    floor = _MatmulFloor(layer, batch, shape.tokens, device=device)
+    floor = _MatmulFloor(layer, batch, shape.tokens, dtype=PRECISIONS[precision] or torch.float32, device=device)
 
     def fwd(m):
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(precision, device):
                 m(x)
         return run
 
@@ -379,13 +382,17 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
         def run():
             m.zero_grad(set_to_none=True)  # a fresh step: gradients are not accumulated
             x_grad.grad = None
-            m(x_grad).backward(dy)
+            with _autocast(precision, device):
+                out = m(x_grad)
+            out.backward(dy)
         return run
 
-    info = dict(batch=batch, floor_gmacs_forward=floor.macs / 1e9, graph_breaks=None)
+    full = precision == 'float32'
+    info = dict(batch=batch, precision=precision, floor_gmacs_forward=floor.macs / 1e9, graph_breaks=None)
     use_compile = cfg['compile_layer']
     if use_compile:
-        info['graph_breaks'] = _graph_breaks(layer, x[:2])
+        if full:
+            info['graph_breaks'] = _graph_breaks(layer, x[:2])
         compiled = torch.compile(layer, fullgraph=True)
     rows = []
     for pass_name, mode in (('forward', 'eval'), ('forward+backward', 'train')):
@@ -393,7 +400,7 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
         make = fwd if mode == 'eval' else fwd_bwd
         cands = {'floor (matmuls alone)': floor.forward if mode == 'eval' else floor.forward_backward,
                  'SpheroMoE': make(layer)}
-        if mode == 'train' and device.type == 'cpu':  # the opt-in kept weight-gradient memory (CPU only)
+        if mode == 'train' and device.type == 'cpu' and full:  # the opt-in kept gradient memory (CPU, float32)
             kept = copy.deepcopy(layer)
             set_keep_grad_memory(kept, True)
             cands['SpheroMoE kept grads'] = make(kept)
@@ -404,7 +411,7 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
             info[f'compile_s_{mode}'] = time.perf_counter() - t0
             cands['SpheroMoE compiled'] = make(compiled)
         times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
-        if mode == 'eval' and cfg['reference']:
+        if mode == 'eval' and cfg['reference'] and full:
             # The looped reference runs B * E tiny expert calls, each image on its own: its time is linear in
             # the batch, so it is timed on a few images and scaled to the batch (fewer rounds, not interleaved).
             sub = min(batch, _REFERENCE_IMAGES)
@@ -418,9 +425,11 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
         base = statistics.median(times['floor (matmuls alone)'])
         for name, t in times.items():
             med = statistics.median(t)
-            row = dict(batch=batch, pass_=pass_name, candidate=name, ms=med * 1e3, x_floor=med / base, seconds=t)
+            row = dict(batch=batch, precision=precision, pass_=pass_name, candidate=name, ms=med * 1e3,
+                       x_floor=med / base, seconds=t)
             rows.append(row)
-            log(f"layer   {pass_name:16s} {name:22s} {row['ms']:9.1f} ms  {row['x_floor']:6.2f} x floor (median)")
+            log(f"layer   {precision:8s} {pass_name:16s} {name:22s} {row['ms']:9.1f} ms  {row['x_floor']:6.2f} x floor "
+                '(median)')
     return rows, info
 
 
@@ -527,6 +536,7 @@ def run_benchmark(
         compile_batch_sizes: Optional[Sequence[int]] = (64,),
         layer: Optional[LayerShape] = V_JETMOE_TINY_LAYER,
         layer_batch_sizes: Sequence[int] = (64,),
+        layer_precisions: Sequence[str] = ('float32',),
         reference: bool = True,
         compile_layer: bool = True,
         memory: bool = True,
@@ -557,6 +567,8 @@ def run_benchmark(
     if 'infer' not in modes and all(p in _INFER_ONLY for p in precisions):
         raise ValueError(f'{list(precisions)} time inference only: add the infer mode or a training precision '
                          '(float32, bf16).')
+    if any(p not in ('float32', 'bf16') for p in layer_precisions):
+        raise ValueError(f'Layer precisions are float32 and bf16 (autocast), not {list(layer_precisions)}.')
     if rounds < 1 or any(b < 1 for b in list(batch_sizes) + list(layer_batch_sizes)):
         raise ValueError('rounds and batch sizes must be >= 1.')
     dev = _device(device)
@@ -589,11 +601,12 @@ def run_benchmark(
         if on_section is not None:
             on_section(result)
     for shape_batch in (layer_batch_sizes if layer is not None else ()):
-        t0 = time.perf_counter()
-        rows, info = _bench_layer(layer, shape_batch, cfg, log)
-        result['layer'] += rows
-        result['layer_info'].append(dict(info, shape=layer._asdict()))
-        section_done(f'layer batch {shape_batch}', t0)
+        for precision in layer_precisions:
+            t0 = time.perf_counter()
+            rows, info = _bench_layer(layer, shape_batch, cfg, log, precision)
+            result['layer'] += rows
+            result['layer_info'].append(dict(info, shape=layer._asdict()))
+            section_done(f'layer batch {shape_batch} {precision}', t0)
     for pair in pairs:
         t0 = time.perf_counter()
         rows, mem_rows = _bench_pair(pair, cfg, log)
@@ -631,13 +644,15 @@ def format_table(result: Dict) -> str:
         lines += [_format_model_row(r) for r in result['models']]
     for info in result['layer_info']:
         s = info['shape']
-        lines += ['', f"SpheroMoE layer: batch {info['batch']}, {s['tokens']} tokens, d={s['dim']}, "
+        precision = info.get('precision', 'float32')  # results written before layer precisions: float32
+        lines += ['', f"SpheroMoE layer, {precision}: batch {info['batch']}, {s['tokens']} tokens, d={s['dim']}, "
                       f"{s['num_core_experts']}x{s['core_hidden']} core + {s['num_univ_experts']}x"
                       f"{int(round(s['core_hidden'] * s['univ_ratio']))} universal experts, "
                       f"{s['slots_per_expert']} slot(s) each; floor = its matmuls alone "
                       f"({info['floor_gmacs_forward']:.2f} GMACs forward, 3x that forward+backward)",
                   f"{'pass':16s} {'candidate':22s} {'ms':>9s} {'x floor':>8s} {'best':>6s}"]
-        rows = [r for r in result['layer'] if r['batch'] == info['batch']]
+        rows = [r for r in result['layer']
+                if r['batch'] == info['batch'] and r.get('precision', 'float32') == precision]
         floor_best = {r['pass_']: min(r['seconds']) for r in rows if r['candidate'].startswith('floor')}
         lines += [f"{r['pass_']:16s} {r['candidate']:22s} {r['ms']:9.1f} {r['x_floor']:8.2f} "
                   f"{min(r['seconds']) / floor_best[r['pass_']]:6.2f}" for r in rows]
@@ -698,6 +713,7 @@ def _run(args) -> int:
         compile_batch_sizes=args.compile_batch_sizes or ([64] if 64 in batch_sizes else batch_sizes[:1]),
         layer=None if args.no_layer else V_JETMOE_TINY_LAYER,
         layer_batch_sizes=args.layer_batch_sizes or ([32] if quick else [64]),
+        layer_precisions=args.layer_precisions,
         reference=not args.no_reference,
         compile_layer=compile_mode != 'off',
         memory=not args.no_memory,
@@ -743,6 +759,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--compile-batch-sizes', nargs='+', type=int, metavar='B',
                    help='batch sizes at which models are also compiled (default: 64)')
     p.add_argument('--layer-batch-sizes', nargs='+', type=int, metavar='B', help='layer batch sizes (default: 64)')
+    p.add_argument('--layer-precisions', nargs='+', choices=('float32', 'bf16'), default=['float32'],
+                   help='layer section precisions: float32 (default) and/or bf16 autocast against bfloat16 matmuls')
     p.add_argument('--rounds', type=int, help='interleaved rounds per measurement (default: 7, quick: 3)')
     p.add_argument('--threads', type=int, help='torch threads (default: torch\'s)')
     p.add_argument('--device', default='cpu',
