@@ -162,7 +162,7 @@ class ExpertLinear(nn.Module):
     across steps instead of a fresh buffer, which saves the page faults of a fresh 58 MB buffer per core expert
     group and step on CPU (the SpheroMoE layer's forward+backward ~15 % faster) at the cost of holding one
     weight-gradient-sized buffer through the next forward, when ``zero_grad(set_to_none=True)`` would have freed it
-    (+0.97 GB at the peak of a V-JetMoE-T training step).
+    (0.97 GB for V-JetMoE-T, +0.86 GB at the peak of its training step at batch 64).
 
     ``cache_autocast_weights`` (off by default; ``set_autocast_weight_cache``): in eval mode without gradients
     under CPU or CUDA autocast, keep the weight and bias cast to autocast's dtype from one call to the next.

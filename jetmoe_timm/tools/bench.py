@@ -301,9 +301,19 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     for precision in cfg['memory_precisions']:
                         mem = _train_step_memory(m, opt, x, y, precision)
                         mem_rows.append(dict(model=names[k], batch=batch, precision=precision, optimizer=opt_name,
-                                             **mem))
+                                             kept_grads=False, **mem))
                         log(f"memory  {names[k]:24s} batch {batch:4d} {precision:8s} {opt_name:9s}: "
                             f"{mem['peak_gb']:.2f} GB")
+                    if k == 'model' and device.type == 'cpu' and 'float32' in cfg['memory_precisions']:
+                        # the opt-in kept expert-gradient memory (CPU, float32): what its speed costs at the peak
+                        set_keep_grad_memory(m, True)
+                        _runner(m, 'train', x, y, 'float32', opt)()  # fills the kept buffers
+                        mem = _train_step_memory(m, opt, x, y, 'float32')
+                        set_keep_grad_memory(m, False)
+                        mem_rows.append(dict(model=names[k], batch=batch, precision='float32', optimizer=opt_name,
+                                             kept_grads=True, **mem))
+                        log(f"memory  {names[k]:24s} batch {batch:4d} float32  {opt_name:9s}: "
+                            f"{mem['peak_gb']:.2f} GB with kept gradient memory")
     return rows, mem_rows
 
 
@@ -664,11 +674,12 @@ def format_table(result: Dict) -> str:
                          f"train {info['graph_breaks']['train']}")
     if result['memory']:
         lines += ['', 'Training-step memory: parameters + optimizer state + step peak; adamw is fused AdamW, '
-                      'adafactor the memory-lean option (docs/training.md)',
-                  f"{'model':24s} {'batch':>5s} {'prec':8s} {'optimizer':9s} {'params':>8s} {'state':>8s} "
-                  f"{'step':>8s} {'peak GB':>8s}"]
+                      'adafactor the memory-lean option (docs/training.md); kept: the opt-in kept expert-gradient '
+                      'memory (set_keep_grad_memory), counted all through the step',
+                  f"{'model':24s} {'batch':>5s} {'prec':8s} {'optimizer':9s} {'kept':4s} {'params':>8s} "
+                  f"{'state':>8s} {'step':>8s} {'peak GB':>8s}"]
         lines += [f"{r['model']:24s} {r['batch']:5d} {r['precision']:8s} {r.get('optimizer', 'adamw'):9s} "
-                  f"{r['params_gb']:8.2f} "
+                  f"{'yes' if r.get('kept_grads') else 'no':4s} {r['params_gb']:8.2f} "
                   f"{r['optimizer_state_gb']:8.2f} {r['step_peak_gb']:8.2f} {r['peak_gb']:8.2f}"
                   for r in result['memory']]
     if result['convert']:
