@@ -275,12 +275,14 @@ def test_convert_then_push_dry_run(tmp_path, tiny_vit_kwargs, capsys):
 def _builds_wheels_offline() -> bool:
     """Whether this interpreter can build the wheel without fetching anything (``--no-build-isolation``): setuptools
     brings its own bdist_wheel from 70.1 on, older ones need the wheel package."""
+    import importlib.metadata
     import importlib.util
+    import re
     try:
-        import setuptools
-    except ImportError:
+        version = importlib.metadata.version('setuptools')
+    except importlib.metadata.PackageNotFoundError:
         return False
-    major, minor = (int(p) for p in setuptools.__version__.split('.')[:2])
+    major, minor = (int(n) for n in re.match(r'(\d+)(?:\.(\d+))?', version).groups(default='0'))
     return (major, minor) >= (70, 1) or importlib.util.find_spec('wheel') is not None
 
 

@@ -9,16 +9,17 @@ candidate ("best"), the figure least disturbed by bursts of other load. Sections
   models  images/s of inference and of a full training step (forward, backward, fused AdamW step) for each
           JetMoE model and its dense twin, per batch size, precision (float32, bf16 autocast, and for inference
           bf16-weights: a bfloat16 copy of each model, and bf16-cached: autocast with the experts' opt-in weight
-          copies) and torch.compile on/off; ratio = JetMoE / twin.
+          copies, eager only) and torch.compile on/off; ratio = JetMoE / twin.
   layer   the SpheroMoE layer (forward in eval, forward+backward in train) against its floor: the same matmuls
           (logits, dispatch, experts, combine, and their gradients) with the same shapes, timed alone on
           contiguous operands into preallocated outputs (float32, or with --layer-precisions bf16 too: autocast
           against bfloat16 matmuls); the looped reference layer shows what batching buys.
           Also: graph breaks of the layer under torch.compile (eval and train).
-  memory  peak tensor memory of a training step in each training precision: parameters + optimizer state + the
-          step's own peak (activations, gradients, temporaries; on the CPU from the profiler's allocation events),
-          with fused AdamW and with the memory-lean option (timm's Adafactor: factored second moment, no first
-          moment).
+  memory  peak tensor memory of a training step in each training precision asked for (float32 when only
+          inference ones are): parameters + optimizer state + the step's own peak (activations, gradients,
+          temporaries; on the CPU from the profiler's allocation events), with fused AdamW and with the memory-lean
+          option (timm's Adafactor: factored second moment, no first moment); on the CPU in float32 also with the
+          JetMoE model's opt-in kept expert-gradient memory.
   convert time and peak RSS of full-size conversions, per variant (only with --convert: minutes).
 
 On a GPU (``--device cuda``) every timed call ends with a device synchronisation, autocast runs on the device and
@@ -260,6 +261,8 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                 for mode in cfg['modes']:
                     if precision in _INFER_ONLY and mode == 'train':
                         continue  # training keeps float32 master weights: bf16 there means autocast
+                    if precision == 'bf16-cached' and compile_on:
+                        continue  # the weight copies are eager-only: compiled, the cell would time plain bf16
                     cands, compile_s = {}, {}
                     for k in models:
                         if cast:
@@ -307,9 +310,11 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     if k == 'model' and device.type == 'cpu' and 'float32' in cfg['memory_precisions']:
                         # the opt-in kept expert-gradient memory (CPU, float32): what its speed costs at the peak
                         set_keep_grad_memory(m, True)
-                        _runner(m, 'train', x, y, 'float32', opt)()  # fills the kept buffers
-                        mem = _train_step_memory(m, opt, x, y, 'float32')
-                        set_keep_grad_memory(m, False)
+                        try:
+                            _runner(m, 'train', x, y, 'float32', opt)()  # fills the kept buffers
+                            mem = _train_step_memory(m, opt, x, y, 'float32')
+                        finally:
+                            set_keep_grad_memory(m, False)
                         mem_rows.append(dict(model=names[k], batch=batch, precision='float32', optimizer=opt_name,
                                              kept_grads=True, **mem))
                         log(f"memory  {names[k]:24s} batch {batch:4d} float32  {opt_name:9s}: "
@@ -591,7 +596,7 @@ def run_benchmark(
                memory_optimizers=list(memory_optimizers),
                memory_precisions=[p for p in precisions if p not in _INFER_ONLY] or ['float32'], rounds=rounds,
                warmup=warmup,
-               reference_rounds=reference_rounds, device=dev)
+               reference_rounds=reference_rounds, layer_precisions=list(layer_precisions), device=dev)
     from ..version import __version__
     import timm
     t_start = time.perf_counter()
@@ -748,7 +753,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         'bench', help='speed: JetMoE models vs their dense twins, SpheroMoE vs its matmul floor',
         description='Time JetMoE models against their dense twins (inference and fused-AdamW training, '
-                    'float32 / bf16 autocast / bf16 weights, eager / torch.compile) and the SpheroMoE layer '
+                    'float32 / bf16 autocast / bf16 weights / bf16 with the opt-in weight copies, eager / '
+                    'torch.compile) and the SpheroMoE layer '
                     'against its matmul floor and the looped reference; write JSON and print a table (see '
                     'docs/benchmark.md). '
                     'Candidates are interleaved and medians reported, so a busy machine slows them alike.')
