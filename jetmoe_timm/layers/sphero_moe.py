@@ -459,6 +459,10 @@ class SpheroMoE(nn.Module):
         """Cosine similarity of tokens and slot queries: (B, N, d) -> (B, N, M)."""
         return self._unit_key(x) @ self._unit_query().t()
 
+    def _adds_noise(self) -> bool:
+        """Whether this call adds logit noise: in training, or at eval too with ``noise_at_eval``."""
+        return self.noise_mult > 0 and (self.training or self.noise_at_eval)
+
     def _routing_weights(self, x: torch.Tensor, in_buffers: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32, written
         into this thread's routing buffers when ``in_buffers`` (see ``_claims_routing_buffers``).
@@ -473,7 +477,7 @@ class SpheroMoE(nn.Module):
         if not torch.jit.is_scripting() and in_buffers:
             return self._routing_weights_in_buffers(key, query, inv_temp)
         logits = (key @ query.t()).float()  # cos / t_dispatch
-        noisy = self.noise_mult > 0 and (self.training or self.noise_at_eval)
+        noisy = self._adds_noise()
         if self.temp_raw.shape[0] == 1:  # one shared temperature: both directions read the same logits
             if noisy:
                 logits = logits + _logit_noise(logits, self.noise_mult)
@@ -501,7 +505,7 @@ class SpheroMoE(nn.Module):
         CPU call without noise whose routing tensors do not outlive it (routing capture keeps them), while no
         other call holds them (a hook inside the experts may run another layer)."""
         if (torch.is_grad_enabled() or x.device.type != 'cpu' or self.capture_routing or _ROUTING_BUFFERS.busy
-                or (self.noise_mult > 0 and (self.training or self.noise_at_eval)) or not _plain_eager_call(x)):
+                or self._adds_noise() or not _plain_eager_call(x)):
             return False
         _ROUTING_BUFFERS.busy = True
         return True
