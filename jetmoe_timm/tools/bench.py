@@ -175,17 +175,18 @@ def _runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, preci
 
 
 @contextlib.contextmanager
-def _weight_copies(models, enabled: bool):
-    """The experts' opt-in autocast weight copies on for the models (a no-op for dense ones), freed afterwards."""
+def _switched_on(switch: Callable[[nn.Module, bool], None], models, enabled: bool = True):
+    """One of the experts' opt-in kept memories (``set_autocast_weight_cache``, ``set_keep_grad_memory``) on for the
+    models while the block runs (a no-op for dense ones), then off and freed."""
     if enabled:
         for m in models:
-            set_autocast_weight_cache(m, True)
+            switch(m, True)
     try:
         yield
     finally:
         if enabled:
             for m in models:
-                set_autocast_weight_cache(m, False)
+                switch(m, False)
 
 
 # optimizers whose training-step memory is reported: fused AdamW (what the speed cells use) and the memory-lean
@@ -284,7 +285,7 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                         else:
                             run = _runner(m, mode, xm, y, precision, opts[k])
                         cands[k] = run
-                    with _weight_copies(models.values(), precision == 'bf16-cached'):
+                    with _switched_on(set_autocast_weight_cache, models.values(), precision == 'bf16-cached'):
                         times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
                     ips = {k: batch / statistics.median(v) for k, v in times.items()}
                     row = dict(pair=pair.name, model=pair.model, twin=pair.twin, mode=mode, batch=batch,
@@ -301,24 +302,19 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     opt = opts[k] if opt_name == 'adamw' else _optimizer(m, opt_name)
                     if not opt.state:  # a first step creates the optimizer state
                         _runner(m, 'train', x, y, cfg['memory_precisions'][0], opt)()
-                    for precision in cfg['memory_precisions']:
-                        mem = _train_step_memory(m, opt, x, y, precision)
-                        mem_rows.append(dict(model=names[k], batch=batch, precision=precision, optimizer=opt_name,
-                                             kept_grads=False, **mem))
-                        log(f"memory  {names[k]:24s} batch {batch:4d} {precision:8s} {opt_name:9s}: "
-                            f"{mem['peak_gb']:.2f} GB")
+                    variants = [(precision, False) for precision in cfg['memory_precisions']]
                     if k == 'model' and device.type == 'cpu' and 'float32' in cfg['memory_precisions']:
                         # the opt-in kept expert-gradient memory (CPU, float32): what its speed costs at the peak
-                        set_keep_grad_memory(m, True)
-                        try:
-                            _runner(m, 'train', x, y, 'float32', opt)()  # fills the kept buffers
-                            mem = _train_step_memory(m, opt, x, y, 'float32')
-                        finally:
-                            set_keep_grad_memory(m, False)
-                        mem_rows.append(dict(model=names[k], batch=batch, precision='float32', optimizer=opt_name,
-                                             kept_grads=True, **mem))
-                        log(f"memory  {names[k]:24s} batch {batch:4d} float32  {opt_name:9s}: "
-                            f"{mem['peak_gb']:.2f} GB with kept gradient memory")
+                        variants.append(('float32', True))
+                    for precision, kept in variants:
+                        with _switched_on(set_keep_grad_memory, [m], kept):
+                            if kept:
+                                _runner(m, 'train', x, y, precision, opt)()  # fills the kept buffers
+                            mem = _train_step_memory(m, opt, x, y, precision)
+                        mem_rows.append(dict(model=names[k], batch=batch, precision=precision, optimizer=opt_name,
+                                             kept_grads=kept, **mem))
+                        log(f"memory  {names[k]:24s} batch {batch:4d} {precision:8s} {opt_name:9s}: "
+                            f"{mem['peak_gb']:.2f} GB" + (' with kept gradient memory' if kept else ''))
     return rows, mem_rows
 
 
