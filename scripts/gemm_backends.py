@@ -9,23 +9,12 @@ calls, Python overhead included. Operands are made once; candidates take turns e
 """
 import argparse
 import statistics
-import time
 
 import torch
 
+from jetmoe_timm.tools.bench import interleaved_times
+
 TOKENS, DIM, CORE, UNIV = 197, 192, (98, 768), (196, 192)  # v_jetmoe_tiny: one MoE block
-
-
-def _median_ms(cands, rounds):
-    for f in cands.values():
-        f()
-    times = {k: [] for k in cands}
-    for r in range(rounds):
-        for k in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
-            t0 = time.perf_counter()
-            cands[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def _onednn_linear(x, w_t):
@@ -57,7 +46,8 @@ def main(argv=None):
             }
             torch.testing.assert_close(torch.stack(cands['float32 oneDNN']()), cands['float32 ATen (MKL)'](),
                                        rtol=1e-4, atol=1e-4)
-            ms = _median_ms(cands, args.rounds)
+            times = interleaved_times(cands, args.rounds, warmup=1)
+            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             cells = '  '.join(f'{k} {macs / v:6.1f} ({v:6.2f})' for k, v in ms.items())
             print(f'batch {batch:4d}  {name:22s} {cells}', flush=True)
 

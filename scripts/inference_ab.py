@@ -11,14 +11,15 @@ checked equal.
 import argparse
 import contextlib
 import copy
+import functools
 import statistics
-import time
 
 import timm
 import torch
 
 import jetmoe_timm
 from jetmoe_timm.layers import SpheroMoE
+from jetmoe_timm.tools.bench import interleaved_times
 
 
 @contextlib.contextmanager
@@ -58,12 +59,8 @@ def main(argv=None):
                     return model(x)
             outs = [run(*c) for name, c in cands.items() if name != 'dense twin']
             assert all(torch.equal(o, outs[0]) for o in outs), 'candidates disagree'
-            times = {k: [] for k in cands}
-            for r in range(args.rounds):
-                for name in (list(cands) if r % 2 == 0 else list(cands)[::-1]):
-                    t0 = time.perf_counter()
-                    run(*cands[name])
-                    times[name].append(time.perf_counter() - t0)
+            # the equality check above was the JetMoE candidates' first call
+            times = interleaved_times({k: functools.partial(run, *c) for k, c in cands.items()}, args.rounds, warmup=0)
             med = {k: statistics.median(v) for k, v in times.items()}
             cells = '  '.join(f'{k} {med[k] * 1e3:7.1f} ms ({med["dense twin"] / med[k]:.2f})' for k in cands)
             print(f'{precision:8s} batch {batch:4d}  {cells}', flush=True)

@@ -47,8 +47,8 @@ import torch.nn.functional as F
 
 from ..layers import SpheroMoE, set_autocast_weight_cache, set_keep_grad_memory, sphero_moe_reference
 
-__all__ = ['Pair', 'LayerShape', 'PAIRS', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'run_benchmark', 'format_table',
-           'add_parser']
+__all__ = ['Pair', 'LayerShape', 'PAIRS', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'interleaved_times', 'run_benchmark',
+           'format_table', 'add_parser']
 
 
 class Pair(NamedTuple):
@@ -110,7 +110,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int,
+def interleaved_times(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int,
                  device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
     """Seconds per call of each candidate; candidates take turns, in alternating order, every round."""
     for fn in cands.values():
@@ -286,7 +286,7 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                             run = _runner(m, mode, xm, y, precision, opts[k])
                         cands[k] = run
                     with _switched_on(set_autocast_weight_cache, models.values(), precision == 'bf16-cached'):
-                        times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
+                        times = interleaved_times(cands, cfg['rounds'], cfg['warmup'], device)
                     ips = {k: batch / statistics.median(v) for k, v in times.items()}
                     row = dict(pair=pair.name, model=pair.model, twin=pair.twin, mode=mode, batch=batch,
                                precision=precision, compile=bool(compile_on), model_img_s=ips['model'],
@@ -421,7 +421,7 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
             _synchronize(device)
             info[f'compile_s_{mode}'] = time.perf_counter() - t0
             cands['SpheroMoE compiled'] = make(compiled)
-        times = _interleaved(cands, cfg['rounds'], cfg['warmup'], device)
+        times = interleaved_times(cands, cfg['rounds'], cfg['warmup'], device)
         if mode == 'eval' and cfg['reference'] and full:
             # The looped reference runs B * E tiny expert calls, each image on its own: its time is linear in
             # the batch, so it is timed on a few images and scaled to the batch (fewer rounds, not interleaved).
@@ -430,7 +430,7 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
             def reference():
                 with torch.no_grad():
                     sphero_moe_reference(layer, x[:sub])
-            t = _interleaved({'r': reference}, cfg['reference_rounds'], 0, device)['r']
+            t = interleaved_times({'r': reference}, cfg['reference_rounds'], 0, device)['r']
             times['looped reference'] = [v * batch / sub for v in t]
             info['reference_images'] = sub
         base = statistics.median(times['floor (matmuls alone)'])
