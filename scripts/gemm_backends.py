@@ -28,10 +28,13 @@ _BRGEMM_SOURCE = r"""
 #include <ATen/Parallel.h>
 
 // x (E, M, K); w (E, K, N) float32, or bfloat16 in VNNI layout (E, K/2, N, 2); returns (E, M, N) float32.
-torch::Tensor grouped_brgemm(torch::Tensor x, torch::Tensor w, int64_t N, int64_t block_m, int64_t block_n) {
+torch::Tensor grouped_brgemm(torch::Tensor x, torch::Tensor w, int64_t block_m, int64_t block_n) {
   const int64_t E = x.size(0), M = x.size(1), K = x.size(2);
-  const int64_t mb = (M + block_m - 1) / block_m, nb = (N + block_n - 1) / block_n;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t N = w.size(2);  // w is (E, K/2, N, 2) or (E, K, N)
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && w.scalar_type() == x.scalar_type(), "contiguous, same dtype");
+  TORCH_CHECK(w.size(0) == E && w.numel() == E * K * N && (!bf16 || K % 2 == 0), "w does not match x");
+  const int64_t mb = (M + block_m - 1) / block_m, nb = (N + block_n - 1) / block_n;
   auto out = torch::empty({E, M, N}, x.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   at::parallel_for(0, E * mb * nb, 1, [&](int64_t begin, int64_t end) {
@@ -63,8 +66,9 @@ def _onednn_linear(x, w_t):
 
 def _build_brgemm():
     from torch.utils.cpp_extension import load_inline
+    # Without OpenMP, at::parallel_for runs on the calling thread alone.
     return load_inline('jetmoe_grouped_brgemm', cpp_sources=_BRGEMM_SOURCE, functions=['grouped_brgemm'],
-                       extra_cflags=['-O3'])
+                       extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'])
 
 
 def _vnni(w: torch.Tensor) -> torch.Tensor:
@@ -104,10 +108,10 @@ def main(argv=None):
                                        rtol=1e-4, atol=1e-4)
             if brgemm is not None:
                 wb_vnni = _vnni(wb)
-                # Row blocks of 64 for the dense GEMM; an expert's rows (the batch) are one block up to 128.
+                # Row blocks of 64 for the dense GEMM; an expert's rows (the batch) are one block.
                 block_m = 64 if E == 1 else T
-                cands['float32 brgemm'] = lambda: brgemm.grouped_brgemm(x, w, h, block_m, 192)
-                cands['bf16 brgemm'] = lambda: brgemm.grouped_brgemm(xb, wb_vnni, h, block_m, 192)
+                cands['float32 brgemm'] = lambda: brgemm.grouped_brgemm(x, w, block_m, 192)
+                cands['bf16 brgemm'] = lambda: brgemm.grouped_brgemm(xb, wb_vnni, block_m, 192)
                 torch.testing.assert_close(cands['float32 brgemm'](), torch.bmm(x, w), rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(cands['bf16 brgemm'](), torch.bmm(xb.float(), wb.float()),
                                            rtol=1e-3, atol=1e-3)
