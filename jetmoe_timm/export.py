@@ -16,14 +16,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 from timm.models._hub import save_config_for_hf
 
-__all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance', 'verify_safetensors']
+__all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance', 'verify_safetensors',
+           'is_model_folder', 'replace_problem', 'replace_folder']
 
 PROVENANCE_KEY = 'jetmoe'
 CHECKSUM_KEY = 'jetmoe_sha256'
@@ -172,16 +173,62 @@ def _describe(provenance: Dict[str, Any]) -> str:
     return 'Recycled with jetmoe_timm (' + ', '.join(parts) + ')'
 
 
+def is_model_folder(path: Path) -> bool:
+    """Whether ``path`` holds a model folder as written here (or by timm's ``save_for_hf``) and nothing else."""
+    names = {p.name for p in path.iterdir()}
+    return 'config.json' in names and names <= {'model.safetensors', 'config.json', 'README.md'}
+
+
+def replace_problem(dst: os.PathLike, owned: Callable[[Path], bool], what: str) -> Optional[str]:
+    """Why replacing the existing folder ``dst`` could lose something the caller did not write, or None.
+
+    Only an empty folder or one that ``owned`` recognises (an earlier output of the same kind, ``what``) may be
+    replaced; never the current folder or one that holds it (``--out .``)."""
+    dst = Path(dst)
+    if not dst.is_dir():
+        return None
+    here = Path.cwd().resolve()
+    if dst.resolve() == here or dst.resolve() in here.parents:
+        return 'is the current folder or holds it'
+    if any(dst.iterdir()) and not owned(dst):
+        names = sorted(p.name for p in dst.iterdir())
+        listed = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
+        return f'holds files that are not {what} ({listed}); only an earlier output folder is replaced'
+    return None
+
+
+def replace_folder(new: Path, dst: Path) -> None:
+    """Rename the finished folder ``new`` to ``dst``. An existing ``dst`` is moved aside first and deleted only
+    once ``new`` is in place; if the rename fails, it is moved back."""
+    if not dst.exists():
+        os.replace(new, dst)
+        return
+    aside = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.old'))
+    os.replace(dst, aside / dst.name)
+    try:
+        os.replace(new, dst)
+    except BaseException:
+        os.replace(aside / dst.name, dst)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def save_pretrained_folder(
         model: nn.Module,
         out_dir: os.PathLike,
         provenance: Optional[Dict[str, Any]] = None,
         overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` as ``out_dir/{model.safetensors, config.json}`` atomically; returns ``out_dir``."""
-    out_dir = Path(out_dir)
+    """Write ``model`` as ``out_dir/{model.safetensors, config.json}`` atomically; returns ``out_dir``.
+
+    ``overwrite`` replaces an existing model folder (see ``replace_problem``), never other files."""
+    out_dir = Path(os.path.abspath(out_dir))  # '.' and '..' have no usable parent
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f'{out_dir} already exists: choose another --out or pass overwrite=True (--overwrite).')
+    problem = replace_problem(out_dir, is_model_folder, 'a converted model')
+    if problem:
+        raise FileExistsError(f'{out_dir} {problem}: choose another --out.')
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     provenance = dict(provenance or {})
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.'))
@@ -198,9 +245,7 @@ def save_pretrained_folder(
         config[PROVENANCE_KEY] = {k: v for k, v in provenance.items() if k != 'selection'}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=False) + '\n')
         os.chmod(tmp, 0o777 & ~_umask())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -52,8 +52,9 @@ def _rows(d):
         (conv + ['--out', new, '--model-kwargs', 'embed_dim'], 'not of the form key=value'),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=100'], 'do not make a v_jetmoe_tiny'),
         (conv + ['--out', str(d / 'a_file'), '--overwrite'], 'is a file: give a folder path'),
-        (conv + ['--out', str(d / 'a_file' / 'out')], 'is not writable'),
+        (conv + ['--out', str(d / 'a_file' / 'out')], 'is a file, not a folder'),
         (conv + ['--out', str(d / 'exists')], 'already exists'),
+        (conv + ['--out', str(d / 'exists'), '--overwrite'], 'holds files that are not a converted model (keep.txt)'),
         (conv + ['--out', new, '--predecessor', f'local-dir:{d / "nowhere"}'], 'does not exist'),
         (conv + ['--out', new, '--predecessor', str(d / 'truncated.safetensors'), '--model-kwargs', *SUCC],
          'cannot be read as a checkpoint'),
@@ -79,6 +80,8 @@ def _rows(d):
         (['data', 'export', 'mnist5k', str(d / 'a_file')], 'is a file: give a folder path'),
         (['data', 'export', 'mnist5k', new, '--limit', '5'], 'smaller than the 10 classes'),
         (['data', 'export', 'mnist5k', str(d / 'exists')], 'already exists'),
+        (['data', 'export', 'mnist5k', str(d / 'exists'), '--force'], 'holds files that are not an exported dataset'),
+        (['data', 'export', 'mnist5k', str(d / 'converted'), '--force'], 'are not an exported dataset'),
         (['inspect', 'v_jetmoe_tiny', str(d / 'no_image.png'), '--out', new, '--top-k', '0'], '--top-k must be >= 1'),
         (['inspect', 'v_jetmoe_tiny', str(d / 'no_image.png'), '--out', new, '--model-kwargs', 'num_head=2'],
          "did you mean 'num_heads'"),
@@ -112,4 +115,5 @@ def test_every_mistake_gets_one_line_exit_2_and_leaves_nothing(world, tmp_path):
         assert says in lines[0], (argv, lines[0])
     assert not (world / 'new').exists() and not list(world.glob('.new*'))  # nothing half-written
     assert (world / 'exists' / 'keep.txt').read_text() == 'keep' and (world / 'a_file').read_text() == 'x'
+    assert sorted(p.name for p in (world / 'converted').iterdir()) == ['config.json', 'model.safetensors']
     assert not list((tmp_path / 'cache').rglob('*.safetensors'))

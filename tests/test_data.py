@@ -134,6 +134,10 @@ def test_export_is_atomic(tmp_path, mnist_raw, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ['dataset.json', 'train']
     assert len(list(out.glob('train/*/*.png'))) == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ['m']
+    monkeypatch.chdir(out)  # --force never replaces the folder the user is in
+    with pytest.raises(FileExistsError, match='is the current folder or holds it'):
+        data.export_dataset('mnist5k', '.', splits=['train'], limit=20, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m'] and (out / 'dataset.json').is_file()
 
 
 def test_bad_input_errors(tmp_path):

@@ -724,6 +724,48 @@ def test_invalid_repo_name_is_refused_before_anything_is_written(repo_id, tmp_pa
     assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'model.safetensors']
 
 
+def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
+    """--overwrite must never delete what the user keeps in a folder, nor the folder the user is in."""
+    torch.manual_seed(0)
+    model = timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS)
+    precious = tmp_path / 'precious'
+    (precious / 'sub').mkdir(parents=True)
+    (precious / 'notes.txt').write_text('keep')
+    with pytest.raises(FileExistsError, match=r'holds files that are not a converted model \(notes.txt, sub\)'):
+        save_pretrained_folder(model, precious, overwrite=True)
+    assert sorted(p.name for p in precious.iterdir()) == ['notes.txt', 'sub']
+
+    folder = save_pretrained_folder(model, tmp_path / 'f')
+    monkeypatch.chdir(folder)
+    for here in ('.', str(folder)):  # the current folder, by any name
+        with pytest.raises(FileExistsError, match='is the current folder or holds it'):
+            save_pretrained_folder(model, here, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match='is the current folder or holds it'):
+        save_pretrained_folder(model, '.', overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ['config.json', 'model.safetensors']
+
+    # an earlier output is replaced; when the new folder cannot be moved in, the old one is put back
+    before = (folder / 'model.safetensors').read_bytes()
+    real_replace = os.replace
+
+    def moving_in_fails(src, dst):  # the finished folder (beside 'f'; the old one is moved into a '.old' folder)
+        if Path(dst) == folder and Path(src).parent == tmp_path:
+            raise OSError('rename failed')
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', moving_in_fails)
+    with pytest.raises(OSError, match='rename failed'):
+        save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), 'f', overwrite=True)
+    monkeypatch.setattr(os, 'replace', real_replace)
+    assert (folder / 'model.safetensors').read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['f', 'precious']  # nothing half-written
+    torch.manual_seed(1)
+    save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), 'f', overwrite=True)
+    assert (folder / 'model.safetensors').read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['f', 'precious']
+
+
 def test_push_without_token_sends_nothing(tmp_path, local_hub, monkeypatch):
     monkeypatch.delenv('HF_TOKEN', raising=False)
     monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)

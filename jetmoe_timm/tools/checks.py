@@ -3,22 +3,32 @@ import difflib
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import timm
+
+from ..export import is_model_folder, replace_problem
 
 __all__ = ['check_model_kwargs', 'check_output_folder']
 
 
-def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out') -> Path:
-    """Fail now, before any expensive work, when ``out`` cannot be written as a folder."""
+def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
+                        owned: Callable[[Path], bool] = is_model_folder, what: str = 'a converted model') -> Path:
+    """Fail now, before any expensive work, when ``out`` cannot be written as a folder, or when replacing it
+    (``overwrite``) could delete what the command did not write there: ``owned`` recognises an earlier output."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f'{flag} {out} is a file: give a folder path.')
+    if out.exists() and overwrite:
+        problem = replace_problem(out, owned, what)
+        if problem:
+            raise ValueError(f'{flag} {out} {problem}: choose another {flag}.')
     if out.exists() and not overwrite and any(out.iterdir()) and flag == '--out':
         return out  # the command's own exists-check names --overwrite
-    parent = next((p for p in (out, *out.parents) if p.exists()), Path('.'))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    parent = next(p for p in (Path(os.path.abspath(out)), *Path(os.path.abspath(out)).parents) if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f'{flag} {out}: {parent} is a file, not a folder; choose another path.')
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f'{flag} {out}: {parent} is not writable; choose a folder you can write to.')
     return out
 

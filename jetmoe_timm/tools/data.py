@@ -25,6 +25,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..export import replace_folder, replace_problem
 from .checks import check_output_folder
 
 __all__ = ['DATASETS', 'SPLITS', 'class_names', 'load_arrays', 'export_dataset']
@@ -114,6 +115,10 @@ def export_dataset(
         raise ValueError(f'calib_images ({calib_images}) must be at least 1 and needs the train split exported.')
     if out.exists() and not force:
         raise FileExistsError(f'{out} already exists: pass --force (force=True) to replace it.')
+    out = Path(os.path.abspath(out))  # '.' and '..' have no usable parent
+    problem = replace_problem(out, _is_dataset_folder, 'an exported dataset')
+    if problem:
+        raise FileExistsError(f'{out} {problem}: choose another OUT.')
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
@@ -147,7 +152,7 @@ def export_dataset(
                 meta['calibration'] = dict(count=len(held_out), split='train', disjoint_from='train')
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        _replace_dir(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -255,19 +260,13 @@ def _balanced_subset(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
     return np.sort(order[:limit])
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, replacing an existing ``dst`` with only a brief gap."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.old'))
-    os.rename(dst, old / dst.name)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
+def _is_dataset_folder(path: Path) -> bool:
+    """Whether ``path`` is a tree written by ``export_dataset`` and holds nothing else."""
+    return (path / _META_FILE).is_file() and {p.name for p in path.iterdir()} <= {*SPLITS, 'calibration', _META_FILE}
 
 
 def _cmd_export(args) -> int:
-    check_output_folder(args.out, args.force, flag='OUT')
+    check_output_folder(args.out, args.force, flag='OUT', owned=_is_dataset_folder, what='an exported dataset')
     out = export_dataset(args.dataset, args.out, splits=args.split, limit=_parse_limit(args.limit),
                          source=args.source, force=args.force, calib_images=args.calib_images)
     meta = json.loads((out / _META_FILE).read_text())
