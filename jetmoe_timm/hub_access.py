@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants
 
-__all__ = ['hub_reachable', 'hub_offline_unless_reachable']
+__all__ = ['hub_offline_mode', 'hub_reachable', 'hub_offline_unless_reachable']
 
 PROBE_TIMEOUT_S = 3.
 
@@ -26,6 +26,11 @@ def _reachable(endpoint: str, timeout: float) -> bool:
             return True
     except OSError:  # no route, refused, DNS failure, timeout
         return False
+
+
+def hub_offline_mode() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``) by the user's choice."""
+    return constants.HF_HUB_OFFLINE
 
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:

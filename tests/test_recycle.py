@@ -1,5 +1,6 @@
 """Checkpoint recycling: the recycled weights are the predecessor's, index by index, for every method."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -303,6 +304,18 @@ def test_build_on_first_load_cache_and_concurrency(tmp_path, pred_dir):
     assert out.strip() in hashes and 'Recycling' not in err
 
 
+def test_predecessor_paths(pred_dir, tmp_path):
+    """A folder's path is timm's 'local-dir:'; a checkpoint path that does not exist is named as such (timm would
+    call it a model name with no source prefix)."""
+    from jetmoe_timm.recycle.build import load_predecessor
+    by_path, by_prefix = load_predecessor(str(pred_dir)), load_predecessor(f'local-dir:{pred_dir}')
+    for (k, a), b in zip(by_path.state_dict().items(), by_prefix.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    for missing in (str(tmp_path / 'nope.safetensors'), 'nope.pth'):
+        with pytest.raises(FileNotFoundError, match=f"predecessor file '{re.escape(missing)}' does not exist"):
+            load_predecessor(missing, 'vit_small_patch16_224')
+
+
 @pytest.mark.parametrize('how', ['HF_HUB_OFFLINE=1', 'endpoint unreachable'])
 def test_offline_first_use_fails_fast_in_one_message(tmp_path, how):
     """Nothing cached and no Hub: one short error naming the predecessor and the ways out, at once (no retry
@@ -330,6 +343,7 @@ def test_offline_first_use_fails_fast_in_one_message(tmp_path, how):
     assert float(err.split('library seconds ')[1].split()[0]) < 5
     assert 'WeightsUnavailableError' in err and 'vit_small_patch16_224.augreg_in21k' in err
     assert 'JETMOE_TIMM_PREDECESSOR' in err and 'connect' in err
+    assert ('HF_HUB_OFFLINE is set' if how == 'HF_HUB_OFFLINE=1' else 'the Hub cannot be reached') in err
     assert 'During handling' not in err and 'direct cause' not in err and 'Retrying' not in err
     assert len(err.strip().splitlines()) <= 16  # 4 frames (user, timm, entrypoint, helper) and the message
     assert not list((tmp_path / 'cache').rglob('*.safetensors'))  # nothing half-written

@@ -30,7 +30,7 @@ import torch.nn as nn
 from filelock import FileLock, Timeout
 
 from ..export import PROVENANCE_KEY, public_source, save_safetensors_atomic, verify_safetensors
-from ..hub_access import hub_offline_unless_reachable, hub_reachable
+from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
 from .engine import RecycleResult, check_options, recycle, selection_to_json
@@ -73,21 +73,36 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
-    reason = ('the Hub cannot be reached and it is not in the local cache' if not hub_reachable()
-              else f'{type(err).__name__}: {str(err).splitlines()[0][:200]}')
+    if hub_offline_mode():
+        reason = 'HF_HUB_OFFLINE is set and it is not in the local cache'
+    elif not hub_reachable():
+        reason = 'the Hub cannot be reached and it is not in the local cache'
+    else:
+        reason = f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
     return WeightsUnavailableError(
         f"Cannot load the predecessor '{spec}' to recycle from ({reason}). Ways out: connect to the Hugging Face "
-        f"Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR to a local checkpoint file, a "
+        f"Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR (jetmoe-timm convert: --predecessor) "
+        f"to a local checkpoint file, a "
         f"'local-dir:' folder or an 'hf-hub:' name; or point JETMOE_TIMM_CACHE at a cache that already holds the "
         f"recycled weights; or pass pretrained_cfg_overlay=dict(file=...) with converted weights.")
+
+
+_CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin')
 
 
 def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
     """A dense timm model with pretrained weights from ``spec``.
 
-    ``spec`` is a timm name ('vit_small_patch16_224.augreg_in21k'), 'hf-hub:org/name', 'local-dir:/path', or a
-    checkpoint file (.safetensors / .pth / .bin) holding weights of the ``arch_hint`` architecture.
+    ``spec`` is a timm name ('vit_small_patch16_224.augreg_in21k'), 'hf-hub:org/name', 'local-dir:/path' (or just
+    the folder's path), or a checkpoint file (.safetensors / .pth / .bin) holding weights of the ``arch_hint``
+    architecture.
     """
+    if not spec.startswith(('local-dir:', 'hf-hub:')) and (os.sep in spec or spec.endswith(_CHECKPOINT_SUFFIXES)):
+        if os.path.isdir(spec):  # a path to a folder means timm's 'local-dir:'
+            spec = f'local-dir:{spec}'
+        elif not os.path.exists(spec):
+            raise FileNotFoundError(f"predecessor file '{spec}' does not exist: pass an existing .safetensors, .pth "
+                                    f"or .bin file, a 'local-dir:' folder or a timm model name.")
     if spec.startswith('local-dir:') and not os.path.isdir(spec[len('local-dir:'):]):
         raise FileNotFoundError(f"predecessor folder '{spec[len('local-dir:'):]}' does not exist: pass an existing "
                                 f"folder with model.safetensors and config.json (e.g. written by timm save_for_hf).")
