@@ -74,6 +74,7 @@ def _rows(d):
         (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'no_calib')], 'does not exist'),
         (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'empty_calib')], 'holds no images'),
         (['convert', 'v_jetmoe_tiny', '--out', new, '--num-calib', '0'], 'must be at least 1'),
+        (['convert', 'c_jetmoe_femto', '--out', new, '--recipe', 'official'], 'exists for ViT only'),
         (['convert', 'v_jetmoe_tiny', '--out', new, '--method', 'graph', '--calib', 'weights'],
          'needs co-activation statistics'),
         (conv + ['--out', new, '--predecessor', pred, '--model-kwargs', *SUCC[:2], 'embed_dim=128', 'num_heads=2',

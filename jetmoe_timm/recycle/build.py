@@ -33,8 +33,8 @@ from ..export import PROVENANCE_KEY, public_source, save_safetensors_atomic, ver
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
-from .engine import RecycleResult, check_options, recycle, selection_to_json
-from .families import FAMILIES
+from .engine import RecycleResult, check_options, check_recipe_family, recycle, selection_to_json
+from .families import FAMILIES, family_of
 
 __all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
            'cache_dir', 'input_contract']
@@ -188,6 +188,8 @@ def build_recycled(
     full, source = recycle_source(model_name)
     opts = dict(DEFAULT_OPTIONS, **options)
     _check_options(opts)  # before the (slow) model loading
+    # before any predecessor is loaded
+    check_recipe_family(opts['recipe'], family_of(timm.create_model(full.partition('.')[0], device='meta')), full)
     pred_spec = predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..version import __version__
 from .calibration import calibration_batches, check_calibration, fixed_input_size
 from .families import family_of
+from .family import FamilySpec
 from .retention import pooled_features, retention
 from .rules import apply_plan, fold_scales
 from .selection import METHODS
@@ -149,6 +150,13 @@ def _record_features(features: List[torch.Tensor], limit: int):
     return hook
 
 
+def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:
+    """The official recipe exists only where the official tool has it (ViT)."""
+    if recipe == 'official' and not family.official_recipe:
+        raise ValueError(f"recipe 'official' mirrors the official ViT tool and exists for ViT only; use the paper "
+                         f"recipe (recipe='paper', --recipe paper) for {name}.")
+
+
 def recycle(
         successor: Union[nn.Module, Callable[[], nn.Module]],
         predecessor: nn.Module,
@@ -202,9 +210,7 @@ def recycle(
     family.check(predecessor, successor)
     _check_input(predecessor, successor)
     if recipe == 'official':
-        if not family.official_recipe:
-            raise ValueError(f"recipe 'official' mirrors the official ViT tool and exists for ViT only; "
-                             f"use recipe='paper' for {type(successor).__name__}.")
+        check_recipe_family(recipe, family, type(successor).__name__)
         if body_predecessor is None:
             raise ValueError("recipe 'official' needs body_predecessor: a dense model of the successor's width "
                              "(e.g. vit_tiny_patch16_224.augreg_in21k for v_jetmoe_tiny).")
