@@ -216,6 +216,10 @@ def test_launcher_missing_scripts(tmp_path, monkeypatch, capsys):
     assert f'{tmp_path / "validate.py"} not found (--timm-scripts=' in err
     assert jetmoe_timm.train.main(['DATA', '--timm-scripts']) == 2
     assert '--timm-scripts needs a folder' in capsys.readouterr().err
+    # --help without the scripts: what the launcher is and how to get the scripts, not an error
+    assert jetmoe_timm.train.main(['--help']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('usage: jetmoe-timm-train [--timm-scripts DIR]') and 'git clone --depth 1' in out
 
 
 def test_launcher_warns_about_mismatched_timm(tmp_path, monkeypatch):

@@ -154,6 +154,11 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
         scripts_dir, argv = _split_scripts_opt(argv)
         path = find_timm_script(script, scripts_dir)
     except (ValueError, FileNotFoundError) as e:
+        if {'-h', '--help'} & set(argv):  # the options are train.py's own: say what the launcher is, and where they are
+            print(f"usage: {prog} [{_SCRIPTS_OPT} DIR] [any option of timm's {script} ...]\n\nRuns timm's {script} "
+                  f"with the jetmoe_timm models registered; its options are listed by {prog} --help once the script "
+                  f"is found. {e}")
+            return 0
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
     _check_timm(path.parent)
