@@ -282,6 +282,16 @@ def test_cli_rejects_a_device_it_cannot_use(tmp_path, monkeypatch, capsys, devic
     assert not out.exists()
 
 
+def test_cli_checks_the_results_path_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, '_build', lambda *a: pytest.fail('a model was built before --out was checked'))
+    (tmp_path / 'a_file').write_text('x')
+    for out, message in ((tmp_path / 'a_file' / 'b.json', 'a_file is a file'), (tmp_path, 'is a folder')):
+        assert cli.main(['bench', '--quick', '--out', str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+
+
 def test_cli_rejects_unknown_model(tmp_path):
     assert cli.main(['bench', '--models', 'nope', '--out', str(tmp_path / 'b.json')]) == 2
     with pytest.raises(SystemExit) as e:  # argparse's choices: every variant converts, nothing else

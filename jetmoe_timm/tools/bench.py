@@ -32,6 +32,7 @@ import contextlib
 import copy
 import datetime
 import json
+import logging
 import os
 import platform
 import statistics
@@ -45,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_output_folder
 from ..layers import SpheroMoE, set_autocast_weight_cache, set_keep_grad_memory, sphero_moe_reference
 
 __all__ = ['Pair', 'LayerShape', 'PAIRS', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'interleaved_times', 'run_benchmark',
@@ -649,7 +651,7 @@ def format_table(result: Dict) -> str:
              + (f"on {meta['gpu']} ({meta['device']})" if meta.get('device', 'cpu') != 'cpu' else 'no GPU used')]
     if result['models']:
         lines += ['', f'Models: images/s, median of {rounds} interleaved rounds; ratio = JetMoE / dense twin '
-                      f'(best: of the fastest rounds)',
+                      f'(best: the ratio of each model\'s fastest round); cmp: torch.compile',
                   f"{'pair':40s} {'mode':5s} {'batch':>5s} {'prec':12s} {'cmp':3s} {'JetMoE':>8s} {'twin':>8s} "
                   f"{'ratio':>6s} {'best':>6s}"]
         lines += [_format_model_row(r) for r in result['models']]
@@ -705,9 +707,10 @@ def _write_json(result: Dict, path: str) -> None:
 
 def _run(args) -> int:
     quick = args.quick
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f'output folder {out_dir} does not exist: create it or choose another --out.')
+    if os.path.isdir(args.out):
+        raise ValueError(f'--out {args.out} is a folder: give the results file, e.g. {os.path.join(args.out, "bench.json")}.')
+    check_output_folder(os.path.dirname(os.path.abspath(args.out)), overwrite=False, flag='--out folder')
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     # --quick: the ViT pair only (building and timing the 391 M-parameter C-JetMoE takes another minute)
     pairs = [p for p in PAIRS if p.model in args.models] if args.models else list(
         DEFAULT_PAIRS[:1] if quick else DEFAULT_PAIRS)
@@ -716,7 +719,11 @@ def _run(args) -> int:
         raise ValueError(f"No benchmark pair for {sorted(unknown)}; choose from {[p.model for p in PAIRS]}.")
     batch_sizes = args.batch_sizes or ([32] if quick else [32, 64, 128])
     compile_mode = args.compile or ('layer' if quick else 'all')
+    # torch.compile imports cpp_extension, which warns on every CPU-only machine that it found no CUDA runtime
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+    print(f'Each result is printed as it is measured; the tables follow at the end ({args.out}).', flush=True)
     result = run_benchmark(
+        log=lambda line: print(f'  {line}', flush=True),
         pairs=pairs,
         batch_sizes=batch_sizes,
         precisions=args.precisions or (['float32'] if quick else ['float32', 'bf16']),
