@@ -1,5 +1,4 @@
 """ ``jetmoe-timm convert``: the command-line face of checkpoint recycling. """
-import argparse
 from pathlib import Path
 
 from ..export import read_provenance
@@ -14,10 +13,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         'convert', help='recycle a dense timm checkpoint into a JetMoE model folder',
         description='Recycle a dense timm checkpoint into JetMoE weights and write a folder that '
-                    "timm.create_model('local-dir:OUT', pretrained=True) loads after import jetmoe_timm.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "timm.create_model('local-dir:OUT', pretrained=True) loads after import jetmoe_timm.")
     p.add_argument('model', help="JetMoE model, optionally with its tag, e.g. 'v_jetmoe_tiny'")
-    p.add_argument('--out', required=True, help='output folder (must not exist unless --overwrite)')
+    p.add_argument('--out', required=True, help='output folder; must not exist unless --overwrite')
     p.add_argument('--from-official', default=None, metavar='FILE',
                    help='convert an official MoE Jetpack .pt/.pth checkpoint instead of recycling')
     add_convert_arguments(p)
@@ -35,25 +33,36 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
     With ``defaults=False`` every option defaults to None, so a caller can tell which ones were given.
     """
     d = CONVERT_DEFAULTS if defaults else dict.fromkeys(CONVERT_DEFAULTS)
+    c = CONVERT_DEFAULTS  # the defaults as help states them, also where the parser's own are None
     parser.add_argument('--predecessor', default=d['predecessor'], metavar='SPEC',
-                        help="timm name, hf-hub:..., local-dir:... or a checkpoint file (default: the tag's)")
+                        help="timm name, hf-hub:..., local-dir:..., a folder or a checkpoint file (default: the "
+                             "tag's predecessor)")
     parser.add_argument('--body-predecessor', default=d['body_predecessor'], metavar='SPEC',
-                        help="the official recipe's same-width body model")
-    parser.add_argument('--method', default=d['method'], choices=METHODS)
-    parser.add_argument('--recipe', default=d['recipe'], choices=RECIPES)
-    parser.add_argument('--statistic', default=d['statistic'], choices=STATISTICS)
+                        help="--recipe official only: the dense model of the successor's width whose body is copied "
+                             "(default: the tag's)")
+    parser.add_argument('--method', default=d['method'], choices=METHODS,
+                        help=f"how the experts take hidden neurons from the predecessor's MLPs (default: {c['method']})")
+    parser.add_argument('--recipe', default=d['recipe'], choices=RECIPES,
+                        help="paper: one predecessor, the same residual channels everywhere; official: the official "
+                             f"ViT tool's body-plus-experts recipe (default: {c['recipe']})")
+    parser.add_argument('--statistic', default=d['statistic'], choices=STATISTICS,
+                        help=f"the activation statistic that ranks hidden neurons (default: {c['statistic']})")
     parser.add_argument('--calib', default=d['calib'], metavar='SOURCE',
-                        help="'synthetic' (built-in), 'weights' (data-free) or a folder of images")
-    parser.add_argument('--num-calib', type=int, default=d['num_calib'], metavar='N', help='calibration images')
+                        help="'synthetic' (built-in), 'weights' (data-free) or a folder of images "
+                             f"(default: {c['calib']})")
+    parser.add_argument('--num-calib', type=int, default=d['num_calib'], metavar='N',
+                        help=f"calibration images (default: {c['num_calib']})")
     parser.add_argument('--calib-size', default=d['calib_size'], choices=CALIB_SIZES,
                         help="take statistics at the successor's input size (the predecessor resampled to its "
-                             "grid) or at the predecessor's own")
-    parser.add_argument('--batch-size', type=int, default=d['batch_size'], metavar='N')
-    parser.add_argument('--seed', type=int, default=d['seed'], metavar='N')
+                             f"grid) or at the predecessor's own (default: {c['calib_size']})")
+    parser.add_argument('--batch-size', type=int, default=d['batch_size'], metavar='N',
+                        help=f"calibration images per batch (default: {c['batch_size']})")
+    parser.add_argument('--seed', type=int, default=d['seed'], metavar='N',
+                        help=f"seed of the sampling and of the weights that are not recycled (default: {c['seed']})")
     parser.add_argument('--model-kwargs', nargs='*', default=[] if defaults else None, metavar='K=V',
-                        help='model kwargs, e.g. embed_dim=96')
-    parser.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
-    parser.add_argument('--no-progress', action='store_true')
+                        help="the variant's kwargs to change, e.g. embed_dim=96")
+    parser.add_argument('--overwrite', action='store_true', help='replace an earlier output folder')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
 def run(args) -> int:
