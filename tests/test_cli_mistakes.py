@@ -53,6 +53,7 @@ def _rows(d):
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=100'], 'do not make a v_jetmoe_tiny'),
         (conv + ['--out', str(d / 'a_file'), '--overwrite'], 'is a file: give a folder path'),
         (conv + ['--out', str(d / 'a_file' / 'out')], 'is a file, not a folder'),
+        (conv + ['--out', '/sys/jetmoe_out'], '/sys is not writable'),  # even for root, before any work
         (conv + ['--out', str(d / 'exists')], 'already exists'),
         (conv + ['--out', str(d / 'exists'), '--overwrite'], 'holds files that are not a converted model (keep.txt)'),
         (conv + ['--out', new, '--predecessor', f'local-dir:{d / "nowhere"}'], 'does not exist'),

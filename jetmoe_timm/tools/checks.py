@@ -2,6 +2,7 @@
 import difflib
 import inspect
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -28,8 +29,13 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
     parent = next(p for p in (Path(os.path.abspath(out)), *Path(os.path.abspath(out)).parents) if p.exists())
     if not parent.is_dir():
         raise ValueError(f'{flag} {out}: {parent} is a file, not a folder; choose another path.')
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f'{flag} {out}: {parent} is not writable; choose a folder you can write to.')
+    try:  # a real write: os.access says yes to root on read-only or special filesystems (/sys, a read-only mount)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix='.jetmoe-write-check.')
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f'{flag} {out}: {parent} is not writable ({e.strerror}); choose a folder you can write '
+                         f'to.') from None
     return out
 
 
