@@ -29,7 +29,8 @@ def _reachable(endpoint: str, timeout: float) -> bool:
 
 
 def hub_offline_mode() -> bool:
-    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``) by the user's choice."""
+    """Whether huggingface_hub is in offline mode now: ``HF_HUB_OFFLINE``, or inside
+    ``hub_offline_unless_reachable`` when the probe failed (so ask outside that block for the user's setting)."""
     return constants.HF_HUB_OFFLINE
 
 

@@ -32,6 +32,7 @@ def world(tmp_path_factory):
     cnx = timm.create_model('convnext_tiny', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
     save_file({k: v.contiguous() for k, v in cnx.state_dict().items()}, d / 'convnext.safetensors')
     (d / 'a_file').write_text('x')
+    (d / 'dangling').symlink_to(d / 'gone')
     (d / 'exists').mkdir()
     (d / 'exists' / 'keep.txt').write_text('keep')
     (d / 'empty_calib').mkdir()
@@ -54,6 +55,7 @@ def _rows(d):
         (conv + ['--out', str(d / 'a_file'), '--overwrite'], 'is a file: give a folder path'),
         (conv + ['--out', str(d / 'a_file' / 'out')], 'is a file, not a folder'),
         (conv + ['--out', '/sys/jetmoe_out'], '/sys is not writable'),  # even for root, before any work
+        (conv + ['--out', str(d / 'dangling')], 'is a link to nothing'),
         (conv + ['--out', str(d / 'exists')], 'already exists'),
         (conv + ['--out', str(d / 'exists'), '--overwrite'], 'holds files that are not a converted model (keep.txt)'),
         (conv + ['--out', new, '--predecessor', f'local-dir:{d / "nowhere"}'], 'does not exist'),

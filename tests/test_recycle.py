@@ -314,6 +314,17 @@ def test_predecessor_paths(pred_dir, tmp_path):
     for missing in (str(tmp_path / 'nope.safetensors'), 'nope.pth'):
         with pytest.raises(FileNotFoundError, match=f"predecessor file '{re.escape(missing)}' does not exist"):
             load_predecessor(missing, 'vit_small_patch16_224')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='has no config.json'):  # not an offline Hub message
+        load_predecessor(str(tmp_path / 'empty'))
+
+
+def test_public_source_hides_local_paths_only():
+    from jetmoe_timm.export import public_source
+    assert public_source('hf-hub:org/name') == 'hf-hub:org/name'
+    assert public_source('vit_small_patch16_224.augreg_in21k') == 'vit_small_patch16_224.augreg_in21k'
+    assert public_source('/home/me/secret/b.pth') == "local checkpoint 'b.pth'"
+    assert public_source('local-dir:/home/me/pred/') == "local checkpoint 'pred'"
 
 
 @pytest.mark.parametrize('how', ['HF_HUB_OFFLINE=1', 'endpoint unreachable'])

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -734,6 +735,18 @@ def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match=r'holds files that are not a converted model \(notes.txt, sub\)'):
         save_pretrained_folder(model, precious, overwrite=True)
     assert sorted(p.name for p in precious.iterdir()) == ['notes.txt', 'sub']
+    # a user's folder whose file names look like a model folder's, and a model folder with a hand-written card
+    lookalike = tmp_path / 'lookalike'
+    lookalike.mkdir()
+    (lookalike / 'README.md').write_text('my notes')
+    (lookalike / 'config.json').write_text('{"lr": 0.1}')
+    handmade = save_pretrained_folder(model, tmp_path / 'handmade')
+    (handmade / 'README.md').write_text('my own model card')
+    for folder in (lookalike, handmade):
+        with pytest.raises(FileExistsError, match='holds files that are not a converted model'):
+            save_pretrained_folder(model, folder, overwrite=True)
+    assert (lookalike / 'README.md').read_text() == 'my notes' and (handmade / 'README.md').is_file()
+    shutil.rmtree(lookalike), shutil.rmtree(handmade)
 
     folder = save_pretrained_folder(model, tmp_path / 'f')
     monkeypatch.chdir(folder)
@@ -754,12 +767,32 @@ def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
             raise OSError('rename failed')
         return real_replace(src, dst)
 
-    monkeypatch.setattr(os, 'replace', moving_in_fails)
-    with pytest.raises(OSError, match='rename failed'):
+    def moving_aside_fails(src, dst):  # e.g. EBUSY: the folder is a mount point or in use
+        if Path(src) == folder:
+            raise OSError('device or resource busy')
+        return real_replace(src, dst)
+
+    for failing, says in ((moving_in_fails, 'rename failed'), (moving_aside_fails, 'resource busy')):
+        monkeypatch.setattr(os, 'replace', failing)
+        with pytest.raises(OSError, match=says):
+            save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), 'f',
+                                   overwrite=True)
+        monkeypatch.setattr(os, 'replace', real_replace)
+        assert (folder / 'model.safetensors').read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['f', 'precious']  # nothing half-written
+
+    def user_adds_a_file_meanwhile(src, dst):  # between the early check and the replacement
+        if Path(src) == folder:
+            (folder / 'added.txt').write_text('mine')
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, 'replace', user_adds_a_file_meanwhile)
+    with pytest.raises(FileExistsError, match='changed while it was being replaced'):
         save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), 'f', overwrite=True)
     monkeypatch.setattr(os, 'replace', real_replace)
-    assert (folder / 'model.safetensors').read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['f', 'precious']  # nothing half-written
+    assert (folder / 'added.txt').read_text() == 'mine' and (folder / 'model.safetensors').read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['f', 'precious']
+    (folder / 'added.txt').unlink()
     torch.manual_seed(1)
     save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), 'f', overwrite=True)
     assert (folder / 'model.safetensors').read_bytes() != before

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
-from ..export import PROVENANCE_KEY, public_source, save_safetensors_atomic, verify_safetensors
+from ..export import PROVENANCE_KEY, is_local_spec, public_source, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
@@ -87,25 +87,28 @@ def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
         f"recycled weights; or pass pretrained_cfg_overlay=dict(file=...) with converted weights.")
 
 
-_CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin')
-
-
 def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
     """A dense timm model with pretrained weights from ``spec``.
 
     ``spec`` is a timm name ('vit_small_patch16_224.augreg_in21k'), 'hf-hub:org/name', 'local-dir:/path' (or just
-    the folder's path), or a checkpoint file (.safetensors / .pth / .bin) holding weights of the ``arch_hint``
-    architecture.
+    the folder's path), or a checkpoint file (.safetensors / .pth / .pt / .bin) holding weights of the
+    ``arch_hint`` architecture.
     """
-    if not spec.startswith(('local-dir:', 'hf-hub:')) and (os.sep in spec or spec.endswith(_CHECKPOINT_SUFFIXES)):
+    given = spec
+    if is_local_spec(spec) and not spec.startswith('local-dir:'):
         if os.path.isdir(spec):  # a path to a folder means timm's 'local-dir:'
             spec = f'local-dir:{spec}'
         elif not os.path.exists(spec):
-            raise FileNotFoundError(f"predecessor file '{spec}' does not exist: pass an existing .safetensors, .pth "
-                                    f"or .bin file, a 'local-dir:' folder or a timm model name.")
-    if spec.startswith('local-dir:') and not os.path.isdir(spec[len('local-dir:'):]):
-        raise FileNotFoundError(f"predecessor folder '{spec[len('local-dir:'):]}' does not exist: pass an existing "
-                                f"folder with model.safetensors and config.json (e.g. written by timm save_for_hf).")
+            raise FileNotFoundError(f"predecessor file '{spec}' does not exist: pass an existing .safetensors, .pth, "
+                                    f".pt or .bin file, a folder or a timm model name.")
+    if spec.startswith('local-dir:'):
+        folder = spec[len('local-dir:'):]
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"predecessor folder '{folder}' does not exist: pass an existing folder with "
+                                    f"model.safetensors and config.json (e.g. written by timm save_for_hf).")
+        if not os.path.isfile(os.path.join(folder, 'config.json')):
+            raise FileNotFoundError(f"predecessor folder '{given}' has no config.json: pass a folder written by timm "
+                                    f"save_for_hf (config.json and model.safetensors), or the checkpoint file itself.")
     try:
         if os.path.isfile(spec):
             if arch_hint is None:
@@ -222,6 +225,8 @@ def input_contract(model: nn.Module) -> Dict[str, Any]:
 
 
 def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options: Dict[str, Any]) -> str:
+    if is_local_spec(pred_spec):  # one key per file or folder, whatever the working folder or spelling
+        pred_spec = os.path.realpath(pred_spec[len('local-dir:'):] if pred_spec.startswith('local-dir:') else pred_spec)
     blob = json.dumps(dict(model=full, kwargs=model_kwargs, predecessor=pred_spec, options=options,
                            version=__version__), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

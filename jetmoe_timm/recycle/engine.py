@@ -209,8 +209,8 @@ def recycle(
     family = family_of(successor)
     family.check(predecessor, successor)
     _check_input(predecessor, successor)
+    check_recipe_family(recipe, family, type(successor).__name__)
     if recipe == 'official':
-        check_recipe_family(recipe, family, type(successor).__name__)
         if body_predecessor is None:
             raise ValueError("recipe 'official' needs body_predecessor: a dense model of the successor's width "
                              "(e.g. vit_tiny_patch16_224.augreg_in21k for v_jetmoe_tiny).")

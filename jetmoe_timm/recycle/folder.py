@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..export import save_pretrained_folder
+from ..export import check_replaceable, is_model_folder, save_pretrained_folder
 from .build import build_recycled
 from .engine import selection_to_json
 
@@ -21,14 +21,15 @@ def convert(
         progress: bool = True,
         **options,
 ) -> Path:
-    """Recycle weights for ``model_name`` and write ``out_dir`` (model.safetensors + config.json).
+    """Recycle weights for ``model_name`` and write ``out_dir`` (model.safetensors + config.json); returns its
+    absolute path.
 
     The folder loads with ``timm.create_model('local-dir:OUT', pretrained=True)`` after ``import jetmoe_timm``.
     ``options``: method, recipe, statistic, calib, num_calib, batch_size, seed (see ``recycle``).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:  # fail before the (long) recycling, not after
-        raise FileExistsError(f'{out_dir} already exists: choose another --out or pass --overwrite.')
+    # before the (long) recycling, not after
+    check_replaceable(out_dir, overwrite, is_model_folder, 'a converted model', '--out')
     model, result = build_recycled(model_name, model_kwargs, predecessor=predecessor,
                                    body_predecessor=body_predecessor, progress=progress, **options)
     provenance = dict(result.provenance, selection=selection_to_json(result.selection))

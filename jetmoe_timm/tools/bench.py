@@ -710,7 +710,6 @@ def _run(args) -> int:
     if os.path.isdir(args.out):
         raise ValueError(f'--out {args.out} is a folder: give the results file, e.g. {os.path.join(args.out, "bench.json")}.')
     check_output_folder(os.path.dirname(os.path.abspath(args.out)), overwrite=False, flag='--out folder')
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     # --quick: the ViT pair only (building and timing the 391 M-parameter C-JetMoE takes another minute)
     pairs = [p for p in PAIRS if p.model in args.models] if args.models else list(
         DEFAULT_PAIRS[:1] if quick else DEFAULT_PAIRS)
@@ -721,6 +720,7 @@ def _run(args) -> int:
     compile_mode = args.compile or ('layer' if quick else 'all')
     # torch.compile imports cpp_extension, which warns on every CPU-only machine that it found no CUDA runtime
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # after every argument is checked
     print(f'Each result is printed as it is measured; the tables follow at the end ({args.out}).', flush=True)
     result = run_benchmark(
         log=lambda line: print(f'  {line}', flush=True),

@@ -4,29 +4,37 @@ import inspect
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import timm
 
-from ..export import is_model_folder, replace_problem
+from ..export import replace_problem
 
 __all__ = ['check_model_kwargs', 'check_output_folder']
 
 
 def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
-                        owned: Callable[[Path], bool] = is_model_folder, what: str = 'a converted model') -> Path:
-    """Fail now, before any expensive work, when ``out`` cannot be written as a folder, or when replacing it
-    (``overwrite``) could delete what the command did not write there: ``owned`` recognises an earlier output."""
+                        owned: Optional[Callable[[Path], bool]] = None, what: str = '') -> Path:
+    """Fail now, before any expensive work, when ``out`` cannot be written as a folder.
+
+    With ``owned``, ``overwrite`` means replacing the folder: refused when that could delete what the command did
+    not write there (``owned`` recognises an earlier output, ``what`` names it). Without it, an existing folder is
+    written into (``overwrite``) or left to the command's own exists-check."""
     out = Path(out)
+    if os.path.islink(out) and not out.exists():
+        raise ValueError(f'{flag} {out} is a link to nothing ({os.readlink(out)}): remove it or choose another path.')
     if out.exists() and not out.is_dir():
         raise ValueError(f'{flag} {out} is a file: give a folder path.')
-    if out.exists() and overwrite:
+    replacing = out.exists() and overwrite and owned is not None
+    if replacing:
         problem = replace_problem(out, owned, what)
         if problem:
             raise ValueError(f'{flag} {out} {problem}: choose another {flag}.')
     if out.exists() and not overwrite and any(out.iterdir()) and flag == '--out':
         return out  # the command's own exists-check names --overwrite
-    parent = next(p for p in (Path(os.path.abspath(out)), *Path(os.path.abspath(out)).parents) if p.exists())
+    target = Path(os.path.abspath(out))
+    target = target.parent if replacing else target  # a replacement is made and renamed beside it
+    parent = next(p for p in (target, *target.parents) if p.exists())
     if not parent.is_dir():
         raise ValueError(f'{flag} {out}: {parent} is a file, not a folder; choose another path.')
     try:  # a real write: os.access says yes to root on read-only or special filesystems (/sys, a read-only mount)

@@ -1,7 +1,7 @@
 """ ``jetmoe-timm convert``: the command-line face of checkpoint recycling. """
 from pathlib import Path
 
-from ..export import read_provenance
+from ..export import is_model_folder, read_provenance
 
 from ..recycle.engine import CALIB_SIZES, RECIPES
 from ..recycle.selection import METHODS
@@ -68,7 +68,8 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
 def run(args) -> int:
     from ..recycle.folder import convert, parse_model_kwargs
     model_kwargs = parse_model_kwargs(args.model_kwargs)
-    check_output_folder(args.out, args.overwrite)  # before the (long) conversion, not after
+    # before the (long) conversion, not after
+    check_output_folder(args.out, args.overwrite, owned=is_model_folder, what='a converted model')
     check_model_kwargs(args.model, model_kwargs)
     if args.from_official:
         from ..official import convert_official_checkpoint

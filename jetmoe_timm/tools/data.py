@@ -25,7 +25,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..export import replace_folder, replace_problem
+from ..export import check_replaceable, replace_folder
 from .checks import check_output_folder
 
 __all__ = ['DATASETS', 'SPLITS', 'class_names', 'load_arrays', 'export_dataset']
@@ -113,12 +113,8 @@ def export_dataset(
                 f'the folders it finds, so every class needs at least one image. Use limit >= {len(classes)}.')
     if calib_images is not None and (calib_images < 1 or 'train' not in splits):
         raise ValueError(f'calib_images ({calib_images}) must be at least 1 and needs the train split exported.')
-    if out.exists() and not force:
-        raise FileExistsError(f'{out} already exists: pass --force (force=True) to replace it.')
     out = Path(os.path.abspath(out))  # '.' and '..' have no usable parent
-    problem = replace_problem(out, _is_dataset_folder, 'an exported dataset')
-    if problem:
-        raise FileExistsError(f'{out} {problem}: choose another OUT.')
+    check_replaceable(out, force, _is_dataset_folder, 'an exported dataset', 'OUT')
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
@@ -152,7 +148,7 @@ def export_dataset(
                 meta['calibration'] = dict(count=len(held_out), split='train', disjoint_from='train')
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        replace_folder(tmp, out)
+        replace_folder(tmp, out, _is_dataset_folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -262,7 +258,13 @@ def _balanced_subset(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
 
 def _is_dataset_folder(path: Path) -> bool:
     """Whether ``path`` is a tree written by ``export_dataset`` and holds nothing else."""
-    return (path / _META_FILE).is_file() and {p.name for p in path.iterdir()} <= {*SPLITS, 'calibration', _META_FILE}
+    if not {p.name for p in path.iterdir()} <= {*SPLITS, 'calibration', _META_FILE}:
+        return False
+    try:
+        meta = json.loads((path / _META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get('dataset') in DATASETS and isinstance(meta.get('splits'), dict)
 
 
 def _cmd_export(args) -> int:

@@ -4,6 +4,7 @@ from pathlib import Path
 import timm
 
 from ..hub import push_to_hub
+from ..export import is_model_folder
 from ..models._pretrained import architecture_signature
 from ..recycle import convert, parse_model_kwargs
 from .convert import CONVERT_DEFAULTS, add_convert_arguments
@@ -48,7 +49,8 @@ def _convert_for_push(args) -> Path:
         if architecture_signature(default) != architecture_signature(changed):
             raise ValueError(f"--model-kwargs change the architecture of '{args.model}': its default repo must "
                              f"hold the default architecture, so pass your own --repo-id ORG/NAME.")
-    out = check_output_folder(args.out or (args.repo_id or args.model).split('/')[-1], args.overwrite)
+    out = check_output_folder(args.out or (args.repo_id or args.model).split('/')[-1], args.overwrite,
+                              owned=is_model_folder, what='a converted model')
     options = {k: getattr(args, k) for k in CONVERT_DEFAULTS if getattr(args, k) is not None}
     return convert(args.model, out, model_kwargs=model_kwargs, overwrite=args.overwrite,
                    progress=not args.no_progress, **options)
