@@ -45,13 +45,13 @@ def synthetic_image(index: int, size: int = 224, seed: int = 0) -> Image.Image:
 def _image_files(folder: Path) -> List[Path]:
     if not folder.exists():
         raise FileNotFoundError(f"calibration folder '{folder}' does not exist: pass an existing image folder, "
-                                f"or calib='synthetic' for the built-in images.")
+                                f"or calib='synthetic' (--calib synthetic) for the built-in images.")
     if not folder.is_dir() or not os.access(folder, os.R_OK | os.X_OK):
         raise ValueError(f"calibration path '{folder}' is not a readable folder: pass a folder of images.")
     files = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise ValueError(f"calibration folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                         f"add some, or use calib='synthetic'.")
+                         f"add some, or use calib='synthetic' (--calib synthetic).")
     return files
 
 
@@ -94,7 +94,7 @@ def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.I
     if skipped:
         warnings.warn(f'{skipped} calibration image(s) could not be decoded and were skipped')
     if taken == 0:
-        raise ValueError(f"no image in '{folder}' could be decoded: check the files, or use calib='synthetic'.")
+        raise ValueError(f"no image in '{folder}' could be decoded: check the files, or use calib='synthetic' (--calib synthetic).")
 
 
 def _batched(images, transform, batch_size: int, mode: str = 'RGB',
