@@ -356,6 +356,7 @@ def test_offline_first_use_fails_fast_in_one_message(tmp_path, how):
     assert 'JETMOE_TIMM_PREDECESSOR' in err and 'connect' in err
     assert ('HF_HUB_OFFLINE is set' if how == 'HF_HUB_OFFLINE=1' else 'the Hub cannot be reached') in err
     assert 'During handling' not in err and 'direct cause' not in err and 'Retrying' not in err
+    assert 'Recycling' not in err  # no "first load; about 45 s" announcement for a build that cannot start
     assert len(err.strip().splitlines()) <= 16  # 4 frames (user, timm, entrypoint, helper) and the message
     assert not list((tmp_path / 'cache').rglob('*.safetensors'))  # nothing half-written
 

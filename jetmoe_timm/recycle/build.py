@@ -17,12 +17,13 @@ Environment:
     JETMOE_TIMM_CALIB         calibration source for builds: 'synthetic' (default), 'weights' or an image folder
     JETMOE_TIMM_CALIB_IMAGES  number of calibration images (default 256)
 """
+import functools
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -181,11 +182,13 @@ def build_recycled(
         predecessor: Optional[str] = None,
         body_predecessor: Optional[str] = None,
         progress: bool = True,
+        on_loaded: Optional[Callable[[], None]] = None,
         **options,
 ) -> Tuple[nn.Module, RecycleResult]:
     """Create ``model_name`` (+ ``model_kwargs``) and fill it with weights recycled from its predecessor.
 
-    ``options`` go to ``jetmoe_timm.recycle.recycle`` (method, recipe, statistic, calib, num_calib, seed, ...).
+    ``options`` go to ``jetmoe_timm.recycle.recycle`` (method, recipe, statistic, calib, num_calib, seed, ...);
+    ``on_loaded`` is called once the predecessors are loaded, before the long part.
     Returns the loaded successor and the recycling result (with selection and provenance).
     """
     full, source = recycle_source(model_name)
@@ -202,6 +205,8 @@ def build_recycled(
         if not body_spec:
             raise ValueError(f"recipe 'official' needs a body predecessor for {full}: pass --body-predecessor.")
         body = load_predecessor(body_spec, arch_hint=source.get('body_predecessor'))
+    if on_loaded is not None:
+        on_loaded()
     # built after the calibration pass, then filled in place: the successor is held once (see recycle)
     result = recycle(lambda: _create_successor(full, model_kwargs, opts['seed']), pred, body_predecessor=body,
                      progress=progress, **opts)
@@ -313,8 +318,9 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
             path.unlink(missing_ok=True)
         _remove_leftovers(path)
         hint = _duration_hint(full, model_kwargs, opts.get('num_calib', 256))
-        _logger.warning(f'Recycling {full} from {pred_spec} (first load; {hint}; then cached at {path}).')
-        model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, **opts)
+        announce = functools.partial(  # once the predecessor is loaded: offline, the error comes alone
+            _logger.warning, f'Recycling {full} from {pred_spec} (first load; {hint}; then cached at {path}).')
+        model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, on_loaded=announce, **opts)
         provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection))
         save_safetensors_atomic(model.state_dict(), path, provenance)
         kept = provenance.get('retention')
