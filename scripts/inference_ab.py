@@ -3,10 +3,11 @@
 One process, candidates interleaved (the order alternates every round), median seconds per batch; ratio = images/s
 of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults (kept routing buffers); without
 them (``SpheroMoE._claims_routing_buffers`` off); under bf16 autocast also with the opt-in kept autocast weight
-copies (``set_autocast_weight_cache(model)``), with and without the routing buffers. Outputs of all candidates are
-checked equal.
+copies (``set_autocast_weight_cache(model)``), with and without the routing buffers; with ``--no-grad`` (calls under
+``torch.no_grad`` instead of ``torch.inference_mode``) also with autocast casting the expert weights itself, as before
+2026-12-06. Outputs of all candidates are checked equal.
 
-    python scripts/inference_ab.py [--batch-sizes 32 64 128] [--precisions float32 bf16] [--rounds 7]
+    python scripts/inference_ab.py [--batch-sizes 32 64 128] [--precisions float32 bf16] [--rounds 7] [--no-grad]
 """
 import argparse
 import contextlib
@@ -18,8 +19,20 @@ import timm
 import torch
 
 import jetmoe_timm
-from jetmoe_timm.layers import SpheroMoE
+from jetmoe_timm.layers import ExpertLinear, SpheroMoE
 from jetmoe_timm.tools.bench import interleaved_times
+
+
+@contextlib.contextmanager
+def _own_casts(enabled: bool):
+    """The experts' own per-call weight casts under no-grad autocast (default), or autocast's (off)."""
+    keep = ExpertLinear._casts_for_autocast
+    if not enabled:
+        ExpertLinear._casts_for_autocast = lambda self, x: False
+    try:
+        yield
+    finally:
+        ExpertLinear._casts_for_autocast = keep
 
 
 @contextlib.contextmanager
@@ -38,7 +51,11 @@ def main(argv=None):
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[32, 64, 128])
     parser.add_argument('--precisions', nargs='+', choices=['float32', 'bf16'], default=['float32', 'bf16'])
     parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--no-grad', action='store_true',
+                        help='run under torch.no_grad instead of torch.inference_mode, and add the candidate with '
+                             "autocast's own weight casts")
     args = parser.parse_args(argv)
+    grad_mode = torch.no_grad if args.no_grad else torch.inference_mode
     torch.manual_seed(0)
     moe = timm.create_model('v_jetmoe_tiny', num_classes=1000).eval()
     copies = copy.deepcopy(moe)
@@ -46,15 +63,19 @@ def main(argv=None):
     dense = timm.create_model('vit_tiny_patch16_224', num_classes=1000).eval()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per batch, ratio vs the dense twin')
     for precision in args.precisions:
-        # (model, routing buffers on); the weight copies only matter under autocast
-        cands = {'default': (moe, True), 'no routing buffers': (moe, False), 'dense twin': (dense, True)}
+        # (model, routing buffers on, experts' own casts on); the weight copies only matter under autocast
+        cands = {'default': (moe, True, True), 'no routing buffers': (moe, False, True),
+                 'dense twin': (dense, True, True)}
         if precision == 'bf16':
-            cands.update({'weight copies': (copies, True), 'weight copies, no routing buffers': (copies, False)})
+            cands.update({'weight copies': (copies, True, True),
+                          'weight copies, no routing buffers': (copies, False, True)})
+            if args.no_grad:
+                cands["autocast's own casts"] = (moe, True, False)
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224)
 
-            def run(model, buffers):
-                with _routing_buffers(buffers), torch.inference_mode(), \
+            def run(model, buffers, own_casts):
+                with _routing_buffers(buffers), _own_casts(own_casts), grad_mode(), \
                         torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
                     return model(x)
             outs = [run(*c) for name, c in cands.items() if name != 'dense twin']

@@ -222,6 +222,39 @@ def test_expert_weight_gradient_memory_is_reused_only_when_free():
         tuple(torch.randn(s, dtype=torch.double, requires_grad=True) for s in ((2, 3, 4), (2, 4, 5), (2, 5))))
 
 
+def test_no_grad_autocast_casts_the_weights_per_call(monkeypatch):
+    """Under no_grad (not only inference_mode) and autocast, the experts cast their weights themselves, so that
+    autocast does not hold every group's cast until its region ends: bit for bit autocast's own outputs, in
+    bf16; with gradients on, autocast casts as before."""
+    from jetmoe_timm.layers import ExpertLinear
+    torch.manual_seed(0)
+    layer = SpheroMoE(16, 3, 6, routing='sphero').eval()
+    x = torch.randn(2, 9, 16)
+    calls, own_cast = [], {'on': True}
+    real = ExpertLinear._casts_for_autocast
+
+    def spy(self, t):
+        calls.append(real(self, t))
+        return calls[-1] and own_cast['on']
+    monkeypatch.setattr(ExpertLinear, '_casts_for_autocast', spy)
+    outs = {}
+    for ctx in (torch.no_grad, torch.inference_mode):
+        for own in (True, False):  # the experts' own cast, and autocast's
+            own_cast['on'] = own
+            with ctx(), torch.autocast('cpu', dtype=torch.bfloat16):
+                outs[ctx, own] = layer(x)
+    assert calls and all(calls)  # the experts' own cast ran (4 expert linears per call)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        assert outs[ctx, True].dtype == torch.bfloat16 and torch.equal(outs[ctx, True], outs[ctx, False])
+    calls.clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert not any(calls) and layer.core_experts.fc1.weight.grad is not None
+    with torch.no_grad():
+        layer(x)  # no autocast: nothing to cast
+    assert not any(calls)
+
+
 def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
     """With ``set_autocast_weight_cache`` (opt-in), the experts keep their weights cast to autocast's dtype between
     eval calls without gradients (autocast would cast V-JetMoE-T's 1 GB of expert weights again every call):

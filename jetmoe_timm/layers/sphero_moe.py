@@ -204,6 +204,12 @@ class ExpertLinear(nn.Module):
             elif self._uses_autocast_copy(x):
                 weight, bias = self._autocast_weights(x.device.type)
                 return torch.baddbmm(bias.unsqueeze(1), x, weight)
+            elif self._casts_for_autocast(x):
+                # Cast here, not by autocast: autocast keeps its casts of parameters until its region ends, so a
+                # forward under no_grad holds every expert group's copy at once and gets them as fresh memory on
+                # every call; cast per call, each copy is freed after its matmul. The same values as autocast's.
+                dtype = torch.get_autocast_dtype(x.device.type)
+                return torch.baddbmm(self.bias.to(dtype).unsqueeze(1), x, self.weight.to(dtype))
         # bias add fused into the batched matmul
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
@@ -232,6 +238,13 @@ class ExpertLinear(nn.Module):
         w = self._parameters.get('weight')
         return (isinstance(w, nn.Parameter) and isinstance(self._parameters.get('bias'), nn.Parameter)
                 and w.is_floating_point() and torch.get_autocast_dtype(device) != w.dtype and not w.is_inference())
+
+    @torch.jit.unused
+    def _casts_for_autocast(self, x: torch.Tensor) -> bool:
+        """Whether this no-grad call casts the weights itself: CPU / CUDA autocast to another dtype, eager."""
+        device = x.device.type
+        return (device in ('cpu', 'cuda') and torch.is_autocast_enabled(device) and _plain_eager_call(x)
+                and self.weight.is_floating_point() and torch.get_autocast_dtype(device) != self.weight.dtype)
 
     @torch.jit.unused
     def _autocast_weights(self, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
