@@ -3,9 +3,9 @@
 One process, candidates interleaved (the order alternates every round), median seconds per batch; ratio = images/s
 of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults (kept routing buffers); without
 them (``SpheroMoE._claims_routing_buffers`` off); under bf16 autocast also with the opt-in kept autocast weight
-copies (``set_autocast_weight_cache(model)``), with and without the routing buffers; with ``--no-grad`` (calls under
-``torch.no_grad`` instead of ``torch.inference_mode``) also with autocast casting the expert weights itself, as before
-2026-12-06. Outputs of all candidates are checked equal.
+copies (``set_autocast_weight_cache(model)``), with and without the routing buffers, and with autocast casting the
+expert weights itself (before 2026-12-06 the experts did not cast them per call). ``--no-grad``: calls under
+``torch.no_grad`` instead of ``torch.inference_mode``. Outputs of all candidates are checked equal.
 
     python scripts/inference_ab.py [--batch-sizes 32 64 128] [--precisions float32 bf16] [--rounds 7] [--no-grad]
 """
@@ -52,8 +52,7 @@ def main(argv=None):
     parser.add_argument('--precisions', nargs='+', choices=['float32', 'bf16'], default=['float32', 'bf16'])
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--no-grad', action='store_true',
-                        help='run under torch.no_grad instead of torch.inference_mode, and add the candidate with '
-                             "autocast's own weight casts")
+                        help='run under torch.no_grad instead of torch.inference_mode')
     args = parser.parse_args(argv)
     grad_mode = torch.no_grad if args.no_grad else torch.inference_mode
     torch.manual_seed(0)
@@ -68,9 +67,8 @@ def main(argv=None):
                  'dense twin': (dense, True, True)}
         if precision == 'bf16':
             cands.update({'weight copies': (copies, True, True),
-                          'weight copies, no routing buffers': (copies, False, True)})
-            if args.no_grad:
-                cands["autocast's own casts"] = (moe, True, False)
+                          'weight copies, no routing buffers': (copies, False, True),
+                          "autocast's own casts": (moe, True, False)})
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224)
 
