@@ -14,6 +14,7 @@ import contextlib
 import copy
 import functools
 import statistics
+from unittest import mock
 
 import timm
 import torch
@@ -23,27 +24,9 @@ from jetmoe_timm.layers import ExpertLinear, SpheroMoE
 from jetmoe_timm.tools.bench import interleaved_times
 
 
-@contextlib.contextmanager
-def _own_casts(enabled: bool):
-    """The experts' own per-call weight casts under no-grad autocast (default), or autocast's (off)."""
-    keep = ExpertLinear._casts_for_autocast
-    if not enabled:
-        ExpertLinear._casts_for_autocast = lambda self, x: False
-    try:
-        yield
-    finally:
-        ExpertLinear._casts_for_autocast = keep
-
-
-@contextlib.contextmanager
-def _routing_buffers(enabled: bool):
-    keep = SpheroMoE._claims_routing_buffers
-    if not enabled:
-        SpheroMoE._claims_routing_buffers = lambda self, x: False
-    try:
-        yield
-    finally:
-        SpheroMoE._claims_routing_buffers = keep
+def _switch(cls, predicate: str, enabled: bool):
+    """``cls.predicate`` as it is, or answering False: a no-grad feature of the layer switched off."""
+    return contextlib.nullcontext() if enabled else mock.patch.object(cls, predicate, lambda self, x: False)
 
 
 def main(argv=None):
@@ -73,7 +56,8 @@ def main(argv=None):
             x = torch.randn(batch, 3, 224, 224)
 
             def run(model, buffers, own_casts):
-                with _routing_buffers(buffers), _own_casts(own_casts), grad_mode(), \
+                with _switch(SpheroMoE, '_claims_routing_buffers', buffers), \
+                        _switch(ExpertLinear, '_casts_for_autocast', own_casts), grad_mode(), \
                         torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
                     return model(x)
             outs = [run(*c) for name, c in cands.items() if name != 'dense twin']
