@@ -1,4 +1,6 @@
 """SpheroMoE against a plain reference computation, and the routing properties it must keep."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -223,36 +225,51 @@ def test_expert_weight_gradient_memory_is_reused_only_when_free():
 
 
 def test_no_grad_autocast_casts_the_weights_per_call(monkeypatch):
-    """Under no_grad (not only inference_mode) and autocast, the experts cast their weights themselves, so that
-    autocast does not hold every group's cast until its region ends: bit for bit autocast's own outputs, in
-    bf16; with gradients on, autocast casts as before."""
+    """Under no_grad (not only inference_mode) and autocast, the experts cast their float32 weights themselves, so
+    autocast does not keep every group's cast until its region ends: the matmul receives them already cast, and the
+    outputs are autocast's own bit for bit, for bf16 and fp16, float32 or bf16 inputs. A float64 layer is left to
+    run in float64, as autocast leaves it; with gradients on, autocast casts as before."""
+    from torch.overrides import TorchFunctionMode
     from jetmoe_timm.layers import ExpertLinear
+
+    class WeightDtypes(TorchFunctionMode):  # the weight dtypes torch.baddbmm receives from the layer
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.baddbmm:
+                self.seen.append(args[2].dtype)
+            return func(*args, **(kwargs or {}))
+
     torch.manual_seed(0)
     layer = SpheroMoE(16, 3, 6, routing='sphero').eval()
     x = torch.randn(2, 9, 16)
-    calls, own_cast = [], {'on': True}
-    real = ExpertLinear._casts_for_autocast
 
-    def spy(self, t):
-        calls.append(real(self, t))
-        return calls[-1] and own_cast['on']
-    monkeypatch.setattr(ExpertLinear, '_casts_for_autocast', spy)
-    outs = {}
+    def run(ctx, dtype, inputs, own):
+        monkeypatch.setattr(ExpertLinear, '_casts_for_autocast', real if own else lambda self, t: False)
+        with ctx(), torch.autocast('cpu', dtype=dtype), WeightDtypes() as mode:
+            out = layer(inputs)
+        return out, mode.seen
+
+    real = ExpertLinear._casts_for_autocast
     for ctx in (torch.no_grad, torch.inference_mode):
-        for own in (True, False):  # the experts' own cast, and autocast's
-            own_cast['on'] = own
-            with ctx(), torch.autocast('cpu', dtype=torch.bfloat16):
-                outs[ctx, own] = layer(x)
-    assert calls and all(calls)  # the experts' own cast ran (4 expert linears per call)
-    for ctx in (torch.no_grad, torch.inference_mode):
-        assert outs[ctx, True].dtype == torch.bfloat16 and torch.equal(outs[ctx, True], outs[ctx, False])
-    calls.clear()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        layer(x).float().sum().backward()
-    assert not any(calls) and layer.core_experts.fc1.weight.grad is not None
+        for dtype, inputs in ((torch.bfloat16, x), (torch.float16, x), (torch.bfloat16, x.bfloat16())):
+            (own, seen), (autocasts, seen_before) = run(ctx, dtype, inputs, True), run(ctx, dtype, inputs, False)
+            assert seen == [dtype] * 4 and seen_before == [torch.float32] * 4  # 2 groups x (fc1, fc2)
+            assert own.dtype == dtype and torch.equal(own, autocasts), (ctx, dtype, inputs.dtype)
+    monkeypatch.setattr(ExpertLinear, '_casts_for_autocast', real)
+
+    double = copy.deepcopy(layer).double()  # autocast does not touch float64: neither do the experts
     with torch.no_grad():
-        layer(x)  # no autocast: nothing to cast
-    assert not any(calls)
+        want = double(x.double())
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got = double(x.double())
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+    with torch.autocast('cpu', dtype=torch.bfloat16), WeightDtypes() as mode:  # training: autocast's cast
+        layer(x).float().sum().backward()
+    assert mode.seen == [torch.float32] * 4 and layer.core_experts.fc1.weight.grad is not None
 
 
 def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():

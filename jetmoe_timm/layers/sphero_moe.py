@@ -227,24 +227,30 @@ class ExpertLinear(nn.Module):
     @torch.jit.unused
     def _uses_autocast_copy(self, x: torch.Tensor) -> bool:
         """Whether this call reads the kept autocast copy: eval, no gradients, CPU / CUDA autocast (both list
-        baddbmm among the ops they cast) with its own cache on, to another dtype; eager, not traced or
-        transformed, plain registered parameters (not parametrized: those are computed anew on every access)."""
+        baddbmm among the ops they cast) with its own cache on; eager, not traced or transformed, plain registered
+        float32 parameters (not parametrized: those are computed anew on every access)."""
         device = x.device.type
         if not (self.cache_autocast_weights and not self.training and not torch.is_grad_enabled()
                 and device in ('cpu', 'cuda') and torch.is_autocast_enabled(device)
                 and torch.is_autocast_cache_enabled() and _plain_eager_call(x)
                 and not (device == 'cuda' and torch.cuda.is_current_stream_capturing())):
             return False
-        w = self._parameters.get('weight')
-        return (isinstance(w, nn.Parameter) and isinstance(self._parameters.get('bias'), nn.Parameter)
-                and w.is_floating_point() and torch.get_autocast_dtype(device) != w.dtype and not w.is_inference())
+        return self._plain_float32_parameters() and not self.weight.is_inference()
 
     @torch.jit.unused
     def _casts_for_autocast(self, x: torch.Tensor) -> bool:
-        """Whether this no-grad call casts the weights itself: CPU / CUDA autocast to another dtype, eager."""
+        """Whether this no-grad call casts the weights itself: eager, CPU / CUDA autocast on, plain float32
+        parameters (autocast leaves float64 alone, and keeps only its casts of float32 parameters)."""
+        if not _plain_eager_call(x):  # first: an FX proxy or a compiled call never reaches the autocast queries
+            return False
         device = x.device.type
-        return (device in ('cpu', 'cuda') and torch.is_autocast_enabled(device) and _plain_eager_call(x)
-                and self.weight.is_floating_point() and torch.get_autocast_dtype(device) != self.weight.dtype)
+        return device in ('cpu', 'cuda') and torch.is_autocast_enabled(device) and self._plain_float32_parameters()
+
+    @torch.jit.unused
+    def _plain_float32_parameters(self) -> bool:
+        """Registered float32 parameters, not parametrized (those are computed anew on every access)."""
+        w, b = self._parameters.get('weight'), self._parameters.get('bias')
+        return isinstance(w, nn.Parameter) and isinstance(b, nn.Parameter) and w.dtype == torch.float32
 
     @torch.jit.unused
     def _autocast_weights(self, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
