@@ -24,7 +24,7 @@ import torch.nn as nn
 from timm.models._hub import save_config_for_hf
 
 __all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance', 'verify_safetensors',
-           'check_replaceable', 'is_local_spec', 'is_model_folder', 'replace_problem', 'replace_folder']
+           'check_replaceable', 'is_local_spec', 'local_path', 'is_model_folder', 'replace_problem', 'replace_folder']
 
 PROVENANCE_KEY = 'jetmoe'
 # the first line of a model card that ``jetmoe-timm push`` wrote (and may rewrite); a card without it is the user's
@@ -162,13 +162,17 @@ def is_local_spec(spec: str) -> bool:
     return not spec.startswith('hf-hub:') and (os.sep in spec or spec.endswith(CHECKPOINT_SUFFIXES))
 
 
+def local_path(spec: str) -> str:
+    """The filesystem path of a local spec: without its 'local-dir:' prefix."""
+    return spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec
+
+
 def public_source(spec: Optional[str]) -> Optional[str]:
     """A predecessor spec as it may be published: timm and ``hf-hub:`` names as they are, a local folder or file
     only by its name (``local checkpoint 'name'``), never its path."""
     if not spec or not is_local_spec(spec):
         return spec
-    local = spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec
-    return f"local checkpoint '{Path(local.rstrip(os.sep)).name}'"
+    return f"local checkpoint '{Path(local_path(spec).rstrip(os.sep)).name}'"
 
 
 def _describe(provenance: Dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ def hub_offline_mode() -> bool:
 
 def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the Hub endpoint (``HF_ENDPOINT``) accepts a connection; False in offline mode. Cached per endpoint."""
-    return not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT, timeout)
+    return not hub_offline_mode() and _reachable(constants.ENDPOINT, timeout)
 
 
 @contextmanager

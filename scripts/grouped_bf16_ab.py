@@ -32,13 +32,6 @@ gemm_backends = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gemm_backends)
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    """(E, K, N) float32 -> bf16 VNNI (E, K/2, N, 2), cast and reordered in one copy."""
-    E, K, N = weight.shape
-    out = torch.empty(E, K // 2, N, 2, dtype=torch.bfloat16)
-    return out.copy_(weight.view(E, K // 2, 2, N).transpose(2, 3))
-
-
 @contextlib.contextmanager
 def _grouped_kernel(kernel, packed: Optional[Dict[int, torch.Tensor]]):
     """ExpertLinear's no-grad bf16 autocast calls through the grouped kernel; with ``packed``, a dict kept by the
@@ -50,7 +43,7 @@ def _grouped_kernel(kernel, packed: Optional[Dict[int, torch.Tensor]]):
             return plain(self, x)
         w = packed.get(id(self)) if packed is not None else None
         if w is None:
-            w = _pack(self.weight)
+            w = gemm_backends._vnni(self.weight.detach().bfloat16())
             if packed is not None:
                 packed[id(self)] = w
         T = x.shape[1]

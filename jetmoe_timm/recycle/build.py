@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
-from ..export import PROVENANCE_KEY, is_local_spec, public_source, save_safetensors_atomic, verify_safetensors
+from ..export import PROVENANCE_KEY, is_local_spec, local_path, public_source, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
@@ -103,7 +103,7 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
             raise FileNotFoundError(f"predecessor file '{spec}' does not exist: pass an existing .safetensors, .pth, "
                                     f".pt or .bin file, a folder or a timm model name.")
     if spec.startswith('local-dir:'):
-        folder = spec[len('local-dir:'):]
+        folder = local_path(spec)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"predecessor folder '{folder}' does not exist: pass an existing folder with "
                                     f"model.safetensors and config.json (e.g. written by timm save_for_hf).")
@@ -194,8 +194,8 @@ def build_recycled(
     full, source = recycle_source(model_name)
     opts = dict(DEFAULT_OPTIONS, **options)
     _check_options(opts)  # before the (slow) model loading
-    # before any predecessor is loaded
-    check_recipe_family(opts['recipe'], family_of(timm.create_model(full.partition('.')[0], device='meta')), full)
+    if opts['recipe'] == 'official':  # before any predecessor is loaded; the family comes from a meta-device build
+        check_recipe_family(opts['recipe'], family_of(timm.create_model(full.partition('.')[0], device='meta')), full)
     pred_spec = predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
@@ -231,7 +231,7 @@ def input_contract(model: nn.Module) -> Dict[str, Any]:
 
 def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options: Dict[str, Any]) -> str:
     if is_local_spec(pred_spec):  # one key per file or folder, whatever the working folder or spelling
-        pred_spec = os.path.realpath(pred_spec[len('local-dir:'):] if pred_spec.startswith('local-dir:') else pred_spec)
+        pred_spec = os.path.realpath(local_path(pred_spec))
     blob = json.dumps(dict(model=full, kwargs=model_kwargs, predecessor=pred_spec, options=options,
                            version=__version__), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -113,7 +113,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def interleaved_times(cands: Dict[str, Callable[[], None]], rounds: int, warmup: int,
-                 device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
+                      device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
     """Seconds per call of each candidate; candidates take turns, in alternating order, every round."""
     for fn in cands.values():
         for _ in range(warmup):
@@ -219,11 +219,11 @@ def _train_step_memory(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Te
         opt.step()
         opt.zero_grad(set_to_none=True)
     if x.device.type == 'cuda':
-        torch.cuda.synchronize(x.device)
+        _synchronize(x.device)
         before = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         step()
-        torch.cuda.synchronize(x.device)
+        _synchronize(x.device)
         peak = torch.cuda.max_memory_allocated(x.device) - before
     else:
         from torch.profiler import ProfilerActivity, profile
