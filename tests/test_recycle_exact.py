@@ -138,6 +138,52 @@ def test_unrecyclable_vits_are_refused_in_one_line(kwargs, match):
     assert '\n' not in str(e.value)
 
 
+@pytest.mark.parametrize('model, pred_kwargs, succ_kwargs, match', [
+    # parts of the predecessor the successor has no place for: their computation would be silently lost
+    ('vit_small_patch16_224', dict(qkv_bias=True), dict(qkv_bias=False), r'no place for 3 .*blocks\.0\.attn\.qkv\.bias'),
+    ('vit_small_patch16_224', dict(qk_norm=True), {}, r'no place for 12 .*blocks\.0\.attn\.q_norm\.weight'),
+    ('vit_small_patch16_224', dict(global_pool='map'), {}, r"pools with attention \(global_pool='map'"),
+    # another function in the MLPs (CLIP's QuickGELU), and the fix named
+    ('vit_small_patch16_224', dict(act_layer='quick_gelu'), {}, r"QuickGELU.*act_layer='quick_gelu'"),
+    ('deit_small_distilled_patch16_224', {}, {}, 'distilled DeiT'),
+])
+def test_predecessor_parts_the_successor_would_lose_are_refused_before_statistics(model, pred_kwargs, succ_kwargs,
+                                                                                   match):
+    pred = timm.create_model(model, **dict(BASE, **pred_kwargs))
+    calls = []
+    with pytest.raises(ValueError, match=match) as e:  # calibration images are never drawn
+        recycle(_succ(BASE, moe_blocks=(2,), num_core_experts=2, num_univ_experts=2, **succ_kwargs), pred,
+                calib=_Counting(calls), num_calib=4, batch_size=2, progress=False)
+    assert '\n' not in str(e.value) and not calls
+
+
+class _Counting(torch.utils.data.Dataset):
+    """Calibration images that record being read."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        self.calls.append(i)
+        return torch.randn(3, 32, 32)
+
+
+def test_bias_free_predecessor_is_exact_in_a_successor_with_biases():
+    """Checkpoints built without qkv / projection / MLP biases (e.g. ViT-B/16 MIIL in21k) into the default
+    successor, which has them: the missing biases are zeros, so the function is the predecessor's."""
+    kwargs = dict(BASE, qkv_bias=False, proj_bias=False)
+    pred = _randomize(timm.create_model('vit_small_patch16_224', **kwargs))
+    succ, r = _recycled(_succ(dict(BASE, global_pool='token'), moe_blocks=()), pred)
+    assert succ.blocks[0].attn.qkv.bias is not None and not r.fresh_keys
+    assert not succ.blocks[0].attn.qkv.bias.any() and not succ.blocks[1].mlp.fc1.bias.any()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
+
+
 def test_rope_vit_is_refused():
     eva = timm.create_model('eva02_tiny_patch14_224', img_size=28, num_classes=0)
     with pytest.raises(ValueError, match='RoPE'):
@@ -155,6 +201,27 @@ def test_convnext_full_width_is_exact_with_layer_scale(pred_ls, succ_ls):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
+
+
+def test_convnext_v2_grn_is_refused_and_a_head_hidden_layer_travels_only_with_its_classifier():
+    kwargs = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=5)
+    v2 = timm.create_model('convnextv2_atto', **kwargs, conv_mlp=False)
+    with pytest.raises(ValueError, match='global response norm') as e:
+        recycle(timm.create_model('c_jetmoe_femto', **kwargs), v2, calib='weights', progress=False)
+    assert '\n' not in str(e.value)
+    # convnext_*_mlp checkpoints: the classifier reads a hidden layer (head_hidden_size)
+    pred = _randomize(timm.create_model('convnext_tiny', **kwargs, head_hidden_size=24))
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    same, r = _recycled(timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=(), head_hidden_size=24), pred)
+    assert not r.fresh_keys
+    without, r = _recycled(timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=()), pred)
+    assert sorted(r.fresh_keys) == ['head.fc.bias', 'head.fc.weight']  # not reused on another input
+    with torch.no_grad():
+        torch.testing.assert_close(same(x), pred(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(without.forward_head(without.forward_features(x), pre_logits=True),
+                                   pred.head.flatten(pred.head.norm(pred.head.global_pool(pred.forward_features(x)))),
+                                   atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize('pred_flavour, succ_no_embed_class', [('deit3_layer_scale', False), ('augreg', True),

@@ -159,8 +159,14 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
         raise ValueError(f"'{path}' does not fit {arch}({_args_line(args)}) read off its tensors: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}. Pass a 'local-dir:' folder with its config.json.")
     classes = next((v.shape[0] for k, v in state.items() if k.startswith(head[:1]) and k.endswith('weight')), 0)
+    # a bare file does not say how its images were normalised: the family default's preprocessing is assumed
+    # (it drives calibration and is recorded as the successor's), so say which
+    contract = ', '.join(f'{k}={tuple(round(x, 4) for x in v) if isinstance(v, (tuple, list)) else v}'
+                         for k, v in input_contract(model).items() if k in ('mean', 'std'))
     _logger.warning(f"Predecessor {path}: {arch}({_args_line(args)}) read off its tensors"
-                    + (f'; its {classes}-class head is not used.' if classes else '.'))
+                    + (f'; its {classes}-class head is not used' if classes else '')
+                    + f"; preprocessing assumed from {arch}'s default weights ({contract}): pass a 'local-dir:' "
+                      f"folder with the predecessor's config.json if it was trained otherwise.")
     return model.eval()
 
 

@@ -9,11 +9,12 @@ MLPs exactly as for ViT (shared selection code).
 from typing import Dict
 
 import torch
+import torch.nn as nn
 from timm.models.convnext import ConvNeXt
 
 from ..layers import SpheroMoE
 from ..models.convnext_jetmoe import RECYCLED_FROM, ConvNeXtJetMoE
-from .family import FamilySpec
+from .family import FamilySpec, check_activation
 from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, dense_neurons, make_generator, select_experts, top_k
 from .stats import Probe
@@ -68,6 +69,10 @@ def check(pred, succ) -> None:
     blk = pred.stages[0].blocks[0]
     if not hasattr(blk.mlp, 'fc1') or blk.mlp.fc1.__class__.__name__ != 'Linear':
         raise ValueError('the predecessor must be built with conv_mlp=False (Linear pointwise MLPs).')
+    if not isinstance(getattr(blk.mlp, 'grn', None), (nn.Identity, type(None))):
+        raise ValueError('predecessor MLPs have a global response norm (ConvNeXt-V2): they cannot be split into '
+                         'experts; pass a ConvNeXt (V1) checkpoint, e.g. convnext_tiny.fb_in22k.')
+    check_activation(blk.mlp, succ.stages[0].blocks[0].mlp)
     if pred.stem[0].kernel_size != succ.stem[0].kernel_size:
         raise ValueError('predecessor and successor stems differ (patch vs overlap stem).')
 
@@ -134,9 +139,17 @@ RULES = (
     Rule(r'(stages\.\d+\.blocks\.\d+)\.mlp\.fc1\.bias', ('{0}.mlp',)),
     Rule(r'(stages\.(\d+)\.blocks\.\d+)\.mlp\.fc2\.weight', ('stage{1}.channels', '{0}.mlp')),
     Rule(r'(?:head\.norm|norm_pre)\.(?:weight|bias)', ('last.channels',)),
-    Rule(r'head\.fc\.weight', (None, 'last.channels')),
+    Rule(r'head\.pre_logits\.fc\.weight', (None, 'last.channels')),  # head_hidden_size (convnext_*_mlp)
+    Rule(r'head\.pre_logits\.fc\.bias', (None,)),
+    Rule(r'head\.fc\.weight', (None, 'head.in')),  # the last stage's channels, or every hidden unit
     Rule(r'head\.fc\.bias', (None,)),
 )
+
+
+def _pre_logits_width(model) -> int:
+    """Width of the head's hidden layer (``head_hidden_size``), 0 without one."""
+    fc = getattr(getattr(model.head, 'pre_logits', None), 'fc', None)  # ClassifierHead (head_norm_first) has none
+    return fc.out_features if fc is not None else 0
 
 
 def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Dict[str, Take]:
@@ -146,9 +159,13 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     for s in range(1, num_stages):
         idx[f'stage{s}.in'] = sel[f'stage{s - 1}.channels']
     idx['last.channels'] = sel[f'stage{num_stages - 1}.channels']
+    idx['head.in'] = torch.arange(_pre_logits_width(succ)) if _pre_logits_width(succ) else idx['last.channels']
     fc_w, pred_fc_w = getattr(succ.head.fc, 'weight', None), getattr(pred.head.fc, 'weight', None)
-    same_head = fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0]
-    keys = [k for k in succ.state_dict() if same_head or not k.startswith('head.fc.')]
+    # the classifier only when it means the same thing: same classes, reading the same hidden layer (or none)
+    same_head = (fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0]
+                 and _pre_logits_width(succ) == _pre_logits_width(pred))
+    keys = [k for k in succ.state_dict()
+            if same_head or not k.startswith(('head.fc.', 'head.pre_logits.'))]
     p = plan_from_rules(RULES, keys, idx)
     for s, b, name, blk in _blocks(succ):
         for path in ('core', 'univ') if isinstance(blk.mlp, SpheroMoE) else ():
@@ -173,5 +190,6 @@ SPEC = FamilySpec(
     body_width=body_width,
     scale_rules=SCALE_RULES,
     features_module='head.fc',  # its input is the pooled pre-logits feature
+    block_pattern=r'stages\.\d+\.blocks\.\d+\.',
     official_recipe=False,
 )

@@ -25,7 +25,7 @@ from .calibration import calibration_batches, check_calibration, fixed_input_siz
 from .families import family_of
 from .family import FamilySpec
 from .retention import pooled_features, retention
-from .rules import apply_plan, fold_scales
+from .rules import apply_plan, fill_missing_biases, fold_scales, unplaced_tensors
 from .selection import METHODS
 from .stats import STATISTICS, collect_statistics
 
@@ -150,6 +150,23 @@ def _record_features(features: List[torch.Tensor], limit: int):
     return hook
 
 
+def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn.Module, seed: int = 0) -> None:
+    """Refuse a successor that has no place for part of the predecessor (a bias, a norm, a pooling layer), or
+    needs a tensor the predecessor lacks, before any statistics are taken: a dry plan from data-free statistics
+    names the same tensors as the real one (which index is taken does not change which tensor is read)."""
+    selection = family.select(predecessor, successor, family.weight_stats(predecessor), 'importance', 'l2', seed,
+                              'paper')
+    plan = family.plan(predecessor, successor, selection, 'paper')
+    unread, missing = unplaced_tensors(plan, predecessor.state_dict(), family.block_pattern, family.scale_rules)
+    if missing:
+        raise ValueError(f"the successor needs predecessor tensors that are not there: {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}: build it with the predecessor's layer options.")
+    if unread:
+        raise ValueError(f"the successor has no place for {len(unread)} predecessor tensor(s), e.g. "
+                         f"{', '.join(unread[:4])}: their computation would be lost; build the successor with the "
+                         f"predecessor's layer options (e.g. qkv_bias=True, qk_norm=True, proj_bias=True).")
+
+
 def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:
     """The official recipe exists only where the official tool has it (ViT)."""
     if recipe == 'official' and not family.official_recipe:
@@ -210,6 +227,8 @@ def recycle(
     family.check(predecessor, successor)
     _check_input(predecessor, successor)
     check_recipe_family(recipe, family, type(successor).__name__)
+    if recipe == 'paper':
+        check_nothing_lost(family, predecessor, successor, seed)
     if recipe == 'official':
         if body_predecessor is None:
             raise ValueError("recipe 'official' needs body_predecessor: a dense model of the successor's width "
@@ -267,9 +286,10 @@ def recycle(
     body = family.resize(body_predecessor, successor) if body_predecessor is not None else None
     plan = family.plan(pred, successor, selection, recipe, body)
     target = successor.state_dict()
-    sources = {'main': fold_scales(pred.state_dict(), target, family.scale_rules)}
+    sources = {'main': fill_missing_biases(plan, fold_scales(pred.state_dict(), target, family.scale_rules))}
     if body is not None:
-        sources['body'] = fold_scales(body.state_dict(), target, family.scale_rules)
+        sources['body'] = fill_missing_biases(plan, fold_scales(body.state_dict(), target, family.scale_rules),
+                                              'body')
     scratch = None
     if measure_retention:  # the successor's features at its own init, before the plan overwrites it
         t1 = time.perf_counter()

@@ -8,9 +8,13 @@ see the spec. Adding a family = one module with a ``SPEC`` + one line in ``FAMIL
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import torch
 import torch.nn as nn
+from timm.layers.create_act import _ACT_LAYER_DEFAULT
 
-__all__ = ['FamilySpec']
+from ..layers import SpheroMoE
+
+__all__ = ['FamilySpec', 'check_activation']
 
 
 @dataclass(frozen=True)
@@ -32,4 +36,32 @@ class FamilySpec:
     # declarative parts
     scale_rules: Mapping[str, str]  # layer-scale key regex -> the linear it scales (folded when the successor has none)
     features_module: str  # its input is the pooled pre-logits feature (retention figure)
+    # the prefix of one block's keys: a block the plan takes nothing from is left out by a shallower successor
+    block_pattern: str
     official_recipe: bool = False  # the official tool's two-predecessor recipe exists for this family
+
+
+def _activation(mlp: nn.Module) -> nn.Module:
+    """The activation of a dense MLP, or of a SpheroMoE layer's experts."""
+    if isinstance(mlp, SpheroMoE):
+        return (mlp.core_experts or mlp.univ_experts).act
+    return mlp.act
+
+
+def _same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return torch.allclose(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+def check_activation(pred_mlp: nn.Module, succ_mlp: nn.Module) -> None:
+    """Refuse a successor whose MLPs apply another function than the predecessor's (e.g. GELU where CLIP's MLPs
+    use QuickGELU): recycled neurons would compute something else. Compared on values, so timm's and torch's
+    classes of one function agree."""
+    a, b = _activation(pred_mlp), _activation(succ_mlp)
+    x = torch.linspace(-8., 8., 321)
+    if _same_function(a, b, x):
+        return
+    # timm's name for the predecessor's function, found the same way
+    name = next((k for k, cls in _ACT_LAYER_DEFAULT.items() if _same_function(cls(), a, x)), None)
+    fix = f"act_layer='{name}' (--model-kwargs act_layer={name})" if name else 'the same activation'
+    raise ValueError(f"the predecessor's MLPs use {a}, the successor's {b}: build the successor with {fix}.")

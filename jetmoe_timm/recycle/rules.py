@@ -14,7 +14,8 @@ import re
 
 import torch
 
-__all__ = ['Rule', 'Take', 'apply_plan', 'expert_takes', 'fold_scales', 'plan_from_rules']
+__all__ = ['Rule', 'Take', 'apply_plan', 'expert_takes', 'fill_missing_biases', 'fold_scales', 'plan_from_rules',
+           'unplaced_tensors']
 
 
 @dataclass
@@ -160,3 +161,48 @@ def fold_scales(
             if weight is not None:  # of the predecessor's width: the plan selects channels from it
                 out[key] = torch.ones(weight.shape[0], dtype=weight.dtype)
     return out
+
+
+def _missing_bias(take: Take, state: Dict[str, torch.Tensor]) -> bool:
+    """A taken bias the predecessor's layer does not have (built with bias=False): it computes as zeros."""
+    return (take.source not in state and take.source.endswith('.bias')
+            and take.source[:-len('bias')] + 'weight' in state)
+
+
+def fill_missing_biases(plan: Dict[str, Take], state: Dict[str, torch.Tensor],
+                        predecessor: str = 'main') -> Dict[str, torch.Tensor]:
+    """``state`` with a zero bias for each bias the plan takes from a layer without one (a checkpoint built with
+    qkv_bias=False into a successor with qkv bias): the recycled layer computes exactly what the predecessor's
+    did. Returns a new dict; ``state``'s tensors are not changed."""
+    out = dict(state)
+    for take in plan.values():
+        if take.predecessor == predecessor and _missing_bias(take, state):
+            weight = state[take.source[:-len('bias')] + 'weight']
+            out[take.source] = weight.new_zeros(weight.shape[0])
+    return out
+
+
+def unplaced_tensors(plan: Dict[str, Take], state: Dict[str, torch.Tensor], block_pattern: str,
+                     scale_rules: Dict[str, str]) -> Tuple[List[str], List[str]]:
+    """What a plan would lose or lack: predecessor tensors (``state``) that no take reads, and sources the plan
+    reads that the predecessor does not have (a missing bias or layer scale excepted: zeros and ones, see
+    ``fill_missing_biases`` and ``fold_scales``).
+
+    Left out by design, and not listed: the head (the successor gets its own where the classes differ), layer
+    scales (folded into their linear by ``fold_scales``), and whole blocks the plan reads nothing of (a shallower
+    successor; ``block_pattern`` matches the prefix of one block's keys). Anything else unread is computation of
+    the predecessor's that the successor would silently lose (a bias, a norm, an attention pool)."""
+    read = {t.source for t in plan.values() if t.predecessor == 'main'}
+    block = re.compile(block_pattern)
+    read_blocks = {m.group(0) for k in read if (m := block.match(k))}
+    scale = [re.compile(r) for r in scale_rules]
+    unread = []
+    for key in state:
+        m = block.match(key)
+        if (key in read or key.startswith('head.') or any(r.fullmatch(key) for r in scale)
+                or (m is not None and m.group(0) not in read_blocks)):
+            continue
+        unread.append(key)
+    missing = sorted({t.source for t in plan.values() if t.predecessor == 'main' and t.source not in state
+                      and not _missing_bias(t, state) and not any(r.fullmatch(t.source) for r in scale)})
+    return unread, missing

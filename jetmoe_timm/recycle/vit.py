@@ -16,7 +16,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import SpheroMoE
 from ..models.vit_jetmoe import RECYCLED_FROM, VisionTransformerJetMoE
-from .family import FamilySpec
+from .family import FamilySpec, check_activation
 from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, dense_neurons, make_generator, select_experts, select_neurons, top_k
 from .stats import Probe
@@ -59,7 +59,14 @@ def check(pred, succ) -> None:
         raise ValueError(f'successor depth {len(succ.blocks)} exceeds the predecessor depth {len(pred.blocks)}.')
     if (succ.cls_token is None) != (pred.cls_token is None) or succ.num_reg_tokens != pred.num_reg_tokens:
         raise ValueError('predecessor and successor must agree on class / register tokens.')
+    if getattr(pred, 'dist_token', None) is not None:
+        raise ValueError('predecessor is a distilled DeiT (a distillation token): not supported; pass a '
+                         'non-distilled checkpoint (e.g. deit_small_patch16_224).')
+    if getattr(pred, 'attn_pool', None) is not None:
+        raise ValueError("predecessor pools with attention (global_pool='map', e.g. SigLIP): not recycled; pass a "
+                         "checkpoint with token or average pooling.")
     _check_blocks(pred)
+    check_activation(pred.blocks[0].mlp, succ.blocks[0].mlp)
 
 
 def _check_blocks(pred) -> None:
@@ -307,5 +314,6 @@ SPEC = FamilySpec(
     body_width=body_width,
     scale_rules=SCALE_RULES,
     features_module='head',  # its input is the pooled pre-logits feature
+    block_pattern=r'blocks\.\d+\.',
     official_recipe=True,
 )
