@@ -25,7 +25,7 @@ from pathlib import Path
 from timm.models import save_for_hf
 
 import jetmoe_timm  # noqa: F401  (registers the models)
-from jetmoe_timm.tools.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, _pretrained_predecessor
+from jetmoe_timm.tools.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, _pretrained_predecessor, predecessor_cache_path
 from jetmoe_timm.recycle.build import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,17 @@ def main(argv=None):
                    choices=['recycled', 'scratch', 'previous', 'lean'],
                    help="which runs: 'recycled' / 'scratch' (this recipe), 'previous' (recycled, previous recipe), "
                         "'lean' (recycled, this recipe with the memory-lean optimizer)")
+    p.add_argument('--experts', type=int, nargs=2, metavar=('CORE', 'UNIV'),
+                   help='core and universal experts per MoE layer (default: the demo\'s 8 and 16). Over 16 in a '
+                        'path, timm\'s Adafactor factors expert weights across experts, as for the registered models '
+                        '(98 and 196), where with 16 or fewer it factors each expert on its own.')
+    p.add_argument('--predecessor-config', default='full', choices=sorted(CONFIGS),
+                   help="the demo configuration whose cached predecessor is recycled (default 'full': `jetmoe-timm "
+                        "demo`; 'quick': `jetmoe-timm demo --quick`)")
     args = p.parse_args(argv)
+    succ_args = dict(SUCC_ARGS)
+    if args.experts:
+        succ_args.update(num_core_experts=args.experts[0], num_univ_experts=args.experts[1])
     if not os.environ.get('JETMOE_TIMM_SCRIPTS'):
         sys.exit('set JETMOE_TIMM_SCRIPTS to a timm checkout holding train.py')
     args.out.mkdir(parents=True, exist_ok=True)
@@ -72,23 +82,24 @@ def main(argv=None):
              args.out / 'export.log')
     pred_dir = args.out / 'predecessor'
     if not pred_dir.exists():
-        key_cfg = CONFIGS['full']
+        key_cfg = CONFIGS[args.predecessor_config]
         tag = f"vit{PRED_ARGS['embed_dim']}_ls"
-        cached = list((cache_dir() / 'demo').glob(f'{tag}_*.safetensors'))
-        if not cached:
-            sys.exit(f'no cached demo predecessor in {cache_dir() / "demo"}: run `jetmoe-timm demo` first')
+        if not predecessor_cache_path(PRED_ARGS, key_cfg, tag).is_file():
+            quick = ' --quick' if args.predecessor_config == 'quick' else ''
+            sys.exit(f'no cached {args.predecessor_config} demo predecessor in {cache_dir() / "demo"}: run '
+                     f'`jetmoe-timm demo{quick}` first')
         pred = _pretrained_predecessor(PRED_ARGS, key_cfg, None, tag)  # from the cache
         save_for_hf(pred, pred_dir, safe_serialization=True)
     succ_dir = args.out / 'recycled'
     if not succ_dir.exists():
         _run([sys.executable, '-m', 'jetmoe_timm.tools.cli', 'convert', 'v_jetmoe_tiny', '--out', str(succ_dir),
               '--predecessor', f'local-dir:{pred_dir}', '--calib', str(data / 'train'), '--num-calib', '1000',
-              '--no-progress', '--model-kwargs', *_kwargs(SUCC_ARGS)], args.out / 'convert.log')
+              '--no-progress', '--model-kwargs', *_kwargs(succ_args)], args.out / 'convert.log')
     retention = json.loads((succ_dir / 'config.json').read_text())['jetmoe']['retention']
     print(f"recycled init: linear CKA {retention['cka']:.3f} with the predecessor (random init "
           f"{retention['cka_scratch']:.3f})")
 
-    common = [str(data), '--config', str(RECIPE), '--model-kwargs', *_kwargs(SUCC_ARGS, ('num_classes', 'in_chans')),
+    common = [str(data), '--config', str(RECIPE), '--model-kwargs', *_kwargs(succ_args, ('num_classes', 'in_chans')),
               '--img-size', '32',
               '--in-chans', '1', '--device', 'cpu', '-j', '0', '--epochs', str(args.epochs), '--output',
               str(args.out / 'runs'), '--log-interval', '100']

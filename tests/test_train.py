@@ -306,10 +306,12 @@ def test_validate(first_run, tiny_data, tmp_path):
     """validate.py cannot import a plugin itself: it knows v_jetmoe_tiny only through the launcher."""
     run_dir, _, _ = first_run
     results = tmp_path / 'results.csv'
-    _run([sys.executable, '-m', 'jetmoe_timm.validate', str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs',
-          *TINY_KWARGS, '--num-classes', '10', '--img-size', '32', '--device', 'cpu', '-j', '0', '-b', '8', *AMP,
-          '--checkpoint', str(run_dir / 'last.pth.tar'), '--results-file', str(results)],
-         dict(os.environ, JETMOE_TIMM_SCRIPTS=SCRIPTS), tmp_path)
+    log = _run([sys.executable, '-m', 'jetmoe_timm.validate', str(tiny_data), '--model', 'v_jetmoe_tiny',
+                '--model-kwargs', *TINY_KWARGS, '--num-classes', '10', '--img-size', '32', '--device', 'cpu', '-j', '0',
+                '-b', '8', *AMP, '--checkpoint', str(run_dir / 'last.pth.tar'), '--results-file', str(results)],
+               dict(os.environ, JETMOE_TIMM_SCRIPTS=SCRIPTS), tmp_path)
+    # the run started from pretrained weights: their preprocessing is not in the checkpoint, and the launcher says so
+    assert 'pass the same --mean and --std' in log
     with open(results) as f:
         (row,) = list(csv.DictReader(f))
     assert float(row['top1']) == pytest.approx(float(_summary(run_dir)[-1]['eval_top1']))
@@ -350,12 +352,21 @@ def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, t
     assert [r['epoch'] for r in _summary(tmp_path / 'output' / 'ddp')] == ['1']
 
 
-def test_launcher_refuses_img_size_without_its_data_size(tmp_path, capsys):
-    """--model-kwargs img_size=32 without --img-size would fail after the first batch: said before anything runs."""
-    (tmp_path / 'train.py').write_text('raise SystemExit("the script must not run")\n')
-    argv = [f'--timm-scripts={tmp_path}', 'DATA', '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32',
-            'patch_size=4']
+@needs_scripts
+def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_data, capsys):
+    """Read as train.py reads them (its parser, its --config file): --model-kwargs img_size=32 without --img-size
+    would fail after the first batch, a missing image folder only once the model is built; both are said first."""
+    argv = [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4']
     assert jetmoe_timm.train.main(argv) == 2
     assert 'add --img-size 32' in capsys.readouterr().err
-    with pytest.raises(SystemExit, match='must not run'):  # with --img-size the script runs
-        jetmoe_timm.train.main(argv + ['--img-size', '32'])
+    config = tmp_path / 'recipe.yaml'
+    config.write_text('img_size: 32\n')  # the data size from a recipe file is the data size
+    assert jetmoe_timm.train.main([str(tmp_path / 'no_such_data'), '--config', str(config), *argv[1:]]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"data folder '{tmp_path / 'no_such_data'}' does not exist: pass the folder that holds your images "
+        f"(train/ and validation/).")
+    config.write_text('model_kwargs: {img_size: 32}\n')  # and the model's size from one too
+    assert jetmoe_timm.train.main([str(tiny_data), '--config', str(config), '--model', 'v_jetmoe_tiny']) == 2
+    assert 'add --img-size 32' in capsys.readouterr().err
+    assert jetmoe_timm.validate.main([str(tmp_path / 'no_such_data'), '--model', 'v_jetmoe_tiny']) == 2
+    assert "data folder" in capsys.readouterr().err

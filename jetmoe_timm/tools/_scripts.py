@@ -6,8 +6,11 @@ counterparts) import ``jetmoe_timm`` (which registers the models), find the scri
 with the remaining command-line arguments, so every option of the script works unchanged. No copy of timm's
 scripts is shipped here.
 """
+import argparse
+import contextlib
 import functools
 import importlib.metadata
+import io
 import os
 import re
 import runpy
@@ -124,19 +127,59 @@ def _split_scripts_opt(argv: List[str]) -> Tuple[Optional[str], List[str]]:
     return value, rest
 
 
-def _img_size_problem(argv: List[str]) -> Optional[str]:
-    """train.py / validate.py size their data pipeline from --img-size (else the default cfg's 224), not from the
-    model: ``--model-kwargs img_size=32`` alone fails after the first batch. Say so before anything runs."""
-    kwargs = []
-    for i, a in enumerate(argv):
-        if a == '--model-kwargs':
-            kwargs = [v for v in argv[i + 1:] if not v.startswith('--')]
-    size = next((v.partition('=')[2] for v in kwargs if v.startswith('img_size=')), None)
-    if size is None or any(a in ('--img-size', '--input-size') or a.startswith(('--img-size=', '--input-size='))
-                           for a in argv):
+def _script_args(path: Path, argv: List[str]) -> Optional[argparse.Namespace]:
+    """``argv`` as the script itself reads it: its own parser, with train.py's ``--config`` YAML file applied. None
+    where the script defines no parser or would refuse the arguments (it then says why itself)."""
+    namespace = runpy.run_path(str(path), run_name='_jetmoe_timm_args')  # defines the parsers; main() is not run
+    saved_argv = sys.argv
+    sys.argv = [str(path)] + argv
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            if callable(namespace.get('_parse_args')):  # train.py: --config file, then the command line
+                args = namespace['_parse_args']()
+                return args[0] if isinstance(args, tuple) else args
+            parser = namespace.get('parser')
+            return parser.parse_args(argv) if isinstance(parser, argparse.ArgumentParser) else None
+    except (SystemExit, Exception):
         return None
-    return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
-            f'(train.py and validate.py size the images from it).')
+    finally:
+        sys.argv = saved_argv
+
+
+def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
+    """What would fail late, said before anything runs: an image folder that is not there (found only after the
+    model is built, which may mean recycling it), and ``--model-kwargs img_size=N`` without ``--img-size N``
+    (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
+    fails after the first batch)."""
+    if args is None:
+        return None
+    root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
+    if root and not getattr(args, 'dataset', '') and not os.path.exists(root):
+        return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
+    size = (getattr(args, 'model_kwargs', None) or {}).get('img_size')
+    if size is not None and getattr(args, 'img_size', None) is None and getattr(args, 'input_size', None) is None:
+        return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
+                f'(train.py and validate.py size the images from it).')
+    return None
+
+
+def _preprocessing_note(args: Optional[argparse.Namespace]) -> Optional[str]:
+    """validate.py ``--checkpoint`` builds the model without pretrained weights, so it normalises with the model's
+    default mean / std; a fine-tune that started from pretrained (recycled) weights was trained with theirs, which
+    train.py resolved and logged but did not record (its args.yaml keeps ``mean: null``)."""
+    checkpoint = getattr(args, 'checkpoint', '') if args is not None else ''
+    if not checkpoint or args.mean is not None or args.std is not None or getattr(args, 'pretrained', False):
+        return None
+    try:
+        import yaml
+        run = yaml.safe_load((Path(checkpoint).parent / 'args.yaml').read_text()) or {}
+    except (OSError, ImportError, ValueError):
+        return None
+    if not (run.get('pretrained') or run.get('pretrained_path')) or run.get('mean') is not None:
+        return None
+    return ("note: this checkpoint's run started from pretrained weights, whose preprocessing train.py used (its log, "
+            "'Data processing configuration'); validate.py uses the model's default unless you pass the same --mean "
+            "and --std.")
 
 
 def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
@@ -162,10 +205,14 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
     _check_timm(path.parent)
-    problem = _img_size_problem(argv)
+    args = _script_args(path, argv)
+    problem = _argument_problem(args)
     if problem:
         print(f'{prog}: error: {problem}', file=sys.stderr)
         return 2
+    note = _preprocessing_note(args) if script == 'validate.py' else None
+    if note:
+        print(f'{prog}: {note}', file=sys.stderr)
     if script == 'train.py' and 'WORLD_SIZE' in os.environ:  # started by torchrun
         _allow_cpu_ddp()
 

@@ -138,11 +138,16 @@ def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed=0, desc='') 
     return accs
 
 
-def _pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str) -> nn.Module:
-    """A dense ViT trained on Fashion-MNIST, cached by its configuration."""
+def predecessor_cache_path(args: Dict, cfg: Dict, tag: str) -> Path:
+    """Where the demo keeps its pretrained predecessor of this configuration."""
     key = hashlib.sha256(json.dumps([args, cfg['pretrain_images'], cfg['pretrain_epochs']], sort_keys=True,
                                     default=str).encode()).hexdigest()[:12]
-    path = cache_dir() / 'demo' / f'{tag}_{key}.safetensors'
+    return cache_dir() / 'demo' / f'{tag}_{key}.safetensors'
+
+
+def _pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str) -> nn.Module:
+    """A dense ViT trained on Fashion-MNIST, cached by its configuration."""
+    path = predecessor_cache_path(args, cfg, tag)
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_patch16_224', **args)
     if path.is_file():
