@@ -39,7 +39,9 @@ def weighted_order(weights: torch.Tensor, generator: torch.Generator) -> torch.T
     """
     w = weights.double().clamp(min=0)
     u = torch.rand(w.numel(), generator=generator, dtype=torch.float64).clamp(min=1e-300)
-    keys = torch.where(w > 0, u.log() / w, torch.full_like(w, -float('inf')))
+    # numpy's log: ATen runs a float64 log on both threads even for a few thousand values, and on a busy machine
+    # each of the thousands of calls here (one per expert) then waits milliseconds for the second thread
+    keys = torch.where(w > 0, torch.from_numpy(np.log(u.numpy())) / w, torch.full_like(w, -float('inf')))
     return torch.argsort(keys, descending=True, stable=True)
 
 
