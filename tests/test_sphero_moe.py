@@ -463,3 +463,172 @@ def test_no_grad_routing_buffers_stay_out_of_traces_transforms_and_fake_tensors(
         assert all(t.dtype == torch.float32 for t in _ROUTING_BUFFERS.tensors.values())
     finally:
         torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize('routing', ['sphero', 'softmoe'])
+def test_float64_layer_routes_in_float64(routing):
+    """Routing widens bf16 / fp16 to float32 but never narrows float64: a float64 layer passes gradcheck (input,
+    slot queries, temperatures), matches the float64 reference to float64 precision, captures float64 routing,
+    and its no-grad calls leave the float32 routing buffers alone."""
+    from jetmoe_timm.layers import free_routing_buffers
+    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    layer = _layer(dim=6, num_core_experts=2, num_univ_experts=0 if routing == 'softmoe' else 2,
+                   routing=routing).double().eval()
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    q, t = (layer.get_parameter(n).detach().clone().requires_grad_() for n in ('slot_query', 'temp_raw'))
+    assert torch.autograd.gradcheck(
+        lambda x, q, t: torch.func.functional_call(layer, {'slot_query': q, 'temp_raw': t}, (x,)), (x, q, t))
+    torch.testing.assert_close(layer(x), sphero_moe_reference(layer, x), atol=1e-12, rtol=1e-12)
+    layer.capture_routing = True
+    layer(x)
+    assert all(v.dtype == torch.float64 for v in layer.last_routing.values())
+    layer.capture_routing = False
+    free_routing_buffers()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x.detach()).detach())
+    assert not _ROUTING_BUFFERS.tensors
+
+
+def test_no_grad_routing_buffers_keep_at_most_two_shapes():
+    """Token counts that change at one batch size (dynamic_img_size ViTs, ConvNeXt at several resolutions) do not
+    pile up routing buffers: each name keeps its two most recently used shapes, and another batch size replaces
+    them all at once. C-JetMoE's two MoE stages alternate two shapes on every forward: both stay, nothing is
+    allocated again."""
+    import timm
+    from jetmoe_timm.layers import free_routing_buffers
+    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    layer = _layer().eval()
+    M = layer.num_slots
+
+    def shapes():
+        return sorted({shape for _, shape in _ROUTING_BUFFERS.tensors})
+
+    free_routing_buffers()
+    with torch.no_grad():
+        for n in range(3, 12):
+            layer(torch.randn(2, n, 16))
+        assert shapes() == [(2, 10, M), (2, 11, M)] and len(_ROUTING_BUFFERS.tensors) == 6
+        layer(torch.randn(2, 10, 16))  # used again: 11 is now the least recently used
+        layer(torch.randn(2, 5, 16))
+        assert shapes() == [(2, 5, M), (2, 10, M)]
+        layer(torch.randn(3, 5, 16))  # another batch size: the old ones go at once
+        assert shapes() == [(3, 5, M)]
+
+    model = timm.create_model('c_jetmoe_femto', depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2,
+                              num_univ_experts=3).eval()
+    free_routing_buffers()
+    with torch.no_grad():
+        for size in (32, 64, 48, 96, 64):
+            model(torch.randn(2, 3, size, size))
+        ptrs = {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()}
+        assert len(ptrs) == 6  # 3 names x the two stages' shapes at 64 px
+        model(torch.randn(2, 3, 64, 64))
+    assert {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()} == ptrs
+
+
+def test_kept_gradient_memory_is_claimed_by_one_backward_at_a_time(monkeypatch):
+    """Two threads running backward through one expert group at once (``keep_grad_memory``, no ``.grad`` yet) sum
+    their gradients into ``.grad`` as the plain path does: one of them takes the kept buffer, the other a new
+    tensor. Each thread waits for the other between checking the buffer free and writing it (the widest window
+    a race can have; a thread that never checks goes on after a timeout)."""
+    import threading
+    from jetmoe_timm.layers import ExpertLinear, set_keep_grad_memory
+    from jetmoe_timm.layers import sphero_moe
+    torch.manual_seed(0)
+    layer = ExpertLinear(2, 8, 8)
+    set_keep_grad_memory(layer)
+    xs = [torch.randn(2, 5, 8) for _ in range(2)]
+    want = sum(torch.autograd.grad(torch.baddbmm(layer.bias.unsqueeze(1), x, layer.weight).square().sum(),
+                                   layer.weight)[0] for x in xs)
+    check = sphero_moe._storage_refs
+
+    def check_then_wait(t):
+        refs = check(t)
+        try:
+            both_checked.wait()
+        except threading.BrokenBarrierError:
+            pass  # the other thread found no buffer to check: it writes a new tensor
+        return refs
+
+    monkeypatch.setattr(sphero_moe, '_storage_refs', check_then_wait)
+    for _ in range(3):
+        layer.zero_grad(set_to_none=True)  # the kept buffer (from the second round on) is free
+        outs = [layer(x).square().sum() for x in xs]
+        both_checked, start, errors = threading.Barrier(2, timeout=0.25), threading.Barrier(2), []
+
+        def run(out):
+            start.wait()
+            try:
+                out.backward()
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=run, args=(o,)) for o in outs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and torch.allclose(layer.weight.grad, want, rtol=1e-5, atol=1e-5)
+        assert layer._grad_buffer is not None  # still kept for the next step
+    monkeypatch.setattr(sphero_moe, '_storage_refs', check)
+    layer.zero_grad(set_to_none=True)  # one thread again: the kept buffer becomes .grad, as before
+    layer(xs[0]).square().sum().backward()
+    assert layer.weight.grad.untyped_storage().data_ptr() == layer._grad_buffer.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize('slots', [1, 2])
+def test_empty_batch(slots):
+    """A batch of no samples (B = 0) passes through, as through timm's dense layers: eval and training (whole
+    expert drop, drop path), with and without gradients and routing buffers."""
+    layer = _layer(slots_per_expert=slots, expert_drop=0.5, expert_drop_mode='expert', expert_drop_path=0.3)
+    x = torch.randn(0, 5, 16)
+    for train in (False, True):
+        layer.train(train)
+        for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+            with ctx():
+                assert layer(x).shape == x.shape
+    assert layer(torch.randn(0, 2, 3, 16)).shape == (0, 2, 3, 16)
+    layer(x.requires_grad_()).sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('v_jetmoe_tiny', dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)),
+    ('c_jetmoe_femto', dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))),
+])
+def test_empty_batch_through_both_model_families(name, kwargs):
+    import timm
+    model = timm.create_model(name, num_core_experts=2, num_univ_experts=3, num_classes=3, **kwargs)
+    x = torch.randn(0, 3, 32, 32)
+    model(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (0, 3)
+
+
+def test_noise_follows_vmap_randomness():
+    """Eager logit noise is ATen's plain sampler (the custom op that keeps it under torch.compile is for compiled
+    calls only), so torch.func.vmap's randomness modes hold: 'error' refuses it, 'same' draws one noise for
+    every sample, 'different' one per sample."""
+    from torch.func import vmap
+    layer = _layer(noise_mult=1.).train()
+    x = torch.randn(1, 1, 5, 16).expand(4, 1, 5, 16).contiguous()  # 4 identical samples of (1, 5, 16)
+    with pytest.raises(RuntimeError, match='randomness'):
+        vmap(layer, randomness='error')(x)
+    same = vmap(layer, randomness='same')(x)
+    assert all(torch.allclose(same[0], s, atol=1e-6) for s in same[1:])
+    different = vmap(layer, randomness='different')(x)
+    assert not torch.allclose(different[0], different[1])
+
+
+def test_explicit_noise_mult_overrides_the_preset():
+    """Presets set defaults; explicit constructor arguments override them: 'softmoe' has no noise unless
+    ``noise_mult`` is given, and an explicit 0 turns the other presets' noise off."""
+    assert _layer(num_univ_experts=0, routing='softmoe').noise_mult == 0
+    assert _layer(noise_mult=0.).noise_mult == 0 and _layer().noise_mult == 1 / 8
+    layer = _layer(num_univ_experts=0, routing='softmoe', noise_mult=0.3).train()
+    assert layer.noise_mult == 0.3
+    x = torch.randn(2, 9, 16)
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, layer(x))

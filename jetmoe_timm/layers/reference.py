@@ -24,7 +24,8 @@ def sphero_moe_reference(layer: SpheroMoE, x: torch.Tensor) -> torch.Tensor:
     key = x / (x.norm(dim=-1, keepdim=True) + 1e-6)
     query = layer.slot_norm(layer.slot_query)  # (E, S, d)
     query = query / (query.norm(dim=-1, keepdim=True) + 1e-6)
-    logits = torch.einsum('bnd,esd->bnes', key, query).float()
+    # routing in float32 at least: bf16 / fp16 widened, float64 kept
+    logits = torch.einsum('bnd,esd->bnes', key, query).to(torch.promote_types(x.dtype, torch.float32))
     temperature = layer.temperature
     dispatch = (logits / temperature[0]).softmax(dim=1)  # over tokens
     combine_logits = (logits / temperature[-1]).reshape(B, N, E * S)

@@ -59,35 +59,47 @@ def _(like, std):
 
 
 def _logit_noise(logits: torch.Tensor, std: float) -> torch.Tensor:
-    """Routing noise. On CPU it is an opaque op, so that torch.compile keeps ATen's sampler: inductor's own
+    """Routing noise. Compiled on CPU it is an opaque op, so that torch.compile keeps ATen's sampler: inductor's own
     per-element RNG is about 10x slower there (~140 ms vs 13 ms for the (64, 197, 294) logits of v_jetmoe_tiny).
+    Eager calls use the plain sampler (the same draws), which torch.func.vmap's randomness modes know about.
     """
-    if logits.device.type == 'cpu':
+    if logits.device.type == 'cpu' and torch.compiler.is_compiling():
         return torch.ops.jetmoe_timm.normal_like(logits.detach(), std)
     return torch.empty_like(logits).normal_(0., std)
 
 
 class _RoutingBuffers(threading.local):
     """Float32 (B, N, M) buffers for the routing tensors of no-grad CPU calls, one set per thread, shared by every
-    SpheroMoE layer (layers run one after another and their routing tensors die with the call).
+    SpheroMoE layer (layers run one after another and their routing tensors die with the call). Each buffer name
+    keeps at most ``max_shapes`` routing shapes, the most recently used, all of one batch size: C-JetMoE's two
+    stages alternate two shapes on every forward, and inputs of changing sizes (dynamic_img_size ViTs, ConvNeXt
+    at several resolutions) must not pile up one set per size.
 
     Fresh (B, N, M) float32 tensors (7.4 MB each at batch 32 for V-JetMoE-T) are served by glibc from pages it has
     just handed back to the kernel, so every call page-faults them in again; in V-JetMoE-T inference that was
     ~4 % of the model's time in float32 and ~15 % under bf16 autocast.
     """
 
+    max_shapes = 2  # routing shapes kept per buffer name
+
     def __init__(self):
+        # (name, (B, N, M)) -> buffer, in order of use: a name's most recently used shape comes last
         self.tensors: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
         self.busy = False  # handed out to a call still running: a nested call takes fresh tensors
 
     def get(self, name: str, shape: Tuple[int, int, int]) -> torch.Tensor:
-        t = self.tensors.get((name, shape))
+        key = (name, shape)
+        t = self.tensors.pop(key, None)
         if t is None:
-            # one set per routing shape (C-JetMoE has two stages), replaced when the batch size changes
-            for k in [k for k in self.tensors if k[0] == name and k[1][0] != shape[0]]:
+            # another batch size: the old ones go at once; otherwise the least recently used beyond max_shapes
+            same = [k for k in self.tensors if k[0] == name]
+            stale = [k for k in same if k[1][0] != shape[0]]
+            kept = [k for k in same if k[1][0] == shape[0]]
+            for k in stale + kept[:max(0, len(kept) - self.max_shapes + 1)]:
                 del self.tensors[k]
             with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
-                t = self.tensors[(name, shape)] = torch.empty(shape, dtype=torch.float32, device='cpu')
+                t = torch.empty(shape, dtype=torch.float32, device='cpu')
+        self.tensors[key] = t  # (re)inserted last: the most recently used
         return t
 
 
@@ -95,8 +107,8 @@ _ROUTING_BUFFERS = _RoutingBuffers()
 
 
 def free_routing_buffers() -> None:
-    """Free this thread's routing buffers (3 x B x N x M float32 per routing shape after a no-grad call; 22 MB at
-    batch 32 for V-JetMoE-T). They are made again by the next no-grad call."""
+    """Free this thread's routing buffers (3 x B x N x M float32 for each of at most two routing shapes after a
+    no-grad call; 22 MB per shape at batch 32 for V-JetMoE-T). They are made again by the next no-grad call."""
     _ROUTING_BUFFERS.tensors.clear()
 
 
@@ -107,6 +119,10 @@ def _plain_eager_call(x: torch.Tensor) -> bool:
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._are_functorch_transforms_active() and torch._C._len_torch_dispatch_stack() == 0
             and getattr(torch.autograd.forward_ad, '_current_level', -1) < 0)
+
+
+# claims and returns of ExpertLinear's kept gradient memory: backward passes of two threads may reach one module
+_GRAD_BUFFER_LOCK = threading.Lock()
 
 
 def _storage_refs(t: torch.Tensor) -> int:
@@ -122,9 +138,10 @@ class _ExpertLinearFn(torch.autograd.Function):
     (32 MB): allocated fresh every backward, its pages are faulted in anew each step. The kept buffer is reused
     only when nothing else holds it: the parameter has no ``.grad`` (set to None since the last step) and no
     other tensor shares its storage; otherwise the gradient is a new tensor, so accumulation, ``autograd.grad``
-    and gradients a caller kept are never overwritten. Autograd receives a tensor of its own on the buffer's
-    storage, which it takes as ``.grad`` without a copy. With ``create_graph`` the plain, differentiable matmul
-    is used.
+    and gradients a caller kept are never overwritten. A backward takes the buffer out of its module while it
+    checks and writes it, so a backward of another thread at the same time finds none and writes a new tensor.
+    Autograd receives a tensor of its own on the buffer's storage, which it takes as ``.grad`` without a copy.
+    With ``create_graph`` the plain, differentiable matmul is used.
     """
 
     @staticmethod
@@ -143,11 +160,16 @@ class _ExpertLinearFn(torch.autograd.Function):
             if torch.is_grad_enabled() or weight.grad is not None:  # double backward, or accumulating
                 grad_w = torch.bmm(x.transpose(1, 2), grad)
             else:
-                buf = ctx.owner._grad_buffer
+                owner = ctx.owner
+                with _GRAD_BUFFER_LOCK:  # claim it: checked free and written by this call alone
+                    buf, owner._grad_buffer = owner._grad_buffer, None
                 if buf is None or buf.shape != weight.shape or buf.dtype != grad.dtype or _storage_refs(buf) != 1:
-                    buf = ctx.owner._grad_buffer = torch.empty_like(weight, dtype=grad.dtype)
+                    buf = torch.empty_like(weight, dtype=grad.dtype)
                 torch.bmm(x.transpose(1, 2), grad, out=buf)
                 grad_w = buf.new_empty(0).set_(buf.untyped_storage(), buf.storage_offset(), buf.shape, buf.stride())
+                with _GRAD_BUFFER_LOCK:  # kept for the next step (not when switched off meanwhile)
+                    if owner.keep_grad_memory:
+                        owner._grad_buffer = buf
         if ctx.needs_input_grad[2]:
             grad_b = grad.sum(1)
         return grad_x, grad_w, grad_b, None
@@ -374,7 +396,8 @@ class SpheroMoE(nn.Module):
             slots_per_expert: slots S routed to each expert.
             routing: preset, one of ``ROUTING_PRESETS`` ('sphero', 'official', 'softmoe').
             combine: 'softmax' or 'entmax15' (default: the preset's).
-            noise_mult: std of the Gaussian logit noise (default 1 / number of experts; 0 disables it).
+            noise_mult: std of the Gaussian logit noise (default 1 / number of experts, 0 for 'softmoe'; 0 disables
+                it).
             noise_at_eval: also add noise in eval mode, as the official code does.
             temperature_init: initial temperatures (default 0.5 for two temperatures, 1.0 for softmoe's one).
             temperature_min: floor of the temperatures, which keeps them positive.
@@ -414,7 +437,9 @@ class SpheroMoE(nn.Module):
         self.num_slots = self.num_experts * slots_per_expert
         self.core_hidden = core_hidden
         self.univ_hidden = univ_hidden
-        self.noise_mult = (1. / self.num_experts if noise_mult is None else noise_mult) if preset['noise'] else 0.
+        if noise_mult is None:  # the preset decides only the default: an explicit value always holds
+            noise_mult = 1. / self.num_experts if preset['noise'] else 0.
+        self.noise_mult = noise_mult
         self.noise_at_eval = noise_at_eval
         self.temperature_min = temperature_min
         self.expert_drop_mode = expert_drop_mode
@@ -483,19 +508,22 @@ class SpheroMoE(nn.Module):
         return self.noise_mult > 0 and (self.training or self.noise_at_eval)
 
     def _routing_weights(self, x: torch.Tensor, in_buffers: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32, written
-        into this thread's routing buffers when ``in_buffers`` (see ``_claims_routing_buffers``).
+        """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32 (float64
+        for float64 inputs), written into this thread's routing buffers when ``in_buffers`` (see
+        ``_claims_routing_buffers``).
 
         The logits matmul runs in the input's (or autocast's) dtype; the temperatures, the noise and both
-        normalisations run in float32, where bf16 would visibly distort the weights of ~300 slots.
+        normalisations run in float32 or wider, where bf16 would visibly distort the weights of ~300 slots.
         """
-        inv_temp = 1. / self.temperature.float()
+        # bf16 / fp16 widened to float32; float64 stays float64 (gradcheck, numerical studies)
+        routing_dtype = torch.promote_types(x.dtype, torch.float32)
+        inv_temp = 1. / self.temperature.to(routing_dtype)
         key = self._unit_key(x)
         # 1 / t_dispatch is folded into the (M, d) query, not applied to the much larger (B, N, M) logits
         query = self._unit_query() * inv_temp[0].to(x.dtype)
         if not torch.jit.is_scripting() and in_buffers:
             return self._routing_weights_in_buffers(key, query, inv_temp)
-        logits = (key @ query.t()).float()  # cos / t_dispatch
+        logits = (key @ query.t()).to(routing_dtype)  # cos / t_dispatch
         noisy = self._adds_noise()
         if self.temp_raw.shape[0] == 1:  # one shared temperature: both directions read the same logits
             if noisy:
@@ -521,9 +549,11 @@ class SpheroMoE(nn.Module):
     @torch.jit.unused
     def _claims_routing_buffers(self, x: torch.Tensor) -> bool:
         """Whether this call takes this thread's routing buffers (and marks them taken): a no-grad plain eager
-        CPU call without noise whose routing tensors do not outlive it (routing capture keeps them), while no
-        other call holds them (a hook inside the experts may run another layer)."""
+        CPU call without noise whose routing runs in float32 (the buffers' dtype; not float64) and whose routing
+        tensors do not outlive it (routing capture keeps them), while no other call holds them (a hook inside the
+        experts may run another layer)."""
         if (torch.is_grad_enabled() or x.device.type != 'cpu' or self.capture_routing or _ROUTING_BUFFERS.busy
+                or torch.promote_types(x.dtype, torch.float32) != torch.float32
                 or self._adds_noise() or not _plain_eager_call(x)):
             return False
         _ROUTING_BUFFERS.busy = True
@@ -560,7 +590,7 @@ class SpheroMoE(nn.Module):
         view of the batch-major tensor, a layout the batched matmul takes as it is: nothing is copied on the way
         in. With S > 1 slots, expert e's rows are ordered s * B + b and gathering them costs one copy.
         """
-        B = slots.shape[0]
+        B, d = slots.shape[0], slots.shape[-1]  # d spelled out: a -1 cannot be inferred from 0 elements (B = 0)
         S = self.slots_per_expert
         slots = slots.transpose(0, 1)  # (M, B, d) view; slot m = e * S + s
         m_core = self.num_core_experts * S
@@ -569,10 +599,10 @@ class SpheroMoE(nn.Module):
         core_in, univ_in = slots.split([m_core, self.num_slots - m_core], dim=0)
         outs: List[torch.Tensor] = []
         if self.core_experts is not None:
-            outs.append(self.core_experts(core_in.reshape(self.num_core_experts, S * B, -1)).view(m_core, B, -1))
+            outs.append(self.core_experts(core_in.reshape(self.num_core_experts, S * B, d)).view(m_core, B, d))
         if self.univ_experts is not None:
-            univ_out = self.univ_experts(univ_in.reshape(self.num_univ_experts, S * B, -1))
-            outs.append(univ_out.view(self.num_slots - m_core, B, -1))
+            univ_out = self.univ_experts(univ_in.reshape(self.num_univ_experts, S * B, d))
+            outs.append(univ_out.view(self.num_slots - m_core, B, d))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -590,9 +620,9 @@ class SpheroMoE(nn.Module):
         y = self._run_experts(slots)  # (M, B, d)
         if self.training and self.expert_drop_mode == 'expert' and self.expert_drop > 0.:
             keep = 1. - self.expert_drop
-            S = self.slots_per_expert
+            S, d = self.slots_per_expert, y.shape[-1]
             mask = torch.empty(self.num_experts, 1, B, 1, device=y.device, dtype=y.dtype).bernoulli_(keep)
-            y = (y.view(self.num_experts, S, B, -1) * mask / keep).view(self.num_slots, B, -1)
+            y = (y.view(self.num_experts, S, B, d) * mask / keep).view(self.num_slots, B, d)
 
         out = torch.bmm(combine.to(y.dtype), y.transpose(0, 1))  # (B, N, d); y read in place, not permuted
         if self.expert_drop_path > 0. and self.training:
@@ -605,14 +635,15 @@ class SpheroMoE(nn.Module):
     def _capture(self, dispatch: torch.Tensor, combine: torch.Tensor, y: torch.Tensor) -> None:
         """Keep the last pass's routing for inspection (see ``jetmoe_timm.routing_info``)."""
         m_core = self.num_core_experts * self.slots_per_expert
-        y = y.detach().float().transpose(0, 1)  # (B, M, d)
-        combine = combine.detach().float()
+        dtype = torch.promote_types(combine.dtype, torch.float32)  # float32, or float64 for a float64 layer
+        y = y.detach().to(dtype).transpose(0, 1)  # (B, M, d)
+        combine = combine.detach().to(dtype)
         core_out = combine[..., :m_core] @ y[:, :m_core]
         univ_out = combine[..., m_core:] @ y[:, m_core:]
         # per-slot share of the output: || sum_n combine[b, n, m] * y[b, m] || over the batch
         slot_contrib = combine.sum(1) * torch.linalg.vector_norm(y, dim=-1)
         self.last_routing = dict(
-            dispatch=dispatch.detach().float(),  # (B, N, M), sums to 1 over N
+            dispatch=dispatch.detach().to(dtype),  # (B, N, M), sums to 1 over N
             combine=combine,  # (B, N, M), sums to 1 over M
             core_out=core_out,  # (B, N, d)
             univ_out=univ_out,  # (B, N, d); core_out + univ_out = layer output (before drop path)
