@@ -30,14 +30,14 @@ import timm
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
-from .export import CARD_MARK, public_source, read_provenance
+from .export import CARD_MARK, public_source, read_provenance, verify_safetensors
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
 from .routing import moe_layers
 from .version import __version__
 
-__all__ = ['UPLOAD_FILES', 'PushResult', 'push_to_hub', 'render_model_card']
+__all__ = ['UPLOAD_FILES', 'PushResult', 'check_push', 'push_to_hub', 'render_model_card']
 
 _logger = logging.getLogger(__name__)
 
@@ -107,8 +107,17 @@ def _inspect_folder(folder: Path, model_name: Optional[str] = None) -> Tuple[str
         want_arch, _, want_tag = model_name.partition('.')
         if want_arch != arch or (want_tag and want_tag != tag):
             raise ValueError(f"{folder} holds '{name}', not '{model_name}': pass the right MODEL or folder.")
-    # built on the meta device: shapes and MACs without allocating (or initialising) the weights
-    model = timm.create_model(f'local-dir:{folder}', device='meta')
+    try:  # what leaves the machine is what was converted: complete, and matching its content checksum
+        verify_safetensors(folder / 'model.safetensors', require_checksum=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'Not pushing damaged weights: {e}. Convert the model again (jetmoe-timm '
+                         f'convert MODEL --out DIR) or re-export it with save_pretrained_folder.') from None
+    try:  # built on the meta device: shapes and MACs without allocating (or initialising) the weights
+        model = timm.create_model(f'local-dir:{folder}', device='meta')
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:  # model_args the architecture does not take
+        raise ValueError(f"{folder}/config.json does not describe a buildable '{arch}' ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}): fix its model_args, or re-export the folder "
+                         f"with save_pretrained_folder.") from None
     problem = _mismatch(model, _weight_shapes(folder / 'model.safetensors'))
     if problem:
         raise ValueError(f'{folder}/model.safetensors does not fit the model its config.json describes '
@@ -154,6 +163,8 @@ def _link(spec: Optional[str]) -> str:
         return 'not recorded'
     if public_source(spec) != spec:  # a local folder or file: its name only, never a local path
         return public_source(spec)
+    if spec.startswith('local checkpoint '):  # already recorded that way (public_source): no Hub link
+        return spec
     if spec.startswith('hf-hub:'):
         return f'[{spec[7:]}](https://huggingface.co/{spec[7:]})'
     if ':' not in spec and '/' not in spec and '.' in spec:  # a timm 'arch.tag' name, hosted as timm/arch.tag
@@ -299,8 +310,13 @@ def render_model_card(folder: os.PathLike, repo_id: str, template: Optional[os.P
 
 def _render(name, config, model, repo_id, folder, template) -> str:
     text = _template_path(name.partition('.')[0], template).read_text()
+    try:  # outside the template's try: a KeyError here is the folder's, not an unknown placeholder
+        context = _card_context(name, config, model, repo_id, folder)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f'{folder}/config.json has incomplete provenance under "jetmoe" ({type(e).__name__}: '
+                         f'{e}): convert the model again, or remove the "jetmoe" entry.') from None
     try:
-        body = string.Template(text).substitute(_card_context(name, config, model, repo_id, folder))
+        body = string.Template(text).substitute(context)
     except (KeyError, ValueError) as e:
         raise ValueError(f'Model card template {template or name}: unknown or malformed placeholder {e}.') from e
     # the mark goes after the front matter: the Hub requires the YAML block to open the file
@@ -329,6 +345,34 @@ def _is_network_error(e: BaseException) -> bool:
         c.__name__ in ('TransportError', 'RequestException') for c in type(e).__mro__)
 
 
+def check_push(name: str, repo_id: Optional[str], *, dry_run: bool = False, token: Optional[str] = None,
+               card_template: Optional[os.PathLike] = None) -> Tuple[str, Optional[str]]:
+    """(repo id, token) for pushing the model ``name`` ('arch[.tag]'), or the one-line error a push would end
+    with: no repo id, an invalid one, no card template, and unless ``dry_run`` no token or ``HF_HUB_OFFLINE``.
+    Cheap: ``jetmoe-timm push MODEL`` asks before converting, so a mistake never costs a conversion."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    repo_id = repo_id or _default_hub_id(name)
+    if not repo_id:
+        raise ValueError(f"'{name}' has no default Hub repo: pass --repo-id ORG/NAME.")
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f"--repo-id must look like ORG/NAME, got '{repo_id}'.")
+    try:  # the Hub's own naming rules
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({e}): use letters, digits, '-', '_' "
+                         f"and '.' in ORG/NAME, at most 96 characters.") from None
+    _template_path(name.partition('.')[0], card_template)
+    if not dry_run:
+        token = token or get_token()
+        if not token:
+            raise RuntimeError('No Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write '
+                               f"access to '{repo_id.split('/')[0]}' (or use --dry-run to only write the folder).")
+        if constants.HF_HUB_OFFLINE:
+            raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
+    return repo_id, token
+
+
 def push_to_hub(
         folder: os.PathLike,
         repo_id: Optional[str] = None,
@@ -348,21 +392,12 @@ def push_to_hub(
     ``hf auth login``; the endpoint from ``endpoint`` or ``HF_ENDPOINT``. A dry run writes the card and reports
     what would be uploaded without a token or any network access.
     """
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import constants
     folder = Path(folder)
     name, config, model = _inspect_folder(folder, model_name)
     default_id = _default_hub_id(name)
-    repo_id = repo_id or default_id
-    if not repo_id:
-        raise ValueError(f"'{name}' has no default Hub repo: pass --repo-id ORG/NAME.")
-    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise ValueError(f"--repo-id must look like ORG/NAME, got '{repo_id}'.")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    try:  # the Hub's own naming rules, checked before anything is written
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ValueError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({e}): use letters, digits, '-', '_' "
-                         f"and '.' in ORG/NAME, at most 96 characters.") from None
+    # refused before the folder is touched
+    repo_id, token = check_push(name, repo_id, dry_run=dry_run, token=token, card_template=card_template)
     if repo_id == default_id and not _fits_default_model(name, folder):
         raise ValueError(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "
@@ -370,13 +405,6 @@ def push_to_hub(
             f"fail to load them. Push them to your own --repo-id ORG/NAME.")
     endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
     revision = revision or 'main'
-    if not dry_run:  # refuse before the folder is touched
-        token = token or get_token()
-        if not token:
-            raise RuntimeError('No Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write '
-                               f"access to '{repo_id.split('/')[0]}' (or use --dry-run to only write the folder).")
-        if constants.HF_HUB_OFFLINE:
-            raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
     if not _write_card(folder, _render(name, config, model, repo_id, folder, card_template)):
         _logger.warning(f'Keeping the hand-written {folder}/README.md (it lacks the generated-card mark).')
     files = [(n, (folder / n).stat().st_size) for n in UPLOAD_FILES]

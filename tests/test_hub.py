@@ -333,3 +333,209 @@ def test_card_and_config_describe_the_model_actually_converted(tmp_path, monkeyp
     assert str(tmp_path) not in card and 'local-dir:my_pred' not in card
     notes = json.loads(config)['pretrained_cfg']['notes']
     assert "local checkpoint 'my_pred'" in ' '.join(notes) and 'augreg_in21k' not in ' '.join(notes)
+
+
+# --- a repo the user names is their source; the tag's own repo falls back to recycling, saying why ---------
+
+_TWIN = """
+    import os, timm, torch, safetensors.torch
+    from timm.models import generate_default_cfgs, register_model
+    import jetmoe_timm
+    from jetmoe_timm.models._pretrained import WeightsUnavailableError
+    from jetmoe_timm.models.vit_jetmoe import _cfg, _create_vit_jetmoe
+    from jetmoe_timm.recycle.build import RECYCLE_SOURCES
+    torch.set_num_threads(2)
+    tiny = {tiny!r}
+    # a tiny twin of a registered tag whose own repo was never published; recycled from a local predecessor
+    default_cfgs = generate_default_cfgs({{'v_jetmoe_hubtwin.recycled_in21k': _cfg(
+        hf_hub_id='jetmoe-test/never-published', num_classes=10, input_size=(3, 32, 32))}})
+
+    @register_model
+    def v_jetmoe_hubtwin(pretrained=False, **kwargs):
+        return _create_vit_jetmoe('v_jetmoe_hubtwin', pretrained=pretrained, model_args=dict(tiny), **kwargs)
+
+    RECYCLE_SOURCES['v_jetmoe_hubtwin.recycled_in21k'] = dict(predecessor={pred!r})
+    mine = safetensors.torch.load_file({weights!r})
+"""
+
+_GIVEN = _TWIN + """
+    for hub_id in ('jetmoe-test/mine', 'jetmoe-test/mine-private', 'jetmoe-test/mien', 'jetmoe-test/mine@nope'):
+        try:
+            m = timm.create_model('v_jetmoe_hubtwin', pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=hub_id))
+        except WeightsUnavailableError as e:
+            print('ERROR', str(e))
+        else:
+            print('LOADED', hub_id, all(torch.equal(v, mine[k]) for k, v in m.state_dict().items()))
+    assert not os.path.exists(os.environ['JETMOE_TIMM_CACHE'])  # nothing was recycled in place of the user's repo
+    for _ in range(2):  # the tag's own repo: recycled, why said once
+        m = timm.create_model('v_jetmoe_hubtwin', pretrained=True)
+    print('RECYCLED', not torch.equal(m.blocks[0].attn.qkv.weight, mine['blocks.0.attn.qkv.weight']))
+"""
+
+
+@pytest.fixture
+def dense_pred(tmp_path):
+    torch.manual_seed(0)
+    dense = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4,
+                              num_heads=4, num_classes=10)
+    save_for_hf(dense, tmp_path / 'dense', safe_serialization=True)
+    return f'local-dir:{tmp_path / "dense"}'
+
+
+def test_a_repo_the_user_names_is_never_replaced_by_recycled_weights(tmp_path, local_hub, tiny_folder, dense_pred):
+    code = ('from huggingface_hub import HfApi\napi = HfApi()\n'
+            f"for repo, private in (('jetmoe-test/mine', False), ('jetmoe-test/mine-private', True)):\n"
+            f"    api.create_repo(repo, private=private)\n"
+            f"    api.upload_folder(repo_id=repo, folder_path={str(tiny_folder)!r})\n")
+    _run(code, _client_env(tmp_path / 'pusher', local_hub.url, HF_TOKEN=local_hub.token))
+    tiny = json.loads((tiny_folder / 'config.json').read_text())['model_args']
+    r = _run(_GIVEN.format(tiny=tiny, pred=dense_pred, weights=str(tiny_folder / 'model.safetensors')),
+             _client_env(tmp_path / 'loader', local_hub.url, JETMOE_TIMM_CALIB_IMAGES='4'))  # no token
+    lines = r.stdout.splitlines()
+    assert lines[0] == 'LOADED jetmoe-test/mine True'
+    for line, repo, why in zip(lines[1:4], ('mine-private', 'mien', 'mine@nope'), (
+            'no such repo, or a private one and no token with access was sent; HTTP 401',
+            'no such repo, or a private one and no token with access was sent; HTTP 404',
+            'no such revision; HTTP 404')):
+        assert line.startswith(f"ERROR Cannot get model.safetensors of the hf_hub_id 'jetmoe-test/{repo}' you gave "
+                               f"({why}") and 'HF_TOKEN' in line, line
+    assert lines[4] == 'RECYCLED True'
+    told = [line for line in r.stderr.splitlines() if 'jetmoe-test/never-published' in line]
+    assert told == ['No converted weights from jetmoe-test/never-published (no such repo, or a private one and no '
+                    'token with access was sent; HTTP 404, RepositoryNotFoundError): recycling locally.'], r.stderr
+
+
+_HF_HUB_CHECKS = """
+    import glob, os, timm, jetmoe_timm
+    def load(**kw):
+        try:
+            timm.create_model(kw.pop('name', 'hf-hub:jetmoe-test/pub'), pretrained=True, **kw)
+        except ValueError as e:
+            return str(e)
+        return 'loaded'
+    c2 = {c2!r}
+    print(load(name='hf-hub:jetmoe-test/bad'))  # damaged on the Hub: refused on its first download
+    print(load(cache_dir=c2))
+    (blob,) = [p for p in glob.glob(c2 + '/models--jetmoe-test--pub/blobs/*') if os.path.getsize(p) > 10000]
+    raw = bytearray(open(blob, 'rb').read()); raw[-5] ^= 0x10; open(blob, 'wb').write(bytes(raw))
+    print(load(cache_dir=c2))  # damaged in cache_dir: refused, though the default cache has no copy
+    print(load())  # the default cache: a fresh, intact download
+"""
+
+
+def test_hf_hub_loads_verify_the_file_timm_loads(tmp_path, local_hub, tiny_folder):
+    """hf-hub: names: the model.safetensors timm will load (first download, or the copy in cache_dir=) is checked
+    against its content checksum."""
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    for name in ('config.json', 'model.safetensors'):
+        (bad / name).write_bytes((tiny_folder / name).read_bytes())
+    raw = bytearray((bad / 'model.safetensors').read_bytes())
+    raw[-5] ^= 0x10
+    (bad / 'model.safetensors').write_bytes(bytes(raw))
+    code = ('from huggingface_hub import HfApi\napi = HfApi()\n'
+            f"for repo, folder in (('jetmoe-test/pub', {str(tiny_folder)!r}), ('jetmoe-test/bad', {str(bad)!r})):\n"
+            f"    api.create_repo(repo)\n"
+            f"    api.upload_folder(repo_id=repo, folder_path=folder)\n")
+    _run(code, _client_env(tmp_path / 'pusher', local_hub.url, HF_TOKEN=local_hub.token))
+    r = _run(_HF_HUB_CHECKS.format(c2=str(tmp_path / 'c2')), _client_env(tmp_path / 'loader', local_hub.url))
+    first_bad, first, damaged, default = r.stdout.splitlines()
+    assert first_bad.startswith('Refusing to load damaged weights: ') and 'models--jetmoe-test--bad' in first_bad
+    assert 'content checksum' in first_bad
+    assert first == 'loaded' and default == 'loaded'
+    assert damaged.startswith(f'Refusing to load damaged weights: {tmp_path / "c2"}/models--jetmoe-test--pub/')
+
+
+def test_push_refuses_damaged_or_unbuildable_folders_in_one_line(tiny_folder, tmp_path, capsys):
+    """Each answered with one line naming the file and the fix, before a card is written or anything is sent."""
+    def push(folder):
+        assert main(['push', '--from', str(folder), '--repo-id', 'org/name', '--dry-run']) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+        assert not (folder / 'README.md').exists()
+        return err
+
+    def copy(name):
+        d = tmp_path / name
+        d.mkdir()
+        for f in ('config.json', 'model.safetensors'):
+            (d / f).write_bytes((tiny_folder / f).read_bytes())
+        return d
+
+    flipped = copy('flipped')  # one flipped bit: keys and shapes still fit
+    raw = bytearray((flipped / 'model.safetensors').read_bytes())
+    raw[-5] ^= 0x10
+    (flipped / 'model.safetensors').write_bytes(bytes(raw))
+    assert (f'Not pushing damaged weights: {flipped}/model.safetensors does not match its content checksum'
+            in push(flipped))
+    garbage = copy('garbage')
+    (garbage / 'model.safetensors').write_bytes(os.urandom(3000))
+    assert f'{garbage}/model.safetensors is not a complete safetensors file' in push(garbage)
+    unchecked = copy('unchecked')  # not written by jetmoe_timm.export: nothing vouches for its bytes
+    safetensors.torch.save_file(safetensors.torch.load_file(tiny_folder / 'model.safetensors'),
+                                unchecked / 'model.safetensors')
+    assert 'has no content checksum' in push(unchecked) and 'save_pretrained_folder' in push(unchecked)
+    typo = copy('typo')
+    config = json.loads((typo / 'config.json').read_text())
+    config['model_args']['embed_dimm'] = 32
+    (typo / 'config.json').write_text(json.dumps(config))
+    err = push(typo)
+    assert f"{typo}/config.json does not describe a buildable 'v_jetmoe_tiny'" in err and 'embed_dimm' in err
+    partial = copy('partial')  # provenance the card needs is missing: the folder's fault, not the template's
+    config = json.loads((partial / 'config.json').read_text())
+    config['jetmoe'] = dict(method='importance', retention=dict(cka=1.0))
+    (partial / 'config.json').write_text(json.dumps(config))
+    err = push(partial)
+    assert f'{partial}/config.json has incomplete provenance under "jetmoe" (KeyError' in err
+    assert 'template' not in err
+
+
+def test_published_files_hold_no_local_path(tmp_path):
+    """Converted from a local predecessor with a local calibration folder: config.json, the safetensors metadata and
+    the card name the predecessor ``local checkpoint 'NAME'`` (no Hub link, even for a dotted name), never a path."""
+    from PIL import Image
+    from jetmoe_timm.export import read_provenance
+    from jetmoe_timm.recycle import convert
+    torch.manual_seed(0)
+    pred = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
+    save_for_hf(pred, tmp_path / 'secret.pred', safe_serialization=True)
+    (tmp_path / 'calib').mkdir()
+    for i in range(4):
+        pixels = torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / 'calib' / f'{i}.png')
+    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_core_experts=2, num_univ_experts=2)
+    out = convert('v_jetmoe_tiny', tmp_path / 'conv', model_kwargs=kw,
+                  predecessor=f'local-dir:{tmp_path / "secret.pred"}', calib=str(tmp_path / 'calib'), num_calib=4,
+                  progress=False)
+    push_to_hub(out, 'me/mine', dry_run=True)
+    prov = read_provenance(out / 'model.safetensors')
+    assert prov['predecessor'] == "local checkpoint 'secret.pred'" and prov['calibration'].startswith('folder:calib')
+    assert json.loads((out / 'config.json').read_text())['jetmoe']['predecessor'] == "local checkpoint 'secret.pred'"
+    header = (out / 'model.safetensors').read_bytes()[:1 << 20]
+    for name in UPLOAD_FILES:
+        data = header if name == 'model.safetensors' else (out / name).read_bytes()
+        assert str(tmp_path).encode() not in data, name
+    card = (out / 'README.md').read_text()
+    assert "local checkpoint 'secret.pred'" in card and 'huggingface.co/timm/' not in card
+
+
+@pytest.mark.parametrize('args, env, why', [
+    (['--repo-id', 'org/name'], {}, 'No Hugging Face token'),
+    (['--repo-id', 'org/name'], dict(HF_TOKEN='hf_anything'), 'HF_HUB_OFFLINE is set'),  # conftest: offline
+    (['--repo-id', 'org/bad name', '--dry-run'], {}, "--repo-id 'org/bad name' is not a valid Hub repo id"),
+    (['--repo-id', 'org', '--dry-run'], {}, '--repo-id must look like ORG/NAME'),
+    (['--repo-id', 'org/name', '--dry-run', '--card-template', 'nowhere.md'], {}, 'No model card template at'),
+], ids=['no-token', 'offline', 'bad-repo-id', 'no-slash', 'no-template'])
+def test_push_model_refuses_before_converting(args, env, why, tmp_path, monkeypatch, capsys):
+    """Whatever would refuse the upload refuses `push MODEL` before the conversion: --out is never written, so the
+    fixed command runs at once (the predecessor does not even exist: converting would fail on it instead)."""
+    for k in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN'):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / 'out'
+    assert main(['push', 'v_jetmoe_tiny', '--out', str(out), '--no-progress', '--predecessor',
+                 f'local-dir:{tmp_path / "missing"}', *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert why in err and len(err.splitlines()) == 1 and 'missing' not in err, err
+    assert not out.exists()

@@ -293,7 +293,7 @@ def test_build_on_first_load_cache_and_concurrency(tmp_path, pred_dir):
     files = list((tmp_path / 'cache' / 'v_jetmoe_tiny.recycled_in21k').glob('*.safetensors'))
     assert len(files) == 1
     prov = read_provenance(files[0])
-    assert prov['predecessor'] == f'local-dir:{pred_dir}' and prov['method'] == 'importance'
+    assert prov['predecessor'] == f"local checkpoint '{pred_dir.name}'" and prov['method'] == 'importance'
     assert {'seed', 'recipe', 'statistic', 'calibration', 'jetmoe_timm_version', 'selection'} <= set(prov)
     # the second load reads the cache: it works even with the predecessor gone
     import shutil
@@ -572,3 +572,30 @@ def test_bare_convnext_predecessor_file(tmp_path, caplog):
                rec.getMessage() for rec in caplog.records)
     ch = r.selection['stage3.channels']
     torch.testing.assert_close(succ.head.norm.weight, pred.head.norm.weight[ch], rtol=0, atol=0)
+
+
+def test_recycle_cache_follows_a_local_predecessor_replaced_in_place(tmp_path, monkeypatch, tiny_vit_kwargs):
+    """A cached build records its local predecessor's size and mtime (a folder's config.json and weights, or the
+    file): other weights written to the same path are recycled again, not served from the stale cache."""
+    from safetensors.torch import save_file
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('JETMOE_TIMM_CALIB_IMAGES', '4')
+    cached = lambda: {f: f.stat().st_mtime_ns for f in (tmp_path / 'cache').rglob('*.safetensors')}  # noqa: E731
+    for spec in (f'local-dir:{tmp_path / "pred"}', str(tmp_path / 'pred.safetensors')):
+        monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', spec)
+        loads = []
+        for seed in (0, 1, 1):  # the third load: unchanged, read from the cache
+            torch.manual_seed(seed)
+            # other weights for another seed; 64-wide heads, which a bare file's head count is read off
+            pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, embed_dim=128, num_heads=2))
+            if seed == 0 or len(loads) == 1:  # written again only when replaced
+                if spec.startswith('local-dir:'):
+                    save_for_hf(pred, tmp_path / 'pred', safe_serialization=True)
+                else:
+                    save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, tmp_path / 'pred.safetensors')
+            before = cached()
+            loads.append(timm.create_model('v_jetmoe_tiny', pretrained=True, **tiny_vit_kwargs))
+            loads[-1].built = cached() != before
+        assert [m.built for m in loads] == [True, True, False], spec
+        a, b, c = (m.blocks[0].attn.qkv.weight for m in loads)
+        assert not torch.equal(a, b) and torch.equal(b, c), spec

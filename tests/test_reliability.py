@@ -916,3 +916,22 @@ def test_tiny_model_under_autocast_with_extreme_images(dtype, tiny_vit_kwargs):
     for x in (torch.randn(2, 3, 32, 32) * 100, torch.zeros(1, 3, 32, 32), torch.full((1, 3, 32, 32), 7.)):
         with torch.autocast('cpu', dtype=dtype):
             assert torch.isfinite(model(x)).all()
+
+
+def test_pretrained_path_with_num_classes_minus_one_gets_timm_fresh_head(tmp_path, tiny_vit_kwargs):
+    """train.py's --pretrained-path: pretrained_cfg_overlay=dict(file=FILE, num_classes=-1) forces a new head even
+    when FILE's fits; the body comes from FILE and the head is exactly timm's fresh init, as for a dense ViT."""
+    torch.manual_seed(0)
+    src = timm.create_model('v_jetmoe_tiny', num_classes=10, **tiny_vit_kwargs)
+    weights = save_safetensors_atomic(src.state_dict(), tmp_path / 'ft.safetensors')
+    torch.manual_seed(1)
+    model = timm.create_model('v_jetmoe_tiny', pretrained=True, num_classes=10, **tiny_vit_kwargs,
+                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=-1))
+    torch.manual_seed(1)
+    fresh = timm.create_model('v_jetmoe_tiny', num_classes=10, **tiny_vit_kwargs)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, (fresh if k.startswith('head.') else src).state_dict()[k]), k
+    # without the signal the file's head is kept (and memory-mapped)
+    model = timm.create_model('v_jetmoe_tiny', pretrained=True, num_classes=10, **tiny_vit_kwargs,
+                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=10))
+    assert torch.equal(model.head.weight, src.head.weight)

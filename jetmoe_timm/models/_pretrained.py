@@ -6,7 +6,9 @@ timm has no hook for "build the weights if they cannot be downloaded", so the mo
      ``local-dir:``, train.py's ``--pretrained-path``) is used as is;
   b. the converted ``model.safetensors`` of the cfg's ``hf_hub_id``, from the HF cache or downloaded
      (skipped when the user changed the architecture: the published file is for the default one); a cached
-     copy that fails its checks (truncated, content checksum) is downloaded again, or recycled when offline;
+     copy that fails its checks (truncated, content checksum) is downloaded again, or recycled when offline.
+     An ``hf_hub_id`` the user gave (not the tag's) is their source: used whatever the kwargs, and when it
+     cannot be had that is an error, never recycled weights in its place;
   c. otherwise the weights are recycled locally from the tag's predecessor and cached, by the builder the
      recycling package registers (``register_weight_builder``: models never import the recycling code);
      the second load reads the cache.
@@ -30,7 +32,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..export import read_provenance, verify_safetensors
-from ..hub_access import hub_reachable
+from ..hub_access import hub_offline_mode, hub_reachable
 
 __all__ = ['WeightsUnavailableError', 'architecture_signature', 'build_jetmoe', 'prepare_pretrained',
            'register_weight_builder']
@@ -113,25 +115,65 @@ def _damage(path: str) -> Optional[str]:
     return None
 
 
-def _given_weights(cfg) -> Optional[str]:
+def _given_weights(cfg, cache_dir: Optional[str] = None) -> Optional[str]:
     """The local safetensors file behind a user's source, when there is one to check before timm loads it: a
-    ``file`` (train.py's --pretrained-path), a ``local-dir:`` folder's, or an ``hf-hub:`` repo's cached copy."""
+    ``file`` (train.py's --pretrained-path), a ``local-dir:`` folder's, or an ``hf-hub:`` repo's ``model.safetensors``
+    in ``cache_dir`` (the HF cache by default), downloaded first when the Hub answers."""
     if cfg.file:  # a file, or a local-dir: folder (timm keeps the folder there)
         path = str(cfg.file)
         path = os.path.join(path, 'model.safetensors') if os.path.isdir(path) else path
     elif cfg.source == 'hf-hub' and cfg.hf_hub_id:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
         repo_id, _, revision = cfg.hf_hub_id.partition('@')
-        path = try_to_load_from_cache(repo_id, 'model.safetensors', revision=revision or None)
-        path = path if isinstance(path, str) else None  # the "known missing" sentinel is truthy too
+        if hub_reachable():  # the call timm's load makes next: the same file, which it then finds cached
+            try:
+                path = hf_hub_download(repo_id, 'model.safetensors', revision=revision or None, cache_dir=cache_dir)
+            except Exception:  # no model.safetensors (a .bin repo), no such repo: timm's own load reports it
+                return None
+        else:
+            path = try_to_load_from_cache(repo_id, 'model.safetensors', cache_dir=cache_dir,
+                                          revision=revision or None)
+            path = path if isinstance(path, str) else None  # the "known missing" sentinel is truthy too
     else:
         return None
     return path if path and path.endswith('.safetensors') and os.path.isfile(path) else None
 
 
-def _hub_file(hf_hub_id: str, cache_dir: Optional[str]) -> Optional[str]:
+# what a failed Hub download means, by huggingface_hub's error class (names: their modules move between versions)
+_HUB_REASONS = {
+    'GatedRepoError': 'a gated repo: request access on its page and log in',
+    'RepositoryNotFoundError': 'no such repo, or a private one and no token with access was sent',
+    'RevisionNotFoundError': 'no such revision',
+    'RemoteEntryNotFoundError': 'the repo has no model.safetensors',
+    'EntryNotFoundError': 'the repo has no model.safetensors',
+}
+
+
+def _why(e: BaseException) -> str:
+    """A failed download in one short line: what it means, the HTTP status, the error class."""
+    names = [c.__name__ for c in type(e).__mro__]
+    meaning = next((_HUB_REASONS[n] for n in names if n in _HUB_REASONS), None)
+    response = getattr(e, 'response', None)
+    status = f'HTTP {response.status_code}, ' if getattr(response, 'status_code', None) else ''
+    text = str(e).strip().splitlines()
+    return f'{meaning or (text[0][:200] if text else "failed")}; {status}{type(e).__name__}'
+
+
+# default repos whose fallback to recycling was already explained in this process (said once, not per load)
+_told_fallback = set()
+
+
+def _fallback(hf_hub_id: str, why: str) -> None:
+    """The tag's own repo has no usable copy: say why once, at WARNING (the recycler says what it builds)."""
+    if hf_hub_id not in _told_fallback:
+        _told_fallback.add(hf_hub_id)
+        _logger.warning(f'No converted weights from {hf_hub_id} ({why}): recycling locally.')
+
+
+def _hub_file(hf_hub_id: str, cache_dir: Optional[str], given: bool = False) -> Optional[str]:
     """The converted weights of ``hf_hub_id`` ('org/name[@revision]'): from the HF cache, else downloaded unless
-    offline; a damaged cached copy is downloaded again. None when there is no usable file."""
+    offline; a damaged cached copy is downloaded again. None when there is no usable file, for the tag's own repo;
+    a repo the user ``given`` is their source: not getting it is an error naming the repo and the reason."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -150,20 +192,35 @@ def _hub_file(hf_hub_id: str, cache_dir: Optional[str]) -> Optional[str]:
             return cached
         damaged = True
     online = hub_reachable()  # asked only now that the cache has no usable copy
-    if damaged:
+
+    def unavailable(why: str) -> None:
+        if given:
+            raise WeightsUnavailableError(
+                f"Cannot get model.safetensors of the hf_hub_id '{hf_hub_id}' you gave ({why}): check the repo "
+                f"name and revision, log in (`hf auth login` or HF_TOKEN) for a private or gated repo, or leave "
+                f"hf_hub_id out for the tag's own weights.")
+        _fallback(hf_hub_id, why)
+
+    if damaged and not (given and not online):
         _logger.warning(f'The cached weights of {hf_hub_id} are damaged ({problem}); '
                         + ('downloading them again.' if online
                            else 'cannot download them again offline: recycling locally.'))
-    if not online:
+    if not online:  # a default repo not cached offline is the documented path: the recycler says what it builds
+        if given:
+            unavailable(f'cached copy damaged: {problem}' if damaged else
+                        'HF_HUB_OFFLINE is set and it is not cached' if hub_offline_mode() else
+                        'the Hub cannot be reached and it is not cached')
         return None
     try:
         path = hf_hub_download(repo_id, 'model.safetensors', cache_dir=cache_dir, revision=revision,
                                force_download=damaged)
-    except Exception as e:  # not published, unreachable, no such repo: fall back to recycling
-        _logger.info(f'No converted weights at {hf_hub_id} ({type(e).__name__}); recycling locally.')
+    except Exception as e:  # not published, private, unreachable, a server error
+        unavailable(_why(e))
         return None
     problem = _damage(path)
     if problem is not None:
+        if given:
+            raise ValueError(f'Refusing to load damaged weights: {problem}. Convert or download them again.')
         _logger.warning(f'The weights downloaded from {hf_hub_id} are damaged ({problem}); recycling locally.')
         return None
     return path
@@ -178,7 +235,7 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
     if cfg is None or cfg.file or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir') or cfg.url:
-        path = _given_weights(cfg) if cfg is not None else None  # a. the user's (or the cfg's own) source
+        path = _given_weights(cfg, kwargs.get('cache_dir')) if cfg is not None else None  # a. the user's source
         if path is None:
             return kwargs
         problem = _damage(path)  # a file the library wrote carries a checksum: a damaged one is refused
@@ -189,9 +246,12 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     full = f'{cfg.architecture}.{cfg.tag}'
     changes = _architecture_kwargs(model_cls, cfg, model_args,
                                    {k: v for k, v in kwargs.items() if k not in _FACTORY_KWARGS})
+    # an hf_hub_id other than the registered one is the user's source: used whatever the kwargs, never replaced
+    registered = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'))
+    given = bool(cfg.hf_hub_id) and cfg.hf_hub_id != getattr(registered, 'hf_hub_id', None)
     path = None
-    if cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR'):
-        path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'))  # b.
+    if given or (cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR')):
+        path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'), given=given)  # b.
     if path is None:
         if _weight_builder is None:
             raise RuntimeError(f"No weights for '{full}' and no weight builder: import jetmoe_timm (it registers "
@@ -224,6 +284,8 @@ def build_jetmoe(model_cls, variant: str, pretrained: bool, **kwargs) -> nn.Modu
     if path is not None:
         with torch.device('meta'):
             model = build_model_with_cfg(model_cls, variant, False, **kwargs)
+        if _new_head(model):  # timm's own load drops the file's classifier and keeps a fresh init
+            return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
         state = safetensors.torch.load_file(path)  # lazy: tensors over the file's mapped pages
         state = kwargs['pretrained_filter_fn'](state, model)
         own = model.state_dict()
@@ -233,6 +295,17 @@ def build_jetmoe(model_cls, variant: str, pretrained: bool, **kwargs) -> nn.Modu
             if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
                 return model
     return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+
+
+def _new_head(model: nn.Module) -> bool:
+    """Whether timm's load would not take the file's classifier for ``model`` (built without weights, its
+    ``pretrained_cfg`` the resolved one): the model's ``num_classes`` differs from the cfg's (train.py's
+    ``--pretrained-path`` passes ``num_classes=-1`` to force a new head even when the shapes fit) or a
+    ``label_offset`` cuts it. timm then initialises the head as for ``pretrained=False``: only its load does that."""
+    cfg = model.pretrained_cfg
+    if not cfg.get('classifier'):
+        return False
+    return getattr(model, 'num_classes', None) != cfg.get('num_classes') or bool(cfg.get('label_offset'))
 
 
 def _mappable_weights(variant: str, kwargs: Dict[str, Any]) -> Optional[str]:

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
-from ..export import PROVENANCE_KEY, is_local_spec, local_path, public_source, save_safetensors_atomic, verify_safetensors
+from ..export import CHECKPOINT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
+    save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
@@ -222,9 +223,12 @@ def build_recycled(
     notes = (f"Recycled init, not fine-tuned: built from {public_source(pred_spec)} by {opts['method']} sampling "
              f"({opts['recipe']} recipe). No classifier of the predecessor's; fine-tune before use.",)
     succ.pretrained_cfg = dict(succ.pretrained_cfg, notes=notes, **contract)
+    # published with the weights (push): a local predecessor by its name only, never its path (the cache key,
+    # not this record, tells one local file from another)
     result.provenance.update(
         input_contract=contract,
-        model=full, predecessor=pred_spec, body_predecessor=body_predecessor or source.get('body_predecessor')
+        model=full, predecessor=public_source(pred_spec),
+        body_predecessor=public_source(body_predecessor or source.get('body_predecessor'))
         if opts['recipe'] == 'official' else None, model_kwargs=model_kwargs)
     return succ, result
 
@@ -233,6 +237,19 @@ def input_contract(model: nn.Module) -> Dict[str, Any]:
     """The preprocessing ``model``'s weights expect (mean, std, interpolation, crop), from its pretrained cfg."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return {k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in INPUT_CONTRACT_KEYS if k in cfg}
+
+
+def _local_fingerprint(pred_spec: str) -> Optional[list]:
+    """[name, size, mtime_ns] of a local predecessor file, or of a folder's config.json and weights files, read
+    without reading their bytes; None for a timm name or an hf-hub: repo, and where the predecessor is gone."""
+    if not is_local_spec(pred_spec):
+        return None
+    p = Path(local_path(pred_spec))
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.name == 'config.json' or f.name.endswith(CHECKPOINT_SUFFIXES))
+    else:
+        files = [p] if p.is_file() else []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()] or None
 
 
 def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options: Dict[str, Any]) -> str:
@@ -248,8 +265,13 @@ def _check_options(opts: Dict[str, Any]) -> None:
     check_options(**{k: opts[k] for k in keys if k in opts})
 
 
-def _cache_problem(path: Path, key: str) -> Optional[str]:
-    """Why the cached file ``path`` must not be used for build ``key``: None if it can, '' if there is none."""
+def _cache_problem(path: Path, key: str, fingerprint: Optional[list] = None) -> Optional[str]:
+    """Why the cached file ``path`` must not be used for build ``key``: None if it can, '' if there is none.
+
+    ``fingerprint`` (``_local_fingerprint``) of a local predecessor that is still there: a build from other files at
+    the same path is stale. A predecessor deleted since the build leaves the cached weights usable. Timm names and
+    hf-hub: repos are keyed by name only: a repo updated on the Hub keeps its earlier build.
+    """
     if not path.is_file():
         return ''
     try:
@@ -260,6 +282,8 @@ def _cache_problem(path: Path, key: str) -> Optional[str]:
     if prov.get('cache_key') != key:
         made = ', '.join(f'{k}={prov.get(k)}' for k in ('model', 'recipe', 'method', 'jetmoe_timm_version'))
         return f'{path} was built for another request ({made})'
+    if fingerprint is not None and prov.get('predecessor_fingerprint') != fingerprint:
+        return f'the predecessor has changed since {path} was built from it'
     return None
 
 
@@ -310,13 +334,14 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
     _check_options(opts)  # bad requests fail here, before anything is created
     pred_spec = os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
     key = _cache_key(full, model_kwargs, pred_spec, opts)
+    fingerprint = _local_fingerprint(pred_spec)
     path = cache_dir() / full / f'{key}.safetensors'
-    if _cache_problem(path, key) is None:
+    if _cache_problem(path, key, fingerprint) is None:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = _lock(path)
     try:
-        problem = _cache_problem(path, key)  # another process may have built it while we waited
+        problem = _cache_problem(path, key, fingerprint)  # another process may have built it while we waited
         if problem is None:
             return path
         if problem:  # reported once, by the process that replaces it
@@ -327,7 +352,8 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
         announce = functools.partial(  # once the predecessor is loaded: offline, the error comes alone
             _logger.warning, f'Recycling {full} from {pred_spec} (first load; {hint}; then cached at {path}).')
         model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, on_loaded=announce, **opts)
-        provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection))
+        provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection),
+                          **({'predecessor_fingerprint': fingerprint} if fingerprint is not None else {}))
         save_safetensors_atomic(model.state_dict(), path, provenance)
         kept = provenance.get('retention')
         if kept:

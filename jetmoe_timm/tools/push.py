@@ -3,7 +3,7 @@ from pathlib import Path
 
 import timm
 
-from ..hub import push_to_hub
+from ..hub import check_push, push_to_hub
 from ..export import is_model_folder
 from ..models._pretrained import architecture_signature
 from ..recycle import convert, parse_model_kwargs
@@ -43,6 +43,9 @@ def _convert_for_push(args) -> Path:
         raise ValueError('give MODEL to convert (e.g. v_jetmoe_tiny), or --from DIR with a converted folder.')
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     check_model_kwargs(args.model, model_kwargs)
+    # what would refuse the push afterwards (repo id, card template, token, offline) refuses it now, before the
+    # conversion writes --out
+    check_push(args.model, args.repo_id, dry_run=args.dry_run, card_template=args.card_template)
     if args.repo_id is None and model_kwargs:  # fail now, not after a long conversion
         default = timm.create_model(args.model, device='meta')
         changed = timm.create_model(args.model, device='meta', **model_kwargs)
