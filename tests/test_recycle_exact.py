@@ -203,7 +203,7 @@ def test_convnext_full_width_is_exact_with_layer_scale(pred_ls, succ_ls):
         torch.testing.assert_close(succ(x), pred(x), atol=1e-4, rtol=1e-4)
 
 
-def test_convnext_v2_grn_is_refused_and_a_head_hidden_layer_travels_only_with_its_classifier():
+def test_convnext_v2_grn_is_refused_and_a_head_hidden_layer_travels():
     kwargs = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=5)
     v2 = timm.create_model('convnextv2_atto', **kwargs, conv_mlp=False)
     with pytest.raises(ValueError, match='global response norm') as e:
@@ -215,10 +215,15 @@ def test_convnext_v2_grn_is_refused_and_a_head_hidden_layer_travels_only_with_it
     x = torch.randn(2, 3, 64, 64)
     same, r = _recycled(timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=(), head_hidden_size=24), pred)
     assert not r.fresh_keys
+    headless, r = _recycled(timm.create_model('c_jetmoe_femto', **dict(kwargs, num_classes=0), moe_blocks=(),
+                                              head_hidden_size=24), pred)
+    assert not r.fresh_keys  # without a classifier the hidden layer's output is the feature: it comes along
     without, r = _recycled(timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=()), pred)
     assert sorted(r.fresh_keys) == ['head.fc.bias', 'head.fc.weight']  # not reused on another input
     with torch.no_grad():
         torch.testing.assert_close(same(x), pred(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(headless(x), pred.forward_head(pred.forward_features(x), pre_logits=True),
+                                   atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(without.forward_head(without.forward_features(x), pre_logits=True),
                                    pred.head.flatten(pred.head.norm(pred.head.global_pool(pred.forward_features(x)))),
                                    atol=1e-4, rtol=1e-4)

@@ -489,14 +489,15 @@ def test_float64_layer_routes_in_float64(routing):
     assert not _ROUTING_BUFFERS.tensors
 
 
-def test_no_grad_routing_buffers_keep_at_most_two_shapes():
+def test_no_grad_routing_buffers_keep_a_bounded_set_of_shapes():
     """Token counts that change at one batch size (dynamic_img_size ViTs, ConvNeXt at several resolutions) do not
-    pile up routing buffers: each name keeps its two most recently used shapes, and another batch size replaces
-    them all at once. C-JetMoE's two MoE stages alternate two shapes on every forward: both stay, nothing is
-    allocated again."""
+    pile up routing buffers: each name keeps its four most recently used shapes, and another batch size replaces
+    them all at once. A C-JetMoE with MoE blocks in all four stages cycles through four shapes on every forward:
+    all stay, nothing is allocated again."""
     import timm
     from jetmoe_timm.layers import free_routing_buffers
     from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    assert _ROUTING_BUFFERS.max_shapes == 4
     layer = _layer().eval()
     M = layer.num_slots
 
@@ -507,21 +508,21 @@ def test_no_grad_routing_buffers_keep_at_most_two_shapes():
     with torch.no_grad():
         for n in range(3, 12):
             layer(torch.randn(2, n, 16))
-        assert shapes() == [(2, 10, M), (2, 11, M)] and len(_ROUTING_BUFFERS.tensors) == 6
-        layer(torch.randn(2, 10, 16))  # used again: 11 is now the least recently used
+        assert shapes() == [(2, n, M) for n in (8, 9, 10, 11)] and len(_ROUTING_BUFFERS.tensors) == 12
+        layer(torch.randn(2, 8, 16))  # used again: 9 is now the least recently used
         layer(torch.randn(2, 5, 16))
-        assert shapes() == [(2, 5, M), (2, 10, M)]
+        assert shapes() == [(2, n, M) for n in (5, 8, 10, 11)]
         layer(torch.randn(3, 5, 16))  # another batch size: the old ones go at once
         assert shapes() == [(3, 5, M)]
 
     model = timm.create_model('c_jetmoe_femto', depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2,
-                              num_univ_experts=3).eval()
+                              num_univ_experts=3, moe_blocks=(0, 1, 3, 4)).eval()  # one MoE block in every stage
     free_routing_buffers()
     with torch.no_grad():
         for size in (32, 64, 48, 96, 64):
             model(torch.randn(2, 3, size, size))
         ptrs = {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()}
-        assert len(ptrs) == 6  # 3 names x the two stages' shapes at 64 px
+        assert len(ptrs) == 12  # 3 names x the four stages' shapes at 64 px
         model(torch.randn(2, 3, 64, 64))
     assert {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()} == ptrs
 

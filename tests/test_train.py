@@ -355,18 +355,23 @@ def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, t
 @needs_scripts
 def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_data, capsys):
     """Read as train.py reads them (its parser, its --config file): --model-kwargs img_size=32 without --img-size
-    would fail after the first batch, a missing image folder only once the model is built; both are said first."""
-    argv = [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4']
-    assert jetmoe_timm.train.main(argv) == 2
+    would fail after the first batch, a missing image folder only once the model is built; both are said first,
+    and a data size from a recipe file counts."""
+    from jetmoe_timm.tools._scripts import _argument_problem, _script_args
+    train_py = Path(SCRIPTS, 'train.py')
+    model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4']
+    assert jetmoe_timm.train.main([str(tiny_data), *model]) == 2
     assert 'add --img-size 32' in capsys.readouterr().err
+    assert _argument_problem(_script_args(train_py, [str(tiny_data), *model, '--img-size', '32'])) is None
     config = tmp_path / 'recipe.yaml'
     config.write_text('img_size: 32\n')  # the data size from a recipe file is the data size
-    assert jetmoe_timm.train.main([str(tmp_path / 'no_such_data'), '--config', str(config), *argv[1:]]) == 2
+    assert _argument_problem(_script_args(train_py, [str(tiny_data), '--config', str(config), *model])) is None
+    missing = tmp_path / 'no_such_data'
+    assert jetmoe_timm.train.main([str(missing), '--config', str(config), *model]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"data folder '{tmp_path / 'no_such_data'}' does not exist: pass the folder that holds your images "
-        f"(train/ and validation/).")
+        f"data folder '{missing}' does not exist: pass the folder that holds your images (train/ and validation/).")
     config.write_text('model_kwargs: {img_size: 32}\n')  # and the model's size from one too
     assert jetmoe_timm.train.main([str(tiny_data), '--config', str(config), '--model', 'v_jetmoe_tiny']) == 2
     assert 'add --img-size 32' in capsys.readouterr().err
-    assert jetmoe_timm.validate.main([str(tmp_path / 'no_such_data'), '--model', 'v_jetmoe_tiny']) == 2
-    assert "data folder" in capsys.readouterr().err
+    assert jetmoe_timm.validate.main([str(missing), '--model', 'v_jetmoe_tiny']) == 2
+    assert 'data folder' in capsys.readouterr().err

@@ -71,16 +71,17 @@ def _logit_noise(logits: torch.Tensor, std: float) -> torch.Tensor:
 class _RoutingBuffers(threading.local):
     """Float32 (B, N, M) buffers for the routing tensors of no-grad CPU calls, one set per thread, shared by every
     SpheroMoE layer (layers run one after another and their routing tensors die with the call). Each buffer name
-    keeps at most ``max_shapes`` routing shapes, the most recently used, all of one batch size: C-JetMoE's two
-    stages alternate two shapes on every forward, and inputs of changing sizes (dynamic_img_size ViTs, ConvNeXt
-    at several resolutions) must not pile up one set per size.
+    keeps at most ``max_shapes`` routing shapes, the most recently used, all of one batch size: a C-JetMoE with MoE
+    blocks in all four stages cycles through four shapes on every forward (fewer kept, each would be evicted just
+    before its next use), and inputs of changing sizes (dynamic_img_size ViTs, ConvNeXt at several resolutions)
+    must not pile up one set per size.
 
     Fresh (B, N, M) float32 tensors (7.4 MB each at batch 32 for V-JetMoE-T) are served by glibc from pages it has
     just handed back to the kernel, so every call page-faults them in again; in V-JetMoE-T inference that was
     ~4 % of the model's time in float32 and ~15 % under bf16 autocast.
     """
 
-    max_shapes = 2  # routing shapes kept per buffer name
+    max_shapes = 4  # routing shapes kept per buffer name: one per ConvNeXt stage
 
     def __init__(self):
         # (name, (B, N, M)) -> buffer, in order of use: a name's most recently used shape comes last
@@ -107,7 +108,7 @@ _ROUTING_BUFFERS = _RoutingBuffers()
 
 
 def free_routing_buffers() -> None:
-    """Free this thread's routing buffers (3 x B x N x M float32 for each of at most two routing shapes after a
+    """Free this thread's routing buffers (3 x B x N x M float32 for each of at most four routing shapes after a
     no-grad call; 22 MB per shape at batch 32 for V-JetMoE-T). They are made again by the next no-grad call."""
     _ROUTING_BUFFERS.tensors.clear()
 

@@ -161,11 +161,13 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     idx['last.channels'] = sel[f'stage{num_stages - 1}.channels']
     idx['head.in'] = torch.arange(_pre_logits_width(succ)) if _pre_logits_width(succ) else idx['last.channels']
     fc_w, pred_fc_w = getattr(succ.head.fc, 'weight', None), getattr(pred.head.fc, 'weight', None)
-    # the classifier only when it means the same thing: same classes, reading the same hidden layer (or none)
-    same_head = (fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0]
-                 and _pre_logits_width(succ) == _pre_logits_width(pred))
-    keys = [k for k in succ.state_dict()
-            if same_head or not k.startswith(('head.fc.', 'head.pre_logits.'))]
+    # the head's hidden layer (head_hidden_size) whenever both have one of the same width: with num_classes=0 its
+    # output is the model's feature; the classifier only when it means the same thing: same classes, reading the
+    # same hidden layer (or none)
+    same_hidden = _pre_logits_width(succ) == _pre_logits_width(pred)
+    same_head = fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0] and same_hidden
+    keys = [k for k in succ.state_dict() if (same_head or not k.startswith('head.fc.'))
+            and (same_hidden or not k.startswith('head.pre_logits.'))]
     p = plan_from_rules(RULES, keys, idx)
     for s, b, name, blk in _blocks(succ):
         for path in ('core', 'univ') if isinstance(blk.mlp, SpheroMoE) else ():
