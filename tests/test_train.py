@@ -363,6 +363,9 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     assert jetmoe_timm.train.main([str(tiny_data), *model]) == 2
     assert 'add --img-size 32' in capsys.readouterr().err
     assert _argument_problem(_script_args(train_py, [str(tiny_data), *model, '--img-size', '32'])) is None
+    # the size the data pipeline takes anyway (the model's default cfg) needs no --img-size
+    assert _argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs',
+                                                     'img_size=224'])) is None
     config = tmp_path / 'recipe.yaml'
     config.write_text('img_size: 32\n')  # the data size from a recipe file is the data size
     assert _argument_problem(_script_args(train_py, [str(tiny_data), '--config', str(config), *model])) is None

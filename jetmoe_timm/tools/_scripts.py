@@ -146,6 +146,13 @@ def _script_args(path: Path, argv: List[str]) -> Optional[argparse.Namespace]:
         sys.argv = saved_argv
 
 
+def _default_img_size(model: Optional[str]) -> Optional[int]:
+    """The image size the model's default cfg gives the data pipeline (what train.py uses without --img-size)."""
+    from timm.models import get_pretrained_cfg
+    cfg = get_pretrained_cfg(model) if model else None
+    return cfg.input_size[-1] if cfg is not None and cfg.input_size else None
+
+
 def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
     """What would fail late, said before anything runs: an image folder that is not there (found only after the
     model is built, which may mean recycling it), and ``--model-kwargs img_size=N`` without ``--img-size N``
@@ -157,7 +164,8 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
     if root and not getattr(args, 'dataset', '') and not os.path.exists(root):
         return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
     size = (getattr(args, 'model_kwargs', None) or {}).get('img_size')
-    if size is not None and getattr(args, 'img_size', None) is None and getattr(args, 'input_size', None) is None:
+    if (size is not None and getattr(args, 'img_size', None) is None and getattr(args, 'input_size', None) is None
+            and size != _default_img_size(getattr(args, 'model', None))):
         return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
                 f'(train.py and validate.py size the images from it).')
     return None
