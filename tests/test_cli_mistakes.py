@@ -97,6 +97,18 @@ def _rows(d):
         (['push', '--from', str(d / 'converted'), '--repo-id', 'me/x', '--dry-run', '--method', 'copy'],
          'do not apply to --from'),
         (['push', '--dry-run'], 'give MODEL to convert'),
+        (['data', 'export', 'mnist5k', new, '--calib-images', '10'], 'add a limit (--limit train=N)'),
+        (['data', 'export', 'mnist5k', new, '--limit', 'train=10', 'train=20'], 'names train twice'),
+        (['demo', '--out', str(d / 'a_file')], 'is a file: give a folder path'),
+        (['demo', '--out', str(d / 'a_file' / 'sub')], 'is a file, not a folder'),
+        # bench: every count checked before its --out folder is made (new/ must not appear)
+        (['bench', '--quick', '--out', f'{new}/b.json', '--batch-sizes', '0'], 'batch sizes must be at least 1'),
+        (['bench', '--quick', '--out', f'{new}/b.json', '--rounds', '0'], '--rounds 0: give at least 1'),
+        (['bench', '--quick', '--out', f'{new}/b.json', '--threads', '0'], '--threads 0: give at least 1'),
+        (['bench', '--quick', '--out', f'{new}/b.json', '--device', 'cuda:99'], 'torch sees no CUDA GPU' if
+         not torch.cuda.is_available() else 'numbered from 0'),
+        (['bench', '--quick', '--out', f'{new}/b.json', '--compile', 'all', '--compile-batch-sizes', '64'],
+         'are not among the batch sizes [32]'),
     ]
 
 

@@ -584,8 +584,10 @@ def run_benchmark(
         raise ValueError(f'Layer precisions are float32 and bf16 (autocast), not {list(layer_precisions)}.')
     if rounds < 1 or any(b < 1 for b in list(batch_sizes) + list(layer_batch_sizes)):
         raise ValueError('rounds and batch sizes must be >= 1.')
+    if threads is not None and threads < 1:
+        raise ValueError(f'--threads {threads}: give at least 1 thread, or leave it out for torch\'s own number.')
     dev = _device(device)
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     cfg = dict(batch_sizes=list(batch_sizes), precisions=list(precisions), modes=list(modes),
                compile=list(dict.fromkeys(bool(c) for c in torch_compile)),
@@ -705,6 +707,15 @@ def _write_json(result: Dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_counts(args, batch_sizes: List[int]) -> None:
+    """Counts the run cannot use, said before anything is created (a 0 was taken as 'the default' before)."""
+    for flag, value in (('--rounds', args.rounds), ('--threads', args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f'{flag} {value}: give at least 1, or leave {flag} out for the default.')
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f'batch sizes must be at least 1, got {sorted({b for b in batch_sizes if b < 1})}.')
+
+
 def _run(args) -> int:
     quick = args.quick
     if os.path.isdir(args.out):
@@ -718,6 +729,13 @@ def _run(args) -> int:
         raise ValueError(f"No benchmark pair for {sorted(unknown)}; choose from {[p.model for p in PAIRS]}.")
     batch_sizes = args.batch_sizes or ([32] if quick else [32, 64, 128])
     compile_mode = args.compile or ('layer' if quick else 'all')
+    compile_batch_sizes = args.compile_batch_sizes or ([64] if 64 in batch_sizes else batch_sizes[:1])
+    layer_batch_sizes = args.layer_batch_sizes or ([32] if quick else [64])
+    _check_counts(args, batch_sizes + layer_batch_sizes + compile_batch_sizes)
+    if compile_mode == 'all' and not set(compile_batch_sizes) <= set(batch_sizes):
+        raise ValueError(f'--compile-batch-sizes {sorted(set(compile_batch_sizes) - set(batch_sizes))} are not among '
+                         f'the batch sizes {batch_sizes}: models are compiled only at sizes they are timed at.')
+    _device(args.device)
     # torch.compile imports cpp_extension, which warns on every CPU-only machine that it found no CUDA runtime
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # after every argument is checked
@@ -729,15 +747,15 @@ def _run(args) -> int:
         precisions=args.precisions or (['float32'] if quick else ['float32', 'bf16']),
         modes=args.modes,
         torch_compile=(False, True) if compile_mode == 'all' else (False,),
-        compile_batch_sizes=args.compile_batch_sizes or ([64] if 64 in batch_sizes else batch_sizes[:1]),
+        compile_batch_sizes=compile_batch_sizes,
         layer=None if args.no_layer else V_JETMOE_TINY_LAYER,
-        layer_batch_sizes=args.layer_batch_sizes or ([32] if quick else [64]),
+        layer_batch_sizes=layer_batch_sizes,
         layer_precisions=args.layer_precisions,
         reference=not args.no_reference,
         compile_layer=compile_mode != 'off',
         memory=not args.no_memory,
         convert=list(CONVERT_VARIANTS) if args.convert == [] else args.convert or [],
-        rounds=args.rounds or (3 if quick else 7),
+        rounds=args.rounds if args.rounds is not None else (3 if quick else 7),
         warmup=1,
         reference_rounds=1 if quick else 2,
         threads=args.threads,

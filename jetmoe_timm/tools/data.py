@@ -113,6 +113,9 @@ def export_dataset(
                 f'the folders it finds, so every class needs at least one image. Use limit >= {len(classes)}.')
     if calib_images is not None and (calib_images < 1 or 'train' not in splits):
         raise ValueError(f'calib_images ({calib_images}) must be at least 1 and needs the train split exported.')
+    if calib_images and limits.get('train') is None:  # said now, not after writing the whole split
+        raise ValueError(f'calib_images ({calib_images}) are taken from training images outside the exported ones, '
+                         f'and without a train limit every one is exported: add a limit (--limit train=N).')
     out = Path(os.path.abspath(out))  # '.' and '..' have no usable parent
     check_replaceable(out, force, _is_dataset_folder, 'an exported dataset', 'OUT')
 
@@ -293,6 +296,8 @@ def _parse_limit(items):
         if not sep:
             raise ValueError(f"--limit {' '.join(items)}: give one number, or SPLIT=N for each split (e.g. "
                              f"train=5000 validation=2000).")
+        if split in out:
+            raise ValueError(f'--limit names {split} twice: give one {split}=N.')
         out[split] = _positive(n, f'--limit {split}')
     return out
 

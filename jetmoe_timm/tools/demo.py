@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ..export import save_safetensors_atomic
 from ..recycle import CALIB_SIZES, METHODS, recycle
 from ..recycle.build import cache_dir
+from .checks import check_output_folder
 from ..recycle.retention import linear_cka, pooled_features
 
 __all__ = ['run_demo', 'markdown_table', 'add_parser']
@@ -383,6 +384,12 @@ def _plot(summary: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _run(args) -> int:
+    check_output_folder(args.out, overwrite=True)  # before 11 minutes of training, not at the first write after
+    run_demo(args.out, args.quick, args.seed)
+    return 0
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser('demo', help='convergence demo: recycled MoE vs scratch on real data, offline',
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -392,4 +399,4 @@ def add_parser(subparsers) -> None:
                         'from scratch')
     p.add_argument('--out', default='jetmoe_demo', help='folder for demo_results.json and demo_convergence.png')
     p.add_argument('--seed', type=int, default=0)
-    p.set_defaults(func=lambda args: run_demo(args.out, args.quick, args.seed) and 0)
+    p.set_defaults(func=_run)
