@@ -233,3 +233,152 @@ def test_grey_models_take_grey_images(tmp_path):
     assert np.allclose(result.images[..., 0], result.images[..., 2])  # grey, shown in three equal channels
     layer = result.layers['blocks.3.mlp']
     assert np.allclose(layer.dispatch.sum(1), 1, atol=1e-5)
+
+
+def _no_model(monkeypatch):
+    """Make building the model fail loudly: an input mistake must be named before it."""
+    def fail(*args, **kwargs):
+        raise AssertionError('the model was built before the inputs were checked')
+    monkeypatch.setattr('jetmoe_timm.tools.visualize._create_model', fail)
+
+
+@needs_matplotlib
+@pytest.mark.parametrize('single', [['num_univ_experts=0', 'routing=softmoe'], ['num_core_experts=0']])
+def test_cli_inspect_single_path_models(tmp_path, single, capsys):
+    """A layer with experts on one path only: no top expert of the other path, and no crash after the files."""
+    images = _write_images(tmp_path, n=2)
+    out = tmp_path / 'out'
+    assert cli.main(['inspect', 'v_jetmoe_tiny', *images, '--out', str(out), '--model-kwargs', *TINY_ARGS,
+                     *single]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert 'wrote 4 files' in printed.out
+    assert printed.err.count('note: random init') == 1
+    empty = 'univ' if 'num_univ_experts=0' in single else 'core'
+    data = json.loads((out / 'routing.json').read_text())
+    for layer in data['layers'].values():
+        assert all(top[empty] == [] and len(top[{'univ': 'core', 'core': 'univ'}[empty]]) == 3
+                   for top in layer['top_experts'])
+    assert f'most often top: {"core" if empty == "univ" else "univ"} ' in printed.out
+
+
+def test_cli_inspect_model_kwargs_before_the_images(tmp_path, capsys):
+    images = _write_images(tmp_path, n=2)
+    out = str(tmp_path / 'o')
+    with pytest.raises(SystemExit) as e:  # --model-kwargs took the only image: argparse finds no images
+        cli.main(['inspect', 'v_jetmoe_tiny', '--model-kwargs', *TINY_ARGS, *images, '--out', out])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and 'no image files' in lines[0] and 'put --model-kwargs after the images' in lines[0]
+    # it took the second image: named, with the same fix
+    assert cli.main(['inspect', 'v_jetmoe_tiny', images[0], '--model-kwargs', *TINY_ARGS, images[1],
+                     '--out', out]) == 2
+    err = capsys.readouterr().err
+    assert f"took '{images[1]}'" in err and 'put --model-kwargs after the images' in err
+    assert cli.main(['inspect', 'v_jetmoe_tiny', *images, '--out', out, '--model-kwargs', 'num_classes']) == 2
+    assert "'num_classes' is not of the form key=value" in capsys.readouterr().err
+    assert not (tmp_path / 'o').exists()
+
+
+TINY_VIT_SMALLEST = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_core_experts=2,
+                         num_univ_experts=2, moe_blocks=[1])
+
+
+def test_cli_inspect_checks_images_before_building_the_model(tmp_path, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    images = _write_images(tmp_path, n=1)
+    good = open(images[0], 'rb').read()
+    (tmp_path / 'trunc.png').write_bytes(good[:len(good) // 2])  # PIL opens it; decoding it fails
+    (tmp_path / 'text.jpg').write_text('not an image')
+    (tmp_path / 'pictures').mkdir()
+    cases = [
+        (str(tmp_path / 'missing.jpg'), 'Image not found'),
+        (str(tmp_path / 'pictures'), 'is a folder, not an image: pass image files'),
+        (str(tmp_path / 'trunc.png'), f'Cannot read image {tmp_path / "trunc.png"}: image file is truncated'),
+        (str(tmp_path / 'text.jpg'), f'Cannot read image {tmp_path / "text.jpg"}: not an image format'),
+    ]
+    for bad, message in cases:  # without --model-kwargs too: no model built first, no random-init note
+        for kwargs in ([], ['--model-kwargs', *TINY_ARGS]):
+            assert cli.main(['inspect', 'v_jetmoe_tiny', *images, bad, '--out', str(tmp_path / 'o'), *kwargs]) == 2
+            err = capsys.readouterr().err
+            assert message in err and 'random init' not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'o').exists()
+    model = timm.create_model('v_jetmoe_tiny', **TINY_VIT_SMALLEST)
+    with pytest.raises(ValueError, match='Cannot read image .*trunc.png: image file is truncated'):
+        inspect_routing(model, [str(tmp_path / 'trunc.png')])  # the Python API says the same
+
+
+def test_cli_inspect_checkpoint_folder_mistakes(tmp_path, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    images = _write_images(tmp_path, n=1)
+    folders = {}
+    for name, config in [('dense', '{"architecture": "vit_small_patch16_224"}'), ('noarch', '{"model_type": "vit"}'),
+                         ('notjson', 'not json'), ('noweights', '{"architecture": "v_jetmoe_tiny"}')]:
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / 'config.json').write_text(config)
+        if name != 'noweights':
+            save_safetensors_atomic({'x': torch.zeros(1)}, folders[name] / 'model.safetensors')
+    cases = [
+        (folders['dense'], f"holds a dense 'vit_small_patch16_224', not a JetMoE model: convert it first "
+                           f"(jetmoe-timm convert v_jetmoe_tiny --predecessor local-dir:{folders['dense']} "),
+        (folders['noarch'], "config.json names no 'architecture'"),
+        (folders['notjson'], f"{folders['notjson'] / 'config.json'} is not valid JSON (Expecting value"),
+        (folders['noweights'], 'has no weights (model.safetensors)'),
+        (folders['dense'] / 'config.json', 'is a JSON file, not a weights file: pass the folder'),
+        (tmp_path / 'cut.safetensors', 'as a .safetensors file (Error while deserializing header'),
+    ]
+    good = (folders['dense'] / 'model.safetensors').read_bytes()
+    (tmp_path / 'cut.safetensors').write_bytes(good[:len(good) - 2])
+    for checkpoint, message in cases:
+        assert cli.main(['inspect', 'v_jetmoe_tiny', *images, '--checkpoint', str(checkpoint),
+                         '--out', str(tmp_path / 'o')]) == 2
+        err = capsys.readouterr().err
+        assert message in err and 'None' not in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.undo()  # what only loading tells: a .pth that is no checkpoint, or holds more than tensors
+    (tmp_path / 'text.pth').write_text('not a pickle')
+    torch.save({'state_dict': {}, 'when': __import__('datetime').date(2025, 1, 1)}, tmp_path / 'objects.pth')
+    for name, message in (('text.pth', 'it is no PyTorch checkpoint'),
+                          ('objects.pth', 'holds Python objects besides tensors (datetime.date)')):
+        assert cli.main(['inspect', 'v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path / name),
+                         '--out', str(tmp_path / 'o'), '--model-kwargs', *TINY_ARGS]) == 2
+        err = capsys.readouterr().err
+        assert message in err and 'weights_only' not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / 'o').exists()
+
+
+def test_dynamic_img_size_vit_is_inspected_at_its_img_size(tmp_path, tiny_vit_kwargs):
+    images = _write_images(tmp_path, n=1)
+    for img_size, grid in ((32, (8, 8)), ((32, 48), (8, 12))):
+        model = timm.create_model('v_jetmoe_tiny', **dict(tiny_vit_kwargs, img_size=img_size, dynamic_img_size=True))
+        result = inspect_routing(model, images)
+        assert result.info['input_size'] == [3, *model.patch_embed.img_size]
+        assert {lr.grid for lr in result.layers.values()} == {grid}
+
+
+def test_images_with_the_same_name_get_different_labels(tmp_path, tiny_vit_kwargs):
+    from jetmoe_timm.tools.visualize import _short
+    for folder in ('a', 'b'):
+        (tmp_path / folder).mkdir()
+        _write_images(tmp_path / folder, n=1)
+    paths = [str(tmp_path / 'a' / 'img0.png'), str(tmp_path / 'b' / 'img0.png')]
+    model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs)
+    assert inspect_routing(model, paths).names == ['a/img0.png', 'b/img0.png']
+    assert inspect_routing(model, [paths[0], paths[0]]).names == ['img0.png', 'img0.png (2)']
+    assert inspect_routing(model, [paths[0], str(tmp_path / 'b' / '..' / 'a' / 'img0.png')]).names == [
+        'img0.png', 'img0.png (2)']  # the same file, spelt two ways
+    # figure titles keep both ends of a long label: its folder and the number before the extension
+    assert _short('holiday/photo_of_the_beach_1.jpg') != _short('holiday/photo_of_the_beach_2.jpg')
+    assert len(_short('holiday/photo_of_the_beach_1.jpg')) == 24 and _short('short.png') == 'short.png'
+
+
+def test_cli_inspect_unknown_or_dense_model(tmp_path, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    images = _write_images(tmp_path, n=1)
+    out = str(tmp_path / 'o')
+    assert cli.main(['inspect', 'v_jetmoe_tinyy', *images, '--out', out]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown model 'v_jetmoe_tinyy' (did you mean 'v_jetmoe_tiny'?): pick one of [" in err
+    assert "'c_jetmoe_femto'" in err
+    assert cli.main(['inspect', 'vit_small_patch16_224', *images, '--out', out]) == 2
+    assert "'vit_small_patch16_224' is a dense timm model" in capsys.readouterr().err
+    assert not (tmp_path / 'o').exists()

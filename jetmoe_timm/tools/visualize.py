@@ -16,6 +16,8 @@ import argparse
 import json
 import math
 import os
+import pickle
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -184,12 +186,57 @@ def _data_config(model: nn.Module) -> Dict[str, Any]:
     from timm.data import resolve_model_data_config
     cfg = resolve_model_data_config(model)
     pe = getattr(model, 'patch_embed', None)
-    # the pretrained cfg keeps the registered 224 even when the model was built with another img_size
-    if pe is not None and getattr(pe, 'strict_img_size', False) and getattr(pe, 'img_size', None):
+    # the pretrained cfg keeps the registered 224 even when the model was built with another img_size, also
+    # with dynamic_img_size=True (the model would run at 224 too, but not on the grid it was built for)
+    if pe is not None and getattr(pe, 'img_size', None):
         cfg['input_size'] = (cfg['input_size'][0], *pe.img_size)
     # and its channels, e.g. a grey model built with in_chans=1
     cfg['input_size'] = (getattr(model, 'in_chans', cfg['input_size'][0]), *cfg['input_size'][1:])
     return cfg
+
+
+def _open_image(path: Union[str, os.PathLike], mode: str = 'RGB') -> 'PIL.Image.Image':
+    """The image file at ``path``, decoded in full and converted to ``mode``; one-line errors that say the fix."""
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f'{path} is a folder, not an image: pass image files (e.g. {path / "*.jpg"}).')
+    if not path.exists():
+        raise FileNotFoundError(f'Image not found: {path}')
+    if not path.is_file():
+        raise ValueError(f'{path} is not a regular file: pass image files.')
+    try:
+        with Image.open(path) as f:
+            return f.convert(mode)  # decodes every pixel: a truncated file fails here, not later
+    except UnidentifiedImageError:
+        reason = 'not an image format PIL knows'
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, unreadable, too large
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'Cannot read image {path}: {reason}; pass image files PIL can read (PNG, JPEG, ...).')
+
+
+def _image_labels(paths: Sequence[Union[str, os.PathLike]]) -> List[str]:
+    """Each path's file name, or where two files share it, the shortest trailing part of the path that tells
+    them apart ('a/cat.jpg', 'b/cat.jpg')."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    labels = []
+    for pi in parts:
+        others = [pj for pj in parts if pj != pi]  # the same file twice cannot be told apart by its path
+        k = 1
+        while k < len(pi) and any(pj[-k:] == pi[-k:] for pj in others):
+            k += 1
+        labels.append(str(Path(*pi[-k:])))
+    return labels
+
+
+def _unique(names: List[str]) -> List[str]:
+    """``names`` with a repeated one numbered: 'cat.jpg', 'cat.jpg (2)'."""
+    seen: Dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f'{name} ({seen[name]})')
+    return out
 
 
 def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.Tensor, List[str]]:
@@ -198,25 +245,20 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
         if x.ndim != 4:
             raise ValueError(f'Expected an image batch (B, C, H, W), got shape {tuple(images.shape)}.')
         return x, [f'image {i}' for i in range(x.shape[0])]
-    from PIL import Image, UnidentifiedImageError
     from timm.data import create_transform
+    images = list(images)
     chans = data_config['input_size'][0]
     mode = 'L' if chans == 1 else 'RGB'
     if chans == 1:  # grey models: one channel's statistics
         data_config = dict(data_config, mean=tuple(data_config['mean'])[:1], std=tuple(data_config['std'])[:1])
     transform = create_transform(**data_config, is_training=False)
+    paths = [img for img in images if isinstance(img, (str, os.PathLike))]
+    labels = iter(_image_labels(paths))
     tensors, names = [], []
     for i, img in enumerate(images):
         if isinstance(img, (str, os.PathLike)):
-            path = Path(img)
-            if not path.is_file():
-                raise FileNotFoundError(f'Image not found: {path}')
-            try:
-                with Image.open(path) as f:
-                    img = f.convert(mode)
-            except UnidentifiedImageError:
-                raise ValueError(f'Not an image PIL can read: {path}') from None
-            names.append(path.name)
+            img = _open_image(img, mode)
+            names.append(next(labels))
         elif hasattr(img, 'convert'):
             img = img.convert(mode)
             names.append(f'image {i}')
@@ -225,7 +267,7 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
         tensors.append(transform(img))
     if not tensors:
         raise ValueError('No images given.')
-    return torch.stack(tensors), names
+    return torch.stack(tensors), _unique(names)
 
 
 def _token_grid(shape: torch.Size, num_prefix: int, image_hw: Tuple[int, int], patch_embed: Optional[nn.Module]):
@@ -342,7 +384,12 @@ def _overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
 
 
 def _short(name: str, n: int = 24) -> str:
-    return name if len(name) <= n else name[:n - 3] + '...'
+    """At most n characters: the start and the end kept (a folder that tells two labels apart, a number before
+    the extension), the middle elided."""
+    if len(name) <= n:
+        return name
+    tail = (n - 3) // 2
+    return name[:n - 3 - tail] + '...' + name[-tail:]
 
 
 def plot_dispatch_maps(result: RoutingInspection, layer: str, top_k: int = 3):
@@ -470,61 +517,190 @@ def save_inspection(result: RoutingInspection, out_dir: os.PathLike, top_k: int 
 
 # --- command line -------------------------------------------------------------------------------------------------
 
-def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_kwargs: Dict[str, Any]) -> nn.Module:
+_KWARGS_LAST = 'it takes every word after it, so put --model-kwargs after the images'
+
+
+def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
+    """--model-kwargs K=V words -> kwargs, as ``convert`` parses them; a word that is no K=V is named, and when it
+    looks like a file, so is the usual cause (--model-kwargs before the images)."""
+    from ..recycle.folder import parse_model_kwargs
+    for item in items or ():
+        if '=' not in item:
+            if Path(item).suffix or os.path.exists(item):
+                raise ValueError(f"--model-kwargs took '{item}', which is no K=V: {_KWARGS_LAST}.")
+            raise ValueError(f"--model-kwargs: '{item}' is not of the form key=value (e.g. num_classes=0).")
+    return parse_model_kwargs(items)
+
+
+def _jetmoe_models() -> List[str]:
+    import timm
+    return [m for m in timm.list_models() if _is_jetmoe(m)]
+
+
+def _is_jetmoe(arch: str) -> bool:
+    """Whether timm's ``arch`` is registered by jetmoe_timm (a model with SpheroMoE layers)."""
+    import timm
+    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__.startswith('jetmoe_timm.')
+
+
+def _check_model_name(name: str) -> None:
+    """An unknown or dense MODEL is named, with the models to pick from, before anything is built."""
+    import difflib
+    import timm
+    if ':' in name:  # hf-hub:..., local-dir:...: timm resolves the architecture from there
+        return
+    arch = name.partition('.')[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, _jetmoe_models(), n=1)
+        raise ValueError(f"Unknown model '{arch}'" + (f" (did you mean '{close[0]}'?)" if close else '')
+                         + f': pick one of {_jetmoe_models()}.')
+    if not _is_jetmoe(arch):
+        raise ValueError(f"'{arch}' is a dense timm model: it has no MoE layers to inspect. Pick a JetMoE model "
+                         f"({_jetmoe_models()}); a dense checkpoint becomes one with jetmoe-timm convert.")
+
+
+def _is_json(path: Path) -> bool:
+    """A small file that parses as JSON (never a weights file: safetensors starts with 8 length bytes)."""
+    if path.suffix.lower() == '.json':
+        return True
+    try:
+        if path.stat().st_size > 1 << 20:
+            return False
+        json.loads(path.read_bytes())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) -> None:
+    """--checkpoint that cannot be loaded as MODEL's weights is named, with the fix, before the model is built."""
     import timm
     if checkpoint is None:
-        return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+        return
     if pretrained:
         raise ValueError('--checkpoint and --pretrained both name the weights: pass only one.')
     path = Path(checkpoint)
     if path.is_dir():
-        if not (path / 'config.json').is_file():
+        config = path / 'config.json'
+        if not config.is_file():
             raise FileNotFoundError(
                 f'{path} has no config.json: pass a folder written by save_pretrained_folder / timm save_for_hf, '
                 'or the weights file itself.')
-        arch = json.loads((path / 'config.json').read_text()).get('architecture')
-        if arch != timm.models.split_model_name_tag(name)[0]:
+        try:
+            cfg = json.loads(config.read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f'{config} is not valid JSON ({e}): write the folder again with save_pretrained_folder, '
+                             f'or pass its weights file.') from None
+        arch = cfg.get('architecture') if isinstance(cfg, dict) else None
+        if not arch:
+            raise ValueError(f"{config} names no 'architecture' (not a timm model folder?): pass a folder written by "
+                             f'save_pretrained_folder / timm save_for_hf, or its weights file (MODEL and '
+                             f'--model-kwargs then describe the model).')
+        if ':' not in name and arch != timm.models.split_model_name_tag(name)[0]:
+            if timm.is_model(arch) and not _is_jetmoe(arch):
+                raise ValueError(
+                    f"{path} holds a dense '{arch}', not a JetMoE model: convert it first (jetmoe-timm convert "
+                    f"{name.partition('.')[0]} --predecessor local-dir:{path} --out CONVERTED), then pass "
+                    f'--checkpoint CONVERTED.')
+            if not timm.is_model(arch):
+                raise ValueError(f"{path} holds a '{arch}', a model timm does not know: pass a JetMoE model folder.")
             raise ValueError(f"{path} holds a '{arch}', not a '{name}': pass MODEL {arch}.")
-        return timm.create_model(f'local-dir:{path}', pretrained=True, **model_kwargs)
-    if not path.is_file():
+        if not any(f.is_file() and f.name.endswith(('.safetensors', '.pth', '.pth.tar', '.bin'))
+                   for f in path.iterdir()):
+            raise FileNotFoundError(f'{path} has no weights (model.safetensors): pass a folder written by '
+                                    f'save_pretrained_folder / timm save_for_hf, or the weights file itself.')
+        return
+    if not path.exists():
         raise FileNotFoundError(f'Checkpoint not found: {path}')
+    if not path.is_file():
+        raise ValueError(f'--checkpoint {path} is not a regular file: pass a weights file or a model folder.')
+    if _is_json(path):
+        folder = path.parent if str(path.parent) != '' else Path('.')
+        raise ValueError(f'--checkpoint {path} is a JSON file, not a weights file: pass the folder {folder} or its '
+                         f'model.safetensors.')
+    if path.name.endswith('.safetensors'):
+        from safetensors import safe_open
+        try:  # reads only the header: a truncated or foreign file fails now, not after building the model
+            with safe_open(str(path), 'pt'):
+                pass
+        except Exception as e:  # SafetensorError, OSError
+            reason = str(e).strip() or type(e).__name__
+            raise ValueError(f'Cannot read --checkpoint {path} as a .safetensors file ({reason}): pass a complete '
+                             f'weights file.') from None
+
+
+def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_kwargs: Dict[str, Any]) -> nn.Module:
+    import timm
+    _check_checkpoint(name, checkpoint, pretrained)
+    if checkpoint is None:
+        return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    path = Path(checkpoint)
+    if path.is_dir():
+        return timm.create_model(f'local-dir:{path}', pretrained=True, **model_kwargs)
     overlay = dict(file=str(path), custom_load=False)
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except (RuntimeError, pickle.UnpicklingError) as e:  # timm re-raises torch.load's UnpicklingError
+        unpickling = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
+        if not isinstance(unpickling, pickle.UnpicklingError):
+            raise
+        objects = re.search(r'Unsupported globals?: (?:GLOBAL )?([\w.]+(?:, [\w.]+)*)', str(e))
+        if objects:
+            found = objects.group(1).rstrip('.')
+            raise ValueError(f'--checkpoint {path} holds Python objects besides tensors ({found}): save '
+                             f'the weights alone (torch.save(model.state_dict(), ...) or a .safetensors file) and '
+                             f'pass that.') from None
+        reason = re.search(r'WeightsUnpickler error:\s*([^\n]+)', str(unpickling))
+        reason = reason.group(1).strip() if reason else (str(unpickling).strip().splitlines() or [''])[0][:120]
+        raise ValueError(f'Cannot read --checkpoint {path} as weights, it is no PyTorch checkpoint (torch.load: '
+                         f'{reason}): pass a .safetensors or .pth file of the model.') from None
+
+
+def _summary(result: RoutingInspection) -> List[str]:
+    """One line per MoE layer: the paths' shares of the output and each path's most often top expert."""
+    lines = []
+    for name, lr in result.layers.items():
+        shares = lr.path_shares
+        paths = [p for p in ('core', 'univ') if len(lr.experts(p))]  # a single-path layer has no top in the other
+        tops = ', '.join(lr.expert_label(int(np.bincount(lr.top_experts(p, 1)[:, 0]).argmax())) for p in paths)
+        lines.append(f'{name:<16} core {100 * shares["core"].mean():5.1f}%  universal '
+                     f'{100 * shares["univ"].mean():5.1f}% of the output; most often top: {tops}')
+    return lines
 
 
 def _run(args: argparse.Namespace) -> int:
     import jetmoe_timm  # noqa: F401  (registers the models, also when this module is used on its own)
+    # every input is checked before the model is built (minutes for a full-size model recycled with --pretrained)
+    model_kwargs = _parse_model_kwargs(args.model_kwargs)
     if args.top_k < 1:
         raise ValueError(f'--top-k must be >= 1, got {args.top_k}.')
     check_output_folder(args.out, overwrite=True)
-    check_model_kwargs(args.model, dict(args.model_kwargs or {}))
+    _check_model_name(args.model)
+    check_model_kwargs(args.model, model_kwargs)
+    _check_checkpoint(args.model, args.checkpoint, args.pretrained)
+    for image in args.images:
+        _open_image(image)
     start = time.perf_counter()
-    model = _create_model(args.model, args.checkpoint, args.pretrained, args.model_kwargs)
-    if args.checkpoint is None and not args.pretrained:
-        print('note: random init (no --checkpoint or --pretrained): the figures show untrained routing.',
-              file=sys.stderr)
+    model = _create_model(args.model, args.checkpoint, args.pretrained, model_kwargs)
     model.to(args.device)
     loaded = time.perf_counter()
     result = inspect_routing(model, args.images)
     inspected = time.perf_counter()
+    summary = _summary(result)  # before any file is written: a failure here leaves no figures behind
     written = save_inspection(result, args.out, top_k=args.top_k)
     done = time.perf_counter()
 
-    for name, lr in result.layers.items():
-        shares = lr.path_shares
-        best = {p: lr.top_experts(p, 1)[:, 0] for p in ('core', 'univ')}
-        tops = ', '.join(
-            f'{lr.expert_label(int(np.bincount(best[p]).argmax()))}' for p in ('core', 'univ') if len(best[p]))
-        print(f'{name:<16} core {100 * shares["core"].mean():5.1f}%  universal {100 * shares["univ"].mean():5.1f}%'
-              f' of the output; most often top: {tops}')
+    print('\n'.join(summary))
     print(f'model {loaded - start:.1f}s, inspect {inspected - loaded:.1f}s, figures {done - inspected:.1f}s; '
           f'wrote {len(written)} files to {args.out}')
+    if args.checkpoint is None and not args.pretrained:
+        print('note: random init (no --checkpoint or --pretrained): the figures show untrained routing.',
+              file=sys.stderr)
     return 0
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``jetmoe-timm inspect``."""
-    from timm.utils import ParseKwargs
     p = subparsers.add_parser(
         'inspect', help='figures of where the experts look and what core / universal experts contribute',
         description='Run a few images through a JetMoE model and write, per MoE layer, the dispatch maps of its '
@@ -534,10 +710,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('images', nargs='+', help='image files')
     p.add_argument('--checkpoint', help='weights: a .safetensors / .pth file, or a folder with config.json')
     p.add_argument('--pretrained', action='store_true', help="load the model's default pretrained weights")
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
-                   help='model kwargs, as in timm train.py (e.g. num_classes=10)')
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+                   help='model kwargs, as in timm train.py (e.g. num_classes=10); after the images, since it takes '
+                        'every word after it')
     p.add_argument('--out', default='inspect', help='output folder (default: ./inspect)')
     p.add_argument('--top-k', type=int, default=3, help='experts shown per path and image (default: 3)')
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.set_defaults(func=_run)
+    parser_error = p.error
+
+    def error(message: str):
+        # '--model-kwargs K=V a.jpg' leaves no image: one line that names the cause, as the command's own errors
+        if message == 'the following arguments are required: images':
+            print(f'{p.prog}: error: no image files: pass them after MODEL ({_KWARGS_LAST}).', file=sys.stderr)
+            sys.exit(2)
+        parser_error(message)
+
+    p.error = error
     return p
