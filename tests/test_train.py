@@ -364,8 +364,12 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     assert 'add --img-size 32' in capsys.readouterr().err
     assert _argument_problem(_script_args(train_py, [str(tiny_data), *model, '--img-size', '32'])) is None
     # the size the data pipeline takes anyway (the model's default cfg) needs no --img-size
-    assert _argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs',
-                                                     'img_size=224'])) is None
+    default_size = _script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=224'])
+    assert default_size is not None and default_size.model_kwargs == {'img_size': 224}
+    assert _argument_problem(default_size) is None
+    assert jetmoe_timm.train.main([str(tiny_data), '--model', 'v_jetmoe_tiny.no_such_tag', '--model-kwargs',
+                                   'img_size=224']) == 2  # an unknown tag: one line, no traceback
+    assert 'add --img-size 224' in capsys.readouterr().err
     config = tmp_path / 'recipe.yaml'
     config.write_text('img_size: 32\n')  # the data size from a recipe file is the data size
     assert _argument_problem(_script_args(train_py, [str(tiny_data), '--config', str(config), *model])) is None

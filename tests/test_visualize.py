@@ -269,6 +269,11 @@ def test_cli_inspect_model_kwargs_before_the_images(tmp_path, capsys):
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and 'no image files' in lines[0] and 'put --model-kwargs after the images' in lines[0]
+    with pytest.raises(SystemExit) as e:  # no images at all, and no --model-kwargs: argparse's own words
+        cli.main(['inspect', 'v_jetmoe_tiny', '--out', out])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert 'the following arguments are required: images' in err and 'model-kwargs' not in err.splitlines()[-1]
     # it took the second image: named, with the same fix
     assert cli.main(['inspect', 'v_jetmoe_tiny', images[0], '--model-kwargs', *TINY_ARGS, images[1],
                      '--out', out]) == 2
@@ -325,7 +330,7 @@ def test_cli_inspect_checkpoint_folder_mistakes(tmp_path, capsys, monkeypatch):
         (folders['notjson'], f"{folders['notjson'] / 'config.json'} is not valid JSON (Expecting value"),
         (folders['noweights'], 'has no weights (model.safetensors)'),
         (folders['dense'] / 'config.json', 'is a JSON file, not a weights file: pass the folder'),
-        (tmp_path / 'cut.safetensors', 'as a .safetensors file (Error while deserializing header'),
+        (tmp_path / 'cut.safetensors', 'Refusing to load damaged weights'),
     ]
     good = (folders['dense'] / 'model.safetensors').read_bytes()
     (tmp_path / 'cut.safetensors').write_bytes(good[:len(good) - 2])
@@ -337,7 +342,8 @@ def test_cli_inspect_checkpoint_folder_mistakes(tmp_path, capsys, monkeypatch):
     monkeypatch.undo()  # what only loading tells: a .pth that is no checkpoint, or holds more than tensors
     (tmp_path / 'text.pth').write_text('not a pickle')
     torch.save({'state_dict': {}, 'when': __import__('datetime').date(2025, 1, 1)}, tmp_path / 'objects.pth')
-    for name, message in (('text.pth', 'it is no PyTorch checkpoint'),
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    for name, message in (('text.pth', 'is no PyTorch checkpoint'), ('empty.pth', 'is no PyTorch checkpoint'),
                           ('objects.pth', 'holds Python objects besides tensors (datetime.date)')):
         assert cli.main(['inspect', 'v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path / name),
                          '--out', str(tmp_path / 'o'), '--model-kwargs', *TINY_ARGS]) == 2

@@ -149,7 +149,10 @@ def _script_args(path: Path, argv: List[str]) -> Optional[argparse.Namespace]:
 def _default_img_size(model: Optional[str]) -> Optional[int]:
     """The image size the model's default cfg gives the data pipeline (what train.py uses without --img-size)."""
     from timm.models import get_pretrained_cfg
-    cfg = get_pretrained_cfg(model) if model else None
+    try:
+        cfg = get_pretrained_cfg(model) if model else None
+    except (RuntimeError, ValueError):  # an unknown tag: the script says so itself
+        return None
     return cfg.input_size[-1] if cfg is not None and cfg.input_size else None
 
 

@@ -20,6 +20,7 @@ import pickle
 import re
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -200,7 +201,7 @@ def _open_image(path: Union[str, os.PathLike], mode: str = 'RGB') -> 'PIL.Image.
     from PIL import Image, UnidentifiedImageError
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f'{path} is a folder, not an image: pass image files (e.g. {path / "*.jpg"}).')
+        raise IsADirectoryError(f'{path} is a folder, not an image: pass image files (e.g. {path / "*.jpg"}).')
     if not path.exists():
         raise FileNotFoundError(f'Image not found: {path}')
     if not path.is_file():
@@ -520,6 +521,14 @@ def save_inspection(result: RoutingInspection, out_dir: os.PathLike, top_k: int 
 _KWARGS_LAST = 'it takes every word after it, so put --model-kwargs after the images'
 
 
+class _KwargsSeen(argparse.Action):
+    """Stores --model-kwargs and marks its parser: a missing image is then most likely one it took."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        parser.saw_model_kwargs = True
+
+
 def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     """--model-kwargs K=V words -> kwargs, as ``convert`` parses them; a word that is no K=V is named, and when it
     looks like a file, so is the usual cause (--model-kwargs before the images)."""
@@ -572,6 +581,11 @@ def _is_json(path: Path) -> bool:
         return False
 
 
+def _first_byte(path: Path) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read(1)
+
+
 def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) -> None:
     """--checkpoint that cannot be loaded as MODEL's weights is named, with the fix, before the model is built."""
     import timm
@@ -615,23 +629,21 @@ def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) ->
     if not path.is_file():
         raise ValueError(f'--checkpoint {path} is not a regular file: pass a weights file or a model folder.')
     if _is_json(path):
-        folder = path.parent if str(path.parent) != '' else Path('.')
-        raise ValueError(f'--checkpoint {path} is a JSON file, not a weights file: pass the folder {folder} or its '
-                         f'model.safetensors.')
+        raise ValueError(f'--checkpoint {path} is a JSON file, not a weights file: pass the folder {path.parent} or '
+                         f'its model.safetensors.')
     if path.name.endswith('.safetensors'):
-        from safetensors import safe_open
-        try:  # reads only the header: a truncated or foreign file fails now, not after building the model
-            with safe_open(str(path), 'pt'):
-                pass
-        except Exception as e:  # SafetensorError, OSError
-            reason = str(e).strip() or type(e).__name__
-            raise ValueError(f'Cannot read --checkpoint {path} as a .safetensors file ({reason}): pass a complete '
-                             f'weights file.') from None
+        from ..export import verify_safetensors
+        try:  # a truncated or foreign file fails now, not after building the model
+            verify_safetensors(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f'Refusing to load damaged weights: {e}. Convert or download them again.') from None
+    elif path.stat().st_size == 0 or not (zipfile.is_zipfile(path) or _first_byte(path) == b'\x80'):
+        raise ValueError(f'--checkpoint {path} is no PyTorch checkpoint (neither a zip archive nor a pickle): pass '
+                         f'a .safetensors or .pth file of the model.')
 
 
 def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_kwargs: Dict[str, Any]) -> nn.Module:
     import timm
-    _check_checkpoint(name, checkpoint, pretrained)
     if checkpoint is None:
         return timm.create_model(name, pretrained=pretrained, **model_kwargs)
     path = Path(checkpoint)
@@ -710,7 +722,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('images', nargs='+', help='image files')
     p.add_argument('--checkpoint', help='weights: a .safetensors / .pth file, or a folder with config.json')
     p.add_argument('--pretrained', action='store_true', help="load the model's default pretrained weights")
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', action=_KwargsSeen,
                    help='model kwargs, as in timm train.py (e.g. num_classes=10); after the images, since it takes '
                         'every word after it')
     p.add_argument('--out', default='inspect', help='output folder (default: ./inspect)')
@@ -721,7 +733,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     def error(message: str):
         # '--model-kwargs K=V a.jpg' leaves no image: one line that names the cause, as the command's own errors
-        if message == 'the following arguments are required: images':
+        if message == 'the following arguments are required: images' and getattr(p, 'saw_model_kwargs', False):
             print(f'{p.prog}: error: no image files: pass them after MODEL ({_KWARGS_LAST}).', file=sys.stderr)
             sys.exit(2)
         parser_error(message)
