@@ -249,21 +249,19 @@ class ExpertLinear(nn.Module):
 
     @torch.jit.unused
     def _uses_autocast_copy(self, x: torch.Tensor) -> bool:
-        """Whether this call reads the kept autocast copy: eval, no gradients, CPU / CUDA autocast (both list
-        baddbmm among the ops they cast) with its own cache on; eager, not traced or transformed, plain registered
-        float32 parameters (not parametrized: those are computed anew on every access)."""
-        device = x.device.type
+        """Whether this call reads the kept autocast copy: a call that casts the weights itself (below), in eval
+        without gradients, with autocast's own cache on and the copy switched on; not during CUDA graph capture."""
         if not (self.cache_autocast_weights and not self.training and not torch.is_grad_enabled()
-                and device in ('cpu', 'cuda') and torch.is_autocast_enabled(device)
-                and torch.is_autocast_cache_enabled() and _plain_eager_call(x)
-                and not (device == 'cuda' and torch.cuda.is_current_stream_capturing())):
+                and self._casts_for_autocast(x) and torch.is_autocast_cache_enabled()):
             return False
-        return self._plain_float32_parameters() and not self.weight.is_inference()
+        return not (x.device.type == 'cuda' and torch.cuda.is_current_stream_capturing()) \
+            and not self.weight.is_inference()
 
     @torch.jit.unused
     def _casts_for_autocast(self, x: torch.Tensor) -> bool:
-        """Whether this no-grad call casts the weights itself: eager, CPU / CUDA autocast on, plain float32
-        parameters (autocast leaves float64 alone, and keeps only its casts of float32 parameters)."""
+        """Whether this no-grad call casts the weights itself: eager, not traced or transformed, CPU / CUDA autocast
+        on (both list baddbmm among the ops they cast), plain float32 parameters (autocast leaves float64 alone,
+        and keeps only its casts of float32 parameters)."""
         if not _plain_eager_call(x):  # first: an FX proxy or a compiled call never reaches the autocast queries
             return False
         device = x.device.type
