@@ -10,7 +10,7 @@ import timm
 
 from ..export import replace_problem
 
-__all__ = ['check_model_kwargs', 'check_output_folder']
+__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder']
 
 
 def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
@@ -47,14 +47,24 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
     return out
 
 
+def check_model_name(model: str) -> str:
+    """The architecture of ``model`` ('arch' or 'arch.tag'); an unknown one is named, with a "did you mean" and the
+    JetMoE models to pick from."""
+    arch = model.partition('.')[0]
+    if not timm.is_model(arch):
+        models = timm.list_models('*jetmoe*')
+        close = difflib.get_close_matches(arch, models, n=1)
+        raise ValueError(f"Unknown model '{arch}'" + (f" (did you mean '{close[0]}'?)" if close else '')
+                         + f': pick one of {models}.')
+    return arch
+
+
 def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
     """Build ``model`` with ``kwargs`` on the meta device now: a typo or a wrong type is named, with a
     "did you mean", before any expensive work."""
     if not kwargs:
         return
-    arch = model.partition('.')[0]
-    if not timm.is_model(arch):
-        raise ValueError(f"Unknown model '{arch}': pick one of {timm.list_models('*jetmoe*')}.")
+    arch = check_model_name(model)
     try:
         timm.create_model(arch, device='meta', **kwargs)
     except TypeError as e:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..routing import moe_layers, routing_info
-from .checks import check_model_kwargs, check_output_folder
+from .checks import check_model_kwargs, check_model_name, check_output_folder
 
 __all__ = [
     'LayerRouting', 'RoutingInspection', 'inspect_routing', 'plot_dispatch_maps', 'plot_contributions',
@@ -541,11 +541,6 @@ def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     return parse_model_kwargs(items)
 
 
-def _jetmoe_models() -> List[str]:
-    import timm
-    return [m for m in timm.list_models() if _is_jetmoe(m)]
-
-
 def _is_jetmoe(arch: str) -> bool:
     """Whether timm's ``arch`` is registered by jetmoe_timm (a model with SpheroMoE layers)."""
     import timm
@@ -554,18 +549,13 @@ def _is_jetmoe(arch: str) -> bool:
 
 def _check_model_name(name: str) -> None:
     """An unknown or dense MODEL is named, with the models to pick from, before anything is built."""
-    import difflib
     import timm
     if ':' in name:  # hf-hub:..., local-dir:...: timm resolves the architecture from there
         return
-    arch = name.partition('.')[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, _jetmoe_models(), n=1)
-        raise ValueError(f"Unknown model '{arch}'" + (f" (did you mean '{close[0]}'?)" if close else '')
-                         + f': pick one of {_jetmoe_models()}.')
+    arch = check_model_name(name)
     if not _is_jetmoe(arch):
         raise ValueError(f"'{arch}' is a dense timm model: it has no MoE layers to inspect. Pick a JetMoE model "
-                         f"({_jetmoe_models()}); a dense checkpoint becomes one with jetmoe-timm convert.")
+                         f"({timm.list_models('*jetmoe*')}); a dense checkpoint becomes one with jetmoe-timm convert.")
 
 
 def _is_json(path: Path) -> bool:
