@@ -1,11 +1,13 @@
 """ v_jetmoe_tiny inference with and without the no-grad memory reuse of the SpheroMoE layers, against ViT-T.
 
 One process, candidates interleaved (the order alternates every round), median seconds per batch; ratio = images/s
-of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults (kept routing buffers); without
-them (``SpheroMoE._claims_routing_buffers`` off); under bf16 autocast also with the opt-in kept autocast weight
-copies (``set_autocast_weight_cache(model)``), with and without the routing buffers, and with autocast casting the
-expert weights itself (before 2026-12-06 the experts did not cast them per call). ``--no-grad``: calls under
-``torch.no_grad`` instead of ``torch.inference_mode``. Outputs of all candidates are checked equal.
+of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults (kept no-grad buffers: routing
+tensors, and in float32 the experts' activations); in float32 with the routing buffers only
+(``SpheroMoE._experts_in_buffers`` off, the code before 2026-12-07); without any (``SpheroMoE._claims_no_grad_buffers``
+off); under bf16 autocast also with the opt-in kept autocast weight copies (``set_autocast_weight_cache(model)``),
+with and without the buffers, and with autocast casting the expert weights itself (before 2026-12-06 the experts did
+not cast them per call). ``--no-grad``: calls under ``torch.no_grad`` instead of ``torch.inference_mode``. Outputs of
+all candidates are checked equal.
 
     python scripts/inference_ab.py [--batch-sizes 32 64 128] [--precisions float32 bf16] [--rounds 7] [--no-grad]
 """
@@ -45,18 +47,22 @@ def main(argv=None):
     dense = timm.create_model('vit_tiny_patch16_224', num_classes=1000).eval()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per batch, ratio vs the dense twin')
     for precision in args.precisions:
-        # (model, routing buffers on, experts' own casts on); the weight copies only matter under autocast
-        cands = {'default': (moe, True, True), 'no routing buffers': (moe, False, True),
-                 'dense twin': (dense, True, True)}
+        # (model, buffers: 'all' / 'routing' / 'none', experts' own casts on); the weight copies only matter under
+        # autocast, the experts' buffers only without it
+        cands = {'default': (moe, 'all', True), 'no buffers': (moe, 'none', True),
+                 'dense twin': (dense, 'all', True)}
+        if precision == 'float32':
+            cands['routing buffers only'] = (moe, 'routing', True)
         if precision == 'bf16':
-            cands.update({'weight copies': (copies, True, True),
-                          'weight copies, no routing buffers': (copies, False, True),
-                          "autocast's own casts": (moe, True, False)})
+            cands.update({'weight copies': (copies, 'all', True),
+                          'weight copies, no buffers': (copies, 'none', True),
+                          "autocast's own casts": (moe, 'all', False)})
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, 224, 224)
 
             def run(model, buffers, own_casts):
-                with _switch(SpheroMoE, '_claims_routing_buffers', buffers), \
+                with _switch(SpheroMoE, '_claims_no_grad_buffers', buffers != 'none'), \
+                        _switch(SpheroMoE, '_experts_in_buffers', buffers == 'all'), \
                         _switch(ExpertLinear, '_casts_for_autocast', own_casts), grad_mode(), \
                         torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
                     return model(x)

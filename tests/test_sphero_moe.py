@@ -1,9 +1,12 @@
 """SpheroMoE against a plain reference computation, and the routing properties it must keep."""
+import contextlib
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn as nn
+from timm.layers import GELU, GELUTanh
 
 from jetmoe_timm.layers import SpheroMoE, entmax15, sphero_moe_reference
 
@@ -375,8 +378,8 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
     or captured never points into the buffers, a layer run inside another's call (a hook) takes fresh tensors,
     and another thread keeps buffers of its own."""
     import threading
-    from jetmoe_timm.layers import free_routing_buffers
-    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    from jetmoe_timm.layers import free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
     torch.manual_seed(0)
     univ = 0 if routing == 'softmoe' else 6
     layers = [SpheroMoE(16, 3, univ, routing=routing, combine=combine).eval() for _ in range(2)]
@@ -387,21 +390,23 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
         with ctx(), amp:
             return layer(inputs)
 
-    free_routing_buffers()
+    free_no_grad_buffers()
     with amp:
         want = [layer(x).detach() for layer in layers]  # gradients tracked: fresh tensors, the reference path
-    assert not _ROUTING_BUFFERS.tensors
+    assert not _NO_GRAD_BUFFERS.tensors
     first = no_grad_call(layers[0], x)
     names = {'logits', 'dispatch'} | ({'combine'} if layers[0].combine == 'softmax' else set())
-    assert {name for name, _ in _ROUTING_BUFFERS.tensors} == names and not _ROUTING_BUFFERS.busy
-    ptrs = {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()}
+    if not autocast:  # the experts too: float32 without autocast
+        names |= {'core_hidden', 'expert_out'} | ({'univ_hidden'} if univ else set())
+    assert {name for name, _, _ in _NO_GRAD_BUFFERS.tensors} == names and not _NO_GRAD_BUFFERS.busy
+    ptrs = {k: v.data_ptr() for k, v in _NO_GRAD_BUFFERS.tensors.items()}
     second = no_grad_call(layers[1], x, torch.no_grad)  # made under inference_mode, written outside it
-    assert {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()} == ptrs  # one set for both layers
+    assert {k: v.data_ptr() for k, v in _NO_GRAD_BUFFERS.tensors.items()} == ptrs  # one set for both layers
     assert torch.equal(first, want[0]) and torch.equal(second, want[1])  # the first output was not overwritten
 
     seen = {}
     thread = threading.Thread(target=lambda: seen.update(out=no_grad_call(layers[0], x),
-                                                         ptrs={v.data_ptr() for v in _ROUTING_BUFFERS.tensors.values()}))
+                                                         ptrs={v.data_ptr() for v in _NO_GRAD_BUFFERS.tensors.values()}))
     thread.start()
     thread.join()
     assert torch.equal(seen['out'], want[0]) and not seen['ptrs'] & set(ptrs.values())
@@ -410,7 +415,7 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
     def run_other_layer(*_):
         layers[1](2 * x)  # returns None: the hooked module's output stays its own
     hook = layers[0].core_experts.register_forward_hook(run_other_layer)
-    assert torch.equal(no_grad_call(layers[0], x), want[0]) and not _ROUTING_BUFFERS.busy
+    assert torch.equal(no_grad_call(layers[0], x), want[0]) and not _NO_GRAD_BUFFERS.busy
     hook.remove()
 
     layers[0].capture_routing = True  # captured routing outlives the call: fresh tensors
@@ -421,11 +426,76 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
     layers[0].capture_routing = False
 
     assert torch.equal(no_grad_call(layers[0], x[:1]), want[0][:1])  # another batch size: buffers replaced
-    assert {shape[0] for _, shape in _ROUTING_BUFFERS.tensors} == {1}
+    assert {batch for _, batch, _ in _NO_GRAD_BUFFERS.tensors} == {1}
     layers[1].train()  # training routing draws noise (softmoe has none): the fresh path
-    free_routing_buffers()
+    free_no_grad_buffers()
     no_grad_call(layers[1], x)
-    assert bool(_ROUTING_BUFFERS.tensors) == (routing == 'softmoe')
+    assert bool(_NO_GRAD_BUFFERS.tensors) == (routing == 'softmoe')
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(), dict(slots_per_expert=1), dict(num_univ_experts=0), dict(num_core_experts=0),
+    dict(act_layer=functools.partial(nn.GELU, approximate='tanh')), dict(act_layer=GELU), dict(act_layer=GELUTanh),
+    dict(act_layer=nn.SiLU),  # no in-place table entry: the activation module runs out of place
+])
+def test_no_grad_experts_in_kept_buffers_are_exact(kwargs):
+    """Float32 no-grad calls run the experts in the thread's buffers (hidden activations, GELU in place, outputs
+    written without a concatenation): bit for bit the gradient-tracking path, for every expert layout and
+    activation, and the output of one call survives the next."""
+    from jetmoe_timm.layers import free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
+    layer = _layer(**kwargs).eval()
+    x = torch.randn(3, 7, 16)
+    want = layer(x).detach()
+    free_no_grad_buffers()
+    with torch.no_grad():
+        got = layer(x)
+        layer(2 * x)
+    names = {name for name, _, _ in _NO_GRAD_BUFFERS.tensors}
+    assert {'expert_out'} | {f'{p}_hidden' for p, e in (('core', layer.core_experts), ('univ', layer.univ_experts))
+                             if e is not None} <= names
+    assert torch.equal(got, want)
+
+
+def test_no_grad_experts_leave_the_buffers_to_hooks_dropout_autocast_and_parametrizations():
+    """The experts keep their own fresh tensors where buffers could be seen or are not what forward computes: a
+    forward hook on an expert module (it may keep the activation) or a global one, dropout active in training
+    without gradients, autocast, a parametrized weight. Their outputs stay the plain path's."""
+    from torch.nn.utils import parametrize
+    from jetmoe_timm.layers import free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
+    layer = _layer(noise_mult=0., expert_drop=0.5).eval()
+    x = torch.randn(2, 7, 16)
+    want = layer(x).detach()
+
+    def expert_buffers(ctx=contextlib.nullcontext()):
+        free_no_grad_buffers()
+        with torch.no_grad(), ctx:
+            out = layer(x)
+        return out, {name for name, _, _ in _NO_GRAD_BUFFERS.tensors} & {'expert_out', 'core_hidden', 'univ_hidden'}
+
+    assert expert_buffers()[1] == {'expert_out', 'core_hidden', 'univ_hidden'}
+    kept = []
+    hook = layer.core_experts.fc1.register_forward_hook(lambda m, args, out: kept.append(out))
+    out, used = expert_buffers()
+    hook.remove()
+    assert not used and torch.equal(out, want)
+    seen = kept[0].clone()
+    with torch.no_grad():
+        layer(2 * x)  # buffered again: the tensor the hook kept is its own, not overwritten
+    assert torch.equal(kept[0], seen)
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    try:
+        assert expert_buffers()[1] == set()
+    finally:
+        hook.remove()
+    layer.train()  # dropout active: the experts' forward, fresh tensors
+    assert expert_buffers()[1] == set()
+    layer.eval()
+    assert expert_buffers(torch.autocast('cpu', dtype=torch.bfloat16))[1] == set()
+    parametrize.register_parametrization(layer.univ_experts.fc2, 'weight', nn.Identity())
+    out, used = expert_buffers()
+    assert not used and torch.equal(out, want)
 
 
 def test_no_grad_routing_buffers_stay_out_of_traces_transforms_and_fake_tensors():
@@ -433,8 +503,8 @@ def test_no_grad_routing_buffers_stay_out_of_traces_transforms_and_fake_tensors(
     torch.jit.trace (its check runs under no_grad), torch.func.vmap, forward-mode AD, FakeTensorMode; a
     float64 default dtype does not change the float32 buffers."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from jetmoe_timm.layers import free_routing_buffers
-    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    from jetmoe_timm.layers import free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
     torch.manual_seed(0)
     layer = SpheroMoE(16, 3, 6).eval()
     x = torch.randn(2, 9, 16)
@@ -447,20 +517,20 @@ def test_no_grad_routing_buffers_stay_out_of_traces_transforms_and_fake_tensors(
     with torch.no_grad(), fwAD.dual_level():
         out = layer(fwAD.make_dual(x, torch.ones_like(x)))
         assert fwAD.unpack_dual(out).tangent is not None
-    free_routing_buffers()
+    free_no_grad_buffers()
     with FakeTensorMode() as mode, torch.no_grad():
         layer_fake = SpheroMoE(16, 3, 6).eval()
         layer_fake(mode.from_tensor(x))
-    assert not _ROUTING_BUFFERS.tensors
+    assert not _NO_GRAD_BUFFERS.tensors
     with torch.no_grad():
         assert type(layer(x)) is torch.Tensor
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        free_routing_buffers()
+        free_no_grad_buffers()
         with torch.no_grad():
             assert torch.equal(layer(x), want)
-        assert all(t.dtype == torch.float32 for t in _ROUTING_BUFFERS.tensors.values())
+        assert all(t.dtype == torch.float32 for t in _NO_GRAD_BUFFERS.tensors.values())
     finally:
         torch.set_default_dtype(default)
 
@@ -470,8 +540,8 @@ def test_float64_layer_routes_in_float64(routing):
     """Routing widens bf16 / fp16 to float32 but never narrows float64: a float64 layer passes gradcheck (input,
     slot queries, temperatures), matches the float64 reference to float64 precision, captures float64 routing,
     and its no-grad calls leave the float32 routing buffers alone."""
-    from jetmoe_timm.layers import free_routing_buffers
-    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
+    from jetmoe_timm.layers import free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
     layer = _layer(dim=6, num_core_experts=2, num_univ_experts=0 if routing == 'softmoe' else 2,
                    routing=routing).double().eval()
     x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
@@ -483,10 +553,10 @@ def test_float64_layer_routes_in_float64(routing):
     layer(x)
     assert all(v.dtype == torch.float64 for v in layer.last_routing.values())
     layer.capture_routing = False
-    free_routing_buffers()
+    free_no_grad_buffers()
     with torch.no_grad():
         assert torch.equal(layer(x), layer(x.detach()).detach())
-    assert not _ROUTING_BUFFERS.tensors
+    assert not _NO_GRAD_BUFFERS.tensors
 
 
 def test_no_grad_routing_buffers_keep_a_bounded_set_of_shapes():
@@ -495,20 +565,20 @@ def test_no_grad_routing_buffers_keep_a_bounded_set_of_shapes():
     them all at once. A C-JetMoE with MoE blocks in all four stages cycles through four shapes on every forward:
     all stay, nothing is allocated again."""
     import timm
-    from jetmoe_timm.layers import free_routing_buffers
-    from jetmoe_timm.layers.sphero_moe import _ROUTING_BUFFERS
-    assert _ROUTING_BUFFERS.max_shapes == 4
+    from jetmoe_timm.layers import free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
+    assert _NO_GRAD_BUFFERS.max_shapes == 4
     layer = _layer().eval()
     M = layer.num_slots
 
     def shapes():
-        return sorted({shape for _, shape in _ROUTING_BUFFERS.tensors})
+        return sorted({shape for name, _, shape in _NO_GRAD_BUFFERS.tensors if name == 'logits'})
 
-    free_routing_buffers()
+    free_no_grad_buffers()
     with torch.no_grad():
         for n in range(3, 12):
             layer(torch.randn(2, n, 16))
-        assert shapes() == [(2, n, M) for n in (8, 9, 10, 11)] and len(_ROUTING_BUFFERS.tensors) == 12
+        assert shapes() == [(2, n, M) for n in (8, 9, 10, 11)] and len(_NO_GRAD_BUFFERS.tensors) == 12 + 3
         layer(torch.randn(2, 8, 16))  # used again: 9 is now the least recently used
         layer(torch.randn(2, 5, 16))
         assert shapes() == [(2, n, M) for n in (5, 8, 10, 11)]
@@ -517,14 +587,14 @@ def test_no_grad_routing_buffers_keep_a_bounded_set_of_shapes():
 
     model = timm.create_model('c_jetmoe_femto', depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2,
                               num_univ_experts=3, moe_blocks=(0, 1, 3, 4)).eval()  # one MoE block in every stage
-    free_routing_buffers()
+    free_no_grad_buffers()
     with torch.no_grad():
         for size in (32, 64, 48, 96, 64):
             model(torch.randn(2, 3, size, size))
-        ptrs = {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()}
-        assert len(ptrs) == 12  # 3 names x the four stages' shapes at 64 px
+        ptrs = {k: v.data_ptr() for k, v in _NO_GRAD_BUFFERS.tensors.items()}
+        assert len(ptrs) == 24  # 6 names (routing, expert hidden and outputs) x the four stages' shapes at 64 px
         model(torch.randn(2, 3, 64, 64))
-    assert {k: v.data_ptr() for k, v in _ROUTING_BUFFERS.tensors.items()} == ptrs
+    assert {k: v.data_ptr() for k, v in _NO_GRAD_BUFFERS.tensors.items()} == ptrs
 
 
 def test_kept_gradient_memory_is_claimed_by_one_backward_at_a_time(monkeypatch):

@@ -28,12 +28,12 @@ from typing import Dict, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import drop_path, register_notrace_module, trunc_normal_
+from timm.layers import GELU, GELUTanh, drop_path, register_notrace_module, trunc_normal_
 
 from .entmax import entmax15
 
 __all__ = ['ExpertLinear', 'ExpertMlp', 'SpheroMoE', 'ROUTING_PRESETS', 'set_keep_grad_memory',
-           'set_autocast_weight_cache', 'free_routing_buffers']
+           'set_autocast_weight_cache', 'free_no_grad_buffers']
 
 
 # Routing presets: each names the options it sets; explicit constructor arguments override them.
@@ -68,34 +68,36 @@ def _logit_noise(logits: torch.Tensor, std: float) -> torch.Tensor:
     return torch.empty_like(logits).normal_(0., std)
 
 
-class _RoutingBuffers(threading.local):
-    """Float32 (B, N, M) buffers for the routing tensors of no-grad CPU calls, one set per thread, shared by every
-    SpheroMoE layer (layers run one after another and their routing tensors die with the call). Each buffer name
-    keeps at most ``max_shapes`` routing shapes, the most recently used, all of one batch size: a C-JetMoE with MoE
+class _NoGradBuffers(threading.local):
+    """Float32 buffers for the temporaries of no-grad CPU calls, one set per thread, shared by every SpheroMoE layer
+    (layers run one after another and these tensors die with the call): the (B, N, M) routing tensors, and, where
+    the experts run in them (``SpheroMoE._experts_in_buffers``), their hidden activations and outputs. Each buffer
+    name keeps at most ``max_shapes`` shapes, the most recently used, all of one batch size: a C-JetMoE with MoE
     blocks in all four stages cycles through four shapes on every forward (fewer kept, each would be evicted just
     before its next use), and inputs of changing sizes (dynamic_img_size ViTs, ConvNeXt at several resolutions)
     must not pile up one set per size.
 
-    Fresh (B, N, M) float32 tensors (7.4 MB each at batch 32 for V-JetMoE-T) are served by glibc from pages it has
-    just handed back to the kernel, so every call page-faults them in again; in V-JetMoE-T inference that was
-    ~4 % of the model's time in float32 and ~15 % under bf16 autocast.
+    Fresh tensors of this size (7.4 MB each at batch 32 for V-JetMoE-T's routing) are served by glibc from pages it
+    has just handed back to the kernel, so every call page-faults them in again; in V-JetMoE-T inference the
+    routing tensors cost ~4 % of the model's time in float32 and ~15 % under bf16 autocast.
     """
 
-    max_shapes = 4  # routing shapes kept per buffer name: one per ConvNeXt stage
+    max_shapes = 4  # shapes kept per buffer name: one per ConvNeXt stage
 
     def __init__(self):
-        # (name, (B, N, M)) -> buffer, in order of use: a name's most recently used shape comes last
-        self.tensors: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
+        # (name, batch, shape) -> buffer, in order of use: a name's most recently used shape comes last
+        self.tensors: Dict[Tuple[str, int, Tuple[int, ...]], torch.Tensor] = {}
         self.busy = False  # handed out to a call still running: a nested call takes fresh tensors
 
-    def get(self, name: str, shape: Tuple[int, int, int]) -> torch.Tensor:
-        key = (name, shape)
+    def get(self, name: str, shape: Tuple[int, ...], batch: int) -> torch.Tensor:
+        """A float32 buffer of ``shape`` for a call at batch size ``batch``."""
+        key = (name, batch, shape)
         t = self.tensors.pop(key, None)
         if t is None:
             # another batch size: the old ones go at once; otherwise the least recently used beyond max_shapes
             same = [k for k in self.tensors if k[0] == name]
-            stale = [k for k in same if k[1][0] != shape[0]]
-            kept = [k for k in same if k[1][0] == shape[0]]
+            stale = [k for k in same if k[1] != batch]
+            kept = [k for k in same if k[1] == batch]
             for k in stale + kept[:max(0, len(kept) - self.max_shapes + 1)]:
                 del self.tensors[k]
             with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
@@ -104,13 +106,14 @@ class _RoutingBuffers(threading.local):
         return t
 
 
-_ROUTING_BUFFERS = _RoutingBuffers()
+_NO_GRAD_BUFFERS = _NoGradBuffers()
 
 
-def free_routing_buffers() -> None:
-    """Free this thread's routing buffers (3 x B x N x M float32 for each of at most four routing shapes after a
-    no-grad call; 22 MB per shape at batch 32 for V-JetMoE-T). They are made again by the next no-grad call."""
-    _ROUTING_BUFFERS.tensors.clear()
+def free_no_grad_buffers() -> None:
+    """Free this thread's buffers of no-grad SpheroMoE calls (the routing tensors, 3 x B x N x M float32, and the
+    experts' hidden activations and outputs, for each of at most four shapes; 44 MB per shape at batch 32 for
+    V-JetMoE-T). They are made again by the next no-grad call."""
+    _NO_GRAD_BUFFERS.tensors.clear()
 
 
 def _plain_eager_call(x: torch.Tensor) -> bool:
@@ -120,6 +123,20 @@ def _plain_eager_call(x: torch.Tensor) -> bool:
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._are_functorch_transforms_active() and torch._C._len_torch_dispatch_stack() == 0
             and getattr(torch.autograd.forward_ad, '_current_level', -1) < 0)
+
+
+def _global_forward_hooks() -> bool:
+    """Whether forward hooks registered for every module are active (``nn.modules.module.register_module_forward_*``)."""
+    from torch.nn.modules import module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+# activation modules ExpertMlp.forward_into applies in place: type -> its GELU approximation
+_GELU_APPROXIMATE = {
+    nn.GELU: lambda act: act.approximate,
+    GELU: lambda act: 'none',
+    GELUTanh: lambda act: 'tanh',
+}
 
 
 # claims and returns of ExpertLinear's kept gradient memory: backward passes of two threads may reach one module
@@ -355,6 +372,29 @@ class ExpertMlp(nn.Module):
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(x))
 
+    @torch.jit.unused
+    def runs_in_buffers(self) -> bool:
+        """Whether ``forward_into`` gives this group's ``forward``: the library's own modules with plain float32
+        parameters, no dropout active and no forward hooks (they would not run, or could keep a buffer)."""
+        modules = (self, self.fc1, self.act, self.drop1, self.fc2, self.drop2)
+        return (type(self) is ExpertMlp and type(self.fc1) is ExpertLinear and type(self.fc2) is ExpertLinear
+                and self.fc1._plain_float32_parameters() and self.fc2._plain_float32_parameters()
+                and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+    @torch.jit.unused
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``forward`` of a no-grad float32 call (see ``runs_in_buffers``) written into ``out`` (E, T, d), with the
+        hidden activations in ``hidden`` (E, T, hidden_features); the same values bit for bit. GELU runs in place
+        on them (a fresh (E, T, hidden) tensor page-faults on every call)."""
+        torch.baddbmm(self.fc1.bias.unsqueeze(1), x, self.fc1.weight, out=hidden)
+        approximate = _GELU_APPROXIMATE.get(type(self.act))
+        if approximate is not None:
+            torch._C._nn.gelu_(hidden, approximate=approximate(self.act))
+        else:
+            hidden = self.act(hidden)
+        return torch.baddbmm(self.fc2.bias.unsqueeze(1), hidden, self.fc2.weight, out=out)
+
 
 # a leaf for torch.fx (timm's FX feature extraction): routing branches on training mode, device and shapes
 @register_notrace_module
@@ -508,8 +548,8 @@ class SpheroMoE(nn.Module):
 
     def _routing_weights(self, x: torch.Tensor, in_buffers: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dispatch weights (softmax over tokens) and combine weights (over slots), both (B, N, M) float32 (float64
-        for float64 inputs), written into this thread's routing buffers when ``in_buffers`` (see
-        ``_claims_routing_buffers``).
+        for float64 inputs), written into this thread's no-grad buffers when ``in_buffers`` (see
+        ``_claims_no_grad_buffers``).
 
         The logits matmul runs in the input's (or autocast's) dtype; the temperatures, the noise and both
         normalisations run in float32 or wider, where bf16 would visibly distort the weights of ~300 slots.
@@ -546,16 +586,16 @@ class SpheroMoE(nn.Module):
         return dispatch, combine
 
     @torch.jit.unused
-    def _claims_routing_buffers(self, x: torch.Tensor) -> bool:
-        """Whether this call takes this thread's routing buffers (and marks them taken): a no-grad plain eager
+    def _claims_no_grad_buffers(self, x: torch.Tensor) -> bool:
+        """Whether this call takes this thread's no-grad buffers (and marks them taken): a no-grad plain eager
         CPU call without noise whose routing runs in float32 (the buffers' dtype; not float64) and whose routing
         tensors do not outlive it (routing capture keeps them), while no other call holds them (a hook inside the
         experts may run another layer)."""
-        if (torch.is_grad_enabled() or x.device.type != 'cpu' or self.capture_routing or _ROUTING_BUFFERS.busy
+        if (torch.is_grad_enabled() or x.device.type != 'cpu' or self.capture_routing or _NO_GRAD_BUFFERS.busy
                 or torch.promote_types(x.dtype, torch.float32) != torch.float32
                 or self._adds_noise() or not _plain_eager_call(x)):
             return False
-        _ROUTING_BUFFERS.busy = True
+        _NO_GRAD_BUFFERS.busy = True
         return True
 
     @torch.jit.unused
@@ -563,31 +603,32 @@ class SpheroMoE(nn.Module):
         try:
             return self._forward(x, True)
         finally:
-            _ROUTING_BUFFERS.busy = False
+            _NO_GRAD_BUFFERS.busy = False
 
     @torch.jit.unused
     def _routing_weights_in_buffers(
             self, key: torch.Tensor, query: torch.Tensor, inv_temp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``_routing_weights`` without noise, written into this thread's buffers: the same values, bit for bit."""
         shape = (key.shape[0], key.shape[1], self.num_slots)
-        logits = _ROUTING_BUFFERS.get('logits', shape)
+        logits = _NO_GRAD_BUFFERS.get('logits', shape, shape[0])
         if key.dtype == torch.float32 and not torch.is_autocast_enabled('cpu'):
             torch.matmul(key, query.t(), out=logits)
         else:  # autocast skips out= variants: let it run the matmul in its dtype, then widen into the buffer
             logits.copy_(key @ query.t())
-        dispatch = torch.softmax(logits, 1, out=_ROUTING_BUFFERS.get('dispatch', shape))
+        dispatch = torch.softmax(logits, 1, out=_NO_GRAD_BUFFERS.get('dispatch', shape, shape[0]))
         if self.temp_raw.shape[0] != 1:
             logits.mul_(inv_temp[1] / inv_temp[0])  # the dispatch weights are taken: cos / t_combine in place
         if self.combine == 'entmax15':
             return dispatch, entmax15(logits, dim=-1)
-        return dispatch, torch.softmax(logits, -1, out=_ROUTING_BUFFERS.get('combine', shape))
+        return dispatch, torch.softmax(logits, -1, out=_NO_GRAD_BUFFERS.get('combine', shape, shape[0]))
 
-    def _run_experts(self, slots: torch.Tensor) -> torch.Tensor:
+    def _run_experts(self, slots: torch.Tensor, in_buffers: bool = False) -> torch.Tensor:
         """Both expert paths on the slots: (B, M, d) -> expert-major outputs (M, B, d).
 
         With one slot per expert (all registered models), each path reads its slots through a strided (E, B, d)
         view of the batch-major tensor, a layout the batched matmul takes as it is: nothing is copied on the way
         in. With S > 1 slots, expert e's rows are ordered s * B + b and gathering them costs one copy.
+        ``in_buffers``: this call holds the no-grad buffers (see ``_experts_in_buffers``).
         """
         B, d = slots.shape[0], slots.shape[-1]  # d spelled out: a -1 cannot be inferred from 0 elements (B = 0)
         S = self.slots_per_expert
@@ -596,6 +637,8 @@ class SpheroMoE(nn.Module):
         # split (not two slices): its backward writes both gradients into one buffer instead of summing two
         # zero-padded full-size ones
         core_in, univ_in = slots.split([m_core, self.num_slots - m_core], dim=0)
+        if not torch.jit.is_scripting() and in_buffers and self._experts_in_buffers(slots):
+            return self._run_experts_in_buffers(core_in, univ_in, B)
         outs: List[torch.Tensor] = []
         if self.core_experts is not None:
             outs.append(self.core_experts(core_in.reshape(self.num_core_experts, S * B, d)).view(m_core, B, d))
@@ -604,8 +647,35 @@ class SpheroMoE(nn.Module):
             outs.append(univ_out.view(self.num_slots - m_core, B, d))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
+    @torch.jit.unused
+    def _experts_in_buffers(self, slots: torch.Tensor) -> bool:
+        """Whether the experts of this buffered call run in the no-grad buffers too: float32 without autocast,
+        plain float32 expert parameters, no active dropout, and no forward hooks that could keep an activation
+        the next call overwrites (on the expert modules, or global ones)."""
+        if slots.dtype != torch.float32 or torch.is_autocast_enabled('cpu') or _global_forward_hooks():
+            return False
+        for experts in (self.core_experts, self.univ_experts):
+            if experts is not None and not experts.runs_in_buffers():
+                return False
+        return True
+
+    @torch.jit.unused
+    def _run_experts_in_buffers(self, core_in: torch.Tensor, univ_in: torch.Tensor, B: int) -> torch.Tensor:
+        """``_run_experts`` written into the no-grad buffers: (M, B, d), the same values bit for bit. Each path
+        writes its rows of the output buffer directly (no concatenation) and its hidden activations into a
+        buffer of its own, where the activation runs in place."""
+        S, d = self.slots_per_expert, core_in.shape[-1]
+        y = _NO_GRAD_BUFFERS.get('expert_out', (self.num_slots, B, d), B)
+        for name, experts, x, out in (('core', self.core_experts, core_in, y[:core_in.shape[0]]),
+                                      ('univ', self.univ_experts, univ_in, y[core_in.shape[0]:])):
+            if experts is not None:
+                E = experts.num_experts
+                hidden = _NO_GRAD_BUFFERS.get(f'{name}_hidden', (E, S * B, experts.hidden_features), B)
+                experts.forward_into(x.reshape(E, S * B, d), out.view(E, S * B, d), hidden)
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._claims_routing_buffers(x):
+        if not torch.jit.is_scripting() and self._claims_no_grad_buffers(x):
             return self._forward_in_buffers(x)
         return self._forward(x, False)
 
@@ -616,7 +686,7 @@ class SpheroMoE(nn.Module):
 
         dispatch, combine = self._routing_weights(x, in_buffers)
         slots = torch.bmm(dispatch.transpose(1, 2).to(x.dtype), x)  # (B, M, d)
-        y = self._run_experts(slots)  # (M, B, d)
+        y = self._run_experts(slots, in_buffers)  # (M, B, d)
         if self.training and self.expert_drop_mode == 'expert' and self.expert_drop > 0.:
             keep = 1. - self.expert_drop
             S, d = self.slots_per_expert, y.shape[-1]
