@@ -3,7 +3,7 @@
 One process, candidates interleaved (the order alternates every round), median seconds per batch; ratio = images/s
 of the candidate / images/s of vit_tiny_patch16_224. Candidates: the shipped defaults (kept no-grad buffers: routing
 tensors, and in float32 the experts' activations); in float32 with the routing buffers only
-(``SpheroMoE._experts_in_buffers`` off, the code before 2026-12-07); without any (``SpheroMoE._claims_no_grad_buffers``
+(``SpheroMoE._experts_in_buffers`` off, the code before 2026-12-06 10:00); without any (``SpheroMoE._claims_no_grad_buffers``
 off); under bf16 autocast also with the opt-in kept autocast weight copies (``set_autocast_weight_cache(model)``),
 with and without the buffers, and with autocast casting the expert weights itself (before 2026-12-06 the experts did
 not cast them per call). ``--no-grad``: calls under ``torch.no_grad`` instead of ``torch.inference_mode``. Outputs of

@@ -6,9 +6,10 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import GELU, GELUTanh
 
-from jetmoe_timm.layers import SpheroMoE, entmax15, sphero_moe_reference
+from jetmoe_timm.layers import ExpertLinear, SpheroMoE, entmax15, sphero_moe_reference
 
 
 def _layer(**kwargs):
@@ -436,12 +437,11 @@ def test_no_grad_routing_in_kept_buffers_is_exact_and_never_aliased(routing, com
 @pytest.mark.parametrize('kwargs', [
     dict(), dict(slots_per_expert=1), dict(num_univ_experts=0), dict(num_core_experts=0),
     dict(act_layer=functools.partial(nn.GELU, approximate='tanh')), dict(act_layer=GELU), dict(act_layer=GELUTanh),
-    dict(act_layer=nn.SiLU),  # no in-place table entry: the activation module runs out of place
 ])
 def test_no_grad_experts_in_kept_buffers_are_exact(kwargs):
     """Float32 no-grad calls run the experts in the thread's buffers (hidden activations, GELU in place, outputs
-    written without a concatenation): bit for bit the gradient-tracking path, for every expert layout and
-    activation, and the output of one call survives the next."""
+    written without a concatenation): bit for bit the gradient-tracking path, for every expert layout and GELU,
+    and the output of one call survives the next."""
     from jetmoe_timm.layers import free_no_grad_buffers
     from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
     layer = _layer(**kwargs).eval()
@@ -457,45 +457,139 @@ def test_no_grad_experts_in_kept_buffers_are_exact(kwargs):
     assert torch.equal(got, want)
 
 
-def test_no_grad_experts_leave_the_buffers_to_hooks_dropout_autocast_and_parametrizations():
-    """The experts keep their own fresh tensors where buffers could be seen or are not what forward computes: a
-    forward hook on an expert module (it may keep the activation) or a global one, dropout active in training
-    without gradients, autocast, a parametrized weight. Their outputs stay the plain path's."""
+class _RecordingSiLU(nn.Module):
+    """An activation that keeps its input (as a user's probe might)."""
+
+    def forward(self, t):
+        self.last_input = t
+        return F.silu(t)
+
+
+class _AlwaysDropout(nn.Dropout):
+    """Monte-Carlo dropout: drops in eval too."""
+
+    def forward(self, t):
+        return F.dropout(t, self.p, training=True)
+
+
+class _Tracked(torch.Tensor):
+    """A tensor subclass whose ops run through __torch_function__."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, t):
+        return self.inner(t)
+
+
+def _swap_act(layer):
+    layer.core_experts.act = _RecordingSiLU()
+
+
+def _mc_dropout(layer):
+    for m in layer.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+
+
+def _always_dropout(layer):
+    layer.core_experts.drop1 = _AlwaysDropout(0.5)
+
+
+def _identity_drops(layer):
+    layer.train()  # in training, with drop modules that have no p
+    layer.core_experts.drop1 = layer.core_experts.drop2 = nn.Identity()
+
+
+def _wrap_experts(layer):
+    layer.core_experts = _Wrapped(layer.core_experts)
+
+
+def _instance_forward(layer):
+    layer.univ_experts.act.forward = torch.relu  # as accelerate's hooks replace forward on an instance
+
+
+def _class_forward(layer, monkeypatch):
+    monkeypatch.setattr(ExpertLinear, 'forward', lambda self, t: torch.baddbmm(self.bias.unsqueeze(1), t, -self.weight))
+
+
+def _parameter_subclass(layer):
+    for m in layer.modules():
+        if isinstance(m, ExpertLinear):
+            m.weight = nn.Parameter(m.weight.detach().as_subclass(_Tracked))
+            m.bias = nn.Parameter(m.bias.detach().as_subclass(_Tracked))
+
+
+def _parametrized(layer):
     from torch.nn.utils import parametrize
+    parametrize.register_parametrization(layer.univ_experts.fc2, 'weight', nn.Identity())
+
+
+def _expert_hook(layer):
+    layer.core_experts.fc1.register_forward_hook(lambda m, args, out: setattr(m, 'kept', out))
+
+
+@pytest.mark.parametrize('change', [
+    _swap_act, _mc_dropout, _always_dropout, _identity_drops, _wrap_experts, _instance_forward, _class_forward,
+    _parameter_subclass, _parametrized, _expert_hook, 'global hook', 'autocast', 'training dropout',
+    'function mode'])
+def test_no_grad_experts_leave_the_buffers_to_what_forward_would_do_otherwise(change, monkeypatch):
+    """The experts keep the plain path, fresh tensors and all, wherever ``forward_into`` would compute something
+    else or a buffer could be seen and kept: an activation outside the GELU table, dropout that drops (Monte-Carlo,
+    a replaced module, training), other drop modules, wrapped expert modules, a forward replaced on an instance or
+    a class, tensor-subclass or parametrized weights, forward hooks on an expert module or global ones, autocast,
+    a torch-function mode. Outputs (values and type) equal the gradient-tracking path's; no expert buffer is made;
+    a tensor an activation or hook kept is not overwritten by the next call."""
+    import inspect
+    from torch.overrides import TorchFunctionMode
     from jetmoe_timm.layers import free_no_grad_buffers
     from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
     layer = _layer(noise_mult=0., expert_drop=0.5).eval()
     x = torch.randn(2, 7, 16)
-    want = layer(x).detach()
-
-    def expert_buffers(ctx=contextlib.nullcontext()):
-        free_no_grad_buffers()
-        with torch.no_grad(), ctx:
-            out = layer(x)
-        return out, {name for name, _, _ in _NO_GRAD_BUFFERS.tensors} & {'expert_out', 'core_hidden', 'univ_hidden'}
-
-    assert expert_buffers()[1] == {'expert_out', 'core_hidden', 'univ_hidden'}
-    kept = []
-    hook = layer.core_experts.fc1.register_forward_hook(lambda m, args, out: kept.append(out))
-    out, used = expert_buffers()
-    hook.remove()
-    assert not used and torch.equal(out, want)
-    seen = kept[0].clone()
-    with torch.no_grad():
-        layer(2 * x)  # buffered again: the tensor the hook kept is its own, not overwritten
-    assert torch.equal(kept[0], seen)
-    hook = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    ctx, undo = contextlib.nullcontext(), None
+    if change == 'global hook':
+        undo = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: None)
+    elif change == 'autocast':
+        ctx = torch.autocast('cpu', dtype=torch.bfloat16)
+    elif change == 'training dropout':
+        layer.train()
+    elif change == 'function mode':
+        class Recording(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                self.outs = getattr(self, 'outs', []) + [out]
+                return out
+        ctx = Recording()
+    else:
+        change(layer, *([monkeypatch] if 'monkeypatch' in inspect.signature(change).parameters else []))
     try:
-        assert expert_buffers()[1] == set()
+        torch.manual_seed(1)
+        with ctx:
+            want = layer(x).detach()
+        free_no_grad_buffers()
+        torch.manual_seed(1)
+        with torch.no_grad(), ctx:
+            got = layer(x)
+        used = {name for name, _, _ in _NO_GRAD_BUFFERS.tensors} & {'expert_out', 'core_hidden', 'univ_hidden'}
+        experts = layer.core_experts
+        kept = getattr(getattr(experts, 'act', None), 'last_input', getattr(getattr(experts, 'fc1', None), 'kept', None))
+        snapshot = None if kept is None else kept.clone()
+        with torch.no_grad():
+            layer(2 * x)  # a buffered call now would overwrite a buffer the activation or hook kept
     finally:
-        hook.remove()
-    layer.train()  # dropout active: the experts' forward, fresh tensors
-    assert expert_buffers()[1] == set()
-    layer.eval()
-    assert expert_buffers(torch.autocast('cpu', dtype=torch.bfloat16))[1] == set()
-    parametrize.register_parametrization(layer.univ_experts.fc2, 'weight', nn.Identity())
-    out, used = expert_buffers()
-    assert not used and torch.equal(out, want)
+        if undo is not None:
+            undo.remove()
+    assert not used
+    assert type(got) is type(want) and torch.equal(got, want)
+    assert (kept is not None) == (change in (_swap_act, _expert_hook))
+    assert kept is None or torch.equal(kept, snapshot)
 
 
 def test_no_grad_routing_buffers_stay_out_of_traces_transforms_and_fake_tensors():

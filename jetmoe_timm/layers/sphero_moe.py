@@ -29,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import GELU, GELUTanh, drop_path, register_notrace_module, trunc_normal_
+from torch.nn.modules import module as _nn_module
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 
 from .entmax import entmax15
 
@@ -89,8 +92,9 @@ class _NoGradBuffers(threading.local):
         self.tensors: Dict[Tuple[str, int, Tuple[int, ...]], torch.Tensor] = {}
         self.busy = False  # handed out to a call still running: a nested call takes fresh tensors
 
-    def get(self, name: str, shape: Tuple[int, ...], batch: int) -> torch.Tensor:
-        """A float32 buffer of ``shape`` for a call at batch size ``batch``."""
+    def get(self, name: str, shape: Tuple[int, ...], batch: Optional[int] = None) -> torch.Tensor:
+        """A float32 buffer of ``shape`` for a call at batch size ``batch`` (default: ``shape[0]``)."""
+        batch = shape[0] if batch is None else batch
         key = (name, batch, shape)
         t = self.tensors.pop(key, None)
         if t is None:
@@ -110,8 +114,8 @@ _NO_GRAD_BUFFERS = _NoGradBuffers()
 
 
 def free_no_grad_buffers() -> None:
-    """Free this thread's buffers of no-grad SpheroMoE calls (the routing tensors, 3 x B x N x M float32, and the
-    experts' hidden activations and outputs, for each of at most four shapes; 44 MB per shape at batch 32 for
+    """Free this thread's buffers of no-grad SpheroMoE calls (the routing tensors, up to 3 x B x N x M float32, and
+    the experts' hidden activations and outputs, for each of at most four shapes; 44 MB per shape at batch 32 for
     V-JetMoE-T). They are made again by the next no-grad call."""
     _NO_GRAD_BUFFERS.tensors.clear()
 
@@ -125,18 +129,19 @@ def _plain_eager_call(x: torch.Tensor) -> bool:
             and getattr(torch.autograd.forward_ad, '_current_level', -1) < 0)
 
 
+def _no_function_modes() -> bool:
+    """No torch-function mode but ``with torch.device(...)``'s: a mode sees every op's tensors and may keep them."""
+    return (not torch._C._is_torch_function_mode_enabled()
+            or all(type(m) is DeviceContext for m in _get_current_function_mode_stack()))
+
+
 def _global_forward_hooks() -> bool:
     """Whether forward hooks registered for every module are active (``nn.modules.module.register_module_forward_*``)."""
-    from torch.nn.modules import module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
-# activation modules ExpertMlp.forward_into applies in place: type -> its GELU approximation
-_GELU_APPROXIMATE = {
-    nn.GELU: lambda act: act.approximate,
-    GELU: lambda act: 'none',
-    GELUTanh: lambda act: 'tanh',
-}
+# the activations ExpertMlp.forward_into applies in place: type -> GELU approximation (nn.GELU: its own attribute)
+_GELU_APPROXIMATE = {nn.GELU: None, GELU: 'none', GELUTanh: 'tanh'}
 
 
 # claims and returns of ExpertLinear's kept gradient memory: backward passes of two threads may reach one module
@@ -286,9 +291,10 @@ class ExpertLinear(nn.Module):
 
     @torch.jit.unused
     def _plain_float32_parameters(self) -> bool:
-        """Registered float32 parameters, not parametrized (those are computed anew on every access)."""
+        """Registered float32 parameters of the plain class: not parametrized (those are computed anew on every
+        access), not a tensor subclass (its ops must see every call)."""
         w, b = self._parameters.get('weight'), self._parameters.get('bias')
-        return isinstance(w, nn.Parameter) and isinstance(b, nn.Parameter) and w.dtype == torch.float32
+        return type(w) is nn.Parameter and type(b) is nn.Parameter and w.dtype == torch.float32
 
     @torch.jit.unused
     def _autocast_weights(self, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -373,27 +379,38 @@ class ExpertMlp(nn.Module):
         return self.drop2(self.fc2(x))
 
     @torch.jit.unused
-    def runs_in_buffers(self) -> bool:
-        """Whether ``forward_into`` gives this group's ``forward``: the library's own modules with plain float32
-        parameters, no dropout active and no forward hooks (they would not run, or could keep a buffer)."""
-        modules = (self, self.fc1, self.act, self.drop1, self.fc2, self.drop2)
-        return (type(self) is ExpertMlp and type(self.fc1) is ExpertLinear and type(self.fc2) is ExpertLinear
-                and self.fc1._plain_float32_parameters() and self.fc2._plain_float32_parameters()
-                and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+    def _runs_in_buffers(self) -> bool:
+        """Whether ``forward_into`` computes this group's ``forward``: the library's own modules (ExpertLinear, a
+        GELU of ``_GELU_APPROXIMATE``, nn.Dropout not dropping), each running its class's own ``forward`` (not
+        replaced on the class or the instance) without forward hooks, and plain float32 parameters. Anything else
+        could compute something other than what ``forward_into`` does, or see and keep a buffer."""
+        drops = (self.drop1, self.drop2)
+        return (type(self.fc1) is ExpertLinear and type(self.fc2) is ExpertLinear
+                and type(self.act) in _GELU_APPROXIMATE and all(type(d) is nn.Dropout for d in drops)
+                and not any(d.training and d.p > 0 for d in drops)
+                and all(_runs_own_forward(m) for m in (self, self.fc1, self.act, self.drop1, self.fc2, self.drop2))
+                and self.fc1._plain_float32_parameters() and self.fc2._plain_float32_parameters())
 
     @torch.jit.unused
-    def forward_into(self, x: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """``forward`` of a no-grad float32 call (see ``runs_in_buffers``) written into ``out`` (E, T, d), with the
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``forward`` of a no-grad float32 call (see ``_runs_in_buffers``) written into ``out`` (E, T, d), with the
         hidden activations in ``hidden`` (E, T, hidden_features); the same values bit for bit. GELU runs in place
         on them (a fresh (E, T, hidden) tensor page-faults on every call)."""
         torch.baddbmm(self.fc1.bias.unsqueeze(1), x, self.fc1.weight, out=hidden)
-        approximate = _GELU_APPROXIMATE.get(type(self.act))
-        if approximate is not None:
-            torch._C._nn.gelu_(hidden, approximate=approximate(self.act))
-        else:
-            hidden = self.act(hidden)
-        return torch.baddbmm(self.fc2.bias.unsqueeze(1), hidden, self.fc2.weight, out=out)
+        approximate = _GELU_APPROXIMATE[type(self.act)] or self.act.approximate
+        torch.ops.aten.gelu_(hidden, approximate=approximate)
+        torch.baddbmm(self.fc2.bias.unsqueeze(1), hidden, self.fc2.weight, out=out)
+
+
+# each module class's own forward, as defined: a forward replaced later (on the class, or on an instance as
+# accelerate's hooks do) is not what ExpertMlp.forward_into computes
+_OWN_FORWARD = {cls: cls.forward for cls in (ExpertMlp, ExpertLinear, nn.GELU, GELU, GELUTanh, nn.Dropout)}
+
+
+def _runs_own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs its class's own forward, as defined, without forward hooks."""
+    return (_OWN_FORWARD.get(type(module)) is type(module).forward and 'forward' not in vars(module)
+            and not (module._forward_hooks or module._forward_pre_hooks))
 
 
 # a leaf for torch.fx (timm's FX feature extraction): routing branches on training mode, device and shapes
@@ -593,7 +610,7 @@ class SpheroMoE(nn.Module):
         experts may run another layer)."""
         if (torch.is_grad_enabled() or x.device.type != 'cpu' or self.capture_routing or _NO_GRAD_BUFFERS.busy
                 or torch.promote_types(x.dtype, torch.float32) != torch.float32
-                or self._adds_noise() or not _plain_eager_call(x)):
+                or self._adds_noise() or not _plain_eager_call(x) or not _no_function_modes()):
             return False
         _NO_GRAD_BUFFERS.busy = True
         return True
@@ -610,17 +627,17 @@ class SpheroMoE(nn.Module):
             self, key: torch.Tensor, query: torch.Tensor, inv_temp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``_routing_weights`` without noise, written into this thread's buffers: the same values, bit for bit."""
         shape = (key.shape[0], key.shape[1], self.num_slots)
-        logits = _NO_GRAD_BUFFERS.get('logits', shape, shape[0])
+        logits = _NO_GRAD_BUFFERS.get('logits', shape)
         if key.dtype == torch.float32 and not torch.is_autocast_enabled('cpu'):
             torch.matmul(key, query.t(), out=logits)
         else:  # autocast skips out= variants: let it run the matmul in its dtype, then widen into the buffer
             logits.copy_(key @ query.t())
-        dispatch = torch.softmax(logits, 1, out=_NO_GRAD_BUFFERS.get('dispatch', shape, shape[0]))
+        dispatch = torch.softmax(logits, 1, out=_NO_GRAD_BUFFERS.get('dispatch', shape))
         if self.temp_raw.shape[0] != 1:
             logits.mul_(inv_temp[1] / inv_temp[0])  # the dispatch weights are taken: cos / t_combine in place
         if self.combine == 'entmax15':
             return dispatch, entmax15(logits, dim=-1)
-        return dispatch, torch.softmax(logits, -1, out=_NO_GRAD_BUFFERS.get('combine', shape, shape[0]))
+        return dispatch, torch.softmax(logits, -1, out=_NO_GRAD_BUFFERS.get('combine', shape))
 
     def _run_experts(self, slots: torch.Tensor, in_buffers: bool = False) -> torch.Tensor:
         """Both expert paths on the slots: (B, M, d) -> expert-major outputs (M, B, d).
@@ -654,10 +671,8 @@ class SpheroMoE(nn.Module):
         the next call overwrites (on the expert modules, or global ones)."""
         if slots.dtype != torch.float32 or torch.is_autocast_enabled('cpu') or _global_forward_hooks():
             return False
-        for experts in (self.core_experts, self.univ_experts):
-            if experts is not None and not experts.runs_in_buffers():
-                return False
-        return True
+        return all(experts is None or (type(experts) is ExpertMlp and experts._runs_in_buffers())
+                   for experts in (self.core_experts, self.univ_experts))
 
     @torch.jit.unused
     def _run_experts_in_buffers(self, core_in: torch.Tensor, univ_in: torch.Tensor, B: int) -> torch.Tensor:
@@ -666,12 +681,12 @@ class SpheroMoE(nn.Module):
         buffer of its own, where the activation runs in place."""
         S, d = self.slots_per_expert, core_in.shape[-1]
         y = _NO_GRAD_BUFFERS.get('expert_out', (self.num_slots, B, d), B)
-        for name, experts, x, out in (('core', self.core_experts, core_in, y[:core_in.shape[0]]),
-                                      ('univ', self.univ_experts, univ_in, y[core_in.shape[0]:])):
+        for name, experts, rows, out in (('core', self.core_experts, core_in, y[:core_in.shape[0]]),
+                                         ('univ', self.univ_experts, univ_in, y[core_in.shape[0]:])):
             if experts is not None:
                 E = experts.num_experts
                 hidden = _NO_GRAD_BUFFERS.get(f'{name}_hidden', (E, S * B, experts.hidden_features), B)
-                experts.forward_into(x.reshape(E, S * B, d), out.view(E, S * B, d), hidden)
+                experts.forward_into(rows.reshape(E, S * B, d), out.view(E, S * B, d), hidden)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
