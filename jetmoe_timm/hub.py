@@ -19,6 +19,7 @@ each file's current oid before upload and huggingface_hub drops unchanged files.
 import json
 import logging
 import os
+import re
 import string
 import tempfile
 from dataclasses import dataclass
@@ -345,11 +346,18 @@ def _is_network_error(e: BaseException) -> bool:
         c.__name__ in ('TransportError', 'RequestException') for c in type(e).__mro__)
 
 
-def check_push(name: str, repo_id: Optional[str], *, dry_run: bool = False, token: Optional[str] = None,
-               card_template: Optional[os.PathLike] = None) -> Tuple[str, Optional[str]]:
+# what git refuses in a branch name (git check-ref-format --branch), and so the Hub in --revision: a leading '-',
+# '/' or '.', a trailing '/' or '.', '..', '//', '@{', a component starting with '.' or ending with '.lock', control
+# characters, space and ~^:?*[\
+_BAD_BRANCH = re.compile(r'^[-/.]|[/.]$|\.\.|//|@\{|/\.|\.lock(/|$)|[\x00-\x20\x7f~^:?*\[\\]')
+
+
+def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = None, dry_run: bool = False,
+               token: Optional[str] = None, card_template: Optional[os.PathLike] = None) -> Tuple[str, Optional[str]]:
     """(repo id, token) for pushing the model ``name`` ('arch[.tag]'), or the one-line error a push would end
-    with: no repo id, an invalid one, no card template, and unless ``dry_run`` no token or ``HF_HUB_OFFLINE``.
-    Cheap: ``jetmoe-timm push MODEL`` asks before converting, so a mistake never costs a conversion."""
+    with: no repo id, an invalid one, a branch name git refuses, no card template, and unless ``dry_run`` no token
+    or ``HF_HUB_OFFLINE``. Cheap: ``jetmoe-timm push MODEL`` asks before converting, so a mistake never costs a
+    conversion."""
     from huggingface_hub import constants, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     repo_id = repo_id or _default_hub_id(name)
@@ -362,6 +370,9 @@ def check_push(name: str, repo_id: Optional[str], *, dry_run: bool = False, toke
     except HFValidationError as e:
         raise ValueError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({e}): use letters, digits, '-', '_' "
                          f"and '.' in ORG/NAME, at most 96 characters.") from None
+    if revision is not None and (revision in ('', '@') or _BAD_BRANCH.search(revision)):
+        raise ValueError(f"--revision {revision!r} is not a valid branch name: use letters, digits, '-', '_', '.' and "
+                         f"'/' (not at the start or end), without spaces, '..' or any of ~^:?*[\\.")
     _template_path(name.partition('.')[0], card_template)
     if not dry_run:
         token = token or get_token()
@@ -397,7 +408,8 @@ def push_to_hub(
     name, config, model = _inspect_folder(folder, model_name)
     default_id = _default_hub_id(name)
     # refused before the folder is touched
-    repo_id, token = check_push(name, repo_id, dry_run=dry_run, token=token, card_template=card_template)
+    repo_id, token = check_push(name, repo_id, revision=revision, dry_run=dry_run, token=token,
+                                card_template=card_template)
     if repo_id == default_id and not _fits_default_model(name, folder):
         raise ValueError(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "

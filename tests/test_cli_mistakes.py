@@ -97,6 +97,11 @@ def _rows(d):
         (['push', '--from', str(d / 'converted'), '--repo-id', 'me/x', '--dry-run', '--method', 'copy'],
          'do not apply to --from'),
         (['push', '--dry-run'], 'give MODEL to convert'),
+        # a branch name git refuses: said before the conversion (new/ must not appear) or the card is written
+        (['push', 'v_jetmoe_tiny', '--repo-id', 'me/x', '--revision', 'my branch', '--dry-run', '--out', new],
+         "--revision 'my branch' is not a valid branch name"),
+        (['push', '--from', str(d / 'converted'), '--repo-id', 'me/x', '--revision', 'v1..2', '--dry-run'],
+         'is not a valid branch name'),
         (['data', 'export', 'mnist5k', new, '--calib-images', '10'], 'add a limit (--limit train=N)'),
         (['data', 'export', 'mnist5k', new, '--limit', 'train=10', 'train=20'], 'names train twice'),
         (['demo', '--out', str(d / 'a_file')], 'is a file: give a folder path'),

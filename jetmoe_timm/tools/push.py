@@ -45,7 +45,8 @@ def _convert_for_push(args) -> Path:
     check_model_kwargs(args.model, model_kwargs)
     # what would refuse the push afterwards (repo id, card template, token, offline) refuses it now, before the
     # conversion writes --out
-    check_push(args.model, args.repo_id, dry_run=args.dry_run, card_template=args.card_template)
+    check_push(args.model, args.repo_id, revision=args.revision, dry_run=args.dry_run,
+               card_template=args.card_template)
     if args.repo_id is None and model_kwargs:  # fail now, not after a long conversion
         default = timm.create_model(args.model, device='meta')
         changed = timm.create_model(args.model, device='meta', **model_kwargs)
