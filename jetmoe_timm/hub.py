@@ -348,7 +348,8 @@ def _is_network_error(e: BaseException) -> bool:
 
 # what git refuses in a branch name (git check-ref-format --branch), and so the Hub in --revision: a leading '-',
 # '/' or '.', a trailing '/' or '.', '..', '//', '@{', a component starting with '.' or ending with '.lock', control
-# characters, space and ~^:?*[\
+# characters, space and ~^:?*[\; also the name HEAD. '@' alone, which git takes, is refused too: it means HEAD in a
+# revision, and 'hf-hub:ORG/NAME@@' would not read as a branch
 _BAD_BRANCH = re.compile(r'^[-/.]|[/.]$|\.\.|//|@\{|/\.|\.lock(/|$)|[\x00-\x20\x7f~^:?*\[\\]')
 
 
@@ -370,9 +371,10 @@ def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = N
     except HFValidationError as e:
         raise ValueError(f"--repo-id '{repo_id}' is not a valid Hub repo id ({e}): use letters, digits, '-', '_' "
                          f"and '.' in ORG/NAME, at most 96 characters.") from None
-    if revision is not None and (revision in ('', '@') or _BAD_BRANCH.search(revision)):
-        raise ValueError(f"--revision {revision!r} is not a valid branch name: use letters, digits, '-', '_', '.' and "
-                         f"'/' (not at the start or end), without spaces, '..' or any of ~^:?*[\\.")
+    if revision and (revision in ('@', 'HEAD') or _BAD_BRANCH.search(revision)):  # '' or None: main
+        raise ValueError(f"--revision {revision!r} is not a valid branch name: no leading '-', '/' or "
+                         f"'.', no trailing '/', '.' or '.lock', no '..', '//', '@{{', spaces or any of ~^:?*[\\, "
+                         f"and not HEAD or @.")
     _template_path(name.partition('.')[0], card_template)
     if not dry_run:
         token = token or get_token()

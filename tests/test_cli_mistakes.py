@@ -102,6 +102,8 @@ def _rows(d):
          "--revision 'my branch' is not a valid branch name"),
         (['push', '--from', str(d / 'converted'), '--repo-id', 'me/x', '--revision', 'v1..2', '--dry-run'],
          'is not a valid branch name'),
+        (['push', '--from', str(d / 'converted'), '--repo-id', 'me/x', '--revision', 'HEAD', '--dry-run'],
+         "--revision 'HEAD' is not a valid branch name"),
         (['data', 'export', 'mnist5k', new, '--calib-images', '10'], 'add a limit (--limit train=N)'),
         (['data', 'export', 'mnist5k', new, '--limit', 'train=10', 'train=20'], 'names train twice'),
         (['demo', '--out', str(d / 'a_file')], 'is a file: give a folder path'),
