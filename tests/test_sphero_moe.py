@@ -536,16 +536,30 @@ def _expert_hook(layer):
     layer.core_experts.fc1.register_forward_hook(lambda m, args, out: setattr(m, 'kept', out))
 
 
+def _compiled_experts(layer):
+    layer.core_experts.compile(backend='eager')  # calls run the compiled code, not forward
+
+
+def _instance_call_impl(layer):
+    call = layer.univ_experts._call_impl
+    layer.univ_experts._call_impl = lambda *args, **kwargs: call(*args, **kwargs)
+
+
+def _routing_subclass(layer):
+    layer.slot_query = nn.Parameter(layer.slot_query.detach().as_subclass(_Tracked))
+
+
 @pytest.mark.parametrize('change', [
     _swap_act, _mc_dropout, _always_dropout, _identity_drops, _wrap_experts, _instance_forward, _class_forward,
-    _parameter_subclass, _parametrized, _expert_hook, 'global hook', 'autocast', 'training dropout',
-    'function mode'])
+    _parameter_subclass, _parametrized, _expert_hook, _compiled_experts, _instance_call_impl, _routing_subclass,
+    'global hook', 'autocast', 'training dropout', 'function mode'])
 def test_no_grad_experts_leave_the_buffers_to_what_forward_would_do_otherwise(change, monkeypatch):
     """The experts keep the plain path, fresh tensors and all, wherever ``forward_into`` would compute something
     else or a buffer could be seen and kept: an activation outside the GELU table, dropout that drops (Monte-Carlo,
     a replaced module, training), other drop modules, wrapped expert modules, a forward replaced on an instance or
-    a class, tensor-subclass or parametrized weights, forward hooks on an expert module or global ones, autocast,
-    a torch-function mode. Outputs (values and type) equal the gradient-tracking path's; no expert buffer is made;
+    a class, tensor-subclass or parametrized weights, forward hooks on an expert module or global ones, compiled
+    expert modules or an instance's own _call_impl, autocast, a torch-function mode; and a tensor-subclass slot
+    query keeps the routing out of the buffers too. Outputs (values and type) equal the gradient-tracking path's; no expert buffer is made;
     a tensor an activation or hook kept is not overwritten by the next call."""
     import inspect
     from torch.overrides import TorchFunctionMode
@@ -578,6 +592,8 @@ def test_no_grad_experts_leave_the_buffers_to_what_forward_would_do_otherwise(ch
         with torch.no_grad(), ctx:
             got = layer(x)
         used = {name for name, _, _ in _NO_GRAD_BUFFERS.tensors} & {'expert_out', 'core_hidden', 'univ_hidden'}
+        if change is _routing_subclass:  # the subclass would see the routing buffers too
+            used |= {name for name, _, _ in _NO_GRAD_BUFFERS.tensors}
         experts = layer.core_experts
         kept = getattr(getattr(experts, 'act', None), 'last_input', getattr(getattr(experts, 'fc1', None), 'kept', None))
         snapshot = None if kept is None else kept.clone()
@@ -590,6 +606,48 @@ def test_no_grad_experts_leave_the_buffers_to_what_forward_would_do_otherwise(ch
     assert type(got) is type(want) and torch.equal(got, want)
     assert (kept is not None) == (change in (_swap_act, _expert_hook))
     assert kept is None or torch.equal(kept, snapshot)
+
+
+@pytest.mark.parametrize('dim', [33, 50, 48])
+def test_no_grad_experts_in_buffers_only_where_the_universal_rows_start_aligned(dim):
+    """The universal experts write from m_core * B * d floats into the output buffer; MKL's results depend on the
+    output's alignment and fresh tensors start on 64 bytes, so unaligned starts keep the plain path: outputs equal
+    the gradient-tracking path's bit for bit for every batch size and slot count."""
+    from jetmoe_timm.layers import free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
+    for S in (1, 2):
+        layer = _layer(dim=dim, slots_per_expert=S).eval()
+        for B in (1, 2, 3, 4):
+            x = torch.randn(B, 7, dim)
+            want = layer(x).detach()
+            free_no_grad_buffers()
+            with torch.no_grad():
+                got = layer(x)
+            aligned = layer.num_core_experts * S * B * dim % 16 == 0
+            assert torch.equal(got, want), (S, B)
+            assert any(name == 'expert_out' for name, _, _ in _NO_GRAD_BUFFERS.tensors) == aligned, (S, B)
+
+
+def test_no_grad_expert_buffers_follow_the_weights_and_the_batch_size():
+    """Expert groups whose hidden width is not the one they were built with (pruned, replaced fc1 / fc2) get
+    buffers of their weights' width (no resize of a kept buffer, no warning); a call at another batch size frees
+    every buffer of the old one, the experts' too, even when it uses only the routing buffers (autocast)."""
+    import warnings
+    from jetmoe_timm.layers import ExpertLinear, free_no_grad_buffers
+    from jetmoe_timm.layers.sphero_moe import _NO_GRAD_BUFFERS
+    layer = _layer(slots_per_expert=1).eval()
+    experts = layer.core_experts
+    experts.fc1, experts.fc2 = ExpertLinear(3, 16, 40), ExpertLinear(3, 40, 16)
+    x = torch.randn(4, 7, 16)
+    want = layer(x).detach()
+    free_no_grad_buffers()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert torch.equal(layer(x), want) and torch.equal(layer(x), want)
+    assert {shape for name, _, shape in _NO_GRAD_BUFFERS.tensors if name == 'core_hidden'} == {(3, 4, 40)}
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        layer(x[:1])
+    assert {batch for _, batch, _ in _NO_GRAD_BUFFERS.tensors} == {1}
 
 
 def test_no_grad_routing_buffers_stay_out_of_traces_transforms_and_fake_tensors():

@@ -98,10 +98,10 @@ class _NoGradBuffers(threading.local):
         key = (name, batch, shape)
         t = self.tensors.pop(key, None)
         if t is None:
-            # another batch size: the old ones go at once; otherwise the least recently used beyond max_shapes
-            same = [k for k in self.tensors if k[0] == name]
-            stale = [k for k in same if k[1] != batch]
-            kept = [k for k in same if k[1] == batch]
+            # another batch size: every buffer of the old one goes at once (whatever its name: a call that uses
+            # fewer names must not leave the others held); otherwise this name's least recently used beyond max_shapes
+            stale = [k for k in self.tensors if k[1] != batch]
+            kept = [k for k in self.tensors if k[0] == name and k[1] == batch]
             for k in stale + kept[:max(0, len(kept) - self.max_shapes + 1)]:
                 del self.tensors[k]
             with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
@@ -133,6 +133,13 @@ def _no_function_modes() -> bool:
     """No torch-function mode but ``with torch.device(...)``'s: a mode sees every op's tensors and may keep them."""
     return (not torch._C._is_torch_function_mode_enabled()
             or all(type(m) is DeviceContext for m in _get_current_function_mode_stack()))
+
+
+@torch.jit.ignore
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain tensor: a tensor subclass (parameters, a slot norm of its own) must see fresh
+    tensors, not the kept buffers, and gives its own type to the output."""
+    return type(t) is torch.Tensor
 
 
 def _global_forward_hooks() -> bool:
@@ -380,16 +387,20 @@ class ExpertMlp(nn.Module):
 
     @torch.jit.unused
     def _runs_in_buffers(self) -> bool:
-        """Whether ``forward_into`` computes this group's ``forward``: the library's own modules (ExpertLinear, a
-        GELU of ``_GELU_APPROXIMATE``, nn.Dropout not dropping), each running its class's own ``forward`` (not
-        replaced on the class or the instance) without forward hooks, and plain float32 parameters. Anything else
-        could compute something other than what ``forward_into`` does, or see and keep a buffer."""
+        """Whether ``forward_into`` computes this group's ``forward``: the library's own modules (ExpertLinear with
+        plain float32 parameters of shapes that chain, a GELU of ``_GELU_APPROXIMATE``, nn.Dropout not dropping),
+        each running its class's own ``forward`` (see ``_runs_own_forward``). Anything else could compute something
+        other than what ``forward_into`` does, or see and keep a buffer."""
+        if not (type(self.fc1) is ExpertLinear and type(self.fc2) is ExpertLinear
+                and self.fc1._plain_float32_parameters() and self.fc2._plain_float32_parameters()):
+            return False
+        E, dim, hidden = self.fc1.weight.shape  # shapes that do not chain: the plain path says what is wrong
         drops = (self.drop1, self.drop2)
-        return (type(self.fc1) is ExpertLinear and type(self.fc2) is ExpertLinear
-                and type(self.act) in _GELU_APPROXIMATE and all(type(d) is nn.Dropout for d in drops)
-                and not any(d.training and d.p > 0 for d in drops)
-                and all(_runs_own_forward(m) for m in (self, self.fc1, self.act, self.drop1, self.fc2, self.drop2))
-                and self.fc1._plain_float32_parameters() and self.fc2._plain_float32_parameters())
+        return (E == self.num_experts and self.fc2.weight.shape == (E, hidden, dim)
+                and self.fc1.bias.shape == (E, hidden) and self.fc2.bias.shape == (E, dim)
+                and type(self.act) in _GELU_APPROXIMATE and all(type(m) is nn.Dropout for m in drops)
+                and not any(m.training and m.p > 0 for m in drops)
+                and all(_runs_own_forward(m) for m in (self, self.fc1, self.act, self.drop1, self.fc2, self.drop2)))
 
     @torch.jit.unused
     def forward_into(self, x: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -408,8 +419,11 @@ _OWN_FORWARD = {cls: cls.forward for cls in (ExpertMlp, ExpertLinear, nn.GELU, G
 
 
 def _runs_own_forward(module: nn.Module) -> bool:
-    """Whether ``module`` runs its class's own forward, as defined, without forward hooks."""
+    """Whether calling ``module`` runs its class's own forward, as defined, without forward hooks: not replaced on
+    the class or the instance, not compiled (``module.compile()`` runs its compiled code instead), no ``_call_impl``
+    of the instance's own."""
     return (_OWN_FORWARD.get(type(module)) is type(module).forward and 'forward' not in vars(module)
+            and '_call_impl' not in vars(module) and getattr(module, '_compiled_call_impl', None) is None
             and not (module._forward_hooks or module._forward_pre_hooks))
 
 
@@ -577,7 +591,7 @@ class SpheroMoE(nn.Module):
         key = self._unit_key(x)
         # 1 / t_dispatch is folded into the (M, d) query, not applied to the much larger (B, N, M) logits
         query = self._unit_query() * inv_temp[0].to(x.dtype)
-        if not torch.jit.is_scripting() and in_buffers:
+        if not torch.jit.is_scripting() and in_buffers and _plain_tensor(query) and _plain_tensor(inv_temp):
             return self._routing_weights_in_buffers(key, query, inv_temp)
         logits = (key @ query.t()).to(routing_dtype)  # cos / t_dispatch
         noisy = self._adds_noise()
@@ -649,12 +663,13 @@ class SpheroMoE(nn.Module):
         """
         B, d = slots.shape[0], slots.shape[-1]  # d spelled out: a -1 cannot be inferred from 0 elements (B = 0)
         S = self.slots_per_expert
+        buffered = not torch.jit.is_scripting() and in_buffers and self._experts_in_buffers(slots)
         slots = slots.transpose(0, 1)  # (M, B, d) view; slot m = e * S + s
         m_core = self.num_core_experts * S
         # split (not two slices): its backward writes both gradients into one buffer instead of summing two
         # zero-padded full-size ones
         core_in, univ_in = slots.split([m_core, self.num_slots - m_core], dim=0)
-        if not torch.jit.is_scripting() and in_buffers and self._experts_in_buffers(slots):
+        if buffered:
             return self._run_experts_in_buffers(core_in, univ_in, B)
         outs: List[torch.Tensor] = []
         if self.core_experts is not None:
@@ -665,11 +680,17 @@ class SpheroMoE(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     @torch.jit.unused
-    def _experts_in_buffers(self, slots: torch.Tensor) -> bool:
-        """Whether the experts of this buffered call run in the no-grad buffers too: float32 without autocast,
-        plain float32 expert parameters, no active dropout, and no forward hooks that could keep an activation
-        the next call overwrites (on the expert modules, or global ones)."""
-        if slots.dtype != torch.float32 or torch.is_autocast_enabled('cpu') or _global_forward_hooks():
+    def _experts_in_buffers(self, slots: torch.Tensor) -> bool:  # slots (B, M, d)
+        """Whether the experts of this buffered call run in the no-grad buffers too: plain float32 slots without
+        autocast, the universal experts' rows starting 64-byte aligned, no global forward hooks, and expert groups
+        that ``ExpertMlp.forward_into`` computes exactly (``ExpertMlp._runs_in_buffers``)."""
+        if (not _plain_tensor(slots) or slots.dtype != torch.float32 or torch.is_autocast_enabled('cpu')
+                or _global_forward_hooks()):
+            return False
+        # the universal rows start m_core * B * d floats into the output buffer: MKL's results depend on the output's
+        # alignment, and fresh tensors start on 64 bytes, so an unaligned start would not be bit for bit the same
+        if self.num_core_experts and self.num_univ_experts and (self.num_core_experts * self.slots_per_expert
+                                                                * slots.shape[0] * slots.shape[-1]) % 16:
             return False
         return all(experts is None or (type(experts) is ExpertMlp and experts._runs_in_buffers())
                    for experts in (self.core_experts, self.univ_experts))
@@ -684,8 +705,8 @@ class SpheroMoE(nn.Module):
         for name, experts, rows, out in (('core', self.core_experts, core_in, y[:core_in.shape[0]]),
                                          ('univ', self.univ_experts, univ_in, y[core_in.shape[0]:])):
             if experts is not None:
-                E = experts.num_experts
-                hidden = _NO_GRAD_BUFFERS.get(f'{name}_hidden', (E, S * B, experts.hidden_features), B)
+                E, _, hidden_width = experts.fc1.weight.shape
+                hidden = _NO_GRAD_BUFFERS.get(f'{name}_hidden', (E, S * B, hidden_width), B)
                 experts.forward_into(rows.reshape(E, S * B, d), out.view(E, S * B, d), hidden)
         return y
 
