@@ -120,11 +120,18 @@ def free_no_grad_buffers() -> None:
     _NO_GRAD_BUFFERS.tensors.clear()
 
 
+@torch.jit.ignore
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain tensor: a tensor subclass (parameters, a slot norm of its own) must see fresh
+    tensors, not the kept buffers, and gives its own type to the output."""
+    return type(t) is torch.Tensor
+
+
 def _plain_eager_call(x: torch.Tensor) -> bool:
     """An eager call on a plain tensor: not compiled, traced, transformed (torch.func), under forward-mode AD or
     under a dispatch mode (FakeTensorMode and the like). Only such calls may read or fill memory kept between
     calls: anything else would bake it into a graph or hand out tensors of another kind."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    return (_plain_tensor(x) and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and not torch._C._are_functorch_transforms_active() and torch._C._len_torch_dispatch_stack() == 0
             and getattr(torch.autograd.forward_ad, '_current_level', -1) < 0)
 
@@ -133,13 +140,6 @@ def _no_function_modes() -> bool:
     """No torch-function mode but ``with torch.device(...)``'s: a mode sees every op's tensors and may keep them."""
     return (not torch._C._is_torch_function_mode_enabled()
             or all(type(m) is DeviceContext for m in _get_current_function_mode_stack()))
-
-
-@torch.jit.ignore
-def _plain_tensor(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a plain tensor: a tensor subclass (parameters, a slot norm of its own) must see fresh
-    tensors, not the kept buffers, and gives its own type to the output."""
-    return type(t) is torch.Tensor
 
 
 def _global_forward_hooks() -> bool:

@@ -35,7 +35,7 @@ from ..export import read_provenance, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_reachable
 
 __all__ = ['WeightsUnavailableError', 'architecture_signature', 'build_jetmoe', 'prepare_pretrained',
-           'register_weight_builder']
+           'refuse_damaged', 'register_weight_builder']
 
 _logger = logging.getLogger(__name__)
 
@@ -113,6 +113,17 @@ def _damage(path: str) -> Optional[str]:
     except (OSError, ValueError) as e:
         return str(e)
     return None
+
+
+def _damaged_weights(problem: str) -> ValueError:
+    return ValueError(f'Refusing to load damaged weights: {problem}. Convert or download them again.')
+
+
+def refuse_damaged(path: str) -> None:
+    """The one-line refusal of a weights file that must not be loaded (``_damage``), before anything is built."""
+    problem = _damage(path)
+    if problem is not None:
+        raise _damaged_weights(problem)
 
 
 def _given_weights(cfg, cache_dir: Optional[str] = None) -> Optional[str]:
@@ -220,7 +231,7 @@ def _hub_file(hf_hub_id: str, cache_dir: Optional[str], given: bool = False) -> 
     problem = _damage(path)
     if problem is not None:
         if given:
-            raise ValueError(f'Refusing to load damaged weights: {problem}. Convert or download them again.')
+            raise _damaged_weights(problem)
         _logger.warning(f'The weights downloaded from {hf_hub_id} are damaged ({problem}); recycling locally.')
         return None
     return path
@@ -238,9 +249,7 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
         path = _given_weights(cfg, kwargs.get('cache_dir')) if cfg is not None else None  # a. the user's source
         if path is None:
             return kwargs
-        problem = _damage(path)  # a file the library wrote carries a checksum: a damaged one is refused
-        if problem:
-            raise ValueError(f'Refusing to load damaged weights: {problem}. Convert or download them again.')
+        refuse_damaged(path)  # a file the library wrote carries a checksum: a damaged one is refused
         return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 
     full = f'{cfg.architecture}.{cfg.tag}'

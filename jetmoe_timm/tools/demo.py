@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from ..export import save_safetensors_atomic
 from ..recycle import CALIB_SIZES, METHODS, recycle
 from ..recycle.build import cache_dir
-from .checks import check_output_folder
 from ..recycle.retention import linear_cka, pooled_features
+from .checks import check_output_folder
 
 __all__ = ['run_demo', 'markdown_table', 'add_parser']
 

@@ -622,11 +622,8 @@ def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) ->
         raise ValueError(f'--checkpoint {path} is a JSON file, not a weights file: pass the folder {path.parent} or '
                          f'its model.safetensors.')
     if path.name.endswith('.safetensors'):
-        from ..export import verify_safetensors
-        try:  # a truncated or foreign file fails now, not after building the model
-            verify_safetensors(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f'Refusing to load damaged weights: {e}. Convert or download them again.') from None
+        from ..models._pretrained import refuse_damaged
+        refuse_damaged(str(path))  # a truncated or foreign file fails now, not after building the model
     elif path.stat().st_size == 0 or not (zipfile.is_zipfile(path) or _first_byte(path) == b'\x80'):
         raise ValueError(f'--checkpoint {path} is no PyTorch checkpoint (neither a zip archive nor a pickle): pass '
                          f'a .safetensors or .pth file of the model.')
