@@ -574,6 +574,16 @@ def test_bare_convnext_predecessor_file(tmp_path, caplog):
     torch.testing.assert_close(succ.head.norm.weight, pred.head.norm.weight[ch], rtol=0, atol=0)
 
 
+def test_recycle_cache_fingerprints_every_weights_file_timm_reads_from_a_folder(tmp_path):
+    """A folder predecessor's fingerprint covers each file timm's local-dir loader may read (its '.pth.tar' too) and
+    config.json, nothing else: replacing any of them invalidates the cached build, a README does not."""
+    from jetmoe_timm.recycle.build import _local_fingerprint
+    for name in ('config.json', 'model.pth.tar', 'a.safetensors', 'b.pth', 'c.bin', 'README.md', 'notes.tar'):
+        (tmp_path / name).write_bytes(b'x' * len(name))
+    names = [n for n, _, _ in _local_fingerprint(f'local-dir:{tmp_path}')]
+    assert sorted(names) == ['a.safetensors', 'b.pth', 'c.bin', 'config.json', 'model.pth.tar']
+
+
 def test_recycle_cache_follows_a_local_predecessor_replaced_in_place(tmp_path, monkeypatch, tiny_vit_kwargs):
     """A cached build records its local predecessor's size and mtime (a folder's config.json and weights, or the
     file): other weights written to the same path are recycled again, not served from the stale cache."""

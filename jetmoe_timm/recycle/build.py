@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
-from ..export import CHECKPOINT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
+from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
     save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
@@ -246,7 +246,7 @@ def _local_fingerprint(pred_spec: str) -> Optional[list]:
         return None
     p = Path(local_path(pred_spec))
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.name == 'config.json' or f.name.endswith(CHECKPOINT_SUFFIXES))
+        files = sorted(f for f in p.iterdir() if f.name == 'config.json' or f.name.endswith(FOLDER_WEIGHT_SUFFIXES))
     else:
         files = [p] if p.is_file() else []
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()] or None

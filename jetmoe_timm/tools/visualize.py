@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..export import FOLDER_WEIGHT_SUFFIXES
 from ..routing import moe_layers, routing_info
 from .checks import check_model_kwargs, check_model_name, check_output_folder
 
@@ -609,7 +610,7 @@ def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) ->
             if not timm.is_model(arch):
                 raise ValueError(f"{path} holds a '{arch}', a model timm does not know: pass a JetMoE model folder.")
             raise ValueError(f"{path} holds a '{arch}', not a '{name}': pass MODEL {arch}.")
-        if not any(f.is_file() and f.name.endswith(('.safetensors', '.pth', '.pth.tar', '.bin'))
+        if not any(f.is_file() and f.name.endswith(FOLDER_WEIGHT_SUFFIXES)
                    for f in path.iterdir()):
             raise FileNotFoundError(f'{path} has no weights (model.safetensors): pass a folder written by '
                                     f'save_pretrained_folder / timm save_for_hf, or the weights file itself.')
