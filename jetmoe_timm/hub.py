@@ -44,7 +44,6 @@ _logger = logging.getLogger(__name__)
 
 UPLOAD_FILES = ('model.safetensors', 'config.json', 'README.md')
 CARD_DIR = Path(__file__).resolve().parent / 'model_cards'  # package data; the source is the top-level model_cards/
-# Put right after the front matter of every generated card: a README.md without it is hand-written, never overwritten.
 
 _TAG_DATASETS = {'in1k': 'imagenet-1k', 'in21k': 'imagenet-21k', 'in22k': 'imagenet-22k'}
 
@@ -186,7 +185,7 @@ def _architecture(model: nn.Module) -> str:
     return f'a {type(model).__name__}'
 
 
-def _moe_layers(model: nn.Module) -> str:
+def _moe_layers_markdown(model: nn.Module) -> str:
     """One bullet per distinct SpheroMoE configuration: where the layers are and what experts they hold."""
     groups: Dict[tuple, List[str]] = {}
     for module_name, m in moe_layers(model).items():
@@ -294,7 +293,7 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
             'This checkpoint has no classifier (`num_classes=0`): pass your own `num_classes` and fine-tune '
             'before using the logits.' if num_classes == 0 else f'The classifier predicts {num_classes} classes.'),
         create_kwargs=', num_classes=100' if num_classes == 0 else '',
-        moe_layers=_moe_layers(model),
+        moe_layers=_moe_layers_markdown(model),
         predecessor=predecessor,
         provenance=_provenance(prov, 'selection' in read_provenance(folder / 'model.safetensors')),
         model_args=', '.join(f'{k}={v!r}' for k, v in (config.get('model_args') or {}).items()) or 'the defaults',

@@ -1,17 +1,16 @@
-""" Model size and cost: parameters, MACs and a simple side-by-side throughput measurement.
+""" Model size and cost: parameters and MACs.
 
 MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2) with timm's fused
 attention switched off, because the counter does not see CPU scaled-dot-product attention.
 """
-import time
 from contextlib import contextmanager
-from typing import Dict, List, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_params', 'count_macs', 'throughput_side_by_side']
+__all__ = ['count_params', 'count_macs']
 
 
 def count_params(model: nn.Module) -> int:
@@ -42,26 +41,3 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
         model(x)
     model.train(was_training)
     return counter.get_total_flops() // 2
-
-
-@torch.inference_mode()
-def throughput_side_by_side(
-        models: Dict[str, nn.Module],
-        batch_size: int = 32,
-        input_size: Sequence[int] = (3, 224, 224),
-        rounds: int = 5,
-        warmup: int = 1,
-) -> Dict[str, float]:
-    """Images/s of inference, interleaving the models round by round; returns the median per model."""
-    x = torch.randn(batch_size, *input_size)
-    times: Dict[str, List[float]] = {k: [] for k in models}
-    for m in models.values():
-        m.eval()
-        for _ in range(warmup):
-            m(x)
-    for _ in range(rounds):
-        for name, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[name].append(time.perf_counter() - t0)
-    return {k: batch_size / sorted(v)[len(v) // 2] for k, v in times.items()}

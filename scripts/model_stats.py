@@ -1,42 +1,35 @@
 #!/usr/bin/env python
-"""Parameters, GMACs and CPU inference throughput of JetMoE models next to their dense twins.
+"""Parameters and GMACs per 224x224 image of every JetMoE variant next to its dense twin (the README's table).
 
-    python scripts/model_stats.py [--batch-size 32] [--rounds 5]
+Models are built on the meta device (no memory, no weights), so the big variants count as fast as the small ones.
+Speed side by side is the benchmark's job: ``jetmoe-timm bench``.
+
+    python scripts/model_stats.py [--json stats.json]
 """
 import argparse
-import datetime
 import json
 
 import timm
-import torch
 
 import jetmoe_timm  # noqa: F401  (registers the models)
-from jetmoe_timm.profile import count_macs, count_params, throughput_side_by_side
-
-PAIRS = [('v_jetmoe_tiny', 'vit_tiny_patch16_224')]
+from jetmoe_timm.profile import count_macs, count_params
+from jetmoe_timm.tools.bench import PAIRS
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--json', default=None, help='also write the figures here')
     args = parser.parse_args()
     rows = []
-    for moe_name, dense_name in PAIRS:
-        models = {n: timm.create_model(n, num_classes=1000) for n in (moe_name, dense_name)}
-        ips = throughput_side_by_side(models, batch_size=args.batch_size, rounds=args.rounds)
-        for n, m in models.items():
-            rows.append(dict(model=n, params_m=count_params(m) / 1e6, gmacs=count_macs(m) / 1e9, img_s=ips[n]))
-        rows.append(dict(model=f'{moe_name} / {dense_name}', img_s_ratio=ips[moe_name] / ips[dense_name]))
-    print(f'# {datetime.date.today()}  torch {torch.__version__}  threads {torch.get_num_threads()}  '
-          f'batch {args.batch_size}, fp32 inference, median of {args.rounds} interleaved rounds')
-    print(f"{'model':40s} {'params (M)':>11s} {'GMACs':>7s} {'img/s':>8s}")
+    for pair in PAIRS:
+        for name, kwargs in ((pair.model, pair.model_kwargs), (pair.twin, pair.twin_kwargs)):
+            m = timm.create_model(name, num_classes=1000, device='meta', **kwargs)
+            rows.append(dict(model=name, kwargs=kwargs, params_m=count_params(m) / 1e6,
+                             gmacs=count_macs(m, pair.input_size) / 1e9))
+    print(f"{'model':60s} {'params (M)':>11s} {'GMACs':>7s}")
     for r in rows:
-        if 'img_s_ratio' in r:
-            print(f"{r['model']:40s} {'':>11s} {'':>7s} {r['img_s_ratio']:>7.2f}x")
-        else:
-            print(f"{r['model']:40s} {r['params_m']:11.2f} {r['gmacs']:7.3f} {r['img_s']:8.1f}")
+        label = r['model'] + (f" {r['kwargs']}" if r['kwargs'] else '')
+        print(f"{label:60s} {r['params_m']:11.2f} {r['gmacs']:7.3f}")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=2)

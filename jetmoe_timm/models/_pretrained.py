@@ -77,7 +77,7 @@ def architecture_signature(model: nn.Module, skip=()) -> Dict[str, Any]:
     return out
 
 
-def _shapes(model_cls, model_kwargs: Dict[str, Any], skip) -> Dict[str, Any]:
+def _signature(model_cls, model_kwargs: Dict[str, Any], skip) -> Dict[str, Any]:
     """``architecture_signature`` of ``model_cls(**model_kwargs)``, built on the meta device (no memory)."""
     with torch.device('meta'):
         model = model_cls(**model_kwargs)
@@ -94,13 +94,13 @@ def _architecture_kwargs(model_cls, cfg, model_args: Dict[str, Any], user: Dict[
     if not user:
         return {}
     skip = tuple(p for p in (cfg.first_conv, cfg.classifier) if p)
-    asked = _shapes(model_cls, dict(model_args, **user), skip)
-    if asked == _shapes(model_cls, model_args, skip):
+    asked = _signature(model_cls, dict(model_args, **user), skip)
+    if asked == _signature(model_cls, model_args, skip):
         return {}
 
     def matters(key):
         try:
-            return _shapes(model_cls, dict(model_args, **{k: v for k, v in user.items() if k != key}), skip) != asked
+            return _signature(model_cls, dict(model_args, **{k: v for k, v in user.items() if k != key}), skip) != asked
         except (ValueError, AssertionError, TypeError, RuntimeError):
             return True
     return {k: v for k, v in user.items() if matters(k)}

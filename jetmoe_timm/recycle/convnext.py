@@ -178,7 +178,6 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
 
 
 SPEC = FamilySpec(
-    name='convnext',
     model_cls=ConvNeXtJetMoE,
     predecessor_cls=ConvNeXt,
     recycled_from=RECYCLED_FROM,

@@ -268,7 +268,7 @@ def recycle(
         bar.set_postfix_str('statistics')
         try:
             stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
-                                       total=total, source=source, bar=bar)
+                                       source=source, bar=bar)
         finally:
             if hook is not None:
                 hook.remove()

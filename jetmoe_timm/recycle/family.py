@@ -19,7 +19,6 @@ __all__ = ['FamilySpec', 'check_activation']
 
 @dataclass(frozen=True)
 class FamilySpec:
-    name: str
     model_cls: type  # the JetMoE successor class (a JetMoEMixin subclass)
     predecessor_cls: type  # the timm class of its dense predecessors
     recycled_from: Mapping[str, Mapping[str, str]]  # pretrained tag -> dict(predecessor=..., [body_predecessor=...])

@@ -80,21 +80,17 @@ class ActivationStats:
             raise KeyError(f'no co-activation was collected for {module}')
         return c
 
-    def __contains__(self, module: str) -> bool:
-        return module in self._acc
-
 
 @torch.no_grad()
 def collect_statistics(
         model: nn.Module,
         probes: List[Probe],
         batches: Iterable[torch.Tensor],
-        total: Optional[int] = None,
         source: str = '',
-        progress: bool = True,
         bar: Optional[tqdm] = None,
 ) -> ActivationStats:
-    """Run ``batches`` (B, C, H, W) through ``model`` in eval mode and gather statistics at ``probes``."""
+    """Run ``batches`` (B, C, H, W) through ``model`` in eval mode and gather statistics at ``probes``; ``bar``, a
+    caller's progress bar, advances one step per batch."""
     modules = dict(model.named_modules())
     missing = [p.module for p in probes if p.module not in modules]
     if missing:
@@ -112,14 +108,11 @@ def collect_statistics(
     device = next(model.parameters()).device
     num_images = 0
     try:
-        own = bar is None  # a caller's bar counts these batches among its own steps
-        bar = tqdm(total=total, desc='calibration', unit='batch', disable=not progress) if own else bar
         for x in batches:
             model(x.to(device))
             num_images += x.shape[0]
-            bar.update()
-        if own:
-            bar.close()
+            if bar is not None:
+                bar.update()
     finally:
         for h in handles:
             h.remove()

@@ -300,7 +300,6 @@ def body_width(model) -> int:
 
 
 SPEC = FamilySpec(
-    name='vit',
     model_cls=VisionTransformerJetMoE,
     predecessor_cls=VisionTransformer,
     recycled_from=RECYCLED_FROM,
