@@ -636,7 +636,18 @@ def test_bad_conversions_fail_clearly_and_write_nothing(case, tmp_path, pred_dir
     assert _files(tmp_path) == before  # no output folder, no temporary folder next to it
 
 
-def test_undecodable_images_are_skipped_with_a_warning_and_counted(tmp_path, pred_dir):
+def test_undecodable_images_are_skipped_with_a_warning_and_counted(tmp_path, pred_dir, monkeypatch):
+    """... and the folder is listed in full once per conversion: the checks on the way stop at its first image (an
+    ImageNet-sized folder took ~30 s a listing, and was listed five times)."""
+    from jetmoe_timm.recycle import calibration
+    listed, real_walk = [], calibration._walk_images
+
+    def counting_walk(folder):
+        listed.append(0)
+        for path in real_walk(folder):
+            listed[-1] += 1
+            yield path
+    monkeypatch.setattr(calibration, '_walk_images', counting_walk)
     folder = tmp_path / 'calib'
     (folder / 'sub').mkdir(parents=True)
     for i in range(5):
@@ -654,6 +665,7 @@ def test_undecodable_images_are_skipped_with_a_warning_and_counted(tmp_path, pre
     assert sum('cannot be decoded' in m for m in messages) == 3
     assert '3 calibration image(s) could not be decoded and were skipped' in messages
     assert read_provenance(out / 'model.safetensors')['calibration_images'] == 6  # the decodable ones, counted
+    assert len(listed) >= 3 and [n for n in listed if n > 1] == [9]  # 9 image files in all
 
 
 def test_bad_loads_fail_clearly_and_write_nothing(tmp_path, pred_dir, bad_preds, monkeypatch):

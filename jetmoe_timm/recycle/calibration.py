@@ -12,7 +12,7 @@ fixed-size model (a ViT) takes.
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,8 @@ from timm.data import create_transform, resolve_data_config
 
 from .selection import make_generator
 
-__all__ = ['IMAGE_EXTENSIONS', 'calibration_batches', 'check_calibration', 'fixed_input_size', 'synthetic_image']
+__all__ = ['IMAGE_EXTENSIONS', 'ImageListing', 'calibration_batches', 'check_calibration', 'fixed_input_size',
+           'list_images', 'synthetic_image']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
 
@@ -42,17 +43,35 @@ def synthetic_image(index: int, size: int = 224, seed: int = 0) -> Image.Image:
     return Image.fromarray(arr, mode='RGB')
 
 
-def _image_files(folder: Path) -> List[Path]:
+def _walk_images(folder: Path) -> Iterator[Path]:
+    """Image files below ``folder``, any depth, in the order the file system lists them."""
+    return (p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _check_image_folder(folder: Path) -> None:
+    """Raise one clear line for a folder that cannot feed calibration. Stops at the first image: an ImageNet-sized
+    folder is walked once, when its images are drawn, not at every check on the way."""
     if not folder.exists():
         raise FileNotFoundError(f"calibration folder '{folder}' does not exist: pass an existing image folder, "
                                 f"or calib='synthetic' (--calib synthetic) for the built-in images.")
     if not folder.is_dir() or not os.access(folder, os.R_OK | os.X_OK):
         raise ValueError(f"calibration path '{folder}' is not a readable folder: pass a folder of images.")
-    files = sorted(p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
+    if next(_walk_images(folder), None) is None:
         raise ValueError(f"calibration folder '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                          f"add some, or use calib='synthetic' (--calib synthetic).")
-    return files
+
+
+class ImageListing(NamedTuple):
+    """A calibration folder's image files, listed once and sorted: every pass over the folder (statistics, the
+    retention figure's two) draws from this one list."""
+    folder: Path
+    files: Tuple[Path, ...]
+
+
+def list_images(folder: Union[str, os.PathLike]) -> ImageListing:
+    folder = Path(folder)
+    _check_image_folder(folder)
+    return ImageListing(folder, tuple(sorted(_walk_images(folder))))
 
 
 def fixed_input_size(model: nn.Module) -> Optional[Tuple[int, int]]:
@@ -65,18 +84,18 @@ def fixed_input_size(model: nn.Module) -> Optional[Tuple[int, int]]:
 
 def check_calibration(calib) -> None:
     """Raise a clear error now for a calibration source that cannot work (a missing or empty folder, ...)."""
-    if calib is None or calib in ('synthetic', 'weights') or isinstance(calib, torch.utils.data.Dataset) \
-            or isinstance(calib, torch.utils.data.DataLoader):
+    if calib is None or calib in ('synthetic', 'weights') or isinstance(calib, ImageListing) \
+            or isinstance(calib, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
         return
     if isinstance(calib, (str, os.PathLike)):
-        _image_files(Path(calib))
+        _check_image_folder(Path(calib))
         return
     raise ValueError(f'calib must be a folder path, a Dataset/DataLoader, "synthetic" or "weights", got '
                      f'{type(calib).__name__}.')
 
 
-def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.Image]:
-    files = _image_files(folder)
+def _folder_images(listing: ImageListing, num_images: int, seed: int) -> Iterator[Image.Image]:
+    files = listing.files
     order = torch.randperm(len(files), generator=make_generator(seed, 'calib-folder')).tolist()
     taken = skipped = 0
     for i in order:
@@ -94,7 +113,7 @@ def _folder_images(folder: Path, num_images: int, seed: int) -> Iterator[Image.I
     if skipped:
         warnings.warn(f'{skipped} calibration image(s) could not be decoded and were skipped')
     if taken == 0:
-        raise ValueError(f"no image in '{folder}' could be decoded: check the files, or use calib='synthetic' (--calib synthetic).")
+        raise ValueError(f"no image in '{listing.folder}' could be decoded: check the files, or use calib='synthetic' (--calib synthetic).")
 
 
 def _batched(images, transform, batch_size: int, mode: str = 'RGB',
@@ -161,10 +180,10 @@ def calibration_batches(
         images = (synthetic_image(i, size, seed) for i in range(num_images))
         return _batched(images, transform, batch_size, mode), total, f'synthetic:{num_images}:seed{seed}'
     if isinstance(calib, (str, os.PathLike)):
-        folder = Path(calib)
-        _image_files(folder)  # fail now, with a clear message, rather than mid-way
-        return (_batched(_folder_images(folder, num_images, seed), transform, batch_size, mode), total,
-                f'folder:{folder.name}:{num_images}')
+        calib = list_images(calib)  # fails now, with a clear message, rather than mid-way
+    if isinstance(calib, ImageListing):
+        return (_batched(_folder_images(calib, num_images, seed), transform, batch_size, mode), total,
+                f'folder:{calib.folder.name}:{num_images}')
     if isinstance(calib, torch.utils.data.Dataset):
         calib = torch.utils.data.DataLoader(calib, batch_size=batch_size, shuffle=False,
                                             collate_fn=lambda items: items)

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..version import __version__
-from .calibration import calibration_batches, check_calibration, fixed_input_size
+from .calibration import ImageListing, calibration_batches, check_calibration, fixed_input_size, list_images
 from .families import family_of
 from .family import FamilySpec
 from .retention import pooled_features, retention
@@ -111,7 +111,7 @@ def _keep_first(batches: Iterator[torch.Tensor], kept: List[torch.Tensor], limit
 def _made_again(calib: Any) -> bool:
     """Whether calibration images can be made again, identical, from their seed: synthetic images and a folder's
     can; a Dataset or DataLoader may not give the same images twice."""
-    return isinstance(calib, (str, os.PathLike))
+    return isinstance(calib, (str, os.PathLike, ImageListing))
 
 
 def _retention_images(kept: List[torch.Tensor], calib: Any, num_images: int, model: nn.Module, batch_size: int,
@@ -216,6 +216,8 @@ def recycle(
         progress: show a progress bar.
     """
     check_options(method, recipe, statistic, calib, num_calib, batch_size, calib_size)
+    if isinstance(calib, (str, os.PathLike)) and calib not in ('synthetic', 'weights'):
+        calib = list_images(calib)  # listed once (an ImageNet-sized folder takes ~30 s), read by every pass
     make_successor = None
     if callable(successor) and not isinstance(successor, nn.Module):
         # its layout (on the meta device, no memory) serves the checks, statistics and selection; the model
