@@ -34,10 +34,35 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from ..export import read_provenance, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_reachable
 
-__all__ = ['WeightsUnavailableError', 'architecture_signature', 'build_jetmoe', 'prepare_pretrained',
-           'refuse_damaged', 'register_weight_builder']
+__all__ = ['HF_ORG', 'PAPER_CFG', 'WeightsUnavailableError', 'architecture_signature', 'build_jetmoe',
+           'prepare_pretrained', 'recycled_cfgs', 'refuse_damaged', 'register_weight_builder']
 
 _logger = logging.getLogger(__name__)
+
+HF_ORG = 'jetmoe-timm'  # the Hub organisation of every tag's converted weights
+# the pretrained-cfg fields every JetMoE tag shares
+PAPER_CFG = dict(
+    license='apache-2.0',
+    paper_ids='arXiv:2406.04801',
+    paper_name='MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
+    origin_url='https://github.com/Adlith/MoE-Jetpack',
+)
+
+
+def recycled_cfgs(cfg: Callable[..., Dict[str, Any]], recycled_from: Dict[str, Dict[str, str]]) -> Dict[str, Dict]:
+    """The pretrained cfgs of a family's recycled tags, from its ``RECYCLED_FROM`` table (tag -> dict(predecessor,
+    [body_predecessor], [remark])): headless inits on the Hub under ``HF_ORG``, taking their predecessor's
+    preprocessing (mean, std, crop, interpolation), since recycling keeps its features."""
+    cfgs = {}
+    for tag, source in recycled_from.items():
+        pred = source['predecessor']
+        data = {k: v for k, v in timm.models.get_pretrained_cfg(pred).to_dict().items()
+                if k in ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')}
+        remark = f" ({source['remark']})" if source.get('remark') else ''
+        cfgs[tag] = cfg(hf_hub_id=f'{HF_ORG}/{tag}', num_classes=0, **data, notes=(
+            f'Recycled init, not fine-tuned: built from {pred}{remark} by importance sampling (paper recipe). '
+            f'No classifier; fine-tune before use.',))
+    return cfgs
 
 # arguments of timm's model factory (create_model / build_model_with_cfg and its feature options), not of the
 # model class; device / dtype are the model's but the comparison builds on the meta device anyway

@@ -23,11 +23,10 @@ from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as _convnext_checkpoint_filter_fn
 
 from ._moe import JetMoEMixin, MoEOptions
-from ._pretrained import WeightsUnavailableError, build_jetmoe, prepare_pretrained
+from ._pretrained import PAPER_CFG, WeightsUnavailableError, build_jetmoe, prepare_pretrained, recycled_cfgs
 
 __all__ = ['ConvNeXtJetMoE', 'RECYCLED_FROM']
 
-HF_ORG = 'jetmoe-timm'
 
 # Experts per stage from the paper's rule of thumb at 224 px: N/2 core and 2 x that many universal experts,
 # N the stage's tokens (56^2, 28^2, 14^2, 7^2). Stages 3 and 4 give C-JetMoE-F's 98/196 and 24/48.
@@ -170,39 +169,21 @@ def _cfg(**kwargs):
         'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0',
         'classifier': 'head.fc',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2406.04801',
-        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
-        'origin_url': 'https://github.com/Adlith/MoE-Jetpack',
+        **PAPER_CFG,
         **kwargs,
     }
 
 
-# pretrained tag -> the dense timm checkpoint its weights are recycled from (jetmoe_timm.recycle builds them on
-# first load)
+# pretrained tag -> the dense timm checkpoint its weights are recycled from ('remark': said in the tag's notes);
+# jetmoe_timm.recycle builds them on first load, and the tags' pretrained cfgs come from this table (recycled_cfgs)
 RECYCLED_FROM = {
     'c_jetmoe_femto.recycled_in22k': dict(predecessor='convnext_tiny.fb_in22k'),
-    'c_jetmoe_tiny.recycled_in22k': dict(predecessor='convnext_base.fb_in22k'),
+    'c_jetmoe_tiny.recycled_in22k': dict(
+        predecessor='convnext_base.fb_in22k',
+        remark='the next wider ImageNet-22k ConvNeXt; the paper has no C-JetMoE-T'),
 }
 
-default_cfgs = generate_default_cfgs({
-    'c_jetmoe_femto.recycled_in22k': _cfg(
-        hf_hub_id=f'{HF_ORG}/c_jetmoe_femto.recycled_in22k',
-        num_classes=0,
-        notes=(
-            'Recycled init, not fine-tuned: built from convnext_tiny.fb_in22k by importance sampling '
-            '(paper recipe). No classifier; fine-tune before use.',
-        ),
-    ),
-    'c_jetmoe_tiny.recycled_in22k': _cfg(
-        hf_hub_id=f'{HF_ORG}/c_jetmoe_tiny.recycled_in22k',
-        num_classes=0,
-        notes=(
-            'Recycled init, not fine-tuned: built from convnext_base.fb_in22k (the next wider ImageNet-22k '
-            'ConvNeXt; the paper has no C-JetMoE-T) by importance sampling. No classifier; fine-tune before use.',
-        ),
-    ),
-})
+default_cfgs = generate_default_cfgs(recycled_cfgs(_cfg, RECYCLED_FROM))
 
 
 @register_model

@@ -24,11 +24,11 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoi
 
 from ..official import _load_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
-from ._pretrained import WeightsUnavailableError, build_jetmoe, prepare_pretrained
+from ._pretrained import HF_ORG, PAPER_CFG, WeightsUnavailableError, build_jetmoe, prepare_pretrained, \
+    recycled_cfgs
 
 __all__ = ['RECYCLED_FROM', 'VisionTransformerJetMoE']
 
-HF_ORG = 'jetmoe-timm'
 
 
 class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
@@ -140,37 +140,29 @@ def _cfg(**kwargs):
         'std': IMAGENET_INCEPTION_STD,
         'first_conv': 'patch_embed.proj',
         'classifier': 'head',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2406.04801',
-        'paper_name': 'MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks',
-        'origin_url': 'https://github.com/Adlith/MoE-Jetpack',
+        **PAPER_CFG,
         **kwargs,
     }
 
 
 # pretrained tag -> the dense timm checkpoint its weights are recycled from ('body_predecessor': the official
-# recipe's same-width body); jetmoe_timm.recycle builds them on first load
+# recipe's same-width body; 'remark': said in the tag's notes); jetmoe_timm.recycle builds them on first load, and
+# the tags' pretrained cfgs come from this table (recycled_cfgs)
 RECYCLED_FROM = {
     'v_jetmoe_tiny.recycled_in21k': dict(
         predecessor='vit_small_patch16_224.augreg_in21k', body_predecessor='vit_tiny_patch16_224.augreg_in21k'),
     'v_jetmoe_small.recycled_in21k': dict(
         predecessor='vit_base_patch16_224.augreg_in21k', body_predecessor='vit_small_patch16_224.augreg_in21k'),
     # DeiT-3 (layer scale, no position embedding on the class token): both converted exactly, see recycle/vit.py
-    'v_jetmoe_tiny.recycled_deit3_in22k': dict(predecessor='deit3_small_patch16_224.fb_in22k_ft_in1k'),
+    'v_jetmoe_tiny.recycled_deit3_in22k': dict(
+        predecessor='deit3_small_patch16_224.fb_in22k_ft_in1k', remark='layer scale folded'),
     'v_jetmoe_small.recycled_deit3_in22k': dict(
         predecessor='deit3_base_patch16_224.fb_in22k_ft_in1k',
-        body_predecessor='deit3_small_patch16_224.fb_in22k_ft_in1k'),
+        body_predecessor='deit3_small_patch16_224.fb_in22k_ft_in1k', remark='layer scale folded'),
 }
 
 default_cfgs = generate_default_cfgs({
-    'v_jetmoe_tiny.recycled_in21k': _cfg(
-        hf_hub_id=f'{HF_ORG}/v_jetmoe_tiny.recycled_in21k',
-        num_classes=0,
-        notes=(
-            'Recycled init, not fine-tuned: built from vit_small_patch16_224.augreg_in21k by importance '
-            'sampling (paper recipe). No classifier; fine-tune before use.',
-        ),
-    ),
+    **recycled_cfgs(_cfg, RECYCLED_FROM),  # first: each model's default tag is a recycled one
     'v_jetmoe_tiny.official_in1k': _cfg(
         hf_hub_id=f'{HF_ORG}/v_jetmoe_tiny.official_in1k',
         mean=IMAGENET_DEFAULT_MEAN,
@@ -179,30 +171,6 @@ default_cfgs = generate_default_cfgs({
         notes=(
             'Official MoE Jetpack V-JetMoE-T fine-tuned on ImageNet-1k, converted from the MMPretrain '
             'checkpoint (paper: 79.9% top-1). Uses routing="official" (entmax15 combine).',
-        ),
-    ),
-    'v_jetmoe_small.recycled_in21k': _cfg(
-        hf_hub_id=f'{HF_ORG}/v_jetmoe_small.recycled_in21k',
-        num_classes=0,
-        notes=(
-            'Recycled init, not fine-tuned: built from vit_base_patch16_224.augreg_in21k by importance '
-            'sampling (paper recipe). No classifier; fine-tune before use.',
-        ),
-    ),
-    'v_jetmoe_tiny.recycled_deit3_in22k': _cfg(
-        hf_hub_id=f'{HF_ORG}/v_jetmoe_tiny.recycled_deit3_in22k',
-        num_classes=0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=1.0,  # DeiT-3's
-        notes=(
-            'Recycled init, not fine-tuned: built from deit3_small_patch16_224.fb_in22k_ft_in1k (layer scale '
-            'folded) by importance sampling. No classifier; fine-tune before use.',
-        ),
-    ),
-    'v_jetmoe_small.recycled_deit3_in22k': _cfg(
-        hf_hub_id=f'{HF_ORG}/v_jetmoe_small.recycled_deit3_in22k',
-        num_classes=0, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=1.0,
-        notes=(
-            'Recycled init, not fine-tuned: built from deit3_base_patch16_224.fb_in22k_ft_in1k (layer scale '
-            'folded) by importance sampling. No classifier; fine-tune before use.',
         ),
     ),
 })

@@ -469,13 +469,20 @@ jetmoe_timm.convert(sys.argv[3], sys.argv[2], predecessor=sys.argv[1], method=sy
 print(json.dumps(dict(seconds=time.perf_counter() - t0, peak=status('VmHWM'), base=base)))
 '''
 
-# variant -> (the dense architecture it is recycled from, its in21k / in22k head)
-CONVERT_VARIANTS = {
-    'v_jetmoe_tiny': ('vit_small_patch16_224', 21843),
-    'v_jetmoe_small': ('vit_base_patch16_224', 21843),
-    'c_jetmoe_femto': ('convnext_tiny', 21841),
-    'c_jetmoe_tiny': ('convnext_base', 21841),
-}
+
+def _convert_variants() -> Dict[str, Tuple[str, int]]:
+    """variant -> (the dense architecture its default tag is recycled from, that checkpoint's class count: the
+    in21k / in22k heads), in the order of ``PAIRS``."""
+    from timm.models import get_pretrained_cfg
+    from ..recycle.build import recycle_source
+    variants = {}
+    for pair in PAIRS:
+        predecessor = recycle_source(pair.model)[1]['predecessor']
+        variants[pair.model] = (predecessor.partition('.')[0], get_pretrained_cfg(predecessor).num_classes)
+    return variants
+
+
+CONVERT_VARIANTS = _convert_variants()
 
 
 def _bench_convert(model: str, method: str = 'importance', num_calib: int = 256) -> Dict:
