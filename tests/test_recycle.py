@@ -542,8 +542,29 @@ def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, c
     (line,) = [r.getMessage() for r in caplog.records if 'read off its tensors' in r.getMessage()]
     assert f"embed_dim={kwargs['embed_dim']}" in line and f"depth={kwargs['depth']}" in line
     assert (f'its {classes}-class head is not used' in line) == bool(classes)
+    assert "num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs): a bare file does not " \
+           "record it" in line  # the one argument that is assumed, not read
     ch = result.selection['channels']
     torch.testing.assert_close(succ.blocks[0].norm1.weight, pred.blocks[0].norm1.weight[ch], rtol=0, atol=0)
+
+
+def test_prefix_token_and_head_refusals_name_the_fix(tmp_path):
+    """A predecessor with other class / register tokens than the successor: both counts and the kwargs that fix it;
+    more successor heads than a bare file's assumed ones: the limit and the way to give the real heads."""
+    from jetmoe_timm.recycle import recycle
+    pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, reg_tokens=4, num_classes=0))
+    succ = timm.create_model('v_jetmoe_tiny', img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_core_experts=2, num_univ_experts=2)
+    with pytest.raises(ValueError) as e:
+        recycle(succ, pred, calib='weights', progress=False)
+    assert str(e.value).endswith('the predecessor has class_token=True, reg_tokens=4, the successor class_token=True, '
+                                 'reg_tokens=0: give the successor --model-kwargs class_token=True reg_tokens=4.')
+    pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, embed_dim=64, num_heads=1, num_classes=0))
+    succ = timm.create_model('v_jetmoe_tiny', img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_core_experts=2, num_univ_experts=2)
+    with pytest.raises(ValueError, match=r"the predecessor only 1: use num_heads <= 1 \(a bare checkpoint file does "
+                                         r"not record its heads: they are assumed 64 wide; pass a 'local-dir:'"):
+        recycle(succ, pred, calib='weights', progress=False)
 
 
 def test_bare_file_that_is_not_a_timm_checkpoint_is_refused_in_one_line(tmp_path):

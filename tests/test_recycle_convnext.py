@@ -68,7 +68,7 @@ def test_full_width_dense_is_identity_and_deterministic(predecessor):
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-def test_wrong_family_and_recipe(predecessor):
+def test_wrong_family_and_recipe(predecessor, tmp_path):
     vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, num_classes=10)
     succ = timm.create_model('c_jetmoe_femto', **SUCC)
     with pytest.raises(ValueError, match='ConvNeXt predecessor'):
@@ -79,6 +79,16 @@ def test_wrong_family_and_recipe(predecessor):
         recycle(vit_succ, predecessor, progress=False)
     with pytest.raises(ValueError, match='exceeds the predecessor width'):
         recycle(timm.create_model('c_jetmoe_femto', **dict(SUCC, dims=(32, 32, 48, 64))), predecessor, progress=False)
+    # timm's conv_mlp ConvNeXts (atto..nano) as a bare file: read as such, refused for what they are, in one line
+    from safetensors.torch import save_file
+    from jetmoe_timm.recycle import build_recycled
+    atto = timm.create_model('convnext_tiny', depths=(2, 2, 2, 2), dims=(16, 32, 48, 64), conv_mlp=True)
+    save_file({k: v.contiguous() for k, v in atto.state_dict().items()}, tmp_path / 'atto.safetensors')
+    with pytest.raises(ValueError, match=r"^the predecessor keeps its MLPs as 1x1 convolutions \(conv_mlp=True: "
+                                         r"timm's convnext_atto to convnext_nano\), which are not recycled: pass a "
+                                         r"ConvNeXt with Linear MLPs"):
+        build_recycled('c_jetmoe_femto', dict(SUCC, num_classes=0), predecessor=str(tmp_path / 'atto.safetensors'),
+                       calib='weights', progress=False)
     with pytest.raises(ValueError, match="recipe 'official'"):
         recycle(succ, predecessor, recipe='official', body_predecessor=predecessor, calib='weights', progress=False)
 

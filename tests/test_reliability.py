@@ -607,9 +607,10 @@ _BAD_CONVERSIONS = [
      "method 'graph' needs co-activation statistics: pass calibration images"),
     ('no-calibration-images', 'v_jetmoe_tiny', {}, dict(num_calib=0), ValueError, 'must be at least 1'),
     ('predecessor-missing-key', 'v_jetmoe_tiny', {}, dict(predecessor='PRED:missing'), RuntimeError,
-     "(?s)do not fit their architecture.*Missing key.*blocks.1.mlp.fc1.weight.*Pass an unmodified timm checkpoint"),
+     "do not fit the architecture its config.json names \\(Missing key.*blocks.1.mlp.fc1.weight.*\\): pass an "
+     "unmodified timm checkpoint"),
     ('predecessor-extra-key', 'v_jetmoe_tiny', {}, dict(predecessor='PRED:extra'), RuntimeError,
-     '(?s)do not fit their architecture.*Unexpected key.*blocks.9.mlp.fc1.weight'),
+     'do not fit the architecture its config.json names \\(Unexpected key.*blocks.9.mlp.fc1.weight'),
     ('predecessor-folder-missing', 'v_jetmoe_tiny', {}, dict(predecessor='PRED:nowhere'), FileNotFoundError,
      "predecessor folder .* does not exist: pass an existing folder with model.safetensors and config.json"),
     ('wrong-input-channels', 'v_jetmoe_tiny', {}, dict(predecessor='PRED:gray'), ValueError,

@@ -359,12 +359,13 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     and a data size from a recipe file counts."""
     from jetmoe_timm.tools._scripts import _argument_problem, _script_args
     train_py = Path(SCRIPTS, 'train.py')
-    model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4']
+    model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4', '--device', 'cpu']
     assert jetmoe_timm.train.main([str(tiny_data), *model]) == 2
     assert 'add --img-size 32' in capsys.readouterr().err
     assert _argument_problem(_script_args(train_py, [str(tiny_data), *model, '--img-size', '32'])) is None
     # the size the data pipeline takes anyway (the model's default cfg) needs no --img-size
-    default_size = _script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=224'])
+    default_size = _script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=224',
+                                           '--device', 'cpu'])
     assert default_size is not None and default_size.model_kwargs == {'img_size': 224}
     assert _argument_problem(default_size) is None
     assert jetmoe_timm.train.main([str(tiny_data), '--model', 'v_jetmoe_tiny.no_such_tag', '--model-kwargs',
@@ -382,3 +383,22 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     assert 'add --img-size 32' in capsys.readouterr().err
     assert jetmoe_timm.validate.main([str(missing), '--model', 'v_jetmoe_tiny']) == 2
     assert 'data folder' in capsys.readouterr().err
+    # what the scripts only find inside, each a traceback there: one line here, exit code 2, before anything runs
+    cpu = ['--device', 'cpu']
+    for main, argv, said in (
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiyn', *cpu], "Unknown model 'v_jetmoe_tiyn' (did you mean "
+                                                                          "'v_jetmoe_tiny'?)"),
+            (jetmoe_timm.train.main, [*model[:3], 'embed_dimm=32', '--img-size', '32', *cpu],
+             "takes no argument 'embed_dimm'; did you mean 'embed_dim'?"),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--pretrained-path', str(missing), *cpu],
+             f'--pretrained-path {missing} does not exist'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--resume', str(missing), *cpu],
+             f'--resume {missing} does not exist'),
+            (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--checkpoint', str(missing), *cpu],
+             f'--checkpoint {missing} does not exist')):
+        assert main([str(tiny_data), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1, err
+    if not torch.cuda.is_available():  # timm's scripts default to --device cuda
+        assert jetmoe_timm.validate.main([str(tiny_data), '--model', 'v_jetmoe_tiny']) == 2
+        assert capsys.readouterr().err.strip().endswith('torch sees none here: add --device cpu.')

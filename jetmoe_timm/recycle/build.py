@@ -126,11 +126,17 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
             raise _offline_error(spec, e) from None  # the cause is in the message; no chained traceback
         if 'loading state_dict' in str(e):  # missing / unexpected keys or wrong shapes
             raise RuntimeError(
-                f"The predecessor weights '{spec}' do not fit their architecture"
-                f"{f' {arch_hint}' if arch_hint and os.path.isfile(spec) else ''}: {e}\nPass an unmodified timm "
-                f"checkpoint of that architecture, or a 'local-dir:' folder whose config.json describes the "
-                f"weights.") from e
+                f"The predecessor weights '{spec}' do not fit the architecture its config.json names "
+                f"({_first_load_problem(e)}): pass an unmodified timm checkpoint of that architecture, or a "
+                f"'local-dir:' folder whose config.json describes the weights.\n{e}") from e
         raise
+
+
+def _first_load_problem(e: Exception) -> str:
+    """The first missing / unexpected key or wrong shape of a ``load_state_dict`` error, in one short line (the
+    CLI shows a message's first line only)."""
+    detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+    return detail if len(detail) <= 240 else detail[:240] + '...'
 
 
 def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
@@ -154,17 +160,22 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
                          f"checkpoint, or a 'local-dir:' folder with its config.json.") from None
     model = timm.create_model(arch, **args)
     head = tuple(f'{c}.' for c in (hint.pretrained_cfg.get('classifier'), 'head_dist') if c)  # the classifier
-    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)},
-                                                strict=False)
-    if missing or unexpected:
-        raise ValueError(f"'{path}' does not fit {arch}({_args_line(args)}) read off its tensors: missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}. Pass a 'local-dir:' folder with its config.json.")
+    try:
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)},
+                                                    strict=False)
+        problem = f'missing {missing[:3]}, unexpected {unexpected[:3]}' if missing or unexpected else None
+    except RuntimeError as e:  # wrong shapes
+        problem = _first_load_problem(e)
+    if problem:
+        raise ValueError(f"'{path}' does not fit {arch}({_args_line(args)}) read off its tensors ({problem}): pass "
+                         f"a 'local-dir:' folder with its config.json.")
     classes = next((v.shape[0] for k, v in state.items() if k.startswith(head[:1]) and k.endswith('weight')), 0)
     # a bare file does not say how its images were normalised: the family default's preprocessing is assumed
     # (it drives calibration and is recorded as the successor's), so say which
     contract = ', '.join(f'{k}={tuple(round(x, 4) for x in v) if isinstance(v, (tuple, list)) else v}'
                          for k, v in input_contract(model).items() if k in ('mean', 'std'))
     _logger.warning(f"Predecessor {path}: {arch}({_args_line(args)}) read off its tensors"
+                    + (f' ({family.assumed}: a bare file does not record it)' if family.assumed else '')
                     + (f'; its {classes}-class head is not used' if classes else '')
                     + f"; preprocessing assumed from {arch}'s default weights ({contract}): pass a 'local-dir:' "
                       f"folder with the predecessor's config.json if it was trained otherwise.")

@@ -39,7 +39,8 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
     dims = tuple(state[f'stages.{s}.blocks.0.conv_dw.weight'].shape[0] for s in range(stages))
     stem = state['stem.0.weight']
     return dict(depths=depths, dims=dims, in_chans=stem.shape[1], patch_size=stem.shape[-1],
-                ls_init_value=1. if 'stages.0.blocks.0.gamma' in state else None, num_classes=0)
+                ls_init_value=1. if 'stages.0.blocks.0.gamma' in state else None,
+                conv_mlp=state['stages.0.blocks.0.mlp.fc1.weight'].ndim == 4, num_classes=0)
 
 
 def resize(pred, succ):
@@ -56,6 +57,11 @@ def check(pred, succ) -> None:
     if not isinstance(pred, ConvNeXt) or any(isinstance(blk.mlp, SpheroMoE) for *_, blk in _blocks(pred)):
         raise ValueError(f'a C-JetMoE successor needs a dense timm ConvNeXt predecessor, got {type(pred).__name__}: '
                          f'pass a ConvNeXt checkpoint (e.g. convnext_tiny.fb_in22k).')
+    blk = pred.stages[0].blocks[0]
+    if not hasattr(blk.mlp, 'fc1') or blk.mlp.fc1.__class__.__name__ != 'Linear':
+        raise ValueError('the predecessor keeps its MLPs as 1x1 convolutions (conv_mlp=True: timm\'s convnext_atto '
+                         'to convnext_nano), which are not recycled: pass a ConvNeXt with Linear MLPs (convnext_tiny '
+                         'and wider, ConvNeXt-V2).')
     if len(pred.stages) != len(succ.stages):
         raise ValueError(f'predecessor has {len(pred.stages)} stages, the successor {len(succ.stages)}.')
     for s, (ps, ss) in enumerate(zip(pred.stages, succ.stages)):
@@ -66,9 +72,6 @@ def check(pred, succ) -> None:
         if ds > dp:
             raise ValueError(f'stage {s}: successor width {ds} exceeds the predecessor width {dp}: pick a wider '
                              f'predecessor or smaller dims.')
-    blk = pred.stages[0].blocks[0]
-    if not hasattr(blk.mlp, 'fc1') or blk.mlp.fc1.__class__.__name__ != 'Linear':
-        raise ValueError('the predecessor must be built with conv_mlp=False (Linear pointwise MLPs).')
     if not isinstance(getattr(blk.mlp, 'grn', None), (nn.Identity, type(None))):
         raise ValueError('predecessor MLPs have a global response norm (ConvNeXt-V2): they cannot be split into '
                          'experts; pass a ConvNeXt (V1) checkpoint, e.g. convnext_tiny.fb_in22k.')

@@ -37,6 +37,8 @@ class FamilySpec:
     features_module: str  # its input is the pooled pre-logits feature (retention figure)
     # the prefix of one block's keys: a block the plan takes nothing from is left out by a shallower successor
     block_pattern: str
+    # what a bare checkpoint file cannot tell and ``predecessor_args`` assumes, said with the arguments read off it
+    assumed: str = ''
     official_recipe: bool = False  # the official tool's two-predecessor recipe exists for this family
 
 

@@ -52,13 +52,18 @@ def check(pred, succ) -> None:
                          f'or a smaller embed_dim.')
     h, h_s = pred.blocks[0].attn.num_heads, succ.blocks[0].attn.num_heads
     if h_s > h:
-        raise ValueError(f'successor has {h_s} attention heads, the predecessor only {h}: use num_heads <= {h}.')
+        raise ValueError(f'successor has {h_s} attention heads, the predecessor only {h}: use num_heads <= {h} (a '
+                         f'bare checkpoint file does not record its heads: they are assumed {_head_dim(pred)} wide; '
+                         f"pass a 'local-dir:' folder with its config.json if its heads are narrower).")
     if _head_dim(succ) > _head_dim(pred):
         raise ValueError(f'successor head_dim {_head_dim(succ)} exceeds the predecessor head_dim {_head_dim(pred)}.')
     if len(succ.blocks) > len(pred.blocks):
         raise ValueError(f'successor depth {len(succ.blocks)} exceeds the predecessor depth {len(pred.blocks)}.')
     if (succ.cls_token is None) != (pred.cls_token is None) or succ.num_reg_tokens != pred.num_reg_tokens:
-        raise ValueError('predecessor and successor must agree on class / register tokens.')
+        tokens = lambda m: f"class_token={m.cls_token is not None}, reg_tokens={m.num_reg_tokens}"  # noqa: E731
+        raise ValueError(f'predecessor and successor must agree on class / register tokens: the predecessor has '
+                         f'{tokens(pred)}, the successor {tokens(succ)}: give the successor --model-kwargs '
+                         f'{tokens(pred).replace(",", "")}.')
     if getattr(pred, 'dist_token', None) is not None:
         raise ValueError('predecessor is a distilled DeiT (a distillation token): not supported; pass a '
                          'non-distilled checkpoint (e.g. deit_small_patch16_224).')
@@ -315,4 +320,5 @@ SPEC = FamilySpec(
     features_module='head',  # its input is the pooled pre-logits feature
     block_pattern=r'blocks\.\d+\.',
     official_recipe=True,
+    assumed="num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs)",
 )

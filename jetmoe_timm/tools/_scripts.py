@@ -19,6 +19,10 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import torch
+
+from .checks import check_model_kwargs, check_model_name
+
 __all__ = ['SCRIPTS_ENV', 'find_timm_script', 'run_timm_script']
 
 SCRIPTS_ENV = 'JETMOE_TIMM_SCRIPTS'
@@ -156,11 +160,16 @@ def _default_img_size(model: Optional[str]) -> Optional[int]:
     return cfg.input_size[-1] if cfg is not None and cfg.input_size else None
 
 
+# the scripts' file arguments, read before anything runs (train.py: the first three; validate.py: --checkpoint)
+_FILE_ARGS = ('pretrained_path', 'initial_checkpoint', 'resume', 'checkpoint')
+
+
 def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
     """What would fail late, said before anything runs: an image folder that is not there (found only after the
     model is built, which may mean recycling it), and ``--model-kwargs img_size=N`` without ``--img-size N``
     (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
-    fails after the first batch)."""
+    fails after the first batch); an unknown model or model kwarg, a checkpoint file that is not there, and the
+    scripts' default ``--device cuda`` where torch sees no GPU (each a traceback from inside the script)."""
     if args is None:
         return None
     root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
@@ -171,6 +180,20 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
             and size != _default_img_size(getattr(args, 'model', None))):
         return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
                 f'(train.py and validate.py size the images from it).')
+    model = getattr(args, 'model', None)
+    if model and ':' not in model:  # 'hf-hub:' / 'local-dir:' models are timm's to resolve
+        try:
+            check_model_name(model)
+            check_model_kwargs(model, getattr(args, 'model_kwargs', None) or {})
+        except ValueError as e:
+            return str(e)
+    for name in _FILE_ARGS:
+        path = getattr(args, name, None)
+        if path and not os.path.exists(path):
+            return f"--{name.replace('_', '-')} {path} does not exist: pass an existing checkpoint file."
+    device = str(getattr(args, 'device', None) or '')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        return f'--device {device} (timm\'s default) needs a GPU, and torch sees none here: add --device cpu.'
     return None
 
 
