@@ -162,7 +162,8 @@ def is_local_spec(spec: str) -> bool:
     not a timm name or an 'hf-hub:' repo."""
     if spec.startswith('local-dir:'):
         return True
-    return not spec.startswith('hf-hub:') and (os.sep in spec or spec.endswith(CHECKPOINT_SUFFIXES))
+    return not spec.startswith('hf-hub:') and (os.sep in spec or spec.endswith(CHECKPOINT_SUFFIXES)
+                                               or os.path.isdir(spec))  # a folder named as it is, './' or not
 
 
 def local_path(spec: str) -> str:

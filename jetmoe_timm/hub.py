@@ -32,6 +32,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 from .export import CARD_MARK, public_source, read_provenance, verify_safetensors
+from .hub_access import hub_reachable
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
@@ -353,7 +354,8 @@ _BAD_BRANCH = re.compile(r'^[-/.]|[/.]$|\.\.|//|@\{|/\.|\.lock(/|$)|[\x00-\x20\x
 
 
 def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = None, dry_run: bool = False,
-               token: Optional[str] = None, card_template: Optional[os.PathLike] = None) -> Tuple[str, Optional[str]]:
+               token: Optional[str] = None, card_template: Optional[os.PathLike] = None,
+               endpoint: Optional[str] = None) -> Tuple[str, Optional[str]]:
     """(repo id, token) for pushing the model ``name`` ('arch[.tag]'), or the one-line error a push would end
     with: no repo id, an invalid one, a branch name git refuses, no card template, and unless ``dry_run`` no token
     or ``HF_HUB_OFFLINE``. Cheap: ``jetmoe-timm push MODEL`` asks before converting, so a mistake never costs a
@@ -382,6 +384,10 @@ def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = N
                                f"access to '{repo_id.split('/')[0]}' (or use --dry-run to only write the folder).")
         if constants.HF_HUB_OFFLINE:
             raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
+        endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
+        if not hub_reachable(endpoint=endpoint):  # a TCP probe: seconds, where a conversion takes minutes
+            raise RuntimeError(f'Cannot reach the Hub at {endpoint} (nothing answers): check the network, or '
+                               f'HF_ENDPOINT / --endpoint (or use --dry-run to only write the folder).')
     return repo_id, token
 
 
@@ -410,7 +416,7 @@ def push_to_hub(
     default_id = _default_hub_id(name)
     # refused before the folder is touched
     repo_id, token = check_push(name, repo_id, revision=revision, dry_run=dry_run, token=token,
-                                card_template=card_template)
+                                card_template=card_template, endpoint=endpoint)
     if repo_id == default_id and not _fits_default_model(name, folder):
         raise ValueError(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "

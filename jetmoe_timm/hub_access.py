@@ -8,6 +8,7 @@ answered from the local cache at once, or refused at once. ``HF_HUB_OFFLINE=1`` 
 import functools
 import socket
 from contextlib import contextmanager
+from typing import Optional
 from urllib.parse import urlparse
 
 from huggingface_hub import constants
@@ -34,9 +35,10 @@ def hub_offline_mode() -> bool:
     return constants.HF_HUB_OFFLINE
 
 
-def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hub endpoint (``HF_ENDPOINT``) accepts a connection; False in offline mode. Cached per endpoint."""
-    return not hub_offline_mode() and _reachable(constants.ENDPOINT, timeout)
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S, endpoint: Optional[str] = None) -> bool:
+    """Whether the Hub ``endpoint`` (default ``HF_ENDPOINT``) accepts a connection; False in offline mode. Cached
+    per endpoint."""
+    return not hub_offline_mode() and _reachable(endpoint or constants.ENDPOINT, timeout)
 
 
 @contextmanager

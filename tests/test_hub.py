@@ -127,7 +127,7 @@ def test_push_repush_and_load_three_ways(tmp_path, local_hub, tiny_folder, tiny_
     push_env = _client_env(tmp_path / 'pusher', local_hub.url, HF_TOKEN=local_hub.token)
     dead = _dead_endpoint()
     r = _run(_PUSH.format(folder=str(tiny_folder), repo=REPO, dead=dead), push_env)
-    assert f'jetmoe-timm push: error: Cannot reach the Hub at {dead} (ConnectError' in r.stderr
+    assert f'jetmoe-timm push: error: Cannot reach the Hub at {dead} (nothing answers)' in r.stderr
     assert 'HF_ENDPOINT' in r.stderr and 'Traceback' not in r.stderr
     dry, push, repush, branch = r.stdout.split('=== ')
     assert 'dry run: would upload' in dry and 'nothing was sent' in dry
@@ -538,4 +538,19 @@ def test_push_model_refuses_before_converting(args, env, why, tmp_path, monkeypa
                  f'local-dir:{tmp_path / "missing"}', *args]) == 2
     err = capsys.readouterr().err.strip()
     assert why in err and len(err.splitlines()) == 1 and 'missing' not in err, err
+    assert not out.exists()
+
+
+def test_push_model_refuses_an_unreachable_hub_before_converting(tmp_path, monkeypatch, capsys):
+    """Online, with a token, and nothing answering at the endpoint: one line before the conversion (was: after it,
+    leaving a whole --out behind)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setenv('HF_TOKEN', 'hf_anything')
+    out, dead = tmp_path / 'out', _dead_endpoint()
+    assert main(['push', 'v_jetmoe_tiny', '--out', str(out), '--no-progress', '--repo-id', 'org/name', '--endpoint',
+                 dead, '--predecessor', f'local-dir:{tmp_path / "missing"}']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f'jetmoe-timm push: error: Cannot reach the Hub at {dead} (nothing answers): check the network, '
+                   f'or HF_ENDPOINT / --endpoint (or use --dry-run to only write the folder).')
     assert not out.exists()

@@ -304,13 +304,20 @@ def test_build_on_first_load_cache_and_concurrency(tmp_path, pred_dir):
     assert out.strip() in hashes and 'Recycling' not in err
 
 
-def test_predecessor_paths(pred_dir, tmp_path):
-    """A folder's path is timm's 'local-dir:'; a checkpoint path that does not exist is named as such (timm would
-    call it a model name with no source prefix)."""
+def test_predecessor_paths(pred_dir, tmp_path, monkeypatch):
+    """A folder's path is timm's 'local-dir:', a bare relative name too (timm would call it an unknown model); a
+    checkpoint path that does not exist is named as such (timm would call it a model name with no source prefix)."""
+    from jetmoe_timm.export import is_local_spec, public_source
     from jetmoe_timm.recycle.build import load_predecessor
-    by_path, by_prefix = load_predecessor(str(pred_dir)), load_predecessor(f'local-dir:{pred_dir}')
-    for (k, a), b in zip(by_path.state_dict().items(), by_prefix.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    monkeypatch.chdir(pred_dir.parent)
+    assert is_local_spec(pred_dir.name) and public_source(pred_dir.name) == f"local checkpoint '{pred_dir.name}'"
+    by_prefix = load_predecessor(f'local-dir:{pred_dir}')
+    for by_path in (load_predecessor(str(pred_dir)), load_predecessor(pred_dir.name)):
+        for (k, a), b in zip(by_path.state_dict().items(), by_prefix.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    monkeypatch.chdir(pred_dir)  # a bare file by its name alone: a file, not a timm name
+    by_name = load_predecessor('model.safetensors', 'vit_small_patch16_224').state_dict()
+    assert all(torch.equal(by_name[k], v) for k, v in by_prefix.state_dict().items() if k in by_name)
     for missing in (str(tmp_path / 'nope.safetensors'), 'nope.pth'):
         with pytest.raises(FileNotFoundError, match=f"predecessor file '{re.escape(missing)}' does not exist"):
             load_predecessor(missing, 'vit_small_patch16_224')

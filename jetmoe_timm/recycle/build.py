@@ -17,6 +17,7 @@ Environment:
     JETMOE_TIMM_CALIB         calibration source for builds: 'synthetic' (default), 'weights' or an image folder
     JETMOE_TIMM_CALIB_IMAGES  number of calibration images (default 256)
 """
+import difflib
 import functools
 import hashlib
 import json
@@ -66,7 +67,10 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     if not tag:
         names = [n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES]
         if not names:
-            raise ValueError(f"'{arch}' has no recycled pretrained tag.")
+            raise ValueError(f"'{arch}' has no recycled pretrained tag" + (
+                '.' if arch in timm.list_models('*jetmoe*') else
+                f": it is a dense model; make a JetMoE model ({', '.join(timm.list_models('*jetmoe*'))}) from it "
+                f"with predecessor='{model_name}' (jetmoe-timm convert MODEL --predecessor {model_name})."))
         return names[0], dict(RECYCLE_SOURCES[names[0]])
     full = f'{arch}.{tag}'
     if full not in RECYCLE_SOURCES:
@@ -111,6 +115,8 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
         if not os.path.isfile(os.path.join(folder, 'config.json')):
             raise FileNotFoundError(f"predecessor folder '{given}' has no config.json: pass a folder written by timm "
                                     f"save_for_hf (config.json and model.safetensors), or the checkpoint file itself.")
+    elif not is_local_spec(spec) and not spec.startswith('hf-hub:'):
+        _check_timm_name(spec)
     try:
         if os.path.isfile(spec):
             if arch_hint is None:
@@ -139,6 +145,19 @@ def _first_load_problem(e: Exception) -> str:
     return detail if len(detail) <= 240 else detail[:240] + '...'
 
 
+def _check_timm_name(spec: str) -> None:
+    """A predecessor named by its timm name: an unknown architecture or tag is said with what comes closest."""
+    arch, _, tag = spec.partition('.')
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+        raise ValueError(f"Unknown predecessor '{spec}'" + (f" (did you mean '{close[0]}'?)" if close else '') +
+                         ': pass a timm model name (e.g. vit_small_patch16_224.augreg_in21k), a checkpoint file or '
+                         'a folder.')
+    tags = [t.partition('.')[2] for t in timm.models.get_arch_pretrained_cfgs(arch)]
+    if tag and tag not in tags:
+        raise ValueError(f"'{arch}' has no pretrained tag '{tag}': pick one of {tags}.")
+
+
 def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
     """A predecessor from a bare checkpoint file with any head (none, 1000, 21k classes) and any size of the
     ``arch_hint`` family: the architecture is read off the tensors (and said in one line), the head dropped."""
@@ -156,7 +175,8 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
     try:
         args = family.predecessor_args(state, hint)
     except (KeyError, ValueError, IndexError) as e:
-        raise ValueError(f"'{path}' is not a timm-format {type(hint).__name__} checkpoint (no {e}): pass a timm "
+        what = f' (no {e})' if isinstance(e, KeyError) else ''  # a missing tensor; else no block keys at all
+        raise ValueError(f"'{path}' is not a timm-format {type(hint).__name__} checkpoint{what}: pass a timm "
                          f"checkpoint, or a 'local-dir:' folder with its config.json.") from None
     model = timm.create_model(arch, **args)
     head = tuple(f'{c}.' for c in (hint.pretrained_cfg.get('classifier'), 'head_dist') if c)  # the classifier

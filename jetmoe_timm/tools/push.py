@@ -43,10 +43,10 @@ def _convert_for_push(args) -> Path:
         raise ValueError('give MODEL to convert (e.g. v_jetmoe_tiny), or --from DIR with a converted folder.')
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     check_model_kwargs(args.model, model_kwargs)
-    # what would refuse the push afterwards (repo id, card template, token, offline) refuses it now, before the
-    # conversion writes --out
+    # what would refuse the push afterwards (repo id, card template, token, offline, no Hub answering) refuses it
+    # now, before the conversion writes --out
     check_push(args.model, args.repo_id, revision=args.revision, dry_run=args.dry_run,
-               card_template=args.card_template)
+               card_template=args.card_template, endpoint=args.endpoint)
     if args.repo_id is None and model_kwargs:  # fail now, not after a long conversion
         default = timm.create_model(args.model, device='meta')
         changed = timm.create_model(args.model, device='meta', **model_kwargs)
