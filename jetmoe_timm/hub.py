@@ -149,8 +149,9 @@ def _fits_default_model(name: str, folder: Path) -> bool:
 def _template_path(arch: str, template: Optional[os.PathLike]) -> Path:
     path = Path(template) if template else CARD_DIR / f'{arch}.md'
     if not path.is_file():
-        raise FileNotFoundError(f'No model card template at {path}: add model_cards/{arch}.md (see the others) '
-                                f'or pass --card-template FILE.')
+        raise FileNotFoundError(f'No model card template at {path}: ' + (
+            'pass an existing file to --card-template.' if template else
+            f'add model_cards/{arch}.md (see the others) or pass --card-template FILE.'))
     return path
 
 

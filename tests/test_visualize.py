@@ -388,3 +388,18 @@ def test_cli_inspect_unknown_or_dense_model(tmp_path, capsys, monkeypatch):
     assert cli.main(['inspect', 'vit_small_patch16_224', *images, '--out', out]) == 2
     assert "'vit_small_patch16_224' is a dense timm model" in capsys.readouterr().err
     assert not (tmp_path / 'o').exists()
+
+
+def test_cli_inspect_pretrained_offline_names_the_cli_way_out(tmp_path, monkeypatch, capsys):
+    """Offline with nothing cached: the one line offers --checkpoint, the flag inspect takes, not the Python API's
+    pretrained_cfg_overlay."""
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.delenv('JETMOE_TIMM_PREDECESSOR', raising=False)
+    images = _write_images(tmp_path, n=1)
+    assert cli.main(['inspect', 'v_jetmoe_tiny', *images, '--pretrained', '--out', str(tmp_path / 'o'),
+                     '--model-kwargs', *TINY_ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'HF_HUB_OFFLINE is set' in err[0] and 'or pass --checkpoint with converted weights' in \
+        err[0] and 'pretrained_cfg_overlay' not in err[0], err
+    assert not (tmp_path / 'o').exists()

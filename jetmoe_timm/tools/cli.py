@@ -6,6 +6,7 @@ them all; what ``jetmoe-timm --help`` costs is ``import timm`` (about 4 s here),
 its models.
 """
 import argparse
+import difflib
 import importlib
 import sys
 from typing import List, Optional
@@ -22,8 +23,33 @@ _COMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with each error in one line (no usage block: ``--help`` has it) and a "did you mean" for a
+    misspelled option; exit code 2 as argparse's. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+    def unrecognized(self, extra: List[str]):
+        """Refuse arguments none of this (sub)command's options take, naming the closest option."""
+        options = [o for a in self._actions for o in a.option_strings]
+        close = [difflib.get_close_matches(x.split('=')[0], options, n=1) for x in extra if x.startswith('-')]
+        hint = next((f"; did you mean '{c[0]}'?" for c in close if c), '')
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.ArgumentParser:
+    """The innermost (sub)command parser that ``argv`` names ('jetmoe-timm data export ...' -> export's)."""
+    while True:
+        subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = next((subs.choices[t] for t in argv if subs is not None and t in subs.choices), None)
+        if chosen is None:
+            return parser
+        parser, argv = chosen, argv[argv.index(next(t for t in argv if t in subs.choices)) + 1:]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='jetmoe-timm', description='MoE Jetpack models for timm.')
+    parser = OneLineParser(prog='jetmoe-timm', description='MoE Jetpack models for timm.')
     parser.add_argument('--version', action='version', version=f'jetmoe_timm {__version__}')
     parser.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
@@ -36,7 +62,11 @@ _USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # their messages s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand that was given them, with its options to suggest from
+        _command_parser(parser, argv).unrecognized(extra)
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # every failure: one line (the traceback only with --debug), exit code 2

