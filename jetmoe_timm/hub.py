@@ -33,6 +33,7 @@ from timm.models import get_pretrained_cfg
 
 from .export import CARD_MARK, public_source, read_provenance, verify_safetensors
 from .hub_access import hub_reachable
+from .models import is_jetmoe_model
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
@@ -104,6 +105,9 @@ def _inspect_folder(folder: Path, model_name: Optional[str] = None) -> Tuple[str
         raise ValueError(f"{folder}/config.json names the architecture '{arch}', which timm does not know: "
                          f"jetmoe_timm registers {timm.list_models('*jetmoe*')}.")
     name = f'{arch}.{tag}' if tag else arch
+    if not is_jetmoe_model(arch):
+        raise ValueError(f"{folder} holds a dense '{arch}', not a JetMoE model: convert it first (jetmoe-timm "
+                         f"convert MODEL --predecessor {folder} --out DIR), then push DIR.")
     if model_name:
         want_arch, _, want_tag = model_name.partition('.')
         if want_arch != arch or (want_tag and want_tag != tag):

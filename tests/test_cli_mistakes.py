@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 
@@ -33,6 +34,7 @@ def world(tmp_path_factory):
     cnx = timm.create_model('convnext_tiny', depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
     save_file({k: v.contiguous() for k, v in cnx.state_dict().items()}, d / 'convnext.safetensors')
     (d / 'a_file').write_text('x')
+    Image.new('RGB', (32, 32), (90, 120, 200)).save(d / 'image.png')
     (d / 'dangling').symlink_to(d / 'gone')
     (d / 'exists').mkdir()
     (d / 'exists' / 'keep.txt').write_text('keep')
@@ -125,6 +127,14 @@ def _rows(d):
         (conv + ['--out', new, '--batch-size', 'abc'], "argument --batch-size: invalid int value: 'abc'"),
         (conv + ['--out', new, '--methdo', 'graph'], "unrecognized arguments: --methdo graph; did you mean '--method'?"),
         (['inspect', 'v_jetmoe_tiny', str(d / 'a_file'), '--topk', '2'], "did you mean '--top-k'?"),
+        # predecessor and successor mixed up: each named for what it is, with the way from one to the other
+        (conv + ['--out', new, '--predecessor', str(d / 'converted' / 'model.safetensors')],
+         'holds a JetMoE model (SpheroMoE layers), not a dense predecessor'),
+        (['push', '--from', str(d / 'pred'), '--repo-id', 'me/x', '--dry-run'],
+         "holds a dense 'vit_small_patch16_224', not a JetMoE model: convert it first"),
+        (['inspect', 'v_jetmoe_tiny', str(d / 'image.png'), '--out', new, '--checkpoint',
+          str(d / 'pred' / 'model.safetensors'), '--model-kwargs', *SUCC], 'It is a dense checkpoint: recycle it'),
+        (['convert', 'vit_small_patch16_224', '--out', new], 'it is a dense model; make a JetMoE model'),
         (['data', 'export', 'mnist', new], "argument dataset: invalid choice: 'mnist'"),
     ]
 

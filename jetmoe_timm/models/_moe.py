@@ -128,9 +128,13 @@ class JetMoEMixin:
         bad = [k for k, s in ours.items() if theirs.get(k) != s]
         if len(bad) <= 3:  # a few keys: timm's strict load names them better than a summary would
             return
+        dense = not any(k.endswith('.slot_query') for k in theirs) and any(k.endswith('.fc1.weight') for k in theirs)
+        fix = ('It is a dense checkpoint: recycle it into this model first (jetmoe-timm convert MODEL --predecessor '
+               'FILE --out DIR, or jetmoe_timm.convert), then load DIR.' if dense else
+               'Create the model the checkpoint was made for (the same model kwargs), or pass the checkpoint of '
+               'this one.')
         raise ValueError(f'The checkpoint holds {_describe(theirs)}; this {type(self).__name__} is '
-                         f'{_describe(ours)} ({len(bad)} tensors differ, e.g. {bad[0]}). Create the model the '
-                         f'checkpoint was made for (the same model kwargs), or pass the checkpoint of this one.')
+                         f'{_describe(ours)} ({len(bad)} tensors differ, e.g. {bad[0]}). {fix}')
 
     def _moe_group_pattern(self) -> str:
         """Regex prefix of the parameters that train at full lr under layer decay: the MoE layers and the norm

@@ -172,6 +172,10 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
         raise ValueError(f"'{path}' cannot be read as a checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120] if str(e) else ''}): pass a timm .safetensors, .pth or "
                          f".bin file.") from None
+    if any(k.endswith('.slot_query') for k in state):
+        raise ValueError(f"'{path}' holds a JetMoE model (SpheroMoE layers), not a dense predecessor: load it as "
+                         f"weights (pretrained_cfg_overlay=dict(file=...); inspect --checkpoint), or recycle from the "
+                         f"dense checkpoint it was made from.")
     try:
         args = family.predecessor_args(state, hint)
     except (KeyError, ValueError, IndexError) as e:

@@ -51,7 +51,8 @@ def pooled_features(model: nn.Module, images: Iterable[torch.Tensor], chunk: int
 
 def retention(reference: torch.Tensor, recycled: torch.Tensor, scratch: torch.Tensor) -> Dict[str, float]:
     """{'cka': recycled successor vs predecessor, 'cka_scratch': the successor's own init vs predecessor,
-    'images': n}, from pooled features (n, d) on the same images: the predecessor's (``reference``), the
-    successor's after recycling and at its random init."""
+    'images': n, 'features': d}, from pooled features (n, d) on the same images: the predecessor's (``reference``),
+    the successor's after recycling and at its random init. With n not well above d, linear CKA reads high for
+    any pair of models: the two figures then differ little."""
     return dict(cka=round(linear_cka(reference, recycled), 4), cka_scratch=round(linear_cka(reference, scratch), 4),
-                images=int(reference.shape[0]))
+                images=int(reference.shape[0]), features=int(recycled.shape[1]))

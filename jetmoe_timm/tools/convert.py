@@ -81,7 +81,10 @@ def run(args) -> int:
                       progress=not args.no_progress, **options)
     kept = (read_provenance(Path(out) / 'model.safetensors').get('retention') if not args.from_official else None)
     if kept:
+        few = kept['images'] < 2 * kept.get('features', 0)  # CKA of few samples in many dimensions reads high
         print(f"retention: linear CKA with the predecessor's features {kept['cka']:.3f} (random init "
-              f"{kept['cka_scratch']:.3f}) on {kept['images']} calibration images")
+              f"{kept['cka_scratch']:.3f}) on {kept['images']} calibration images"
+              + (f"; fewer than twice the {kept['features']} feature dimensions, where CKA reads high for any "
+                 f"model: --num-calib 256 or more gives a telling figure" if few else ''))
     print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True) after import jetmoe_timm")
     return 0

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..export import FOLDER_WEIGHT_SUFFIXES
+from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError
 from ..routing import moe_layers, routing_info
 from .checks import check_model_kwargs, check_model_name, check_output_folder
@@ -543,19 +544,13 @@ def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     return parse_model_kwargs(items)
 
 
-def _is_jetmoe(arch: str) -> bool:
-    """Whether timm's ``arch`` is registered by jetmoe_timm (a model with SpheroMoE layers)."""
-    import timm
-    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__.startswith('jetmoe_timm.')
-
-
 def _check_model_name(name: str) -> None:
     """An unknown or dense MODEL is named, with the models to pick from, before anything is built."""
     import timm
     if ':' in name:  # hf-hub:..., local-dir:...: timm resolves the architecture from there
         return
     arch = check_model_name(name)
-    if not _is_jetmoe(arch):
+    if not is_jetmoe_model(arch):
         raise ValueError(f"'{arch}' is a dense timm model: it has no MoE layers to inspect. Pick a JetMoE model "
                          f"({timm.list_models('*jetmoe*')}); a dense checkpoint becomes one with jetmoe-timm convert.")
 
@@ -603,7 +598,7 @@ def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) ->
                              f'save_pretrained_folder / timm save_for_hf, or its weights file (MODEL and '
                              f'--model-kwargs then describe the model).')
         if ':' not in name and arch != timm.models.split_model_name_tag(name)[0]:
-            if timm.is_model(arch) and not _is_jetmoe(arch):
+            if timm.is_model(arch) and not is_jetmoe_model(arch):
                 raise ValueError(
                     f"{path} holds a dense '{arch}', not a JetMoE model: convert it first (jetmoe-timm convert "
                     f"{name.partition('.')[0]} --predecessor local-dir:{path} --out CONVERTED), then pass "
