@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -155,6 +156,14 @@ def verify_safetensors(path: os.PathLike, require_checksum: bool = False) -> Dic
     if h.hexdigest() != checksum:
         raise ValueError(f'{path} does not match its content checksum: its tensor data or header is corrupted')
     return metadata
+
+
+def is_torch_checkpoint(path: os.PathLike) -> bool:
+    """Whether ``path`` can be a ``torch.save`` file at all: a zip archive (torch >= 1.6) or a pickle (protocol 2+
+    starts with 0x80); read without loading it."""
+    with open(path, 'rb') as f:
+        first = f.read(1)
+    return first == b'\x80' or (bool(first) and zipfile.is_zipfile(path))
 
 
 def is_local_spec(spec: str) -> bool:

@@ -6,7 +6,7 @@
 
 A published repo holds exactly ``model.safetensors``, timm's ``config.json`` (architecture, model_args,
 pretrained_cfg, and the recycling provenance under ``"jetmoe"``) and a ``README.md`` model card rendered from
-``model_cards/<architecture>.md`` with figures computed from the folder at push time. Afterwards, with
+``model_cards/<family>.md`` with figures computed from the folder at push time. Afterwards, with
 ``import jetmoe_timm`` first, ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` loads it; when ORG/NAME is
 the tag's default ``hf_hub_id`` (the default ``--repo-id``) so does ``timm.create_model('v_jetmoe_tiny',
 pretrained=True)``.
@@ -150,12 +150,26 @@ def _fits_default_model(name: str, folder: Path) -> bool:
 
 # --- the model card --------------------------------------------------------------------------------------
 
+def _family(arch: str) -> str:
+    """'v_jetmoe_tiny' -> 'v_jetmoe': the family whose card template serves every size."""
+    return arch.rpartition('_')[0]
+
+
+def _display_name(arch: str) -> str:
+    """The paper's name of a variant: 'v_jetmoe_tiny' -> 'V-JetMoE-T', 'c_jetmoe_femto' -> 'C-JetMoE-F'."""
+    family, _, size = arch.partition('_jetmoe_')
+    return f'{family.upper()}-JetMoE-{size[:1].upper()}'
+
+
 def _template_path(arch: str, template: Optional[os.PathLike]) -> Path:
-    path = Path(template) if template else CARD_DIR / f'{arch}.md'
+    """The card template: ``template``, else model_cards/<arch>.md where a variant has its own, else its family's
+    model_cards/<family>.md (v_jetmoe.md, c_jetmoe.md)."""
+    own = CARD_DIR / f'{arch}.md'
+    path = Path(template) if template else own if own.is_file() else CARD_DIR / f'{_family(arch)}.md'
     if not path.is_file():
         raise FileNotFoundError(f'No model card template at {path}: ' + (
             'pass an existing file to --card-template.' if template else
-            f'add model_cards/{arch}.md (see the others) or pass --card-template FILE.'))
+            f'add model_cards/{_family(arch)}.md (see the others) or pass --card-template FILE.'))
     return path
 
 
@@ -281,7 +295,7 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
         by_name = ('The architecture differs from the registered default, so load it by its `hf-hub:` name: '
                    '`config.json` carries the model arguments.')
     return dict(
-        model_name=name, arch=arch, tag=tag, repo_id=repo_id, version=__version__,
+        model_name=name, arch=arch, display_name=_display_name(arch), tag=tag, repo_id=repo_id, version=__version__,
         license=cfg.get('license', 'apache-2.0'),
         datasets='\n'.join(f'- {d}' for d in datasets),
         dataset_line=('none: a recycled initialisation, never fine-tuned (the predecessor was trained on '

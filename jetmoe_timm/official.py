@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .export import save_pretrained_folder
+from .export import is_torch_checkpoint, save_pretrained_folder
 from .layers import SpheroMoE
 
 __all__ = ['is_official_state_dict', 'official_to_timm', 'timm_to_official', 'convert_official_checkpoint']
@@ -261,12 +261,24 @@ def _load_official_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefi
 
 
 def _read_checkpoint(path: Path, weights_only: bool) -> Dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise IsADirectoryError(f'{path} is a folder: pass the official checkpoint file itself (.pth / .safetensors).')
     if not path.is_file():
-        raise FileNotFoundError(f'No checkpoint at {path}.')
+        raise FileNotFoundError(f'No checkpoint at {path}: pass the official checkpoint file (.pth / .safetensors).')
     if path.suffix == '.safetensors':
-        return _unwrap(safetensors.torch.load_file(str(path)))
+        try:
+            return _unwrap(safetensors.torch.load_file(str(path)))
+        except Exception as e:  # SafetensorError: truncated or not safetensors at all
+            raise ValueError(f'{path} cannot be read as safetensors ({str(e).splitlines()[0][:120]}): pass an '
+                             f'intact official checkpoint.') from None
+    if not is_torch_checkpoint(path):
+        raise ValueError(f'{path} is no PyTorch checkpoint (neither a zip archive nor a pickle): pass the official '
+                         f'.pth file.')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=weights_only)
+    except RuntimeError as e:  # a truncated or damaged zip archive (torch's long miniz message)
+        raise ValueError(f'{path} is a damaged PyTorch checkpoint ({str(e).split(".")[0][:120]}): download it '
+                         f'again.') from None
     except pickle.UnpicklingError as e:
         if not weights_only:
             raise

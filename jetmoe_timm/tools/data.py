@@ -188,8 +188,12 @@ def _describe_source(name: str, source: Optional[os.PathLike]) -> str:
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     """An idx file (big-endian int32 magic and sizes, then uint8 data) as a uint8 array."""
-    with gzip.open(path, 'rb') as f:
-        raw = f.read()
+    try:
+        with gzip.open(path, 'rb') as f:
+            raw = f.read()
+    except (EOFError, OSError) as e:  # a truncated download, or not gzip at all
+        raise ValueError(f'{path} cannot be read ({type(e).__name__}: {e}): download it again, or pass another '
+                         f'--source.') from None
     ndim = magic & 0xff
     header = np.frombuffer(raw, dtype='>i4', count=1 + ndim)
     if int(header[0]) != magic:

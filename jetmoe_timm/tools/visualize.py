@@ -20,7 +20,6 @@ import pickle
 import re
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..export import FOLDER_WEIGHT_SUFFIXES
+from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint
 from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError
 from ..routing import moe_layers, routing_info
@@ -568,11 +567,6 @@ def _is_json(path: Path) -> bool:
         return False
 
 
-def _first_byte(path: Path) -> bytes:
-    with open(path, 'rb') as f:
-        return f.read(1)
-
-
 def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) -> None:
     """--checkpoint that cannot be loaded as MODEL's weights is named, with the fix, before the model is built."""
     import timm
@@ -621,7 +615,7 @@ def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) ->
     if path.name.endswith('.safetensors'):
         from ..models._pretrained import refuse_damaged
         refuse_damaged(str(path))  # a truncated or foreign file fails now, not after building the model
-    elif path.stat().st_size == 0 or not (zipfile.is_zipfile(path) or _first_byte(path) == b'\x80'):
+    elif not is_torch_checkpoint(path):
         raise ValueError(f'--checkpoint {path} is no PyTorch checkpoint (neither a zip archive nor a pickle): pass '
                          f'a .safetensors or .pth file of the model.')
 
