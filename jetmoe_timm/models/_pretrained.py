@@ -306,13 +306,25 @@ def _with_input_contract(overlay: Dict[str, Any], path: str) -> Dict[str, Any]:
     return dict({k: tuple(v) if isinstance(v, list) else v for k, v in contract.items()}, **overlay)
 
 
-def build_jetmoe(model_cls, variant: str, pretrained: bool, **kwargs) -> nn.Module:
-    """timm's ``build_model_with_cfg``, except that safetensors weights which fit the model as they are (same
+def build_jetmoe(model_cls, variant: str, pretrained: bool, model_args: Optional[Dict[str, Any]] = None, *,
+                 pretrained_filter_fn: Callable, feature_cfg: Dict[str, Any], **kwargs) -> nn.Module:
+    """A JetMoE model: ``model_args`` is the entrypoint's architecture, ``kwargs`` what the user asked for on top
+    of it; ``pretrained_filter_fn`` and ``feature_cfg`` are the family's, for timm's builder. With ``pretrained``,
+    the weights are chosen first (``prepare_pretrained``: a given source, the Hub copy or a recycled build), one
+    message where none can be had.
+
+    Then timm's ``build_model_with_cfg``, except that safetensors weights which fit the model as they are (same
     keys, shapes and dtypes: no new head, no other ``in_chans``) are memory-mapped into a model built on the
     meta device (``load_state_dict(assign=True)``): no random init to throw away and the weights held once, as
     the file's pages (copy-on-write: training writes its own copy of what it changes). Anything else, and
     ``features_only``, or a model built for another device goes through timm's own load, which adapts heads and
     input convs."""
+    if pretrained:
+        try:
+            kwargs = prepare_pretrained(variant, model_cls, model_args or {}, kwargs)
+        except WeightsUnavailableError as e:
+            raise e.with_traceback(None) from None  # one message that says it all
+    kwargs = dict(model_args or {}, **kwargs, pretrained_filter_fn=pretrained_filter_fn, feature_cfg=feature_cfg)
     on_cpu = torch.device(kwargs.get('device') or torch.get_default_device()).type == 'cpu'
     path = _mappable_weights(variant, kwargs) if pretrained and on_cpu and not kwargs.get('features_only') else None
     if path is not None:

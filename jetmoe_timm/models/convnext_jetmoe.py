@@ -23,7 +23,7 @@ from timm.models.convnext import ConvNeXt
 from timm.models.convnext import checkpoint_filter_fn as _convnext_checkpoint_filter_fn
 
 from ._moe import JetMoEMixin, MoEOptions
-from ._pretrained import PAPER_CFG, WeightsUnavailableError, build_jetmoe, prepare_pretrained, recycled_cfgs
+from ._pretrained import PAPER_CFG, build_jetmoe, recycled_cfgs
 
 __all__ = ['ConvNeXtJetMoE', 'RECYCLED_FROM']
 
@@ -141,16 +141,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJet
 
 def _create_convnext_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> ConvNeXtJetMoE:
     # model_args: the entrypoint's architecture; kwargs: what the user asked for on top of it
-    if pretrained:
-        try:
-            kwargs = prepare_pretrained(variant, ConvNeXtJetMoE, model_args or {}, kwargs)
-        except WeightsUnavailableError as e:
-            raise e.with_traceback(None) from None  # one message that says it all
-    kwargs = dict(model_args or {}, **kwargs)
     return build_jetmoe(
         ConvNeXtJetMoE,
         variant,
         pretrained,
+        model_args=model_args,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **kwargs,

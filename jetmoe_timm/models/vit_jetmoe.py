@@ -24,8 +24,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoi
 
 from ..official import _load_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
-from ._pretrained import HF_ORG, PAPER_CFG, WeightsUnavailableError, build_jetmoe, prepare_pretrained, \
-    recycled_cfgs
+from ._pretrained import HF_ORG, PAPER_CFG, build_jetmoe, recycled_cfgs
 
 __all__ = ['RECYCLED_FROM', 'VisionTransformerJetMoE']
 
@@ -106,17 +105,12 @@ def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optio
     tag = cfg if isinstance(cfg, str) else cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
     if tag == 'official_in1k':  # the official weights are only the official model with its entmax15 combine
         model_args = dict(model_args or {}, routing='official')
-    if pretrained:
-        try:
-            kwargs = prepare_pretrained(variant, VisionTransformerJetMoE, model_args or {}, kwargs)
-        except WeightsUnavailableError as e:
-            raise e.with_traceback(None) from None  # one message that says it all
-    kwargs = dict(model_args or {}, **kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     model = build_jetmoe(
         VisionTransformerJetMoE,
         variant,
         pretrained,
+        model_args=model_args,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
