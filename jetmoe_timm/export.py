@@ -171,8 +171,16 @@ def is_local_spec(spec: str) -> bool:
     not a timm name or an 'hf-hub:' repo."""
     if spec.startswith('local-dir:'):
         return True
-    return not spec.startswith('hf-hub:') and (os.sep in spec or spec.endswith(CHECKPOINT_SUFFIXES)
-                                               or os.path.isdir(spec))  # a folder named as it is, './' or not
+    if spec.startswith('hf-hub:'):
+        return False
+    # a folder named as it is ('pred', not './pred') unless the name is a timm model's: a folder in the working
+    # directory must not take over a timm name (e.g. one `hf download --local-dir` wrote under that name)
+    return os.sep in spec or spec.endswith(CHECKPOINT_SUFFIXES) or (os.path.isdir(spec) and not _is_timm_name(spec))
+
+
+def _is_timm_name(spec: str) -> bool:
+    import timm
+    return timm.is_model(spec.partition('.')[0])
 
 
 def local_path(spec: str) -> str:

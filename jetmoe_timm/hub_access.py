@@ -7,8 +7,9 @@ answered from the local cache at once, or refused at once. ``HF_HUB_OFFLINE=1`` 
 """
 import functools
 import socket
+import urllib.request
 from contextlib import contextmanager
-from typing import Optional
+from typing import Optional, Tuple
 from urllib.parse import urlparse
 
 from huggingface_hub import constants
@@ -18,12 +19,23 @@ __all__ = ['hub_offline_mode', 'hub_reachable', 'hub_offline_unless_reachable']
 PROBE_TIMEOUT_S = 3.
 
 
+def _probe_address(endpoint: str) -> Tuple[str, int]:
+    """(host, port) a connection to ``endpoint`` goes to first: the proxy the environment names for its scheme
+    (HTTPS_PROXY, ALL_PROXY, ..., unless NO_PROXY exempts the host), as huggingface_hub's client does, else the
+    endpoint itself."""
+    url = urlparse(endpoint)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get('all')
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ''):
+        p = urlparse(proxy if '://' in proxy else f'http://{proxy}')
+        return p.hostname, p.port or (443 if p.scheme == 'https' else 80)
+    return url.hostname, url.port or (443 if url.scheme == 'https' else 80)
+
+
 @functools.lru_cache(maxsize=None)
 def _reachable(endpoint: str, timeout: float) -> bool:
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == 'https' else 80)
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
+        with socket.create_connection(_probe_address(endpoint), timeout=timeout):
             return True
     except OSError:  # no route, refused, DNS failure, timeout
         return False

@@ -197,10 +197,10 @@ def test_every_registered_model_has_a_card_template(arch, tiny_folder):
     assert template == CARD_DIR / f"{arch.rpartition('_')[0]}.md"
     card = render_model_card(tiny_folder, 'org/name', template=template)  # every placeholder is a known one
     assert '${' not in card and _front_matter(card)['library_name'] == 'timm'
-    expected = {'v_jetmoe_tiny': 'V-JetMoE-T', 'v_jetmoe_small': 'V-JetMoE-S', 'c_jetmoe_femto': 'C-JetMoE-F',
-                'c_jetmoe_tiny': 'C-JetMoE-T'}[arch]
-    if arch == 'v_jetmoe_tiny':  # the tiny folder's own architecture names the card
-        assert f'A {expected} image model' in card
+    from jetmoe_timm.hub import _display_name
+    assert _display_name(arch) == {'v_jetmoe_tiny': 'V-JetMoE-T', 'v_jetmoe_small': 'V-JetMoE-S',
+                                   'c_jetmoe_femto': 'C-JetMoE-F', 'c_jetmoe_tiny': 'C-JetMoE-T'}[arch]
+    assert 'A V-JetMoE-T image model' in card  # the tiny folder's own architecture names the card
 
 
 def test_dry_run_writes_the_folder_and_sends_nothing(tiny_folder, local_hub, monkeypatch, capsys):
@@ -560,3 +560,17 @@ def test_push_model_refuses_an_unreachable_hub_before_converting(tmp_path, monke
     assert err == (f'jetmoe-timm push: error: Cannot reach the Hub at {dead} (nothing answers): check the network, '
                    f'or HF_ENDPOINT / --endpoint (or use --dry-run to only write the folder).')
     assert not out.exists()
+
+
+def test_reachability_probe_goes_where_the_client_goes(monkeypatch):
+    """The Hub probe connects where huggingface_hub's client would: through the proxy the environment names, unless
+    NO_PROXY exempts the host (a direct probe would refuse a push that the proxy carries)."""
+    from jetmoe_timm.hub_access import _probe_address
+    for k in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy', 'NO_PROXY', 'no_proxy', 'HTTP_PROXY', 'http_proxy'):
+        monkeypatch.delenv(k, raising=False)
+    assert _probe_address('https://huggingface.co') == ('huggingface.co', 443)
+    assert _probe_address('http://127.0.0.1:8123') == ('127.0.0.1', 8123)
+    monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.example:3128')
+    assert _probe_address('https://huggingface.co') == ('proxy.example', 3128)
+    monkeypatch.setenv('NO_PROXY', 'huggingface.co')
+    assert _probe_address('https://huggingface.co') == ('huggingface.co', 443)

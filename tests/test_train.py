@@ -399,6 +399,14 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
         assert main([str(tiny_data), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err
+    # what the checks leave to the scripts: validate.py's bulk runs ('all', wildcards, a file of names), hub models
+    validate_py = Path(SCRIPTS, 'validate.py')
+    names = tmp_path / 'models.txt'
+    names.write_text('v_jetmoe_tiny\n')
+    for given in ('all', 'v_jetmoe_*', str(names), 'hf-hub:org/name'):
+        assert _argument_problem(_script_args(validate_py, [str(tiny_data), '--model', given, *cpu])) is None, given
+    assert jetmoe_timm.train.main([str(tiny_data), '--model', 'resnt50', *cpu]) == 2  # any timm model: from all
+    assert "Unknown model 'resnt50' (did you mean 'resnet50'?)" in capsys.readouterr().err
     if not torch.cuda.is_available():  # timm's scripts default to --device cuda
         assert jetmoe_timm.validate.main([str(tiny_data), '--model', 'v_jetmoe_tiny']) == 2
         assert capsys.readouterr().err.strip().endswith('torch sees none here: add --device cpu.')

@@ -1,9 +1,22 @@
+import functools
+
 from .vit_jetmoe import VisionTransformerJetMoE
 from .convnext_jetmoe import ConvNeXtJetMoE
+from ._moe import JetMoEMixin
 
 
 def is_jetmoe_model(name: str) -> bool:
-    """Whether timm's model ``name`` ('arch' or 'arch.tag') is one jetmoe_timm registers (SpheroMoE layers)."""
+    """Whether timm's model ``name`` ('arch' or 'arch.tag') is a JetMoE model (a ``JetMoEMixin``: SpheroMoE layers),
+    whoever registered it."""
     import timm
     arch = name.partition('.')[0]
-    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__.startswith(__name__)
+    return timm.is_model(arch) and _is_jetmoe_arch(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_jetmoe_arch(arch: str) -> bool:
+    import timm
+    try:
+        return isinstance(timm.create_model(arch, device='meta'), JetMoEMixin)  # meta: no memory, no init
+    except Exception:  # a model that cannot be built without arguments is no JetMoE model of ours
+        return False

@@ -34,6 +34,7 @@ from filelock import FileLock, Timeout
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
     save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
+from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
 from .engine import RecycleResult, check_options, check_recipe_family, recycle, selection_to_json
@@ -64,18 +65,28 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     if not timm.is_model(arch):
         raise ValueError(f"Unknown model '{arch}': pick one of {timm.list_models('*jetmoe*')} "
                          f"(and import jetmoe_timm first).")
+    if not is_jetmoe_model(arch):
+        raise ValueError(_dense_model_problem(model_name))
     if not tag:
         names = [n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES]
         if not names:
-            raise ValueError(f"'{arch}' has no recycled pretrained tag" + (
-                '.' if arch in timm.list_models('*jetmoe*') else
-                f": it is a dense model; make a JetMoE model ({', '.join(timm.list_models('*jetmoe*'))}) from it "
-                f"with predecessor='{model_name}' (jetmoe-timm convert MODEL --predecessor {model_name})."))
+            raise ValueError(f"'{arch}' has no recycled pretrained tag.")
         return names[0], dict(RECYCLE_SOURCES[names[0]])
     full = f'{arch}.{tag}'
     if full not in RECYCLE_SOURCES:
         raise ValueError(f"'{full}' is not built by recycling; recycled tags: {sorted(RECYCLE_SOURCES)}.")
     return full, dict(RECYCLE_SOURCES[full])
+
+
+def _dense_model_problem(model_name: str) -> str:
+    """A dense timm model named where a JetMoE model belongs: the JetMoE models recycled from its family, if any."""
+    dense = type(timm.create_model(model_name.partition('.')[0], device='meta'))
+    into = [n for f in FAMILIES if issubclass(dense, f.predecessor_cls)
+            for n in timm.list_models('*jetmoe*') if type(timm.create_model(n, device='meta')) is f.model_cls]
+    if not into:
+        return f"'{model_name}' is a dense {dense.__name__}, which no JetMoE model is recycled from."
+    return (f"'{model_name}' is a dense model: make a JetMoE model ({', '.join(into)}) from it with "
+            f"predecessor='{model_name}' (jetmoe-timm convert MODEL --predecessor {model_name}).")
 
 
 def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
@@ -115,7 +126,7 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
         if not os.path.isfile(os.path.join(folder, 'config.json')):
             raise FileNotFoundError(f"predecessor folder '{given}' has no config.json: pass a folder written by timm "
                                     f"save_for_hf (config.json and model.safetensors), or the checkpoint file itself.")
-    elif not is_local_spec(spec) and not spec.startswith('hf-hub:'):
+    elif not is_local_spec(spec) and not spec.startswith('hf-hub:') and not os.path.isfile(spec):
         _check_timm_name(spec)
     try:
         if os.path.isfile(spec):

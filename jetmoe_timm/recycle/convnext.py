@@ -61,7 +61,7 @@ def check(pred, succ) -> None:
     if not hasattr(blk.mlp, 'fc1') or blk.mlp.fc1.__class__.__name__ != 'Linear':
         raise ValueError('the predecessor keeps its MLPs as 1x1 convolutions (conv_mlp=True: timm\'s convnext_atto '
                          'to convnext_nano), which are not recycled: pass a ConvNeXt with Linear MLPs (convnext_tiny '
-                         'and wider, ConvNeXt-V2).')
+                         'and wider).')
     if len(pred.stages) != len(succ.stages):
         raise ValueError(f'predecessor has {len(pred.stages)} stages, the successor {len(succ.stages)}.')
     for s, (ps, ss) in enumerate(zip(pred.stages, succ.stages)):

@@ -8,6 +8,7 @@ scripts is shipped here.
 """
 import argparse
 import contextlib
+import difflib
 import functools
 import importlib.metadata
 import io
@@ -19,9 +20,10 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import timm
 import torch
 
-from .checks import check_model_kwargs, check_model_name
+from .checks import check_model_kwargs
 
 __all__ = ['SCRIPTS_ENV', 'find_timm_script', 'run_timm_script']
 
@@ -181,9 +183,15 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
                 f'(train.py and validate.py size the images from it).')
     model = getattr(args, 'model', None)
-    if model and ':' not in model:  # 'hf-hub:' / 'local-dir:' models are timm's to resolve
+    # 'hf-hub:' / 'local-dir:' models are timm's to resolve; validate.py also takes 'all', wildcards and a file of names
+    if model and ':' not in model and model != 'all' and not any(c in model for c in '*?[') \
+            and not os.path.isfile(model):
+        arch = model.partition('.')[0]
+        if not timm.is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+            return (f"Unknown model '{arch}'" + (f" (did you mean '{close[0]}'?)" if close else '') + ': pass a timm '
+                    f"model name (jetmoe_timm adds {', '.join(timm.list_models('*jetmoe*'))}).")
         try:
-            check_model_name(model)
             check_model_kwargs(model, getattr(args, 'model_kwargs', None) or {})
         except ValueError as e:
             return str(e)
@@ -193,7 +201,7 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
             return f"--{name.replace('_', '-')} {path} does not exist: pass an existing checkpoint file."
     device = str(getattr(args, 'device', None) or '')
     if device.startswith('cuda') and not torch.cuda.is_available():
-        return f'--device {device} (timm\'s default) needs a GPU, and torch sees none here: add --device cpu.'
+        return f'--device {device} (timm\'s default is cuda) needs a GPU, and torch sees none here: add --device cpu.'
     return None
 
 

@@ -31,10 +31,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
     def unrecognized(self, extra: List[str]):
-        """Refuse arguments none of this (sub)command's options take, naming the closest option."""
+        """Refuse arguments none of this (sub)command's options take, naming the closest option (or the positional
+        argument a flag was written for, as in '--out' for OUT)."""
         options = [o for a in self._actions for o in a.option_strings]
-        close = [difflib.get_close_matches(x.split('=')[0], options, n=1) for x in extra if x.startswith('-')]
-        hint = next((f"; did you mean '{c[0]}'?" for c in close if c), '')
+        positionals = {a.dest: (a.metavar or a.dest).upper() for a in self._actions if not a.option_strings}
+        hint = ''
+        for flag in (x.split('=')[0] for x in extra if x.startswith('-')):
+            if flag.lstrip('-').replace('-', '_') in positionals:
+                hint = f"; {positionals[flag.lstrip('-').replace('-', '_')]} is given without a flag"
+                break
+            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)  # 0.6 paired --bogus with --out
+            if close:
+                hint = f"; did you mean '{close[0]}'?"
+                break
         self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 from ..export import is_model_folder, read_provenance
 
-from ..recycle.engine import CALIB_SIZES, RECIPES
+from ..recycle.engine import CALIB_SIZES, RECIPES, RETENTION_IMAGES
 from ..recycle.selection import METHODS
 from ..recycle.stats import STATISTICS
 from .checks import check_model_kwargs, check_output_folder
@@ -81,10 +81,11 @@ def run(args) -> int:
                       progress=not args.no_progress, **options)
     kept = (read_provenance(Path(out) / 'model.safetensors').get('retention') if not args.from_official else None)
     if kept:
-        few = kept['images'] < 2 * kept.get('features', 0)  # CKA of few samples in many dimensions reads high
+        few = kept['images'] < kept.get('features', 0)  # CKA of fewer samples than dimensions reads high
+        more = f', or raise --num-calib (it uses up to {RETENTION_IMAGES})' if kept['images'] < RETENTION_IMAGES else ''
         print(f"retention: linear CKA with the predecessor's features {kept['cka']:.3f} (random init "
               f"{kept['cka_scratch']:.3f}) on {kept['images']} calibration images"
-              + (f"; fewer than twice the {kept['features']} feature dimensions, where CKA reads high for any "
-                 f"model: --num-calib 256 or more gives a telling figure" if few else ''))
+              + (f"; on fewer images than its {kept['features']} feature dimensions CKA reads high for any model: "
+                 f"read it against the random-init figure{more}" if few else ''))
     print(f"wrote {out}: load it with timm.create_model('local-dir:{out}', pretrained=True) after import jetmoe_timm")
     return 0

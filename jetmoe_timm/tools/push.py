@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--commit-message', default=None, metavar='MSG')
     p.add_argument('--endpoint', default=None, metavar='URL', help='Hub URL (default: HF_ENDPOINT or https://huggingface.co)')
     p.add_argument('--card-template', default=None, metavar='FILE',
-                   help='model card template (default: model_cards/<architecture>.md)')
+                   help='model card template (default: the family\'s model_cards/<family>.md, e.g. v_jetmoe.md)')
     g = p.add_argument_group('conversion (without --from; defaults as in `jetmoe-timm convert`)')
     g.add_argument('--out', default=None, metavar='DIR', help='folder to convert into (default: ./<repo name>)')
     add_convert_arguments(g, defaults=False)
