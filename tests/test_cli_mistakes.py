@@ -139,7 +139,8 @@ def _rows(d):
          "holds a dense 'vit_small_patch16_224', not a JetMoE model: convert it first"),
         (['inspect', 'v_jetmoe_tiny', str(d / 'image.png'), '--out', new, '--checkpoint',
           str(d / 'pred' / 'model.safetensors'), '--model-kwargs', *SUCC], 'It is a dense checkpoint: recycle it'),
-        (['convert', 'vit_small_patch16_224', '--out', new], 'is a dense model: make a JetMoE model (v_jetmoe_small, v_jetmoe_tiny)'),
+        (['convert', 'vit_small_patch16_224', '--out', new],
+         'is a dense model: make a JetMoE model (v_jetmoe_small, v_jetmoe_tiny)'),
         (['data', 'export', 'mnist', new], "argument dataset: invalid choice: 'mnist'"),
     ]
 

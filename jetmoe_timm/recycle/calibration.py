@@ -113,7 +113,8 @@ def _folder_images(listing: ImageListing, num_images: int, seed: int) -> Iterato
     if skipped:
         warnings.warn(f'{skipped} calibration image(s) could not be decoded and were skipped')
     if taken == 0:
-        raise ValueError(f"no image in '{listing.folder}' could be decoded: check the files, or use calib='synthetic' (--calib synthetic).")
+        raise ValueError(f"no image in '{listing.folder}' could be decoded: check the files, or use "
+                         f"calib='synthetic' (--calib synthetic).")
 
 
 def _batched(images, transform, batch_size: int, mode: str = 'RGB',
