@@ -52,7 +52,8 @@ def _rows(d):
     return [
         (['convert', 'v_jetmoe_huge', '--out', new], "Unknown model 'v_jetmoe_huge'"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dm=96'], "did you mean 'embed_dim'"),
-        (conv + ['--out', new, '--model-kwargs', 'embed_dim=x'], 'a value has the wrong type'),
+        (conv + ['--out', new, '--model-kwargs', 'embed_dim=x'], '--model-kwargs embed_dim=x: v_jetmoe_tiny takes a '
+                                                                 'number for embed_dim.'),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim'], 'not of the form key=value'),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=100'], 'do not make a v_jetmoe_tiny'),
         (conv + ['--out', str(d / 'a_file'), '--overwrite'], 'is a file: give a folder path'),

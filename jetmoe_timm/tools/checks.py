@@ -68,11 +68,18 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
     try:
         timm.create_model(arch, device='meta', **kwargs)
     except TypeError as e:
+        params = {name: p for cls in reversed(type(timm.create_model(arch, device='meta')).__mro__)
+                  for name, p in inspect.signature(cls.__init__).parameters.items()}
         bad = next((k for k in kwargs if f"'{k}'" in str(e)), None)
         if bad is None:
+            # a word where the model takes a number (ParseKwargs keeps what is no Python literal as a string)
+            words = [k for k, v in kwargs.items() if isinstance(v, str) and k in params
+                     and isinstance(params[k].default, (int, float)) and not isinstance(params[k].default, bool)]
+            if words:
+                k = words[0]
+                raise ValueError(f'--model-kwargs {k}={kwargs[k]}: {arch} takes a number for {k}.') from None
             raise ValueError(f'--model-kwargs {_kv(kwargs)}: a value has the wrong type ({e}).') from None
-        known = {p for cls in type(timm.create_model(arch, device='meta')).__mro__
-                 for p in inspect.signature(cls.__init__).parameters} - {'self', 'args', 'kwargs'}
+        known = set(params) - {'self', 'args', 'kwargs'}
         close = difflib.get_close_matches(bad, sorted(known), n=1)
         raise ValueError(f"--model-kwargs: {arch} takes no argument '{bad}'"
                          + (f"; did you mean '{close[0]}'?" if close else '.')) from None
