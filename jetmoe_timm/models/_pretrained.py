@@ -140,15 +140,11 @@ def _damage(path: str) -> Optional[str]:
     return None
 
 
-def _damaged_weights(problem: str) -> ValueError:
-    return ValueError(f'Refusing to load damaged weights: {problem}. Convert or download them again.')
-
-
 def refuse_damaged(path: str) -> None:
     """The one-line refusal of a weights file that must not be loaded (``_damage``), before anything is built."""
     problem = _damage(path)
     if problem is not None:
-        raise _damaged_weights(problem)
+        raise ValueError(f'Refusing to load damaged weights: {problem}. Convert or download them again.')
 
 
 def _given_weights(cfg, cache_dir: Optional[str] = None) -> Optional[str]:
@@ -253,10 +249,11 @@ def _hub_file(hf_hub_id: str, cache_dir: Optional[str], given: bool = False) -> 
     except Exception as e:  # not published, private, unreachable, a server error
         unavailable(_why(e))
         return None
+    if given:
+        refuse_damaged(path)
+        return path
     problem = _damage(path)
     if problem is not None:
-        if given:
-            raise _damaged_weights(problem)
         _logger.warning(f'The weights downloaded from {hf_hub_id} are damaged ({problem}); recycling locally.')
         return None
     return path

@@ -65,24 +65,23 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     if not timm.is_model(arch):
         raise ValueError(f"Unknown model '{arch}': pick one of {timm.list_models('*jetmoe*')} "
                          f"(and import jetmoe_timm first).")
+    full = f'{arch}.{tag}' if tag else next(
+        (n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES), None)
+    if full in RECYCLE_SOURCES:
+        return full, dict(RECYCLE_SOURCES[full])
+    # only a name that fails gets its model built (on the meta device) to say why: not every load
     if not is_jetmoe_model(arch):
         raise ValueError(_dense_model_problem(model_name))
     if not tag:
-        names = [n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES]
-        if not names:
-            raise ValueError(f"'{arch}' has no recycled pretrained tag.")
-        return names[0], dict(RECYCLE_SOURCES[names[0]])
-    full = f'{arch}.{tag}'
-    if full not in RECYCLE_SOURCES:
-        raise ValueError(f"'{full}' is not built by recycling; recycled tags: {sorted(RECYCLE_SOURCES)}.")
-    return full, dict(RECYCLE_SOURCES[full])
+        raise ValueError(f"'{arch}' has no recycled pretrained tag.")
+    raise ValueError(f"'{full}' is not built by recycling; recycled tags: {sorted(RECYCLE_SOURCES)}.")
 
 
 def _dense_model_problem(model_name: str) -> str:
     """A dense timm model named where a JetMoE model belongs: the JetMoE models recycled from its family, if any."""
     dense = type(timm.create_model(model_name.partition('.')[0], device='meta'))
-    into = [n for f in FAMILIES if issubclass(dense, f.predecessor_cls)
-            for n in timm.list_models('*jetmoe*') if type(timm.create_model(n, device='meta')) is f.model_cls]
+    into = sorted({tag.partition('.')[0] for f in FAMILIES if issubclass(dense, f.predecessor_cls)
+                   for tag in f.recycled_from})
     if not into:
         return f"'{model_name}' is a dense {dense.__name__}, which no JetMoE model is recycled from."
     return (f"'{model_name}' is a dense model: make a JetMoE model ({', '.join(into)}) from it with "

@@ -37,8 +37,9 @@ class OneLineParser(argparse.ArgumentParser):
         positionals = {a.dest: (a.metavar or a.dest).upper() for a in self._actions if not a.option_strings}
         hint = ''
         for flag in (x.split('=')[0] for x in extra if x.startswith('-')):
-            if flag.lstrip('-').replace('-', '_') in positionals:
-                hint = f"; {positionals[flag.lstrip('-').replace('-', '_')]} is given without a flag"
+            dest = flag.lstrip('-').replace('-', '_')
+            if dest in positionals:
+                hint = f'; {positionals[dest]} is given without a flag'
                 break
             close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)  # 0.6 paired --bogus with --out
             if close:
@@ -51,10 +52,10 @@ def _command_parser(parser: argparse.ArgumentParser, argv: List[str]) -> argpars
     """The innermost (sub)command parser that ``argv`` names ('jetmoe-timm data export ...' -> export's)."""
     while True:
         subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-        chosen = next((subs.choices[t] for t in argv if subs is not None and t in subs.choices), None)
-        if chosen is None:
+        i = next((i for i, t in enumerate(argv) if subs is not None and t in subs.choices), None)
+        if i is None:
             return parser
-        parser, argv = chosen, argv[argv.index(next(t for t in argv if t in subs.choices)) + 1:]
+        parser, argv = subs.choices[argv[i]], argv[i + 1:]
 
 
 def build_parser() -> argparse.ArgumentParser:
