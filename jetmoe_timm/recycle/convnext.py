@@ -16,8 +16,8 @@ from ..layers import SpheroMoE
 from ..models.convnext_jetmoe import RECYCLED_FROM, ConvNeXtJetMoE
 from .family import FamilySpec, check_activation
 from .rules import Rule, Take, expert_takes, plan_from_rules
-from .selection import METHODS, dense_neurons, make_generator, select_experts, top_k
-from .stats import Probe
+from .selection import METHODS, select_block_neurons, top_k
+from .stats import Probe, WeightStatistics, mlp_weight_importance
 
 
 def _blocks(model):
@@ -88,24 +88,14 @@ def probes(pred, succ, method: str):
     return out
 
 
-class WeightStats:
+class WeightStats(WeightStatistics):
     """Data-free statistics: |norm gain| per channel, |fc1 row| * |fc2 column| per hidden neuron."""
-
-    def __init__(self, pred):
-        self.pred = pred
-        self.num_images = 0
-        self.source = 'weights'
 
     def __getitem__(self, key) -> torch.Tensor:
         module, _ = key
-        blk = self.pred.get_submodule(module.rsplit('.', 2)[0] if module.endswith('mlp.act') else module.rsplit('.', 1)[0])
-        with torch.no_grad():
-            if module.endswith('.norm'):
-                return blk.norm.weight.double().abs()
-            return blk.mlp.fc1.weight.double().norm(dim=1) * blk.mlp.fc2.weight.double().norm(dim=0)
-
-    def coact(self, module):
-        raise ValueError("co-activation needs activation statistics: pass calibration images, not calib='weights'.")
+        if module.endswith('.norm'):
+            return self.pred.get_submodule(module).weight.detach().double().abs()
+        return mlp_weight_importance(self.pred.get_submodule(module.rsplit('.', 2)[0]).mlp)  # '{block}.mlp.act'
 
 
 def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: str) -> Dict[str, torch.Tensor]:
@@ -115,17 +105,9 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
         score = torch.stack([stats[f'{n}.norm', statistic] for n in names]).mean(0)
         sel[f'stage{s}.channels'] = top_k(score, succ.feature_info[s]['num_chs'])
     for s, b, name, blk in _blocks(succ):
-        importance = stats[f'{name}.mlp.act', statistic]
-        if not isinstance(blk.mlp, SpheroMoE):
-            sel[f'{name}.mlp'] = dense_neurons(method, blk.mlp.fc1.out_features, importance,
-                                               make_generator(seed, 'mlp', name))
-            continue
-        core, univ, parts = select_experts(blk.mlp, importance, method, seed, name,
-                                           lambda: stats.coact(f'{name}.mlp.act'))
-        if parts is not None:
-            sel[f'{name}.graph_parts'] = parts
-        sel[f'{name}.core_neurons'] = core
-        sel[f'{name}.univ_neurons'] = univ
+        neurons = select_block_neurons(blk.mlp, stats[f'{name}.mlp.act', statistic], method, seed, name,
+                                       lambda: stats.coact(f'{name}.mlp.act'))
+        sel.update({f'{name}.{k}': v for k, v in neurons.items()})
     return sel
 
 

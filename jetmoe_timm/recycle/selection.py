@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ['METHODS', 'Method', 'NUM_GRAPH_PARTS', 'select_experts', 'make_generator', 'weighted_order',
+__all__ = ['METHODS', 'Method', 'NUM_GRAPH_PARTS', 'select_block_neurons', 'make_generator', 'weighted_order',
            'weighted_sample', 'top_k', 'uniform_indices', 'select_neurons', 'partition_graph']
 
 NUM_GRAPH_PARTS = 32  # METIS parts of a co-activation graph, as the official tool
@@ -193,19 +193,25 @@ def dense_neurons(method: str, k: int, importance: torch.Tensor, generator: torc
     return select_neurons(METHODS[method].dense_method or method, 1, k, importance, generator)[0]
 
 
-def select_experts(moe, importance: torch.Tensor, method: str, seed: int, layer, coact_fn):
-    """Neurons of every core and universal expert of one SpheroMoE layer, recycled from one dense MLP.
-
-    Returns (core (E_core, h_core), univ (E_univ, h_univ), graph parts or None). ``coact_fn`` is called
-    (only for methods that need co-activation) to get the MLP's co-activation counts.
-    """
+def select_block_neurons(mlp, importance: torch.Tensor, method: str, seed: int, layer,
+                         coact_fn: Callable[[], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The hidden neurons one successor block takes from its predecessor block's dense MLP (statistics
+    ``importance``, (hidden,)), by what they are: a dense MLP's ``{'mlp': (h,)}``; a SpheroMoE layer's
+    ``{'graph_parts': (hidden,)}`` (graph method only), ``'core_neurons'`` (E_core, h_core) and ``'univ_neurons'``
+    (E_univ, h_univ). ``layer`` names the block's generators; ``coact_fn`` is called only for methods that need the
+    MLP's co-activation counts."""
+    if not hasattr(mlp, 'num_core_experts'):  # a dense MLP
+        return {'mlp': dense_neurons(method, mlp.fc1.out_features, importance, make_generator(seed, 'mlp', layer))}
+    out = {}
     coact = parts = None
     if METHODS[method].needs_coactivation:
         coact = coact_fn()
-        parts = partition_graph(coact, NUM_GRAPH_PARTS)
-    core = select_neurons(method, moe.num_core_experts, moe.core_hidden, importance,
+        out['graph_parts'] = parts = partition_graph(coact, NUM_GRAPH_PARTS)
+    core = select_neurons(method, mlp.num_core_experts, mlp.core_hidden, importance,
                           make_generator(seed, 'core', layer), coact=coact, parts=parts)
     pool = core[0] if METHODS[method].univ_from_core and core.numel() else None
-    univ = select_neurons(method, moe.num_univ_experts, moe.univ_hidden, importance,
-                          make_generator(seed, 'univ', layer), coact=coact, parts=parts, copy_pool=pool)
-    return core, univ, parts
+    out['core_neurons'] = core
+    out['univ_neurons'] = select_neurons(method, mlp.num_univ_experts, mlp.univ_hidden, importance,
+                                         make_generator(seed, 'univ', layer), coact=coact, parts=parts,
+                                         copy_pool=pool)
+    return out

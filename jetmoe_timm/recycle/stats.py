@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-__all__ = ['STATISTICS', 'Probe', 'ActivationStats', 'collect_statistics']
+__all__ = ['STATISTICS', 'Probe', 'ActivationStats', 'WeightStatistics', 'mlp_weight_importance',
+           'collect_statistics']
 
 STATISTICS = ('l2', 'l1', 'freq')
 _ROWS = 1024  # activation rows (positions) reduced at a time
@@ -79,6 +80,26 @@ class ActivationStats:
         if c is None:
             raise KeyError(f'no co-activation was collected for {module}')
         return c
+
+
+class WeightStatistics:
+    """Data-free statistics read off the predecessor's weights (``calib='weights'``), in float64: each family's
+    subclass answers ``stats[module, statistic]`` for its probes from the weights alone (any statistic gives the same
+    score). No co-activation."""
+    num_images = 0
+    source = 'weights'
+
+    def __init__(self, pred: nn.Module):
+        self.pred = pred
+
+    def coact(self, module: str) -> torch.Tensor:
+        raise ValueError("co-activation needs activation statistics: pass calibration images, not calib='weights'.")
+
+
+@torch.no_grad()
+def mlp_weight_importance(mlp: nn.Module) -> torch.Tensor:
+    """|fc1 row| * |fc2 column| per hidden neuron of a dense MLP: (hidden,) float64."""
+    return mlp.fc1.weight.double().norm(dim=1) * mlp.fc2.weight.double().norm(dim=0)
 
 
 @torch.no_grad()

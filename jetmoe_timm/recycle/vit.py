@@ -18,8 +18,8 @@ from ..layers import SpheroMoE
 from ..models.vit_jetmoe import RECYCLED_FROM, VisionTransformerJetMoE
 from .family import FamilySpec, check_activation
 from .rules import Rule, Take, expert_takes, plan_from_rules
-from .selection import METHODS, dense_neurons, make_generator, select_experts, select_neurons, top_k
-from .stats import Probe
+from .selection import METHODS, make_generator, select_block_neurons, select_neurons, top_k
+from .stats import Probe, WeightStatistics, mlp_weight_importance
 
 
 # layer scale (DeiT-3, DINOv2, CaiT-style ``ls1`` / ``ls2``) -> the linear whose output it scales; folded into that
@@ -158,19 +158,13 @@ def probes(pred, succ, method: str):
     return out
 
 
-class WeightStats:
-    """Data-free statistics from the predecessor's weights: |norm2 gain|, and for each hidden neuron or
-    attention dim the product of its input and output weight norms. No co-activation."""
-
-    def __init__(self, pred):
-        self.pred = pred
-        self.num_images = 0
-        self.source = 'weights'
+class WeightStats(WeightStatistics):
+    """Data-free statistics: |norm2 gain| per channel, and for each attention dim or hidden neuron the product of
+    its input and output weight norms."""
 
     def __getitem__(self, key) -> torch.Tensor:
         module, _ = key
-        i = int(module.split('.')[1])
-        blk = self.pred.blocks[i]
+        blk = self.pred.blocks[int(module.split('.')[1])]
         with torch.no_grad():
             if module.endswith('norm2'):
                 return blk.norm2.weight.double().abs()
@@ -178,11 +172,8 @@ class WeightStats:
                 return blk.attn.proj.weight.double().norm(dim=0) * blk.attn.qkv.weight.double().view(
                     3, -1, blk.attn.qkv.weight.shape[-1])[2].norm(dim=1)
             if module.endswith('mlp.act'):
-                return blk.mlp.fc1.weight.double().norm(dim=1) * blk.mlp.fc2.weight.double().norm(dim=0)
+                return mlp_weight_importance(blk.mlp)
         raise KeyError(module)
-
-    def coact(self, module):
-        raise ValueError("co-activation needs activation statistics: pass calibration images, not calib='weights'.")
 
 
 def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: str) -> Dict[str, torch.Tensor]:
@@ -203,20 +194,11 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
         sel[f'blocks.{i}.heads'] = heads
         sel[f'blocks.{i}.attn_dims'] = (heads[:, None] * hd + within[None, :]).flatten()
 
-        importance = stats[f'blocks.{i}.mlp.act', statistic]
+        neurons = select_block_neurons(succ.blocks[i].mlp, stats[f'blocks.{i}.mlp.act', statistic], method, seed, i,
+                                       lambda: stats.coact(f'blocks.{i}.mlp.act'))
+        sel.update({f'blocks.{i}.{k}': v for k, v in neurons.items()})
         moe = _moe(succ, i)
-        if moe is None:
-            width = succ.blocks[i].mlp.fc1.out_features
-            g = make_generator(seed, 'mlp', i)
-            sel[f'blocks.{i}.mlp'] = dense_neurons(method, width, importance, g)
-            continue
-        core, univ, parts = select_experts(moe, importance, method, seed, i,
-                                           lambda: stats.coact(f'blocks.{i}.mlp.act'))
-        if parts is not None:
-            sel[f'blocks.{i}.graph_parts'] = parts
-        sel[f'blocks.{i}.core_neurons'] = core
-        sel[f'blocks.{i}.univ_neurons'] = univ
-        if recipe == 'official':
+        if moe is not None and recipe == 'official':
             # each expert also samples its own input / output channels, as the official tool does
             ch_importance = stats[f'blocks.{i}.norm2', statistic]
             ch_method = METHODS[method].dense_method or method  # channels have no co-activation graph
