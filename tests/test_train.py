@@ -204,6 +204,45 @@ def test_launcher_forwards_arguments(tmp_path, monkeypatch):
     assert json.loads(result.read_text())['argv'][1:] == ['--model', 'x', str(result)]
 
 
+@pytest.mark.skipif(sys.platform != 'linux', reason="glibc's malloc settings: Linux only")
+def test_train_launcher_keeps_freed_memory_for_cpu_training(tmp_path):
+    """The train command on the CPU tells glibc to keep freed memory (no per-tensor mmap, no trim), unless the user
+    chose an allocator or JETMOE_TIMM_ALLOCATOR=default; a 256 MB tensor freed then stays resident."""
+    scripts = tmp_path / 'scripts'
+    scripts.mkdir()
+    (scripts / 'train.py').write_text(textwrap.dedent('''
+        import argparse, json, sys, torch
+        parser = argparse.ArgumentParser()
+        parser.add_argument('out')
+        parser.add_argument('--device', default='cuda')
+        def rss_mb():
+            with open('/proc/self/status') as f:
+                return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmRSS:'))
+        if __name__ == '__main__':
+            args = parser.parse_args()
+            base = rss_mb()
+            t = torch.ones(64, 2 ** 20)  # 256 MB
+            del t
+            json.dump(dict(kept_mb=rss_mb() - base), open(args.out, 'w'))
+    '''))
+
+    def kept_mb(*args, **env):
+        out = tmp_path / 'out.json'
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'LD_PRELOAD'
+                   and k != _scripts.ALLOCATOR_ENV}
+        proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), str(out),
+                               *args], env={**run_env, **env}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(out.read_text())['kept_mb'], proc.stderr
+
+    kept, err = kept_mb('--device', 'cpu')
+    assert kept > 200 and f'{_scripts.ALLOCATOR_ENV}=default turns this off' in err
+    kept, err = kept_mb('--device', 'cpu', **{_scripts.ALLOCATOR_ENV: 'default'})
+    assert kept < 50 and 'keeps freed memory' not in err
+    kept, err = kept_mb('--device', 'cpu', MALLOC_ARENA_MAX='4')  # the user's own malloc settings win
+    assert kept < 50 and 'keeps freed memory' not in err
+
+
 def test_launcher_missing_scripts(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(_scripts.SCRIPTS_ENV, raising=False)
     assert jetmoe_timm.train.main(['DATA', '--model', 'v_jetmoe_tiny']) == 2
