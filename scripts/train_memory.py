@@ -3,14 +3,17 @@
 Each run is a fresh `python -m jetmoe_timm.train` process (timm's train.py, CPU) on a small synthetic image folder,
 one epoch of a few steps, without validation; reported: the process's peak RSS (the kernel's ru_maxrss for that
 child, so the loader, the weights, their gradients, the optimizer state, the activations and what the allocator
-keeps all count) and the median step time train.py logs (data loading included, the first step left out). Optimizers: fused AdamW (`adamw`), and the memory-lean option of docs/training.md (`adafactor`, timm's
-Adafactor with `scale_parameter=False`). Random init (no --pretrained): the weights' memory is the same.
+keeps all count) and the median step time train.py logs (data loading included, the first step left out).
+Optimizers: `adamw` (fused: `--opt-kwargs fused=True`), timm's `adafactor`, and the memory-lean option of
+docs/training.md, `adafactorlean` (the same update without parameter-sized temporaries, jetmoe_timm.optim).
+Random init (no --pretrained): the weights' memory is the same.
 
     JETMOE_TIMM_SCRIPTS=DIR python scripts/train_memory.py [--models v_jetmoe_small c_jetmoe_tiny]
-        [--optimizers adafactor adamw] [--batch-size 16] [--steps 3] [--amp] [--allocators launcher glibc]
+        [--optimizers adafactorlean adafactor adamw] [--batch-size 16] [--steps 3] [--amp]
+        [--allocators launcher glibc] [--rounds 1] [--out FILE.json]
 
-`--allocators launcher glibc` runs every configuration both ways, alternating: as the launcher runs CPU training (glibc
-told to keep freed memory, `jetmoe_timm.tools._scripts.keep_freed_memory`), and with glibc's malloc as it is
+`--allocators launcher glibc` runs every configuration both ways, alternating: as the launcher runs CPU training
+(glibc told to keep freed memory, `jetmoe_timm.tools._scripts.keep_freed_memory`), and with glibc's malloc as it is
 (`JETMOE_TIMM_ALLOCATOR=default`).
 """
 import argparse
@@ -45,8 +48,8 @@ def run_once(data: Path, model: str, optimizer: str, batch: int, amp: bool, scri
            '--num-classes', '4', '--device', 'cpu', '-b', str(batch), '--opt', optimizer, '--lr', '1e-4',
            '--warmup-epochs', '0', '--epochs', '1', '-j', '0', '--log-interval', '1', '--val-split', '',
            '--output', str(data / 'runs'), '--experiment', f'{model}-{optimizer}', '--checkpoint-hist', '1']
-    if optimizer == 'adafactor':
-        cmd += ['--opt-kwargs', 'scale_parameter=False']
+    if optimizer == 'adamw':
+        cmd += ['--opt-kwargs', 'fused=True']
     if amp:
         cmd += ['--amp', '--amp-dtype', 'bfloat16']
     env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'JETMOE_TIMM_ALLOCATOR'}
@@ -69,7 +72,8 @@ def run_once(data: Path, model: str, optimizer: str, batch: int, amp: bool, scri
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[1])
     ap.add_argument('--models', nargs='+', default=['v_jetmoe_small', 'c_jetmoe_tiny'])
-    ap.add_argument('--optimizers', nargs='+', default=['adafactor'], choices=['adafactor', 'adamw'])
+    ap.add_argument('--optimizers', nargs='+', default=['adafactorlean'],
+                    choices=['adafactorlean', 'adafactor', 'adamw'])
     ap.add_argument('--batch-size', type=int, default=16)
     ap.add_argument('--steps', type=int, default=3, help='training steps (the epoch of the synthetic folder)')
     ap.add_argument('--amp', action='store_true', help='bf16 autocast (train.py --amp --amp-dtype bfloat16)')

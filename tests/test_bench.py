@@ -38,16 +38,16 @@ def test_run_benchmark_rows_and_json(tmp_path, monkeypatch):
                      ('forward+backward', 'SpheroMoE kept grads')}
     assert all(r['x_floor'] == 1 for r in result['layer'] if r['candidate'].startswith('floor'))
     # training-step memory: fused AdamW keeps two float32 moments per parameter (plus tiny step counters); the
-    # lean option (Adafactor) only row and column second moments of each matrix (experts: (E, d) and (E, h))
+    # lean option (AdafactorLean) only row and column second moments of each matrix (experts: (E, d) and (E, h))
     # one row per model, optimizer and training precision (float32 weights; bf16 is autocast over them), and for the
     # JetMoE model one per optimizer with the opt-in kept gradient memory (float32), whose buffers it counts
     assert sorted((r['model'], r['optimizer'], r['precision'], r['kept_grads']) for r in result['memory']) == sorted(
-        [(m, o, p, False) for m in ('v_jetmoe_tiny', 'vit_tiny_patch16_224') for o in ('adamw', 'adafactor')
-         for p in ('float32', 'bf16')] + [('v_jetmoe_tiny', o, 'float32', True) for o in ('adamw', 'adafactor')])
+        [(m, o, p, False) for m in ('v_jetmoe_tiny', 'vit_tiny_patch16_224') for o in ('adamw', 'adafactorlean')
+         for p in ('float32', 'bf16')] + [('v_jetmoe_tiny', o, 'float32', True) for o in ('adamw', 'adafactorlean')])
     from jetmoe_timm.layers import ExpertLinear
     expert_grads_gb = sum(m.weight.numel() * 4 for m in bench._build(
         TINY_PAIR.model, TINY_PAIR.model_kwargs, torch.device('meta')).modules() if isinstance(m, ExpertLinear)) / 2 ** 30
-    for o in ('adamw', 'adafactor'):
+    for o in ('adamw', 'adafactorlean'):
         plain, kept = (next(r for r in result['memory'] if r['model'] == 'v_jetmoe_tiny' and r['optimizer'] == o
                             and r['precision'] == 'float32' and r['kept_grads'] == k) for k in (False, True))
         # the buffers are counted once, all through the step: they cost at most their own size over the plain step

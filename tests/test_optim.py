@@ -1,0 +1,119 @@
+"""AdafactorLean: timm's Adafactor update, computed in slices, registered with timm's optimizer factory."""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from timm.optim import Adafactor, create_optimizer_v2
+from torch.profiler import ProfilerActivity, profile
+
+import jetmoe_timm.optim
+from jetmoe_timm.optim import AdafactorLean
+
+
+class _AccurateAdafactor(Adafactor):
+    """timm's Adafactor with the clipping RMS accumulated in float64: timm's float32 norm is off by up to ~1e-3
+    relative on tensors of millions of elements, AdafactorLean's per-slice sums added as doubles are not;
+    everything else is timm's."""
+
+    @staticmethod
+    def _rms(tensor):
+        return (tensor.double().square().sum() / tensor.numel()).sqrt().to(tensor.dtype)
+
+
+# every factoring timm chooses: experts (E, in, out) with E > 16 -> dims (0, 1); E <= 16 -> (1, 2); a matrix; a conv
+# (out, in, kh, kw) -> (0, 1); and unfactored tensors (vectors, small matrices)
+SHAPES = [(20, 24, 40), (8, 24, 40), (40, 24), (32, 20, 3, 3), (40,), (8, 8)]
+
+
+def _params(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in SHAPES]
+
+
+@pytest.mark.parametrize('weight_decay', [0., 0.05])
+@pytest.mark.parametrize('slice_bytes', [64, 1 << 22])  # many slices (a row or a few each), or one
+def test_same_update_as_timm(monkeypatch, weight_decay, slice_bytes):
+    monkeypatch.setattr(jetmoe_timm.optim, '_SLICE_BYTES', slice_bytes)
+    ref, lean = _params(0), _params(0)
+    opt_ref = _AccurateAdafactor(ref, lr=1e-2, weight_decay=weight_decay)
+    opt_lean = AdafactorLean(lean, lr=1e-2, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        for a, b in zip(ref, lean):
+            # gradients of growing size: the last steps are clipped (update RMS > clip_threshold), the first not
+            a.grad = torch.randn(a.shape, generator=g) * 10. ** (step - 2)
+            b.grad = a.grad.clone()
+        before = [p.detach().clone() for p in ref]
+        opt_ref.step()
+        opt_lean.step()
+        for a, b, p0 in zip(ref, lean, before):
+            torch.testing.assert_close(b - p0, a - p0, rtol=1e-5, atol=1e-8)  # atol: an ulp of the weights
+            b.data.copy_(a)  # each step compared from the same weights
+    for sr, sl in zip(opt_ref.state.values(), opt_lean.state.values()):
+        assert sr.keys() == sl.keys()  # timm's state, key for key: checkpoints move between the two
+        for k in ('exp_avg_sq_row', 'exp_avg_sq_col', 'exp_avg_sq'):
+            if k in sr:
+                torch.testing.assert_close(sl[k], sr[k], rtol=1e-5, atol=0)
+        assert sl['step'] == sr['step'] == 4
+
+
+def test_allocates_nothing_parameter_sized():
+    """The point of the class: no temporary the size of a large parameter (timm's step makes several)."""
+    p = torch.nn.Parameter(torch.randn(64, 128, 256) * 0.02)  # 8 MB
+    p.grad = torch.randn_like(p)
+    largest = {}
+    for name, cls in (('timm', Adafactor), ('lean', AdafactorLean)):
+        q = copy.deepcopy(p)
+        q.grad = p.grad.clone()
+        opt = cls([q], lr=1e-3, weight_decay=0.05)
+        opt.step()  # the state exists
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            opt.step()
+        largest[name] = max(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
+    size = p.numel() * 4
+    assert largest['timm'] >= size and largest['lean'] <= 8 << 20 and largest['lean'] < size
+
+
+def test_other_options_run_timms_step():
+    """A first moment (betas), lr=None's relative step and bf16 weights are timm's own update, exactly."""
+    for kwargs, dtype in ((dict(lr=1e-2, betas=(0.9, 0.999)), torch.float32), (dict(lr=None), torch.float32),
+                          (dict(lr=1e-2), torch.bfloat16)):
+        ref, lean = _params(0), _params(0)
+        for a, b in zip(ref, lean):
+            a.data = a.data.to(dtype)
+            b.data = b.data.to(dtype)
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        Adafactor(ref, **kwargs).step()
+        AdafactorLean(lean, **kwargs).step()
+        assert all(torch.equal(a, b) for a, b in zip(ref, lean)), kwargs
+
+
+def test_registered_with_timm(tiny_vit_kwargs):
+    model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs)
+    opt = create_optimizer_v2(model, 'adafactorlean', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    assert type(opt) is AdafactorLean and len(opt.param_groups) > 2  # timm's weight decay and layer-decay groups
+    x = torch.randn(2, 3, tiny_vit_kwargs['img_size'], tiny_vit_kwargs['img_size'])
+    experts = model.blocks[-1].mlp.core_experts.fc1.weight
+    before = experts.detach().clone()
+    model(x).logsumexp(-1).mean().backward()
+    opt.step()
+    assert not torch.equal(experts, before) and math.isfinite(experts.sum().item())
+    assert 'adafactorlean' in timm.optim.list_optimizers()
+
+
+def test_step_hooks_run_once_on_timms_path():
+    """The fallback runs timm's step body, not its hook wrapper a second time."""
+    Adafactor(_params(0), lr=1e-2)  # an Adafactor made first: torch wraps Adafactor.step with its hook runner too
+    calls = []
+    for kwargs in (dict(lr=1e-2), dict(lr=1e-2, betas=(0.9, 0.999))):  # the sliced path, then timm's
+        params = _params(0)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt = AdafactorLean(params, **kwargs)
+        opt.register_step_pre_hook(lambda *a: calls.append('pre'))
+        opt.register_step_post_hook(lambda *a: calls.append('post'))
+        opt.step()
+    assert calls == ['pre', 'post'] * 2
