@@ -433,11 +433,16 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
              f'--pretrained-path {missing} does not exist'),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--resume', str(missing), *cpu],
              f'--resume {missing} does not exist'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactor_lean', *cpu],
+             "Unknown optimizer 'adafactor_lean' (did you mean 'adafactorlean'?)"),
             (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--checkpoint', str(missing), *cpu],
              f'--checkpoint {missing} does not exist')):
         assert main([str(tiny_data), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err
+    for opt in ('adafactorlean', 'lookahead_adafactorlean', 'AdamW'):  # timm's factory reads these
+        assert _argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', opt,
+                                                         *cpu])) is None, opt
     # what the checks leave to the scripts: validate.py's bulk runs ('all', wildcards, a file of names), hub models
     validate_py = Path(SCRIPTS, 'validate.py')
     names = tmp_path / 'models.txt'

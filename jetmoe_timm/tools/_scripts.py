@@ -199,8 +199,8 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
     """What would fail late, said before anything runs: an image folder that is not there (found only after the
     model is built, which may mean recycling it), and ``--model-kwargs img_size=N`` without ``--img-size N``
     (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
-    fails after the first batch); an unknown model or model kwarg, a checkpoint file that is not there, and the
-    scripts' default ``--device cuda`` where torch sees no GPU (each a traceback from inside the script)."""
+    fails after the first batch); an unknown model, model kwarg or optimizer, a checkpoint file that is not there,
+    and the scripts' default ``--device cuda`` where torch sees no GPU (each a traceback from inside the script)."""
     if args is None:
         return None
     root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
@@ -224,6 +224,11 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
             check_model_kwargs(model, getattr(args, 'model_kwargs', None) or {})
         except ValueError as e:
             return str(e)
+    opt = getattr(args, 'opt', None)  # train.py: timm's factory reads 'lookahead_NAME' and the part after the last '_'
+    if isinstance(opt, str) and opt.lower().split('_')[-1] not in timm.optim.list_optimizers():
+        close = difflib.get_close_matches(opt.lower(), timm.optim.list_optimizers(), n=1)
+        return (f"Unknown optimizer '{opt}'" + (f" (did you mean '{close[0]}'?)" if close else '') + ': pass a name '
+                "from timm.optim.list_optimizers() (the memory-lean one for JetMoE models: adafactorlean).")
     for name in _FILE_ARGS:
         path = getattr(args, name, None)
         if path and not os.path.exists(path):
