@@ -125,8 +125,9 @@ class AdafactorLean(Adafactor):
 
 def register_optimizers() -> None:
     """Register ``adafactorlean`` with timm's optimizer factory (``create_optimizer_v2``, train.py ``--opt``)."""
-    from timm.optim._optim_factory import OptimInfo, default_registry
-    if 'adafactorlean' not in default_registry._optimizers:
+    from timm.optim import OptimInfo, list_optimizers
+    from timm.optim._optim_factory import default_registry  # the factory's registry: timm exports no register()
+    if 'adafactorlean' not in list_optimizers():
         default_registry.register(OptimInfo(
             name='adafactorlean', opt_class=AdafactorLean, has_betas=True,
             description="timm's Adafactor computed without parameter-sized temporaries (jetmoe_timm)"))
