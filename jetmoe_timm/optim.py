@@ -7,8 +7,9 @@ its step over V-JetMoE-T's 0.99 GB of weights takes 0.9-1.3 s against 0.11 s for
 section 7).
 
 ``AdafactorLean`` computes the same update (timm's defaults: no first moment, an external learning rate) reading
-each large parameter in slices along its first dimension, so its temporaries are a few MB and stay in cache:
-three reads of the gradient and one pass over the weight, nothing allocated at the parameter's size. That is a
+each large parameter in slices of about 4 MB along its first dimension, so its temporaries stay in cache: three
+reads of the gradient and one pass over the weight, nothing allocated at the size of an expert group (a
+parameter whose first dimension is short, e.g. (1, 1024, 2048), still gets slices of one row). That is a
 CPU fix: on a GPU the caching allocator already reuses timm's temporaries, so GPU parameters take timm's own step,
 and so does anything else it does not cover (a first moment, ``lr=None``'s relative step, cautious updates,
 low-precision or sparse gradients). The state is timm's, key for key: checkpoints move between ``adafactor``
@@ -79,6 +80,8 @@ class AdafactorLean(Adafactor):
                 state['exp_avg_sq'] = torch.zeros_like(grad)
             state['RMS'] = 0
         state['step'] += 1
+        if grad.numel() == 0:  # nothing to update (timm's step changes nothing either)
+            return
         # state['RMS'] (the weight's RMS) only scales lr=None's relative step, which takes timm's own path
         lr, eps, clip, wd = group['lr'], group['eps'], group['clip_threshold'], group['weight_decay']
         beta2t = 1.0 - math.pow(state['step'], group['decay_rate'])

@@ -4,12 +4,13 @@ Each run is a fresh `python -m jetmoe_timm.train` process (timm's train.py, CPU)
 one epoch of a few steps, without validation; reported: the process's peak RSS (the kernel's ru_maxrss for that
 child, so the loader, the weights, their gradients, the optimizer state, the activations and what the allocator
 keeps all count) and the median step time train.py logs (data loading included, the first step left out).
-Optimizers: `adamw` (fused: `--opt-kwargs fused=True`), timm's `adafactor`, and the memory-lean option of
-docs/training.md, `adafactorlean` (the same update without parameter-sized temporaries, jetmoe_timm.optim).
+Optimizers: `adamw` (train.py's default AdamW: torch's single-tensor loop on the CPU), `adamw-fused` (`--opt-kwargs
+fused=True`), timm's `adafactor`, and the memory-lean option of docs/training.md, `adafactorlean` (the same update
+without parameter-sized temporaries, jetmoe_timm.optim).
 Random init (no --pretrained): the weights' memory is the same.
 
     JETMOE_TIMM_SCRIPTS=DIR python scripts/train_memory.py [--models v_jetmoe_small c_jetmoe_tiny]
-        [--optimizers adafactorlean adafactor adamw] [--batch-size 16] [--steps 3] [--amp]
+        [--optimizers adafactorlean adafactor adamw adamw-fused] [--batch-size 16] [--steps 3] [--amp]
         [--allocators launcher glibc] [--rounds 1] [--out FILE.json]
 
 `--allocators launcher glibc` runs every configuration both ways, alternating: as the launcher runs CPU training
@@ -31,6 +32,9 @@ import numpy as np
 from PIL import Image
 
 ALLOCATORS = {'launcher': {}, 'glibc': {'JETMOE_TIMM_ALLOCATOR': 'default'}}
+# --opt and its kwargs per optimizer name
+OPTIMIZERS = {'adafactorlean': ['--opt', 'adafactorlean'], 'adafactor': ['--opt', 'adafactor'],
+              'adamw': ['--opt', 'adamw'], 'adamw-fused': ['--opt', 'adamw', '--opt-kwargs', 'fused=True']}
 
 
 def synthetic_folder(root: Path, images: int, classes: int = 4) -> None:
@@ -45,14 +49,14 @@ def synthetic_folder(root: Path, images: int, classes: int = 4) -> None:
 def run_once(data: Path, model: str, optimizer: str, batch: int, amp: bool, scripts: str,
              allocator: str = 'launcher') -> dict:
     cmd = [sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', scripts, str(data), '--model', model,
-           '--num-classes', '4', '--device', 'cpu', '-b', str(batch), '--opt', optimizer, '--lr', '1e-4',
+           '--num-classes', '4', '--device', 'cpu', '-b', str(batch), *OPTIMIZERS[optimizer], '--lr', '1e-4',
            '--warmup-epochs', '0', '--epochs', '1', '-j', '0', '--log-interval', '1', '--val-split', '',
            '--output', str(data / 'runs'), '--experiment', f'{model}-{optimizer}', '--checkpoint-hist', '1']
-    if optimizer == 'adamw':
-        cmd += ['--opt-kwargs', 'fused=True']
     if amp:
         cmd += ['--amp', '--amp-dtype', 'bfloat16']
-    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'JETMOE_TIMM_ALLOCATOR'}
+    # the user's own malloc settings would silently turn the launcher's off: each candidate gets only its own
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith('MALLOC_') and k not in ('JETMOE_TIMM_ALLOCATOR', 'LD_PRELOAD', 'GLIBC_TUNABLES')}
     env.update(ALLOCATORS[allocator])
     row = dict(model=model, optimizer=optimizer, batch=batch, amp=amp, allocator=allocator)
     t0 = time.perf_counter()
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[1])
     ap.add_argument('--models', nargs='+', default=['v_jetmoe_small', 'c_jetmoe_tiny'])
     ap.add_argument('--optimizers', nargs='+', default=['adafactorlean'],
-                    choices=['adafactorlean', 'adafactor', 'adamw'])
+                    choices=list(OPTIMIZERS))
     ap.add_argument('--batch-size', type=int, default=16)
     ap.add_argument('--steps', type=int, default=3, help='training steps (the epoch of the synthetic folder)')
     ap.add_argument('--amp', action='store_true', help='bf16 autocast (train.py --amp --amp-dtype bfloat16)')

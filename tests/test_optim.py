@@ -24,7 +24,7 @@ class _AccurateAdafactor(Adafactor):
 
 # every factoring timm chooses: experts (E, in, out) with E > 16 -> dims (0, 1); E <= 16 -> (1, 2); a matrix; a conv
 # (out, in, kh, kw) -> (0, 1); and unfactored tensors (vectors, small matrices)
-SHAPES = [(20, 24, 40), (8, 24, 40), (40, 24), (32, 20, 3, 3), (40,), (8, 8)]
+SHAPES = [(20, 24, 40), (8, 24, 40), (40, 24), (32, 20, 3, 3), (40,), (8, 8), (0, 24, 40)]  # and an empty one
 
 
 def _params(seed):

@@ -30,7 +30,7 @@ from .checks import check_model_kwargs
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
 
 SCRIPTS_ENV = 'JETMOE_TIMM_SCRIPTS'
-ALLOCATOR_ENV = 'JETMOE_TIMM_ALLOCATOR'  # 'default': the train launcher leaves glibc's malloc as it is
+ALLOCATOR_ENV = 'JETMOE_TIMM_ALLOCATOR'  # 'default' (or 'off'): the train launcher leaves glibc's malloc as it is
 _SCRIPTS_OPT = '--timm-scripts'
 _TIMM_REPO = 'https://github.com/huggingface/pytorch-image-models'
 
@@ -129,8 +129,8 @@ def keep_freed_memory() -> Optional[str]:
     that trains: the train launcher calls it for CPU runs. Returns why it did nothing (another libc, or the user
     chose an allocator), else None.
     """
-    if os.environ.get(ALLOCATOR_ENV, '') == 'default':
-        return f'{ALLOCATOR_ENV}=default'
+    if os.environ.get(ALLOCATOR_ENV, '').lower() in ('default', 'off'):
+        return f'{ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]}'
     chosen = [k for k in os.environ if k.startswith('MALLOC_') or k == 'LD_PRELOAD' and os.environ[k]
               or k == 'GLIBC_TUNABLES' and 'malloc' in os.environ[k]]
     if chosen:
