@@ -6,7 +6,8 @@ child, so the loader, the weights, their gradients, the optimizer state, the act
 keeps all count) and the median step time train.py logs (data loading included, the first step left out).
 Optimizers: `adamw` (train.py's default AdamW: torch's single-tensor loop on the CPU), `adamw-fused` (`--opt-kwargs
 fused=True`), timm's `adafactor`, and the memory-lean option of docs/training.md, `adafactorlean` (the same update
-without parameter-sized temporaries, jetmoe_timm.optim).
+without parameter-sized temporaries, jetmoe_timm.optim), also with `step_in_backward=True`
+(`adafactorlean-in-backward`: each weight updated and its gradient freed during backward).
 Random init (no --pretrained): the weights' memory is the same.
 
     JETMOE_TIMM_SCRIPTS=DIR python scripts/train_memory.py [--models v_jetmoe_small c_jetmoe_tiny]
@@ -34,6 +35,7 @@ from PIL import Image
 ALLOCATORS = {'launcher': {}, 'glibc': {'JETMOE_TIMM_ALLOCATOR': 'default'}}
 # --opt and its kwargs per optimizer name
 OPTIMIZERS = {'adafactorlean': ['--opt', 'adafactorlean'], 'adafactor': ['--opt', 'adafactor'],
+              'adafactorlean-in-backward': ['--opt', 'adafactorlean', '--opt-kwargs', 'step_in_backward=True'],
               'adamw': ['--opt', 'adamw'], 'adamw-fused': ['--opt', 'adamw', '--opt-kwargs', 'fused=True']}
 
 

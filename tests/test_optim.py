@@ -117,3 +117,63 @@ def test_step_hooks_run_once_on_timms_path():
         opt.register_step_post_hook(lambda *a: calls.append('post'))
         opt.step()
     assert calls == ['pre', 'post'] * 2
+
+
+def _step_peak_bytes(fn) -> int:
+    """Peak of the tensor bytes allocated during ``fn`` over what was live before (profiler allocation events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == '[memory]'):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_step_in_backward_is_the_same_training_without_the_gradients(tiny_vit_kwargs):
+    """step_in_backward=True: each parameter updated as its gradient arrives, the gradient freed at once; the same
+    weights as backward + step, step by step, and no moment where every gradient is held."""
+    torch.manual_seed(0)
+    model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs, num_classes=5)
+    models = {'step': model, 'in_backward': copy.deepcopy(model)}
+    opts = {k: create_optimizer_v2(m, 'adafactorlean', lr=1e-2, weight_decay=0.05, layer_decay=0.75,
+                                   step_in_backward=k == 'in_backward') for k, m in models.items()}
+    x = torch.randn(4, 3, tiny_vit_kwargs['img_size'], tiny_vit_kwargs['img_size'])
+    y = torch.randint(0, 5, (4,))
+    for _ in range(3):
+        for k, m in models.items():
+            torch.manual_seed(1)  # the same logit noise and dropout in both
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            if k == 'in_backward':
+                assert all(p.grad is None for p in m.parameters())  # used and freed during backward
+            opts[k].step()
+            opts[k].zero_grad()
+        for (name, a), b in zip(models['step'].named_parameters(), models['in_backward'].parameters()):
+            assert torch.equal(a, b), name
+
+    # the gradients are never all alive: weights-heavy layers, small activations
+    big = {k: torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)]) for k in ('step', 'in_backward')}
+    opts = {k: AdafactorLean(m.parameters(), lr=1e-3, step_in_backward=k == 'in_backward') for k, m in big.items()}
+    peaks = {}
+    for k, m in big.items():
+        def train_step(m=m, opt=opts[k]):
+            m(torch.randn(2, 512)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        train_step()  # the state exists
+        peaks[k] = _step_peak_bytes(train_step)
+    grads = sum(p.numel() * 4 for p in big['step'].parameters())  # 4.2 MB
+    assert peaks['step'] >= grads and peaks['step'] - peaks['in_backward'] >= grads / 2, peaks  # one layer's at a time
+
+
+@pytest.mark.filterwarnings('ignore:Using backward')  # torch's note on create_graph=True
+def test_step_in_backward_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match='external lr, no betas'):
+        AdafactorLean(_params(0), lr=1e-2, betas=(0.9, 0.999), step_in_backward=True)
+    with pytest.raises(ValueError, match='dense float32'):
+        AdafactorLean([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], lr=1e-2, step_in_backward=True)
+    p = torch.nn.Parameter(torch.ones(3))
+    AdafactorLean([p], lr=1e-2, step_in_backward=True)
+    with pytest.raises(RuntimeError, match='create_graph'):  # a gradient that is part of a graph is not a step
+        (p * p).sum().backward(create_graph=True)

@@ -310,7 +310,8 @@ def test_train_single_process(first_run, pretrained_file):
 
 
 @needs_scripts
-def test_lean_optimizer_trains_experts_with_little_state(tiny_data, pretrained_file, tmp_path):
+@pytest.mark.parametrize('opt_kwargs', [[], ['--opt-kwargs', 'step_in_backward=True']], ids=['step', 'in_backward'])
+def test_lean_optimizer_trains_experts_with_little_state(tiny_data, pretrained_file, tmp_path, opt_kwargs):
     """The memory-lean option of docs/training.md through train.py: ``--opt adafactorlean`` (timm's Adafactor, no
     first moment, factored second moments of the (E, d, h) expert weights, computed in slices) updates every expert
     and keeps state of a few % of the parameters' bytes, where AdamW keeps 200 %."""
@@ -318,7 +319,7 @@ def test_lean_optimizer_trains_experts_with_little_state(tiny_data, pretrained_f
     _run([sys.executable, '-m', 'jetmoe_timm.train', *_train_args(
         tiny_data, tmp_path / 'output', 'lean', '--config', str(RECIPES / 'v_jetmoe_small_data_finetune.yaml'),
         '--epochs', '1', '--pretrained', '--pretrained-path', str(pretrained_file), '--layer-decay', '0',
-        '--opt', 'adafactorlean')], env, tmp_path)
+        '--opt', 'adafactorlean', *opt_kwargs)], env, tmp_path)
     record = json.loads((tmp_path / 'probe' / 'rank0.json').read_text())
     assert record['optimizer'] == 'AdafactorLean'
     assert 0 < record['state_bytes'] < 0.1 * record['param_bytes']
@@ -392,7 +393,7 @@ def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, t
 
 
 @needs_scripts
-def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_data, capsys):
+def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_data, capsys, monkeypatch):
     """Read as train.py reads them (its parser, its --config file): --model-kwargs img_size=32 without --img-size
     would fail after the first batch, a missing image folder only once the model is built; both are said first,
     and a data size from a recipe file counts."""
@@ -424,6 +425,7 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     assert 'data folder' in capsys.readouterr().err
     # what the scripts only find inside, each a traceback there: one line here, exit code 2, before anything runs
     cpu = ['--device', 'cpu']
+    in_backward = ['--opt-kwargs', 'step_in_backward=True']
     for main, argv, said in (
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiyn', *cpu], "Unknown model 'v_jetmoe_tiyn' (did you mean "
                                                                           "'v_jetmoe_tiny'?)"),
@@ -435,11 +437,23 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
              f'--resume {missing} does not exist'),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactor_lean', *cpu],
              "Unknown optimizer 'adafactor_lean' (did you mean 'adafactorlean'?)"),
+            # step_in_backward with what train.py does between backward and step (silently wrong there)
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adamw', *in_backward, *cpu],
+             'step_in_backward=True is an option of --opt adafactorlean, not of --opt adamw.'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward, '--clip-grad',
+                                      '1', *cpu], '--clip-grad 1.0 (given, or from --config) needs the gradients'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward,
+                                      '--grad-accum-steps', '2', *cpu], '--grad-accum-steps 2 needs the gradients'),
             (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--checkpoint', str(missing), *cpu],
              f'--checkpoint {missing} does not exist')):
         assert main([str(tiny_data), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err
+    lean_in_backward = [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward, *cpu]
+    assert _argument_problem(_script_args(train_py, lean_in_backward)) is None
+    monkeypatch.setenv('WORLD_SIZE', '2')  # under torchrun with two processes: DDP
+    assert 'DDP (torchrun with more than one process)' in _argument_problem(_script_args(train_py, lean_in_backward))
+    monkeypatch.delenv('WORLD_SIZE')
     for opt in ('adafactorlean', 'lookahead_adafactorlean', 'AdamW'):  # timm's factory reads these
         assert _argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', opt,
                                                          *cpu])) is None, opt

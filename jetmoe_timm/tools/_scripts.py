@@ -197,12 +197,31 @@ def _default_img_size(model: Optional[str]) -> Optional[int]:
 _FILE_ARGS = ('pretrained_path', 'initial_checkpoint', 'resume', 'checkpoint')
 
 
+def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
+    """What train.py would do between backward and the optimizer step, which ``step_in_backward=True`` (the
+    parameters updated, their gradients freed, during backward) cannot take part in."""
+    why = ' needs the gradients after backward, where step_in_backward=True has already used and freed them'
+    if not str(args.opt).lower().endswith('adafactorlean'):
+        return f'step_in_backward=True is an option of --opt adafactorlean, not of --opt {args.opt}.'
+    if args.clip_grad is not None:
+        return (f'--clip-grad {args.clip_grad} (given, or from --config)' + why + ': drop clip_grad or '
+                'step_in_backward.')
+    if getattr(args, 'grad_accum_steps', 1) > 1:
+        return f'--grad-accum-steps {args.grad_accum_steps}' + why + ': drop one of the two.'
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        return 'DDP (torchrun with more than one process)' + why + ' (its all-reduce runs later): use one process.'
+    if args.amp and args.amp_dtype == 'float16' and not str(args.device).startswith('cpu'):
+        return 'float16 AMP scales the loss and' + why + ': use --amp-dtype bfloat16.'
+    return None
+
+
 def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
     """What would fail late, said before anything runs: an image folder that is not there (found only after the
     model is built, which may mean recycling it), and ``--model-kwargs img_size=N`` without ``--img-size N``
     (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
-    fails after the first batch); an unknown model, model kwarg or optimizer, a checkpoint file that is not there,
-    and the scripts' default ``--device cuda`` where torch sees no GPU (each a traceback from inside the script)."""
+    fails after the first batch); an unknown model, model kwarg or optimizer, ``step_in_backward`` with what it cannot
+    take part in (silently wrong in the script), a checkpoint file that is not there, and the scripts' default
+    ``--device cuda`` where torch sees no GPU (each a traceback from inside the script)."""
     if args is None:
         return None
     root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
@@ -231,6 +250,10 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         close = difflib.get_close_matches(opt.lower(), timm.optim.list_optimizers(), n=1)
         return (f"Unknown optimizer '{opt}'" + (f" (did you mean '{close[0]}'?)" if close else '') + ': pass a name '
                 "from timm.optim.list_optimizers() (the memory-lean one for JetMoE models: adafactorlean).")
+    if (getattr(args, 'opt_kwargs', None) or {}).get('step_in_backward'):
+        problem = _step_in_backward_problem(args)
+        if problem:
+            return problem
     for name in _FILE_ARGS:
         path = getattr(args, name, None)
         if path and not os.path.exists(path):
