@@ -15,17 +15,27 @@ and so does anything else it does not cover (a first moment, ``lr=None``'s relat
 low-precision or sparse gradients). The state is timm's, key for key: checkpoints move between ``adafactor``
 and ``adafactorlean``.
 """
-import functools
 import inspect
 import math
-from typing import Iterator, Tuple
+import weakref
+from typing import Iterator, List, Tuple
 
 import torch
 from timm.optim import Adafactor
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ['AdafactorLean', 'register_optimizers']
 
 _SLICE_BYTES = 4 << 20  # gradient bytes per slice: the slice's temporaries stay in cache
+# parameter -> the AdafactorLean (weakly) that updates it in backward: one at a time (keyed by identity: tensors
+# compare elementwise)
+_IN_BACKWARD_OWNER = WeakIdKeyDictionary()
+
+
+def _remove_handles(handles: List) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _slices(t: torch.Tensor) -> Iterator[Tuple[int, int]]:
@@ -53,12 +63,20 @@ class AdafactorLean(Adafactor):
     at once: V-JetMoE-S / C-JetMoE-T fine-tune without their 3.9 / 5.8 GB of float32 gradients. ``step()`` then has
     nothing left to do. Every backward through the parameters becomes an update, so nothing may act between
     backward and step: no gradient clipping, no gradient accumulation, no loss scaling (fp16 AMP), no DDP (its
-    all-reduce runs after the hook); it needs an external lr, no first moment and no cautious updates.
+    all-reduce runs after the hook), no ``set_keep_grad_memory`` (it would keep the expert gradients anyway), no
+    parameter shared by two reentrant-checkpointed segments; it needs an external lr, no first moment and no
+    cautious updates. The hooks follow the optimizer: the learning rates its groups have at each backward (also
+    after ``load_state_dict`` and under a scheduler); they end with it (``del``) or with ``remove_hooks()``, and a
+    parameter takes one such optimizer at a time.
     """
+    step_in_backward: bool = False
 
     def __init__(self, params, *args, step_in_backward: bool = False, **kwargs):
+        if not isinstance(step_in_backward, bool):  # '--opt-kwargs step_in_backward=false' arrives as a string
+            raise ValueError(f'step_in_backward takes True or False, not {step_in_backward!r}.')
         super().__init__(params, *args, **kwargs)
         self.step_in_backward = step_in_backward
+        self._hook_handles: List = []
         if not step_in_backward:
             return
         if any(g['relative_step'] or g['beta1'] is not None or g['caution'] for g in self.param_groups):
@@ -69,19 +87,46 @@ class AdafactorLean(Adafactor):
                              'its own gradient before the all-reduce.')
         params = [p for group in self.param_groups for p in group['params'] if p.requires_grad]
         if any(p.dtype != torch.float32 or p.layout != torch.strided for p in params):
-            raise ValueError('step_in_backward=True updates dense float32 weights (use bf16 autocast, not bf16 weights).')
+            raise ValueError('step_in_backward=True updates dense float32 weights (bf16 autocast is fine, bf16 weights '
+                             'are not).')
+        if any(_IN_BACKWARD_OWNER.get(p, lambda: None)() is not None for p in params):
+            raise ValueError('a parameter is already updated in backward by another AdafactorLean('
+                             'step_in_backward=True): drop that one first (del it, or call its remove_hooks()).')
+        owner = weakref.ref(self)  # the hooks must not keep the optimizer alive
+
+        def hook(p, owner=owner):
+            opt = owner()
+            if opt is not None:
+                opt._update_in_backward(p)
+        for p in params:
+            _IN_BACKWARD_OWNER[p] = owner
+            self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
+        weakref.finalize(self, _remove_handles, self._hook_handles)
+
+    def remove_hooks(self) -> None:
+        """Stop updating in backward (``step()`` updates from then on)."""
+        _remove_handles(self._hook_handles)
         for group in self.param_groups:
             for p in group['params']:
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(functools.partial(self._update_in_backward, group=group))
+                if _IN_BACKWARD_OWNER.get(p, lambda: None)() is self:
+                    del _IN_BACKWARD_OWNER[p]
+        self.step_in_backward = False
+
+    def _group_of(self, p: torch.Tensor):
+        """``p``'s parameter group now: ``load_state_dict`` replaces the group dicts."""
+        key = tuple(map(id, self.param_groups))
+        if getattr(self, '_groups_key', None) != key:
+            self._groups = {id(q): g for g in self.param_groups for q in g['params']}
+            self._groups_key = key
+        return self._groups[id(p)]
 
     @torch.no_grad()
-    def _update_in_backward(self, p: torch.Tensor, group) -> None:
+    def _update_in_backward(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
         if p.grad.requires_grad:  # backward(create_graph=True): the gradient is part of a graph
             raise RuntimeError('step_in_backward=True cannot update inside a backward with create_graph=True.')
-        self._update(p, group)
+        self._update(p, self._group_of(p))
         p.grad = None
 
     @staticmethod

@@ -173,7 +173,37 @@ def test_step_in_backward_refuses_what_it_cannot_do():
         AdafactorLean(_params(0), lr=1e-2, betas=(0.9, 0.999), step_in_backward=True)
     with pytest.raises(ValueError, match='dense float32'):
         AdafactorLean([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))], lr=1e-2, step_in_backward=True)
+    with pytest.raises(ValueError, match="True or False, not 'false'"):  # train.py's --opt-kwargs gives strings
+        AdafactorLean(_params(0), lr=1e-2, step_in_backward='false')
     p = torch.nn.Parameter(torch.ones(3))
-    AdafactorLean([p], lr=1e-2, step_in_backward=True)
+    opt = AdafactorLean([p], lr=1e-2, step_in_backward=True)
     with pytest.raises(RuntimeError, match='create_graph'):  # a gradient that is part of a graph is not a step
         (p * p).sum().backward(create_graph=True)
+    p.grad = None
+    with pytest.raises(ValueError, match='already updated in backward by another'):  # one owner at a time
+        AdafactorLean([p], lr=1e-2, step_in_backward=True)
+    opt.remove_hooks()
+    AdafactorLean([p], lr=1e-2, step_in_backward=True)  # dropped at once: nothing holds it
+
+
+def test_step_in_backward_follows_the_optimizer():
+    """The hooks read the groups the optimizer has at each backward (load_state_dict replaces them, schedulers set
+    their lr) and end with the optimizer."""
+    def backward_moves(params):
+        before = [q.detach().clone() for q in params]
+        sum((q * q).sum() for q in params).backward()
+        return any(not torch.equal(a, b) for a, b in zip(params, before))
+
+    params = _params(0)
+    opt = AdafactorLean(params, lr=1e-2, step_in_backward=True)
+    assert backward_moves(params)
+    state = opt.state_dict()
+    opt.remove_hooks()
+    resumed = AdafactorLean(params, lr=1e-2, step_in_backward=True)
+    resumed.load_state_dict(state)  # what train.py's --resume does before its scheduler sets the lr
+    for group in resumed.param_groups:
+        group['lr'] = 0.
+    assert not backward_moves(params)
+    assert all(resumed.state[q]['step'] == 2 for q in params if q.numel())
+    del resumed  # its hooks end with it: the gradient stays for whatever optimizer comes next
+    assert not backward_moves(params) and all(q.grad is not None for q in params)

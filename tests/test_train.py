@@ -444,6 +444,11 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
                                       '1', *cpu], '--clip-grad 1.0 (given, or from --config) needs the gradients'),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward,
                                       '--grad-accum-steps', '2', *cpu], '--grad-accum-steps 2 needs the gradients'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', '--opt-kwargs',
+                                      'step_in_backward=false', '--clip-grad', '1', *cpu],
+             '--opt-kwargs step_in_backward=false : give True or False.'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward,
+                                      '--model-dtype', 'bfloat16', *cpu], 'step_in_backward=True updates float32'),
             (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--checkpoint', str(missing), *cpu],
              f'--checkpoint {missing} does not exist')):
         assert main([str(tiny_data), *argv]) == 2

@@ -200,6 +200,11 @@ _FILE_ARGS = ('pretrained_path', 'initial_checkpoint', 'resume', 'checkpoint')
 def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
     """What train.py would do between backward and the optimizer step, which ``step_in_backward=True`` (the
     parameters updated, their gradients freed, during backward) cannot take part in."""
+    value = args.opt_kwargs['step_in_backward']
+    if not isinstance(value, bool):
+        return f'--opt-kwargs step_in_backward={value} : give True or False.'
+    if not value:
+        return None
     why = ' needs the gradients after backward, where step_in_backward=True has already used and freed them'
     if not str(args.opt).lower().endswith('adafactorlean'):
         return f'step_in_backward=True is an option of --opt adafactorlean, not of --opt {args.opt}.'
@@ -212,6 +217,9 @@ def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
         return 'DDP (torchrun with more than one process)' + why + ' (its all-reduce runs later): use one process.'
     if args.amp and args.amp_dtype == 'float16' and not str(args.device).startswith('cpu'):
         return 'float16 AMP scales the loss and' + why + ': use --amp-dtype bfloat16.'
+    if getattr(args, 'model_dtype', None) not in (None, 'float32'):
+        return (f'--model-dtype {args.model_dtype}: step_in_backward=True updates float32 weights; use --amp '
+                '--amp-dtype bfloat16 for bf16 compute.')
     return None
 
 
@@ -250,7 +258,7 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         close = difflib.get_close_matches(opt.lower(), timm.optim.list_optimizers(), n=1)
         return (f"Unknown optimizer '{opt}'" + (f" (did you mean '{close[0]}'?)" if close else '') + ': pass a name '
                 "from timm.optim.list_optimizers() (the memory-lean one for JetMoE models: adafactorlean).")
-    if (getattr(args, 'opt_kwargs', None) or {}).get('step_in_backward'):
+    if 'step_in_backward' in (getattr(args, 'opt_kwargs', None) or {}):
         problem = _step_in_backward_problem(args)
         if problem:
             return problem
