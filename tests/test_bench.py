@@ -42,8 +42,9 @@ def test_run_benchmark_rows_and_json(tmp_path, monkeypatch):
     # one row per model, optimizer and training precision (float32 weights; bf16 is autocast over them), and for the
     # JetMoE model one per optimizer with the opt-in kept gradient memory (float32), whose buffers it counts
     assert sorted((r['model'], r['optimizer'], r['precision'], r['kept_grads']) for r in result['memory']) == sorted(
-        [(m, o, p, False) for m in ('v_jetmoe_tiny', 'vit_tiny_patch16_224') for o in ('adamw', 'adafactorlean')
-         for p in ('float32', 'bf16')] + [('v_jetmoe_tiny', o, 'float32', True) for o in ('adamw', 'adafactorlean')])
+        [(m, o, p, False) for m in ('v_jetmoe_tiny', 'vit_tiny_patch16_224')
+         for o in ('adamw', 'adafactorlean', 'lean-in-backward') for p in ('float32', 'bf16')]
+        + [('v_jetmoe_tiny', o, 'float32', True) for o in ('adamw', 'adafactorlean')])
     from jetmoe_timm.layers import ExpertLinear
     expert_grads_gb = sum(m.weight.numel() * 4 for m in bench._build(
         TINY_PAIR.model, TINY_PAIR.model_kwargs, torch.device('meta')).modules() if isinstance(m, ExpertLinear)) / 2 ** 30
@@ -53,6 +54,8 @@ def test_run_benchmark_rows_and_json(tmp_path, monkeypatch):
         # the buffers are counted once, all through the step: they cost at most their own size over the plain step
         assert kept['params_gb'] == plain['params_gb'] and 0 < kept['step_peak_gb'] - plain['step_peak_gb'] <= (
             expert_grads_gb)
+    # the step_in_backward rows leave no hook behind: later cells step their own optimizers
+    assert not any(getattr(p, '_post_accumulate_grad_hooks', None) for model in built for p in model.parameters())
     experts = [m for model in built for m in model.modules() if isinstance(m, ExpertLinear)]
     assert experts and not any(m.keep_grad_memory or m._grad_buffer is not None for m in experts)  # off again
     for r in result['memory']:

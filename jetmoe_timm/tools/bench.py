@@ -192,12 +192,15 @@ def _switched_on(switch: Callable[[nn.Module, bool], None], models, enabled: boo
 
 
 # optimizers whose training-step memory is reported: fused AdamW (what the speed cells use) and the memory-lean
-# option of docs/training.md, AdafactorLean (timm's Adafactor update: factored second moments, no first moment)
-MEMORY_OPTIMIZERS = ('adamw', 'adafactorlean')
+# option of docs/training.md, AdafactorLean (timm's Adafactor update: factored second moments, no first moment), also
+# with step_in_backward=True ('lean-in-backward': each weight updated, its gradient freed, during backward)
+MEMORY_OPTIMIZERS = ('adamw', 'adafactorlean', 'lean-in-backward')
 
 
 def _optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
+    if name == 'lean-in-backward':
+        return create_optimizer_v2(model, 'adafactorlean', lr=5e-4, weight_decay=0.05, step_in_backward=True)
     return create_optimizer_v2(model, name, lr=5e-4, weight_decay=0.05)
 
 
@@ -304,7 +307,8 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     if not opt.state:  # a first step creates the optimizer state
                         _runner(m, 'train', x, y, cfg['memory_precisions'][0], opt)()
                     variants = [(precision, False) for precision in cfg['memory_precisions']]
-                    if k == 'model' and device.type == 'cpu' and 'float32' in cfg['memory_precisions']:
+                    if (k == 'model' and device.type == 'cpu' and 'float32' in cfg['memory_precisions']
+                            and opt_name != 'lean-in-backward'):  # kept buffers would hold what it frees
                         # the opt-in kept expert-gradient memory (CPU, float32): what its speed costs at the peak
                         variants.append(('float32', True))
                     for precision, kept in variants:
@@ -314,8 +318,10 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                             mem = _train_step_memory(m, opt, x, y, precision)
                         mem_rows.append(dict(model=names[k], batch=batch, precision=precision, optimizer=opt_name,
                                              kept_grads=kept, **mem))
-                        log(f"memory  {names[k]:24s} batch {batch:4d} {precision:8s} {opt_name:13s}: "
+                        log(f"memory  {names[k]:24s} batch {batch:4d} {precision:8s} {opt_name:16s}: "
                             f"{mem['peak_gb']:.2f} GB" + (' with kept gradient memory' if kept else ''))
+                    if opt_name == 'lean-in-backward':
+                        opt.remove_hooks()  # the speed cells of the next batch size step their own optimizer
     return rows, mem_rows
 
 
@@ -685,11 +691,12 @@ def format_table(result: Dict) -> str:
                          f"train {info['graph_breaks']['train']}")
     if result['memory']:
         lines += ['', 'Training-step memory: parameters + optimizer state + step peak; adamw is fused AdamW, '
-                      'adafactorlean the memory-lean option (docs/training.md); kept: the opt-in kept expert-gradient '
-                      'memory (set_keep_grad_memory), counted all through the step',
-                  f"{'model':24s} {'batch':>5s} {'prec':8s} {'optimizer':13s} {'kept':4s} {'params':>8s} "
+                      'adafactorlean the memory-lean option (docs/training.md), lean-in-backward the same with '
+                      'step_in_backward=True; kept: the opt-in kept expert-gradient memory (set_keep_grad_memory), '
+                      'counted all through the step',
+                  f"{'model':24s} {'batch':>5s} {'prec':8s} {'optimizer':16s} {'kept':4s} {'params':>8s} "
                   f"{'state':>8s} {'step':>8s} {'peak GB':>8s}"]
-        lines += [f"{r['model']:24s} {r['batch']:5d} {r['precision']:8s} {r.get('optimizer', 'adamw'):13s} "
+        lines += [f"{r['model']:24s} {r['batch']:5d} {r['precision']:8s} {r.get('optimizer', 'adamw'):16s} "
                   f"{'yes' if r.get('kept_grads') else 'no':4s} {r['params_gb']:8.2f} "
                   f"{r['optimizer_state_gb']:8.2f} {r['step_peak_gb']:8.2f} {r['peak_gb']:8.2f}"
                   for r in result['memory']]
