@@ -76,6 +76,7 @@ class AdafactorLean(Adafactor):
             raise ValueError(f'step_in_backward takes True or False, not {step_in_backward!r}.')
         super().__init__(params, *args, **kwargs)
         self.step_in_backward = step_in_backward
+        self.defaults['step_in_backward'] = step_in_backward  # shown where timm logs the optimizer's settings
         self._hook_handles: List = []
         if not step_in_backward:
             return

@@ -241,6 +241,12 @@ def test_train_launcher_keeps_freed_memory_for_cpu_training(tmp_path):
     assert kept < 50 and 'keeps freed memory' not in err
     kept, err = kept_mb('--device', 'cpu', MALLOC_ARENA_MAX='4')  # the user's own malloc settings win
     assert kept < 50 and 'keeps freed memory' not in err
+    proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), 'refused.json',
+                           '--device', 'cpu'], env={**os.environ, _scripts.ALLOCATOR_ENV: 'glibc'},
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        f'{_scripts.ALLOCATOR_ENV}=glibc: set it to default (or off) to leave glibc\'s malloc as it is, or unset it '
+        '(CPU training keeps freed memory).') and not (tmp_path / 'refused.json').exists()
 
 
 def test_launcher_missing_scripts(tmp_path, monkeypatch, capsys):
@@ -439,14 +445,16 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
              "Unknown optimizer 'adafactor_lean' (did you mean 'adafactorlean'?)"),
             # step_in_backward with what train.py does between backward and step (silently wrong there)
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adamw', *in_backward, *cpu],
-             'step_in_backward=True is an option of --opt adafactorlean, not of --opt adamw.'),
+             'step_in_backward is an option of --opt adafactorlean, not of --opt adamw.'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adamw', '--opt-kwargs',
+                                      'step_in_backward=False', *cpu], 'is an option of --opt adafactorlean'),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward, '--clip-grad',
-                                      '1', *cpu], '--clip-grad 1.0 (given, or from --config) needs the gradients'),
+                                      '1', *cpu], '--clip-grad 1.0 (given, or clip_grad in --config) needs'),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward,
                                       '--grad-accum-steps', '2', *cpu], '--grad-accum-steps 2 needs the gradients'),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', '--opt-kwargs',
                                       'step_in_backward=false', '--clip-grad', '1', *cpu],
-             '--opt-kwargs step_in_backward=false : give True or False.'),
+             '--opt-kwargs step_in_backward=false: give True or False.'),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward,
                                       '--model-dtype', 'bfloat16', *cpu], 'step_in_backward=True updates float32'),
             (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--checkpoint', str(missing), *cpu],

@@ -201,18 +201,18 @@ def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
     """What train.py would do between backward and the optimizer step, which ``step_in_backward=True`` (the
     parameters updated, their gradients freed, during backward) cannot take part in."""
     value = args.opt_kwargs['step_in_backward']
+    if not str(args.opt).lower().endswith('adafactorlean'):
+        return f'step_in_backward is an option of --opt adafactorlean, not of --opt {args.opt}.'
     if not isinstance(value, bool):
-        return f'--opt-kwargs step_in_backward={value} : give True or False.'
+        return f'--opt-kwargs step_in_backward={value}: give True or False.'
     if not value:
         return None
     why = ' needs the gradients after backward, where step_in_backward=True has already used and freed them'
-    if not str(args.opt).lower().endswith('adafactorlean'):
-        return f'step_in_backward=True is an option of --opt adafactorlean, not of --opt {args.opt}.'
     if args.clip_grad is not None:
-        return (f'--clip-grad {args.clip_grad} (given, or from --config)' + why + ': drop clip_grad or '
+        return (f'--clip-grad {args.clip_grad} (given, or clip_grad in --config)' + why + ': drop it or '
                 'step_in_backward.')
     if getattr(args, 'grad_accum_steps', 1) > 1:
-        return f'--grad-accum-steps {args.grad_accum_steps}' + why + ': drop one of the two.'
+        return f'--grad-accum-steps {args.grad_accum_steps}' + why + ': drop it or step_in_backward.'
     if int(os.environ.get('WORLD_SIZE', '1')) > 1:
         return 'DDP (torchrun with more than one process)' + why + ' (its all-reduce runs later): use one process.'
     if args.amp and args.amp_dtype == 'float16' and not str(args.device).startswith('cpu'):
@@ -266,6 +266,10 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         path = getattr(args, name, None)
         if path and not os.path.exists(path):
             return f"--{name.replace('_', '-')} {path} does not exist: pass an existing checkpoint file."
+    allocator = os.environ.get(ALLOCATOR_ENV)
+    if allocator is not None and allocator.lower() not in ('default', 'off'):
+        return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
+                'it (CPU training keeps freed memory).')
     device = str(getattr(args, 'device', None) or '')
     if device.startswith('cuda') and not torch.cuda.is_available():
         return f'--device {device} (timm\'s default is cuda) needs a GPU, and torch sees none here: add --device cpu.'
