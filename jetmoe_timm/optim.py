@@ -49,6 +49,17 @@ def _slices(t: torch.Tensor) -> Iterator[Tuple[int, int]]:
         yield start, min(start + step, t.shape[0])
 
 
+def _owner(p: torch.Tensor):
+    """The live AdafactorLean that updates ``p`` in backward, or None."""
+    ref = _IN_BACKWARD_OWNER.get(p)
+    return ref() if ref is not None else None
+
+
+def _plain_update(group) -> bool:
+    """Whether the group asks for the update ``_update`` computes: an external lr, no first moment, no caution."""
+    return not group['relative_step'] and group['beta1'] is None and not group['caution']
+
+
 def _rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Rows start:end of a factor broadcast along dim 0 (a size-1 dim 0 is shared by every slice)."""
     return t if t.shape[0] == 1 else t[start:end]
@@ -80,7 +91,7 @@ class AdafactorLean(Adafactor):
         self._hook_handles: List = []
         if not step_in_backward:
             return
-        if any(g['relative_step'] or g['beta1'] is not None or g['caution'] for g in self.param_groups):
+        if not all(_plain_update(g) for g in self.param_groups):
             raise ValueError('step_in_backward=True takes an external lr, no betas and no caution.')
         if torch.distributed.is_available() and torch.distributed.is_initialized() and (
                 torch.distributed.get_world_size() > 1):
@@ -90,7 +101,7 @@ class AdafactorLean(Adafactor):
         if any(p.dtype != torch.float32 or p.layout != torch.strided for p in params):
             raise ValueError('step_in_backward=True updates dense float32 weights (bf16 autocast is fine, bf16 weights '
                              'are not).')
-        if any(_IN_BACKWARD_OWNER.get(p, lambda: None)() is not None for p in params):
+        if any(_owner(p) is not None for p in params):
             raise ValueError('a parameter is already updated in backward by another AdafactorLean('
                              'step_in_backward=True): drop that one first (del it, or call its remove_hooks()).')
         owner = weakref.ref(self)  # the hooks must not keep the optimizer alive
@@ -109,7 +120,7 @@ class AdafactorLean(Adafactor):
         _remove_handles(self._hook_handles)
         for group in self.param_groups:
             for p in group['params']:
-                if _IN_BACKWARD_OWNER.get(p, lambda: None)() is self:
+                if _owner(p) is self:
                     del _IN_BACKWARD_OWNER[p]
         self.step_in_backward = False
 
@@ -133,7 +144,7 @@ class AdafactorLean(Adafactor):
     @staticmethod
     def _sliced(group) -> bool:
         """Whether the group's update is one this class computes in slices (else timm's step runs)."""
-        return (not group['relative_step'] and group['beta1'] is None and not group['caution']
+        return (_plain_update(group)
                 and all(p.grad is None or (p.device.type == 'cpu' and p.dtype == torch.float32
                                            and p.grad.dtype == torch.float32 and p.grad.layout == torch.strided)
                         for p in group['params']))

@@ -9,7 +9,6 @@ scripts is shipped here.
 import argparse
 import contextlib
 import ctypes
-import difflib
 import functools
 import importlib.metadata
 import io
@@ -25,12 +24,13 @@ from typing import List, Optional, Tuple
 import timm
 import torch
 
-from .checks import check_model_kwargs
+from .checks import check_model_kwargs, did_you_mean
 
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
 
 SCRIPTS_ENV = 'JETMOE_TIMM_SCRIPTS'
-ALLOCATOR_ENV = 'JETMOE_TIMM_ALLOCATOR'  # 'default' (or 'off'): the train launcher leaves glibc's malloc as it is
+ALLOCATOR_ENV = 'JETMOE_TIMM_ALLOCATOR'
+_ALLOCATOR_OFF = ('default', 'off')  # its values (any case) that leave glibc's malloc as it is
 _SCRIPTS_OPT = '--timm-scripts'
 _TIMM_REPO = 'https://github.com/huggingface/pytorch-image-models'
 
@@ -124,12 +124,12 @@ def keep_freed_memory() -> Optional[str]:
     MALLOC_TRIM_THRESHOLD_=1000000000000`` would: no allocation is served by its own mmap (large tensors are
     otherwise mapped, and their pages faulted in and zeroed, anew on every training step) and the heap is never
     trimmed. timm's train.py on the CPU: V-JetMoE-S / C-JetMoE-T steps 1.3x / 2.2x faster with ``adafactorlean``
-    for 2-4 % more peak memory, V-JetMoE-T and ViT-T steps 5-20 % faster with timm's Adafactor or foreach AdamW
-    (docs/benchmark.md, "CPU allocator"); the process's memory stays at its peak until it ends. Only for a process
-    that trains: the train launcher calls it for CPU runs. Returns why it did nothing (another libc, or the user
-    chose an allocator), else None.
+    for 2-4 % more peak memory, V-JetMoE-T and ViT-T steps 5-20 % faster with timm's Adafactor or train.py's
+    default AdamW (docs/benchmark.md, "CPU allocator"); the process's memory stays at its peak until it ends. Only for
+    a process that trains: the train launcher calls it for CPU runs. Returns why it did nothing (another libc, or the
+    user chose an allocator), else None.
     """
-    if os.environ.get(ALLOCATOR_ENV, '').lower() in ('default', 'off'):
+    if os.environ.get(ALLOCATOR_ENV, '').lower() in _ALLOCATOR_OFF:
         return f'{ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]}'
     chosen = [k for k in os.environ if k.startswith('MALLOC_') or k == 'LD_PRELOAD' and os.environ[k]
               or k == 'GLIBC_TUNABLES' and 'malloc' in os.environ[k]]
@@ -246,17 +246,15 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
             and not os.path.isfile(model):
         arch = model.partition('.')[0]
         if not timm.is_model(arch):
-            close = difflib.get_close_matches(arch, timm.list_models(), n=1)
-            return (f"Unknown model '{arch}'" + (f" (did you mean '{close[0]}'?)" if close else '') + ': pass a timm '
-                    f"model name (jetmoe_timm adds {', '.join(timm.list_models('*jetmoe*'))}).")
+            return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
+                    f"(jetmoe_timm adds {', '.join(timm.list_models('*jetmoe*'))}).")
         try:
             check_model_kwargs(model, getattr(args, 'model_kwargs', None) or {})
         except ValueError as e:
             return str(e)
     opt = getattr(args, 'opt', None)  # train.py: timm's factory reads 'lookahead_NAME' and the part after the last '_'
     if isinstance(opt, str) and opt.lower().split('_')[-1] not in timm.optim.list_optimizers():
-        close = difflib.get_close_matches(opt.lower(), timm.optim.list_optimizers(), n=1)
-        return (f"Unknown optimizer '{opt}'" + (f" (did you mean '{close[0]}'?)" if close else '') + ': pass a name '
+        return (f"Unknown optimizer '{opt}'{did_you_mean(opt.lower(), timm.optim.list_optimizers())}: pass a name "
                 "from timm.optim.list_optimizers() (the memory-lean one for JetMoE models: adafactorlean).")
     if 'step_in_backward' in (getattr(args, 'opt_kwargs', None) or {}):
         problem = _step_in_backward_problem(args)
@@ -267,7 +265,7 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         if path and not os.path.exists(path):
             return f"--{name.replace('_', '-')} {path} does not exist: pass an existing checkpoint file."
     allocator = os.environ.get(ALLOCATOR_ENV)
-    if allocator is not None and allocator.lower() not in ('default', 'off'):
+    if allocator is not None and allocator.lower() not in _ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
                 'it (CPU training keeps freed memory).')
     device = str(getattr(args, 'device', None) or '')

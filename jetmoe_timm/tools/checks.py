@@ -10,7 +10,7 @@ import timm
 
 from ..export import replace_problem
 
-__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder']
+__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder', 'did_you_mean']
 
 
 def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
@@ -47,15 +47,19 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
     return out
 
 
+def did_you_mean(word: str, choices) -> str:
+    """" (did you mean 'X'?)" for the closest of ``choices`` to ``word``, '' where none is close."""
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ''
+
+
 def check_model_name(model: str) -> str:
     """The architecture of ``model`` ('arch' or 'arch.tag'); an unknown one is named, with a "did you mean" and the
     JetMoE models to pick from."""
     arch = model.partition('.')[0]
     if not timm.is_model(arch):
         models = timm.list_models('*jetmoe*')
-        close = difflib.get_close_matches(arch, models, n=1)
-        raise ValueError(f"Unknown model '{arch}'" + (f" (did you mean '{close[0]}'?)" if close else '')
-                         + f': pick one of {models}.')
+        raise ValueError(f"Unknown model '{arch}'{did_you_mean(arch, models)}: pick one of {models}.")
     return arch
 
 
