@@ -1,5 +1,7 @@
 """The benchmark machinery on tiny shapes (what it writes, not how fast), and SpheroMoE under torch.compile."""
 import json
+import platform
+import re
 
 import pytest
 import torch
@@ -66,6 +68,10 @@ def test_run_benchmark_rows_and_json(tmp_path, monkeypatch):
         assert r['step_peak_gb'] > 0
         assert r['peak_gb'] == pytest.approx(r['params_gb'] + r['optimizer_state_gb'] + r['step_peak_gb'])
     assert result['meta']['threads'] >= 1 and result['convert'] == []
+    # which CPU the figures come from, down to the generation and the vector ISA torch's kernels use
+    assert f'torch CPU capability {torch.backends.cpu.get_cpu_capability()}' in result['meta']['cpu']
+    if platform.machine() == 'x86_64':
+        assert re.search(r'family \d+, model \d+', result['meta']['cpu'])
     path = tmp_path / 'bench.json'
     bench._write_json(result, str(path))
     assert json.loads(path.read_text())['layer'] == json.loads(json.dumps(result['layer']))

@@ -542,14 +542,23 @@ def _device(name: str) -> torch.device:
 
 
 def _cpu_name() -> str:
+    """The CPU as the figures depend on it: its name, x86 family / model (one name covers several generations:
+    'AMD EPYC' was a Zen 5 in one session and a Zen 4 in the next, with other kernel rates) and the vector ISA
+    torch's kernels use."""
+    fields = {}
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
+                key, _, value = line.partition(':')
+                if not key.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get('model name') or platform.processor() or platform.machine()
+    details = [f"family {fields['cpu family']}, model {fields['model']}"] if 'cpu family' in fields else []
+    details.append(f'torch CPU capability {torch.backends.cpu.get_cpu_capability()}')
+    return f"{name} ({'; '.join(details)})"
 
 
 def run_benchmark(
