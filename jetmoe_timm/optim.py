@@ -57,7 +57,8 @@ def _owner(p: torch.Tensor):
 
 def _plain_update(group) -> bool:
     """Whether the group asks for the update ``_update`` computes: an external lr, no first moment, no caution."""
-    return not group['relative_step'] and group['beta1'] is None and not group['caution']
+    # .get: optimizer states saved by a timm without cautious updates have no 'caution'
+    return not group['relative_step'] and group['beta1'] is None and not group.get('caution', False)
 
 
 def _rows(t: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -78,7 +79,9 @@ class AdafactorLean(Adafactor):
     parameter shared by two reentrant-checkpointed segments; it needs an external lr, no first moment and no
     cautious updates. The hooks follow the optimizer: the learning rates its groups have at each backward (also
     after ``load_state_dict`` and under a scheduler); they end with it (``del``) or with ``remove_hooks()``, and a
-    parameter takes one such optimizer at a time.
+    parameter takes one such optimizer at a time. Its parameters cannot be swapped
+    (``torch.__future__.set_swap_module_params_on_conversion(True)``, off by default and in train.py): a swap
+    would drop the hooks, and torch refuses it.
     """
     step_in_backward: bool = False
 
@@ -132,13 +135,30 @@ class AdafactorLean(Adafactor):
             self._groups_key = key
         return self._groups[id(p)]
 
+    def load_state_dict(self, state_dict) -> None:
+        # the saved group options replace this optimizer's: refuse those the hooks cannot run, before any is loaded
+        if self.step_in_backward and not all(_plain_update(g) for g in state_dict['param_groups']):
+            raise ValueError('this optimizer state has betas, caution or lr=None, which step_in_backward=True cannot '
+                             'run: resume it without step_in_backward.')
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def _update_in_backward(self, p: torch.Tensor) -> None:
-        if p.grad is None:
+        grad = p.grad
+        if grad is None:
             return
-        if p.grad.requires_grad:  # backward(create_graph=True): the gradient is part of a graph
+        if grad.requires_grad:  # backward(create_graph=True): the gradient is part of a graph
             raise RuntimeError('step_in_backward=True cannot update inside a backward with create_graph=True.')
-        self._update(p, self._group_of(p))
+        group = self._group_of(p)
+        # checked before any state is made: a sparse gradient comes from a dense weight (nn.Embedding(sparse=True)),
+        # and group options may have been changed since __init__
+        if grad.layout != torch.strided or grad.dtype != torch.float32:
+            raise RuntimeError(f'step_in_backward=True updates from dense float32 gradients; a {tuple(p.shape)} '
+                               f'weight got a {grad.layout} {grad.dtype} one (nn.Embedding(sparse=True)?).')
+        if not _plain_update(group):
+            raise RuntimeError('step_in_backward=True takes an external lr, no betas and no caution; a parameter '
+                               'group has been changed to one of them.')
+        self._update(p, group)
         p.grad = None
 
     @staticmethod
@@ -151,13 +171,14 @@ class AdafactorLean(Adafactor):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not all(self._sliced(group) for group in self.param_groups):
-            # timm's body: Adafactor.step may carry torch's step-hook wrapper too, and the hooks ran on this call
-            return inspect.unwrap(Adafactor.step)(self, closure)
         loss = None
-        if closure is not None:
+        if closure is not None:  # first: which path runs depends on the gradients the closure makes
             with torch.enable_grad():
                 loss = closure()
+        if not all(self._sliced(group) for group in self.param_groups):
+            # timm's body: Adafactor.step may carry torch's step-hook wrapper too, and the hooks ran on this call
+            inspect.unwrap(Adafactor.step)(self)
+            return loss
         for group in self.param_groups:
             for p in group['params']:
                 if p.grad is not None:

@@ -91,6 +91,27 @@ def test_other_options_run_timms_step():
         assert all(torch.equal(a, b) for a, b in zip(ref, lean)), kwargs
 
 
+def test_step_with_a_closure_chooses_its_path_from_the_closures_gradients():
+    """step(closure) decides between its sliced update and timm's once the closure has made the gradients: the
+    same weights and state as gradients set before step(); bf16 weights take timm's update (float32 state)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        before, closed = _params(0), _params(0)
+        grads = [torch.randn(p.shape, dtype=dtype) for p in before]
+        for a, b, g in zip(before, closed, grads):
+            a.data, b.data = a.data.to(dtype), b.data.to(dtype)
+            a.grad = g.clone()
+        AdafactorLean(before, lr=1e-2).step()
+
+        def closure():
+            for q, g in zip(closed, grads):
+                q.grad = g.clone()
+            return torch.tensor(1.)
+        opt = AdafactorLean(closed, lr=1e-2)
+        assert opt.step(closure) == 1.
+        assert all(torch.equal(a, b) for a, b in zip(before, closed)), dtype
+        assert all(t.dtype == torch.float32 for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
 def test_registered_with_timm(tiny_vit_kwargs):
     model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs)
     opt = create_optimizer_v2(model, 'adafactorlean', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
@@ -184,6 +205,24 @@ def test_step_in_backward_refuses_what_it_cannot_do():
         AdafactorLean([p], lr=1e-2, step_in_backward=True)
     opt.remove_hooks()
     AdafactorLean([p], lr=1e-2, step_in_backward=True)  # dropped at once: nothing holds it
+
+    # a dense weight with sparse gradients (nn.Embedding(sparse=True)): refused before any state is made
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = AdafactorLean(emb.parameters(), lr=1e-2, step_in_backward=True)
+    with pytest.raises(RuntimeError, match='dense float32 gradients; a \\(10, 4\\) weight got a torch.sparse_coo'):
+        emb(torch.tensor([1, 2])).sum().backward()
+    assert not opt.state
+
+    # a resumed state whose options the hooks cannot run (timm's Adafactor with betas): refused before loading
+    params = _params(0)
+    saved = Adafactor(params, lr=1e-2, betas=(0.9, 0.999)).state_dict()
+    opt = AdafactorLean(params, lr=1e-2, step_in_backward=True)
+    with pytest.raises(ValueError, match='betas, caution or lr=None.*resume it without step_in_backward'):
+        opt.load_state_dict(saved)
+    assert all(g['beta1'] is None for g in opt.param_groups)
+    opt.param_groups[0]['beta1'] = 0.9  # changed by hand later: the hook refuses rather than ignore it
+    with pytest.raises(RuntimeError, match='has been changed'):
+        sum((q * q).sum() for q in params).backward()
 
 
 def test_step_in_backward_follows_the_optimizer():

@@ -136,6 +136,8 @@ def test_bad_arguments_name_the_fix():
         SpheroMoE(8, routing='softmoe')
     with pytest.raises(ValueError, match='at least one expert'):
         SpheroMoE(8, num_core_experts=0, num_univ_experts=0)
+    with pytest.raises(ValueError, match='temperature 0.0 must exceed temperature_min'):  # not the default
+        SpheroMoE(8, 2, 2, temperature_init=0.)
 
 
 def test_entmax15_definition():
@@ -285,7 +287,7 @@ def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
     import copy
     import pickle
     from torch.nn.utils import parametrize
-    from jetmoe_timm.layers import ExpertLinear, set_autocast_weight_cache
+    from jetmoe_timm.layers import ExpertLinear, set_autocast_weight_cache, set_keep_grad_memory
     torch.manual_seed(0)
     layer = SpheroMoE(16, 3, 6, routing='sphero').eval()
     x = torch.randn(2, 9, 16)
@@ -322,6 +324,23 @@ def test_autocast_weight_copy_is_kept_between_eval_calls_and_never_stale():
         versions = [p._version for p in m.parameters()]
         opt.step()
         assert [p._version for p in m.parameters()] == versions
+    assert all(m._autocast_copy is None for m in experts) and same()
+    # the same with the opt-in kept gradient memory, whose forward takes another path
+    run(layer)
+    set_keep_grad_memory(layer)
+    layer(x).square().sum().backward()
+    assert all(m._autocast_copy is None for m in experts)
+    set_keep_grad_memory(layer, False)
+    layer.zero_grad(set_to_none=True)
+
+    # torch.utils.swap_tensors refuses a tensor with weak references: load_state_dict drops the copies first
+    run(layer)
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.load_state_dict(recast.state_dict())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
     assert all(m._autocast_copy is None for m in experts) and same()
 
     # functional_call with new parameters every call: a new tensor at the address of the last one, at the same

@@ -249,10 +249,10 @@ class ExpertLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self._keeps_grad_memory(x):
-                return self._forward_keeping_grad_memory(x)
             if torch.is_grad_enabled():
                 self._autocast_copy = None  # gradients on: the weights may be trained from here on
+                if self._keeps_grad_memory(x):
+                    return self._forward_keeping_grad_memory(x)
             elif self._uses_autocast_copy(x):
                 weight, bias = self._autocast_weights(x.device.type)
                 return torch.baddbmm(bias.unsqueeze(1), x, weight)
@@ -327,6 +327,12 @@ class ExpertLinear(nn.Module):
         # .to() / .half() / .cuda(): the kept memory would be dead weight
         self._grad_buffer = self._autocast_copy = None
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new weights; and the copy's weak references to them would stop torch.utils.swap_tensors, which
+        # load_state_dict uses under torch.__future__.set_swap_module_params_on_conversion(True)
+        self._autocast_copy = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):  # copies and pickles do not take the kept memory along
         return dict(super().__getstate__(), _grad_buffer=None, _autocast_copy=None)
@@ -520,7 +526,9 @@ class SpheroMoE(nn.Module):
         self.last_routing: Optional[Dict[str, torch.Tensor]] = None
 
         num_temps = preset['num_temperatures']
-        self.temperature_init = temperature_init or (0.5 if num_temps == 2 else 1.0)
+        if temperature_init is None:  # not `or`: an explicit 0 is refused by reset_parameters, not replaced
+            temperature_init = 0.5 if num_temps == 2 else 1.0
+        self.temperature_init = temperature_init
         self.slot_query = nn.Parameter(torch.empty(self.num_experts, slots_per_expert, dim, **dd))
         self.slot_norm = nn.LayerNorm(dim, **dd) if preset['slot_norm'] else nn.Identity()
         # softplus parametrisation: temperature = temperature_min + softplus(temp_raw) stays > 0 with a live grad
