@@ -1,8 +1,8 @@
 """ What every JetMoE model shares, whatever its dense family: SpheroMoE layers built from one bundle of options,
 and the timm hooks that treat those layers alike (``moe_layers``, ``no_weight_decay``, layer-decay grouping).
 
-A family's model subclasses ``JetMoEMixin`` first and its timm model second, builds the dense model, then calls
-``_replace_mlps`` once; everything MoE-specific after that is here.
+A family's model subclasses ``JetMoEMixin`` first and its timm model second, builds the dense model, then replaces the
+MLPs of the blocks ``_resolve_moe_blocks`` chooses with ``_make_moe``; everything MoE-specific after that is here.
 """
 import re
 from dataclasses import dataclass
