@@ -200,6 +200,54 @@ def test_calibration_sources(predecessor, tmp_path):
         _recycle(predecessor, calib=str(empty))
 
 
+def test_calibration_from_datasets_and_loaders_of_every_shape(predecessor):
+    """Calibration images from a Dataset of bare images or of (image, label) pairs, and from DataLoaders batched
+    or not (batch_size=None): every source gives the same images, hence the same selection."""
+    images = [torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+
+    class Bare(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i]
+    labelled = torch.utils.data.TensorDataset(torch.stack(images), torch.arange(6))
+    sources = {'bare dataset': Bare(), 'labelled dataset': labelled,
+               'batched loader': torch.utils.data.DataLoader(labelled, batch_size=4),
+               'unbatched loader': torch.utils.data.DataLoader(Bare(), batch_size=None)}
+    selections = {}
+    for name, calib in sources.items():
+        _, r = _recycle(predecessor, calib=calib, num_calib=6, measure_retention=False)
+        assert r.provenance['calibration_images'] == 6, name
+        selections[name] = r.selection
+    first = selections['bare dataset']
+    assert all(all(torch.equal(sel[k], first[k]) for k in first) for sel in selections.values())
+
+
+def test_bf16_predecessor_and_successor(predecessor):
+    """Calibration images reach a bfloat16 model in its own dtype (statistics and the retention figure)."""
+    pred = timm.create_model('vit_small_patch16_224', **PRED_KWARGS).eval()
+    pred.load_state_dict(predecessor.state_dict())
+    succ, r = _recycle(pred.to(torch.bfloat16), succ=_successor().to(torch.bfloat16), calib='synthetic')
+    assert 0 < r.provenance['retention']['cka'] <= 1
+    assert torch.equal(succ.patch_embed.proj.weight, pred.patch_embed.proj.weight[r.selection['channels']])
+
+
+def test_unpooled_successor_gets_a_retention_figure(predecessor):
+    """global_pool='' (timm's call for unpooled features): the figure averages the successor's tokens."""
+    succ, r = _recycle(predecessor, succ=_successor(global_pool='', num_classes=0))
+    assert 0 < r.provenance['retention']['cka'] <= 1 and r.provenance['retention']['features'] == 32
+
+
+def test_non_finite_predecessor_is_refused(predecessor):
+    pred = timm.create_model('vit_small_patch16_224', **PRED_KWARGS).eval()
+    pred.load_state_dict(predecessor.state_dict())
+    with torch.no_grad():
+        pred.blocks[0].mlp.fc2.weight[3, 5] = float('nan')
+    with pytest.raises(ValueError, match="'blocks.0.mlp.fc2.weight' holds NaN or infinite values"):
+        _recycle(pred)
+
+
 @pytest.mark.parametrize('source', ['synthetic', 'folder'])
 def test_calibration_feeds_single_channel_models(tmp_path, source):
     """A grey-scale predecessor (in_chans=1) gets 1-channel calibration images, normalised with one mean / std."""

@@ -185,14 +185,20 @@ def calibration_batches(
     if isinstance(calib, ImageListing):
         return (_batched(_folder_images(calib, num_images, seed), transform, batch_size, mode), total,
                 f'folder:{calib.folder.name}:{num_images}')
-    if isinstance(calib, torch.utils.data.Dataset):
+    from_dataset = isinstance(calib, torch.utils.data.Dataset)
+    if from_dataset:  # batches are lists of the dataset's own items: images, or (image, label, ...) tuples
         calib = torch.utils.data.DataLoader(calib, batch_size=batch_size, shuffle=False,
                                             collate_fn=lambda items: items)
     if isinstance(calib, torch.utils.data.DataLoader):
         def loader_images():
             n = 0
             for batch in calib:
-                items = batch[0] if isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]) else batch
+                items = batch
+                if not from_dataset:  # a collated (images, labels) batch, an images batch, or (batch_size=None) one
+                    if isinstance(batch, (tuple, list)) and torch.is_tensor(batch[0]):
+                        items = batch[0]
+                    if torch.is_tensor(items) and items.ndim == 3:
+                        items = [items]
                 for item in items:
                     if isinstance(item, (tuple, list)):
                         item = item[0]

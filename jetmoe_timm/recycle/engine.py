@@ -73,6 +73,10 @@ def _input_channels(model: nn.Module) -> Optional[int]:
 
 
 def _check_input(predecessor: nn.Module, successor: nn.Module) -> None:
+    for name, t in predecessor.state_dict().items():  # statistics of NaN / inf select by index order, silently
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the predecessor's '{name}' holds NaN or infinite values: recycle from a checkpoint "
+                             f"whose weights are finite (a damaged or diverged one?).")
     c_pred, c_succ = _input_channels(predecessor), _input_channels(successor)
     if c_pred != c_succ:
         raise ValueError(f'the predecessor takes {c_pred} input channels, the successor {c_succ}: build the '

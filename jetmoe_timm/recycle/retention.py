@@ -23,14 +23,16 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class _Pooled(nn.Module):
-    """The pooled pre-logits features of a timm classifier as its forward: (B, C, H, W) -> (B, num_features)."""
+    """The pooled pre-logits features of a timm classifier as its forward: (B, C, H, W) -> (B, num_features).
+    A model without pooling (``global_pool=''``) gives its tokens (B, N, C) or map (B, C, H, W): averaged here."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        x = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return x.mean(1) if x.ndim == 3 else x.mean((2, 3)) if x.ndim == 4 else x
 
 
 @torch.no_grad()
@@ -40,10 +42,10 @@ def pooled_features(model: nn.Module, images: Iterable[torch.Tensor], chunk: int
     was_training = model.training
     model.eval()
     wrapper = _Pooled(model)
-    device = next(model.parameters()).device
+    first = next(model.parameters())  # images go to the model's device and dtype (a bf16 model)
     try:
         # a few images at a time: the figure needs no speed, and a large successor's activations stay small
-        feats = [wrapper(c.to(device)).float().cpu() for x in images for c in x.split(chunk)]
+        feats = [wrapper(c.to(first.device, first.dtype)).float().cpu() for x in images for c in x.split(chunk)]
     finally:
         model.train(was_training)
     return torch.cat(feats)

@@ -126,11 +126,11 @@ def collect_statistics(
             handles.append(modules[p.module].register_forward_hook(lambda m, args, out, a=a: a.update(out)))
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    first = next(model.parameters())  # images go to the model's device and dtype (a bf16 predecessor)
     num_images = 0
     try:
         for x in batches:
-            model(x.to(device))
+            model(x.to(first.device, first.dtype))
             num_images += x.shape[0]
             if bar is not None:
                 bar.update()
