@@ -285,8 +285,8 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
         origin = ''
 
     default_id = _default_hub_id(name)
-    if repo_id == default_id:
-        by_name = (f"These are the default weights of `{name}`: `timm.create_model('{arch}', pretrained=True)` "
+    if repo_id == default_id:  # by its full name: the bare arch loads the arch's default tag, maybe another
+        by_name = (f"These are the default weights of `{name}`: `timm.create_model('{name}', pretrained=True)` "
                    f"downloads them as well.")
     elif default_id is not None and _fits_default_model(name, folder):
         by_name = (f"By name: `timm.create_model('{name}', pretrained=True, "
@@ -350,10 +350,14 @@ def _write_card(folder: Path, text: str) -> bool:
     if path.is_file() and CARD_MARK not in path.read_text():
         return False
     fd, tmp = tempfile.mkstemp(dir=folder, prefix='.README.md.', suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: a leftover would make the folder look like something else than a model
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return True
 
 

@@ -215,6 +215,25 @@ def test_dry_run_writes_the_folder_and_sends_nothing(tiny_folder, local_hub, mon
     assert local_hub.requests == []
 
 
+def test_card_at_a_tags_default_repo_names_the_tag(tiny_folder):
+    """At the tag's own default repo the card's by-name call names the tag: the bare architecture loads the
+    architecture's default tag, which is another repo for every other tag (the DeiT-3 ones)."""
+    card = render_model_card(tiny_folder, 'jetmoe-timm/v_jetmoe_tiny.recycled_in21k')
+    assert "`timm.create_model('v_jetmoe_tiny.recycled_in21k', pretrained=True)` downloads them as well" in card
+
+
+def test_a_card_that_cannot_be_written_leaves_nothing_behind(tiny_folder, monkeypatch):
+    import errno
+    import jetmoe_timm.hub as hub
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(hub.os, 'replace', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        push_to_hub(tiny_folder, 'org/name', dry_run=True)
+    assert not list(tiny_folder.glob('.README.md.*'))  # a leftover would make the folder look like no model
+
+
 def test_hand_written_card_is_kept(tiny_folder, caplog):
     (tiny_folder / 'README.md').write_text('# my own card\n')
     push_to_hub(tiny_folder, 'org/name', dry_run=True)

@@ -662,6 +662,20 @@ def test_bare_convnext_predecessor_file(tmp_path, caplog):
     torch.testing.assert_close(succ.head.norm.weight, pred.head.norm.weight[ch], rtol=0, atol=0)
 
 
+def test_recycle_cache_keys_a_calibration_folder_by_where_it_is(tmp_path, monkeypatch):
+    """JETMOE_TIMM_CALIB=calib from two projects is two folders, two builds; one folder spelled two ways is one."""
+    from jetmoe_timm.recycle.build import _cache_key
+    keys = {}
+    for project in ('a', 'b'):
+        (tmp_path / project / 'calib').mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / project)
+        keys[project] = _cache_key('v_jetmoe_tiny.recycled_in21k', {}, 'vit_small_patch16_224', dict(calib='calib'))
+    assert keys['a'] != keys['b']
+    assert keys['b'] == _cache_key('v_jetmoe_tiny.recycled_in21k', {}, 'vit_small_patch16_224',
+                                   dict(calib=str(tmp_path / 'b' / 'calib')))
+    assert _cache_key('m', {}, 'p', dict(calib='synthetic')) != _cache_key('m', {}, 'p', dict(calib='weights'))
+
+
 def test_recycle_cache_fingerprints_every_weights_file_timm_reads_from_a_folder(tmp_path):
     """A folder predecessor's fingerprint covers each file timm's local-dir loader may read (its '.pth.tar' too) and
     config.json, nothing else: replacing any of them invalidates the cached build, a README does not."""

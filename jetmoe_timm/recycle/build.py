@@ -300,6 +300,9 @@ def _local_fingerprint(pred_spec: str) -> Optional[list]:
 def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options: Dict[str, Any]) -> str:
     if is_local_spec(pred_spec):  # one key per file or folder, whatever the working folder or spelling
         pred_spec = os.path.realpath(local_path(pred_spec))
+    calib = options.get('calib')
+    if isinstance(calib, (str, os.PathLike)) and calib not in ('synthetic', 'weights'):  # a folder: the same
+        options = dict(options, calib=os.path.realpath(calib))  # 'calib' from two working folders is two folders
     blob = json.dumps(dict(model=full, kwargs=model_kwargs, predecessor=pred_spec, options=options,
                            version=__version__), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
