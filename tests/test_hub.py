@@ -106,12 +106,16 @@ _LOAD = """
         hf_hub_id=timm.create_model('v_jetmoe_hubtest', pretrained=True, cache_dir=os.path.join(home, 'c1')),
         hf_hub=timm.create_model('hf-hub:' + repo, pretrained=True, cache_dir=os.path.join(home, 'c2')),
         local_dir=timm.create_model('local-dir:' + snapshot, pretrained=True),
+        # another image size: the same Hub copy, its position grid resampled on load (nothing recycled)
+        img_size=timm.create_model('v_jetmoe_hubtest', pretrained=True, img_size=48,
+                                   cache_dir=os.path.join(home, 'c1')),
     )
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     out = {{}}
     for key, model in models.items():
         out.update({{f'{{key}}/{{k}}': v for k, v in model.state_dict().items()}})
-        out[f'{{key}}/logits'] = model.eval()(x).detach()
+        if key != 'img_size':
+            out[f'{{key}}/logits'] = model.eval()(x).detach()
     safetensors.torch.save_file({{k: v.contiguous() for k, v in out.items()}}, os.path.join(home, 'loaded.safetensors'))
     print(json.dumps(dict(snapshot=sorted(os.listdir(snapshot)))))
 """
@@ -164,6 +168,9 @@ def test_push_repush_and_load_three_ways(tmp_path, local_hub, tiny_folder, tiny_
         for k, v in pushed.items():
             assert torch.equal(loaded[f'{way}/{k}'], v), (way, k)
         assert torch.equal(loaded[f'{way}/logits'], logits), way
+    # img_size=48: every tensor pushed but the position grid, resampled from 8 x 8 to 12 x 12 patches
+    assert loaded['img_size/pos_embed'].shape[1] == 1 + 12 * 12 and pushed['pos_embed'].shape[1] == 1 + 8 * 8
+    assert all(torch.equal(loaded[f'img_size/{k}'], v) for k, v in pushed.items() if k != 'pos_embed')
 
 
 # --- in-process: no network (HF_HUB_OFFLINE=1 from conftest) ---------------------------------------------

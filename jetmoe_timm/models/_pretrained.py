@@ -72,6 +72,9 @@ _FACTORY_KWARGS = ({p for f in (timm.create_model, build_model_with_cfg) for p i
 _MEANINGLESS = (nn.Dropout, DropPath, nn.Identity)
 # model arguments timm itself adapts pretrained weights to: they never call for other weights
 _ADAPTED_ON_LOAD = {'num_classes', 'in_chans'}
+# ... and those whose position grid the family's checkpoint filter resamples on load: with nothing else changed the
+# Hub copy serves them (as timm serves its own checkpoints at other sizes); with other changes they are built for
+_RESAMPLED_ON_LOAD = {'img_size'}
 
 class WeightsUnavailableError(RuntimeError):
     """No pretrained weights can be had (offline, nothing cached): the message names the ways out. The model
@@ -281,7 +284,8 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     registered = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'))
     given = bool(cfg.hf_hub_id) and cfg.hf_hub_id != getattr(registered, 'hf_hub_id', None)
     path = None
-    if given or (cfg.hf_hub_id and not changes and not os.environ.get('JETMOE_TIMM_PREDECESSOR')):
+    hub_fits = set(changes) <= _RESAMPLED_ON_LOAD
+    if given or (cfg.hf_hub_id and hub_fits and not os.environ.get('JETMOE_TIMM_PREDECESSOR')):
         path = _hub_file(cfg.hf_hub_id, kwargs.get('cache_dir'), given=given)  # b.
     if path is None:
         if _weight_builder is None:
