@@ -166,6 +166,42 @@ def test_resampled_grid_and_narrow_heads(predecessor):
     assert succ.patch_embed.proj.weight.shape == (32, 3, 8, 8)
 
 
+@pytest.mark.parametrize('qk_norm', [False, True])
+def test_narrower_heads_keep_the_attention_temperature(qk_norm):
+    """Heads of 6 dims from heads of 12: the successor divides q.k by sqrt(6) where the predecessor divided by
+    sqrt(12), so its queries (their rows of qkv, or q_norm) are scaled by sqrt(6 / 12). Oracle (without qk_norm): a
+    predecessor whose dropped dims are dead (zero q, k, v rows) computes its attention from the kept dims alone;
+    the recycled attention computes the same."""
+    d, h, hd = 48, 4, 12
+    torch.manual_seed(0)
+    pred = _randomize(timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, embed_dim=d, depth=2,
+                                        num_heads=h, qk_norm=qk_norm, num_classes=7)).eval()
+    with torch.no_grad():
+        for blk in pred.blocks:
+            for k in range(3):
+                for j in range(h):
+                    dead = slice(k * d + j * hd + hd // 2, k * d + (j + 1) * hd)
+                    blk.attn.qkv.weight[dead] = 0
+                    blk.attn.qkv.bias[dead] = 0
+    succ = timm.create_model('v_jetmoe_tiny', img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=h,
+                             qk_norm=qk_norm, moe_blocks=(), num_classes=7)
+    succ, r = _recycle(pred, succ=succ, measure_retention=False)
+    assert torch.equal(r.selection['blocks.0.attn_dims'].view(h, hd // 2) % hd, torch.arange(hd // 2).expand(h, -1))
+    ch, s = r.selection['channels'], (6 / 12) ** 0.5
+    if qk_norm:  # the norm carries the scale (its statistics over 6 dims differ from those over 12: no oracle)
+        a, b = succ.blocks[0].attn, pred.blocks[0].attn
+        torch.testing.assert_close(a.q_norm.weight, b.q_norm.weight[:hd // 2] * s)
+        torch.testing.assert_close(a.q_norm.bias, b.q_norm.bias[:hd // 2] * s)
+        assert torch.equal(a.k_norm.weight, b.k_norm.weight[:hd // 2])
+        rows = torch.cat([r.selection['blocks.0.attn_dims'] + k * d for k in range(3)])
+        assert torch.equal(a.qkv.weight, b.qkv.weight[rows][:, ch])  # q unscaled: q_norm scales it
+        return
+    x = torch.zeros(2, 5, d)
+    x[..., ch] = torch.randn(2, 5, len(ch))
+    with torch.no_grad():
+        torch.testing.assert_close(succ.eval().blocks[0].attn(x[..., ch]), pred.blocks[0].attn(x)[..., ch])
+
+
 def test_official_recipe(predecessor):
     torch.manual_seed(2)
     body = _randomize(timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, embed_dim=32,

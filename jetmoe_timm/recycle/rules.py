@@ -7,7 +7,7 @@ source tensor, an advanced index (a 2-D index stacks experts on a new leading ax
 an optional leading expert axis to broadcast to. Keys the plan does not name keep the successor's own
 initialisation (slot queries, temperatures, a new head).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import re
@@ -20,12 +20,14 @@ __all__ = ['Rule', 'Take', 'apply_plan', 'expert_takes', 'fill_missing_biases', 
 
 @dataclass
 class Take:
-    """successor tensor = expand(permute(source[index]))."""
+    """successor tensor = expand(permute(source[index])) * scale."""
     source: str
     index: Tuple = ()
     permute: Optional[Tuple[int, ...]] = None
     expand: Optional[int] = None
     predecessor: str = 'main'  # 'main', or 'body' for the official recipe's second predecessor
+    # broadcast over the taken tensor (a ViT's queries with narrower heads); not compared: tensors have no ==
+    scale: Optional[torch.Tensor] = field(default=None, compare=False)
 
     def __call__(self, state: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The taken tensor: a new tensor where it is indexed, else a view of the source (copy it to keep it)."""
@@ -36,6 +38,8 @@ class Take:
             t = t.permute(*self.permute)
         if self.expand is not None:
             t = t.unsqueeze(0).expand(self.expand, *t.shape)
+        if self.scale is not None:
+            t = t * self.scale.to(t.dtype)
         return t
 
 

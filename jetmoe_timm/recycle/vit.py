@@ -6,6 +6,7 @@ keeps whole heads (top heads by the statistic of their output dims) and, if the 
 narrower, the same top dims within every kept head, for q, k and v alike.
 """
 import copy
+import dataclasses
 import math
 from typing import Dict, Optional
 
@@ -238,6 +239,24 @@ def _indices(pred, succ, sel: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return out
 
 
+def _keep_attention_temperature(p: Dict[str, Take], succ, ratio: float) -> None:
+    """Narrower heads (head_dim hd_s of the predecessor's hd): the successor's attention divides q.k by sqrt(hd_s)
+    where the predecessor divided by sqrt(hd); the queries are scaled by sqrt(hd_s / hd) so that the kept dims give
+    the logits they gave. A q_norm carries the scale (it normalises q after qkv); else the q rows of qkv do."""
+    s = torch.tensor(ratio ** 0.5)
+    for i, blk in enumerate(succ.blocks):
+        prefix = f'blocks.{i}.attn'
+        if f'{prefix}.q_norm.weight' in p:
+            targets = {f'{prefix}.q_norm.{n}': s for n in ('weight', 'bias')}
+        else:
+            q_rows = torch.ones(blk.attn.qkv.out_features)
+            q_rows[:blk.attn.qkv.out_features // 3] = s
+            targets = {f'{prefix}.qkv.weight': q_rows[:, None], f'{prefix}.qkv.bias': q_rows}
+        for key, scale in targets.items():
+            if key in p:
+                p[key] = dataclasses.replace(p[key], scale=scale)
+
+
 def _identity(body, succ) -> Dict[str, torch.Tensor]:
     """Index sets that take the same-width body predecessor whole (the official recipe)."""
     state = body.state_dict()
@@ -263,6 +282,8 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
         p = plan_from_rules(RULES, keys, _identity(body, succ), predecessor='body')
     else:
         p = plan_from_rules(RULES, keys, _indices(pred, succ, sel))
+    if recipe != 'official' and _head_dim(succ) != _head_dim(pred):
+        _keep_attention_temperature(p, succ, _head_dim(succ) / _head_dim(pred))
     ch, source = (torch.arange(succ.embed_dim), 'body') if recipe == 'official' else (sel['channels'], 'main')
     # final norm: the predecessor's pre-pool norm also serves as the successor's post-pool fc_norm
     succ_norm = 'fc_norm' if len(list(succ.fc_norm.parameters())) else 'norm'
