@@ -217,6 +217,11 @@ def test_official_recipe(predecessor):
         assert torch.equal(S['blocks.3.mlp.core_experts.fc2.bias'][e], P['blocks.3.mlp.fc2.bias'][chx[e]])
     with pytest.raises(ValueError, match='body_predecessor'):
         recycle(_successor(), predecessor, recipe='official', calib='weights', progress=False)
+    # a body whose layers the successor has no place for (qk-norm): refused, as the paper recipe refuses them
+    normed = _randomize(timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, embed_dim=32, depth=4,
+                                          num_heads=2, num_classes=10, qk_norm=True))
+    with pytest.raises(ValueError, match=r'no place for 16 body_predecessor tensor\(s\), e.g. blocks.0.attn.q_norm'):
+        recycle(_successor(), predecessor, recipe='official', body_predecessor=normed, progress=False)
 
 
 def test_calibration_sources(predecessor, tmp_path):
@@ -273,6 +278,17 @@ def test_unpooled_successor_gets_a_retention_figure(predecessor):
     """global_pool='' (timm's call for unpooled features): the figure averages the successor's tokens."""
     succ, r = _recycle(predecessor, succ=_successor(global_pool='', num_classes=0))
     assert 0 < r.provenance['retention']['cka'] <= 1 and r.provenance['retention']['features'] == 32
+
+
+def test_head_is_copied_only_with_the_norm_on_the_same_side_of_the_pooling(predecessor):
+    """An average-pooling predecessor that norms before pooling (fc_norm=False, timm's *_gap_* ViTs) into a successor
+    that norms after it (fc_norm, the default for average pooling): the head would read other features, so it is
+    left fresh; with the norm where the predecessor has it, it is copied."""
+    pred = _randomize(timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, global_pool='avg', fc_norm=False)))
+    for fc_norm, copied in ((None, False), (False, True)):
+        succ, r = _recycle(pred.eval(), succ=_successor(global_pool='avg', fc_norm=fc_norm), calib='weights',
+                           measure_retention=False)
+        assert ('head.weight' not in r.fresh_keys) == copied, fc_norm
 
 
 def test_non_finite_predecessor_is_refused(predecessor):

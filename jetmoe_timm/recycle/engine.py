@@ -154,7 +154,8 @@ def _record_features(features: List[torch.Tensor], limit: int):
     return hook
 
 
-def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn.Module, seed: int = 0) -> None:
+def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn.Module, seed: int = 0,
+                       what: str = 'predecessor') -> None:
     """Refuse a successor that has no place for part of the predecessor (a bias, a norm, a pooling layer), or
     needs a tensor the predecessor lacks, before any statistics are taken: a dry plan from data-free statistics
     names the same tensors as the real one (which index is taken does not change which tensor is read)."""
@@ -163,12 +164,12 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
     plan = family.plan(predecessor, successor, selection, 'paper')
     unread, missing = unplaced_tensors(plan, predecessor.state_dict(), family.block_pattern, family.scale_rules)
     if missing:
-        raise ValueError(f"the successor needs predecessor tensors that are not there: {', '.join(missing[:4])}"
-                         f"{' ...' if len(missing) > 4 else ''}: build it with the predecessor's layer options.")
+        raise ValueError(f"the successor needs {what} tensors that are not there: {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''}: build it with the {what}'s layer options.")
     if unread:
-        raise ValueError(f"the successor has no place for {len(unread)} predecessor tensor(s), e.g. "
+        raise ValueError(f"the successor has no place for {len(unread)} {what} tensor(s), e.g. "
                          f"{', '.join(unread[:4])}: their computation would be lost; build the successor with the "
-                         f"predecessor's layer options (e.g. qkv_bias=True, qk_norm=True, proj_bias=True).")
+                         f"{what}'s layer options (e.g. qkv_bias=True, qk_norm=True, proj_bias=True).")
 
 
 def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:
@@ -248,6 +249,7 @@ def recycle(
         if family.body_width(body_predecessor) != family.body_width(successor):
             raise ValueError('the official recipe copies the body verbatim: body_predecessor must have the '
                              'successor\'s width.')
+        check_nothing_lost(family, body_predecessor, successor, seed, 'body_predecessor')
 
     t0 = time.perf_counter()
     # everything is recycled from the predecessor at the successor's grid; statistics are taken there by default

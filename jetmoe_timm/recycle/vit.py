@@ -273,10 +273,13 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     same-width ``body`` predecessor and only the experts from ``pred``."""
     keys = list(succ.state_dict())
     src = body if recipe == 'official' else pred  # what the body, final norm and head are taken from
-    # the classifier only when it means the same thing: same classes, same pooling
+    # the final norm: the predecessor's pre-pool norm also serves as the successor's post-pool fc_norm
+    succ_norm = 'fc_norm' if len(list(succ.fc_norm.parameters())) else 'norm'
+    src_norm = 'fc_norm' if len(list(src.fc_norm.parameters())) else 'norm'
+    # the classifier only when it means the same thing: same classes, same pooling, the norm on the same side of it
     head_w, src_head_w = getattr(succ.head, 'weight', None), getattr(src.head, 'weight', None)
     same_head = (head_w is not None and src_head_w is not None and head_w.shape[0] == src_head_w.shape[0]
-                 and succ.global_pool == src.global_pool)
+                 and succ.global_pool == src.global_pool and succ_norm == src_norm)
     keys = [k for k in keys if same_head or not k.startswith('head.')]
     if recipe == 'official':
         p = plan_from_rules(RULES, keys, _identity(body, succ), predecessor='body')
@@ -285,9 +288,6 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     if recipe != 'official' and _head_dim(succ) != _head_dim(pred):
         _keep_attention_temperature(p, succ, _head_dim(succ) / _head_dim(pred))
     ch, source = (torch.arange(succ.embed_dim), 'body') if recipe == 'official' else (sel['channels'], 'main')
-    # final norm: the predecessor's pre-pool norm also serves as the successor's post-pool fc_norm
-    succ_norm = 'fc_norm' if len(list(succ.fc_norm.parameters())) else 'norm'
-    src_norm = 'fc_norm' if len(list(src.fc_norm.parameters())) else 'norm'
     src_keys = src.state_dict()
     for name, _ in getattr(succ, succ_norm).named_parameters():
         if f'{src_norm}.{name}' in src_keys:  # a predecessor without a final norm leaves the successor's
