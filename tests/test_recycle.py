@@ -100,6 +100,10 @@ def test_every_method_matches_predecessor_index_by_index(predecessor, method):
 
 
 def test_method_specifics(predecessor):
+    # copy with universal experts wider than the core ones (univ_ratio 2): they take the top neurons instead
+    _, wide = _recycle(predecessor, 'copy', succ=_successor(core_hidden=64, univ_ratio=2.))
+    rows = wide.selection['blocks.3.univ_neurons']
+    assert rows.shape == (6, 128) and rows[0].unique().numel() == 128 and all(torch.equal(rows[0], r) for r in rows)
     _, imp = _recycle(predecessor, 'importance')
     _, cp = _recycle(predecessor, 'copy')
     _, uni = _recycle(predecessor, 'uniform')

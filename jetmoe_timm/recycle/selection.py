@@ -135,7 +135,8 @@ class Method:
 
 def _copy_rows(n, k, importance, g, ctx):
     pool = ctx.get('copy_pool')
-    pool = pool if pool is not None else top_k(importance, k)
+    if pool is None or pool.numel() < k:  # no core experts, or universal ones wider than them: the top k
+        pool = top_k(importance, k)
     return [pool if pool.numel() == k else pool[uniform_indices(pool.numel(), k)]] * n
 
 
@@ -176,7 +177,7 @@ def select_neurons(
         importance: (H,) neuron statistic of the predecessor MLP.
         coact, parts: co-activation counts (H, H) and their METIS partition, for 'graph'.
         copy_pool: for 'copy', the neurons the dense successor keeps (experts take it whole, or evenly
-            strided when narrower).
+            strided when narrower; wider experts take the top k instead).
     """
     H = importance.numel()
     if k > H:
