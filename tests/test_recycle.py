@@ -512,6 +512,36 @@ def test_convert_cli_writes_loadable_folder(tmp_path, pred_dir, monkeypatch):
         main(args[:5] + ['--method', 'best'])
 
 
+def test_convert_cli_ended_by_sigterm_leaves_nothing_behind(tmp_path, pred_dir):
+    """`timeout` and schedulers end a command with SIGTERM: convert removes its half-written folder on the way out
+    (exit code 143) instead of leaving a hidden temporary folder beside --out."""
+    import signal
+    import time
+    marker = tmp_path / 'writing'
+    script = textwrap.dedent(f"""
+        import sys, time, safetensors.torch
+        from jetmoe_timm.tools.cli import main
+        real = safetensors.torch.save_file
+        def slow(*args, **kwargs):  # the weights are written; the command is killed before it renames them
+            real(*args, **kwargs)
+            open({str(marker)!r}, 'w').close()
+            time.sleep(60)
+        safetensors.torch.save_file = slow
+        sys.exit(main(['convert', 'v_jetmoe_tiny', '--out', {str(tmp_path / 'out')!r}, '--predecessor',
+                       'local-dir:{pred_dir}', '--num-calib', '2', '--no-progress', '--model-kwargs', 'img_size=32',
+                       'patch_size=4', 'embed_dim=32', 'depth=4', 'num_heads=2', 'num_core_experts=4',
+                       'num_univ_experts=6']))
+    """)
+    child = subprocess.Popen([sys.executable, '-c', script], env=dict(os.environ, HF_HUB_OFFLINE='1'))
+    deadline = time.time() + 120
+    while not marker.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), 'the conversion did not reach its write'
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['pred', 'writing']  # no out, no .out.* folder
+
+
 def test_predecessor_input_contract_travels(tmp_path, predecessor, monkeypatch, capsys):
     """Weights trained with some preprocessing keep it: the converted folder, the first-load build and the
     calibration all use the predecessor's mean / std / interpolation / crop, not the V-JetMoE default."""

@@ -8,7 +8,9 @@ its models.
 import argparse
 import difflib
 import importlib
+import signal
 import sys
+import threading
 from typing import List, Optional
 
 from ..version import __version__
@@ -71,12 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
 _USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # their messages say what is wrong and the fix
 
 
+def _exit_on_sigterm():
+    """Make SIGTERM (``timeout``, schedulers, ``kill``) end the command as an exception does, so that what it was
+    writing is removed on the way out (a hidden temporary folder next to ``--out`` otherwise stays); returns the
+    handler to restore, or None where the process's signals are not ours to set."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:  # said by the subcommand that was given them, with its options to suggest from
         _command_parser(parser, argv).unrecognized(extra)
+    previous = _exit_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except Exception as e:  # every failure: one line (the traceback only with --debug), exit code 2
@@ -87,6 +99,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'jetmoe-timm {args.command}: error: {what}' + ('' if isinstance(e, _USER_ERRORS) else
                                                                  ' (--debug shows the traceback)'), file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':
