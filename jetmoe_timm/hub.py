@@ -138,6 +138,23 @@ def _default_hub_id(name: str) -> Optional[str]:
     return cfg.hf_hub_id if cfg is not None else None
 
 
+def default_repo_problem(name: str, provenance: Dict[str, Any]) -> Optional[str]:
+    """Why weights of this ``provenance`` (predecessor, method, recipe) do not belong in the default repo of the
+    recycled tag ``name``, which ``create_model(name, pretrained=True)`` downloads and whose cfg promises weights
+    recycled from the tag's predecessor by importance sampling (paper recipe); None if they do, or if the tag is
+    not built by recycling."""
+    source = RECYCLE_SOURCES.get(name)
+    if source is None:
+        return None
+    want = dict(predecessor=source['predecessor'], method='importance', recipe='paper')
+    got = {k: provenance.get(k) for k in want}
+    if got == want:
+        return None
+    return (f"the default repo of '{name}' holds weights recycled from {want['predecessor']} by importance sampling "
+            f"(paper recipe), not {', '.join(f'{k}={v}' for k, v in got.items() if v != want[k])}: push them to your "
+            f"own --repo-id ORG/NAME")
+
+
 def _fits_default_model(name: str, folder: Path) -> bool:
     """Whether the folder holds weights of ``timm.create_model(name)`` itself (what ``pretrained=True`` builds):
     the same shapes, module types and attention heads as the architecture its config.json describes."""
@@ -445,6 +462,8 @@ def push_to_hub(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "
             f"({config.get('model_args')}): timm.create_model('{name.partition('.')[0]}', pretrained=True) would "
             f"fail to load them. Push them to your own --repo-id ORG/NAME.")
+    if repo_id == default_id and default_repo_problem(name, config.get('jetmoe') or {}):
+        raise ValueError(f"{repo_id}: {default_repo_problem(name, config.get('jetmoe') or {})}.")
     endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
     revision = revision or 'main'
     if not _write_card(folder, _render(name, config, model, repo_id, folder, card_template)):

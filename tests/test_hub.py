@@ -573,6 +573,28 @@ def test_push_model_refuses_before_converting(args, env, why, tmp_path, monkeypa
     assert not out.exists()
 
 
+@pytest.mark.parametrize('args, named', [
+    (['--predecessor', 'local-dir:elsewhere'], 'not predecessor=local-dir:elsewhere'),
+    (['--method', 'graph'], 'not method=graph'),
+    (['--recipe', 'official'], 'not recipe=official'),
+])
+def test_the_tags_default_repo_takes_only_the_tags_own_recycling(args, named, tmp_path, capsys):
+    """Without --repo-id, push targets the tag's default repo, which create_model(name, pretrained=True) downloads
+    and whose cfg promises the tag's predecessor, importance sampling and the paper recipe: anything else is
+    refused before converting (and a folder of such weights before uploading)."""
+    out = tmp_path / 'out'
+    assert main(['push', 'v_jetmoe_tiny', '--out', str(out), '--no-progress', '--dry-run', *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and 'your own --repo-id ORG/NAME' in err, err
+    assert "default repo of 'v_jetmoe_tiny.recycled_in21k' holds weights recycled from " \
+           "vit_small_patch16_224.augreg_in21k" in err and not out.exists()
+    from jetmoe_timm.hub import default_repo_problem
+    own = dict(predecessor='vit_small_patch16_224.augreg_in21k', method='importance', recipe='paper', seed=3)
+    assert default_repo_problem('v_jetmoe_tiny.recycled_in21k', own) is None
+    assert 'not predecessor=local checkpoint' in default_repo_problem(
+        'v_jetmoe_tiny.recycled_in21k', dict(own, predecessor="local checkpoint 'pred'"))
+
+
 def test_push_model_refuses_an_unreachable_hub_before_converting(tmp_path, monkeypatch, capsys):
     """Online, with a token, and nothing answering at the endpoint: one line before the conversion (was: after it,
     leaving a whole --out behind)."""

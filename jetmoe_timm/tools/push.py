@@ -1,12 +1,14 @@
 """ ``jetmoe-timm push``: convert (or take a converted folder), write the model card and upload to the Hub. """
+import os
 from pathlib import Path
 
 import timm
 
-from ..hub import check_push, push_to_hub
+from ..hub import check_push, default_repo_problem, push_to_hub
 from ..export import is_model_folder
 from ..models._pretrained import architecture_signature
 from ..recycle import convert, parse_model_kwargs
+from ..recycle.build import recycle_source
 from .convert import CONVERT_DEFAULTS, add_convert_arguments
 from .checks import check_model_kwargs, check_output_folder
 
@@ -47,6 +49,13 @@ def _convert_for_push(args) -> Path:
     # now, before the conversion writes --out
     check_push(args.model, args.repo_id, revision=args.revision, dry_run=args.dry_run,
                card_template=args.card_template, endpoint=args.endpoint)
+    if args.repo_id is None:  # the tag's default repo takes its own recipe only: fail now, not after converting
+        full, source = recycle_source(args.model)
+        requested = dict(predecessor=args.predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR')
+                         or source['predecessor'], method=args.method or 'importance', recipe=args.recipe or 'paper')
+        problem = default_repo_problem(full, requested)
+        if problem:
+            raise ValueError(f'--repo-id not given: {problem}.')
     if args.repo_id is None and model_kwargs:  # fail now, not after a long conversion
         default = timm.create_model(args.model, device='meta')
         changed = timm.create_model(args.model, device='meta', **model_kwargs)
