@@ -466,7 +466,9 @@ def push_to_hub(
         raise ValueError(f"{repo_id}: {default_repo_problem(name, config.get('jetmoe') or {})}.")
     endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
     revision = revision or 'main'
-    if not _write_card(folder, _render(name, config, model, repo_id, folder, card_template)):
+    # the card's load calls name the branch the weights go to: 'hf-hub:ORG/NAME' alone loads main
+    card_repo = repo_id if revision == 'main' else f'{repo_id}@{revision}'
+    if not _write_card(folder, _render(name, config, model, card_repo, folder, card_template)):
         _logger.warning(f'Keeping the hand-written {folder}/README.md (it lacks the generated-card mark).')
     files = [(n, (folder / n).stat().st_size) for n in UPLOAD_FILES]
     result = PushResult(repo_id, revision, folder, files, url=f'{endpoint}/{repo_id}')

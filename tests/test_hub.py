@@ -241,6 +241,12 @@ def test_a_card_that_cannot_be_written_leaves_nothing_behind(tiny_folder, monkey
     assert not list(tiny_folder.glob('.README.md.*'))  # a leftover would make the folder look like no model
 
 
+def test_card_pushed_to_a_branch_loads_that_branch(tiny_folder):
+    push_to_hub(tiny_folder, 'org/name', revision='v1', dry_run=True)
+    card = (tiny_folder / 'README.md').read_text()
+    assert "timm.create_model('hf-hub:org/name@v1', pretrained=True" in card and 'hf-hub:org/name\'' not in card
+
+
 def test_hand_written_card_is_kept(tiny_folder, caplog):
     (tiny_folder / 'README.md').write_text('# my own card\n')
     push_to_hub(tiny_folder, 'org/name', dry_run=True)
