@@ -332,7 +332,8 @@ def convert_official_checkpoint(
     """Convert an official MoE Jetpack checkpoint (.pt / .pth) into a timm folder (model.safetensors + config.json).
 
     The MoE layout (blocks, expert counts, widths), classes and image size are read from the file and
-    ``routing='official'`` is set; ``model_kwargs`` override them. ``model_name`` without a tag gets its
+    ``routing='official'`` is set; ``model_kwargs`` add options (a value other than the file's for what is read
+    from it is refused: load the folder with it instead). ``model_name`` without a tag gets its
     ``.official_in1k`` tag when there is one (ImageNet mean/std, crop 0.875, as the official pipeline).
     Load the result with ``timm.create_model('local-dir:OUT', pretrained=True)`` after ``import jetmoe_timm``.
 
@@ -353,6 +354,13 @@ def convert_official_checkpoint(
             f'A timm-layout file loads as is: timm.create_model(..., pretrained=True, '
             f'pretrained_cfg_overlay=dict(file=...)).')
     kwargs = dict(_official_model_kwargs(state_dict), routing='official')
+    read = {k: v for k, v in model_kwargs.items() if k in kwargs and kwargs[k] != v}
+    if read:  # what the file's tensors are: another value cannot take them
+        raise ValueError(
+            f"{', '.join(f'{k}={v!r}' for k, v in read.items())}: the checkpoint has "
+            f"{', '.join(f'{k}={kwargs[k]!r}' for k in read)}; convert it as it is, then load the folder with "
+            f"timm.create_model('local-dir:OUT', pretrained=True, {', '.join(f'{k}=...' for k in read)}) (timm "
+            f"adapts the head and the position grid on load).")
     kwargs.update(model_kwargs)
     if '.' not in model_name and f'{model_name}.official_in1k' in timm.list_pretrained(f'{model_name}.*'):
         model_name = f'{model_name}.official_in1k'

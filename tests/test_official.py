@@ -447,6 +447,15 @@ def test_convert_reads_the_layout_and_loads_from_local_dir(tiny_vit_kwargs, tmp_
     with pytest.raises(FileExistsError):
         convert_official_checkpoint(path, out, **arch)
 
+    # what the file's tensors are is not overridden (a 7-class head, a 32 px grid): one line, the folder loads so
+    for wrong in (dict(num_classes=0), dict(img_size=64)):
+        (k, v), = wrong.items()
+        with pytest.raises(ValueError, match=f"{k}={v}: the checkpoint has {k}=.*local-dir:OUT', pretrained=True, {k}"):
+            convert_official_checkpoint(path, tmp_path / 'wrong', **arch, **wrong)
+        assert not (tmp_path / 'wrong').exists()
+    adapted = timm.create_model(f'local-dir:{out}', pretrained=True, num_classes=0, img_size=64)
+    assert adapted.num_classes == 0 and adapted.pos_embed.shape[1] == (64 // tiny_vit_kwargs['patch_size']) ** 2 + 1
+
 
 def test_convert_refuses_pickled_objects_unless_trusted(tiny_vit_kwargs, tmp_path):
     sd = tiny_official(tiny_vit_kwargs)
