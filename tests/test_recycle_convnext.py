@@ -68,6 +68,19 @@ def test_full_width_dense_is_identity_and_deterministic(predecessor):
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
+def test_stage0_downsample_and_stems():
+    """patch_size 2 gives stage 0 a downsample, which reads the stem's output: a full-width successor reproduces
+    the predecessor; an overlap stem (more layers, other widths) is refused in one line."""
+    torch.manual_seed(0)
+    pred = timm.create_model('convnext_tiny', **dict(PRED, patch_size=2)).eval()
+    succ, _ = _recycle(pred, dims=PRED['dims'], moe_blocks=(), patch_size=2)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(succ.eval()(x), pred(x), atol=1e-5, rtol=1e-5)
+    overlap = timm.create_model('convnext_tiny', **dict(PRED, stem_type='overlap')).eval()
+    with pytest.raises(ValueError, match="the predecessor has a stem of 3 layers \\(stem_type='overlap'\\)"):
+        _recycle(overlap)
+
+
 def test_wrong_family_and_recipe(predecessor, tmp_path):
     vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, num_classes=10)
     succ = timm.create_model('c_jetmoe_femto', **SUCC)

@@ -76,8 +76,13 @@ def check(pred, succ) -> None:
         raise ValueError('predecessor MLPs have a global response norm (ConvNeXt-V2): they cannot be split into '
                          'experts; pass a ConvNeXt (V1) checkpoint, e.g. convnext_tiny.fb_in22k.')
     check_activation(blk.mlp, succ.stages[0].blocks[0].mlp)
+    for name, model in (('predecessor', pred), ('successor', succ)):
+        if len(model.stem) != 2:  # a conv and its norm; an overlap stem has more layers, of other widths
+            raise ValueError(f"the {name} has a stem of {len(model.stem)} layers (stem_type='overlap'), which is not "
+                             f"recycled: use ConvNeXts with timm's patch stem (stem_type='patch', the default).")
     if pred.stem[0].kernel_size != succ.stem[0].kernel_size:
-        raise ValueError('predecessor and successor stems differ (patch vs overlap stem).')
+        raise ValueError(f'predecessor and successor stems differ: patches of {pred.stem[0].kernel_size} and '
+                         f'{succ.stem[0].kernel_size}; build the successor with patch_size={pred.stem[0].kernel_size[0]}.')
 
 
 def probes(pred, succ, method: str):
@@ -141,8 +146,9 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     """Successor key -> Take for every tensor recycled from the predecessor."""
     idx = dict(sel)
     num_stages = len(succ.stages)
-    for s in range(1, num_stages):
-        idx[f'stage{s}.in'] = sel[f'stage{s - 1}.channels']
+    # a stage-0 downsample (patch_size < 4) reads the stem's output: the first stage's channels
+    for s in range(num_stages):
+        idx[f'stage{s}.in'] = sel[f'stage{max(s - 1, 0)}.channels']
     idx['last.channels'] = sel[f'stage{num_stages - 1}.channels']
     idx['head.in'] = torch.arange(_pre_logits_width(succ)) if _pre_logits_width(succ) else idx['last.channels']
     fc_w, pred_fc_w = getattr(succ.head.fc, 'weight', None), getattr(pred.head.fc, 'weight', None)
