@@ -81,8 +81,9 @@ def check(pred, succ) -> None:
             raise ValueError(f"the {name} has a stem of {len(model.stem)} layers (stem_type='overlap'), which is not "
                              f"recycled: use ConvNeXts with timm's patch stem (stem_type='patch', the default).")
     if pred.stem[0].kernel_size != succ.stem[0].kernel_size:
-        raise ValueError(f'predecessor and successor stems differ: patches of {pred.stem[0].kernel_size} and '
-                         f'{succ.stem[0].kernel_size}; build the successor with patch_size={pred.stem[0].kernel_size[0]}.')
+        patch = pred.stem[0].kernel_size
+        raise ValueError(f'predecessor and successor stems differ: patches of {patch} and '
+                         f'{succ.stem[0].kernel_size}; build the successor with patch_size={patch[0]}.')
 
 
 def probes(pred, succ, method: str):
