@@ -141,15 +141,22 @@ def test_push_repush_and_load_three_ways(tmp_path, local_hub, tiny_folder, tiny_
     assert hub_calls[:2] == [('GET', f'/api/models/{REPO}'), ('POST', '/api/repos/create')]
     assert [f for f in local_hub.files(REPO) if f != '.gitattributes'] == sorted(UPLOAD_FILES)
     for name in UPLOAD_FILES:
-        assert local_hub.read(REPO, name) == (tiny_folder / name).read_bytes()
+        if name != 'README.md':  # the folder's card was last written for the branch (below)
+            assert local_hub.read(REPO, name) == (tiny_folder / name).read_bytes()
+    assert f"hf-hub:{REPO}'".encode() in local_hub.read(REPO, 'README.md')
     assert f'pushed {tiny_folder} to {local_hub.url}/{REPO}' in push
 
     # re-pushing identical files: preupload reports their oids, the client drops them, no commit is sent
     assert len(local_hub.commits(REPO)) == 2  # the repo's initial commit + the push
     assert sum(c == ('POST', f'/api/models/{REPO}/commit/main') for c in local_hub.requests) == 1
     assert 'already has these files: no new commit' in repush
-    assert local_hub.branches(REPO) == {'main': local_hub.commits(REPO)[0], 'v1': local_hub.commits(REPO)[0]}
-    assert 'no new commit' in branch and not local_hub.is_private(REPO)
+    # the branch gets the same weights and a card whose hf-hub: calls load the branch: one commit there, main kept
+    branches = local_hub.branches(REPO)
+    assert branches['main'] == local_hub.commits(REPO)[0] and branches['v1'] != branches['main']
+    assert 'no new commit' not in branch and not local_hub.is_private(REPO)
+    assert local_hub.read(REPO, 'README.md', 'v1') == (tiny_folder / 'README.md').read_bytes()
+    assert f"hf-hub:{REPO}@v1'".encode() in local_hub.read(REPO, 'README.md', 'v1')
+    assert local_hub.read(REPO, 'model.safetensors', 'v1') == local_hub.read(REPO, 'model.safetensors')
 
     # load back in a fresh HF_HOME, without a token: by the cfg's hf_hub_id, by hf-hub: name, from local-dir:
     home = tmp_path / 'loader'
