@@ -405,13 +405,14 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     and a data size from a recipe file counts."""
     from jetmoe_timm.tools._scripts import _argument_problem, _script_args
     train_py = Path(SCRIPTS, 'train.py')
-    model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4', '--device', 'cpu']
+    model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4', '--device', 'cpu',
+             '--num-classes', '10']
     assert jetmoe_timm.train.main([str(tiny_data), *model]) == 2
     assert 'add --img-size 32' in capsys.readouterr().err
     assert _argument_problem(_script_args(train_py, [str(tiny_data), *model, '--img-size', '32'])) is None
     # the size the data pipeline takes anyway (the model's default cfg) needs no --img-size
     default_size = _script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=224',
-                                           '--device', 'cpu'])
+                                           '--device', 'cpu', '--num-classes', '10'])
     assert default_size is not None and default_size.model_kwargs == {'img_size': 224}
     assert _argument_problem(default_size) is None
     assert jetmoe_timm.train.main([str(tiny_data), '--model', 'v_jetmoe_tiny.no_such_tag', '--model-kwargs',
@@ -430,7 +431,7 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     assert jetmoe_timm.validate.main([str(missing), '--model', 'v_jetmoe_tiny']) == 2
     assert 'data folder' in capsys.readouterr().err
     # what the scripts only find inside, each a traceback there: one line here, exit code 2, before anything runs
-    cpu = ['--device', 'cpu']
+    cpu = ['--device', 'cpu', '--num-classes', '10']
     in_backward = ['--opt-kwargs', 'step_in_backward=True']
     for main, argv, said in (
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiyn', *cpu], "Unknown model 'v_jetmoe_tiyn' (did you mean "
@@ -458,7 +459,19 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward,
                                       '--model-dtype', 'bfloat16', *cpu], 'step_in_backward=True updates float32'),
             (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--checkpoint', str(missing), *cpu],
-             f'--checkpoint {missing} does not exist')):
+             f'--checkpoint {missing} does not exist'),
+            # the recycled tags have no classifier: without --num-classes train.py would train the features as logits
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--device', 'cpu'],
+             f"--num-classes is needed: v_jetmoe_tiny's default weights have no classifier (num_classes=0), so without "
+             f"it the model trains its features as logits ({tiny_data / 'train'} holds "
+             f"{sum(p.is_dir() for p in (tiny_data / 'train').iterdir())} class folders)."),
+            # what the script passes to create_model itself: given twice, a TypeError inside it
+            (jetmoe_timm.train.main, [*model[:3], 'num_classes=10', '--device', 'cpu'],
+             '--model-kwargs num_classes=10: the script passes num_classes itself; use --num-classes instead.'),
+            (jetmoe_timm.train.main, [*model[:3], 'drop_path_rate=0.1', *cpu],
+             '--model-kwargs drop_path_rate=0.1: the script passes drop_path_rate itself; use --drop-path instead.'),
+            (jetmoe_timm.validate.main, [*model[:3], 'in_chans=1', *cpu],
+             '--model-kwargs in_chans=1: the script passes in_chans itself; use --in-chans instead.')):
         assert main([str(tiny_data), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err

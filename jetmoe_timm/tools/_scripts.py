@@ -195,6 +195,31 @@ def _default_img_size(model: Optional[str]) -> Optional[int]:
 
 # the scripts' file arguments, read before anything runs (train.py: the first three; validate.py: --checkpoint)
 _FILE_ARGS = ('pretrained_path', 'initial_checkpoint', 'resume', 'checkpoint')
+# create_model arguments train.py / validate.py pass themselves, with the option that sets them: in --model-kwargs
+# too, the call gets them twice (a TypeError inside the script)
+_SCRIPT_MODEL_ARGS = {'num_classes': '--num-classes', 'in_chans': '--in-chans', 'global_pool': '--gp',
+                      'scriptable': '--torchscript', 'pretrained': '--pretrained'}
+_TRAIN_MODEL_ARGS = {'drop_rate': '--drop', 'drop_path_rate': '--drop-path', 'drop_block_rate': '--drop-block',
+                     'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps', 'checkpoint_path': '--initial-checkpoint'}
+
+
+def _default_num_classes(model: Optional[str]) -> Optional[int]:
+    """The classes of a timm model name's default pretrained cfg (what train.py builds without --num-classes)."""
+    if not model or ':' in model or not timm.is_model(model.partition('.')[0]):
+        return None
+    try:
+        cfg = timm.models.get_pretrained_cfg(model)
+    except RuntimeError:  # a tag timm does not know: the script says so
+        return None
+    return cfg.num_classes if cfg is not None else None
+
+
+def _class_folders(root: Optional[str]) -> str:
+    """' (DATA/train holds N class folders)', or '' where that cannot be said."""
+    train = os.path.join(root, 'train') if root else ''
+    if not os.path.isdir(train):
+        return ''
+    return f' ({train} holds {sum(e.is_dir() for e in os.scandir(train))} class folders)'
 
 
 def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
@@ -248,8 +273,15 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         if not timm.is_model(arch):
             return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
                     f"(jetmoe_timm adds {', '.join(timm.list_models('*jetmoe*'))}).")
+        model_kwargs = getattr(args, 'model_kwargs', None) or {}
+        training = hasattr(args, 'opt')  # train.py's arguments (validate.py has no optimizer)
+        script_args = dict(_SCRIPT_MODEL_ARGS, **(_TRAIN_MODEL_ARGS if training else {}))
+        for key in model_kwargs:
+            if key in script_args:
+                return (f'--model-kwargs {key}={model_kwargs[key]}: the script passes {key} itself; use '
+                        f'{script_args[key]} instead.')
         try:
-            check_model_kwargs(model, getattr(args, 'model_kwargs', None) or {})
+            check_model_kwargs(model, model_kwargs)
         except ValueError as e:
             return str(e)
     opt = getattr(args, 'opt', None)  # train.py: timm's factory reads 'lookahead_NAME' and the part after the last '_'
@@ -264,6 +296,10 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         path = getattr(args, name, None)
         if path and not os.path.exists(path):
             return f"--{name.replace('_', '-')} {path} does not exist: pass an existing checkpoint file."
+    if hasattr(args, 'opt') and args.num_classes is None and _default_num_classes(model) == 0:
+        # the recycled tags: no classifier, so none to train either
+        return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "
+                f"without it the model trains its features as logits{_class_folders(root)}.")
     allocator = os.environ.get(ALLOCATOR_ENV)
     if allocator is not None and allocator.lower() not in _ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '

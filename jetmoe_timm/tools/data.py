@@ -281,7 +281,8 @@ def _cmd_export(args) -> int:
     meta = json.loads((out / _META_FILE).read_text())
     counts = ', '.join(f'{s} {v["count"]}' for s, v in meta['splits'].items())
     print(f'Wrote {args.dataset} to {out} ({counts} images, {len(meta["classes"])} classes).')
-    print(f'Train with: jetmoe-timm-train {out} --model ... (timm ImageFolder layout).')
+    print(f'Train with: jetmoe-timm-train {out} --model ... --num-classes {len(meta["classes"])} '
+          f'(timm ImageFolder layout).')
     if 'calibration' in meta:
         print(f"Held-out calibration images ({meta['calibration']['count']}, none among the training ones): "
               f"jetmoe-timm convert ... --calib {out / 'calibration'}")
