@@ -170,3 +170,23 @@ def test_every_mistake_gets_one_line_exit_2_and_leaves_nothing(world, tmp_path):
     assert (world / 'exists' / 'keep.txt').read_text() == 'keep' and (world / 'a_file').read_text() == 'x'
     assert sorted(p.name for p in (world / 'converted').iterdir()) == ['config.json', 'model.safetensors']
     assert not list((tmp_path / 'cache').rglob('*.safetensors'))
+
+
+def test_interrupt_and_torch_load_errors_are_one_line(monkeypatch, capsys):
+    """Ctrl-C ends a command with one line and exit code 130; torch's 'Error(s) in loading state_dict for X:' is
+    followed by its first reason, which alone says what is wrong."""
+    from jetmoe_timm.tools import cli, data
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, '_cmd_export', interrupted)
+    assert cli.main(['data', 'export', 'fashion-mnist', 'out']) == 130
+    assert capsys.readouterr().err.strip() == 'jetmoe-timm data: interrupted'
+
+    def mismatched(args):
+        raise RuntimeError('Error(s) in loading state_dict for VisionTransformerJetMoE:\n\tUnexpected key(s) in '
+                           'state_dict: "head.weight".')
+    monkeypatch.setattr(data, '_cmd_export', mismatched)
+    assert cli.main(['data', 'export', 'fashion-mnist', 'out']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'VisionTransformerJetMoE: Unexpected key(s) in state_dict: "head.weight"' in err

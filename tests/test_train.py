@@ -471,12 +471,34 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
             (jetmoe_timm.train.main, [*model[:3], 'drop_path_rate=0.1', *cpu],
              '--model-kwargs drop_path_rate=0.1: the script passes drop_path_rate itself; use --drop-path instead.'),
             (jetmoe_timm.validate.main, [*model[:3], 'in_chans=1', *cpu],
-             '--model-kwargs in_chans=1: the script passes in_chans itself; use --in-chans instead.')):
+             '--model-kwargs in_chans=1: the script passes in_chans itself; use --in-chans instead.'),
+            (jetmoe_timm.train.main, ['--config', str(tmp_path / 'typo.yaml'), *cpu],
+             f"--config {tmp_path / 'typo.yaml'} does not exist: pass an existing YAML file"),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--resume', str(tmp_path), *cpu],
+             f'--resume {tmp_path} is a folder: pass the checkpoint file in it')):
         assert main([str(tiny_data), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err
     lean_in_backward = [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward, *cpu]
     assert _argument_problem(_script_args(train_py, lean_in_backward)) is None
+    monkeypatch.setenv(_scripts.ALLOCATOR_ENV, '')  # empty: unset, as a shell's VAR= means
+    assert _argument_problem(_script_args(train_py, lean_in_backward)) is None
+    monkeypatch.setenv(_scripts.ALLOCATOR_ENV, 'glibc')  # train.py's variable: validate.py does not read it
+    validate_args = _script_args(Path(SCRIPTS, 'validate.py'), [str(tiny_data), *model, '--img-size', '32'])
+    assert _argument_problem(validate_args) is None
+    monkeypatch.delenv(_scripts.ALLOCATOR_ENV)
+    # a model registered by train.py's own --device-modules hook is train.py's to find
+    assert _argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'my_net', '--device-modules',
+                                                     'mymodels', *cpu])) is None
+    # validate.py's note on preprocessing skips an args.yaml that is not train.py's (malformed, a list)
+    from jetmoe_timm.tools._scripts import _preprocessing_note
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'model_best.pth.tar').write_bytes(b'')
+    for text in ('a: [unclosed', '- a\n- b\n'):
+        (run / 'args.yaml').write_text(text)
+        assert _preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'), [
+            str(tiny_data), '--model', 'v_jetmoe_tiny', '--checkpoint', str(run / 'model_best.pth.tar')])) is None
     monkeypatch.setenv('WORLD_SIZE', '2')  # under torchrun with two processes: DDP
     assert 'DDP (torchrun with more than one process)' in _argument_problem(_script_args(train_py, lean_in_backward))
     monkeypatch.delenv('WORLD_SIZE')

@@ -183,6 +183,19 @@ def _script_args(path: Path, argv: List[str]) -> Optional[argparse.Namespace]:
         sys.argv = saved_argv
 
 
+def _config_problem(argv: List[str]) -> Optional[str]:
+    """train.py's ``-c`` / ``--config`` YAML file that is not there (train.py: a traceback, and no other argument can
+    be read before it)."""
+    for i, arg in enumerate(argv):
+        if arg == '--':
+            break
+        value = argv[i + 1] if arg in ('-c', '--config') and i + 1 < len(argv) else (
+            arg.split('=', 1)[1] if arg.startswith('--config=') else None)
+        if value and not os.path.isfile(value):
+            return f'--config {value} does not exist: pass an existing YAML file (the recipes: recipes/*.yaml).'
+    return None
+
+
 def _default_img_size(model: Optional[str]) -> Optional[int]:
     """The image size the model's default cfg gives the data pipeline (what train.py uses without --img-size)."""
     from timm.models import get_pretrained_cfg
@@ -267,8 +280,9 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
                 f'(train.py and validate.py size the images from it).')
     model = getattr(args, 'model', None)
     # 'hf-hub:' / 'local-dir:' models are timm's to resolve; validate.py also takes 'all', wildcards and a file of names
+    # (and models registered by train.py's --device-modules, imported only inside it)
     if model and ':' not in model and model != 'all' and not any(c in model for c in '*?[') \
-            and not os.path.isfile(model):
+            and not os.path.isfile(model) and not getattr(args, 'device_modules', None):
         arch = model.partition('.')[0]
         if not timm.is_model(arch):
             return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
@@ -296,12 +310,15 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         path = getattr(args, name, None)
         if path and not os.path.exists(path):
             return f"--{name.replace('_', '-')} {path} does not exist: pass an existing checkpoint file."
+        if path and name != 'checkpoint' and os.path.isdir(path):  # validate.py's --checkpoint DIR: its bulk mode
+            return (f"--{name.replace('_', '-')} {path} is a folder: pass the checkpoint file in it (train.py writes "
+                    f"last.pth.tar and model_best.pth.tar).")
     if hasattr(args, 'opt') and args.num_classes is None and _default_num_classes(model) == 0:
         # the recycled tags: no classifier, so none to train either
         return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "
                 f"without it the model trains its features as logits{_class_folders(root)}.")
-    allocator = os.environ.get(ALLOCATOR_ENV)
-    if allocator is not None and allocator.lower() not in _ALLOCATOR_OFF:
+    allocator = os.environ.get(ALLOCATOR_ENV) if hasattr(args, 'opt') else None  # train.py's, empty: unset
+    if allocator and allocator.lower() not in _ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
                 'it (CPU training keeps freed memory).')
     device = str(getattr(args, 'device', None) or '')
@@ -319,8 +336,13 @@ def _preprocessing_note(args: Optional[argparse.Namespace]) -> Optional[str]:
         return None
     try:
         import yaml
+    except ImportError:
+        return None
+    try:
         run = yaml.safe_load((Path(checkpoint).parent / 'args.yaml').read_text()) or {}
-    except (OSError, ImportError, ValueError):
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(run, dict):  # not train.py's
         return None
     if not (run.get('pretrained') or run.get('pretrained_path')) or run.get('mean') is not None:
         return None
@@ -355,7 +377,8 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
         return 2
     _check_timm(path.parent)
     args = _script_args(path, argv)
-    problem = _argument_problem(args)
+    problem = _config_problem(argv) if script == 'train.py' else None
+    problem = problem or _argument_problem(args)
     if problem:
         print(f'{prog}: error: {problem}', file=sys.stderr)
         return 2

@@ -94,11 +94,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:  # every failure: one line (the traceback only with --debug), exit code 2
         if args.debug:
             raise
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        what = lines[0] if isinstance(e, _USER_ERRORS) else f'{type(e).__name__}: {lines[0]}'
+        lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+        first = lines[0]
+        if first.endswith(':') and len(lines) > 1:  # torch's 'Error(s) in loading state_dict for X:' says nothing alone
+            first = f'{first} {lines[1]}'
+        what = first if isinstance(e, _USER_ERRORS) else f'{type(e).__name__}: {first}'
         print(f'jetmoe-timm {args.command}: error: {what}' + ('' if isinstance(e, _USER_ERRORS) else
                                                                  ' (--debug shows the traceback)'), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was being written is removed on the way here; no traceback
+        print(f'jetmoe-timm {args.command}: interrupted', file=sys.stderr)
+        return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
