@@ -1,6 +1,7 @@
 """What every JetMoE family shares (``models/_moe.py``), checked once for each family."""
 import pytest
 import timm
+import torch
 from timm.optim import create_optimizer_v2
 
 from jetmoe_timm.layers import SpheroMoE
@@ -65,3 +66,23 @@ def test_checkpoint_of_another_model_is_named_not_dumped(tmp_path):
             with pytest.raises(ValueError, match='The checkpoint holds a model of width .* this .* is a model of') as e:
                 timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(source)), **kwargs)
             assert '\n' not in str(e.value)
+
+
+def test_compiled_grad_checkpointing_backpropagates_the_forwards_noise(tiny_vit_kwargs, monkeypatch):
+    """torch.compile + set_grad_checkpointing in training: the routing noise (an opaque op on the CPU under compile)
+    is drawn once; recomputed in backward, the gradients would belong to another draw (5 % off)."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, 'force_disable_caches', True)  # a cached graph may predate the op's tags
+    torch.manual_seed(0)
+    model = timm.create_model('v_jetmoe_tiny', num_classes=3, **tiny_vit_kwargs).train()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(4, 3, 32, 32)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        fn(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+    eager, compiled = grads(model), grads(torch.compile(model, fullgraph=True))
+    for name, g in eager.items():
+        assert (compiled[name] - g).norm() <= 1e-4 * g.norm() + 1e-8, name

@@ -50,7 +50,9 @@ ROUTING_PRESETS: Dict[str, Dict] = {
 }
 
 
-@torch.library.custom_op('jetmoe_timm::normal_like', mutates_args=())
+# nondeterministic_seeded: a compiled graph never runs it twice for one draw (activation checkpointing recomputes
+# deterministic ops in backward: the gradients would belong to other noise than the forward's)
+@torch.library.custom_op('jetmoe_timm::normal_like', mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def _normal_like(like: torch.Tensor, std: float) -> torch.Tensor:
     """N(0, std^2) noise shaped like ``like``, from ATen's vectorised sampler."""
     return torch.empty_like(like).normal_(0., std)
