@@ -19,6 +19,22 @@ def family(request):
     return FAMILIES[request.param]
 
 
+def test_moe_blocks_take_indices_as_timms_out_indices(family):
+    """One int is one block (--model-kwargs moe_blocks=3), negative indices count from the end; anything but ints
+    is refused (a string was read as its digits, a float truncated)."""
+    name, kwargs, _ = family
+    model = timm.create_model(name, moe_blocks=-1, **kwargs)
+    last = model.moe_blocks
+    assert len(last) == 1 and len(model.moe_layers()) == 1 and last == timm.create_model(name, **kwargs).moe_blocks[-1:]
+    assert timm.create_model(name, moe_blocks=(0, last[0]), **kwargs).moe_blocks == [0, last[0]]
+    assert timm.create_model(name, moe_blocks=(0, -1), **kwargs).moe_blocks == [0, last[0]]
+    for wrong in ('23', (1.5,)):
+        with pytest.raises(TypeError, match='moe_blocks takes block indices'):
+            timm.create_model(name, moe_blocks=wrong, **kwargs)
+    with pytest.raises(ValueError, match=f'must lie in -{last[0] + 1}..{last[0]}'):
+        timm.create_model(name, moe_blocks=(last[0] + 1,), **kwargs)
+
+
 @pytest.mark.parametrize('act_layer, act_name', [('relu', 'relu'), ('silu', 'silu'), (None, 'gelu')])
 def test_experts_use_the_dense_mlps_activation(family, act_layer, act_name):
     name, kwargs, dense_mlp = family

@@ -4,6 +4,7 @@ and the timm hooks that treat those layers alike (``moe_layers``, ``no_weight_de
 A family's model subclasses ``JetMoEMixin`` first and its timm model second, builds the dense model, then replaces the
 MLPs of the blocks ``_resolve_moe_blocks`` chooses with ``_make_moe``; everything MoE-specific after that is here.
 """
+import operator
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Set, Type
@@ -53,12 +54,21 @@ class JetMoEMixin:
     moe_norm: str = 'norm2'
 
     def _resolve_moe_blocks(self, moe_blocks, total: int, what: str = '') -> List[int]:
-        """0-based MoE block indices, the later half by default, checked against ``total`` blocks."""
+        """0-based MoE block indices, the later half by default, checked against ``total`` blocks. As timm's
+        ``out_indices``: one int is one block, negative indices count from the end."""
         moe_blocks = range(total // 2, total) if moe_blocks is None else moe_blocks
-        moe_blocks = sorted({int(i) for i in moe_blocks})
-        if any(i < 0 or i >= total for i in moe_blocks):
-            raise ValueError(f'moe_blocks {moe_blocks} must lie in 0..{total - 1} (0-based block indices{what}).')
-        return moe_blocks
+        if not isinstance(moe_blocks, (str, bytes)) and not hasattr(moe_blocks, '__iter__'):
+            moe_blocks = (moe_blocks,)  # --model-kwargs moe_blocks=11 gives an int
+        try:
+            if isinstance(moe_blocks, (str, bytes)):
+                raise TypeError
+            moe_blocks = [operator.index(i) for i in moe_blocks]  # ints of any kind (numpy's), not floats
+        except TypeError:
+            raise TypeError(f'moe_blocks takes block indices (ints), got {moe_blocks!r}.') from None
+        if any(i < -total or i >= total for i in moe_blocks):
+            raise ValueError(f'moe_blocks {list(moe_blocks)} must lie in {-total}..{total - 1} (block indices{what}, '
+                             f'negative from the end).')
+        return sorted({i % total for i in moe_blocks})
 
     def _make_moe(self, dim: int, index: int, total: int, options: MoEOptions, num_core_experts: int,
                   num_univ_experts: int, core_hidden: int, act_layer: Type[nn.Module], drop_path_rate: float,
