@@ -261,7 +261,7 @@ def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
+def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> Optional[str]:
     """What would fail late, said before anything runs: an image folder that is not there (found only after the
     model is built, which may mean recycling it), and ``--model-kwargs img_size=N`` without ``--img-size N``
     (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
@@ -270,6 +270,7 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
     ``--device cuda`` where torch sees no GPU (each a traceback from inside the script)."""
     if args is None:
         return None
+    training = script == 'train.py' or hasattr(args, 'opt')  # validate.py's arguments have no optimizer
     root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
     if root and not getattr(args, 'dataset', '') and not os.path.exists(root):
         return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
@@ -288,7 +289,6 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
             return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
                     f"(jetmoe_timm adds {', '.join(timm.list_models('*jetmoe*'))}).")
         model_kwargs = getattr(args, 'model_kwargs', None) or {}
-        training = hasattr(args, 'opt')  # train.py's arguments (validate.py has no optimizer)
         script_args = dict(_SCRIPT_MODEL_ARGS, **(_TRAIN_MODEL_ARGS if training else {}))
         for key in model_kwargs:
             if key in script_args:
@@ -313,11 +313,11 @@ def _argument_problem(args: Optional[argparse.Namespace]) -> Optional[str]:
         if path and name != 'checkpoint' and os.path.isdir(path):  # validate.py's --checkpoint DIR: its bulk mode
             return (f"--{name.replace('_', '-')} {path} is a folder: pass the checkpoint file in it (train.py writes "
                     f"last.pth.tar and model_best.pth.tar).")
-    if hasattr(args, 'opt') and args.num_classes is None and _default_num_classes(model) == 0:
+    if training and getattr(args, 'num_classes', None) is None and _default_num_classes(model) == 0:
         # the recycled tags: no classifier, so none to train either
         return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "
                 f"without it the model trains its features as logits{_class_folders(root)}.")
-    allocator = os.environ.get(ALLOCATOR_ENV) if hasattr(args, 'opt') else None  # train.py's, empty: unset
+    allocator = os.environ.get(ALLOCATOR_ENV) if training else None  # train.py's; empty: unset
     if allocator and allocator.lower() not in _ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
                 'it (CPU training keeps freed memory).')
@@ -378,7 +378,7 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
     _check_timm(path.parent)
     args = _script_args(path, argv)
     problem = _config_problem(argv) if script == 'train.py' else None
-    problem = problem or _argument_problem(args)
+    problem = problem or _argument_problem(args, script)
     if problem:
         print(f'{prog}: error: {problem}', file=sys.stderr)
         return 2
