@@ -37,6 +37,7 @@ from .models import is_jetmoe_model
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
+from .recycle.build import DEFAULT_OPTIONS
 from .routing import moe_layers
 from .version import __version__
 
@@ -146,7 +147,7 @@ def default_repo_problem(name: str, provenance: Dict[str, Any]) -> Optional[str]
     source = RECYCLE_SOURCES.get(name)
     if source is None:
         return None
-    want = dict(predecessor=source['predecessor'], method='importance', recipe='paper')
+    want = dict(predecessor=source['predecessor'], method=DEFAULT_OPTIONS['method'], recipe=DEFAULT_OPTIONS['recipe'])
     got = {k: provenance.get(k) for k in want}
     if got == want:
         return None
@@ -462,8 +463,9 @@ def push_to_hub(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "
             f"({config.get('model_args')}): timm.create_model('{name.partition('.')[0]}', pretrained=True) would "
             f"fail to load them. Push them to your own --repo-id ORG/NAME.")
-    if repo_id == default_id and default_repo_problem(name, config.get('jetmoe') or {}):
-        raise ValueError(f"{repo_id}: {default_repo_problem(name, config.get('jetmoe') or {})}.")
+    problem = default_repo_problem(name, config.get('jetmoe') or {}) if repo_id == default_id else None
+    if problem:
+        raise ValueError(f'{repo_id}: {problem}.')
     endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
     revision = revision or 'main'
     # the card's load calls name the branch the weights go to: 'hf-hub:ORG/NAME' alone loads main

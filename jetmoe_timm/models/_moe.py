@@ -57,10 +57,10 @@ class JetMoEMixin:
         """0-based MoE block indices, the later half by default, checked against ``total`` blocks. As timm's
         ``out_indices``: one int is one block, negative indices count from the end."""
         moe_blocks = range(total // 2, total) if moe_blocks is None else moe_blocks
-        if not isinstance(moe_blocks, (str, bytes)) and not hasattr(moe_blocks, '__iter__'):
+        if not hasattr(moe_blocks, '__iter__'):
             moe_blocks = (moe_blocks,)  # --model-kwargs moe_blocks=11 gives an int
         try:
-            if isinstance(moe_blocks, (str, bytes)):
+            if isinstance(moe_blocks, (str, bytes)):  # iterable, but of characters
                 raise TypeError
             moe_blocks = [operator.index(i) for i in moe_blocks]  # ints of any kind (numpy's), not floats
         except TypeError:

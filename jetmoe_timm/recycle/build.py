@@ -59,6 +59,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get('JETMOE_TIMM_CACHE') or Path.home() / '.cache' / 'jetmoe_timm')
 
 
+def predecessor_spec(source: Dict[str, Any], given: Optional[str] = None) -> str:
+    """The predecessor a build of ``source`` (a ``RECYCLE_SOURCES`` entry) uses: the one ``given``, else
+    ``JETMOE_TIMM_PREDECESSOR``, else the tag's own."""
+    return given or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
+
+
 def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """('arch.tag', its recycling source) for 'arch' (default tag) or 'arch.tag'."""
     arch, _, tag = model_name.partition('.')
@@ -248,7 +254,7 @@ def build_recycled(
     _check_options(opts)  # before the (slow) model loading
     if opts['recipe'] == 'official':  # before any predecessor is loaded; the family comes from a meta-device build
         check_recipe_family(opts['recipe'], family_of(timm.create_model(full.partition('.')[0], device='meta')), full)
-    pred_spec = predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
+    pred_spec = predecessor_spec(source, predecessor)
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
     body = None
@@ -381,7 +387,7 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
                              f"set it to e.g. 256, or unset it.")
         opts['num_calib'] = int(value)
     _check_options(opts)  # bad requests fail here, before anything is created
-    pred_spec = os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
+    pred_spec = predecessor_spec(source)
     key = _cache_key(full, model_kwargs, pred_spec, opts)
     fingerprint = _local_fingerprint(pred_spec)
     path = cache_dir() / full / f'{key}.safetensors'

@@ -196,14 +196,16 @@ def _config_problem(argv: List[str]) -> Optional[str]:
     return None
 
 
-def _default_img_size(model: Optional[str]) -> Optional[int]:
-    """The image size the model's default cfg gives the data pipeline (what train.py uses without --img-size)."""
-    from timm.models import get_pretrained_cfg
-    try:
-        cfg = get_pretrained_cfg(model) if model else None
-    except (RuntimeError, ValueError):  # an unknown tag: the script says so itself
+def _default_cfg(model: Optional[str]):
+    """The default pretrained cfg of a timm model name: what the scripts take the data size (without --img-size)
+    and the classes (without --num-classes) from. None for hub / local names and unknown models or tags (the
+    script says so itself)."""
+    if not model or ':' in model or not timm.is_model(model.partition('.')[0]):
         return None
-    return cfg.input_size[-1] if cfg is not None and cfg.input_size else None
+    try:
+        return timm.models.get_pretrained_cfg(model)
+    except (RuntimeError, ValueError):
+        return None
 
 
 # the scripts' file arguments, read before anything runs (train.py: the first three; validate.py: --checkpoint)
@@ -214,17 +216,6 @@ _SCRIPT_MODEL_ARGS = {'num_classes': '--num-classes', 'in_chans': '--in-chans', 
                       'scriptable': '--torchscript', 'pretrained': '--pretrained'}
 _TRAIN_MODEL_ARGS = {'drop_rate': '--drop', 'drop_path_rate': '--drop-path', 'drop_block_rate': '--drop-block',
                      'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps', 'checkpoint_path': '--initial-checkpoint'}
-
-
-def _default_num_classes(model: Optional[str]) -> Optional[int]:
-    """The classes of a timm model name's default pretrained cfg (what train.py builds without --num-classes)."""
-    if not model or ':' in model or not timm.is_model(model.partition('.')[0]):
-        return None
-    try:
-        cfg = timm.models.get_pretrained_cfg(model)
-    except RuntimeError:  # a tag timm does not know: the script says so
-        return None
-    return cfg.num_classes if cfg is not None else None
 
 
 def _class_folders(root: Optional[str]) -> str:
@@ -271,15 +262,17 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
     if args is None:
         return None
     training = script == 'train.py' or hasattr(args, 'opt')  # validate.py's arguments have no optimizer
+    model = getattr(args, 'model', None)
+    cfg = _default_cfg(model)
     root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
     if root and not getattr(args, 'dataset', '') and not os.path.exists(root):
         return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
     size = (getattr(args, 'model_kwargs', None) or {}).get('img_size')
+    default_size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
     if (size is not None and getattr(args, 'img_size', None) is None and getattr(args, 'input_size', None) is None
-            and size != _default_img_size(getattr(args, 'model', None))):
+            and size != default_size):
         return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
                 f'(train.py and validate.py size the images from it).')
-    model = getattr(args, 'model', None)
     # 'hf-hub:' / 'local-dir:' models are timm's to resolve; validate.py also takes 'all', wildcards and a file of names
     # (and models registered by train.py's --device-modules, imported only inside it)
     if model and ':' not in model and model != 'all' and not any(c in model for c in '*?[') \
@@ -313,7 +306,7 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
         if path and name != 'checkpoint' and os.path.isdir(path):  # validate.py's --checkpoint DIR: its bulk mode
             return (f"--{name.replace('_', '-')} {path} is a folder: pass the checkpoint file in it (train.py writes "
                     f"last.pth.tar and model_best.pth.tar).")
-    if training and getattr(args, 'num_classes', None) is None and _default_num_classes(model) == 0:
+    if training and getattr(args, 'num_classes', None) is None and cfg is not None and cfg.num_classes == 0:
         # the recycled tags: no classifier, so none to train either
         return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "
                 f"without it the model trains its features as logits{_class_folders(root)}.")

@@ -1,5 +1,4 @@
 """ ``jetmoe-timm push``: convert (or take a converted folder), write the model card and upload to the Hub. """
-import os
 from pathlib import Path
 
 import timm
@@ -8,7 +7,7 @@ from ..hub import check_push, default_repo_problem, push_to_hub
 from ..export import is_model_folder
 from ..models._pretrained import architecture_signature
 from ..recycle import convert, parse_model_kwargs
-from ..recycle.build import recycle_source
+from ..recycle.build import DEFAULT_OPTIONS, predecessor_spec, recycle_source
 from .convert import CONVERT_DEFAULTS, add_convert_arguments
 from .checks import check_model_kwargs, check_output_folder
 
@@ -51,8 +50,8 @@ def _convert_for_push(args) -> Path:
                card_template=args.card_template, endpoint=args.endpoint)
     if args.repo_id is None:  # the tag's default repo takes its own recipe only: fail now, not after converting
         full, source = recycle_source(args.model)
-        requested = dict(predecessor=args.predecessor or os.environ.get('JETMOE_TIMM_PREDECESSOR')
-                         or source['predecessor'], method=args.method or 'importance', recipe=args.recipe or 'paper')
+        requested = dict(predecessor=predecessor_spec(source, args.predecessor),
+                         **{k: getattr(args, k) or DEFAULT_OPTIONS[k] for k in ('method', 'recipe')})
         problem = default_repo_problem(full, requested)
         if problem:
             raise ValueError(f'--repo-id not given: {problem}.')
