@@ -1,4 +1,7 @@
 """timm conventions for every registered V-JetMoE model, on tiny configurations of the same code path."""
+import math
+import re
+
 import pytest
 import timm
 import torch
@@ -129,6 +132,29 @@ def test_table4_variant_kwargs(tiny_vit_kwargs):
     layer = model.blocks[1].mlp
     assert layer.num_slots == 10 and layer.univ_hidden == 64 and layer.combine == 'entmax15'
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 32)  # recycled cfg: no classifier
+
+
+def test_fix_init_scales_the_experts_output_projections(tiny_vit_kwargs):
+    """fix_init divides each block's output projections by sqrt(2 * layer id), as in timm's ViT: in a MoE block,
+    its experts' fc2 (they kept their plain init, and init_weights() failed on the SpheroMoE's missing fc2)."""
+    def build(fix_init):
+        torch.manual_seed(0)
+        return timm.create_model('v_jetmoe_tiny', fix_init=fix_init, **tiny_vit_kwargs)
+
+    def check(plain, fixed):
+        plain_sd, scaled = plain.state_dict(), []
+        for name, w in fixed.state_dict().items():
+            m = re.fullmatch(r'blocks\.(\d+)\.(?:attn\.proj|mlp\.(?:core_experts\.|univ_experts\.)?fc2)\.weight', name)
+            torch.testing.assert_close(w, plain_sd[name] / math.sqrt(2 * (int(m[1]) + 1)) if m else plain_sd[name])
+            scaled += [name] if m else []
+        assert len(scaled) == 4 + 2 + 2 * 2  # attn.proj everywhere, dense fc2 in blocks 0-1, two expert groups in 2-3
+
+    plain, fixed = build(False), build(True)
+    check(plain, fixed)
+    for model in (plain, fixed):
+        torch.manual_seed(1)
+        model.init_weights()
+    check(plain, fixed)
 
 
 def test_torchscript(tiny_vit_kwargs):

@@ -12,6 +12,7 @@ downloaded. They carry no classifier (``num_classes=0``): fine-tune with your ow
 Paper: `MoE Jetpack: From Dense Checkpoints to Adaptive Mixture of Experts for Vision Tasks`
     - https://arxiv.org/abs/2406.04801
 """
+import math
 from typing import Dict, Iterable, List, Optional, Union
 
 import torch
@@ -22,6 +23,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
+from ..layers import SpheroMoE
 from ..official import _load_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
 from ._pretrained import HF_ORG, PAPER_CFG, build_jetmoe, recycled_cfgs
@@ -78,6 +80,27 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
                 self.embed_dim, i, depth, options, num_core_experts, num_univ_experts,
                 core_hidden or int(self.embed_dim * kwargs.get('mlp_ratio', 4.)), act_layer,
                 kwargs.get('drop_path_rate', 0.), device=first.device, dtype=first.dtype)
+        if self.fix_init and kwargs.get('weight_init') != 'skip':  # timm's fix ran on the dense MLPs replaced here
+            self._fix_init_mlps(self.moe_blocks)
+
+    def fix_init_weight(self) -> None:
+        """timm's init fix, each block's output projections divided by sqrt(2 * layer id): in a MoE block those of
+        its experts (timm's own reads ``mlp.fc2``, which a SpheroMoE layer has not)."""
+        with torch.no_grad():
+            for layer_id, layer in enumerate(self.blocks):
+                layer.attn.proj.weight.div_(math.sqrt(2.0 * (layer_id + 1)))
+        self._fix_init_mlps(range(len(self.blocks)))
+
+    def _fix_init_mlps(self, indices: Iterable[int]) -> None:
+        """``fix_init_weight``'s scaling of the MLP output projections of blocks ``indices``: the dense ``fc2``, or
+        the ``fc2`` of every expert group."""
+        with torch.no_grad():
+            for i in indices:
+                mlp = self.blocks[i].mlp
+                groups = (mlp.core_experts, mlp.univ_experts) if isinstance(mlp, SpheroMoE) else (mlp,)
+                for group in groups:
+                    if group is not None:
+                        group.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
