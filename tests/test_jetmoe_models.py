@@ -35,6 +35,18 @@ def test_moe_blocks_take_indices_as_timms_out_indices(family):
         timm.create_model(name, moe_blocks=(last[0] + 1,), **kwargs)
 
 
+def test_prune_intermediate_layers_keeps_moe_blocks_to_the_blocks_left(family):
+    """timm's prune_intermediate_layers drops the trailing blocks: moe_blocks then lists only the MoE blocks left
+    (it kept listing the removed ones)."""
+    name, kwargs, _ = family
+    model = timm.create_model(name, **kwargs)
+    moe_blocks = model.moe_blocks
+    assert model.prune_intermediate_layers([2]) == [2]  # ViT: blocks 0..2; ConvNeXt: stages 0..2
+    assert 0 < len(model.moe_layers()) < len(moe_blocks) and model.moe_blocks == moe_blocks[:len(model.moe_layers())]
+    model.prune_intermediate_layers([1])
+    assert model.moe_blocks == [] and not model.moe_layers()
+
+
 @pytest.mark.parametrize('act_layer, act_name', [('relu', 'relu'), ('silu', 'silu'), (None, 'gelu')])
 def test_experts_use_the_dense_mlps_activation(family, act_layer, act_name):
     name, kwargs, dense_mlp = family

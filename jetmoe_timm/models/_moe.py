@@ -7,7 +7,7 @@ MLPs of the blocks ``_resolve_moe_blocks`` chooses with ``_make_moe``; everythin
 import operator
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Type
+from typing import Dict, List, Optional, Set, Type, Union
 
 import torch
 import torch.nn as nn
@@ -103,6 +103,19 @@ class JetMoEMixin:
     def moe_block_names(self) -> List[str]:
         """Module names of the blocks holding a MoE layer, e.g. ``['blocks.6', ...]``; the layer is ``<name>.mlp``."""
         return [name.rsplit('.', 1)[0] for name in self.moe_layers()]
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """timm's, which drops the blocks after the last intermediate taken; ``moe_blocks`` then lists only the MoE
+        blocks left."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        # only trailing blocks go and moe_blocks is sorted: the MoE layers left are its first ones
+        self.moe_blocks = self.moe_blocks[:len(self.moe_layers())]
+        return take_indices
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
