@@ -192,3 +192,30 @@ def test_per_split_limits_and_a_held_out_calibration_folder(tmp_path, capsys, mn
         assert main(['data', 'export', 'mnist5k', str(tmp_path / 'bad'), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / 'bad').exists() and not list(tmp_path.glob('.bad*'))  # nothing half-written
+
+
+def test_force_never_deletes_files_added_to_an_exported_tree(tmp_path, mnist_raw, capsys):
+    """--force replaced any tree whose top level looked exported: a user's files inside its class folders were
+    deleted with it. Now it refuses, naming the file, and replaces the tree only as the export wrote it."""
+    from jetmoe_timm.tools.cli import main
+    out = tmp_path / 'm'
+    data.export_dataset('mnist5k', out, limit=20, calib_images=5)
+    image = next((out / 'train' / '3').glob('*.png'))
+    for added, named in ((out / 'train' / '3' / 'my_photo.jpg', 'train/3/my_photo.jpg, which the export did not'),
+                         (out / 'train' / '3' / '99999.png', '3 images in train/3, where the export wrote 2'),
+                         (out / 'train' / 'mine' / '00001.png', 'train/mine, which the export did not write'),
+                         (out / 'calibration' / '99999.png', '6 images in calibration, where the export wrote 5')):
+        added.parent.mkdir(exist_ok=True)
+        added.write_bytes(image.read_bytes())
+        with pytest.raises(FileExistsError, match=named):
+            data.export_dataset('mnist5k', out, limit=20, force=True)
+        assert main(['data', 'export', 'mnist5k', str(out), '--limit', '20', '--force']) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and 'move your files out of it, or choose another OUT' in err and len(err.splitlines()) == 1
+        assert added.is_file()
+        added.unlink()
+        if added.parent.name == 'mine':
+            added.parent.rmdir()
+    image.unlink()  # fewer images than it wrote: nothing of the user's to lose
+    data.export_dataset('mnist5k', out, limit=20, force=True)
+    assert len(list(out.glob('train/*/*.png'))) == 20 and not (out / 'calibration').exists()

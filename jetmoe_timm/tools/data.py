@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -87,7 +88,7 @@ def export_dataset(
             order), so that every class folder exists; must be at least the number of classes. One number for
             every split, or {split: number} (e.g. {'train': 5000, 'validation': 2000}).
         source: Fashion-MNIST only: folder with the idx ``.gz`` files.
-        force: replace an existing ``out``.
+        force: replace an earlier export at ``out`` (refused, naming it, where it holds a file it did not write).
         calib_images: also write this many training-split images that are NOT among the exported training
             images to ``out/calibration/<index>.png`` (class-balanced): a held-out calibration folder for
             ``jetmoe-timm convert --calib``. timm's train.py reads only the split folders.
@@ -117,6 +118,7 @@ def export_dataset(
         raise ValueError(f'calib_images ({calib_images}) are taken from training images outside the exported ones, '
                          f'and without a train limit every one is exported: add a limit (--limit train=N).')
     out = Path(os.path.abspath(out))  # '.' and '..' have no usable parent
+    _check_force(out, force)
     check_replaceable(out, force, _is_dataset_folder, 'an exported dataset', 'OUT')
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,16 +267,71 @@ def _balanced_subset(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
 
 def _is_dataset_folder(path: Path) -> bool:
     """Whether ``path`` is a tree written by ``export_dataset`` and holds nothing else."""
-    if not {p.name for p in path.iterdir()} <= {*SPLITS, 'calibration', _META_FILE}:
-        return False
+    meta = _read_meta(path)
+    return meta is not None and _not_exported(path, meta) is None
+
+
+def _read_meta(path: Path) -> Optional[dict]:
+    """``path/dataset.json`` as ``export_dataset`` writes it, or None."""
     try:
         meta = json.loads((path / _META_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get('dataset') in DATASETS and isinstance(meta.get('splits'), dict)
+        return None
+    if not (isinstance(meta, dict) and meta.get('dataset') in DATASETS and isinstance(meta.get('classes'), list)
+            and isinstance(meta.get('splits'), dict) and set(meta['splits']) <= set(SPLITS)):
+        return None
+    counts_ok = all(isinstance(v, dict) and isinstance(v.get('per_class'), list) and len(v['per_class']) == len(
+        meta['classes']) and all(isinstance(n, int) for n in v['per_class']) for v in meta['splits'].values())
+    calib_ok = 'calibration' not in meta or isinstance(meta['calibration'], dict) \
+        and isinstance(meta['calibration'].get('count'), int)
+    return meta if counts_ok and calib_ok else None
+
+
+def _not_exported(path: Path, meta: dict) -> Optional[str]:
+    """What the exported tree ``path`` holds that ``export_dataset`` did not write (said as 'NAME, which ...'), or
+    None. Below the split folders it wrote only class folders of ``<index>.png`` files, as many as ``meta`` counts:
+    more there means images added under the same kind of name."""
+    def foreign(entry: Path) -> str:
+        return f'{entry.relative_to(path)}, which the export did not write'
+
+    def images(folder: Path, count: int) -> Optional[str]:
+        entries = sorted(folder.iterdir())
+        for entry in entries:
+            if entry.is_symlink() or not entry.is_file() or not re.fullmatch(r'\d{5,}\.png', entry.name):
+                return foreign(entry)
+        if len(entries) > count:
+            return f'{len(entries)} images in {folder.relative_to(path)}, where the export wrote {count}'
+        return None
+
+    folders = {*meta['splits'], *(['calibration'] if 'calibration' in meta else [])}
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink() or not (entry.name in folders and entry.is_dir()
+                                      or entry.name == _META_FILE and entry.is_file()):
+            return foreign(entry)
+    for split, info in meta['splits'].items():
+        for entry in sorted((path / split).iterdir()) if (path / split).is_dir() else ():
+            if entry.is_symlink() or not entry.is_dir() or entry.name not in meta['classes']:
+                return foreign(entry)
+            found = images(entry, info['per_class'][meta['classes'].index(entry.name)])
+            if found:
+                return found
+    if 'calibration' in folders and (path / 'calibration').is_dir():
+        return images(path / 'calibration', meta['calibration']['count'])
+    return None
+
+
+def _check_force(out: Path, force: bool) -> None:
+    """Refuse, naming it, to let ``force`` delete what a user put into an exported tree (a generic refusal would
+    list only the tree's own top-level names)."""
+    meta = _read_meta(out) if force and out.is_dir() else None
+    found = _not_exported(out, meta) if meta is not None else None
+    if found:
+        raise FileExistsError(f'{out} holds {found}, and --force replaces the whole tree: move your files out of '
+                              f'it, or choose another OUT.')
 
 
 def _cmd_export(args) -> int:
+    _check_force(args.out, args.force)
     check_output_folder(args.out, args.force, flag='OUT', owned=_is_dataset_folder, what='an exported dataset')
     out = export_dataset(args.dataset, args.out, splits=args.split, limit=_parse_limit(args.limit),
                          source=args.source, force=args.force, calib_images=args.calib_images)
