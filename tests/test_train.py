@@ -311,6 +311,35 @@ def test_train_launcher_refuses_a_folder_with_one_split(tmp_path):
                                        '--num-classes', '10']) == 2
 
 
+def test_launcher_says_when_the_image_size_is_not_the_models():
+    """Only --model-kwargs img_size without --img-size was said: --img-size / --input-size alone (the model at its
+    default 224), or either beside a different img_size, failed after the first batch inside the script
+    ('Input height (32) doesn't match model (224)'): timm resamples neither the model nor the images."""
+    from argparse import Namespace
+    from jetmoe_timm.tools._scripts import _argument_problem
+
+    def problem(options, model='v_jetmoe_tiny', **model_kwargs):  # options: the scripts' img_size / input_size
+        args = Namespace(model=model, model_kwargs=model_kwargs, num_classes=10, device='cpu',
+                         **dict(dict(img_size=None, input_size=None), **options))
+        return _argument_problem(args, 'train.py')
+
+    small = {k: v for k, v in TINY_VIT.items() if k != 'img_size'}  # built at the default 224
+    assert problem(dict(img_size=32), **small) == (
+        '--img-size 32 sizes the images 32x32, but v_jetmoe_tiny is built for 224x224 (its default) and takes no other '
+        'size: pass --img-size 224, or build it for the images with --model-kwargs img_size=32.')
+    assert problem(dict(input_size=[3, 32, 32]), **small).startswith(
+        '--input-size 3 32 32 sizes the images 32x32, but v_jetmoe_tiny is built for 224x224 (its default)')
+    assert problem(dict(img_size=64), **TINY_VIT).startswith(
+        '--img-size 64 sizes the images 64x64, but v_jetmoe_tiny is built for 32x32 (--model-kwargs img_size=32)')
+    assert 'pass --input-size 3 32 32, or build it for the images with --model-kwargs img_size=(64,48).' in problem(
+        dict(input_size=[3, 64, 48]), **TINY_VIT)
+    # what the scripts run: the model's size, --input-size over --img-size, a model that takes any size
+    assert problem(dict(img_size=32), **TINY_VIT) is None and problem(dict(img_size=224), **small) is None
+    assert problem(dict(img_size=64, input_size=[3, 32, 32]), **TINY_VIT) is None
+    assert problem(dict(img_size=64), dynamic_img_size=True, **TINY_VIT) is None
+    assert problem(dict(img_size=32), 'c_jetmoe_tiny') is None
+
+
 AMP = ['--amp', '--amp-dtype', 'bfloat16']
 
 

@@ -226,6 +226,29 @@ def _class_folders(root: Optional[str]) -> str:
     return f' ({train} holds {sum(e.is_dir() for e in os.scandir(train))} class folders)'
 
 
+def _size_problem(args: argparse.Namespace, model: str, model_kwargs: dict, cfg) -> Optional[str]:
+    """``--img-size`` / ``--input-size`` other than the size a fixed-size model is built for (a strict patch
+    embedding: its default, or ``--model-kwargs img_size``). The scripts build the model at its size and size the
+    images from these options, resampling neither, so the first batch fails inside the script."""
+    input_size, img_size = getattr(args, 'input_size', None), getattr(args, 'img_size', None)
+    if cfg is None or not cfg.fixed_input_size or (input_size is None and img_size is None):
+        return None
+    embed = getattr(timm.create_model(model, device='meta', **model_kwargs), 'patch_embed', None)
+    if not getattr(embed, 'strict_img_size', False) or getattr(embed, 'img_size', None) is None:
+        return None  # dynamic_img_size=True, or a model that takes other sizes
+    height, width = embed.img_size
+    size = tuple(input_size[-2:]) if input_size is not None else (img_size, img_size)
+    if size == (height, width):
+        return None
+    given = f"--input-size {' '.join(map(str, input_size))}" if input_size is not None else f'--img-size {img_size}'
+    fix = f'--img-size {height}' if input_size is None and height == width else \
+        f'--input-size {input_size[0] if input_size else 3} {height} {width}'
+    built = f'--model-kwargs img_size={model_kwargs["img_size"]}' if 'img_size' in model_kwargs else 'its default'
+    wanted = size[0] if size[0] == size[1] else f'({size[0]},{size[1]})'
+    return (f'{given} sizes the images {size[0]}x{size[1]}, but {model} is built for {height}x{width} ({built}) and '
+            f'takes no other size: pass {fix}, or build it for the images with --model-kwargs img_size={wanted}.')
+
+
 def _split_problem(args: argparse.Namespace, root: str) -> Optional[str]:
     """A folder with only one of train.py's two splits: timm reads a split from ``DATA/<split>`` (or a synonym,
     e.g. ``val/``) and, where there is none, from all of DATA, so the other split's images would silently be
@@ -278,9 +301,10 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
     model is built, which may mean recycling it), a train.py folder with one of its two splits (silently read as
     both), ``--model-kwargs img_size=N`` without ``--img-size N``
     (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
-    fails after the first batch); an unknown model, model kwarg or optimizer, ``step_in_backward`` with what it cannot
-    take part in (silently wrong in the script), a checkpoint file that is not there, and the scripts' default
-    ``--device cuda`` where torch sees no GPU (each a traceback from inside the script)."""
+    fails after the first batch) or an --img-size / --input-size that a fixed-size model is not built for (the
+    same); an unknown model, model kwarg or optimizer, ``step_in_backward`` with what it cannot take part in
+    (silently wrong in the script), a checkpoint file that is not there, and the scripts' default ``--device cuda``
+    where torch sees no GPU (each a traceback from inside the script)."""
     if args is None:
         return None
     training = script == 'train.py' or hasattr(args, 'opt')  # validate.py's arguments have no optimizer
@@ -316,6 +340,9 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
             check_model_kwargs(model, model_kwargs)
         except ValueError as e:
             return str(e)
+        problem = _size_problem(args, model, model_kwargs, cfg)
+        if problem:
+            return problem
     opt = getattr(args, 'opt', None)  # train.py: timm's factory reads 'lookahead_NAME' and the part after the last '_'
     if isinstance(opt, str) and opt.lower().split('_')[-1] not in timm.optim.list_optimizers():
         return (f"Unknown optimizer '{opt}'{did_you_mean(opt.lower(), timm.optim.list_optimizers())}: pass a name "
