@@ -797,3 +797,21 @@ def test_recycle_cache_follows_a_local_predecessor_replaced_in_place(tmp_path, m
         assert [m.built for m in loads] == [True, True, False], spec
         a, b, c = (m.blocks[0].attn.qkv.weight for m in loads)
         assert not torch.equal(a, b) and torch.equal(b, c), spec
+
+
+def test_first_load_recycles_a_grey_scale_predecessor_file(tmp_path, monkeypatch, tiny_vit_kwargs):
+    """A 1-channel predecessor file behind a tag: the weights are recycled at its one input channel and timm adapts
+    them to the in_chans asked for on load (the kwarg never reaches the build, as num_classes does not)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)  # 64-wide heads, which a bare file's head count is read off
+    pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, embed_dim=128, num_heads=2, in_chans=1))
+    save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, tmp_path / 'grey.safetensors')
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', str(tmp_path / 'grey.safetensors'))
+    monkeypatch.setenv('JETMOE_TIMM_CALIB_IMAGES', '4')
+    grey = timm.create_model('v_jetmoe_tiny', pretrained=True, in_chans=1, **tiny_vit_kwargs)
+    rgb = timm.create_model('v_jetmoe_tiny', pretrained=True, in_chans=3, **tiny_vit_kwargs)  # from the cache
+    assert len(list((tmp_path / 'cache').rglob('*.safetensors'))) == 1
+    assert grey.patch_embed.proj.weight.shape[1] == 1 and grey.pretrained_cfg['input_size'][0] == 1
+    torch.testing.assert_close(rgb.patch_embed.proj.weight, grey.patch_embed.proj.weight.expand(-1, 3, -1, -1) / 3)
+    assert torch.isfinite(grey.eval()(torch.randn(1, 1, 32, 32))).all()
