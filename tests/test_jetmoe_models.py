@@ -96,6 +96,22 @@ def test_checkpoint_of_another_model_is_named_not_dumped(tmp_path):
             assert '\n' not in str(e.value)
 
 
+def test_checkpoint_with_other_moe_blocks_names_them_and_the_widths(family):
+    """A JetMoE checkpoint whose MoE layers sit in other blocks is no dense checkpoint: the message names the blocks
+    found and the model's, and the widths (a ConvNeXt's per stage, read off the blocks: the stem is timm's)."""
+    name, kwargs, _ = family
+    model = timm.create_model(name, **kwargs)
+    found = [model.moe_blocks[-1]]
+    sd = timm.create_model(name, moe_blocks=found, **kwargs).state_dict()
+    width = '32' if name.startswith('v_') else r'\(8, 16, 24, 32\)'
+    with pytest.raises(ValueError, match=(
+            rf'holds a model of width {width} with \d+ blocks, MoE in blocks \{found}.*is a model of width '
+            rf'{width} with \d+ blocks, MoE in blocks \{model.moe_blocks}.*Create the model the checkpoint was made '
+            rf'for \(moe_blocks=\{found} and the same other model kwargs\)')) as e:
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
+    assert 'dense' not in str(e.value) and '?' not in str(e.value)
+
+
 def test_compiled_grad_checkpointing_backpropagates_the_forwards_noise(tiny_vit_kwargs, monkeypatch):
     """torch.compile + set_grad_checkpointing in training: the routing noise (an opaque op on the CPU under compile)
     is drawn once; recomputed in backward, the gradients would belong to another draw (5 % off)."""

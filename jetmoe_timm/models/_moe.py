@@ -32,15 +32,31 @@ class MoEOptions:
     moe_drop_path_rate: Optional[float] = None
 
 
+def _blocks(shapes: Dict[str, tuple]) -> List[str]:
+    """The block names of (timm-layout) tensor shapes, in model order: their index is the block's ``moe_blocks``
+    index (over all stages for ConvNeXt)."""
+    names = {'.'.join(k.split('.')[:k.split('.').index('blocks') + 2]) for k in shapes
+             if '.blocks.' in k or k.startswith('blocks.')}
+    return sorted(names, key=lambda b: [int(p) for p in b.split('.') if p.isdigit()])  # blocks.10 after blocks.9
+
+
+def _moe_blocks(shapes: Dict[str, tuple]) -> List[int]:
+    """The ``moe_blocks`` of (timm-layout) tensor shapes."""
+    return [i for i, b in enumerate(_blocks(shapes)) if f'{b}.mlp.slot_query' in shapes]
+
+
 def _describe(shapes: Dict[str, tuple]) -> str:
-    """A model's layout in words, read off its (timm-layout) tensor shapes."""
-    blocks = sorted({'.'.join(k.split('.')[:k.split('.').index('blocks') + 2]) for k in shapes if '.blocks.' in k
-                     or k.startswith('blocks.')})
-    moe = [b for b in blocks if f'{b}.mlp.slot_query' in shapes]
-    width = next((s[0] for k, s in shapes.items() if k.endswith(('patch_embed.proj.weight', 'stem.0.weight'))), None)
-    width = width or next((s[-1] for k, s in shapes.items() if k.endswith('norm1.weight')), '?')
-    experts = next((shapes[f'{b}.mlp.slot_query'][0] for b in moe), 0)
-    return (f'a model of width {width} with {len(blocks)} blocks, {len(moe)} of them MoE'
+    """A model's layout in words, read off its (timm-layout) tensor shapes: the width of each stage (one for ViT)
+    from its blocks' norms, as the first conv is left to timm."""
+    blocks = _blocks(shapes)
+    moe = _moe_blocks(shapes)
+    widths = {}  # stage -> width
+    for b in blocks:
+        norm = shapes.get(f'{b}.norm1.weight') or shapes.get(f'{b}.norm.weight') or ('?',)  # ViT's, ConvNeXt's
+        widths.setdefault(b.rpartition('blocks.')[0], norm[0])
+    width = widths.popitem()[1] if len(widths) == 1 else tuple(widths.values())
+    experts = next((shapes[f'{blocks[i]}.mlp.slot_query'][0] for i in moe), 0)
+    return (f'a model of width {width} with {len(blocks)} blocks, MoE in blocks {moe}'
             + (f' ({experts} experts each)' if moe else '') if blocks else 'no JetMoE weights')
 
 
@@ -152,10 +168,12 @@ class JetMoEMixin:
         if len(bad) <= 3:  # a few keys: timm's strict load names them better than a summary would
             return
         dense = not any(k.endswith('.slot_query') for k in theirs) and any(k.endswith('.fc1.weight') for k in theirs)
+        found = _moe_blocks(theirs)
+        kwargs = f'moe_blocks={found} and the same other model kwargs' if found != self.moe_blocks else \
+            'the same model kwargs'
         fix = ('It is a dense checkpoint: recycle it into this model first (jetmoe-timm convert MODEL --predecessor '
                'FILE --out DIR, or jetmoe_timm.convert), then load DIR.' if dense else
-               'Create the model the checkpoint was made for (the same model kwargs), or pass the checkpoint of '
-               'this one.')
+               f'Create the model the checkpoint was made for ({kwargs}), or pass the checkpoint of this one.')
         raise ValueError(f'The checkpoint holds {_describe(theirs)}; this {type(self).__name__} is '
                          f'{_describe(ours)} ({len(bad)} tensors differ, e.g. {bad[0]}). {fix}')
 

@@ -128,7 +128,8 @@ class ConvNeXtJetMoE(JetMoEMixin, ConvNeXt):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJetMoE) -> Dict[str, torch.Tensor]:
     """Unwrap and map the FB ConvNeXt layout to timm keys; refuse dense MLP weights where the model has a MoE."""
     state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
-    for name in model.moe_block_names():
+    jetmoe = any(k.endswith('.slot_query') for k in state_dict)  # other moe_blocks: check_checkpoint names them
+    for name in () if jetmoe else model.moe_block_names():
         s, b = name.split('.')[1::2]
         dense = [k for k in state_dict if k.startswith((f'{name}.mlp.fc1.', f'stages.{s}.{b}.pwconv1.'))]
         if dense:
