@@ -815,3 +815,26 @@ def test_first_load_recycles_a_grey_scale_predecessor_file(tmp_path, monkeypatch
     assert grey.patch_embed.proj.weight.shape[1] == 1 and grey.pretrained_cfg['input_size'][0] == 1
     torch.testing.assert_close(rgb.patch_embed.proj.weight, grey.patch_embed.proj.weight.expand(-1, 3, -1, -1) / 3)
     assert torch.isfinite(grey.eval()(torch.randn(1, 1, 32, 32))).all()
+
+
+def test_bare_vit_file_with_a_tiny_grid_is_read_or_refused_never_misread(tmp_path):
+    """A bare file's grid and prefix-token embedding are read off pos_embed; a grid whose rows also fit the other
+    convention (9 rows with 5 prefix tokens: 3x3 alone, or 2x2 after 5) is refused, and prefix tokens that outnumber
+    the grid's rows read as having no embedding (they were 'not timm-format', or a grid of 0)."""
+    from safetensors.torch import save_file
+    from jetmoe_timm.recycle.build import load_predecessor
+
+    def load(**kwargs):
+        model = timm.create_model('vit_small_patch16_224', patch_size=8, embed_dim=64, depth=1, num_heads=1,
+                                  num_classes=0, **kwargs)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / 'p.safetensors')
+        return load_predecessor(str(tmp_path / 'p.safetensors'), 'vit_small_patch16_224.augreg_in21k')
+    # DINOv2-reg style at 24 px: was read as a 2x2 grid with prefix embeddings, silently
+    with pytest.raises(ValueError, match=r"pos_embed of 9 rows \(5 prefix tokens\) fits both a 2x2 patch grid with "
+                                         r"no_embed_class=False and a 3x3 patch grid with no_embed_class=True: pass "
+                                         r"a 'local-dir:' folder with its config.json\.$"):
+        load(img_size=24, reg_tokens=4, no_embed_class=True)
+    for kwargs in (dict(img_size=16, class_token=False, reg_tokens=4, global_pool='avg'),
+                   dict(img_size=16, reg_tokens=4), dict(img_size=8, reg_tokens=1), dict(img_size=32, reg_tokens=4)):
+        pred = load(no_embed_class=True, **kwargs)
+        assert pred.no_embed_class and pred.patch_embed.img_size == (kwargs['img_size'],) * 2, kwargs

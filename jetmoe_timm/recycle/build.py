@@ -39,6 +39,7 @@ from ..models._pretrained import WeightsUnavailableError, register_weight_builde
 from ..version import __version__
 from .engine import RecycleResult, _input_channels, check_options, check_recipe_family, recycle, selection_to_json
 from .families import FAMILIES, family_of
+from .family import UnreadableCheckpoint
 
 __all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
            'cache_dir', 'input_contract']
@@ -194,6 +195,8 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
                          f"dense checkpoint it was made from.")
     try:
         args = family.predecessor_args(state, hint)
+    except UnreadableCheckpoint as e:
+        raise ValueError(f"'{path}': {e}: pass a 'local-dir:' folder with its config.json.") from None
     except (KeyError, ValueError, IndexError) as e:
         what = f' (no {e})' if isinstance(e, KeyError) else ''  # a missing tensor; else no block keys at all
         raise ValueError(f"'{path}' is not a timm-format {type(hint).__name__} checkpoint{what}: pass a timm "

@@ -14,7 +14,11 @@ from timm.layers.create_act import _ACT_LAYER_DEFAULT
 
 from ..layers import SpheroMoE
 
-__all__ = ['FamilySpec', 'check_activation']
+__all__ = ['FamilySpec', 'UnreadableCheckpoint', 'check_activation']
+
+
+class UnreadableCheckpoint(ValueError):
+    """A bare checkpoint whose tensors do not tell its architecture (``predecessor_args``); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,8 @@ class FamilySpec:
     model_cls: type  # the JetMoE successor class (a JetMoEMixin subclass)
     predecessor_cls: type  # the timm class of its dense predecessors
     recycled_from: Mapping[str, Mapping[str, str]]  # pretrained tag -> dict(predecessor=..., [body_predecessor=...])
-    # the predecessor's timm arguments read off a bare checkpoint's tensors, f(state, hint model on meta)
+    # the predecessor's timm arguments read off a bare checkpoint's tensors, f(state, hint model on meta); raises
+    # UnreadableCheckpoint where the tensors fit more than one architecture, or none
     predecessor_args: Callable[[Mapping[str, Any], nn.Module], dict]
     # recycling steps, each f(pred, succ, ...): see vit.py for the contract of each
     check: Callable[[nn.Module, nn.Module], None]  # raise one clear line when pred cannot be recycled into succ

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import SpheroMoE
 from ..models.vit_jetmoe import RECYCLED_FROM, VisionTransformerJetMoE
-from .family import FamilySpec, check_activation
+from .family import FamilySpec, UnreadableCheckpoint, check_activation
 from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, make_generator, select_block_neurons, select_neurons, top_k
 from .stats import Probe, WeightStatistics, mlp_weight_importance
@@ -96,9 +96,16 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
     d, c, p = state['patch_embed.proj.weight'].shape[:3]
     prefix = int('cls_token' in state) + (state['reg_token'].shape[1] if 'reg_token' in state else 0)
     n_pos = state['pos_embed'].shape[1]
-    # prefix tokens without a position embedding (DeiT-3, DINOv2-reg) when only the whole count is a square
-    no_embed_class = bool(prefix) and math.isqrt(n_pos) ** 2 == n_pos and math.isqrt(n_pos - prefix) ** 2 != n_pos - prefix
-    grid = math.isqrt(n_pos if no_embed_class else n_pos - prefix)
+    # (grid side, no_embed_class): a square grid after the prefix tokens' rows, or a square grid alone with prefix
+    # tokens that have no position embedding (DeiT-3, DINOv2-reg); tiny grids can fit both (9 rows and 5 prefix
+    # tokens: 3x3 alone or 2x2 after 5), which the tensors cannot tell apart
+    readings = [(math.isqrt(n), no_embed) for n, no_embed in ((n_pos - prefix, False), (n_pos, True))
+                if n > 0 and math.isqrt(n) ** 2 == n and (prefix or not no_embed)]
+    if len(readings) != 1:
+        fits = ' and '.join(f'a {g}x{g} patch grid with no_embed_class={e}' for g, e in readings)
+        raise UnreadableCheckpoint(f'its pos_embed of {n_pos} rows ({prefix} prefix tokens) fits '
+                                   + (f'both {fits}' if fits else 'no square patch grid'))
+    ((grid, no_embed_class),) = readings
     return dict(
         embed_dim=d, in_chans=c, patch_size=p, img_size=grid * p, num_heads=max(1, d // _head_dim(hint)),
         depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
