@@ -235,6 +235,23 @@ def test_grey_models_take_grey_images(tmp_path):
     assert np.allclose(layer.dispatch.sum(1), 1, atol=1e-5)
 
 
+def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, tiny_vit_kwargs):
+    """16-bit grey files (PNG opens as 'I;16', PGM as 'I') reach the model as the same image in 8 bits; PIL's own
+    convert clips them at 255 (all white)."""
+    grey16 = np.linspace(0, 65535, 30 * 40).reshape(30, 40).astype(np.uint16)
+    grey8 = np.round(grey16 / 257).astype(np.uint8)
+    paths = [tmp_path / 'grey16.png', tmp_path / 'grey16.pgm', tmp_path / 'grey8.png']
+    Image.fromarray(grey16).save(paths[0])
+    Image.fromarray(grey16).save(paths[1])
+    Image.fromarray(grey8).save(paths[2])
+    assert [Image.open(p).mode for p in paths] == ['I;16', 'I', 'L']
+    model = timm.create_model('v_jetmoe_tiny', **tiny_vit_kwargs)
+    images = inspect_routing(model, paths + [Image.fromarray(grey16)]).images
+    for i in range(len(images)):
+        assert np.allclose(images[i], images[2], atol=1e-6)
+    assert 0.4 < images[0].mean() < 0.6
+
+
 def _no_model(monkeypatch):
     """Make building the model fail loudly: an input mistake must be named before it."""
     def fail(*args, **kwargs):

@@ -198,6 +198,14 @@ def _data_config(model: nn.Module) -> Dict[str, Any]:
     return cfg
 
 
+def _convert(img, mode: str):
+    """PIL image ``img`` converted to ``mode``, 16-bit grey (modes 'I;16*', and 'I' for 16-bit PGM) scaled to 8
+    bits first: PIL's convert clips those values at 255, which turns all but the darkest pixels white."""
+    if img.mode == 'I' or img.mode.startswith('I;16'):
+        img = img.convert('I').point(lambda v: v / 257 + 0.5)  # 0..65535 -> 0..255, rounded
+    return img.convert(mode)
+
+
 def _open_image(path: Union[str, os.PathLike], mode: str = 'RGB') -> 'PIL.Image.Image':
     """The image file at ``path``, decoded in full and converted to ``mode``; one-line errors that say the fix."""
     from PIL import Image, UnidentifiedImageError
@@ -210,7 +218,7 @@ def _open_image(path: Union[str, os.PathLike], mode: str = 'RGB') -> 'PIL.Image.
         raise ValueError(f'{path} is not a regular file: pass image files.')
     try:
         with Image.open(path) as f:
-            return f.convert(mode)  # decodes every pixel: a truncated file fails here, not later
+            return _convert(f, mode)  # decodes every pixel: a truncated file fails here, not later
     except UnidentifiedImageError:
         reason = 'not an image format PIL knows'
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, unreadable, too large
@@ -263,7 +271,7 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
             img = _open_image(img, mode)
             names.append(next(labels))
         elif hasattr(img, 'convert'):
-            img = img.convert(mode)
+            img = _convert(img, mode)
             names.append(f'image {i}')
         else:
             raise TypeError(f'Expected image paths, PIL images or one (B, C, H, W) tensor; got a {type(img).__name__}.')
