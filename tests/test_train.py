@@ -249,6 +249,47 @@ def test_train_launcher_keeps_freed_memory_for_cpu_training(tmp_path):
         '(CPU training keeps freed memory).') and not (tmp_path / 'refused.json').exists()
 
 
+@pytest.mark.skipif(sys.platform != 'linux', reason="glibc's malloc settings: Linux only")
+def test_train_launcher_forked_workers_hand_freed_memory_back(tmp_path):
+    """A child forked by the training process (a DataLoader worker) gets glibc's defaults back: a 256 MB tensor freed
+    there is handed back, while the training process still keeps its own."""
+    scripts = tmp_path / 'scripts'
+    scripts.mkdir()
+    (scripts / 'train.py').write_text(textwrap.dedent('''
+        import argparse, json, multiprocessing, torch
+        parser = argparse.ArgumentParser()
+        parser.add_argument('out')
+        parser.add_argument('--device', default='cuda')
+        def rss_mb():
+            with open('/proc/self/status') as f:
+                return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmRSS:'))
+        def kept_mb(queue=None):
+            base = rss_mb()
+            t = torch.ones(64, 2 ** 20)  # 256 MB
+            del t
+            if queue is None:
+                return rss_mb() - base
+            queue.put(rss_mb() - base)
+        if __name__ == '__main__':
+            args = parser.parse_args()
+            ctx = multiprocessing.get_context('fork')  # as DataLoader starts its workers on Linux
+            queue = ctx.Queue()
+            worker = ctx.Process(target=kept_mb, args=(queue,))
+            worker.start()
+            worker_kept = queue.get(timeout=60)
+            worker.join()
+            json.dump(dict(worker=worker_kept, main=kept_mb()), open(args.out, 'w'))
+    '''))
+    out = tmp_path / 'out.json'
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'LD_PRELOAD'
+           and k != _scripts.ALLOCATOR_ENV}
+    proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), str(out),
+                           '--device', 'cpu'], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    kept = json.loads(out.read_text())
+    assert kept['worker'] < 50 and kept['main'] > 200, kept
+
+
 def test_launcher_missing_scripts(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv(_scripts.SCRIPTS_ENV, raising=False)
     assert jetmoe_timm.train.main(['DATA', '--model', 'v_jetmoe_tiny']) == 2

@@ -115,8 +115,18 @@ def _allow_cpu_ddp() -> None:
     DistributedDataParallel.__init__ = __init__
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# glibc's mallopt parameters (malloc.h), and their defaults (man mallopt)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_MALLOPT_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_MMAP_THRESHOLD, 128 * 1024), (_M_TRIM_THRESHOLD, 128 * 1024))
+_restores_in_children = False
+
+
+def _restore_malloc_defaults(libc) -> None:
+    """glibc's default mallopt settings, in a child forked from a process that keeps freed memory: DataLoader workers
+    decode images and gain nothing from holding their peak. (Only the dynamic mmap threshold stays off: once set,
+    glibc has no way back to it.)"""
+    for param, value in _MALLOPT_DEFAULTS:
+        libc.mallopt(param, value)
 
 
 def keep_freed_memory() -> Optional[str]:
@@ -126,8 +136,8 @@ def keep_freed_memory() -> Optional[str]:
     trimmed. timm's train.py on the CPU: V-JetMoE-S / C-JetMoE-T steps 1.3x / 2.2x faster with ``adafactorlean``
     for 2-4 % more peak memory, V-JetMoE-T and ViT-T steps 5-20 % faster with timm's Adafactor or train.py's
     default AdamW (docs/benchmark.md, "CPU allocator"); the process's memory stays at its peak until it ends. Only for
-    a process that trains: the train launcher calls it for CPU runs. Returns why it did nothing (another libc, or the
-    user chose an allocator), else None.
+    a process that trains: the train launcher calls it for CPU runs, and children forked later (DataLoader workers) get
+    glibc's defaults back. Returns why it did nothing (another libc, or the user chose an allocator), else None.
     """
     if os.environ.get(ALLOCATOR_ENV, '').lower() in _ALLOCATOR_OFF:
         return f'{ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]}'
@@ -140,6 +150,10 @@ def keep_freed_memory() -> Optional[str]:
     libc = ctypes.CDLL(None)
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):  # -1: never trim (man mallopt)
         return 'mallopt refused'
+    global _restores_in_children
+    if not _restores_in_children:  # forked children (train.py's --workers) inherit the settings: undo them there
+        os.register_at_fork(after_in_child=functools.partial(_restore_malloc_defaults, libc))
+        _restores_in_children = True
     return None
 
 
