@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError
 from ..routing import moe_layers, routing_info
 from .checks import check_model_kwargs, check_model_name, check_output_folder
+
+if TYPE_CHECKING:  # PIL is imported where images are read: the annotations only name it
+    import PIL.Image
 
 __all__ = [
     'LayerRouting', 'RoutingInspection', 'inspect_routing', 'plot_dispatch_maps', 'plot_contributions',
