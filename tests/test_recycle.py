@@ -695,8 +695,8 @@ def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, c
     (line,) = [r.getMessage() for r in caplog.records if 'read off its tensors' in r.getMessage()]
     assert f"embed_dim={kwargs['embed_dim']}" in line and f"depth={kwargs['depth']}" in line
     assert (f'its {classes}-class head is not used' in line) == bool(classes)
-    assert "num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs): a bare file does not " \
-           "record it" in line  # the one argument that is assumed, not read
+    assert "a bare file does not record these, assumed: num_heads from heads as wide as the tag's predecessor's " \
+           "(64 in timm's ViTs), a square patch grid" in line  # what is assumed, not read
     ch = result.selection['channels']
     torch.testing.assert_close(succ.blocks[0].norm1.weight, pred.blocks[0].norm1.weight[ch], rtol=0, atol=0)
 

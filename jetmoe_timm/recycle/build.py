@@ -218,7 +218,7 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
     contract = ', '.join(f'{k}={tuple(round(x, 4) for x in v) if isinstance(v, (tuple, list)) else v}'
                          for k, v in input_contract(model).items() if k in ('mean', 'std'))
     _logger.warning(f"Predecessor {path}: {arch}({_args_line(args)}) read off its tensors"
-                    + (f' ({family.assumed}: a bare file does not record it)' if family.assumed else '')
+                    + (f' (a bare file does not record these, assumed: {family.assumed})' if family.assumed else '')
                     + (f'; its {classes}-class head is not used' if classes else '')
                     + f"; preprocessing assumed from {arch}'s default weights ({contract}): pass a 'local-dir:' "
                       f"folder with the predecessor's config.json if it was trained otherwise.")
