@@ -800,21 +800,29 @@ def test_recycle_cache_follows_a_local_predecessor_replaced_in_place(tmp_path, m
 
 
 def test_first_load_recycles_a_grey_scale_predecessor_file(tmp_path, monkeypatch, tiny_vit_kwargs):
-    """A 1-channel predecessor file behind a tag: the weights are recycled at its one input channel and timm adapts
-    them to the in_chans asked for on load (the kwarg never reaches the build, as num_classes does not)."""
+    """A 1-channel predecessor file behind a tag, where in_chans never reaches the build (timm adapts it on load):
+    the predecessor's stem is adapted to the tag's 3 channels by timm's rule, so the file and its cfg are RGB as the
+    tag's (train.py's data config reads 3 channels), and in_chans=1 gets the grey stem back. Was refused with
+    'build the successor with in_chans=1'."""
     from safetensors.torch import save_file
+    from timm.data import resolve_data_config
     torch.manual_seed(0)  # 64-wide heads, which a bare file's head count is read off
     pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, embed_dim=128, num_heads=2, in_chans=1))
     save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, tmp_path / 'grey.safetensors')
     monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
     monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', str(tmp_path / 'grey.safetensors'))
     monkeypatch.setenv('JETMOE_TIMM_CALIB_IMAGES', '4')
-    grey = timm.create_model('v_jetmoe_tiny', pretrained=True, in_chans=1, **tiny_vit_kwargs)
-    rgb = timm.create_model('v_jetmoe_tiny', pretrained=True, in_chans=3, **tiny_vit_kwargs)  # from the cache
+    rgb = timm.create_model('v_jetmoe_tiny', pretrained=True, **tiny_vit_kwargs).eval()
+    grey = timm.create_model('v_jetmoe_tiny', pretrained=True, in_chans=1, **tiny_vit_kwargs).eval()  # the cache
     assert len(list((tmp_path / 'cache').rglob('*.safetensors'))) == 1
-    assert grey.patch_embed.proj.weight.shape[1] == 1 and grey.pretrained_cfg['input_size'][0] == 1
-    torch.testing.assert_close(rgb.patch_embed.proj.weight, grey.patch_embed.proj.weight.expand(-1, 3, -1, -1) / 3)
-    assert torch.isfinite(grey.eval()(torch.randn(1, 1, 32, 32))).all()
+    assert rgb.patch_embed.proj.in_channels == 3 and resolve_data_config({}, model=rgb)['input_size'][0] == 3
+    assert grey.patch_embed.proj.in_channels == 1
+    # the grey stem back: each successor row is the predecessor's row of a kept channel
+    kept = torch.cdist(grey.patch_embed.proj.weight.flatten(1), pred.patch_embed.proj.weight.flatten(1),
+                       compute_mode='donot_use_mm_for_euclid_dist').min(1)
+    assert kept.values.max() < 1e-6 and len(set(kept.indices.tolist())) == grey.embed_dim
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-4, atol=1e-5)  # a grey image in RGB
 
 
 def test_bare_vit_file_with_a_tiny_grid_is_read_or_refused_never_misread(tmp_path):

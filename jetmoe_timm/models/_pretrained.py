@@ -275,7 +275,7 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
         if path is None:
             return kwargs
         refuse_damaged(path)  # a file the library wrote carries a checksum: a damaged one is refused
-        return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path, cfg.input_size))
+        return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 
     full = f'{cfg.architecture}.{cfg.tag}'
     changes = _architecture_kwargs(model_cls, cfg, model_args,
@@ -294,23 +294,17 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
         # c. recycle the architecture asked for, with the cfg's head so the file fits any num_classes
         path = str(_weight_builder(full, dict(model_args, **changes, num_classes=cfg.num_classes)))
     overlay.update(file=path, custom_load=False)
-    return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path, cfg.input_size))
+    return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 
 
-def _with_input_contract(overlay: Dict[str, Any], path: str, input_size) -> Dict[str, Any]:
+def _with_input_contract(overlay: Dict[str, Any], path: str) -> Dict[str, Any]:
     """``overlay`` plus the preprocessing recorded in a recycled file (its predecessor's mean, std, ...), so that
-    timm's data config feeds the weights what they expect, and the input channels it was built for (in
-    ``input_size``, the cfg's otherwise): timm adapts the first conv from those to the model's ``in_chans``. What
-    the user set in ``overlay`` wins."""
+    timm's data config feeds the weights what they expect; what the user set in ``overlay`` wins."""
     try:
-        provenance = read_provenance(path)
+        contract = read_provenance(path).get('input_contract') or {}
     except Exception:  # not a readable safetensors file: timm's own loading reports that
         return overlay
-    contract = {k: tuple(v) if isinstance(v, list) else v for k, v in (provenance.get('input_contract') or {}).items()}
-    chans = (provenance.get('model_kwargs') or {}).get('in_chans')
-    if chans and input_size:
-        contract['input_size'] = (chans, *input_size[1:])
-    return dict(contract, **overlay)
+    return dict({k: tuple(v) if isinstance(v, list) else v for k, v in contract.items()}, **overlay)
 
 
 def build_jetmoe(model_cls, variant: str, pretrained: bool, model_args: Optional[Dict[str, Any]] = None, *,

@@ -37,7 +37,8 @@ from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_rea
 from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
-from .engine import RecycleResult, _input_channels, check_options, check_recipe_family, recycle, selection_to_json
+from .engine import (RecycleResult, adapt_input_channels, check_options, check_recipe_family, recycle,
+                     selection_to_json)
 from .families import FAMILIES, family_of
 from .family import UnreadableCheckpoint
 
@@ -244,15 +245,16 @@ def build_recycled(
         body_predecessor: Optional[str] = None,
         progress: bool = True,
         on_loaded: Optional[Callable[[], None]] = None,
-        predecessor_in_chans: bool = False,
+        adapt_in_chans: bool = False,
         **options,
 ) -> Tuple[nn.Module, RecycleResult]:
     """Create ``model_name`` (+ ``model_kwargs``) and fill it with weights recycled from its predecessor.
 
     ``options`` go to ``jetmoe_timm.recycle.recycle`` (method, recipe, statistic, calib, num_calib, seed, ...);
-    ``on_loaded`` is called once the predecessors are loaded, before the long part. ``predecessor_in_chans``: the
-    successor takes the predecessor's input channels unless ``model_kwargs`` set ``in_chans`` (first load, where
-    timm adapts the first conv to the model's ``in_chans``).
+    ``on_loaded`` is called once the predecessors are loaded, before the long part. ``adapt_in_chans`` (first
+    load, where ``in_chans`` never reaches the build: timm adapts the weights to it on load): a predecessor with
+    other input channels than the successor's has its stem adapted as timm adapts pretrained weights, instead of
+    being refused.
     Returns the loaded successor and the recycling result (with selection and provenance).
     """
     full, source = recycle_source(model_name)
@@ -263,8 +265,12 @@ def build_recycled(
     pred_spec = predecessor_spec(source, predecessor)
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
-    if predecessor_in_chans and 'in_chans' not in model_kwargs:
-        model_kwargs['in_chans'] = _input_channels(pred)  # recorded in the provenance: the file's input channels
+    if adapt_in_chans:
+        before = adapt_input_channels(pred, model_kwargs.get('in_chans', 3))
+        if before is not None:  # a grey predecessor: the file stays at the tag's channels, as its cfg says
+            _logger.warning(f'Predecessor {public_source(pred_spec)} takes {before} input channel(s): its stem is '
+                            f"adapted to the successor's {model_kwargs.get('in_chans', 3)} by timm's rule; create the "
+                            f'model with in_chans={before} to get it back.')
     body = None
     if opts['recipe'] == 'official':
         body_spec = body_predecessor or source.get('body_predecessor')
@@ -381,9 +387,7 @@ def _duration_hint(model_name: str, model_kwargs: Dict[str, Any], num_calib: int
 
 
 def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, **options) -> Path:
-    """Path of recycled weights for ``model_name``, building them (once, under a lock) if not cached. The weights
-    take the predecessor's input channels (a grey-scale one's too) unless ``model_kwargs`` say otherwise: timm
-    adapts them to the model's ``in_chans`` on load."""
+    """Path of recycled weights for ``model_name``, building them (once, under a lock) if not cached."""
     full, source = recycle_source(model_name)
     model_kwargs = dict(model_kwargs or {})
     opts = dict(DEFAULT_OPTIONS, **options)
@@ -417,7 +421,7 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
         announce = functools.partial(  # once the predecessor is loaded: offline, the error comes alone
             _logger.warning, f'Recycling {full} from {pred_spec} (first load; {hint}; then cached at {path}).')
         model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, on_loaded=announce,
-                                       predecessor_in_chans=True, **opts)
+                                       adapt_in_chans=True, **opts)
         provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection),
                           **({'predecessor_fingerprint': fingerprint} if fingerprint is not None else {}))
         save_safetensors_atomic(model.state_dict(), path, provenance)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Unio
 
 import torch
 import torch.nn as nn
+from timm.models import adapt_input_conv
 from tqdm.auto import tqdm
 
 from ..version import __version__
@@ -67,9 +68,28 @@ def check_options(method: str = 'importance', recipe: str = 'paper', statistic: 
     check_calibration(calib)
 
 
+def _first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The stem / patch embedding conv, which sets the input channels."""
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
 def _input_channels(model: nn.Module) -> Optional[int]:
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # the stem / patch embedding
+    conv = _first_conv(model)
     return conv.in_channels if conv is not None else None
+
+
+def adapt_input_channels(model: nn.Module, in_chans: int) -> Optional[int]:
+    """Adapt ``model``'s first conv to ``in_chans`` input channels in place, by timm's rule for loading pretrained
+    weights at another ``in_chans`` (``adapt_input_conv``: a grey stem repeated and scaled, an RGB one summed).
+    Returns the channels it took before, or None where it already takes ``in_chans``."""
+    conv = _first_conv(model)
+    if conv is None or conv.in_channels == in_chans:
+        return None
+    before = conv.in_channels
+    weight = adapt_input_conv(in_chans, conv.weight.detach(), base_chans=before)
+    conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    conv.in_channels = in_chans
+    return before
 
 
 def _check_input(predecessor: nn.Module, successor: nn.Module) -> None:
