@@ -263,33 +263,47 @@ def _size_problem(args: argparse.Namespace, model: str, model_kwargs: dict, cfg)
             f'takes no other size: pass {fix}, or build it for the images with --model-kwargs img_size={wanted}.')
 
 
-def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optional[str]:
-    """A split the script reads that ``root`` has no folder for, beside one it has: timm reads a split from
-    ``DATA/<split>`` (or a synonym, e.g. ``val/``) and, where there is none, from all of DATA, so the other split's
-    images would silently be trained on, validated on or scored (a data export with one ``--split``). A folder with
-    no split folders at all is timm's usual fallback, left alone."""
+def _split_folder(root: str, split: str) -> Optional[str]:
+    """The folder timm reads ``split`` from in ``root`` when it is a split of class folders, else None: timm reads a
+    split from ``DATA/<split>`` (or a synonym, e.g. ``val/``) and, where there is none, from all of DATA. A folder of
+    images is a class of a flat dataset (VOC's 'train'), not a split."""
     from timm.data.dataset_factory import _search_split  # the lookup create_dataset makes for an image folder
 
+    folder = _search_split(root, split)
+    if folder == root or not os.path.isdir(folder):
+        return None
+    return folder if any(e.is_dir() for e in os.scandir(folder)) else None
+
+
+# the splits a folder may hold, those to score first (the suggestion for a missing validation split)
+_SPLIT_NAMES = ('validation', 'val', 'test', 'train', 'training')
+
+
+def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optional[str]:
+    """A split the script reads that ``root`` has no folder for, beside one it has: read from all of DATA, the other
+    split's images would silently be trained on, validated on or scored (a data export with one ``--split``). A
+    folder with no split folders is timm's usual flat layout, left alone."""
     if getattr(args, 'dataset', '') or not os.path.isdir(root):
         return None  # a named dataset reads its own splits
     if not training:  # validate.py: one --split
         split = getattr(args, 'split', None)
-        others = [s for s in ('train', 'training', 'validation', 'val', 'test') if s != split
-                  and _search_split(root, s) != root]
-        if not split or _search_split(root, split) != root or not others:
+        found = [s for s in _SPLIT_NAMES if s != split and _split_folder(root, s)]
+        if not split or _split_folder(root, split) or not found:
             return None
         return (f"{root} has no {split}/ folder, so validate.py would score all of it, the "
-                f"{os.path.basename(_search_split(root, others[0]))}/ images included: pass the split to score with "
-                f"--split (e.g. --split {others[0]}), or add the {split} split.")
+                f"{os.path.basename(_split_folder(root, found[0]))}/ images included: pass the split to score with "
+                f"--split (e.g. --split {found[0]}), or add the {split} split.")
     train_split, val_split = getattr(args, 'train_split', None), getattr(args, 'val_split', None)
     if not (train_split and val_split):
         return None  # no validation (--val-split '')
-    train_root, val_root = _search_split(root, train_split), _search_split(root, val_split)
-    if val_root == root != train_root:
+    train_root, val_root = _split_folder(root, train_split), _split_folder(root, val_split)
+    if train_root and not val_root:
+        held_out = next((s for s in _SPLIT_NAMES[:3] if _split_folder(root, s)), None)  # e.g. test/
+        other = f' (--val-split {held_out} validates on {held_out}/)' if held_out else ''
         return (f"{root} has no {val_split}/ folder, so train.py would validate on all of it, the "
-                f"{os.path.basename(train_root)}/ images included: pass --val-split '' to train without validation, "
-                f"or add the validation split.")
-    if train_root == root != val_root:
+                f"{os.path.basename(train_root)}/ images included: pass --val-split '' to train without validation"
+                f"{other}, or add the validation split.")
+    if val_root and not train_root:
         return (f"{root} has no {train_split}/ folder, so train.py would train on all of it, the "
                 f"{os.path.basename(val_root)}/ images included: add the training split, or name its folder with "
                 f"--train-split.")
