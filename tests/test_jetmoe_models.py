@@ -110,6 +110,12 @@ def test_checkpoint_with_other_moe_blocks_names_them_and_the_widths(family):
             rf'for \(moe_blocks=\{found} and the same other model kwargs\)')) as e:
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
     assert 'dense' not in str(e.value) and '?' not in str(e.value)
+    # another depth: its MoE blocks sit elsewhere too, but moe_blocks alone would not make the model it was made for
+    deeper = dict(kwargs, depth=3) if name.startswith('v_') else dict(kwargs, depths=(1, 1, 3, 1))
+    sd = timm.create_model(name, **deeper).state_dict()
+    with pytest.raises(ValueError, match=r'with \d+ blocks, MoE in blocks .*Create the model the checkpoint was '
+                                         r'made for \(its model kwargs\)'):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
 
 
 def test_compiled_grad_checkpointing_backpropagates_the_forwards_noise(tiny_vit_kwargs, monkeypatch):

@@ -7,7 +7,7 @@ MLPs of the blocks ``_resolve_moe_blocks`` chooses with ``_make_moe``; everythin
 import operator
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Type, Union
+from typing import Any, Dict, List, Optional, Set, Type, Union
 
 import torch
 import torch.nn as nn
@@ -45,15 +45,21 @@ def _moe_blocks(shapes: Dict[str, tuple]) -> List[int]:
     return [i for i, b in enumerate(_blocks(shapes)) if f'{b}.mlp.slot_query' in shapes]
 
 
-def _describe(shapes: Dict[str, tuple]) -> str:
-    """A model's layout in words, read off its (timm-layout) tensor shapes: the width of each stage (one for ViT)
-    from its blocks' norms, as the first conv is left to timm."""
-    blocks = _blocks(shapes)
-    moe = _moe_blocks(shapes)
-    widths = {}  # stage -> width
-    for b in blocks:
+def _stage_widths(shapes: Dict[str, tuple]) -> Dict[str, Any]:
+    """Stage name -> its blocks' width (one stage for ViT), read off their norms, as the first conv is left to
+    timm."""
+    widths = {}
+    for b in _blocks(shapes):
         norm = shapes.get(f'{b}.norm1.weight') or shapes.get(f'{b}.norm.weight') or ('?',)  # ViT's, ConvNeXt's
         widths.setdefault(b.rpartition('blocks.')[0], norm[0])
+    return widths
+
+
+def _describe(shapes: Dict[str, tuple]) -> str:
+    """A model's layout in words, read off its (timm-layout) tensor shapes."""
+    blocks = _blocks(shapes)
+    moe = _moe_blocks(shapes)
+    widths = _stage_widths(shapes)
     width = widths.popitem()[1] if len(widths) == 1 else tuple(widths.values())
     experts = next((shapes[f'{blocks[i]}.mlp.slot_query'][0] for i in moe), 0)
     return (f'a model of width {width} with {len(blocks)} blocks, MoE in blocks {moe}'
@@ -169,8 +175,10 @@ class JetMoEMixin:
             return
         dense = not any(k.endswith('.slot_query') for k in theirs) and any(k.endswith('.fc1.weight') for k in theirs)
         found = _moe_blocks(theirs)
-        kwargs = f'moe_blocks={found} and the same other model kwargs' if found != self.moe_blocks else \
-            'the same model kwargs'
+        # moe_blocks alone only where the blocks are the same: other depths or widths move the indices too
+        same_blocks = len(_blocks(theirs)) == len(_blocks(ours)) and _stage_widths(theirs) == _stage_widths(ours)
+        kwargs = f'moe_blocks={found} and the same other model kwargs' if same_blocks and found != self.moe_blocks \
+            else 'its model kwargs'
         fix = ('It is a dense checkpoint: recycle it into this model first (jetmoe-timm convert MODEL --predecessor '
                'FILE --out DIR, or jetmoe_timm.convert), then load DIR.' if dense else
                f'Create the model the checkpoint was made for ({kwargs}), or pass the checkpoint of this one.')
