@@ -250,6 +250,9 @@ def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, tiny_vit_kwargs):
     for i in range(len(images)):
         assert np.allclose(images[i], images[2], atol=1e-6)
     assert 0.4 < images[0].mean() < 0.6
+    # an 8-bit image widened to 'I' (values 0..255) is no 16-bit one: taken as it is, not darkened 257 times
+    widened = Image.fromarray(grey8).convert('I')
+    assert np.allclose(inspect_routing(model, [widened]).images[0], images[2], atol=1e-6)
 
 
 def _no_model(monkeypatch):
