@@ -207,52 +207,8 @@ def test_launcher_forwards_arguments(tmp_path, monkeypatch):
 @pytest.mark.skipif(sys.platform != 'linux', reason="glibc's malloc settings: Linux only")
 def test_train_launcher_keeps_freed_memory_for_cpu_training(tmp_path):
     """The train command on the CPU tells glibc to keep freed memory (no per-tensor mmap, no trim), unless the user
-    chose an allocator or JETMOE_TIMM_ALLOCATOR=default; a 256 MB tensor freed then stays resident."""
-    scripts = tmp_path / 'scripts'
-    scripts.mkdir()
-    (scripts / 'train.py').write_text(textwrap.dedent('''
-        import argparse, json, sys, torch
-        parser = argparse.ArgumentParser()
-        parser.add_argument('out')
-        parser.add_argument('--device', default='cuda')
-        def rss_mb():
-            with open('/proc/self/status') as f:
-                return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmRSS:'))
-        if __name__ == '__main__':
-            args = parser.parse_args()
-            base = rss_mb()
-            t = torch.ones(64, 2 ** 20)  # 256 MB
-            del t
-            json.dump(dict(kept_mb=rss_mb() - base), open(args.out, 'w'))
-    '''))
-
-    def kept_mb(*args, **env):
-        out = tmp_path / 'out.json'
-        run_env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'LD_PRELOAD'
-                   and k != _scripts.ALLOCATOR_ENV}
-        proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), str(out),
-                               *args], env={**run_env, **env}, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(out.read_text())['kept_mb'], proc.stderr
-
-    kept, err = kept_mb('--device', 'cpu')
-    assert kept > 200 and f'{_scripts.ALLOCATOR_ENV}=default turns this off' in err
-    kept, err = kept_mb('--device', 'cpu', **{_scripts.ALLOCATOR_ENV: 'default'})
-    assert kept < 50 and 'keeps freed memory' not in err
-    kept, err = kept_mb('--device', 'cpu', MALLOC_ARENA_MAX='4')  # the user's own malloc settings win
-    assert kept < 50 and 'keeps freed memory' not in err
-    proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), 'refused.json',
-                           '--device', 'cpu'], env={**os.environ, _scripts.ALLOCATOR_ENV: 'glibc'},
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith(
-        f'{_scripts.ALLOCATOR_ENV}=glibc: set it to default (or off) to leave glibc\'s malloc as it is, or unset it '
-        '(CPU training keeps freed memory).') and not (tmp_path / 'refused.json').exists()
-
-
-@pytest.mark.skipif(sys.platform != 'linux', reason="glibc's malloc settings: Linux only")
-def test_train_launcher_forked_workers_hand_freed_memory_back(tmp_path):
-    """A child forked by the training process (a DataLoader worker) gets glibc's defaults back: a 256 MB tensor freed
-    there is handed back, while the training process still keeps its own."""
+    chose an allocator or JETMOE_TIMM_ALLOCATOR=default; a 256 MB tensor freed then stays resident. A child forked
+    by the training process (a DataLoader worker) gets glibc's defaults back: it hands such a tensor back."""
     scripts = tmp_path / 'scripts'
     scripts.mkdir()
     (scripts / 'train.py').write_text(textwrap.dedent('''
@@ -280,14 +236,30 @@ def test_train_launcher_forked_workers_hand_freed_memory_back(tmp_path):
             worker.join()
             json.dump(dict(worker=worker_kept, main=kept_mb()), open(args.out, 'w'))
     '''))
-    out = tmp_path / 'out.json'
-    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'LD_PRELOAD'
-           and k != _scripts.ALLOCATOR_ENV}
-    proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), str(out),
-                           '--device', 'cpu'], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    kept = json.loads(out.read_text())
-    assert kept['worker'] < 50 and kept['main'] > 200, kept
+
+    def kept_mb(*args, **env):
+        out = tmp_path / 'out.json'
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'LD_PRELOAD'
+                   and k != _scripts.ALLOCATOR_ENV}
+        proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), str(out),
+                               *args], env={**run_env, **env}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        kept = json.loads(out.read_text())
+        assert kept['worker'] < 50, kept  # forked workers: glibc's defaults, whatever the training process keeps
+        return kept['main'], proc.stderr
+
+    kept, err = kept_mb('--device', 'cpu')
+    assert kept > 200 and f'{_scripts.ALLOCATOR_ENV}=default turns this off' in err
+    kept, err = kept_mb('--device', 'cpu', **{_scripts.ALLOCATOR_ENV: 'default'})
+    assert kept < 50 and 'keeps freed memory' not in err
+    kept, err = kept_mb('--device', 'cpu', MALLOC_ARENA_MAX='4')  # the user's own malloc settings win
+    assert kept < 50 and 'keeps freed memory' not in err
+    proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), 'refused.json',
+                           '--device', 'cpu'], env={**os.environ, _scripts.ALLOCATOR_ENV: 'glibc'},
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        f'{_scripts.ALLOCATOR_ENV}=glibc: set it to default (or off) to leave glibc\'s malloc as it is, or unset it '
+        '(CPU training keeps freed memory).') and not (tmp_path / 'refused.json').exists()
 
 
 def test_launcher_missing_scripts(tmp_path, monkeypatch, capsys):
