@@ -107,15 +107,18 @@ def test_checkpoint_with_other_moe_blocks_names_them_and_the_widths(family):
     with pytest.raises(ValueError, match=(
             rf'holds a model of width {width} with \d+ blocks, MoE in blocks \{found}.*is a model of width '
             rf'{width} with \d+ blocks, MoE in blocks \{model.moe_blocks}.*Create the model the checkpoint was made '
-            rf'for \(moe_blocks=\{found} and the same other model kwargs\)')) as e:
+            rf'for \(moe_blocks=\{found} and its other model kwargs\)')) as e:
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
     assert 'dense' not in str(e.value) and '?' not in str(e.value)
-    # another depth: its MoE blocks sit elsewhere too, but moe_blocks alone would not make the model it was made for
-    deeper = dict(kwargs, depth=3) if name.startswith('v_') else dict(kwargs, depths=(1, 1, 3, 1))
-    sd = timm.create_model(name, **deeper).state_dict()
-    with pytest.raises(ValueError, match=r'with \d+ blocks, MoE in blocks .*Create the model the checkpoint was '
-                                         r'made for \(its model kwargs\)'):
-        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
+    # moe_blocks alone would not make the model it was made for where its depth (also per stage, with the same count
+    # of blocks) or experts differ too: the advice is its moe_blocks with its other kwargs, never 'the same' ones
+    others = [dict(kwargs, depth=3) if name.startswith('v_') else dict(kwargs, depths=(1, 2, 1, 1), moe_blocks=[4]),
+              dict(kwargs, moe_blocks=found, num_core_experts=3)]
+    for other in others:
+        sd = timm.create_model(name, **other).state_dict()
+        with pytest.raises(ValueError, match=r'with \d+ blocks, MoE in blocks .*Create the model the checkpoint was '
+                                             r'made for \(moe_blocks=\[.*\] and its other model kwargs\)'):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
 
 
 def test_compiled_grad_checkpointing_backpropagates_the_forwards_noise(tiny_vit_kwargs, monkeypatch):

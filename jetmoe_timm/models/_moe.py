@@ -175,10 +175,9 @@ class JetMoEMixin:
             return
         dense = not any(k.endswith('.slot_query') for k in theirs) and any(k.endswith('.fc1.weight') for k in theirs)
         found = _moe_blocks(theirs)
-        # moe_blocks alone only where the blocks are the same: other depths or widths move the indices too
-        same_blocks = len(_blocks(theirs)) == len(_blocks(ours)) and _stage_widths(theirs) == _stage_widths(ours)
-        kwargs = f'moe_blocks={found} and the same other model kwargs' if same_blocks and found != self.moe_blocks \
-            else 'its model kwargs'
+        # its moe_blocks, where they differ, with whatever else it was made with: only the checkpoint knows whether
+        # depth, widths or experts differ too (the two descriptions show what the tensors tell)
+        kwargs = f'moe_blocks={found} and its other model kwargs' if found != self.moe_blocks else 'its model kwargs'
         fix = ('It is a dense checkpoint: recycle it into this model first (jetmoe-timm convert MODEL --predecessor '
                'FILE --out DIR, or jetmoe_timm.convert), then load DIR.' if dense else
                f'Create the model the checkpoint was made for ({kwargs}), or pass the checkpoint of this one.')
