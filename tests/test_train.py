@@ -343,12 +343,16 @@ def test_validate_launcher_refuses_a_split_the_folder_lacks(tmp_path):
     for name in ('aeroplane', 'train'):  # a flat dataset with a class named like a split (VOC, COCO)
         (tmp_path / 'voc' / name).mkdir(parents=True)
         (tmp_path / 'voc' / name / '0.png').write_bytes(b'')
-    assert problem(tmp_path / 'voc') is None
-    (tmp_path / 'tt' / 'train' / '0').mkdir(parents=True)
-    (tmp_path / 'tt' / 'test' / '0').mkdir(parents=True)
+    assert problem(tmp_path / 'voc') is None  # validate.py scores all of it, the 'train' class included
+    # ... but train.py would train on the 'train' class alone, as timm takes it for the split
+    voc_train = _argument_problem(Namespace(data=str(tmp_path / 'voc'), data_dir=None, dataset='',
+                                            train_split='train', val_split='validation'), 'train.py')
+    assert voc_train == (f"{tmp_path / 'voc' / 'train'} holds images, not class folders, yet timm reads it as the "
+                         f"train split: rename that class folder, or put the class folders under train/ and "
+                         f"validation/.")
+    for split in ('train', 'test'):
+        (tmp_path / 'tt' / split / '0').mkdir(parents=True)
     assert '(e.g. --split test)' in problem(tmp_path / 'tt')  # the held-out split first
-    assert _argument_problem(Namespace(data=str(tmp_path / 'voc'), data_dir=None, dataset='', train_split='train',
-                                       val_split='validation'), 'train.py') is None
     assert "--val-split '' to train without validation (--val-split test validates on test/)" in _argument_problem(
         Namespace(data=str(tmp_path / 'tt'), dataset='', train_split='train', val_split='validation'), 'train.py')
     assert problem(data.export_dataset('mnist5k', tmp_path / 'both', limit=10)) is None

@@ -264,15 +264,16 @@ def _size_problem(args: argparse.Namespace, model: str, model_kwargs: dict, cfg)
 
 
 def _split_folder(root: str, split: str) -> Optional[str]:
-    """The folder timm reads ``split`` from in ``root`` when it is a split of class folders, else None: timm reads a
-    split from ``DATA/<split>`` (or a synonym, e.g. ``val/``) and, where there is none, from all of DATA. A folder of
-    images is a class of a flat dataset (VOC's 'train'), not a split."""
+    """The folder timm reads ``split`` from in ``root``, or None where it reads all of ``root``: timm reads a split
+    from ``DATA/<split>`` (or a synonym, e.g. ``val/``) and, where there is none, from all of DATA."""
     from timm.data.dataset_factory import _search_split  # the lookup create_dataset makes for an image folder
 
     folder = _search_split(root, split)
-    if folder == root or not os.path.isdir(folder):
-        return None
-    return folder if any(e.is_dir() for e in os.scandir(folder)) else None
+    return folder if folder != root and os.path.isdir(folder) else None
+
+
+def _holds_classes(folder: str) -> bool:
+    return any(e.is_dir() for e in os.scandir(folder))
 
 
 # the splits a folder may hold, those to score first (the suggestion for a missing validation split)
@@ -285,9 +286,17 @@ def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optio
     folder with no split folders is timm's usual flat layout, left alone."""
     if getattr(args, 'dataset', '') or not os.path.isdir(root):
         return None  # a named dataset reads its own splits
+    splits = [getattr(args, 'train_split', None), getattr(args, 'val_split', None)] if training else \
+        [getattr(args, 'split', None)]
+    for split in filter(None, splits):  # a class named like a split (VOC's 'train') is read as that split
+        folder = _split_folder(root, split)
+        if folder and not _holds_classes(folder):
+            return (f"{folder} holds images, not class folders, yet timm reads it as the {split} split: rename that "
+                    f"class folder, or put the class folders under train/ and validation/.")
     if not training:  # validate.py: one --split
         split = getattr(args, 'split', None)
-        found = [s for s in _SPLIT_NAMES if s != split and _split_folder(root, s)]
+        found = [s for s in _SPLIT_NAMES if s != split and _split_folder(root, s)
+                 and _holds_classes(_split_folder(root, s))]  # not a class named like a split
         if not split or _split_folder(root, split) or not found:
             return None
         return (f"{root} has no {split}/ folder, so validate.py would score all of it, the "
@@ -298,8 +307,10 @@ def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optio
         return None  # no validation (--val-split '')
     train_root, val_root = _split_folder(root, train_split), _split_folder(root, val_split)
     if train_root and not val_root:
-        held_out = next((s for s in _SPLIT_NAMES[:3] if _split_folder(root, s)), None)  # e.g. test/
-        other = f' (--val-split {held_out} validates on {held_out}/)' if held_out else ''
+        held_out = next((s for s in _SPLIT_NAMES[:3] if _split_folder(root, s)
+                         and _holds_classes(_split_folder(root, s))), None)  # e.g. test/
+        other = f' (--val-split {held_out} validates on {os.path.basename(_split_folder(root, held_out))}/)' \
+            if held_out else ''
         return (f"{root} has no {val_split}/ folder, so train.py would validate on all of it, the "
                 f"{os.path.basename(train_root)}/ images included: pass --val-split '' to train without validation"
                 f"{other}, or add the validation split.")
