@@ -799,11 +799,12 @@ def test_recycle_cache_follows_a_local_predecessor_replaced_in_place(tmp_path, m
         assert not torch.equal(a, b) and torch.equal(b, c), spec
 
 
-def test_first_load_recycles_a_grey_scale_predecessor_file(tmp_path, monkeypatch, tiny_vit_kwargs):
+def test_first_load_recycles_a_grey_scale_predecessor_file(tmp_path, monkeypatch, caplog, tiny_vit_kwargs):
     """A 1-channel predecessor file behind a tag, where in_chans never reaches the build (timm adapts it on load):
     the predecessor's stem is adapted to the tag's 3 channels by timm's rule, so the file and its cfg are RGB as the
     tag's (train.py's data config reads 3 channels), and in_chans=1 gets the grey stem back. Was refused with
     'build the successor with in_chans=1'."""
+    import logging
     from safetensors.torch import save_file
     from timm.data import resolve_data_config
     torch.manual_seed(0)  # 64-wide heads, which a bare file's head count is read off
@@ -823,6 +824,16 @@ def test_first_load_recycles_a_grey_scale_predecessor_file(tmp_path, monkeypatch
     assert kept.values.max() < 1e-6 and len(set(kept.indices.tolist())) == grey.embed_dim
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-4, atol=1e-5)  # a grey image in RGB
+    # four channels (RGB + near infrared): timm's rule keeps three, as timm does loading such weights at in_chans=3
+    four = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, embed_dim=128, num_heads=2, in_chans=4))
+    save_file({k: v.contiguous() for k, v in four.state_dict().items()}, tmp_path / 'four.safetensors')
+    monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', str(tmp_path / 'four.safetensors'))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.build'):
+        rgb = timm.create_model('v_jetmoe_tiny', pretrained=True, **tiny_vit_kwargs)
+    assert rgb.patch_embed.proj.in_channels == 3
+    assert "takes 4 input channels: its stem is adapted to the successor's 3 by timm's rule; its weights for the " \
+           "channels beyond the first 3 are dropped" in caplog.text and "to get it back" not in caplog.text
 
 
 def test_bare_vit_file_with_a_tiny_grid_is_read_or_refused_never_misread(tmp_path):

@@ -37,8 +37,8 @@ from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_rea
 from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
-from .engine import (RecycleResult, adapt_input_channels, check_options, check_recipe_family, recycle,
-                     selection_to_json)
+from .engine import (RecycleResult, adapt_input_channels, check_options, check_recipe_family, input_channels,
+                     recycle, selection_to_json)
 from .families import FAMILIES, family_of
 from .family import UnreadableCheckpoint
 
@@ -266,11 +266,13 @@ def build_recycled(
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
     if adapt_in_chans:
-        before = adapt_input_channels(pred, model_kwargs.get('in_chans', 3))
-        if before is not None:  # a grey predecessor: the file stays at the tag's channels, as its cfg says
-            _logger.warning(f'Predecessor {public_source(pred_spec)} takes {before} input channel(s): its stem is '
-                            f"adapted to the successor's {model_kwargs.get('in_chans', 3)} by timm's rule; create the "
-                            f'model with in_chans={before} to get it back.')
+        chans, wanted = input_channels(pred), model_kwargs.get('in_chans', 3)
+        if adapt_input_channels(pred, wanted) is not None:  # the file stays at the tag's channels, as its cfg says
+            # timm's rule repeats fewer channels (summed back on load) and keeps the first of more
+            back = f'create the model with in_chans={chans} to get it back' if chans < wanted else \
+                f'its weights for the channels beyond the first {wanted} are dropped, as timm drops them on load'
+            _logger.warning(f'Predecessor {public_source(pred_spec)} takes {chans} input channels: its stem is adapted '
+                            f"to the successor's {wanted} by timm's rule; {back}.")
     body = None
     if opts['recipe'] == 'official':
         body_spec = body_predecessor or source.get('body_predecessor')
