@@ -110,6 +110,10 @@ def test_checkpoint_with_other_moe_blocks_names_them_and_the_widths(family):
             rf'for \(moe_blocks=\{found} and its other model kwargs\)')) as e:
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=sd), **kwargs)
     assert 'dense' not in str(e.value) and '?' not in str(e.value)
+    # no JetMoE checkpoint at all: no moe_blocks to name
+    with pytest.raises(ValueError, match=r'holds no JetMoE weights.*\(its model kwargs\)'):
+        timm.create_model(name, pretrained=True, **kwargs,
+                          pretrained_cfg_overlay=dict(state_dict=timm.create_model('resnet10t').state_dict()))
     # moe_blocks alone would not make the model it was made for where its depth (also per stage, with the same count
     # of blocks) or experts differ too: the advice is its moe_blocks with its other kwargs, never 'the same' ones
     others = [dict(kwargs, depth=3) if name.startswith('v_') else dict(kwargs, depths=(1, 2, 1, 1), moe_blocks=[4]),

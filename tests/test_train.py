@@ -350,6 +350,15 @@ def test_validate_launcher_refuses_a_split_the_folder_lacks(tmp_path):
     assert voc_train == (f"{tmp_path / 'voc' / 'train'} holds images, not class folders, yet timm reads it as the "
                          f"train split: rename that class folder, or put the class folders under train/ and "
                          f"validation/.")
+    (tmp_path / 'voc' / 'train' / '.ipynb_checkpoints').mkdir()  # a hidden folder is no class folder
+    assert _argument_problem(Namespace(data=str(tmp_path / 'voc'), data_dir=None, dataset='', train_split='train',
+                                       val_split='validation'), 'train.py') == voc_train
+    (tmp_path / 'unsorted' / 'train' / '0').mkdir(parents=True)  # a split of loose images (ImageNet's raw val)
+    (tmp_path / 'unsorted' / 'val').mkdir()
+    assert _argument_problem(Namespace(data=str(tmp_path / 'unsorted'), data_dir=None, dataset='',
+                                       train_split='train', val_split='validation'), 'train.py') == (
+        f"{tmp_path / 'unsorted' / 'val'}, the validation split, holds no class folders: sort its images into class "
+        f"folders (timm labels an image by its folder), as in the other split.")
     for split in ('train', 'test'):
         (tmp_path / 'tt' / split / '0').mkdir(parents=True)
     assert '(e.g. --split test)' in problem(tmp_path / 'tt')  # the held-out split first

@@ -252,7 +252,10 @@ def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, tiny_vit_kwargs):
     assert 0.4 < images[0].mean() < 0.6
     # an 8-bit image widened to 'I' (values 0..255) is no 16-bit one: taken as it is, not darkened 257 times
     widened = Image.fromarray(grey8).convert('I')
-    assert np.allclose(inspect_routing(model, [widened]).images[0], images[2], atol=1e-6)
+    Image.fromarray(grey8.astype(np.int32)).save(tmp_path / 'int32.tif')  # a 32-bit TIFF of 8-bit values
+    assert Image.open(tmp_path / 'int32.tif').mode == 'I'
+    for image in inspect_routing(model, [widened, tmp_path / 'int32.tif']).images:
+        assert np.allclose(image, images[2], atol=1e-6)
     # a dark 16-bit file (values up to 255 of 65535) stays dark, as a PGM as well as a PNG
     dark = (grey16 // 257).astype(np.uint16)
     Image.fromarray(dark).save(tmp_path / 'dark.pgm')

@@ -177,7 +177,8 @@ class JetMoEMixin:
         found = _moe_blocks(theirs)
         # its moe_blocks, where they differ, with whatever else it was made with: only the checkpoint knows whether
         # depth, widths or experts differ too (the two descriptions show what the tensors tell)
-        kwargs = f'moe_blocks={found} and its other model kwargs' if found != self.moe_blocks else 'its model kwargs'
+        kwargs = f'moe_blocks={found} and its other model kwargs' if found and found != self.moe_blocks else \
+            'its model kwargs'  # found empty: no JetMoE checkpoint at all
         fix = ('It is a dense checkpoint: recycle it into this model first (jetmoe-timm convert MODEL --predecessor '
                'FILE --out DIR, or jetmoe_timm.convert), then load DIR.' if dense else
                f'Create the model the checkpoint was made for ({kwargs}), or pass the checkpoint of this one.')

@@ -273,7 +273,8 @@ def _split_folder(root: str, split: str) -> Optional[str]:
 
 
 def _holds_classes(folder: str) -> bool:
-    return any(e.is_dir() for e in os.scandir(folder))
+    """Whether ``folder`` holds class folders (hidden ones, e.g. '.ipynb_checkpoints', are none)."""
+    return any(e.is_dir() and not e.name.startswith('.') for e in os.scandir(folder))
 
 
 # the splits a folder may hold, those to score first (the suggestion for a missing validation split)
@@ -291,6 +292,9 @@ def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optio
     for split in filter(None, splits):  # a class named like a split (VOC's 'train') is read as that split
         folder = _split_folder(root, split)
         if folder and not _holds_classes(folder):
+            if any(_holds_classes(e.path) for e in os.scandir(root) if e.is_dir() and e.path != folder):
+                return (f"{folder}, the {split} split, holds no class folders: sort its images into class folders "
+                        f"(timm labels an image by its folder), as in the other split.")
             return (f"{folder} holds images, not class folders, yet timm reads it as the {split} split: rename that "
                     f"class folder, or put the class folders under train/ and validation/.")
     if not training:  # validate.py: one --split

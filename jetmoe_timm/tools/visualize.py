@@ -203,10 +203,10 @@ def _data_config(model: nn.Module) -> Dict[str, Any]:
 
 def _convert(img, mode: str):
     """PIL image ``img`` converted to ``mode``, 16-bit grey scaled to 8 bits first: PIL's convert clips its values
-    at 255, which turns all but the darkest pixels white. 16-bit are modes 'I;16*', and 'I' read from a file (a
-    16-bit PGM, a dark one too); an 'I' image made in memory only where it holds values above 255 (an 8-bit image
-    widened to 'I' is taken as it is)."""
-    if img.mode.startswith('I;16') or img.mode == 'I' and (img.format is not None or img.getextrema()[1] > 255):
+    at 255, which turns all but the darkest pixels white. 16-bit are modes 'I;16*' (PNG, TIFF), 'I' read from a
+    PGM (16-bit there, a dark one too), and other 'I' images only where they hold values above 255 (an 8-bit image
+    widened to 'I', or a 32-bit TIFF of 8-bit values, is taken as it is)."""
+    if img.mode.startswith('I;16') or img.mode == 'I' and (img.format == 'PPM' or img.getextrema()[1] > 255):
         img = img.convert('I').point(lambda v: v / 257 + 0.5)  # 0..65535 -> 0..255, rounded
     return img.convert(mode)
 
