@@ -316,6 +316,9 @@ def test_train_launcher_refuses_a_folder_with_one_split(tmp_path):
                                  f"validation/ images included: add the training split, or name its folder with "
                                  f"--train-split.")
     assert problem(train_only, val_split='') is None
+    assert problem(train_only, dataset='folder') == problem(train_only)  # a reader name: still DATA's folders
+    assert problem(train_only, dataset='torch/image_folder') == problem(train_only)
+    assert problem(train_only, dataset='torch/cifar10') is None  # a named dataset reads its own splits
     assert problem(val_only, train_split='validation') is None  # named on purpose: the folder it asks for
     assert problem(data.export_dataset('mnist5k', tmp_path / 'both', limit=10)) is None
     assert problem(tmp_path / 'both' / 'train') is None  # a folder of class folders, no splits: timm's usual fallback

@@ -281,11 +281,19 @@ def _holds_classes(folder: str) -> bool:
 _SPLIT_NAMES = ('validation', 'val', 'test', 'train', 'training')
 
 
+def _reads_folder(dataset: Optional[str]) -> bool:
+    """Whether timm's ``create_dataset`` reads ``dataset`` from DATA (its split folders where it is a folder): no
+    --dataset, a reader name without a prefix (``folder``), or torchvision's image folder; not a named dataset such
+    as ``torch/cifar10``, ``hfds/...`` or ``wds/...``."""
+    name = (dataset or '').lower()
+    return '/' not in name or name in ('torch/folder', 'torch/image_folder')
+
+
 def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optional[str]:
     """A split the script reads that ``root`` has no folder for, beside one it has: read from all of DATA, the other
     split's images would silently be trained on, validated on or scored (a data export with one ``--split``). A
     folder with no split folders is timm's usual flat layout, left alone."""
-    if getattr(args, 'dataset', '') or not os.path.isdir(root):
+    if not _reads_folder(getattr(args, 'dataset', '')) or not os.path.isdir(root):
         return None  # a named dataset reads its own splits
     splits = [getattr(args, 'train_split', None), getattr(args, 'val_split', None)] if training else \
         [getattr(args, 'split', None)]
@@ -368,7 +376,7 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
     # the folder each script reads: train.py prefers --data-dir, validate.py the positional DATA
     data, data_dir = getattr(args, 'data', None), getattr(args, 'data_dir', None)
     root = (data_dir or data) if training else (data or data_dir)
-    if root and not getattr(args, 'dataset', '') and not os.path.exists(root):
+    if root and _reads_folder(getattr(args, 'dataset', '')) and not os.path.exists(root):
         return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
     problem = _split_problem(args, root, training) if root else None
     if problem:
