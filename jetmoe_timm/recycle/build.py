@@ -37,8 +37,8 @@ from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_rea
 from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
-from .engine import (RecycleResult, adapt_input_channels, check_options, check_recipe_family, input_channels,
-                     recycle, selection_to_json)
+from .engine import (RecycleResult, adapt_input_channels, check_options, check_recipe_family, recycle,
+                     selection_to_json)
 from .families import FAMILIES, family_of
 from .family import UnreadableCheckpoint
 
@@ -266,8 +266,9 @@ def build_recycled(
     model_kwargs = dict(model_kwargs or {})
     pred = load_predecessor(pred_spec, arch_hint=source['predecessor'])  # first: fails fast when offline
     if adapt_in_chans:
-        chans, wanted = input_channels(pred), model_kwargs.get('in_chans', 3)
-        if adapt_input_channels(pred, wanted) is not None:  # the file stays at the tag's channels, as its cfg says
+        wanted = model_kwargs.get('in_chans', 3)
+        chans = adapt_input_channels(pred, wanted)  # the channels it took, where adapted
+        if chans is not None:  # the file stays at the tag's channels, as its cfg says
             # timm's rule repeats fewer channels (summed back on load) and keeps the first of more
             back = f'create the model with in_chans={chans} to get it back' if chans < wanted else \
                 f'its weights for the channels beyond the first {wanted} are dropped, as timm drops them on load'

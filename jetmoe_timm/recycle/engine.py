@@ -73,7 +73,7 @@ def _first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
 
-def input_channels(model: nn.Module) -> Optional[int]:
+def _input_channels(model: nn.Module) -> Optional[int]:
     """The input channels ``model`` takes (its first conv's), or None for a model without a conv."""
     conv = _first_conv(model)
     return conv.in_channels if conv is not None else None
@@ -98,7 +98,7 @@ def _check_input(predecessor: nn.Module, successor: nn.Module) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"the predecessor's '{name}' holds NaN or infinite values: recycle from a checkpoint "
                              f"whose weights are finite (a damaged or diverged one?).")
-    c_pred, c_succ = input_channels(predecessor), input_channels(successor)
+    c_pred, c_succ = _input_channels(predecessor), _input_channels(successor)
     if c_pred != c_succ:
         raise ValueError(f'the predecessor takes {c_pred} input channels, the successor {c_succ}: build the '
                          f'successor with in_chans={c_pred} (timm adapts pretrained weights to other in_chans '

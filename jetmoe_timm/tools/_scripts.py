@@ -305,23 +305,23 @@ def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optio
                         f"(timm labels an image by its folder), as in the other split.")
             return (f"{folder} holds images, not class folders, yet timm reads it as the {split} split: rename that "
                     f"class folder, or put the class folders under train/ and validation/.")
+    # the split folders of class folders root holds (not a class named like a split), those to score first
+    sorted_splits = {s: f for s in _SPLIT_NAMES if (f := _split_folder(root, s)) and _holds_classes(f)}
     if not training:  # validate.py: one --split
         split = getattr(args, 'split', None)
-        found = [s for s in _SPLIT_NAMES if s != split and _split_folder(root, s)
-                 and _holds_classes(_split_folder(root, s))]  # not a class named like a split
+        found = [s for s in sorted_splits if s != split]
         if not split or _split_folder(root, split) or not found:
             return None
         return (f"{root} has no {split}/ folder, so validate.py would score all of it, the "
-                f"{os.path.basename(_split_folder(root, found[0]))}/ images included: pass the split to score with "
+                f"{os.path.basename(sorted_splits[found[0]])}/ images included: pass the split to score with "
                 f"--split (e.g. --split {found[0]}), or add the {split} split.")
     train_split, val_split = getattr(args, 'train_split', None), getattr(args, 'val_split', None)
     if not (train_split and val_split):
         return None  # no validation (--val-split '')
     train_root, val_root = _split_folder(root, train_split), _split_folder(root, val_split)
     if train_root and not val_root:
-        held_out = next((s for s in _SPLIT_NAMES[:3] if _split_folder(root, s)
-                         and _holds_classes(_split_folder(root, s))), None)  # e.g. test/
-        other = f' (--val-split {held_out} validates on {os.path.basename(_split_folder(root, held_out))}/)' \
+        held_out = next((s for s in _SPLIT_NAMES[:3] if s in sorted_splits), None)  # e.g. test/
+        other = f' (--val-split {held_out} validates on {os.path.basename(sorted_splits[held_out])}/)' \
             if held_out else ''
         return (f"{root} has no {val_split}/ folder, so train.py would validate on all of it, the "
                 f"{os.path.basename(train_root)}/ images included: pass --val-split '' to train without validation"
