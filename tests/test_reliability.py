@@ -444,6 +444,11 @@ os._exit(0)  # skip interpreter teardown: gloo's threads can abort() there ("ter
 '''
 
 
+def _rank_logs(work):
+    """What the ranks wrote (torchrun's own output only says which rank failed, not why)."""
+    return '\n'.join(p.read_text()[-1500:] for p in sorted(work.glob('rank*.log')))
+
+
 def test_four_processes_and_two_torchrun_ranks_build_once(tmp_path, pred_dir, zygote):
     work = tmp_path / 'run'
     work.mkdir()
@@ -459,7 +464,7 @@ def test_four_processes_and_two_torchrun_ranks_build_once(tmp_path, pred_dir, zy
         zygote.start(_LOAD, work, n=4, env=env, tag='proc')
         deadline = time.monotonic() + TIMEOUT_S
         while not all((work / f'ready{r}').exists() for r in range(2)):  # the ranks are up (imports are slow)
-            assert torchrun.poll() is None, torchrun.communicate()[0][-3000:]
+            assert torchrun.poll() is None, _rank_logs(work) or torchrun.communicate()[0][-3000:]
             assert time.monotonic() < deadline, 'torchrun ranks never came up'
             time.sleep(0.05)
         go.touch()  # all six processes ask for the model at once
@@ -469,7 +474,7 @@ def test_four_processes_and_two_torchrun_ranks_build_once(tmp_path, pred_dir, zy
         if torchrun.poll() is None:
             os.killpg(torchrun.pid, signal.SIGKILL)
     assert codes == [0] * 4, [log[-2000:] for log in logs]
-    assert torchrun.returncode == 0, out[-3000:]
+    assert torchrun.returncode == 0, _rank_logs(work) or out[-3000:]
     ranks = [json.loads((work / f'rank{r}.json').read_text()) for r in range(2)]
     logs += [(work / f'rank{r}.log').read_text() for r in range(2)]
     digests = {r['digest'] for r in results + ranks} | set(ranks[0]['all_ranks'])
