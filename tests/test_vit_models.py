@@ -157,6 +157,40 @@ def test_fix_init_scales_the_experts_output_projections(tiny_vit_kwargs):
     check(plain, fixed)
 
 
+@pytest.mark.parametrize('mode', ['', 'jax', 'jax_nlhb', 'moco'])
+def test_weight_init_modes_reach_the_experts(tiny_vit_kwargs, mode):
+    """timm's weight_init modes give the experts what they give a ViT MLP's nn.Linear (timm's own per-module init
+    passes by the stacked expert weights): compared with the dense MLP of the same mode and shapes, at build and
+    after init_weights(mode); fix_init then scales the expert fc2 as before."""
+    kw = dict(tiny_vit_kwargs, mlp_ratio=8., num_classes=10)  # widths for a stable std; jax_nlhb needs classes
+
+    def expert_and_dense(model):
+        core, dense = model.blocks[-1].mlp.core_experts, model.blocks[0].mlp  # block 0 stays dense
+        return [(e.detach(), d.detach()) for e, d in [(core.fc1.weight, dense.fc1.weight), (core.fc1.bias, dense.fc1.bias),
+                (core.fc2.weight, dense.fc2.weight), (core.fc2.bias, dense.fc2.bias)]]
+
+    def check(model):
+        for expert, dense in expert_and_dense(model):
+            assert expert.std().item() == pytest.approx(dense.std().item(), rel=0.1, abs=1e-9)
+            if mode.startswith(('jax', 'moco')) and expert.dim() == 3:  # xavier-uniform: the same bound
+                assert expert.abs().max().item() == pytest.approx(dense.abs().max().item(), rel=0.05)
+
+    torch.manual_seed(0)
+    built = timm.create_model('v_jetmoe_tiny', weight_init=mode, **kw)
+    check(built)
+    jax_bias = built.blocks[-1].mlp.core_experts.fc1.bias
+    assert (0 < jax_bias.std() < 1e-5) if mode.startswith('jax') else not jax_bias.any()
+    later = timm.create_model('v_jetmoe_tiny', **kw)
+    later.init_weights(mode)
+    check(later)
+    torch.manual_seed(0)
+    fixed = timm.create_model('v_jetmoe_tiny', weight_init=mode, fix_init=True, **kw)
+    i = len(fixed.blocks) - 1
+    for group in ('core_experts', 'univ_experts'):
+        w, w_plain = (getattr(m.blocks[i].mlp, group).fc2.weight for m in (fixed, built))
+        torch.testing.assert_close(w, w_plain / math.sqrt(2 * (i + 1)))
+
+
 def test_torchscript(tiny_vit_kwargs):
     model = timm.create_model('v_jetmoe_tiny', num_classes=3, **tiny_vit_kwargs).eval()
     scripted = torch.jit.script(model)

@@ -30,6 +30,7 @@ from ._pretrained import HF_ORG, PAPER_CFG, build_jetmoe, recycled_cfgs
 
 __all__ = ['RECYCLED_FROM', 'VisionTransformerJetMoE']
 
+_EXPERT_INIT_MODES = ('jax', 'moco')  # timm's ViT init modes (and their variants, jax_nlhb) that differ for MLPs
 
 
 class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
@@ -80,8 +81,31 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
                 self.embed_dim, i, depth, options, num_core_experts, num_univ_experts,
                 core_hidden or int(self.embed_dim * kwargs.get('mlp_ratio', 4.)), act_layer,
                 kwargs.get('drop_path_rate', 0.), device=first.device, dtype=first.dtype)
-        if self.fix_init and kwargs.get('weight_init') != 'skip':  # timm's fix ran on the dense MLPs replaced here
-            self._fix_init_mlps(self.moe_blocks)
+        if kwargs.get('weight_init', '') != 'skip':  # timm's init ran on the dense MLPs replaced here
+            self._init_experts(kwargs.get('weight_init', ''))
+
+    def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
+        """timm's ViT init, ``mode`` included for the experts: timm's per-module init passes by their stacked
+        weights (it resets them to timm's default init, whatever the mode)."""
+        super().init_weights(mode, needs_reset)  # its fix_init_weight has scaled the experts it reset
+        if (mode or self.weight_init_mode).startswith(_EXPERT_INIT_MODES):
+            self._init_experts(mode or self.weight_init_mode)
+
+    def _init_experts(self, mode: str) -> None:
+        """Initialise every expert as timm's init ``mode`` does a ViT MLP's ``nn.Linear`` ('jax': xavier-uniform
+        weights, N(0, 1e-6) biases; 'moco': xavier-uniform, zero biases; other modes: ExpertLinear's own init,
+        timm's default), fan in and out those of one expert; then ``fix_init``'s scaling."""
+        moe = [i for i, block in enumerate(self.blocks) if isinstance(block.mlp, SpheroMoE)]
+        if mode.startswith(_EXPERT_INIT_MODES):
+            with torch.no_grad():
+                for i in moe:
+                    for group in (self.blocks[i].mlp.core_experts, self.blocks[i].mlp.univ_experts):
+                        for fc in (group.fc1, group.fc2) if group is not None else ():
+                            bound = math.sqrt(6. / (fc.in_features + fc.out_features))
+                            fc.weight.uniform_(-bound, bound)
+                            fc.bias.normal_(std=1e-6) if mode.startswith('jax') else fc.bias.zero_()
+        if self.fix_init:
+            self._fix_init_mlps(moe)
 
     def fix_init_weight(self) -> None:
         """timm's init fix, each block's output projections divided by sqrt(2 * layer id): in a MoE block those of
