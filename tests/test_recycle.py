@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import safetensors.torch
@@ -319,6 +320,42 @@ def test_calibration_feeds_single_channel_models(tmp_path, source):
     assert total == 2 and shapes == [(2, 1, 32, 32), (1, 1, 32, 32)]
     succ, r = _recycle(pred, succ=_successor(in_chans=1), calib=source, num_calib=3)
     assert torch.equal(succ.patch_embed.proj.weight, pred.patch_embed.proj.weight[r.selection['channels']])
+
+
+@pytest.mark.parametrize('chans', [4, 5])
+def test_calibration_feeds_multichannel_models(tmp_path, chans):
+    """A predecessor of more channels (RGB + near-infrared, multispectral) gets calibration images of its channels:
+    synthetic ones drawn in all of them, 4-band image files as they are (CMYK-tagged TIFFs band for band), RGB
+    files with a warning, more than 4 channels from files refused in one line; recycling and its retention figure
+    run with calib='weights' too (it failed in retention, the images being RGB)."""
+    from jetmoe_timm.recycle.calibration import calibration_batches
+    torch.manual_seed(0)
+    pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, in_chans=chans)).eval()
+    (batch,) = calibration_batches('synthetic', pred, num_images=3, batch_size=3)[0]
+    assert batch.shape == (3, chans, 32, 32)
+    assert all(batch[:, c].std() > 0.1 for c in range(chans))  # every channel carries an image
+    if chans == 4:
+        for i in range(2):
+            bands = (torch.rand(40, 40, 4) * 255).byte().numpy()
+            Image.fromarray(bands, 'RGBA').save(tmp_path / f'rgba{i}.png')
+        Image.fromarray(bands, 'CMYK').save(tmp_path / 'cmyk.tif')
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # 4-band files: nothing filled
+            (batch,) = calibration_batches(tmp_path, pred, num_images=3, batch_size=3)[0]
+        assert batch.shape == (3, 4, 32, 32)
+        Image.fromarray(bands[..., :3], 'RGB').save(tmp_path / 'rgb.png')
+        with pytest.warns(UserWarning, match=r'1 calibration image\(s\) had fewer channels than the model takes '
+                                             r'\(4\): their last channel is an opaque alpha band'):
+            list(calibration_batches(tmp_path, pred, num_images=4, batch_size=4)[0])
+    else:
+        Image.new('RGB', (8, 8)).save(tmp_path / 'rgb.png')
+        with pytest.raises(ValueError, match='image files hold at most 4 channels, the model takes 5: calibrate with '
+                                             r'synthetic images \(--calib synthetic\)'):
+            calibration_batches(tmp_path, pred, num_images=1, batch_size=1)
+    for calib in ('synthetic', 'weights'):
+        succ, r = _recycle(pred, succ=_successor(in_chans=chans), calib=calib, num_calib=4)
+        assert torch.equal(succ.patch_embed.proj.weight, pred.patch_embed.proj.weight[r.selection['channels']])
+        assert 0 <= r.provenance['retention']['cka'] <= 1
 
 
 def test_bad_requests_name_the_fix(predecessor):

@@ -7,7 +7,8 @@ Sources (``calib``):
     a Dataset/DataLoader   yields images (PIL or tensors) or (image, label) pairs
 PIL images go through the predecessor's own eval transform (timm's ``resolve_data_config``) at the input size
 asked for; tensors are taken as already normalised, and resized only to a size asked for or the one size a
-fixed-size model (a ViT) takes.
+fixed-size model (a ViT) takes. Images are read in the model's channels: grey ('L'), RGB, or for 2 and 4 channels
+'LA' and 'RGBA' (a multispectral model's 4-band TIFFs); synthetic images are drawn in any number of channels.
 """
 import os
 import warnings
@@ -28,19 +29,33 @@ __all__ = ['IMAGE_EXTENSIONS', 'ImageListing', 'calibration_batches', 'check_cal
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
 
 
-def synthetic_image(index: int, size: int = 224, seed: int = 0) -> Image.Image:
-    """A deterministic, natural-looking RGB image: octaves of upsampled noise, amplitude ~ 1/frequency."""
+_PIL_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}  # the image mode read for a model of these channels
+
+
+def _synthetic_pixels(index: int, size: int, seed: int, chans: int = 3) -> torch.Tensor:
+    """(size, size, chans) uint8: octaves of upsampled noise, amplitude ~ 1/frequency, channels mixed."""
     g = make_generator(seed, 'synthetic', index)
-    img = torch.zeros(1, 3, size, size)
+    img = torch.zeros(1, chans, size, size)
     for octave in range(1, 7):
         res = 2 ** octave
-        noise = torch.randn(1, 3, res, res, generator=g)
+        noise = torch.randn(1, chans, res, res, generator=g)
         img += F.interpolate(noise, size=(size, size), mode='bicubic', align_corners=False) / res ** 0.5
-    mix = torch.randn(3, 3, generator=g) * 0.5 + torch.eye(3)
+    mix = torch.randn(chans, chans, generator=g) * 0.5 + torch.eye(chans)
     img = torch.einsum('ij,bjhw->bihw', mix, img)
-    img = torch.sigmoid(img * 1.5 + torch.randn(1, 3, 1, 1, generator=g) * 0.5)
-    arr = (img[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    return Image.fromarray(arr, mode='RGB')
+    img = torch.sigmoid(img * 1.5 + torch.randn(1, chans, 1, 1, generator=g) * 0.5)
+    return (img[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def synthetic_image(index: int, size: int = 224, seed: int = 0) -> Image.Image:
+    """A deterministic, natural-looking RGB image."""
+    return Image.fromarray(_synthetic_pixels(index, size, seed).numpy(), mode='RGB')
+
+
+def _synthetic_tensor(index: int, size: int, seed: int, mean, std) -> torch.Tensor:
+    """A synthetic image of ``len(mean)`` channels (any number: PIL holds at most four), normalised: (C, size,
+    size) float."""
+    pixels = _synthetic_pixels(index, size, seed, len(mean)).permute(2, 0, 1).float() / 255
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:
@@ -94,16 +109,20 @@ def check_calibration(calib) -> None:
                      f'{type(calib).__name__}.')
 
 
-def _folder_images(listing: ImageListing, num_images: int, seed: int) -> Iterator[Image.Image]:
+def _folder_images(listing: ImageListing, num_images: int, seed: int, mode: str = 'RGB') -> Iterator[Image.Image]:
     files = listing.files
     order = torch.randperm(len(files), generator=make_generator(seed, 'calib-folder')).tolist()
-    taken = skipped = 0
+    taken = skipped = filled = 0
     for i in order:
         if taken == num_images:
             break
         try:
             with Image.open(files[i]) as im:
-                img = im.convert('RGB')
+                if len(im.getbands()) == 4 == len(mode) and im.mode != mode:  # a 4-band TIFF read as CMYK: its bands
+                    img = Image.merge(mode, [band.convert('L') for band in im.split()])
+                else:
+                    filled += 'A' in mode and 'A' not in im.getbands()  # PIL's conversion adds an opaque alpha
+                    img = im.convert(mode)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             skipped += 1
             warnings.warn(f'skipping calibration image {files[i]} that cannot be decoded: {e}')
@@ -112,6 +131,10 @@ def _folder_images(listing: ImageListing, num_images: int, seed: int) -> Iterato
         yield img
     if skipped:
         warnings.warn(f'{skipped} calibration image(s) could not be decoded and were skipped')
+    if filled:
+        warnings.warn(f'{filled} calibration image(s) had fewer channels than the model takes ({len(mode)}): their '
+                      f'last channel is an opaque alpha band ({mode}); pass images of {len(mode)} channels for '
+                      f'statistics of real data')
     if taken == 0:
         raise ValueError(f"no image in '{listing.folder}' could be decoded: check the files, or use "
                          f"calib='synthetic' (--calib synthetic).")
@@ -145,7 +168,9 @@ def _in_chans(model: nn.Module):
 
 
 def _to_chans(values, chans: int) -> Tuple[float, ...]:
-    return (sum(values) / len(values),) if chans == 1 else tuple(values)
+    """The cfg's per-channel mean or std for a model built with ``chans`` input channels, as timm adapts the stem
+    (``adapt_input_conv``): one channel sums the RGB filters (the mean value), more repeat them in turn."""
+    return (sum(values) / len(values),) if chans == 1 else tuple(values[i % len(values)] for i in range(chans))
 
 
 def calibration_batches(
@@ -167,23 +192,28 @@ def calibration_batches(
         data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
     chans = _in_chans(model)
     if chans is not None and chans != data_cfg['input_size'][0]:
-        if chans not in (1, 3):
-            raise ValueError(f'calibration images can feed 1- or 3-channel models, not in_chans={chans}: pass a '
-                             f'Dataset of ready {chans}-channel tensors as calib.')
-        # timm keeps the pretrained cfg's 3-channel input size and mean / std for models built with in_chans=1
+        # timm keeps the pretrained cfg's 3-channel input size and mean / std for models built with other in_chans
         data_cfg.update(input_size=(chans, *data_cfg['input_size'][1:]),
                         mean=_to_chans(data_cfg['mean'], chans), std=_to_chans(data_cfg['std'], chans))
-    mode = 'L' if data_cfg['input_size'][0] == 1 else 'RGB'
+    chans = data_cfg['input_size'][0]
+    mode = _PIL_MODES.get(chans)
     transform = create_transform(**data_cfg, is_training=False)
     total = -(-num_images // batch_size)
     if calib is None or calib == 'synthetic':
         size = data_cfg['input_size'][-1]
-        images = (synthetic_image(i, size, seed) for i in range(num_images))
-        return _batched(images, transform, batch_size, mode), total, f'synthetic:{num_images}:seed{seed}'
+        if chans in (1, 3):  # drawn in RGB, read as the model's mode through its own eval transform
+            images = (synthetic_image(i, size, seed) for i in range(num_images))
+            return _batched(images, transform, batch_size, mode), total, f'synthetic:{num_images}:seed{seed}'
+        images = (_synthetic_tensor(i, size, seed, data_cfg['mean'], data_cfg['std']) for i in range(num_images))
+        return (_batched(images, transform, batch_size, size=data_cfg['input_size'][1:]), total,
+                f'synthetic:{num_images}:seed{seed}')
     if isinstance(calib, (str, os.PathLike)):
         calib = list_images(calib)  # fails now, with a clear message, rather than mid-way
     if isinstance(calib, ImageListing):
-        return (_batched(_folder_images(calib, num_images, seed), transform, batch_size, mode), total,
+        if mode is None:
+            raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
+                             f'synthetic images (--calib synthetic) or a Dataset of ready {chans}-channel tensors.')
+        return (_batched(_folder_images(calib, num_images, seed, mode), transform, batch_size, mode), total,
                 f'folder:{calib.folder.name}:{num_images}')
     from_dataset = isinstance(calib, torch.utils.data.Dataset)
     if from_dataset:  # batches are lists of the dataset's own items: images, or (image, label, ...) tuples
