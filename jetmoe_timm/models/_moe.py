@@ -18,9 +18,10 @@ from ..routing import moe_layers
 __all__ = ['JetMoEMixin', 'MoEOptions']
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MoEOptions:
-    """The SpheroMoE options a JetMoE model passes to every MoE layer (model kwargs of the same names)."""
+    """The SpheroMoE options a JetMoE model passes to every MoE layer (model kwargs of the same names; by keyword:
+    nine options in a row are easy to swap)."""
     univ_ratio: float = 0.25
     slots_per_expert: int = 1
     routing: str = 'sphero'

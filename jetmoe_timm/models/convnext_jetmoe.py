@@ -84,8 +84,10 @@ class ConvNeXtJetMoE(JetMoEMixin, ConvNeXt):
         if kwargs.get('conv_mlp', False):
             raise ValueError('C-JetMoE needs conv_mlp=False: SpheroMoE takes channels-last (B, H, W, C) tokens.')
         super().__init__(**kwargs)
-        options = MoEOptions(univ_ratio, slots_per_expert, routing, moe_combine, moe_noise_mult, moe_noise_at_eval,
-                             moe_drop_rate, moe_drop_mode, moe_drop_path_rate)
+        options = MoEOptions(
+            univ_ratio=univ_ratio, slots_per_expert=slots_per_expert, routing=routing, moe_combine=moe_combine,
+            moe_noise_mult=moe_noise_mult, moe_noise_at_eval=moe_noise_at_eval, moe_drop_rate=moe_drop_rate,
+            moe_drop_mode=moe_drop_mode, moe_drop_path_rate=moe_drop_path_rate)
         depths = [len(stage.blocks) for stage in self.stages]
         total = sum(depths)
         self.moe_blocks = self._resolve_moe_blocks(moe_blocks, total, f' over all blocks, depths {depths}')

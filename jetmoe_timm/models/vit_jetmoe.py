@@ -70,8 +70,10 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
             **kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim, depth, ...).
         """
         super().__init__(**kwargs)
-        options = MoEOptions(univ_ratio, slots_per_expert, routing, moe_combine, moe_noise_mult, moe_noise_at_eval,
-                             moe_drop_rate, moe_drop_mode, moe_drop_path_rate)
+        options = MoEOptions(
+            univ_ratio=univ_ratio, slots_per_expert=slots_per_expert, routing=routing, moe_combine=moe_combine,
+            moe_noise_mult=moe_noise_mult, moe_noise_at_eval=moe_noise_at_eval, moe_drop_rate=moe_drop_rate,
+            moe_drop_mode=moe_drop_mode, moe_drop_path_rate=moe_drop_path_rate)
         depth = len(self.blocks)
         self.moe_blocks = self._resolve_moe_blocks(moe_blocks, depth)
         act_layer = get_act_layer(kwargs.get('act_layer')) or nn.GELU  # as VisionTransformer resolves it

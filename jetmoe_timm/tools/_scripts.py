@@ -36,7 +36,6 @@ _TIMM_REPO = 'https://github.com/huggingface/pytorch-image-models'
 
 
 def _how_to_get(script: str) -> str:
-    import timm
     return (
         f"timm's {script} is not part of the timm package: it lives in the timm repository. Get the scripts for "
         f"your timm ({timm.__version__}) and point at them:\n"
@@ -70,7 +69,6 @@ def _check_timm(scripts_dir: Path) -> None:
     checkout's ``timm/`` then shadows the installed wheel. The launcher has already imported timm by the time the
     script runs, so the script uses that same module, whichever it is.
     """
-    import timm
     imported = Path(timm.__file__).resolve().parent
     try:
         installed = Path(importlib.metadata.distribution('timm').locate_file('timm')).resolve()
@@ -98,7 +96,6 @@ def _allow_cpu_ddp() -> None:
     single-device/multiple-device GPU modules"). For CPU devices DDP must get ``device_ids=None``; GPU device ids
     pass through untouched. Applied only by the train launcher, only in a distributed run.
     """
-    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     init = DistributedDataParallel.__init__
@@ -462,15 +459,14 @@ def _preprocessing_note(args: Optional[argparse.Namespace]) -> Optional[str]:
 
 
 def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    """Import jetmoe_timm, then run timm's ``script`` as ``__main__`` with ``argv`` (default: ``sys.argv[1:]``).
+    """Run timm's ``script`` as ``__main__`` with ``argv`` (default: ``sys.argv[1:]``), jetmoe_timm's models and
+    optimizer registered (importing this module imported the package).
 
     ``--timm-scripts DIR`` in ``argv`` is consumed here; all other arguments are passed through unchanged.
     Returns 0 when the script returns, 2 when it cannot be found; ``sys.exit`` in the script (argparse errors
     included) propagates as SystemExit. Run as a command (``argv`` None), CPU training keeps freed memory in the
     process (``keep_freed_memory``).
     """
-    import jetmoe_timm  # noqa: F401  (registers the models with timm before the script creates one)
-
     prog = prog or f'jetmoe-timm {script}'
     command = argv is None  # run as a command: this process is the training run, not a caller's
     argv = list(sys.argv[1:] if argv is None else argv)
