@@ -8,6 +8,7 @@ import stat
 import numpy as np
 import pytest
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
 from PIL import Image
 
@@ -223,12 +224,20 @@ def test_cli_inspect_errors(tmp_path, capsys):
 
 
 def test_grey_models_take_grey_images(tmp_path):
-    """A model built with in_chans=1 gets one-channel inputs with one channel's statistics, shown as RGB."""
+    """A model built with in_chans=1 gets one-channel inputs, normalised as recycling's calibration does (the mean
+    of the RGB statistics, as timm sums the RGB stem; inspect took the red channel's), shown as RGB."""
+    from jetmoe_timm.recycle.calibration import calibration_batches
     torch.manual_seed(0)
     model = timm.create_model('v_jetmoe_tiny', img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2,
-                              num_core_experts=4, num_univ_experts=8, in_chans=1).eval()
+                              num_core_experts=4, num_univ_experts=8, in_chans=1,
+                              pretrained_cfg_overlay=dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)).eval()
     img = Image.fromarray((np.random.default_rng(0).random((28, 28, 3)) * 255).astype('uint8'))
+    img.save(tmp_path / 'img.png')
+    inputs = []
+    model.patch_embed.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     result = inspect_routing(model, [img])
+    (calibrated,) = calibration_batches(tmp_path, model, num_images=1, batch_size=1)[0]
+    torch.testing.assert_close(inputs[0], calibrated)
     assert result.images.shape == (1, 32, 32, 3)
     assert np.allclose(result.images[..., 0], result.images[..., 2])  # grey, shown in three equal channels
     layer = result.layers['blocks.3.mlp']

@@ -13,7 +13,7 @@ fixed-size model (a ViT) takes. Images are read in the model's channels: grey ('
 import os
 import warnings
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,8 @@ from timm.data import create_transform, resolve_data_config
 
 from .selection import make_generator
 
-__all__ = ['IMAGE_EXTENSIONS', 'ImageListing', 'calibration_batches', 'check_calibration', 'fixed_input_size',
-           'list_images', 'synthetic_image']
+__all__ = ['IMAGE_EXTENSIONS', 'ImageListing', 'calibration_batches', 'check_calibration', 'first_conv',
+           'fit_channels', 'fixed_input_size', 'input_channels', 'list_images', 'model_data_config', 'synthetic_image']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
 
@@ -157,20 +157,46 @@ def _batched(images, transform, batch_size: int, mode: str = 'RGB',
         yield torch.stack(batch)
 
 
-def _in_chans(model: nn.Module):
-    """Input channels of the model's first conv (timm's ``first_conv``), None when it cannot be found."""
-    first_conv = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
+def first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
+    """The conv that takes the images: timm's ``first_conv`` of the pretrained cfg, else the model's first Conv2d."""
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv')
     try:
-        conv = model.get_submodule(first_conv) if first_conv else None
+        conv = model.get_submodule(name) if name else None
     except AttributeError:
-        return None
-    return getattr(conv, 'in_channels', None)
+        conv = None
+    return conv if isinstance(conv, nn.Conv2d) else next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def input_channels(model: nn.Module) -> Optional[int]:
+    """The input channels ``model`` takes (its first conv's), None for a model without a conv."""
+    conv = first_conv(model)
+    return conv.in_channels if conv is not None else None
 
 
 def _to_chans(values, chans: int) -> Tuple[float, ...]:
     """The cfg's per-channel mean or std for a model built with ``chans`` input channels, as timm adapts the stem
     (``adapt_input_conv``): one channel sums the RGB filters (the mean value), more repeat them in turn."""
     return (sum(values) / len(values),) if chans == 1 else tuple(values[i % len(values)] for i in range(chans))
+
+
+def fit_channels(data_cfg: Dict[str, Any], chans: int) -> Dict[str, Any]:
+    """``data_cfg`` for a model of ``chans`` input channels: timm keeps the pretrained cfg's 3-channel input size,
+    mean and std for a model built with another ``in_chans``."""
+    if chans == data_cfg['input_size'][0] and len(data_cfg['mean']) == len(data_cfg['std']) == chans:
+        return data_cfg
+    return dict(data_cfg, input_size=(chans, *data_cfg['input_size'][1:]), mean=_to_chans(data_cfg['mean'], chans),
+                std=_to_chans(data_cfg['std'], chans))
+
+
+def model_data_config(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """timm's eval data config for ``model`` as it was built: at ``img_size`` (H, W), by default the one size a
+    fixed-size model takes (the pretrained cfg keeps the registered one, 224), in its input channels."""
+    data_cfg = resolve_data_config({}, model=model)
+    img_size = img_size or fixed_input_size(model)
+    if img_size is not None:
+        data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
+    chans = input_channels(model)
+    return fit_channels(data_cfg, chans) if chans is not None else data_cfg
 
 
 def calibration_batches(
@@ -186,15 +212,7 @@ def calibration_batches(
     Images get ``model``'s own preprocessing (mean, std, interpolation, crop) at ``img_size`` (H, W), by default
     the model's input size.
     """
-    data_cfg = resolve_data_config({}, model=model)
-    img_size = img_size or fixed_input_size(model)  # fixed-size models built at a non-default size
-    if img_size is not None:
-        data_cfg['input_size'] = (data_cfg['input_size'][0], *img_size)
-    chans = _in_chans(model)
-    if chans is not None and chans != data_cfg['input_size'][0]:
-        # timm keeps the pretrained cfg's 3-channel input size and mean / std for models built with other in_chans
-        data_cfg.update(input_size=(chans, *data_cfg['input_size'][1:]),
-                        mean=_to_chans(data_cfg['mean'], chans), std=_to_chans(data_cfg['std'], chans))
+    data_cfg = model_data_config(model, img_size)
     chans = data_cfg['input_size'][0]
     mode = _PIL_MODES.get(chans)
     transform = create_transform(**data_cfg, is_training=False)

@@ -22,7 +22,8 @@ from timm.models import adapt_input_conv
 from tqdm.auto import tqdm
 
 from ..version import __version__
-from .calibration import ImageListing, calibration_batches, check_calibration, fixed_input_size, list_images
+from .calibration import (ImageListing, calibration_batches, check_calibration, first_conv, fixed_input_size,
+                          input_channels, list_images)
 from .families import family_of
 from .family import FamilySpec
 from .retention import pooled_features, retention
@@ -68,22 +69,11 @@ def check_options(method: str = 'importance', recipe: str = 'paper', statistic: 
     check_calibration(calib)
 
 
-def _first_conv(model: nn.Module) -> Optional[nn.Conv2d]:
-    """The stem / patch embedding conv, which sets the input channels."""
-    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-
-
-def _input_channels(model: nn.Module) -> Optional[int]:
-    """The input channels ``model`` takes (its first conv's), or None for a model without a conv."""
-    conv = _first_conv(model)
-    return conv.in_channels if conv is not None else None
-
-
 def adapt_input_channels(model: nn.Module, in_chans: int) -> Optional[int]:
     """Adapt ``model``'s first conv to ``in_chans`` input channels in place, by timm's rule for loading pretrained
     weights at another ``in_chans`` (``adapt_input_conv``: a grey stem repeated and scaled, an RGB one summed).
     Returns the channels it took before, or None where it already takes ``in_chans``."""
-    conv = _first_conv(model)
+    conv = first_conv(model)
     if conv is None or conv.in_channels == in_chans:
         return None
     before = conv.in_channels
@@ -98,7 +88,7 @@ def _check_input(predecessor: nn.Module, successor: nn.Module) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"the predecessor's '{name}' holds NaN or infinite values: recycle from a checkpoint "
                              f"whose weights are finite (a damaged or diverged one?).")
-    c_pred, c_succ = _input_channels(predecessor), _input_channels(successor)
+    c_pred, c_succ = input_channels(predecessor), input_channels(successor)
     if c_pred != c_succ:
         raise ValueError(f'the predecessor takes {c_pred} input channels, the successor {c_succ}: build the '
                          f'successor with in_chans={c_pred} (timm adapts pretrained weights to other in_chans '

@@ -31,6 +31,7 @@ import torch.nn as nn
 from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint
 from ..models import is_jetmoe_model
 from ..models._pretrained import WeightsUnavailableError
+from ..recycle.calibration import fit_channels, model_data_config
 from ..routing import moe_layers, routing_info
 from .checks import check_model_kwargs, check_model_name, check_output_folder
 
@@ -188,17 +189,9 @@ def _jsonable(obj: Any) -> Any:
 # --- running the model --------------------------------------------------------------------------------------------
 
 def _data_config(model: nn.Module) -> Dict[str, Any]:
-    """timm's eval data config, at the input size a fixed-size ViT was built for."""
-    from timm.data import resolve_model_data_config
-    cfg = resolve_model_data_config(model)
-    pe = getattr(model, 'patch_embed', None)
-    # the pretrained cfg keeps the registered 224 even when the model was built with another img_size, also
-    # with dynamic_img_size=True (the model would run at 224 too, but not on the grid it was built for)
-    if pe is not None and getattr(pe, 'img_size', None):
-        cfg['input_size'] = (cfg['input_size'][0], *pe.img_size)
-    # and its channels, e.g. a grey model built with in_chans=1
-    cfg['input_size'] = (getattr(model, 'in_chans', cfg['input_size'][0]), *cfg['input_size'][1:])
-    return cfg
+    """timm's eval data config for ``model`` as built, at the size of its patch grid also with
+    ``dynamic_img_size=True`` (the model would run at the pretrained cfg's 224 too, but not on its grid)."""
+    return model_data_config(model, getattr(getattr(model, 'patch_embed', None), 'img_size', None))
 
 
 def _convert(img, mode: str):
@@ -265,8 +258,7 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
     images = list(images)
     chans = data_config['input_size'][0]
     mode = 'L' if chans == 1 else 'RGB'
-    if chans == 1:  # grey models: one channel's statistics
-        data_config = dict(data_config, mean=tuple(data_config['mean'])[:1], std=tuple(data_config['std'])[:1])
+    data_config = fit_channels(data_config, chans)  # a config given for the RGB model a grey one comes from
     transform = create_transform(**data_config, is_training=False)
     paths = [img for img in images if isinstance(img, (str, os.PathLike))]
     labels = iter(_image_labels(paths))
@@ -676,7 +668,6 @@ def _summary(result: RoutingInspection) -> List[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import jetmoe_timm  # noqa: F401  (registers the models, also when this module is used on its own)
     # every input is checked before the model is built (minutes for a full-size model recycled with --pretrained)
     model_kwargs = _parse_model_kwargs(args.model_kwargs)
     if args.top_k < 1:
