@@ -1,4 +1,6 @@
 """timm conventions for every registered C-JetMoE model, on tiny configurations of the same code path."""
+import re
+
 import pytest
 import timm
 import torch
@@ -197,8 +199,16 @@ def test_checkpoint_filter_and_pretrained_load():
     torch.testing.assert_close(model.eval()(x), src.eval()(x))
     assert checkpoint_filter_fn({'model': sd}, model).keys() == sd.keys()  # unwraps training checkpoints
     dense = timm.create_model('convnext_tiny', depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=0)
-    with pytest.raises(ValueError, match='dense ConvNeXt checkpoint.*jetmoe_timm.recycle'):
+    with pytest.raises(ValueError, match=r'It is a dense checkpoint: recycle it into this model first \(jetmoe-timm '
+                                         r'convert MODEL --predecessor FILE --out DIR, or jetmoe_timm.convert\)'):
         checkpoint_filter_fn(dense.state_dict(), model)
+    fb = dense.state_dict()
+    for timm_key, fb_key in ((r'^stem\.', 'downsample_layers.0.'), (r'\.blocks\.', '.'), ('conv_dw', 'dwconv'),
+                             (r'stages\.(\d+)\.downsample\.', r'downsample_layers.\1.'), (r'mlp\.fc', 'pwconv'),
+                             (r'^head\.', '')):
+        fb = {re.sub(timm_key, fb_key, k): v for k, v in fb.items()}  # the FB layout timm's filter maps back
+    with pytest.raises(ValueError, match='It is a dense checkpoint: recycle it into this model first'):
+        checkpoint_filter_fn(fb, model)
 
 
 def test_torchscript():

@@ -162,12 +162,12 @@ def test_weight_init_modes_reach_the_experts(tiny_vit_kwargs, mode):
     """timm's weight_init modes give the experts what they give a ViT MLP's nn.Linear (timm's own per-module init
     passes by the stacked expert weights): compared with the dense MLP of the same mode and shapes, at build and
     after init_weights(mode); fix_init then scales the expert fc2 as before."""
-    kw = dict(tiny_vit_kwargs, mlp_ratio=8., num_classes=10)  # widths for a stable std; jax_nlhb needs classes
+    kw = dict(tiny_vit_kwargs, mlp_ratio=8., num_classes=10)  # widths for a stable std; classes for jax_nlhb
 
     def expert_and_dense(model):
         core, dense = model.blocks[-1].mlp.core_experts, model.blocks[0].mlp  # block 0 stays dense
-        return [(e.detach(), d.detach()) for e, d in [(core.fc1.weight, dense.fc1.weight), (core.fc1.bias, dense.fc1.bias),
-                (core.fc2.weight, dense.fc2.weight), (core.fc2.bias, dense.fc2.bias)]]
+        return [(getattr(core, fc).weight.detach(), getattr(dense, fc).weight.detach()) for fc in ('fc1', 'fc2')] + \
+            [(getattr(core, fc).bias.detach(), getattr(dense, fc).bias.detach()) for fc in ('fc1', 'fc2')]
 
     def check(model):
         for expert, dense in expert_and_dense(model):

@@ -7,7 +7,7 @@ MLPs of the blocks ``_resolve_moe_blocks`` chooses with ``_make_moe``; everythin
 import operator
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Set, Type, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -73,8 +73,11 @@ class JetMoEMixin:
     Class attributes a family sets:
         moe_norm: name, inside a block, of the norm that feeds the MLP ('norm2' for ViT, 'norm' for ConvNeXt);
             it trains with the MoE layer under layer decay, as in the official recipe.
+        dense_mlp_keys: suffixes of a dense MLP's weight keys, in every checkpoint layout the family's filter reads:
+            a checkpoint with them and no SpheroMoE layer is called dense (recycle it first).
     """
     moe_norm: str = 'norm2'
+    dense_mlp_keys: Tuple[str, ...] = ('.fc1.weight',)  # what a dense MLP's weights end with, in any layout read
 
     def _resolve_moe_blocks(self, moe_blocks, total: int, what: str = '') -> List[int]:
         """0-based MoE block indices, the later half by default, checked against ``total`` blocks. As timm's
@@ -174,7 +177,8 @@ class JetMoEMixin:
         bad = [k for k, s in ours.items() if theirs.get(k) != s]
         if len(bad) <= 3:  # a few keys: timm's strict load names them better than a summary would
             return
-        dense = not any(k.endswith('.slot_query') for k in theirs) and any(k.endswith('.fc1.weight') for k in theirs)
+        dense = not any(k.endswith('.slot_query') for k in theirs) and any(k.endswith(self.dense_mlp_keys)
+                                                                            for k in theirs)
         found = _moe_blocks(theirs)
         # its moe_blocks, where they differ, with whatever else it was made with: only the checkpoint knows whether
         # depth, widths or experts differ too (the two descriptions show what the tensors tell)

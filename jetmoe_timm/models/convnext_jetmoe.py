@@ -47,6 +47,7 @@ def _per_stage(value: Union[int, Sequence[int]], num_stages: int, name: str) -> 
 class ConvNeXtJetMoE(JetMoEMixin, ConvNeXt):
     """timm ConvNeXt with SpheroMoE layers in place of the pointwise MLPs of ``moe_blocks``."""
     moe_norm = 'norm'
+    dense_mlp_keys = ('.fc1.weight', '.pwconv1.weight')  # timm's layout, FB's
 
     def __init__(
             self,
@@ -128,17 +129,9 @@ class ConvNeXtJetMoE(JetMoEMixin, ConvNeXt):
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConvNeXtJetMoE) -> Dict[str, torch.Tensor]:
-    """Unwrap and map the FB ConvNeXt layout to timm keys; refuse dense MLP weights where the model has a MoE."""
+    """Unwrap and map the FB ConvNeXt layout to timm keys; another model's checkpoint (a dense ConvNeXt's) is
+    refused in one message (``JetMoEMixin.check_checkpoint``)."""
     state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
-    jetmoe = any(k.endswith('.slot_query') for k in state_dict)  # other moe_blocks: check_checkpoint names them
-    for name in () if jetmoe else model.moe_block_names():
-        s, b = name.split('.')[1::2]
-        dense = [k for k in state_dict if k.startswith((f'{name}.mlp.fc1.', f'stages.{s}.{b}.pwconv1.'))]
-        if dense:
-            raise ValueError(
-                f"Checkpoint has a dense MLP ('{dense[0]}') where {type(model).__name__} has a SpheroMoE layer "
-                f"({name}.mlp): it is a dense ConvNeXt checkpoint. Recycle it into C-JetMoE weights with "
-                f"jetmoe_timm.recycle first.")
     return model.filter_checkpoint(state_dict, _convnext_checkpoint_filter_fn)
 
 
