@@ -329,7 +329,8 @@ def convert_official_checkpoint(
         weights_only: bool = True,
         **model_kwargs,
 ) -> Path:
-    """Convert an official MoE Jetpack checkpoint (.pt / .pth) into a timm folder (model.safetensors + config.json).
+    """Convert an official MoE Jetpack checkpoint (.pt / .pth, or its state dict as .safetensors) into a timm folder
+    (model.safetensors + config.json).
 
     The MoE layout (blocks, expert counts, widths), classes and image size are read from the file and
     ``routing='official'`` is set; ``model_kwargs`` add options (a value other than the file's for what is read

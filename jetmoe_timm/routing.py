@@ -33,7 +33,8 @@ def routing_info(model: nn.Module) -> Dict[str, Dict[str, torch.Tensor]]:
     """Routing of the last forward pass per layer.
 
     Each entry holds ``dispatch`` (B, N, M), ``combine`` (B, N, M), ``core_out``/``univ_out`` (B, N, d), whose
-    sum is the layer output, ``slot_contrib`` (B, M), plus ``num_core_slots`` (int tensor) to split M.
+    sum is the layer output before expert drop path, ``slot_contrib`` (B, M), plus ``num_core_slots`` (int tensor)
+    to split M. N counts the layer's tokens: H * W for ConvNeXt, whose layer output is (B, H, W, d).
     """
     out = {}
     for name, layer in moe_layers(model).items():

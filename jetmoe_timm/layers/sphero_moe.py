@@ -755,7 +755,7 @@ class SpheroMoE(nn.Module):
         combine = combine.detach().to(dtype)
         core_out = combine[..., :m_core] @ y[:, :m_core]
         univ_out = combine[..., m_core:] @ y[:, m_core:]
-        # per-slot share of the output: || sum_n combine[b, n, m] * y[b, m] || over the batch
+        # each slot's share of each image's output: || sum_n combine[b, n, m] * y[b, m] || (combine >= 0)
         slot_contrib = combine.sum(1) * torch.linalg.vector_norm(y, dim=-1)
         self.last_routing = dict(
             dispatch=dispatch.detach().to(dtype),  # (B, N, M), sums to 1 over N

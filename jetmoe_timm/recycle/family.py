@@ -2,8 +2,9 @@
 
 A family module (``vit.py``, ``convnext.py``) holds what is particular to one dense architecture: how to check a
 predecessor, where to measure it, how to pick channels / heads / neurons, and which successor tensor comes from
-which predecessor tensor. It ends with one ``SPEC``; the engine, the cache, ``convert`` and ``push`` only ever
-see the spec. Adding a family = one module with a ``SPEC`` + one line in ``FAMILIES`` (docs/architecture.md).
+which predecessor tensor. It ends with one ``SPEC``, through which the engine, the cache and ``convert`` reach
+it. Adding a family takes its model module as well (``models/``), this module with its ``SPEC`` and one line in
+``FAMILIES``: docs/architecture.md lists the steps.
 """
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping

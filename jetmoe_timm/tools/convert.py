@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('model', help="JetMoE model, optionally with its tag, e.g. 'v_jetmoe_tiny'")
     p.add_argument('--out', required=True, help='output folder; must not exist unless --overwrite')
     p.add_argument('--from-official', default=None, metavar='FILE',
-                   help='convert an official MoE Jetpack .pt/.pth checkpoint instead of recycling')
+                   help='convert an official MoE Jetpack checkpoint (.pt / .pth / .safetensors) instead of recycling')
     add_convert_arguments(p)
     p.set_defaults(func=run)
 
