@@ -33,7 +33,7 @@ from timm.models import get_pretrained_cfg
 
 from .export import CARD_MARK, public_source, read_provenance, verify_safetensors
 from .hub_access import hub_reachable
-from .models import is_jetmoe_model
+from .models import is_jetmoe_model, list_jetmoe_models
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
@@ -104,7 +104,7 @@ def _inspect_folder(folder: Path, model_name: Optional[str] = None) -> Tuple[str
     arch, tag = config['architecture'], config['pretrained_cfg'].get('tag')
     if not timm.is_model(arch):
         raise ValueError(f"{folder}/config.json names the architecture '{arch}', which timm does not know: "
-                         f"jetmoe_timm registers {timm.list_models('*jetmoe*')}.")
+                         f"jetmoe_timm registers {list_jetmoe_models()}.")
     name = f'{arch}.{tag}' if tag else arch
     if not is_jetmoe_model(arch):
         raise ValueError(f"{folder} holds a dense '{arch}', not a JetMoE model: convert it first (jetmoe-timm "

@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     folder = args.keep or Path(tempfile.mkdtemp(prefix='timm_model_tests_'))
     folder.mkdir(parents=True, exist_ok=True)
     tests = prepare(folder)
-    import jetmoe_timm  # noqa: F401
-    models = timm.list_models('*jetmoe*') if args.all_models else SMALL_MODELS
+    from jetmoe_timm.models import list_jetmoe_models
+    models = list_jetmoe_models() if args.all_models else SMALL_MODELS
     select = f"({' or '.join(models)}) and not pretrained"  # no Hub downloads
     cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-W', 'ignore', 'test_models.py',
            '-k', select, *args.pytest_args]

@@ -1,8 +1,16 @@
 import functools
+from typing import List
 
 from .vit_jetmoe import VisionTransformerJetMoE
 from .convnext_jetmoe import ConvNeXtJetMoE
 from ._moe import JetMoEMixin
+
+
+def list_jetmoe_models() -> List[str]:
+    """The JetMoE architectures this package registers with timm, every family's (the entrypoints of the modules
+    that define a ``JetMoEMixin`` model), whatever their names."""
+    import timm
+    return timm.list_models(module=sorted({cls.__module__.rpartition('.')[2] for cls in JetMoEMixin.__subclasses__()}))
 
 
 def is_jetmoe_model(name: str) -> bool:

@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
     save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
-from ..models import is_jetmoe_model
+from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
 from .engine import (RecycleResult, adapt_input_channels, check_options, check_recipe_family, recycle,
@@ -71,7 +71,7 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """('arch.tag', its recycling source) for 'arch' (default tag) or 'arch.tag'."""
     arch, _, tag = model_name.partition('.')
     if not timm.is_model(arch):
-        raise ValueError(f"Unknown model '{arch}': pick one of {timm.list_models('*jetmoe*')}.")
+        raise ValueError(f"Unknown model '{arch}': pick one of {list_jetmoe_models()}.")
     full = f'{arch}.{tag}' if tag else next(
         (n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES), None)
     if full in RECYCLE_SOURCES:

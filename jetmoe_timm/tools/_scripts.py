@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import timm
 import torch
 
+from ..models import list_jetmoe_models
 from .checks import check_model_kwargs, did_you_mean
 
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
@@ -391,7 +392,7 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
         arch = model.partition('.')[0]
         if not timm.is_model(arch):
             return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
-                    f"(jetmoe_timm adds {', '.join(timm.list_models('*jetmoe*'))}).")
+                    f"(jetmoe_timm adds {', '.join(list_jetmoe_models())}).")
         model_kwargs = getattr(args, 'model_kwargs', None) or {}
         script_args = dict(_SCRIPT_MODEL_ARGS, **(_TRAIN_MODEL_ARGS if training else {}))
         for key in model_kwargs:

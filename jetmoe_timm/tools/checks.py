@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Optional
 import timm
 
 from ..export import replace_problem
+from ..models import list_jetmoe_models
 
 __all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder', 'did_you_mean']
 
@@ -58,7 +59,7 @@ def check_model_name(model: str) -> str:
     JetMoE models to pick from."""
     arch = model.partition('.')[0]
     if not timm.is_model(arch):
-        models = timm.list_models('*jetmoe*')
+        models = list_jetmoe_models()
         raise ValueError(f"Unknown model '{arch}'{did_you_mean(arch, models)}: pick one of {models}.")
     return arch
 

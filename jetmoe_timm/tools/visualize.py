@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint
-from ..models import is_jetmoe_model
+from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
 from ..recycle.calibration import fit_channels, model_data_config
 from ..routing import moe_layers, routing_info
@@ -556,7 +556,7 @@ def _check_model_name(name: str) -> None:
     arch = check_model_name(name)
     if not is_jetmoe_model(arch):
         raise ValueError(f"'{arch}' is a dense timm model: it has no MoE layers to inspect. Pick a JetMoE model "
-                         f"({timm.list_models('*jetmoe*')}); a dense checkpoint becomes one with jetmoe-timm convert.")
+                         f"({list_jetmoe_models()}); a dense checkpoint becomes one with jetmoe-timm convert.")
 
 
 def _is_json(path: Path) -> bool:
