@@ -34,7 +34,7 @@ def sphero_moe_reference(layer: SpheroMoE, x: torch.Tensor) -> torch.Tensor:
     else:
         combine = combine_logits.softmax(dim=-1).reshape(B, N, E, S)
 
-    act = layer.core_experts.act if layer.core_experts is not None else layer.univ_experts.act
+    act = next(iter(layer.expert_groups().values())).act
     out = torch.zeros_like(x)
     for e in range(E):
         if e < layer.num_core_experts:

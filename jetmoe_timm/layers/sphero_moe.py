@@ -765,6 +765,13 @@ class SpheroMoE(nn.Module):
             slot_contrib=slot_contrib,  # (B, M)
         )
 
+    @torch.jit.unused
+    def expert_groups(self) -> Dict[str, ExpertMlp]:
+        """{'core': the core experts, 'univ': the universal experts}, the paths that hold experts (a path of none is
+        None); a path's module is ``<path>_experts``."""
+        groups = {'core': self.core_experts, 'univ': self.univ_experts}
+        return {path: group for path, group in groups.items() if group is not None}
+
     def extra_repr(self) -> str:
         return (
             f'dim={self.dim}, core={self.num_core_experts}x{self.core_hidden}, '

@@ -151,8 +151,7 @@ class JetMoEMixin:
         names = set(base()) if base is not None else set()
         for name, moe in self.moe_layers().items():
             names.add(f'{name}.temp_raw')
-            names.update(f'{name}.{path}.{fc}.bias' for path in ('core_experts', 'univ_experts')
-                         if getattr(moe, path) is not None for fc in ('fc1', 'fc2'))
+            names.update(f'{name}.{path}_experts.{fc}.bias' for path in moe.expert_groups() for fc in ('fc1', 'fc2'))
         return names
 
     def filter_checkpoint(self, state_dict: Dict[str, torch.Tensor], timm_filter) -> Dict[str, torch.Tensor]:

@@ -101,8 +101,8 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
         if mode.startswith(_EXPERT_INIT_MODES):
             with torch.no_grad():
                 for i in moe:
-                    for group in (self.blocks[i].mlp.core_experts, self.blocks[i].mlp.univ_experts):
-                        for fc in (group.fc1, group.fc2) if group is not None else ():
+                    for group in self.blocks[i].mlp.expert_groups().values():
+                        for fc in (group.fc1, group.fc2):
                             bound = math.sqrt(6. / (fc.in_features + fc.out_features))
                             fc.weight.uniform_(-bound, bound)
                             fc.bias.normal_(std=1e-6) if mode.startswith('jax') else fc.bias.zero_()
@@ -123,10 +123,8 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
         with torch.no_grad():
             for i in indices:
                 mlp = self.blocks[i].mlp
-                groups = (mlp.core_experts, mlp.univ_experts) if isinstance(mlp, SpheroMoE) else (mlp,)
-                for group in groups:
-                    if group is not None:
-                        group.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+                for group in mlp.expert_groups().values() if isinstance(mlp, SpheroMoE) else (mlp,):
+                    group.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:

@@ -162,10 +162,9 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
             and (same_hidden or not k.startswith('head.pre_logits.'))]
     p = plan_from_rules(RULES, keys, idx)
     for s, b, name, blk in _blocks(succ):
-        for path in ('core', 'univ') if isinstance(blk.mlp, SpheroMoE) else ():
-            if getattr(blk.mlp, f'{path}_experts') is not None:
-                p.update(expert_takes(f'{name}.mlp.{path}_experts', f'{name}.mlp', sel[f'{name}.{path}_neurons'],
-                                      sel[f'stage{s}.channels']))
+        for path in blk.mlp.expert_groups() if isinstance(blk.mlp, SpheroMoE) else ():
+            p.update(expert_takes(f'{name}.mlp.{path}_experts', f'{name}.mlp', sel[f'{name}.{path}_neurons'],
+                                  sel[f'stage{s}.channels']))
     return p
 
 

@@ -51,7 +51,7 @@ class FamilySpec:
 def _activation(mlp: nn.Module) -> nn.Module:
     """The activation of a dense MLP, or of a SpheroMoE layer's experts."""
     if isinstance(mlp, SpheroMoE):
-        return (mlp.core_experts or mlp.univ_experts).act
+        return next(iter(mlp.expert_groups().values())).act
     return mlp.act
 
 

@@ -302,11 +302,10 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     # experts: fc1 / fc2 of every expert sampled from the block's dense MLP in the (main) predecessor
     for i in range(len(succ.blocks)):
         moe = _moe(succ, i)
-        for path in ('core', 'univ') if moe is not None else ():
-            if getattr(moe, f'{path}_experts') is not None:
-                p.update(expert_takes(f'blocks.{i}.mlp.{path}_experts', f'blocks.{i}.mlp',
-                                      sel[f'blocks.{i}.{path}_neurons'],
-                                      sel.get(f'blocks.{i}.{path}_channels', sel['channels'])))
+        for path in moe.expert_groups() if moe is not None else ():
+            p.update(expert_takes(f'blocks.{i}.mlp.{path}_experts', f'blocks.{i}.mlp',
+                                  sel[f'blocks.{i}.{path}_neurons'],
+                                  sel.get(f'blocks.{i}.{path}_channels', sel['channels'])))
     return p
 
 

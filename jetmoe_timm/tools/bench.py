@@ -338,10 +338,9 @@ class _MatmulFloor:
     def __init__(self, layer: SpheroMoE, batch: int, tokens: int, dtype=torch.float32, device=None):
         B, N, d, M, S = batch, tokens, layer.dim, layer.num_slots, layer.slots_per_expert
         shapes = [((B * N, d), (d, M)), ((B, M, N), (B, N, d))]
-        for group in (layer.core_experts, layer.univ_experts):
-            if group is not None:
-                E, h = group.num_experts, group.hidden_features
-                shapes += [((E, S * B, d), (E, d, h)), ((E, S * B, h), (E, h, d))]
+        for group in layer.expert_groups().values():
+            E, h = group.num_experts, group.hidden_features
+            shapes += [((E, S * B, d), (E, d, h)), ((E, S * B, h), (E, h, d))]
         shapes.append(((B, N, M), (B, M, d)))
         self.forward_ops, self.backward_ops = [], []
         for a_shape, b_shape in shapes:
