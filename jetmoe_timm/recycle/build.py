@@ -37,8 +37,8 @@ from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_rea
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
 from ..version import __version__
-from .engine import (RecycleResult, adapt_input_channels, check_options, check_recipe_family, recycle,
-                     selection_to_json)
+from .engine import (RECYCLE_DEFAULTS, RecycleResult, adapt_input_channels, check_options, check_recipe_family,
+                     recycle, selection_to_json)
 from .families import FAMILIES, family_of
 from .family import UnreadableCheckpoint
 
@@ -51,7 +51,8 @@ _logger = logging.getLogger(__name__)
 RECYCLE_SOURCES: Dict[str, Dict[str, Any]] = {
     tag: dict(source) for spec in FAMILIES for tag, source in spec.recycled_from.items()}
 
-DEFAULT_OPTIONS = dict(method='importance', recipe='paper', statistic='l2', seed=0, calib_size='successor')
+# the options a cached build's key always records; calib and num_calib have defaults from the environment too
+DEFAULT_OPTIONS = {k: RECYCLE_DEFAULTS[k] for k in ('method', 'recipe', 'statistic', 'seed', 'calib_size')}
 # the predecessor's preprocessing, which its weights were trained for: the successor inherits it
 INPUT_CONTRACT_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
 _LOCK_NOTICE_S = 10.  # after this long waiting for another process's build, say so
@@ -331,8 +332,7 @@ def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options:
 
 
 def _check_options(opts: Dict[str, Any]) -> None:
-    keys = ('method', 'recipe', 'statistic', 'calib', 'num_calib', 'batch_size', 'calib_size')
-    check_options(**{k: opts[k] for k in keys if k in opts})
+    check_options(**{k: opts[k] for k in RECYCLE_DEFAULTS if k in opts})
 
 
 def _cache_problem(path: Path, key: str, fingerprint: Optional[list] = None) -> Optional[str]:
@@ -419,7 +419,7 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
             _logger.warning(f'Not using cached weights: {problem}. Rebuilding them.')
             path.unlink(missing_ok=True)
         _remove_leftovers(path)
-        hint = _duration_hint(full, model_kwargs, opts.get('num_calib', 256))
+        hint = _duration_hint(full, model_kwargs, opts.get('num_calib', RECYCLE_DEFAULTS['num_calib']))
         announce = functools.partial(  # once the predecessor is loaded: offline, the error comes alone
             _logger.warning, f'Recycling {full} from {pred_spec} (first load; {hint}; then cached at {path}).')
         model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, on_loaded=announce,

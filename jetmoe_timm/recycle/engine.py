@@ -9,6 +9,7 @@ The steps: resize the predecessor to the successor's input (grid, patch size), t
 into the predecessor's weights, apply the plan, and measure what survived (linear CKA of pooled features).
 """
 import ctypes
+import inspect
 import os
 import re
 import time
@@ -31,7 +32,7 @@ from .rules import apply_plan, fill_missing_biases, fold_scales, unplaced_tensor
 from .selection import METHODS
 from .stats import STATISTICS, collect_statistics
 
-__all__ = ['CALIB_SIZES', 'RECIPES', 'RecycleResult', 'check_options', 'recycle']
+__all__ = ['CALIB_SIZES', 'RECIPES', 'RECYCLE_DEFAULTS', 'RecycleResult', 'check_options', 'recycle']
 
 RECIPES = ('paper', 'official')
 # where the statistics are taken: at the successor's input size and tokens (the predecessor resized to it, the
@@ -49,9 +50,13 @@ class RecycleResult:
     model: Optional[nn.Module] = None  # the successor, filled with the recycled weights
 
 
-def check_options(method: str = 'importance', recipe: str = 'paper', statistic: str = 'l2', calib: Any = 'synthetic',
-                  num_calib: int = 1, batch_size: int = 1, calib_size: str = 'successor') -> None:
-    """Raise a clear error for a recycling request that cannot work, before any model is loaded."""
+def check_options(**options) -> None:
+    """Raise a clear error for a recycling request (``recycle``'s options; the defaults for those not given) that
+    cannot work, before any model is loaded."""
+    o = dict(RECYCLE_DEFAULTS, **{k: v for k, v in options.items() if k in RECYCLE_DEFAULTS})
+    method, recipe, statistic, calib, calib_size = (o[k] for k in ('method', 'recipe', 'statistic', 'calib',
+                                                                   'calib_size'))
+    num_calib, batch_size = o['num_calib'], o['batch_size']
     if calib_size not in CALIB_SIZES:
         raise ValueError(f"Unknown calib_size '{calib_size}'; choose one of {', '.join(CALIB_SIZES)}.")
     if method not in METHODS:
@@ -231,7 +236,8 @@ def recycle(
             the calibration images, recycled and at the successor's random init (see ``retention.py``).
         progress: show a progress bar.
     """
-    check_options(method, recipe, statistic, calib, num_calib, batch_size, calib_size)
+    check_options(method=method, recipe=recipe, statistic=statistic, calib=calib, num_calib=num_calib,
+                  batch_size=batch_size, calib_size=calib_size)
     if isinstance(calib, (str, os.PathLike)) and calib not in ('synthetic', 'weights'):
         calib = list_images(calib)  # listed once (an ImageNet-sized folder takes ~30 s), read by every pass
     make_successor = None
@@ -341,3 +347,9 @@ def recycle(
     provenance['total_seconds'] = round(time.perf_counter() - t0, 3)
     return RecycleResult(state_dict=successor.state_dict(), selection=selection, provenance=provenance,
                          fresh_keys=fresh, model=successor)
+
+
+# The recycling options' defaults are written once, in recycle()'s signature; the cache, convert and the CLI read them
+RECYCLE_DEFAULTS: Dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(recycle).parameters.items()
+    if name in ('method', 'recipe', 'statistic', 'calib', 'num_calib', 'batch_size', 'seed', 'calib_size')}

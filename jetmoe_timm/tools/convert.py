@@ -3,7 +3,7 @@ from pathlib import Path
 
 from ..export import is_model_folder, read_provenance
 
-from ..recycle.engine import CALIB_SIZES, RECIPES, RETENTION_IMAGES
+from ..recycle.engine import CALIB_SIZES, RECIPES, RECYCLE_DEFAULTS, RETENTION_IMAGES
 from ..recycle.selection import METHODS
 from ..recycle.stats import STATISTICS
 from .checks import check_model_kwargs, check_output_folder
@@ -23,8 +23,7 @@ def add_parser(subparsers) -> None:
 
 
 # every recycling option of ``convert``, with its default; ``push`` shares them
-CONVERT_DEFAULTS = dict(predecessor=None, body_predecessor=None, method='importance', recipe='paper', statistic='l2',
-                        calib='synthetic', num_calib=256, batch_size=32, seed=0, calib_size='successor')
+CONVERT_DEFAULTS = dict(predecessor=None, body_predecessor=None, **RECYCLE_DEFAULTS)
 
 
 def add_convert_arguments(parser, defaults: bool = True) -> None:
