@@ -48,10 +48,6 @@ def resize(pred, succ):
     return pred
 
 
-def body_width(model) -> int:
-    return model.num_features
-
-
 def check(pred, succ) -> None:
     """Raise a clear error when ``pred`` cannot be recycled into ``succ``."""
     if not isinstance(pred, ConvNeXt) or any(isinstance(blk.mlp, SpheroMoE) for *_, blk in _blocks(pred)):
@@ -179,9 +175,7 @@ SPEC = FamilySpec(
     select=select,
     plan=plan,
     weight_stats=WeightStats,
-    body_width=body_width,
     scale_rules=SCALE_RULES,
     features_module='head.fc',  # its input is the pooled pre-logits feature
     block_pattern=r'stages\.\d+\.blocks\.\d+\.',
-    official_recipe=False,
 )

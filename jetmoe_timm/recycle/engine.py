@@ -190,7 +190,7 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
 
 def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:
     """The official recipe exists only where the official tool has it (ViT)."""
-    if recipe == 'official' and not family.official_recipe:
+    if recipe == 'official' and family.body_width is None:
         raise ValueError(f"recipe 'official' mirrors the official ViT tool and exists for ViT only; use the paper "
                          f"recipe (recipe='paper', --recipe paper) for {name}.")
 

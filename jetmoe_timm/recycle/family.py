@@ -7,7 +7,7 @@ it. Adding a family takes its model module as well (``models/``), this module wi
 ``FAMILIES``: docs/architecture.md lists the steps.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,6 @@ class FamilySpec:
     select: Callable[..., dict]  # statistics -> index sets (channels, heads, neurons per expert)
     plan: Callable[..., dict]  # index sets -> successor key: Take
     weight_stats: Callable[[nn.Module], Any]  # data-free statistics from the weights
-    body_width: Callable[[nn.Module], int]
     # declarative parts
     scale_rules: Mapping[str, str]  # layer-scale key regex -> the linear it scales (folded when the successor has none)
     features_module: str  # its input is the pooled pre-logits feature (retention figure)
@@ -45,7 +44,9 @@ class FamilySpec:
     block_pattern: str
     # what a bare checkpoint file cannot tell and ``predecessor_args`` assumes, said with the arguments read off it
     assumed: str = ''
-    official_recipe: bool = False  # the official tool's two-predecessor recipe exists for this family
+    # the residual width of a model, for the official tool's two-predecessor recipe ('official'): None where that
+    # recipe does not exist for the family
+    body_width: Optional[Callable[[nn.Module], int]] = None
 
 
 def _activation(mlp: nn.Module) -> nn.Module:

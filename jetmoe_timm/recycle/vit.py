@@ -328,7 +328,6 @@ SPEC = FamilySpec(
     scale_rules=SCALE_RULES,
     features_module='head',  # its input is the pooled pre-logits feature
     block_pattern=r'blocks\.\d+\.',
-    official_recipe=True,
     # a rectangular grid whose rows (+ prefix) make a square would be read as a square one: 14 x 16 + 1 = 15^2
     assumed="num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs), a square patch grid",
 )
