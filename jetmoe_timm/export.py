@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 from timm.models._hub import save_config_for_hf
 
-__all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'read_provenance', 'verify_safetensors',
-           'check_replaceable', 'is_local_spec', 'local_path', 'is_model_folder', 'replace_problem', 'replace_folder']
+__all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'write_atomic', 'read_provenance',
+           'verify_safetensors', 'check_replaceable', 'is_local_spec', 'local_path', 'is_model_folder', 'replace_problem', 'replace_folder']
 
 PROVENANCE_KEY = 'jetmoe'
 # the first line of a model card that ``jetmoe-timm push`` wrote (and may rewrite); a card without it is the user's
@@ -82,26 +82,31 @@ def _state_dict_digest(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def write_atomic(path: os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then an atomic rename to ``path``: readers see the old
+    file or the complete new one, never a partial one, and a failure leaves nothing behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_safetensors_atomic(state_dict: Dict[str, torch.Tensor], path: os.PathLike,
                             provenance: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``state_dict`` to ``path`` (with provenance and a content checksum) via a temporary file and an
-    atomic rename: readers see the old file or the complete new one, never a partial one."""
+    """Write ``state_dict`` to ``path`` with provenance and a content checksum, atomically (``write_atomic``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = _contiguous_state_dict(state_dict)
     metadata = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True),
                 CHECKSUM_KEY: _state_dict_digest(tensors)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_provenance(path: os.PathLike) -> Dict[str, Any]:

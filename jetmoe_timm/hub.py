@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,7 +30,7 @@ import timm
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
-from .export import CARD_MARK, public_source, read_provenance, verify_safetensors
+from .export import CARD_MARK, public_source, read_provenance, verify_safetensors, write_atomic
 from .hub_access import hub_reachable
 from .models import is_jetmoe_model, list_jetmoe_models
 from .models._pretrained import architecture_signature
@@ -367,15 +366,7 @@ def _write_card(folder: Path, text: str) -> bool:
     path = folder / 'README.md'
     if path.is_file() and CARD_MARK not in path.read_text():
         return False
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.README.md.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: a leftover would make the folder look like something else than a model
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: tmp.write_text(text))  # a leftover would make the folder look like another thing
     return True
 
 

@@ -46,8 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_output_folder
+from ..export import write_atomic
 from ..layers import SpheroMoE, set_autocast_weight_cache, set_keep_grad_memory, sphero_moe_reference
+from .checks import check_output_folder
 
 __all__ = ['Pair', 'LayerShape', 'PAIRS', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'interleaved_times', 'run_benchmark',
            'format_table', 'add_parser']
@@ -722,10 +723,7 @@ def format_table(result: Dict) -> str:
 
 
 def _write_json(result: Dict, path: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
 
 
 def _check_counts(args, batch_sizes: List[int]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint
+from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, write_atomic
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
 from ..recycle.calibration import fit_channels, model_data_config
@@ -495,19 +495,6 @@ def plot_contributions(result: RoutingInspection):
     return fig
 
 
-def _save_atomic(path: Path, write) -> Path:
-    # a temporary name in the same folder, then a rename: readers never see half a file
-    # (created with open(), not mkstemp, so the file gets the user's umask rather than mode 0600)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_inspection(result: RoutingInspection, out_dir: os.PathLike, top_k: int = 3, dpi: int = 100) -> List[Path]:
     """Write ``dispatch_<layer>.png`` per MoE layer, ``contributions.png`` and ``routing.json`` to ``out_dir``."""
     out_dir = Path(out_dir)
@@ -515,11 +502,11 @@ def save_inspection(result: RoutingInspection, out_dir: os.PathLike, top_k: int 
     written = []
     for name in result.layers:
         fig = plot_dispatch_maps(result, name, top_k=top_k)
-        written.append(_save_atomic(out_dir / f'dispatch_{name}.png', lambda p: fig.savefig(p, dpi=dpi, format='png')))
+        written.append(write_atomic(out_dir / f'dispatch_{name}.png', lambda p: fig.savefig(p, dpi=dpi, format='png')))
     fig = plot_contributions(result)
-    written.append(_save_atomic(out_dir / 'contributions.png', lambda p: fig.savefig(p, dpi=dpi, format='png')))
+    written.append(write_atomic(out_dir / 'contributions.png', lambda p: fig.savefig(p, dpi=dpi, format='png')))
     text = json.dumps(result.to_dict(top_k=top_k), indent=1) + '\n'
-    written.append(_save_atomic(out_dir / 'routing.json', lambda p: p.write_text(text)))
+    written.append(write_atomic(out_dir / 'routing.json', lambda p: p.write_text(text)))
     return written
 
 
@@ -550,7 +537,6 @@ def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
 
 def _check_model_name(name: str) -> None:
     """An unknown or dense MODEL is named, with the models to pick from, before anything is built."""
-    import timm
     if ':' in name:  # hf-hub:..., local-dir:...: timm resolves the architecture from there
         return
     arch = check_model_name(name)
