@@ -35,6 +35,23 @@ def test_moe_blocks_take_indices_as_timms_out_indices(family):
         timm.create_model(name, moe_blocks=(last[0] + 1,), **kwargs)
 
 
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_built_in_16_bit_floats(family, dtype):
+    """timm's dtype= builds the model in that dtype, as for the dense models (the slot queries' orthogonal init
+    failed: no CPU QR for 16-bit floats); the queries are the float32 build's, rounded."""
+    name, kwargs, _ = family
+    torch.manual_seed(0)
+    model = timm.create_model(name, dtype=dtype, **kwargs)
+    torch.manual_seed(0)
+    reference = timm.create_model(name, **kwargs)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    for (key, q), q32 in zip(model.state_dict().items(), reference.state_dict().values()):
+        if key.endswith('slot_query'):
+            assert torch.equal(q, q32.to(dtype))
+    size = kwargs.get('img_size', 32)
+    assert torch.isfinite(model.eval()(torch.randn(2, 3, size, size, dtype=dtype))).all()
+
 def test_prune_intermediate_layers_keeps_moe_blocks_to_the_blocks_left(family):
     """timm's prune_intermediate_layers drops the trailing blocks: moe_blocks then lists only the MoE blocks left
     (it kept listing the removed ones)."""

@@ -550,7 +550,8 @@ class SpheroMoE(nn.Module):
         if self.slot_query.is_meta:
             return
         with torch.no_grad():
-            q = torch.randn_like(self.slot_query)
+            # drawn in float32 at least: the QR behind orthogonal_ has no CPU kernel for 16-bit floats
+            q = torch.randn_like(self.slot_query, dtype=torch.promote_types(self.slot_query.dtype, torch.float32))
             nn.init.orthogonal_(q)
             self.slot_query.copy_(q)
             self.temp_raw.fill_(self._temp_to_raw(self.temperature_init))
