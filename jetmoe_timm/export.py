@@ -10,6 +10,7 @@ over each tensor's name, dtype, shape and bytes, in name order); ``verify_safete
 truncated file or flipped bytes are caught before anything is loaded.
 """
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -259,10 +260,20 @@ def check_replaceable(dst: Path, overwrite: bool, owned: Callable[[Path], bool],
         raise FileExistsError(f'{dst} {problem}: choose another {flag}.')
 
 
-def replace_folder(new: Path, dst: Path, owned: Callable[[Path], bool]) -> None:
-    """Rename the finished folder ``new`` to ``dst``. An existing ``dst`` is moved aside first, checked again
-    with ``owned`` (a file added since the early check puts it back), and deleted only once ``new`` is in place;
-    if anything fails, it is moved back."""
+def replace_folder(new: Path, dst: Path, owned: Callable[[Path], bool], overwrite: bool) -> None:
+    """Rename the finished folder ``new`` to ``dst``. Without ``overwrite``, a ``dst`` that another process wrote
+    since the early check is kept and this output refused. With it, an existing ``dst`` is moved aside first,
+    checked again with ``owned`` (a file added since the early check puts it back), and deleted only once ``new``
+    is in place; if anything fails, it is moved back."""
+    if not overwrite:
+        try:
+            os.rename(new, dst)  # fails on a folder with files: no other writer's output is replaced
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(f'{dst} was written by another process while this one ran: it is kept, and this '
+                                  f'output discarded; write to another folder.') from None
+        return
     if not dst.exists():
         os.replace(new, dst)
         return
@@ -312,7 +323,7 @@ def save_pretrained_folder(
         config[PROVENANCE_KEY] = {k: v for k, v in provenance.items() if k != 'selection'}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=False) + '\n')
         os.chmod(tmp, 0o777 & ~_umask())
-        replace_folder(tmp, out_dir, is_model_folder)
+        replace_folder(tmp, out_dir, is_model_folder, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -816,6 +817,46 @@ def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
     assert (folder / 'model.safetensors').read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['f', 'precious']
 
+
+
+def test_two_writers_of_one_new_folder_never_replace_each_other(tmp_path, monkeypatch):
+    """Two conversions into one new --out at once, without --overwrite (data export shares the code): both pass
+    the early check; the first to finish writes the folder, the other is refused in one line and leaves nothing.
+    Both said they wrote it, the second having replaced the first's."""
+    from jetmoe_timm import export
+    barrier = threading.Barrier(2, timeout=120)
+    real_save = export.save_safetensors_atomic
+
+    def both_past_the_check(*args, **kwargs):
+        barrier.wait()
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(export, 'save_safetensors_atomic', both_past_the_check)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS))
+    out, said = tmp_path / 'f', [None, None]
+
+    def write(i):
+        try:
+            save_pretrained_folder(models[i], out)
+            said[i] = 'wrote'
+        except FileExistsError as e:
+            said[i] = str(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(said, key=lambda s: s != 'wrote')[0] == 'wrote', said
+    winner = said.index('wrote')
+    assert said[1 - winner] == f'{out} was written by another process while this one ran: it is kept, and this ' \
+                               f'output discarded; write to another folder.'
+    kept = safetensors.torch.load_file(out / 'model.safetensors')
+    assert all(torch.equal(kept[k], v) for k, v in models[winner].state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ['f']  # the refused output removed
 
 def test_push_without_token_sends_nothing(tmp_path, local_hub, monkeypatch):
     monkeypatch.delenv('HF_TOKEN', raising=False)
