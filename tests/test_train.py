@@ -9,6 +9,7 @@ wraps the model, and at exit.
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import runpy
@@ -527,6 +528,69 @@ def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, t
     assert ranks[0]['final'] == ranks[1]['final'] != resumed
     assert [r['epoch'] for r in _summary(tmp_path / 'output' / 'ddp')] == ['1']
 
+
+
+@needs_scripts
+def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretrained_file, capsys, monkeypatch):
+    """Mistakes a new user made that got the script's 96-line usage, a traceback from its depths, or a silently
+    wrong run: each is one line and exit code 2 now (a misspelled option with the closest one; a converted folder's
+    missing classes, as for the tags; a validate.py checkpoint with another model than its run's; a dense file,
+    a damaged file or a missing folder as the model's weights, JETMOE_TIMM_DEBUG=1 giving the traceback back)."""
+    from jetmoe_timm.export import save_pretrained_folder
+    monkeypatch.setenv(_scripts.SCRIPTS_ENV, SCRIPTS)
+    monkeypatch.delenv(_scripts.DEBUG_ENV, raising=False)
+    # train.py run in this process sets up logging to the stderr pytest captures for this test only
+    monkeypatch.setattr(logging.root, 'handlers', list(logging.root.handlers))
+    data, tiny, cpu = str(tiny_data), ['--model-kwargs', *TINY_KWARGS, '--img-size', '32'], ['--device', 'cpu']
+
+    def said(main, argv):  # the error line, the last; before it only what the script logs while it starts
+        code, err = main(argv), capsys.readouterr().err
+        errors = [line for line in err.splitlines() if ': error: ' in line]
+        assert code == 2 and len(errors) == 1 and err.strip().endswith(errors[0]) and 'Traceback' not in err, err
+        return errors[0]
+
+    train, validate = jetmoe_timm.train.main, jetmoe_timm.validate.main
+    assert said(train, [data, '--model', 'v_jetmoe_tiny', '--num-clases', '10', *cpu]) == (
+        "jetmoe-timm-train: error: unrecognized arguments: --num-clases 10; did you mean '--num-classes'? (see "
+        "jetmoe-timm-train --help)")
+    assert "did you mean '--checkpoint'?" in said(validate, [data, '--model', 'v_jetmoe_tiny', '--chekpoint', 'x'])
+    torch.manual_seed(0)
+    folder = save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=0, **TINY_VIT), tmp_path / 'conv')
+    for main, verb in ((train, 'trains its features as logits'), (validate, 'features are scored as logits')):
+        assert verb in said(main, [data, '--model', f'local-dir:{folder}', '--pretrained', *cpu])
+    assert "holds no readable config.json: pass the folder jetmoe-timm convert wrote" in said(
+        train, [data, '--model', f'local-dir:{tmp_path / "conv1"}', '--pretrained', '--num-classes', '10', *cpu])
+    # validate.py on a fine-tune's checkpoint, the model asked for not the one its run trained
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'last.pth.tar').write_bytes(b'')
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='v_jetmoe_tiny', num_classes=10,
+                                                       model_kwargs=dict(TINY_VIT))))
+    flags = ' '.join(f'{k}={v}' for k, v in sorted(TINY_VIT.items()))  # as args.yaml lists them
+    for asked in (tiny, [*tiny, '--num-classes', '5'], ['--model-kwargs', *TINY_KWARGS[:-1], '--img-size', '32']):
+        assert said(validate, [data, '--model', 'v_jetmoe_tiny', *asked, '--checkpoint', str(run / 'last.pth.tar'),
+                               *cpu]).endswith(
+            f'comes from a run of another model (its args.yaml): validate it with --model v_jetmoe_tiny '
+            f'--num-classes 10 --model-kwargs {flags}.')
+    # weights the model cannot take, found inside the script: its error in one line, not a traceback
+    dense = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2)
+    torch.save(dense.state_dict(), tmp_path / 'dense.pth')
+    damaged = tmp_path / 'damaged.safetensors'
+    damaged.write_bytes(pretrained_file.read_bytes())
+    with open(damaged, 'r+b') as f:
+        f.seek(-9, os.SEEK_END)
+        f.write(bytes([f.read(1)[0] ^ 0xFF]))
+    for weights, says in ((tmp_path / 'dense.pth', 'It is a dense checkpoint: recycle it into this model first'),
+                          (damaged, 'Refusing to load damaged weights')):
+        line = said(train, [data, '--model', 'v_jetmoe_tiny', *tiny, '--pretrained', '--pretrained-path', str(weights),
+                            '--num-classes', '10', *cpu, '--output', str(tmp_path / 'out')])
+        assert line.startswith('jetmoe-timm-train: error: ') and says in line
+        assert line.endswith(f'({_scripts.DEBUG_ENV}=1 shows the traceback)')
+    monkeypatch.setenv(_scripts.DEBUG_ENV, '1')
+    with pytest.raises(ValueError, match='It is a dense checkpoint'):
+        train([data, '--model', 'v_jetmoe_tiny', *tiny, '--pretrained', '--pretrained-path', str(tmp_path / 'dense.pth'),
+               '--num-classes', '10', *cpu, '--output', str(tmp_path / 'out')])
+    assert timm.models.create_model.__module__ == 'timm.models._factory'  # the script's loaders are timm's again
 
 @needs_scripts
 def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_data, capsys, monkeypatch):

@@ -108,7 +108,8 @@ def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
         f"Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR (jetmoe-timm convert: --predecessor) "
         f"to a local checkpoint file, a "
         f"'local-dir:' folder or an 'hf-hub:' name; or point JETMOE_TIMM_CACHE at a cache that already holds the "
-        f"recycled weights; or pass pretrained_cfg_overlay=dict(file=...) with converted weights.")
+        f"recycled weights; or pass pretrained_cfg_overlay=dict(file=...) (train.py: --pretrained-path) with converted "
+        f"weights.")
 
 
 def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
@@ -441,7 +442,8 @@ def _weights_for_tag(model_name: str, model_kwargs: Dict[str, Any]) -> Path:
     if model_name not in RECYCLE_SOURCES:
         raise RuntimeError(
             f"No weights for '{model_name}': they are not in the cache and cannot be downloaded, and this tag is "
-            f"not built by recycling. Connect once, or pass pretrained_cfg_overlay=dict(file=...) with a local copy.")
+            f"not built by recycling. Connect once, or pass pretrained_cfg_overlay=dict(file=...) (train.py: "
+            f"--pretrained-path) with a local copy.")
     return cached_recycled_file(model_name, model_kwargs)
 
 

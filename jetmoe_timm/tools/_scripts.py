@@ -9,9 +9,12 @@ scripts is shipped here.
 import argparse
 import contextlib
 import ctypes
+import difflib
 import functools
+import importlib
 import importlib.metadata
 import io
+import json
 import os
 import platform
 import re
@@ -26,6 +29,7 @@ import torch
 
 from ..models import list_jetmoe_models
 from .checks import check_model_kwargs, did_you_mean
+from .cli import USER_ERRORS, error_line
 
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
 
@@ -176,23 +180,40 @@ def _split_scripts_opt(argv: List[str]) -> Tuple[Optional[str], List[str]]:
     return value, rest
 
 
-def _script_args(path: Path, argv: List[str]) -> Optional[argparse.Namespace]:
-    """``argv`` as the script itself reads it: its own parser, with train.py's ``--config`` YAML file applied. None
-    where the script defines no parser or would refuse the arguments (it then says why itself)."""
+def _parse_script_args(path: Path, argv: List[str]) -> Tuple[Optional[argparse.Namespace], Optional[str]]:
+    """(``argv`` as the script itself reads it: its own parser, with train.py's ``--config`` YAML file applied,
+    None) or, for arguments its parser refuses, (None, argparse's message, a misspelled option with the closest
+    one: the script would print its whole usage, 96 lines for train.py). (None, None) where the script defines no
+    parser or cannot be read (it then says why itself), and for --help (the script prints it)."""
     namespace = runpy.run_path(str(path), run_name='_jetmoe_timm_args')  # defines the parsers; main() is not run
-    saved_argv = sys.argv
+    parser = namespace.get('parser')
+    saved_argv, err = sys.argv, io.StringIO()
     sys.argv = [str(path)] + argv
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
             if callable(namespace.get('_parse_args')):  # train.py: --config file, then the command line
                 args = namespace['_parse_args']()
-                return args[0] if isinstance(args, tuple) else args
-            parser = namespace.get('parser')
-            return parser.parse_args(argv) if isinstance(parser, argparse.ArgumentParser) else None
-    except (SystemExit, Exception):
-        return None
+                return (args[0] if isinstance(args, tuple) else args), None
+            return (parser.parse_args(argv) if isinstance(parser, argparse.ArgumentParser) else None), None
+    except SystemExit as e:
+        message = next((line.split(': error: ', 1)[1] for line in reversed(err.getvalue().splitlines())
+                        if ': error: ' in line), None)
+        if e.code != 2 or message is None:
+            return None, None
+        extra = message.partition('unrecognized arguments: ')[2].split()
+        flags = [x.split('=')[0] for x in extra if x.startswith('--')]
+        options = [o for a in getattr(parser, '_actions', ()) for o in a.option_strings]
+        close = next((c for flag in flags for c in difflib.get_close_matches(flag, options, n=1, cutoff=0.75)), None)
+        return None, message + (f"; did you mean '{close}'?" if close else '')
+    except Exception:
+        return None, None
     finally:
         sys.argv = saved_argv
+
+
+def _script_args(path: Path, argv: List[str]) -> Optional[argparse.Namespace]:
+    """``argv`` as the script reads it, or None (``_parse_script_args``)."""
+    return _parse_script_args(path, argv)[0]
 
 
 def _config_problem(argv: List[str]) -> Optional[str]:
@@ -228,6 +249,65 @@ _SCRIPT_MODEL_ARGS = {'num_classes': '--num-classes', 'in_chans': '--in-chans', 
                       'scriptable': '--torchscript', 'pretrained': '--pretrained'}
 _TRAIN_MODEL_ARGS = {'drop_rate': '--drop', 'drop_path_rate': '--drop-path', 'drop_block_rate': '--drop-block',
                      'bn_momentum': '--bn-momentum', 'bn_eps': '--bn-eps', 'checkpoint_path': '--initial-checkpoint'}
+
+
+def _local_dir_config(model: Optional[str]) -> Tuple[Optional[dict], Optional[str]]:
+    """(config.json, None) of a ``local-dir:`` model, or (None, why it cannot be read); (None, None) for others."""
+    if not model or not model.startswith('local-dir:'):
+        return None, None
+    folder = model.partition(':')[2]
+    try:
+        config = json.loads((Path(folder) / 'config.json').read_text())
+    except (OSError, ValueError):
+        return None, (f"--model {model}: '{folder}' holds no readable config.json: pass the folder jetmoe-timm convert "
+                      f"wrote (config.json and model.safetensors).")
+    if not isinstance(config, dict):
+        return None, f'--model {model}: its config.json is no JSON object.'
+    return config, None
+
+
+def _default_classes(model: Optional[str], cfg) -> Optional[int]:
+    """The classes a model name builds without --num-classes (a ``local-dir:`` folder's from its config.json); None
+    where that cannot be said here (hf-hub: names, unknown models)."""
+    if cfg is not None:
+        return cfg.num_classes
+    config, _ = _local_dir_config(model)
+    classes = (config or {}).get('num_classes')
+    return classes if isinstance(classes, int) else None
+
+
+def _run_args(checkpoint: Optional[str]) -> Optional[dict]:
+    """The args.yaml train.py wrote beside ``checkpoint`` (its run's options), None where there is none."""
+    try:
+        import yaml  # the scripts need it too
+    except ImportError:
+        return None
+    if not checkpoint:
+        return None
+    try:
+        run = yaml.safe_load((Path(checkpoint).parent / 'args.yaml').read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return run if isinstance(run, dict) else None  # not train.py's otherwise
+
+
+def _checkpoint_run_problem(args: argparse.Namespace) -> Optional[str]:
+    """validate.py ``--checkpoint`` of a train.py run, with another model than the run trained (architecture,
+    classes, model kwargs): the load fails with torch's list of mismatched tensors, or scores features as logits."""
+    run = _run_args(getattr(args, 'checkpoint', None))
+    if not run or not isinstance(run.get('model'), str):
+        return None
+    wanted = dict(model=run['model'].partition('.')[0], num_classes=run.get('num_classes'),
+                  model_kwargs=run.get('model_kwargs') or {})
+    given = dict(model=str(args.model).partition('.')[0], num_classes=args.num_classes,
+                 model_kwargs=getattr(args, 'model_kwargs', None) or {})
+    if given == wanted:
+        return None
+    flags = f"--model {run['model']}" + (f" --num-classes {wanted['num_classes']}" if wanted['num_classes'] else '') \
+        + ''.join(f' --model-kwargs {k}={v}' if i == 0 else f' {k}={v}' for i, (k, v) in
+                  enumerate(wanted['model_kwargs'].items()))
+    return (f'--checkpoint {args.checkpoint} comes from a run of another model (its args.yaml): validate it with '
+            f'{flags}.')
 
 
 def _class_folders(root: Optional[str]) -> str:
@@ -387,8 +467,7 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
                 f'(train.py and validate.py size the images from it).')
     # 'hf-hub:' / 'local-dir:' models are timm's to resolve; validate.py also takes 'all', wildcards and a file of names
     # (and models registered by train.py's --device-modules, imported only inside it)
-    if model and ':' not in model and model != 'all' and not any(c in model for c in '*?[') \
-            and not os.path.isfile(model) and not getattr(args, 'device_modules', None):
+    if model and ':' not in model and _one_model(model) and not getattr(args, 'device_modules', None):
         arch = model.partition('.')[0]
         if not timm.is_model(arch):
             return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
@@ -421,10 +500,6 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
         if path and name != 'checkpoint' and os.path.isdir(path):  # validate.py's --checkpoint DIR: its bulk mode
             return (f"--{name.replace('_', '-')} {path} is a folder: pass the checkpoint file in it (train.py writes "
                     f"last.pth.tar and model_best.pth.tar).")
-    if training and getattr(args, 'num_classes', None) is None and cfg is not None and cfg.num_classes == 0:
-        # the recycled tags: no classifier, so none to train either
-        return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "
-                f"without it the model trains its features as logits{_class_folders(root)}.")
     allocator = os.environ.get(ALLOCATOR_ENV) if training else None  # train.py's; empty: unset
     if allocator and allocator.lower() not in _ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
@@ -432,6 +507,17 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
     device = str(getattr(args, 'device', None) or '')
     if device.startswith('cuda') and not torch.cuda.is_available():
         return f'--device {device} (timm\'s default is cuda) needs a GPU, and torch sees none here: add --device cpu.'
+    problem = _local_dir_config(model)[1] or (None if training else _checkpoint_run_problem(args))
+    if problem:
+        return problem
+    if getattr(args, 'num_classes', None) is None and _default_classes(model, cfg) == 0:
+        # the recycled tags and folders converted from them: no classifier, so none to train or score either
+        if training:
+            return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "
+                    f"without it the model trains its features as logits{_class_folders(root)}.")
+        return (f"--num-classes is needed: {model} has no classifier by default (num_classes=0), so without it the "
+                f"features are scored as logits: validate a fine-tuned checkpoint (--checkpoint) with the classes it "
+                f"was trained for.")
     return None
 
 
@@ -442,21 +528,54 @@ def _preprocessing_note(args: Optional[argparse.Namespace]) -> Optional[str]:
     checkpoint = getattr(args, 'checkpoint', '') if args is not None else ''
     if not checkpoint or args.mean is not None or args.std is not None or getattr(args, 'pretrained', False):
         return None
-    try:
-        import yaml
-    except ImportError:
-        return None
-    try:
-        run = yaml.safe_load((Path(checkpoint).parent / 'args.yaml').read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError):
-        return None
-    if not isinstance(run, dict):  # not train.py's
-        return None
-    if not (run.get('pretrained') or run.get('pretrained_path')) or run.get('mean') is not None:
+    run = _run_args(checkpoint)
+    if not run or not (run.get('pretrained') or run.get('pretrained_path')) or run.get('mean') is not None:
         return None
     return ("note: this checkpoint's run started from pretrained weights, whose preprocessing train.py used (its log, "
             "'Data processing configuration'); validate.py uses the model's default unless you pass the same --mean "
             "and --std.")
+
+
+# the scripts' calls that read what the user named (a model, its pretrained weights, a checkpoint): (module, name)
+_LOADERS = (('timm.models', 'create_model'), ('timm.models', 'load_checkpoint'),
+            ('timm.task', 'resume_task_checkpoint'))
+DEBUG_ENV = 'JETMOE_TIMM_DEBUG'  # set: the launchers show the traceback of such an error
+
+
+class _LoadError(Exception):
+    """An error building the model or loading a checkpoint inside the script, already put in one line."""
+
+
+@contextlib.contextmanager
+def _loading_errors_in_one_line():
+    """While the script runs, an error of a user's model, weights or checkpoint (the wrong file, a damaged one, a
+    dense checkpoint for a JetMoE model, a folder without config.json, offline) ends it in one line, as the
+    jetmoe-timm commands do, not a traceback from the script's depths. Errors in training itself keep theirs."""
+    def one_line(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                raise _LoadError(error_line(e)) from e
+        return call
+
+    originals = [(importlib.import_module(module), name) for module, name in _LOADERS]
+    originals = [(module, name, getattr(module, name)) for module, name in originals if hasattr(module, name)]
+    for module, name, fn in originals:
+        setattr(module, name, one_line(fn))
+    try:
+        yield
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
+def _one_model(model: Optional[str]) -> bool:
+    """Whether validate.py's --model names one model (not 'all', a wildcard or a file of names)."""
+    return bool(model) and model != 'all' and not any(c in model for c in '*?[') and not os.path.isfile(model)
 
 
 def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
@@ -483,8 +602,11 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
     _check_timm(path.parent)
-    args = _script_args(path, argv)
     problem = _config_problem(argv) if script == 'train.py' else None
+    args, refused = (None, None) if problem else _parse_script_args(path, argv)
+    if refused:
+        print(f'{prog}: error: {refused} (see {prog} --help)', file=sys.stderr)
+        return 2
     problem = problem or _argument_problem(args, script)
     if problem:
         print(f'{prog}: error: {problem}', file=sys.stderr)
@@ -501,9 +623,15 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
 
     saved_argv = sys.argv
     sys.argv = [str(path)] + argv
+    # one model: validate.py records a failing model of many and goes on to the next
+    one_line = _loading_errors_in_one_line() if _one_model(getattr(args, 'model', None)) else contextlib.nullcontext()
     try:
-        # run_path leaves sys.path alone for a file, so the script's folder never shadows the installed timm
-        runpy.run_path(str(path), run_name='__main__')
+        with one_line:
+            # run_path leaves sys.path alone for a file, so the script's folder never shadows the installed timm
+            runpy.run_path(str(path), run_name='__main__')
+    except _LoadError as e:
+        print(f'{prog}: error: {e} ({DEBUG_ENV}=1 shows the traceback)', file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved_argv
     return 0

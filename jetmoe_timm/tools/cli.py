@@ -70,7 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # their messages say what is wrong and the fix
+USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # their messages say what is wrong and the fix
+
+
+def error_line(e: BaseException) -> str:
+    """An error in one line: its message's first line (with the next one where the first only introduces it, as
+    torch's 'Error(s) in loading state_dict for X:'), after the type for errors that are not ``USER_ERRORS``."""
+    lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+    first = lines[0]
+    if first.endswith(':') and len(lines) > 1:
+        first = f'{first} {lines[1]}'
+    return first if isinstance(e, USER_ERRORS) else f'{type(e).__name__}: {first}'
 
 
 def _exit_on_sigterm():
@@ -94,13 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:  # every failure: one line (the traceback only with --debug), exit code 2
         if args.debug:
             raise
-        lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
-        first = lines[0]
-        if first.endswith(':') and len(lines) > 1:  # torch's 'Error(s) in loading state_dict for X:' says nothing alone
-            first = f'{first} {lines[1]}'
-        what = first if isinstance(e, _USER_ERRORS) else f'{type(e).__name__}: {first}'
-        print(f'jetmoe-timm {args.command}: error: {what}' + ('' if isinstance(e, _USER_ERRORS) else
-                                                                 ' (--debug shows the traceback)'), file=sys.stderr)
+        print(f'jetmoe-timm {args.command}: error: {error_line(e)}' + ('' if isinstance(e, USER_ERRORS) else
+                                                                        ' (--debug shows the traceback)'),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was being written is removed on the way here; no traceback
         print(f'jetmoe-timm {args.command}: interrupted', file=sys.stderr)

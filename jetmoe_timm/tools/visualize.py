@@ -617,8 +617,8 @@ def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_
         try:
             return timm.create_model(name, pretrained=pretrained, **model_kwargs)
         except WeightsUnavailableError as e:  # its ways out are the Python API's: here a file is --checkpoint
-            raise WeightsUnavailableError(str(e).replace('pass pretrained_cfg_overlay=dict(file=...)',
-                                                         'pass --checkpoint')) from None
+            raise WeightsUnavailableError(str(e).replace('pass pretrained_cfg_overlay=dict(file=...) (train.py: '
+                                                         '--pretrained-path)', 'pass --checkpoint')) from None
     path = Path(checkpoint)
     if path.is_dir():
         return timm.create_model(f'local-dir:{path}', pretrained=True, **model_kwargs)
