@@ -115,7 +115,8 @@ def _inspect_folder(folder: Path, model_name: Optional[str] = None) -> Tuple[str
     try:  # what leaves the machine is what was converted: complete, and matching its content checksum
         verify_safetensors(folder / 'model.safetensors', require_checksum=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f'Not pushing damaged weights: {e}. Convert the model again (jetmoe-timm '
+        what = 'unverified' if 'no content checksum' in str(e) else 'damaged'  # timm's save_for_hf writes none
+        raise ValueError(f'Not pushing {what} weights: {e}. Convert the model again (jetmoe-timm '
                          f'convert MODEL --out DIR) or re-export it with save_pretrained_folder.') from None
     try:  # built on the meta device: shapes and MACs without allocating (or initialising) the weights
         model = timm.create_model(f'local-dir:{folder}', device='meta')

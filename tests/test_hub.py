@@ -519,7 +519,9 @@ def test_push_refuses_damaged_or_unbuildable_folders_in_one_line(tiny_folder, tm
     unchecked = copy('unchecked')  # not written by jetmoe_timm.export: nothing vouches for its bytes
     safetensors.torch.save_file(safetensors.torch.load_file(tiny_folder / 'model.safetensors'),
                                 unchecked / 'model.safetensors')
-    assert 'has no content checksum' in push(unchecked) and 'save_pretrained_folder' in push(unchecked)
+    said = push(unchecked)
+    assert 'Not pushing unverified weights' in said and 'has no content checksum' in said and \
+        'save_pretrained_folder' in said
     typo = copy('typo')
     config = json.loads((typo / 'config.json').read_text())
     config['model_args']['embed_dimm'] = 32

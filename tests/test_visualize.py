@@ -306,7 +306,9 @@ def test_cli_inspect_model_kwargs_before_the_images(tmp_path, capsys):
         cli.main(['inspect', 'v_jetmoe_tiny', '--model-kwargs', *TINY_ARGS, *images, '--out', out])
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and 'no image files' in lines[0] and 'put --model-kwargs after the images' in lines[0]
+    took = ', '.join(repr(str(i)) for i in images)  # named, as docs/inspect.md says
+    assert len(lines) == 1 and f'no image files: --model-kwargs took {took}: pass them' in lines[0] \
+        and 'put --model-kwargs after the images' in lines[0]
     with pytest.raises(SystemExit) as e:  # no images at all, and no --model-kwargs: argparse's own words
         cli.main(['inspect', 'v_jetmoe_tiny', '--out', out])
     assert e.value.code == 2

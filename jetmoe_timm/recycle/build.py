@@ -386,7 +386,7 @@ def _duration_hint(model_name: str, model_kwargs: Dict[str, Any], num_calib: int
     side = side[-1] if isinstance(side, (tuple, list)) else side
     images = num_calib / 256 * (side / 224) ** 2
     seconds = max(5, round(45 * params / 265e6 * (0.65 + 0.35 * images)))
-    return f'about {seconds} s on 2 CPU cores for {params / 1e6:.0f} M parameters'
+    return f'about {seconds} s on 2 CPU cores for {params / 1e6:.3g} M parameters'
 
 
 def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]] = None, **options) -> Path:

@@ -57,9 +57,11 @@ def check(pred, succ) -> None:
                          f'bare checkpoint file does not record its heads: they are assumed {_head_dim(pred)} wide; '
                          f"pass a 'local-dir:' folder with its config.json if its heads are narrower).")
     if _head_dim(succ) > _head_dim(pred):
-        raise ValueError(f'successor head_dim {_head_dim(succ)} exceeds the predecessor head_dim {_head_dim(pred)}.')
+        raise ValueError(f'successor head_dim {_head_dim(succ)} exceeds the predecessor head_dim {_head_dim(pred)}: '
+                         f'use more heads (num_heads) or a smaller embed_dim.')
     if len(succ.blocks) > len(pred.blocks):
-        raise ValueError(f'successor depth {len(succ.blocks)} exceeds the predecessor depth {len(pred.blocks)}.')
+        raise ValueError(f'successor depth {len(succ.blocks)} exceeds the predecessor depth {len(pred.blocks)}: use '
+                         f'depth <= {len(pred.blocks)}, or a deeper predecessor.')
     if (succ.cls_token is None) != (pred.cls_token is None) or succ.num_reg_tokens != pred.num_reg_tokens:
         tokens = lambda m: f"class_token={m.cls_token is not None}, reg_tokens={m.num_reg_tokens}"  # noqa: E731
         raise ValueError(f'predecessor and successor must agree on class / register tokens: the predecessor has '

@@ -89,7 +89,8 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
         raise ValueError(f"--model-kwargs: {arch} takes no argument '{bad}'"
                          + (f"; did you mean '{close[0]}'?" if close else '.')) from None
     except (ValueError, AssertionError) as e:
-        raise ValueError(f'--model-kwargs {_kv(kwargs)} do not make a {arch}: {e or type(e).__name__}.') from None
+        raise ValueError(f"--model-kwargs {_kv(kwargs)} do not make a {arch}: {str(e).rstrip('.') or type(e).__name__}."
+                         ) from None
 
 
 def _kv(kwargs: Dict[str, Any]) -> str:

@@ -516,11 +516,11 @@ _KWARGS_LAST = 'it takes every word after it, so put --model-kwargs after the im
 
 
 class _KwargsSeen(argparse.Action):
-    """Stores --model-kwargs and marks its parser: a missing image is then most likely one it took."""
+    """Stores --model-kwargs and marks its parser with its words: a missing image is then most likely one it took."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
-        parser.saw_model_kwargs = True
+        parser.saw_model_kwargs = list(values)
 
 
 def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
@@ -705,8 +705,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     def error(message: str):
         # '--model-kwargs K=V a.jpg' leaves no image: one line that names the cause, as the command's own errors
-        if message == 'the following arguments are required: images' and getattr(p, 'saw_model_kwargs', False):
-            print(f'{p.prog}: error: no image files: pass them after MODEL ({_KWARGS_LAST}).', file=sys.stderr)
+        seen = getattr(p, 'saw_model_kwargs', None)
+        if message == 'the following arguments are required: images' and seen is not None:
+            taken = [w for w in seen if '=' not in w]
+            took = f'--model-kwargs took {", ".join(repr(w) for w in taken)}: ' if taken else ''
+            print(f'{p.prog}: error: no image files: {took}pass them after MODEL ({_KWARGS_LAST}).', file=sys.stderr)
             sys.exit(2)
         parser_error(message)
 
