@@ -358,6 +358,16 @@ def test_calibration_feeds_multichannel_models(tmp_path, chans):
         assert 0 <= r.provenance['retention']['cka'] <= 1
 
 
+
+def test_ready_tensors_take_the_size_a_vit_was_built_for():
+    """Tensors from a Dataset are resized to the one size a fixed-size model takes: a predecessor built at 64 px
+    (its cfg says 32) gets 64 px calibration batches (the demo's higher-resolution predecessor)."""
+    from jetmoe_timm.recycle.calibration import calibration_batches
+    pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, img_size=64))
+    data = torch.utils.data.TensorDataset(torch.randn(3, 3, 32, 32))
+    (batch,) = calibration_batches(data, pred, num_images=3, batch_size=3)[0]
+    assert batch.shape == (3, 3, 64, 64)
+
 def test_bad_requests_name_the_fix(predecessor):
     with pytest.raises(ValueError, match='exceeds the predecessor width'):
         recycle(_successor(embed_dim=128, num_heads=4), predecessor, progress=False)

@@ -213,6 +213,7 @@ def calibration_batches(
     the model's input size.
     """
     data_cfg = model_data_config(model, img_size)
+    img_size = img_size or fixed_input_size(model)  # what ready tensors are resized to (None: any size)
     chans = data_cfg['input_size'][0]
     mode = _PIL_MODES.get(chans)
     transform = create_transform(**data_cfg, is_training=False)
