@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -322,7 +323,13 @@ def test_train_launcher_refuses_a_folder_with_one_split(tmp_path):
     assert problem(train_only, dataset='torch/cifar10') is None  # a named dataset reads its own splits
     assert problem(val_only, train_split='validation') is None  # named on purpose: the folder it asks for
     assert problem(data.export_dataset('mnist5k', tmp_path / 'both', limit=10)) is None
-    assert problem(tmp_path / 'both' / 'train') is None  # a folder of class folders, no splits: timm's usual fallback
+    # DATA at one split of a sorted tree: read as both splits, it validated on its training images
+    assert problem(tmp_path / 'both' / 'train') == (
+        f"{tmp_path / 'both' / 'train'} is the train split of {tmp_path / 'both'}, so train.py would read it as both "
+        f"splits and validate on the images it trains on: pass {tmp_path / 'both'} as DATA.")
+    assert problem(tmp_path / 'both' / 'train', val_split='') is None  # no validation: what it asks for
+    shutil.copytree(tmp_path / 'both' / 'train', tmp_path / 'flat')
+    assert problem(tmp_path / 'flat') is None  # a folder of class folders, no splits: timm's usual fallback
     if SCRIPTS:  # as train.py's own parser reads the command line
         assert jetmoe_timm.train.main([str(train_only), '--model', 'v_jetmoe_tiny', '--device', 'cpu',
                                        '--num-classes', '10']) == 2

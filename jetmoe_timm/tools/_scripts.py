@@ -369,8 +369,9 @@ def _reads_folder(dataset: Optional[str]) -> bool:
 
 def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optional[str]:
     """A split the script reads that ``root`` has no folder for, beside one it has: read from all of DATA, the other
-    split's images would silently be trained on, validated on or scored (a data export with one ``--split``). A
-    folder with no split folders is timm's usual flat layout, left alone."""
+    split's images would silently be trained on, validated on or scored (a data export with one ``--split``), and
+    for train.py a DATA that is itself one split of a sorted tree (read as both splits). Other folders without split
+    folders are timm's usual flat layout, left alone."""
     if not _reads_folder(getattr(args, 'dataset', '')) or not os.path.isdir(root):
         return None  # a named dataset reads its own splits
     splits = [getattr(args, 'train_split', None), getattr(args, 'val_split', None)] if training else \
@@ -408,6 +409,13 @@ def _split_problem(args: argparse.Namespace, root: str, training: bool) -> Optio
         return (f"{root} has no {train_split}/ folder, so train.py would train on all of it, the "
                 f"{os.path.basename(val_root)}/ images included: add the training split, or name its folder with "
                 f"--train-split.")
+    # DATA pointed at one split of a sorted tree (export/train): train.py would validate on its training images
+    parent, name = os.path.split(os.path.abspath(root))
+    if not train_root and not val_root and name in _SPLIT_NAMES and any(
+            (f := _split_folder(parent, s)) and os.path.basename(f) != name and _holds_classes(f)
+            for s in _SPLIT_NAMES):
+        return (f"{root} is the {name} split of {parent}, so train.py would read it as both splits and validate on "
+                f"the images it trains on: pass {parent} as DATA.")
     return None
 
 
