@@ -7,11 +7,13 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
 import torch
 from PIL import Image
+from timm.data import resolve_data_config
 from timm.models import save_for_hf
 
 from jetmoe_timm.export import read_provenance
@@ -343,6 +345,15 @@ def test_calibration_feeds_multichannel_models(tmp_path, chans):
             warnings.simplefilter('error')  # 4-band files: nothing filled
             (batch,) = calibration_batches(tmp_path, pred, num_images=3, batch_size=3)[0]
         assert batch.shape == (3, 4, 32, 32)
+        # the bands are resampled each on their own: PIL premultiplies RGB by the alpha slot a 4th band sits in
+        flat = np.zeros((40, 40, 4), np.uint8)
+        flat[..., :3] = 200  # RGB 200 everywhere, the 4th band 0
+        (tmp_path / 'nir0').mkdir()
+        Image.fromarray(flat, 'RGBA').save(tmp_path / 'nir0' / 'flat.png')
+        (flat_batch,) = calibration_batches(tmp_path / 'nir0', pred, num_images=1, batch_size=1)[0]
+        cfg = resolve_data_config({}, model=pred)
+        for c in range(3):
+            assert torch.allclose(flat_batch[0, c], torch.tensor((200 / 255 - cfg['mean'][c]) / cfg['std'][c]))
         Image.fromarray(bands[..., :3], 'RGB').save(tmp_path / 'rgb.png')
         with pytest.warns(UserWarning, match=r'1 calibration image\(s\) had fewer channels than the model takes '
                                              r'\(4\): their last channel is an opaque alpha band'):

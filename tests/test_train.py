@@ -537,6 +537,36 @@ def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, t
 
 
 
+
+def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
+    """validate.py --checkpoint of a train.py run with a model whose weights are not the run's is named with the
+    run's flags (quoted for the shell); the same model said otherwise passes: a tuple args.yaml lists, kwargs that
+    change no weight (drop rates, routing defaults), --num-classes at its default on one side."""
+    from argparse import Namespace
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'last.pth.tar').write_bytes(b'')
+    kwargs = dict(TINY_VIT, moe_blocks=(2, 3), moe_drop_path_rate=0.1)
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='v_jetmoe_tiny', num_classes=10, model_kwargs=kwargs)))
+
+    def problem(num_classes=10, **model_kwargs):
+        return _scripts._checkpoint_run_problem(Namespace(model='v_jetmoe_tiny', num_classes=num_classes,
+                                                          model_kwargs=model_kwargs, checkpoint=str(run / 'last.pth.tar')))
+
+    assert problem(**dict(TINY_VIT, moe_blocks=(2, 3))) is None  # no drop rate, the tuple as given
+    assert problem(**dict(TINY_VIT, moe_blocks=[2, 3], univ_ratio=0.25, moe_noise_mult=0.)) is None
+    said = problem(**TINY_VIT, moe_blocks=[3])
+    assert said.endswith("validate it with --model v_jetmoe_tiny --num-classes 10 --model-kwargs "
+                         + ' '.join(f'{k}={v}' for k, v in sorted(TINY_VIT.items()) if k < 'moe')
+                         + " 'moe_blocks=[2, 3]' moe_drop_path_rate=0.1 "
+                         + ' '.join(f'{k}={v}' for k, v in sorted(TINY_VIT.items()) if k > 'moe') + '.')
+    assert problem(5, **TINY_VIT, moe_blocks=(2, 3)) is not None
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='vit_tiny_patch16_224', num_classes=None,
+                                                       model_kwargs=None)))
+    dense = Namespace(model='vit_tiny_patch16_224', num_classes=1000, model_kwargs=None,
+                      checkpoint=str(run / 'last.pth.tar'))
+    assert _scripts._checkpoint_run_problem(dense) is None  # 1000: the default the run took
+
 @needs_scripts
 def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretrained_file, capsys, monkeypatch):
     """Mistakes a new user made that got the script's 96-line usage, a traceback from its depths, or a silently
@@ -593,6 +623,13 @@ def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretr
                             '--num-classes', '10', *cpu, '--output', str(tmp_path / 'out')])
         assert line.startswith('jetmoe-timm-train: error: ') and says in line
         assert line.endswith(f'({_scripts.DEBUG_ENV}=1 shows the traceback)')
+    # validate.py over a folder of checkpoints records each one's failure and goes on, as without the launcher
+    bulk = tmp_path / 'bulk'
+    bulk.mkdir()
+    (bulk / 'a.pth.tar').write_bytes(b'PK' + bytes(3000))
+    assert validate([data, '--model', 'v_jetmoe_tiny', *tiny, '--num-classes', '10', '--checkpoint', str(bulk),
+                     *cpu, '-b', '8', '--workers', '0']) == 0
+    assert ': error: ' not in capsys.readouterr().err
     monkeypatch.setenv(_scripts.DEBUG_ENV, '1')
     with pytest.raises(ValueError, match='It is a dense checkpoint'):
         train([data, '--model', 'v_jetmoe_tiny', *tiny, '--pretrained', '--pretrained-path', str(tmp_path / 'dense.pth'),

@@ -238,6 +238,8 @@ def test_grey_models_take_grey_images(tmp_path):
     result = inspect_routing(model, [img])
     (calibrated,) = calibration_batches(tmp_path, model, num_images=1, batch_size=1)[0]
     torch.testing.assert_close(inputs[0], calibrated)
+    inspect_routing(model, [img], data_config={'input_size': (1, 32, 32)})  # a partial config: timm's mean / std
+    assert inputs[-1].shape == (1, 1, 32, 32)
     assert result.images.shape == (1, 32, 32, 3)
     assert np.allclose(result.images[..., 0], result.images[..., 2])  # grey, shown in three equal channels
     layer = result.layers['blocks.3.mlp']

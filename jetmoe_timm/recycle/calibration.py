@@ -15,11 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from timm.data import create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 
 from .selection import make_generator
 
@@ -51,11 +52,11 @@ def synthetic_image(index: int, size: int = 224, seed: int = 0) -> Image.Image:
     return Image.fromarray(_synthetic_pixels(index, size, seed).numpy(), mode='RGB')
 
 
-def _synthetic_tensor(index: int, size: int, seed: int, mean, std) -> torch.Tensor:
-    """A synthetic image of ``len(mean)`` channels (any number: PIL holds at most four), normalised: (C, size,
-    size) float."""
-    pixels = _synthetic_pixels(index, size, seed, len(mean)).permute(2, 0, 1).float() / 255
-    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+def _normalised(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """(H, W, C) uint8 pixels -> (C, H, W) float, normalised. Images of other than 1 or 3 channels take this way,
+    each band on its own: PIL's resampling premultiplies the colours by a 4th or 2nd (alpha) band."""
+    x = pixels.permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:
@@ -121,7 +122,7 @@ def _folder_images(listing: ImageListing, num_images: int, seed: int, mode: str 
                 if len(im.getbands()) == 4 == len(mode) and im.mode != mode:  # a 4-band TIFF read as CMYK: its bands
                     img = Image.merge(mode, [band.convert('L') for band in im.split()])
                 else:
-                    filled += 'A' in mode and 'A' not in im.getbands()  # PIL's conversion adds an opaque alpha
+                    filled += 'A' in mode and len(im.getbands()) < len(mode)  # PIL adds an opaque alpha band
                     img = im.convert(mode)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             skipped += 1
@@ -182,10 +183,11 @@ def _to_chans(values, chans: int) -> Tuple[float, ...]:
 def fit_channels(data_cfg: Dict[str, Any], chans: int) -> Dict[str, Any]:
     """``data_cfg`` for a model of ``chans`` input channels: timm keeps the pretrained cfg's 3-channel input size,
     mean and std for a model built with another ``in_chans``."""
-    if chans == data_cfg['input_size'][0] and len(data_cfg['mean']) == len(data_cfg['std']) == chans:
+    mean, std = data_cfg.get('mean', IMAGENET_DEFAULT_MEAN), data_cfg.get('std', IMAGENET_DEFAULT_STD)  # timm's
+    if chans == data_cfg['input_size'][0] and len(mean) == len(std) == chans:
         return data_cfg
-    return dict(data_cfg, input_size=(chans, *data_cfg['input_size'][1:]), mean=_to_chans(data_cfg['mean'], chans),
-                std=_to_chans(data_cfg['std'], chans))
+    return dict(data_cfg, input_size=(chans, *data_cfg['input_size'][1:]), mean=_to_chans(mean, chans),
+                std=_to_chans(std, chans))
 
 
 def model_data_config(model: nn.Module, img_size: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
@@ -223,7 +225,8 @@ def calibration_batches(
         if chans in (1, 3):  # drawn in RGB, read as the model's mode through its own eval transform
             images = (synthetic_image(i, size, seed) for i in range(num_images))
             return _batched(images, transform, batch_size, mode), total, f'synthetic:{num_images}:seed{seed}'
-        images = (_synthetic_tensor(i, size, seed, data_cfg['mean'], data_cfg['std']) for i in range(num_images))
+        images = (_normalised(_synthetic_pixels(i, size, seed, chans), data_cfg['mean'], data_cfg['std'])
+                  for i in range(num_images))
         return (_batched(images, transform, batch_size, size=data_cfg['input_size'][1:]), total,
                 f'synthetic:{num_images}:seed{seed}')
     if isinstance(calib, (str, os.PathLike)):
@@ -232,8 +235,13 @@ def calibration_batches(
         if mode is None:
             raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
                              f'synthetic images (--calib synthetic) or a Dataset of ready {chans}-channel tensors.')
-        return (_batched(_folder_images(calib, num_images, seed, mode), transform, batch_size, mode), total,
-                f'folder:{calib.folder.name}:{num_images}')
+        images = _folder_images(calib, num_images, seed, mode)
+        if chans not in (1, 3):  # 'LA' / 'RGBA': the bands as they are, resized as tensors
+            images = (_normalised(torch.from_numpy(np.array(img)).reshape(img.height, img.width, chans),
+                                  data_cfg['mean'], data_cfg['std']) for img in images)
+            return (_batched(images, transform, batch_size, size=data_cfg['input_size'][1:]), total,
+                    f'folder:{calib.folder.name}:{num_images}')
+        return _batched(images, transform, batch_size, mode), total, f'folder:{calib.folder.name}:{num_images}'
     from_dataset = isinstance(calib, torch.utils.data.Dataset)
     if from_dataset:  # batches are lists of the dataset's own items: images, or (image, label, ...) tuples
         calib = torch.utils.data.DataLoader(calib, batch_size=batch_size, shuffle=False,

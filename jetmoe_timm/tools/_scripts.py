@@ -19,6 +19,7 @@ import os
 import platform
 import re
 import runpy
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -291,23 +292,34 @@ def _run_args(checkpoint: Optional[str]) -> Optional[dict]:
     return run if isinstance(run, dict) else None  # not train.py's otherwise
 
 
+def _weight_shapes(model: str, num_classes: Optional[int], model_kwargs: Optional[dict]) -> Optional[dict]:
+    """{key: shape} of the model a script builds from these options (on the meta device), None where it cannot be
+    built here (the script then says why)."""
+    try:
+        kwargs = dict(model_kwargs or {}, **({'num_classes': num_classes} if num_classes is not None else {}))
+        built = timm.create_model(model, device='meta', **kwargs)
+    except Exception:
+        return None
+    return {k: tuple(v.shape) for k, v in built.state_dict().items()}
+
+
 def _checkpoint_run_problem(args: argparse.Namespace) -> Optional[str]:
-    """validate.py ``--checkpoint`` of a train.py run, with another model than the run trained (architecture,
-    classes, model kwargs): the load fails with torch's list of mismatched tensors, or scores features as logits."""
-    run = _run_args(getattr(args, 'checkpoint', None))
-    if not run or not isinstance(run.get('model'), str):
+    """validate.py ``--checkpoint`` of a train.py run, with a model whose weights are not the run's (architecture,
+    classes, model kwargs that change shapes): the load fails with torch's list of mismatched tensors. Compared as
+    built, so options that change no weight (drop rates, routing) and equal ways of saying one thing pass."""
+    checkpoint = getattr(args, 'checkpoint', None)
+    run = _run_args(checkpoint) if checkpoint and os.path.isfile(checkpoint) else None
+    if not run or not isinstance(run.get('model'), str) or not isinstance(run.get('model_kwargs') or {}, dict):
         return None
-    wanted = dict(model=run['model'].partition('.')[0], num_classes=run.get('num_classes'),
-                  model_kwargs=run.get('model_kwargs') or {})
-    given = dict(model=str(args.model).partition('.')[0], num_classes=args.num_classes,
-                 model_kwargs=getattr(args, 'model_kwargs', None) or {})
-    if given == wanted:
+    wanted = _weight_shapes(run['model'], run.get('num_classes'), run.get('model_kwargs'))
+    given = _weight_shapes(args.model, args.num_classes, getattr(args, 'model_kwargs', None))
+    if wanted is None or given is None or wanted == given:
         return None
-    flags = f"--model {run['model']}" + (f" --num-classes {wanted['num_classes']}" if wanted['num_classes'] else '') \
-        + ''.join(f' --model-kwargs {k}={v}' if i == 0 else f' {k}={v}' for i, (k, v) in
-                  enumerate(wanted['model_kwargs'].items()))
-    return (f'--checkpoint {args.checkpoint} comes from a run of another model (its args.yaml): validate it with '
-            f'{flags}.')
+    flags = [f"--model {run['model']}"] + ([f"--num-classes {run['num_classes']}"] if run.get('num_classes') else [])
+    if run.get('model_kwargs'):
+        flags.append('--model-kwargs ' + ' '.join(shlex.quote(f'{k}={v}') for k, v in run['model_kwargs'].items()))
+    return (f"--checkpoint {checkpoint} comes from a run of another model (its args.yaml): validate it with "
+            f"{' '.join(flags)}.")
 
 
 def _class_folders(root: Optional[str]) -> str:
@@ -631,8 +643,9 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
 
     saved_argv = sys.argv
     sys.argv = [str(path)] + argv
-    # one model: validate.py records a failing model of many and goes on to the next
-    one_line = _loading_errors_in_one_line() if _one_model(getattr(args, 'model', None)) else contextlib.nullcontext()
+    # one model, one checkpoint: validate.py records a failing model (or checkpoint) of many and goes on
+    one = _one_model(getattr(args, 'model', None)) and not os.path.isdir(getattr(args, 'checkpoint', None) or '')
+    one_line = _loading_errors_in_one_line() if one else contextlib.nullcontext()
     try:
         with one_line:
             # run_path leaves sys.path alone for a file, so the script's folder never shadows the installed timm
