@@ -550,8 +550,9 @@ def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
     (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='v_jetmoe_tiny', num_classes=10, model_kwargs=kwargs)))
 
     def problem(num_classes=10, **model_kwargs):
-        return _scripts._checkpoint_run_problem(Namespace(model='v_jetmoe_tiny', num_classes=num_classes,
-                                                          model_kwargs=model_kwargs, checkpoint=str(run / 'last.pth.tar')))
+        args = Namespace(model='v_jetmoe_tiny', num_classes=num_classes, model_kwargs=model_kwargs,
+                         checkpoint=str(run / 'last.pth.tar'))
+        return _scripts._checkpoint_run_problem(args)
 
     assert problem(**dict(TINY_VIT, moe_blocks=(2, 3))) is None  # no drop rate, the tuple as given
     assert problem(**dict(TINY_VIT, moe_blocks=[2, 3], univ_ratio=0.25, moe_noise_mult=0.)) is None
@@ -632,8 +633,8 @@ def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretr
     assert ': error: ' not in capsys.readouterr().err
     monkeypatch.setenv(_scripts.DEBUG_ENV, '1')
     with pytest.raises(ValueError, match='It is a dense checkpoint'):
-        train([data, '--model', 'v_jetmoe_tiny', *tiny, '--pretrained', '--pretrained-path', str(tmp_path / 'dense.pth'),
-               '--num-classes', '10', *cpu, '--output', str(tmp_path / 'out')])
+        train([data, '--model', 'v_jetmoe_tiny', *tiny, '--pretrained', '--pretrained-path',
+               str(tmp_path / 'dense.pth'), '--num-classes', '10', *cpu, '--output', str(tmp_path / 'out')])
     assert timm.models.create_model.__module__ == 'timm.models._factory'  # the script's loaders are timm's again
 
 @needs_scripts
