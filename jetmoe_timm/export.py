@@ -11,10 +11,13 @@ truncated file or flipped bytes are caught before anything is loaded.
 """
 import collections
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import zipfile
 from pathlib import Path
@@ -296,6 +299,35 @@ def replace_folder(new: Path, dst: Path, owned: Callable[[Path], bool], overwrit
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _writer_prefix(dst: Path, pid: Optional[int] = None) -> str:
+    """The name prefix of the temporary folder a process builds ``dst`` in, next to it: the host and process
+    name the writer, so that a later one can tell a killed writer's leftover from a live one's."""
+    return f'.{dst.name}.{socket.gethostname()}-{os.getpid() if pid is None else pid}.'
+
+
+def writing_folder(dst: Path, suffix: str = '') -> Path:
+    """A new temporary folder, beside ``dst``, to build ``dst`` in (``replace_folder`` renames it into place).
+    Folders that writers of ``dst`` on this host left when they were killed (SIGKILL, out of memory: a converted
+    model's is gigabytes) are deleted first; a live writer's is kept."""
+    prefix = _writer_prefix(dst, pid=0)[:-2]  # '.NAME.HOST-', then the pid and mkdtemp's 8 characters
+    name = re.compile(rf'{re.escape(prefix)}(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}')
+    for old in dst.parent.glob(glob.escape(prefix) + '*'):
+        found = name.fullmatch(old.name)
+        if found and old.is_dir() and not old.is_symlink() and not _alive(int(found[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=dst.parent, prefix=_writer_prefix(dst), suffix=suffix))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def save_pretrained_folder(
         model: nn.Module,
         out_dir: os.PathLike,
@@ -309,7 +341,7 @@ def save_pretrained_folder(
     check_replaceable(out_dir, overwrite, is_model_folder, 'a converted model', '--out')
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     provenance = dict(provenance or {})
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f'.{out_dir.name}.'))
+    tmp = writing_folder(out_dir)
     try:
         model_config = {}
         if provenance:

@@ -12,6 +12,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -857,6 +858,26 @@ def test_two_writers_of_one_new_folder_never_replace_each_other(tmp_path, monkey
     kept = safetensors.torch.load_file(out / 'model.safetensors')
     assert all(torch.equal(kept[k], v) for k, v in models[winner].state_dict().items())
     assert [p.name for p in tmp_path.iterdir()] == ['f']  # the refused output removed
+
+
+def test_a_killed_writers_folder_is_removed_by_the_next_write(tmp_path):
+    """A convert killed by SIGKILL leaves its hidden temporary folder beside --out (gigabytes for a full-size model);
+    the next write of that output deletes it, never a live writer's (this process's), another output's, or one of
+    another kind (a data export's)."""
+    from jetmoe_timm.export import writing_folder
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f'.f.{host}-{gone.pid}.abcd_123'
+    kept = [tmp_path / f'.f.{host}-{os.getpid()}.zzzz9999', tmp_path / f'.g.{host}-{gone.pid}.abcd_123',
+            tmp_path / f'.f.{host}-{gone.pid}.abcd_123.tmp', tmp_path / f'.f.otherhost-{gone.pid}.abcd_123']
+    for folder in (killed, *kept):
+        folder.mkdir()
+        (folder / 'model.safetensors').write_bytes(b'x' * 100)
+    torch.manual_seed(0)
+    save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), tmp_path / 'f')
+    assert not killed.exists() and all(folder.exists() for folder in kept)
+    assert writing_folder(tmp_path / 'f').name.startswith(f'.f.{host}-{os.getpid()}.')
 
 def test_push_without_token_sends_nothing(tmp_path, local_hub, monkeypatch):
     monkeypatch.delenv('HF_TOKEN', raising=False)

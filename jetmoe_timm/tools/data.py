@@ -20,13 +20,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..export import check_replaceable, replace_folder
+from ..export import check_replaceable, replace_folder, writing_folder
 from .checks import check_output_folder
 
 __all__ = ['DATASETS', 'SPLITS', 'class_names', 'load_arrays', 'export_dataset']
@@ -122,7 +121,7 @@ def export_dataset(
     check_replaceable(out, force, _is_dataset_folder, 'an exported dataset', 'OUT')
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.tmp'))
+    tmp = writing_folder(out, suffix='.tmp')
     try:
         meta = dict(
             dataset=name,
