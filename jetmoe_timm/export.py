@@ -29,7 +29,8 @@ import torch.nn as nn
 from timm.models._hub import save_config_for_hf
 
 __all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'write_atomic', 'read_provenance',
-           'verify_safetensors', 'check_replaceable', 'is_local_spec', 'local_path', 'is_model_folder', 'replace_problem', 'replace_folder']
+           'verify_safetensors', 'check_replaceable', 'is_local_spec', 'local_path', 'is_model_folder',
+           'replace_problem', 'replace_folder', 'writing_folder']
 
 PROVENANCE_KEY = 'jetmoe'
 # the first line of a model card that ``jetmoe-timm push`` wrote (and may rewrite); a card without it is the user's
@@ -299,23 +300,24 @@ def replace_folder(new: Path, dst: Path, owned: Callable[[Path], bool], overwrit
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _writer_prefix(dst: Path, pid: Optional[int] = None) -> str:
-    """The name prefix of the temporary folder a process builds ``dst`` in, next to it: the host and process
-    name the writer, so that a later one can tell a killed writer's leftover from a live one's."""
-    return f'.{dst.name}.{socket.gethostname()}-{os.getpid() if pid is None else pid}.'
+def _writers_prefix(dst: Path) -> str:
+    """The name prefix, before the process id, of the temporary folders that processes on this host build ``dst``
+    in, next to it: host and process name the writer, so that a later one can tell a killed writer's leftover
+    from a live one's."""
+    return f'.{dst.name}.{socket.gethostname()}-'
 
 
 def writing_folder(dst: Path, suffix: str = '') -> Path:
     """A new temporary folder, beside ``dst``, to build ``dst`` in (``replace_folder`` renames it into place).
     Folders that writers of ``dst`` on this host left when they were killed (SIGKILL, out of memory: a converted
     model's is gigabytes) are deleted first; a live writer's is kept."""
-    prefix = _writer_prefix(dst, pid=0)[:-2]  # '.NAME.HOST-', then the pid and mkdtemp's 8 characters
+    prefix = _writers_prefix(dst)  # then the pid and mkdtemp's 8 characters
     name = re.compile(rf'{re.escape(prefix)}(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}')
     for old in dst.parent.glob(glob.escape(prefix) + '*'):
         found = name.fullmatch(old.name)
         if found and old.is_dir() and not old.is_symlink() and not _alive(int(found[1])):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=dst.parent, prefix=_writer_prefix(dst), suffix=suffix))
+    return Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'{prefix}{os.getpid()}.', suffix=suffix))
 
 
 def _alive(pid: int) -> bool:
@@ -324,7 +326,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

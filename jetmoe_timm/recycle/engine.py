@@ -53,9 +53,8 @@ class RecycleResult:
 def check_options(**options) -> None:
     """Raise a clear error for a recycling request (``recycle``'s options; the defaults for those not given) that
     cannot work, before any model is loaded."""
-    o = dict(RECYCLE_DEFAULTS, **{k: v for k, v in options.items() if k in RECYCLE_DEFAULTS})
-    method, recipe, statistic, calib, calib_size = (o[k] for k in ('method', 'recipe', 'statistic', 'calib',
-                                                                   'calib_size'))
+    o = dict(RECYCLE_DEFAULTS, **options)
+    method, recipe, statistic, calib, calib_size = o['method'], o['recipe'], o['statistic'], o['calib'], o['calib_size']
     num_calib, batch_size = o['num_calib'], o['batch_size']
     if calib_size not in CALIB_SIZES:
         raise ValueError(f"Unknown calib_size '{calib_size}'; choose one of {', '.join(CALIB_SIZES)}.")

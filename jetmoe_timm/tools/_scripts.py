@@ -9,7 +9,6 @@ scripts is shipped here.
 import argparse
 import contextlib
 import ctypes
-import difflib
 import functools
 import importlib
 import importlib.metadata
@@ -30,7 +29,7 @@ import torch
 
 from ..models import list_jetmoe_models
 from .checks import check_model_kwargs, did_you_mean
-from .cli import USER_ERRORS, error_line
+from .cli import USER_ERRORS, closest_option, error_line
 
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
 
@@ -203,8 +202,8 @@ def _parse_script_args(path: Path, argv: List[str]) -> Tuple[Optional[argparse.N
             return None, None
         extra = message.partition('unrecognized arguments: ')[2].split()
         flags = [x.split('=')[0] for x in extra if x.startswith('--')]
-        options = [o for a in getattr(parser, '_actions', ()) for o in a.option_strings]
-        close = next((c for flag in flags for c in difflib.get_close_matches(flag, options, n=1, cutoff=0.75)), None)
+        close = next(filter(None, (closest_option(flag, parser) for flag in flags)), None) \
+            if isinstance(parser, argparse.ArgumentParser) else None
         return None, message + (f"; did you mean '{close}'?" if close else '')
     except Exception:
         return None, None
@@ -267,12 +266,11 @@ def _local_dir_config(model: Optional[str]) -> Tuple[Optional[dict], Optional[st
     return config, None
 
 
-def _default_classes(model: Optional[str], cfg) -> Optional[int]:
-    """The classes a model name builds without --num-classes (a ``local-dir:`` folder's from its config.json); None
-    where that cannot be said here (hf-hub: names, unknown models)."""
+def _default_classes(cfg, config: Optional[dict]) -> Optional[int]:
+    """The classes a model builds without --num-classes, from its default pretrained ``cfg`` or a ``local-dir:``
+    folder's ``config`` (config.json); None where that cannot be said here (hf-hub: names, unknown models)."""
     if cfg is not None:
         return cfg.num_classes
-    config, _ = _local_dir_config(model)
     classes = (config or {}).get('num_classes')
     return classes if isinstance(classes, int) else None
 
@@ -527,10 +525,11 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
     device = str(getattr(args, 'device', None) or '')
     if device.startswith('cuda') and not torch.cuda.is_available():
         return f'--device {device} (timm\'s default is cuda) needs a GPU, and torch sees none here: add --device cpu.'
-    problem = _local_dir_config(model)[1] or (None if training else _checkpoint_run_problem(args))
+    config, problem = _local_dir_config(model)
+    problem = problem or (None if training else _checkpoint_run_problem(args))
     if problem:
         return problem
-    if getattr(args, 'num_classes', None) is None and _default_classes(model, cfg) == 0:
+    if getattr(args, 'num_classes', None) is None and _default_classes(cfg, config) == 0:
         # the recycled tags and folders converted from them: no classifier, so none to train or score either
         if training:
             return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "

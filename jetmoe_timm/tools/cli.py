@@ -35,7 +35,6 @@ class OneLineParser(argparse.ArgumentParser):
     def unrecognized(self, extra: List[str]):
         """Refuse arguments none of this (sub)command's options take, naming the closest option (or the positional
         argument a flag was written for, as in '--out' for OUT)."""
-        options = [o for a in self._actions for o in a.option_strings]
         positionals = {a.dest: (a.metavar or a.dest).upper() for a in self._actions if not a.option_strings}
         hint = ''
         for flag in (x.split('=')[0] for x in extra if x.startswith('-')):
@@ -43,11 +42,18 @@ class OneLineParser(argparse.ArgumentParser):
             if dest in positionals:
                 hint = f'; {positionals[dest]} is given without a flag'
                 break
-            close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)  # 0.6 paired --bogus with --out
+            close = closest_option(flag, self)
             if close:
-                hint = f"; did you mean '{close[0]}'?"
+                hint = f"; did you mean '{close}'?"
                 break
         self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
+def closest_option(flag: str, parser: argparse.ArgumentParser) -> Optional[str]:
+    """The option of ``parser`` closest to a misspelled ``flag``, None where none is close."""
+    options = [o for a in parser._actions for o in a.option_strings]
+    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)  # 0.6 paired --bogus with --out
+    return close[0] if close else None
 
 
 def _command_parser(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.ArgumentParser:
