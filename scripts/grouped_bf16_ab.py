@@ -24,7 +24,7 @@ import timm
 import torch
 
 from jetmoe_timm import set_autocast_weight_cache
-from jetmoe_timm.layers.sphero_moe import ExpertLinear
+from jetmoe_timm.layers import ExpertLinear
 from jetmoe_timm.tools.bench import interleaved_times
 
 _spec = importlib.util.spec_from_file_location('gemm_backends', Path(__file__).with_name('gemm_backends.py'))
