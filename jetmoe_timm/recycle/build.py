@@ -17,7 +17,6 @@ Environment:
     JETMOE_TIMM_CALIB         calibration source for builds: 'synthetic' (default), 'weights' or an image folder
     JETMOE_TIMM_CALIB_IMAGES  number of calibration images (default 256)
 """
-import difflib
 import functools
 import hashlib
 import json
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
+from .._names import did_you_mean
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
     save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
@@ -168,10 +168,8 @@ def _check_timm_name(spec: str) -> None:
     """A predecessor named by its timm name: an unknown architecture or tag is said with what comes closest."""
     arch, _, tag = spec.partition('.')
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
-        raise ValueError(f"Unknown predecessor '{spec}'" + (f" (did you mean '{close[0]}'?)" if close else '') +
-                         ': pass a timm model name (e.g. vit_small_patch16_224.augreg_in21k), a checkpoint file or '
-                         'a folder.')
+        raise ValueError(f"Unknown predecessor '{spec}'{did_you_mean(arch, timm.list_models())}: pass a timm "
+                         'model name (e.g. vit_small_patch16_224.augreg_in21k), a checkpoint file or a folder.')
     tags = [t.partition('.')[2] for t in timm.models.get_arch_pretrained_cfgs(arch)]
     if tag and tag not in tags:
         raise ValueError(f"'{arch}' has no pretrained tag '{tag}': pick one of {tags}.")

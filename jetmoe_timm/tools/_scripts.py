@@ -27,8 +27,9 @@ from typing import List, Optional, Tuple
 import timm
 import torch
 
+from .._names import did_you_mean
 from ..models import list_jetmoe_models
-from .checks import check_model_kwargs, did_you_mean
+from .checks import check_model_kwargs
 from .cli import USER_ERRORS, closest_option, error_line
 
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']

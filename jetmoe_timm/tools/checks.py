@@ -1,5 +1,4 @@
 """ Checks every command makes before expensive work: outputs it can write, model kwargs that build. """
-import difflib
 import inspect
 import os
 import tempfile
@@ -8,10 +7,11 @@ from typing import Any, Callable, Dict, Optional
 
 import timm
 
+from .._names import closest_name, did_you_mean
 from ..export import replace_problem
 from ..models import list_jetmoe_models
 
-__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder', 'did_you_mean']
+__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder']
 
 
 def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
@@ -48,12 +48,6 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
     return out
 
 
-def did_you_mean(word: str, choices) -> str:
-    """" (did you mean 'X'?)" for the closest of ``choices`` to ``word``, '' where none is close."""
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ''
-
-
 def check_model_name(model: str) -> str:
     """The architecture of ``model`` ('arch' or 'arch.tag'); an unknown one is named, with a "did you mean" and the
     JetMoE models to pick from."""
@@ -85,9 +79,9 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
                 raise ValueError(f'--model-kwargs {k}={kwargs[k]}: {arch} takes a number for {k}.') from None
             raise ValueError(f'--model-kwargs {_kv(kwargs)}: a value has the wrong type ({e}).') from None
         known = set(params) - {'self', 'args', 'kwargs'}
-        close = difflib.get_close_matches(bad, sorted(known), n=1)
+        close = closest_name(bad, sorted(known))
         raise ValueError(f"--model-kwargs: {arch} takes no argument '{bad}'"
-                         + (f"; did you mean '{close[0]}'?" if close else '.')) from None
+                         + (f"; did you mean '{close}'?" if close else '.')) from None
     except (ValueError, AssertionError) as e:
         raise ValueError(f"--model-kwargs {_kv(kwargs)} do not make a {arch}: {str(e).rstrip('.') or type(e).__name__}."
                          ) from None

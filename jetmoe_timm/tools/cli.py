@@ -6,13 +6,13 @@ them all; what ``jetmoe-timm --help`` costs is ``import timm`` (about 4 s here),
 its models.
 """
 import argparse
-import difflib
 import importlib
 import signal
 import sys
 import threading
 from typing import List, Optional
 
+from .._names import closest_name
 from ..version import __version__
 
 _COMMAND_MODULES = (
@@ -52,8 +52,7 @@ class OneLineParser(argparse.ArgumentParser):
 def closest_option(flag: str, parser: argparse.ArgumentParser) -> Optional[str]:
     """The option of ``parser`` closest to a misspelled ``flag``, None where none is close."""
     options = [o for a in parser._actions for o in a.option_strings]
-    close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)  # 0.6 paired --bogus with --out
-    return close[0] if close else None
+    return closest_name(flag, options, cutoff=0.75)  # 0.6 paired --bogus with --out
 
 
 def _command_parser(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.ArgumentParser:
