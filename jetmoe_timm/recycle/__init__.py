@@ -1,9 +1,9 @@
 """ Checkpoint recycling: dense timm checkpoints become initial weights of JetMoE successors. """
 from .build import RECYCLE_SOURCES, build_recycled, cached_recycled_file, load_predecessor
-from .folder import convert, parse_model_kwargs
+from .folder import convert
 from .engine import CALIB_SIZES, RECIPES, RecycleResult, recycle
 from .selection import METHODS
 from .stats import STATISTICS
 
 __all__ = ['CALIB_SIZES', 'METHODS', 'RECIPES', 'RECYCLE_SOURCES', 'STATISTICS', 'RecycleResult', 'build_recycled',
-           'cached_recycled_file', 'convert', 'load_predecessor', 'parse_model_kwargs', 'recycle']
+           'cached_recycled_file', 'convert', 'load_predecessor', 'recycle']

@@ -1,5 +1,4 @@
 """ Recycle a predecessor into a JetMoE model and write it as a timm / Hub folder (``convert``). """
-import ast
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -8,7 +7,7 @@ from ..export import check_replaceable, is_model_folder, save_pretrained_folder
 from .build import build_recycled
 from .engine import selection_to_json
 
-__all__ = ['convert', 'parse_model_kwargs']
+__all__ = ['convert']
 
 
 def convert(
@@ -34,17 +33,3 @@ def convert(
                                    body_predecessor=body_predecessor, progress=progress, **options)
     provenance = dict(result.provenance, selection=selection_to_json(result.selection))
     return save_pretrained_folder(model, out_dir, provenance, overwrite=overwrite)
-
-
-def parse_model_kwargs(items) -> Dict[str, Any]:
-    """``k=v`` strings -> dict, values parsed as Python literals (as timm's train.py does)."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise ValueError(f"model kwarg '{item}' is not of the form key=value")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out

@@ -1,4 +1,6 @@
-""" Checks every command makes before expensive work: outputs it can write, model kwargs that build. """
+""" Checks every command makes before expensive work: outputs it can write, model kwargs that build (and the
+parsing of those kwargs from their ``K=V`` words). """
+import ast
 import inspect
 import os
 import tempfile
@@ -11,7 +13,7 @@ from .._names import closest_name, did_you_mean
 from ..export import replace_problem
 from ..models import list_jetmoe_models
 
-__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder']
+__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder', 'parse_model_kwargs']
 
 
 def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
@@ -56,6 +58,20 @@ def check_model_name(model: str) -> str:
         models = list_jetmoe_models()
         raise ValueError(f"Unknown model '{arch}'{did_you_mean(arch, models)}: pick one of {models}.")
     return arch
+
+
+def parse_model_kwargs(items) -> Dict[str, Any]:
+    """``k=v`` strings -> dict, values parsed as Python literals (as timm's train.py does)."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise ValueError(f"model kwarg '{item}' is not of the form key=value")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:

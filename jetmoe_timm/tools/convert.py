@@ -6,7 +6,7 @@ from ..export import is_model_folder, read_provenance
 from ..recycle.engine import CALIB_SIZES, RECIPES, RECYCLE_DEFAULTS, RETENTION_IMAGES
 from ..recycle.selection import METHODS
 from ..recycle.stats import STATISTICS
-from .checks import check_model_kwargs, check_output_folder
+from .checks import check_model_kwargs, check_output_folder, parse_model_kwargs
 
 
 def add_parser(subparsers) -> None:
@@ -65,7 +65,7 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
 
 
 def run(args) -> int:
-    from ..recycle.folder import convert, parse_model_kwargs
+    from ..recycle.folder import convert
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     # before the (long) conversion, not after
     check_output_folder(args.out, args.overwrite, owned=is_model_folder, what='a converted model')

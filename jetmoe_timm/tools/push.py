@@ -6,10 +6,10 @@ import timm
 from ..hub import check_push, default_repo_problem, push_to_hub
 from ..export import is_model_folder
 from ..models._pretrained import architecture_signature
-from ..recycle import convert, parse_model_kwargs
+from ..recycle import convert
 from ..recycle.build import DEFAULT_OPTIONS, predecessor_spec, recycle_source
 from .convert import CONVERT_DEFAULTS, add_convert_arguments
-from .checks import check_model_kwargs, check_output_folder
+from .checks import check_model_kwargs, check_output_folder, parse_model_kwargs
 
 __all__ = ['add_parser']
 

@@ -33,7 +33,7 @@ from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
 from ..recycle.calibration import fit_channels, model_data_config
 from ..routing import moe_layers, routing_info
-from .checks import check_model_kwargs, check_model_name, check_output_folder
+from .checks import check_model_kwargs, check_model_name, check_output_folder, parse_model_kwargs
 
 if TYPE_CHECKING:  # PIL is imported where images are read: the annotations only name it
     import PIL.Image
@@ -526,7 +526,6 @@ class _KwargsSeen(argparse.Action):
 def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     """--model-kwargs K=V words -> kwargs, as ``convert`` parses them; a word that is no K=V is named, and when it
     looks like a file, so is the usual cause (--model-kwargs before the images)."""
-    from ..recycle.folder import parse_model_kwargs
     for item in items or ():
         if '=' not in item:
             if Path(item).suffix or os.path.exists(item):
