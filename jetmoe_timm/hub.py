@@ -32,7 +32,7 @@ from timm.models import get_pretrained_cfg
 
 from .export import CARD_MARK, public_source, read_provenance, verify_safetensors, write_atomic
 from .hub_access import hub_reachable
-from .models import is_jetmoe_model, list_jetmoe_models
+from .models import JetMoEMixin, is_jetmoe_model, list_jetmoe_models
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
@@ -210,19 +210,6 @@ def _link(spec: Optional[str]) -> str:
     return f'`{spec}`'
 
 
-def _architecture(model: nn.Module) -> str:
-    """The dense layout this model has, in words, from the model itself (not the registered default)."""
-    if hasattr(model, 'blocks'):  # ViT
-        pe = model.patch_embed
-        return (f'a ViT with {len(model.blocks)} blocks of width {model.embed_dim} '
-                f'({model.blocks[0].attn.num_heads} heads), patch {pe.patch_size[0]} at {pe.img_size[0]} px')
-    if hasattr(model, 'stages'):  # ConvNeXt
-        depths = tuple(len(s.blocks) for s in model.stages)
-        dims = tuple(f['num_chs'] for f in model.feature_info)
-        return f'a ConvNeXt with depths {depths} and widths {dims}'
-    return f'a {type(model).__name__}'
-
-
 def _moe_layers_markdown(model: nn.Module) -> str:
     """One bullet per distinct SpheroMoE configuration: where the layers are and what experts they hold."""
     groups: Dict[tuple, List[str]] = {}
@@ -319,7 +306,7 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
         dataset_line=('none: a recycled initialisation, never fine-tuned (the predecessor was trained on '
                       + (', '.join(datasets) if datasets else 'what its own card says') + ')'
                       if tag.startswith('recycled') else ', '.join(datasets) or 'see the predecessor'),
-        architecture=_architecture(model),
+        architecture=model.dense_layout() if isinstance(model, JetMoEMixin) else f'a {type(model).__name__}',
         origin=origin,
         notes=' '.join(notes),
         params_m=_fmt(count_params(model) / 1e6),

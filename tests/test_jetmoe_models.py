@@ -36,6 +36,14 @@ def test_moe_blocks_take_indices_as_timms_out_indices(family):
 
 
 
+def test_every_family_says_its_dense_layout(family):
+    """The model card's architecture line comes from the model: a family without ``dense_layout`` fails here, not
+    at push time."""
+    name, kwargs, _ = family
+    layout = timm.create_model(name, device='meta', **kwargs).dense_layout()
+    assert layout.startswith('a ') and '\n' not in layout
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_built_in_16_bit_floats(family, dtype):
     """timm's dtype= builds the model in that dtype, as for the dense models (the slot queries' orthogonal init

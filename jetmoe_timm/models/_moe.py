@@ -120,6 +120,11 @@ class JetMoEMixin:
             **dd,
         )
 
+    def dense_layout(self) -> str:
+        """The dense architecture in words, read off the model itself (not its registered default): the model
+        card's 'a ViT with 12 blocks of width 192 ...'. Each family defines it."""
+        raise NotImplementedError(f'{type(self).__name__} defines no dense_layout()')
+
     @torch.jit.ignore
     def moe_layers(self) -> Dict[str, SpheroMoE]:
         """{module name: SpheroMoE layer}, e.g. ``{'blocks.6.mlp': ...}``, in model order."""

@@ -111,6 +111,11 @@ class ConvNeXtJetMoE(JetMoEMixin, ConvNeXt):
             index -= len(stage.blocks)
         raise IndexError(index)
 
+    def dense_layout(self) -> str:
+        depths = tuple(len(s.blocks) for s in self.stages)
+        dims = tuple(f['num_chs'] for f in self.feature_info)
+        return f'a ConvNeXt with depths {depths} and widths {dims}'
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         """Groups for layer-wise lr decay (timm ConvNeXt's stages / blocks), with the MoE layers and the norm

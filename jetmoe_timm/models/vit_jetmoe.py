@@ -126,6 +126,11 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
                 for group in mlp.expert_groups().values() if isinstance(mlp, SpheroMoE) else (mlp,):
                     group.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
+    def dense_layout(self) -> str:
+        pe = self.patch_embed
+        return (f'a ViT with {len(self.blocks)} blocks of width {self.embed_dim} '
+                f'({self.blocks[0].attn.num_heads} heads), patch {pe.patch_size[0]} at {pe.img_size[0]} px')
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         """Groups for layer-wise lr decay: timm ViT's, with the MoE layers and their ``norm2`` in the head's group
