@@ -12,7 +12,7 @@ import argparse
 import timm
 import torch
 
-from jetmoe_timm.tools.demo import PRED_ARGS, SUCC_ARGS, _load, _pretrained_predecessor, train
+from jetmoe_timm.tools.demo import PRED_ARGS, SUCC_ARGS, load_demo_split, pretrained_predecessor, train
 from jetmoe_timm.recycle import recycle
 from jetmoe_timm.tools.visualize import inspect_routing, save_inspection
 
@@ -28,15 +28,16 @@ def main():
     parser.add_argument('--epochs', type=int, default=1)
     args = parser.parse_args()
     cfg = FIGURE_CFG
-    fm = (*_load('fashion-mnist', 'train', cfg['pretrain_images']), *_load('fashion-mnist', 'validation', 2000))
-    pred = _pretrained_predecessor(FIGURE_PRED_ARGS, cfg, fm, 'vit192')
+    fm = (*load_demo_split('fashion-mnist', 'train', cfg['pretrain_images']),
+          *load_demo_split('fashion-mnist', 'validation', 2000))
+    pred = pretrained_predecessor(FIGURE_PRED_ARGS, cfg, fm, 'vit192')
     torch.manual_seed(1)
     model = timm.create_model('v_jetmoe_tiny', **FIGURE_SUCC_ARGS)
     r = recycle(model, pred, calib=torch.utils.data.TensorDataset(fm[0][:1024]), num_calib=1024, progress=False)
     model.load_state_dict(r.state_dict)
     model.reset_classifier(10)
-    x, y = _load('mnist5k', 'train')
-    xt, yt = _load('mnist5k', 'validation')
+    x, y = load_demo_split('mnist5k', 'train')
+    xt, yt = load_demo_split('mnist5k', 'validation')
     accs = train(model, x, y, xt, yt, args.epochs, 64, cfg['lr'], layer_decay=0.75, desc='fine-tune')
     print(f'MNIST-5k test accuracy after {args.epochs} epoch(s): {accs[-1]:.1f}%')
     picks = torch.stack([(yt == d).nonzero()[0, 0] for d in (0, 3, 7, 8)])

@@ -25,7 +25,7 @@ from pathlib import Path
 from timm.models import save_for_hf
 
 import jetmoe_timm  # noqa: F401  (registers the models)
-from jetmoe_timm.tools.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, _pretrained_predecessor, predecessor_cache_path
+from jetmoe_timm.tools.demo import CONFIGS, PRED_ARGS, SUCC_ARGS, pretrained_predecessor, predecessor_cache_path
 from jetmoe_timm.recycle.build import cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def main(argv=None):
             quick = ' --quick' if args.predecessor_config == 'quick' else ''
             sys.exit(f'no cached {args.predecessor_config} demo predecessor in {cache_dir() / "demo"}: run '
                      f'`jetmoe-timm demo{quick}` first')
-        pred = _pretrained_predecessor(PRED_ARGS, key_cfg, None, tag)  # from the cache
+        pred = pretrained_predecessor(PRED_ARGS, key_cfg, None, tag)  # from the cache
         save_for_hf(pred, pred_dir, safe_serialization=True)
     succ_dir = args.out / 'recycled'
     if not succ_dir.exists():

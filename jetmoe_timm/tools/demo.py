@@ -83,7 +83,7 @@ def _scaled(args: Dict, width: float) -> Dict:
     return out
 
 
-def _load(name: str, split: str, limit: Optional[int] = None):
+def load_demo_split(name: str, split: str, limit: Optional[int] = None):
     """Images padded to 32 px and normalised as the models are trained, and labels; ``limit`` takes the same
     number of each class (first in source order: MNIST-5k is sorted by class, so a plain prefix would not do)."""
     from .data import _balanced_subset, load_arrays
@@ -146,7 +146,7 @@ def predecessor_cache_path(args: Dict, cfg: Dict, tag: str) -> Path:
     return cache_dir() / 'demo' / f'{tag}_{key}.safetensors'
 
 
-def _pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str) -> nn.Module:
+def pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str) -> nn.Module:
     """A dense ViT trained on Fashion-MNIST, cached by its configuration."""
     path = predecessor_cache_path(args, cfg, tag)
     torch.manual_seed(0)
@@ -221,13 +221,14 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    fm = (*_load('fashion-mnist', 'train', cfg['pretrain_images']), *_load('fashion-mnist', 'validation', 2000))
-    x, y = _load('mnist5k', 'train', cfg.get('train_limit'))
-    xt, yt = _load('mnist5k', 'validation', cfg.get('test_limit'))
+    fm = (*load_demo_split('fashion-mnist', 'train', cfg['pretrain_images']),
+          *load_demo_split('fashion-mnist', 'validation', 2000))
+    x, y = load_demo_split('mnist5k', 'train', cfg.get('train_limit'))
+    xt, yt = load_demo_split('mnist5k', 'validation', cfg.get('test_limit'))
     print(f'data: Fashion-MNIST {len(fm[0])} pretraining images; MNIST-5k {len(x)} train / {len(xt)} test')
 
-    pred = _pretrained_predecessor(pred_args, cfg, fm, f"vit{pred_args['embed_dim']}_ls")
-    body = _pretrained_predecessor(body_args, cfg, fm, f"vit{body_args['embed_dim']}_ls")
+    pred = pretrained_predecessor(pred_args, cfg, fm, f"vit{pred_args['embed_dim']}_ls")
+    body = pretrained_predecessor(body_args, cfg, fm, f"vit{body_args['embed_dim']}_ls")
     calib = fm[0][:cfg['calib_images']]  # the predecessor's own domain
     seeds = [seed + i for i in range(cfg['seeds'])]
 
