@@ -6,8 +6,8 @@ starts with ``zero_grad(set_to_none=True)`` as timm's train.py does.
 
     python scripts/expert_grad_ab.py [BATCH]
 """
+import argparse
 import statistics
-import sys
 import time
 
 import torch
@@ -16,8 +16,9 @@ from jetmoe_timm.layers import SpheroMoE, set_keep_grad_memory
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    batch = int(argv[0]) if argv else 64
+    parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
+    parser.add_argument('batch', type=int, nargs='?', default=64, help='images per step (default: 64)')
+    batch = parser.parse_args(argv).batch
     torch.manual_seed(0)
     layer = SpheroMoE(192, 98, 196).train()
     x = torch.randn(batch, 197, 192, requires_grad=True)

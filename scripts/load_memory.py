@@ -6,10 +6,12 @@ forced by disabling the mapped path (``models._pretrained._mappable_weights``).
 
     python scripts/load_memory.py FOLDER        # e.g. the --out of `jetmoe-timm convert`
 """
+import argparse
 import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD = r'''
 import json, sys, time
@@ -29,13 +31,15 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, above_gb=(status('VmHWM'
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    parser.add_argument('folder', help='a converted model folder (the --out of `jetmoe-timm convert`)')
+    folder = parser.parse_args(argv).folder
+    if not (Path(folder) / 'model.safetensors').is_file():
+        parser.error(f'{folder} holds no model.safetensors: give the --out folder of `jetmoe-timm convert`')
     rows = {'timm': [], 'mapped': []}
     for r in range(3):
         for how in ('timm', 'mapped') if r % 2 == 0 else ('mapped', 'timm'):
-            out = subprocess.run([sys.executable, '-c', CHILD, argv[0], how], capture_output=True, text=True,
+            out = subprocess.run([sys.executable, '-c', CHILD, folder, how], capture_output=True, text=True,
                                  check=True)
             rows[how].append(json.loads(out.stdout.strip().splitlines()[-1]))
     for how, runs in rows.items():
