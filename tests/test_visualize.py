@@ -246,6 +246,38 @@ def test_grey_models_take_grey_images(tmp_path):
     assert np.allclose(layer.dispatch.sum(1), 1, atol=1e-5)
 
 
+@pytest.mark.parametrize('chans', [2, 4])
+def test_multiband_models_take_their_bands(tmp_path, chans):
+    """A 2- or 4-channel model (grey + alpha, RGB + near infrared) gets its images in its own channels, band for
+    band as recycling's calibration reads them (a 4-band TIFF too; inspect fed such models RGB and failed in the
+    patch embedding), shown without the extra band; a 5-channel model is told to pass a tensor."""
+    from jetmoe_timm.recycle.calibration import calibration_batches
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_core_experts=4,
+                  num_univ_experts=8)
+    model = timm.create_model('v_jetmoe_tiny', in_chans=chans, **kwargs).eval()
+    pixels = (np.random.default_rng(0).random((40, 36, chans)) * 255).astype('uint8')
+    if chans == 4:  # a multispectral TIFF that PIL reads as CMYK: its bands must not be colour-converted
+        Image.fromarray(pixels, 'CMYK').save(tmp_path / 'img.tif')
+    else:
+        Image.fromarray(pixels, 'LA').save(tmp_path / 'img.png')
+    path = next(tmp_path.iterdir())
+    inputs = []
+    model.patch_embed.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    result = inspect_routing(model, [path])
+    (calibrated,) = calibration_batches(tmp_path, model, num_images=1, batch_size=1)[0]
+    assert inputs[0].shape == (1, chans, 32, 32)
+    torch.testing.assert_close(inputs[0], calibrated)
+    assert result.images.shape == (1, 32, 32, 3)
+    if chans == 2:
+        assert np.allclose(result.images[..., 0], result.images[..., 2])  # the grey band, shown as grey
+    wide = timm.create_model('v_jetmoe_tiny', in_chans=5, **kwargs).eval()
+    with pytest.raises(ValueError, match=r'at most 4 channels, the model takes 5: pass the images as one '
+                                         r'\(B, 5, H, W\) tensor'):
+        inspect_routing(wide, [path])
+    assert inspect_routing(wide, torch.randn(1, 5, 32, 32)).images.shape == (1, 32, 32, 3)
+
+
 def test_16_bit_grey_images_are_scaled_not_clipped(tmp_path, tiny_vit_kwargs):
     """16-bit grey files (PNG opens as 'I;16', PGM as 'I') reach the model as the same image in 8 bits; PIL's own
     convert clips them at 255 (all white)."""

@@ -25,12 +25,46 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from .selection import make_generator
 
 __all__ = ['IMAGE_EXTENSIONS', 'ImageListing', 'calibration_batches', 'check_calibration', 'first_conv',
-           'fit_channels', 'fixed_input_size', 'input_channels', 'list_images', 'model_data_config', 'synthetic_image']
+           'fit_channels', 'fixed_input_size', 'image_mode', 'image_tensor', 'in_mode', 'input_channels', 'list_images',
+           'model_data_config', 'synthetic_image']
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.tiff', '.gif')
 
 
 _PIL_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}  # the image mode read for a model of these channels
+
+
+def image_mode(chans: int) -> Optional[str]:
+    """The PIL mode images are read in for a model of ``chans`` input channels; None above 4 (no image file mode)."""
+    return _PIL_MODES.get(chans)
+
+
+def in_mode(im: Image.Image, mode: str) -> Image.Image:
+    """``im`` in ``mode``: a 4-band file PIL reads as CMYK keeps its bands as they are (a multispectral TIFF), any
+    other image goes through PIL's convert (which adds an opaque alpha band to 3-band images read as RGBA)."""
+    if len(im.getbands()) == 4 == len(mode) and im.mode != mode:
+        return Image.merge(mode, [band.convert('L') for band in im.split()])
+    return im.convert(mode)
+
+
+def image_tensor(img: Image.Image, data_cfg: Dict[str, Any], transform) -> torch.Tensor:
+    """One image, already in the model's mode, as its (C, H, W) input: 1 and 3 channels through ``transform``
+    (timm's eval transform of ``data_cfg``), 2 and 4 band by band as a tensor, normalised, then resized to the
+    input size (antialiased bicubic): PIL's resampling premultiplies the colours by a 4th or 2nd (alpha) band."""
+    chans = data_cfg['input_size'][0]
+    if chans in (1, 3):
+        return transform(img)
+    x = _normalised(torch.from_numpy(np.array(img)).reshape(img.height, img.width, chans),
+                    data_cfg['mean'], data_cfg['std'])
+    return _resized(x, data_cfg['input_size'][1:])
+
+
+def _resized(img: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """A ready (C, H, W) tensor resized to ``size`` (antialiased bicubic); as it is where it has that size or
+    ``size`` is None."""
+    if size is None or tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(img[None].float(), size=size, mode='bicubic', antialias=True, align_corners=False)[0]
 
 
 def _synthetic_pixels(index: int, size: int, seed: int, chans: int = 3) -> torch.Tensor:
@@ -119,11 +153,8 @@ def _folder_images(listing: ImageListing, num_images: int, seed: int, mode: str 
             break
         try:
             with Image.open(files[i]) as im:
-                if len(im.getbands()) == 4 == len(mode) and im.mode != mode:  # a 4-band TIFF read as CMYK: its bands
-                    img = Image.merge(mode, [band.convert('L') for band in im.split()])
-                else:
-                    filled += 'A' in mode and len(im.getbands()) < len(mode)  # PIL adds an opaque alpha band
-                    img = im.convert(mode)
+                filled += 'A' in mode and len(im.getbands()) < len(mode)  # PIL adds an opaque alpha band
+                img = in_mode(im, mode)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             skipped += 1
             warnings.warn(f'skipping calibration image {files[i]} that cannot be decoded: {e}')
@@ -148,8 +179,8 @@ def _batched(images, transform, batch_size: int, mode: str = 'RGB',
     for img in images:
         if isinstance(img, Image.Image):
             img = transform(img if img.mode == mode else img.convert(mode))
-        elif size is not None and tuple(img.shape[-2:]) != tuple(size):
-            img = F.interpolate(img[None].float(), size=size, mode='bicubic', antialias=True, align_corners=False)[0]
+        else:
+            img = _resized(img, size)
         batch.append(img)
         if len(batch) == batch_size:
             yield torch.stack(batch)
@@ -217,7 +248,7 @@ def calibration_batches(
     data_cfg = model_data_config(model, img_size)
     img_size = img_size or fixed_input_size(model)  # what ready tensors are resized to (None: any size)
     chans = data_cfg['input_size'][0]
-    mode = _PIL_MODES.get(chans)
+    mode = image_mode(chans)
     transform = create_transform(**data_cfg, is_training=False)
     total = -(-num_images // batch_size)
     if calib is None or calib == 'synthetic':
@@ -235,13 +266,8 @@ def calibration_batches(
         if mode is None:
             raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
                              f'synthetic images (--calib synthetic) or a Dataset of ready {chans}-channel tensors.')
-        images = _folder_images(calib, num_images, seed, mode)
-        if chans not in (1, 3):  # 'LA' / 'RGBA': the bands as they are, resized as tensors
-            images = (_normalised(torch.from_numpy(np.array(img)).reshape(img.height, img.width, chans),
-                                  data_cfg['mean'], data_cfg['std']) for img in images)
-            return (_batched(images, transform, batch_size, size=data_cfg['input_size'][1:]), total,
-                    f'folder:{calib.folder.name}:{num_images}')
-        return _batched(images, transform, batch_size, mode), total, f'folder:{calib.folder.name}:{num_images}'
+        images = (image_tensor(img, data_cfg, transform) for img in _folder_images(calib, num_images, seed, mode))
+        return _batched(images, transform, batch_size), total, f'folder:{calib.folder.name}:{num_images}'
     from_dataset = isinstance(calib, torch.utils.data.Dataset)
     if from_dataset:  # batches are lists of the dataset's own items: images, or (image, label, ...) tuples
         calib = torch.utils.data.DataLoader(calib, batch_size=batch_size, shuffle=False,

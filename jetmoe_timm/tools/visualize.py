@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, write_atomic
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
-from ..recycle.calibration import fit_channels, model_data_config
+from ..recycle.calibration import fit_channels, image_mode, image_tensor, in_mode, model_data_config
 from ..routing import moe_layers, routing_info
 from .checks import check_model_kwargs, check_model_name, check_output_folder, parse_model_kwargs
 
@@ -201,7 +201,7 @@ def _convert(img, mode: str):
     widened to 'I', or a 32-bit TIFF of 8-bit values, is taken as it is)."""
     if img.mode.startswith('I;16') or img.mode == 'I' and (img.format == 'PPM' or img.getextrema()[1] > 255):
         img = img.convert('I').point(lambda v: v / 257 + 0.5)  # 0..65535 -> 0..255, rounded
-    return img.convert(mode)
+    return in_mode(img, mode)  # a 4-band TIFF keeps its bands, as in calibration
 
 
 def _open_image(path: Union[str, os.PathLike], mode: str = 'RGB') -> 'PIL.Image.Image':
@@ -257,7 +257,10 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
     from timm.data import create_transform
     images = list(images)
     chans = data_config['input_size'][0]
-    mode = 'L' if chans == 1 else 'RGB'
+    mode = image_mode(chans)  # the model's channels, read as calibration reads them
+    if mode is None:
+        raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: pass the images as one '
+                         f'(B, {chans}, H, W) tensor.')
     data_config = fit_channels(data_config, chans)  # a config given for the RGB model a grey one comes from
     transform = create_transform(**data_config, is_training=False)
     paths = [img for img in images if isinstance(img, (str, os.PathLike))]
@@ -272,7 +275,7 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
             names.append(f'image {i}')
         else:
             raise TypeError(f'Expected image paths, PIL images or one (B, C, H, W) tensor; got a {type(img).__name__}.')
-        tensors.append(transform(img))
+        tensors.append(image_tensor(img, data_config, transform))
     if not tensors:
         raise ValueError('No images given.')
     return torch.stack(tensors), _unique(names)
@@ -356,7 +359,8 @@ def inspect_routing(
     mean = torch.tensor(data_config.get('mean', (0., 0., 0.)))[:c].view(-1, 1, 1)
     std = torch.tensor(data_config.get('std', (1., 1., 1.)))[:c].view(-1, 1, 1)
     shown = (x.detach().float().cpu() * std + mean).clamp(0, 1)
-    shown = shown.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()  # grey images shown as RGB
+    # RGB shown as it is, a 4th band (alpha, near infrared) left out; grey (and grey + alpha) shown as grey
+    shown = (shown[:, :3] if c >= 3 else shown[:, :1].expand(-1, 3, -1, -1)).permute(0, 2, 3, 1).numpy()
     pretrained_cfg = getattr(model, 'pretrained_cfg', None) or {}
     return RoutingInspection(
         images=shown, names=names, layers=out,
