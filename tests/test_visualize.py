@@ -273,7 +273,7 @@ def test_multiband_models_take_their_bands(tmp_path, chans):
         assert np.allclose(result.images[..., 0], result.images[..., 2])  # the grey band, shown as grey
     wide = timm.create_model('v_jetmoe_tiny', in_chans=5, **kwargs).eval()
     with pytest.raises(ValueError, match=r'at most 4 channels, the model takes 5: pass the images as one '
-                                         r'\(B, 5, H, W\) tensor'):
+                                         r'\(B, 5, H, W\) tensor to inspect_routing\(model, images\) in Python'):
         inspect_routing(wide, [path])
     assert inspect_routing(wide, torch.randn(1, 5, 32, 32)).images.shape == (1, 32, 32, 3)
 

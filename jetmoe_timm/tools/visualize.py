@@ -260,7 +260,7 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
     mode = image_mode(chans)  # the model's channels, read as calibration reads them
     if mode is None:
         raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: pass the images as one '
-                         f'(B, {chans}, H, W) tensor.')
+                         f'(B, {chans}, H, W) tensor to inspect_routing(model, images) in Python.')
     data_config = fit_channels(data_config, chans)  # a config given for the RGB model a grey one comes from
     transform = create_transform(**data_config, is_training=False)
     paths = [img for img in images if isinstance(img, (str, os.PathLike))]
