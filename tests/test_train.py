@@ -755,3 +755,29 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     if not torch.cuda.is_available():  # timm's scripts default to --device cuda
         assert jetmoe_timm.validate.main([str(tiny_data), '--model', 'v_jetmoe_tiny']) == 2
         assert capsys.readouterr().err.strip().endswith('torch sees none here: add --device cpu.')
+
+
+@needs_scripts
+def test_ctrl_c_stops_training_with_exit_code_130(tiny_data, tmp_path):
+    """Ctrl-C during jetmoe-timm-train: timm's train.py catches the KeyboardInterrupt and finishes its run, so the
+    launcher exited 0 as if training had ended; it now says so in one line and exits 130, as a shell reports it."""
+    import signal
+    env = dict(os.environ, JETMOE_TIMM_SCRIPTS=SCRIPTS, PYTHONUNBUFFERED='1')
+    cmd = [sys.executable, '-m', 'jetmoe_timm.train', str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs',
+           *TINY_KWARGS, '--num-classes', '10', '--img-size', '32', '--device', 'cpu', '-j', '0', '-b', '8',
+           '--epochs', '1000', '--log-interval', '1', '--output', str(tmp_path), '--experiment', 'stopped']
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    try:
+        for line in proc.stdout:  # stopped once training runs: the first logged step
+            log.append(line)
+            if 'Train: 0' in line:
+                proc.send_signal(signal.SIGINT)
+                break
+        log.extend(proc.stdout)
+        assert proc.wait(timeout=120) == 130, ''.join(log)[-3000:]
+    finally:
+        proc.kill()
+    assert ''.join(log).rstrip().splitlines()[-1] == (
+        "jetmoe-timm-train: interrupted (Ctrl-C): the epochs it finished are saved in its output folder, and "
+        "--resume with that folder's last.pth.tar goes on from the last")

@@ -19,7 +19,9 @@ import platform
 import re
 import runpy
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -598,14 +600,40 @@ def _one_model(model: Optional[str]) -> bool:
     return bool(model) and model != 'all' and not any(c in model for c in '*?[') and not os.path.isfile(model)
 
 
+# the exit status of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it
+INTERRUPTED = 128 + signal.SIGINT
+
+
+@contextlib.contextmanager
+def _noting_interrupts(noted: List[int]):
+    """Note Ctrl-C (SIGINT) in ``noted`` while timm's script runs, which still gets its KeyboardInterrupt: train.py
+    catches it and finishes as if training had ended, so without this a stopped run exits 0 like a finished one.
+    Only in the main thread, and only where SIGINT has Python's own handler."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        noted.append(signum)
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as without the launcher
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     """Run timm's ``script`` as ``__main__`` with ``argv`` (default: ``sys.argv[1:]``), jetmoe_timm's models and
     optimizer registered (importing this module imported the package).
 
     ``--timm-scripts DIR`` in ``argv`` is consumed here; all other arguments are passed through unchanged.
-    Returns 0 when the script returns, 2 when it cannot be found; ``sys.exit`` in the script (argparse errors
-    included) propagates as SystemExit. Run as a command (``argv`` None), CPU training keeps freed memory in the
-    process (``keep_freed_memory``).
+    Returns 0 when the script returns, 2 when it cannot be found, 130 (``INTERRUPTED``) when Ctrl-C stopped it
+    (train.py finishes its run after a KeyboardInterrupt; a KeyboardInterrupt that reaches here propagates to a
+    Python caller); ``sys.exit`` in the script (argparse errors included) propagates as SystemExit. Run as a
+    command (``argv`` None), CPU training keeps freed memory in the process (``keep_freed_memory``).
     """
     prog = prog or f'jetmoe-timm {script}'
     command = argv is None  # run as a command: this process is the training run, not a caller's
@@ -646,13 +674,23 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
     # one model, one checkpoint: validate.py records a failing model (or checkpoint) of many and goes on
     one = _one_model(getattr(args, 'model', None)) and not os.path.isdir(getattr(args, 'checkpoint', None) or '')
     one_line = _loading_errors_in_one_line() if one else contextlib.nullcontext()
+    interrupted: List[int] = []
     try:
-        with one_line:
+        with one_line, _noting_interrupts(interrupted):
             # run_path leaves sys.path alone for a file, so the script's folder never shadows the installed timm
             runpy.run_path(str(path), run_name='__main__')
     except _LoadError as e:
         print(f'{prog}: error: {e} ({DEBUG_ENV}=1 shows the traceback)', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if not command:
+            raise
+        interrupted.append(signal.SIGINT)
     finally:
         sys.argv = saved_argv
+    if interrupted:
+        resume = (': the epochs it finished are saved in its output folder, and --resume with that folder\'s '
+                  'last.pth.tar goes on from the last' if script == 'train.py' else '')
+        print(f'{prog}: interrupted (Ctrl-C){resume}', file=sys.stderr)
+        return INTERRUPTED
     return 0
