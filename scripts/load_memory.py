@@ -31,7 +31,7 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, above_gb=(status('VmHWM'
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0].strip())
     parser.add_argument('folder', help='a converted model folder (the --out of `jetmoe-timm convert`)')
     folder = parser.parse_args(argv).folder
     if not (Path(folder) / 'model.safetensors').is_file():

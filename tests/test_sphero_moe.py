@@ -876,3 +876,12 @@ def test_explicit_noise_mult_overrides_the_preset():
     a = layer(x)
     torch.manual_seed(2)
     assert not torch.allclose(a, layer(x))
+
+
+def test_names_of_the_module_before_the_split_still_resolve():
+    """Whole layers pickled before experts.py existed name their expert classes in sphero_moe; they load."""
+    import pickle
+    from jetmoe_timm.layers import ExpertLinear, ExpertMlp, free_no_grad_buffers
+    for name, obj in (('ExpertLinear', ExpertLinear), ('ExpertMlp', ExpertMlp),
+                      ('free_no_grad_buffers', free_no_grad_buffers)):
+        assert pickle.loads(f'cjetmoe_timm.layers.sphero_moe\n{name}\n.'.encode()) is obj  # a GLOBAL opcode

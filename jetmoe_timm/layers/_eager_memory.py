@@ -89,5 +89,6 @@ def no_function_modes() -> bool:
 
 
 def global_forward_hooks() -> bool:
-    """Whether forward hooks registered for every module are active (``nn.modules.module.register_module_forward_*``)."""
+    """Whether forward hooks registered for every module are active
+    (``nn.modules.module.register_module_forward_*``)."""
     return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)

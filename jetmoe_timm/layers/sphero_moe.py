@@ -29,10 +29,13 @@ import torch.nn.functional as F
 from timm.layers import drop_path, register_notrace_module
 
 from ._eager_memory import NO_GRAD_BUFFERS, global_forward_hooks, no_function_modes, plain_eager_call, plain_tensor
+from ._eager_memory import free_no_grad_buffers
 from .entmax import entmax15
-from .experts import ExpertMlp
+from .experts import ExpertLinear, ExpertMlp, set_autocast_weight_cache, set_keep_grad_memory
 
-__all__ = ['SpheroMoE', 'ROUTING_PRESETS']
+# the expert names too: they lived here before experts.py, and imports and pickles of whole models name this module
+__all__ = ['SpheroMoE', 'ROUTING_PRESETS', 'ExpertLinear', 'ExpertMlp', 'set_keep_grad_memory',
+           'set_autocast_weight_cache', 'free_no_grad_buffers']
 
 
 # Routing presets: each names the options it sets; explicit constructor arguments override them.
