@@ -3,8 +3,7 @@
 
 Uses a Fashion-MNIST predecessor like the demo's but with patch 4 (an 8x8 token grid draws finer maps than the
 demo's 4x4), pretrained here on first use and cached, recycles it into a V-JetMoE by importance sampling,
-fine-tunes it for one epoch on MNIST-5k (the committed figure's fine-tune also had layer decay 0.75, which the
-demo's training loop no longer takes) and draws the dispatch maps and contributions of four test digits.
+fine-tunes it for one epoch on MNIST-5k and draws the dispatch maps and contributions of four test digits.
 
     python scripts/make_inspect_figure.py --out docs/inspect_example
 """
