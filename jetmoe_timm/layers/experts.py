@@ -1,9 +1,10 @@
 """ Expert groups: E independent linear maps or MLPs computed as one batched matmul each.
 
 ``ExpertLinear`` (weight (E, in, out)) and ``ExpertMlp`` (fc1 -> act -> fc2 per expert) are what a SpheroMoE path
-runs its slots through. Two opt-in memory savers live here too: the kept weight-gradient memory
-(``set_keep_grad_memory``) and the kept autocast weight copies (``set_autocast_weight_cache``); and
-``ExpertMlp.forward_into``, the no-grad float32 forward written into the layer's kept buffers.
+runs its slots through. Two opt-in speed-ups that hold memory between calls live here too: the kept
+weight-gradient memory (``set_keep_grad_memory``) and the kept autocast weight copies
+(``set_autocast_weight_cache``); and ``ExpertMlp.forward_into``, the no-grad float32 forward written into the
+layer's kept buffers.
 """
 import threading
 import weakref
