@@ -72,7 +72,8 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """('arch.tag', its recycling source) for 'arch' (default tag) or 'arch.tag'."""
     arch, _, tag = model_name.partition('.')
     if not timm.is_model(arch):
-        raise ValueError(f"Unknown model '{arch}': pick one of {list_jetmoe_models()}.")
+        models = list_jetmoe_models()
+        raise ValueError(f"Unknown model '{arch}'{did_you_mean(arch, models)}: pick one of {models}.")
     full = f'{arch}.{tag}' if tag else next(
         (n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES), None)
     if full in RECYCLE_SOURCES:
