@@ -758,9 +758,11 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
 
 
 @needs_scripts
-def test_ctrl_c_stops_training_with_exit_code_130(tiny_data, tmp_path):
+@pytest.mark.parametrize('stop_in_epoch', [0, 1])
+def test_ctrl_c_stops_training_with_exit_code_130(tiny_data, tmp_path, stop_in_epoch):
     """Ctrl-C during jetmoe-timm-train: timm's train.py catches the KeyboardInterrupt and finishes its run, so the
-    launcher exited 0 as if training had ended; it now says so in one line and exits 130, as a shell reports it."""
+    launcher exited 0 as if training had ended; it now exits 130, as a shell reports it, with one line that gives
+    the checkpoint to --resume from (or says none was saved)."""
     import signal
     env = dict(os.environ, JETMOE_TIMM_SCRIPTS=SCRIPTS, PYTHONUNBUFFERED='1')
     cmd = [sys.executable, '-m', 'jetmoe_timm.train', str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs',
@@ -769,15 +771,16 @@ def test_ctrl_c_stops_training_with_exit_code_130(tiny_data, tmp_path):
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
     try:
-        for line in proc.stdout:  # stopped once training runs: the first logged step
+        for line in proc.stdout:  # stopped once the epoch runs: its first logged step
             log.append(line)
-            if 'Train: 0' in line:
+            if f'Train: {stop_in_epoch} ' in line:
                 proc.send_signal(signal.SIGINT)
                 break
         log.extend(proc.stdout)
         assert proc.wait(timeout=120) == 130, ''.join(log)[-3000:]
     finally:
         proc.kill()
-    assert ''.join(log).rstrip().splitlines()[-1] == (
-        "jetmoe-timm-train: interrupted (Ctrl-C): the epochs it finished are saved in its output folder, and "
-        "--resume with that folder's last.pth.tar goes on from the last")
+    said = ('jetmoe-timm-train: interrupted (Ctrl-C) before it finished an epoch: no checkpoint was saved',
+            'jetmoe-timm-train: interrupted (Ctrl-C); to go on from its last finished epoch, run it again with '
+            f"--resume {tmp_path / 'stopped' / 'last.pth.tar'}")[stop_in_epoch]
+    assert ''.join(log).rstrip().splitlines()[-1] == said

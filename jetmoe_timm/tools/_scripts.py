@@ -22,6 +22,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -675,6 +676,7 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
     one = _one_model(getattr(args, 'model', None)) and not os.path.isdir(getattr(args, 'checkpoint', None) or '')
     one_line = _loading_errors_in_one_line() if one else contextlib.nullcontext()
     interrupted: List[int] = []
+    started = time.time()  # checkpoints written since are this run's
     try:
         with one_line, _noting_interrupts(interrupted):
             # run_path leaves sys.path alone for a file, so the script's folder never shadows the installed timm
@@ -689,8 +691,19 @@ def run_timm_script(script: str, argv: Optional[List[str]] = None, prog: Optiona
     finally:
         sys.argv = saved_argv
     if interrupted:
-        resume = (': the epochs it finished are saved in its output folder, and --resume with that folder\'s '
-                  'last.pth.tar goes on from the last' if script == 'train.py' else '')
-        print(f'{prog}: interrupted (Ctrl-C){resume}', file=sys.stderr)
+        print(f'{prog}: interrupted (Ctrl-C){_resume_hint(args, started) if script == "train.py" else ""}',
+              file=sys.stderr)
         return INTERRUPTED
     return 0
+
+
+def _resume_hint(args: argparse.Namespace, since: float) -> str:
+    """What an interrupted train.py run left to resume from: the ``last.pth.tar`` it wrote at the end of its last
+    finished epoch (in ``--output``/``--experiment``, or the newest run folder there when the name was generated)."""
+    base = Path(getattr(args, 'output', '') or './output/train')
+    experiment = getattr(args, 'experiment', '')
+    candidates = [base / experiment / 'last.pth.tar'] if experiment else list(base.glob('*/last.pth.tar'))
+    written = [p for p in candidates if p.is_file() and p.stat().st_mtime >= since]
+    if not written:
+        return ' before it finished an epoch: no checkpoint was saved'
+    return f'; to go on from its last finished epoch, run it again with --resume {max(written, key=os.path.getmtime)}'
