@@ -784,3 +784,29 @@ def test_ctrl_c_stops_training_with_exit_code_130(tiny_data, tmp_path, stop_in_e
             'jetmoe-timm-train: interrupted (Ctrl-C); to go on from its last finished epoch, run it again with '
             f"--resume {tmp_path / 'stopped' / 'last.pth.tar'}")[stop_in_epoch]
     assert ''.join(log).rstrip().splitlines()[-1] == said
+
+
+@needs_scripts
+def test_validate_note_gives_the_mean_and_std_a_recycled_start_recorded(tmp_path):
+    """validate.py --checkpoint of a run that started from a recycled file: the file records its predecessor's mean /
+    std, so the note gives them as flags, and says nothing where they are the model's default (the note fired for
+    every such run, with nothing to do)."""
+    from jetmoe_timm.export import save_safetensors_atomic
+    from jetmoe_timm.tools._scripts import _preprocessing_note, _script_args
+    checkpoint = tmp_path / 'run' / 'last.pth.tar'
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b'')
+    validate = [str(tmp_path), '--model', 'v_jetmoe_tiny', '--checkpoint', str(checkpoint)]
+
+    def note(mean, std):
+        start = save_safetensors_atomic({'w': torch.zeros(1)}, tmp_path / f'start{mean[0]}.safetensors',
+                                        dict(input_contract=dict(mean=mean, std=std)))
+        (checkpoint.parent / 'args.yaml').write_text(f'pretrained_path: {start}\nmean: null\n')
+        return _preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'), validate))
+
+    assert note([0.5] * 3, [0.5] * 3) is None  # v_jetmoe_tiny's own
+    assert note([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).endswith(
+        "validate.py uses the model's default: pass --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225.")
+    (checkpoint.parent / 'args.yaml').write_text(f"pretrained_path: {tmp_path / 'gone.pth'}\nmean: null\n")
+    assert 'pass the same --mean and --std' in _preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'),
+                                                                                validate))  # nothing recorded

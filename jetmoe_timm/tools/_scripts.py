@@ -31,6 +31,7 @@ import timm
 import torch
 
 from .._names import did_you_mean
+from ..export import read_provenance
 from ..models import list_jetmoe_models
 from .checks import check_model_kwargs
 from .cli import USER_ERRORS, closest_option, error_line
@@ -554,9 +555,34 @@ def _preprocessing_note(args: Optional[argparse.Namespace]) -> Optional[str]:
     run = _run_args(checkpoint)
     if not run or not (run.get('pretrained') or run.get('pretrained_path')) or run.get('mean') is not None:
         return None
+    used = _recorded_mean_std(run.get('pretrained_path'))
+    if used is not None:  # a recycled file says what it was normalised with: a note only where that differs
+        try:  # the cfg validate.py takes its mean / std from
+            default = timm.models.get_pretrained_cfg(args.model)
+        except Exception:  # an unknown tag: validate.py says so
+            default = None
+        if default is not None and (tuple(default.mean), tuple(default.std)) == used:
+            return None
+        mean, std = (' '.join(f'{v:g}' for v in values) for values in used)
+        return (f"note: this checkpoint's run started from weights normalised with mean {mean} and std {std} (its "
+                f"--pretrained-path); validate.py uses the model's default: pass --mean {mean} --std {std}.")
     return ("note: this checkpoint's run started from pretrained weights, whose preprocessing train.py used (its log, "
             "'Data processing configuration'); validate.py uses the model's default unless you pass the same --mean "
             "and --std.")
+
+
+def _recorded_mean_std(path: Optional[str]) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """(mean, std) that a recycled safetensors file records for its weights (their predecessor's), None where the
+    file records none or cannot be read."""
+    if not path or not str(path).endswith('.safetensors'):
+        return None
+    try:
+        contract = read_provenance(path).get('input_contract') or {}
+    except Exception:  # not there or not readable: the general note
+        return None
+    if not (isinstance(contract.get('mean'), list) and isinstance(contract.get('std'), list)):
+        return None
+    return tuple(contract['mean']), tuple(contract['std'])
 
 
 # the scripts' calls that read what the user named (a model, its pretrained weights, a checkpoint): (module, name)
