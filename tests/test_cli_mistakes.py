@@ -53,6 +53,7 @@ def _rows(d):
     return [
         (['convert', 'v_jetmoe_huge', '--out', new], "Unknown model 'v_jetmoe_huge'"),
         (['convert', 'v_jetmoe_tny', '--out', new], "Unknown model 'v_jetmoe_tny' (did you mean 'v_jetmoe_tiny'?)"),
+        (['convert', 'v_jetmoe_tiny', '--ouy', new], "required: --out; did you mean '--out' for '--ouy'?"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dm=96'], "did you mean 'embed_dim'"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=x'], '--model-kwargs embed_dim=x: v_jetmoe_tiny takes a '
                                                                  'number for embed_dim.'),

@@ -29,8 +29,27 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, with each error in one line (no usage block: ``--help`` has it) and a "did you mean" for a
     misspelled option; exit code 2 as argparse's. Subcommand parsers inherit the class."""
 
+    _argv: List[str] = []  # the arguments this (sub)command parser was given, for the hint below
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
-        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+        self.exit(2, f'{self.prog}: error: {message}{self._misspelled_required(message)} (see {self.prog} --help)\n')
+
+    def _misspelled_required(self, message: str) -> str:
+        """For 'the following arguments are required: --out': the given flag that was meant for it ('--ouy'),
+        which argparse does not mention (it reports missing options before unknown ones)."""
+        if not message.startswith('the following arguments are required'):
+            return ''
+        missing = [o for a in self._actions if a.required for o in a.option_strings if o in message]
+        known = {o for a in self._actions for o in a.option_strings}
+        for flag in (x.split('=')[0] for x in self._argv if x.startswith('--') and x.split('=')[0] not in known):
+            close = closest_name(flag, missing, cutoff=0.75)
+            if close:
+                return f"; did you mean '{close}' for '{flag}'?"
+        return ''
 
     def unrecognized(self, extra: List[str]):
         """Refuse arguments none of this (sub)command's options take, naming the closest option (or the positional
