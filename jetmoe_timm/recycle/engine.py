@@ -9,6 +9,7 @@ The steps: resize the predecessor to the successor's input (grid, patch size), t
 into the predecessor's weights, apply the plan, and measure what survived (linear CKA of pooled features).
 """
 import ctypes
+import functools
 import inspect
 import os
 import re
@@ -272,23 +273,24 @@ def recycle(
     pred = family.resize(predecessor, successor)
     size = fixed_input_size(successor)  # None: the successor takes any size; the predecessor's data config rules
     # one bar over the whole recycling: statistics (one step per calibration batch), selection, plan, retention
-    bar = tqdm(total=3, desc=f'recycling {type(successor).__name__}', unit='step', disable=not progress)
+    new_bar = functools.partial(tqdm, desc=f'recycling {type(successor).__name__}', unit='step', disable=not progress)
     kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
     pred_features: List[torch.Tensor] = []  # the predecessor's pooled features on them, from the statistics pass
     if calib == 'weights':
+        bar = new_bar(total=3)
         stats = family.weight_stats(pred)
     else:
         at_succ = calib_size == 'successor'
         stats_model = pred if at_succ else predecessor
         batches, total, source = calibration_batches(calib, stats_model, num_calib, batch_size, seed,
                                                      img_size=size if at_succ else None)
+        bar = new_bar(total=total + 3)  # its total known from the start (it grew once the batches were counted)
         hook = None
         if at_succ and measure_retention:  # the predecessor's features on the first images (and those images)
             if not _made_again(calib):  # otherwise they are made again for retention instead of kept
                 batches = _keep_first(batches, kept, RETENTION_IMAGES)
             hook = pred.get_submodule(family.features_module).register_forward_pre_hook(
                 _record_features(pred_features, RETENTION_IMAGES))
-        bar.reset(total=total + 3)  # calibration batches, then selection, the plan, retention
         bar.set_postfix_str('statistics')
         try:
             stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
