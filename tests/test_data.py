@@ -171,7 +171,7 @@ def test_cli_export(tmp_path, mnist_raw, capsys):
     assert len(list((out / 'train').glob('*/*.png'))) == 12
     assert not (out / 'validation').exists()
     assert main(['data', 'export', 'mnist5k', str(out)]) == 2  # user error: one line, no traceback
-    assert 'already exists: choose another OUT or pass force=True (--force)' in capsys.readouterr().err
+    assert 'already exists: choose another OUT or pass --force.' in capsys.readouterr().err
 
 
 def test_per_split_limits_and_a_held_out_calibration_folder(tmp_path, capsys, mnist_raw):

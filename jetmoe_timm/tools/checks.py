@@ -17,12 +17,14 @@ __all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder', 'par
 
 
 def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
-                        owned: Optional[Callable[[Path], bool]] = None, what: str = '') -> Path:
+                        owned: Optional[Callable[[Path], bool]] = None, what: str = '',
+                        overwrite_flag: Optional[str] = None) -> Path:
     """Fail now, before any expensive work, when ``out`` cannot be written as a folder.
 
     With ``owned``, ``overwrite`` means replacing the folder: refused when that could delete what the command did
-    not write there (``owned`` recognises an earlier output, ``what`` names it). Without it, an existing folder is
-    written into (``overwrite``) or left to the command's own exists-check."""
+    not write there (``owned`` recognises an earlier output, ``what`` names it). Without ``overwrite``, a folder
+    that holds files is refused naming ``overwrite_flag`` (the command's own option, e.g. '--overwrite'); without
+    that either, it is left to the command."""
     out = Path(out)
     if os.path.islink(out) and not out.exists():
         raise ValueError(f'{flag} {out} is a link to nothing ({os.readlink(out)}): remove it or choose another path.')
@@ -33,8 +35,8 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
         problem = replace_problem(out, owned, what)
         if problem:
             raise ValueError(f'{flag} {out} {problem}: choose another {flag}.')
-    if out.exists() and not overwrite and any(out.iterdir()) and flag == '--out':
-        return out  # the command's own exists-check names --overwrite
+    if out.exists() and not overwrite and any(out.iterdir()) and overwrite_flag:
+        raise ValueError(f'{flag} {out} already exists: choose another {flag} or pass {overwrite_flag}.')
     target = Path(os.path.abspath(out))
     target = target.parent if replacing else target  # a replacement is made and renamed beside it
     parent = next(p for p in (target, *target.parents) if p.exists())

@@ -68,7 +68,8 @@ def run(args) -> int:
     from ..recycle.folder import convert
     model_kwargs = parse_model_kwargs(args.model_kwargs)
     # before the (long) conversion, not after
-    check_output_folder(args.out, args.overwrite, owned=is_model_folder, what='a converted model')
+    check_output_folder(args.out, args.overwrite, owned=is_model_folder, what='a converted model',
+                        overwrite_flag='--overwrite')
     check_model_kwargs(args.model, model_kwargs)
     if args.from_official:
         from ..official import convert_official_checkpoint

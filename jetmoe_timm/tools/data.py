@@ -331,7 +331,8 @@ def _check_force(out: Path, force: bool) -> None:
 
 def _cmd_export(args) -> int:
     _check_force(args.out, args.force)
-    check_output_folder(args.out, args.force, flag='OUT', owned=_is_dataset_folder, what='an exported dataset')
+    check_output_folder(args.out, args.force, flag='OUT', owned=_is_dataset_folder, what='an exported dataset',
+                        overwrite_flag='--force')
     out = export_dataset(args.dataset, args.out, splits=args.split, limit=_parse_limit(args.limit),
                          source=args.source, force=args.force, calib_images=args.calib_images)
     meta = json.loads((out / _META_FILE).read_text())

@@ -62,7 +62,7 @@ def _convert_for_push(args) -> Path:
             raise ValueError(f"--model-kwargs change the architecture of '{args.model}': its default repo must "
                              f"hold the default architecture, so pass your own --repo-id ORG/NAME.")
     out = check_output_folder(args.out or (args.repo_id or args.model).split('/')[-1], args.overwrite,
-                              owned=is_model_folder, what='a converted model')
+                              owned=is_model_folder, what='a converted model', overwrite_flag='--overwrite')
     options = {k: getattr(args, k) for k in CONVERT_DEFAULTS if getattr(args, k) is not None}
     return convert(args.model, out, model_kwargs=model_kwargs, overwrite=args.overwrite,
                    progress=not args.no_progress, **options)
