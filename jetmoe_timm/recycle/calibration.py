@@ -49,14 +49,11 @@ def in_mode(im: Image.Image, mode: str) -> Image.Image:
 
 def image_tensor(img: Image.Image, data_cfg: Dict[str, Any], transform) -> torch.Tensor:
     """One image, already in the model's mode, as its (C, H, W) input: 1 and 3 channels through ``transform``
-    (timm's eval transform of ``data_cfg``), 2 and 4 band by band as a tensor, normalised, then resized to the
-    input size (antialiased bicubic): PIL's resampling premultiplies the colours by a 4th or 2nd (alpha) band."""
+    (timm's eval transform of ``data_cfg``), 2 and 4 band by band (``_bands_input``)."""
     chans = data_cfg['input_size'][0]
     if chans in (1, 3):
         return transform(img)
-    x = _normalised(torch.from_numpy(np.array(img)).reshape(img.height, img.width, chans),
-                    data_cfg['mean'], data_cfg['std'])
-    return _resized(x, data_cfg['input_size'][1:])
+    return _bands_input(torch.from_numpy(np.array(img)).reshape(img.height, img.width, chans), data_cfg)
 
 
 def _resized(img: torch.Tensor, size: Optional[Tuple[int, int]]) -> torch.Tensor:
@@ -86,11 +83,13 @@ def synthetic_image(index: int, size: int = 224, seed: int = 0) -> Image.Image:
     return Image.fromarray(_synthetic_pixels(index, size, seed).numpy(), mode='RGB')
 
 
-def _normalised(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """(H, W, C) uint8 pixels -> (C, H, W) float, normalised. Images of other than 1 or 3 channels take this way,
-    each band on its own: PIL's resampling premultiplies the colours by a 4th or 2nd (alpha) band."""
+def _bands_input(pixels: torch.Tensor, data_cfg: Dict[str, Any]) -> torch.Tensor:
+    """(H, W, C) uint8 pixels -> the model's (C, H, W) input: normalised with ``data_cfg``'s mean / std, then
+    resized to its input size, each band on its own. Images of other than 1 or 3 channels take this way: PIL's
+    resampling premultiplies the colours by a 4th or 2nd (alpha) band."""
     x = pixels.permute(2, 0, 1).float() / 255
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    x = (x - torch.tensor(data_cfg['mean'])[:, None, None]) / torch.tensor(data_cfg['std'])[:, None, None]
+    return _resized(x, data_cfg['input_size'][1:])
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:
@@ -256,10 +255,8 @@ def calibration_batches(
         if chans in (1, 3):  # drawn in RGB, read as the model's mode through its own eval transform
             images = (synthetic_image(i, size, seed) for i in range(num_images))
             return _batched(images, transform, batch_size, mode), total, f'synthetic:{num_images}:seed{seed}'
-        images = (_normalised(_synthetic_pixels(i, size, seed, chans), data_cfg['mean'], data_cfg['std'])
-                  for i in range(num_images))
-        return (_batched(images, transform, batch_size, size=data_cfg['input_size'][1:]), total,
-                f'synthetic:{num_images}:seed{seed}')
+        images = (_bands_input(_synthetic_pixels(i, size, seed, chans), data_cfg) for i in range(num_images))
+        return _batched(images, transform, batch_size), total, f'synthetic:{num_images}:seed{seed}'
     if isinstance(calib, (str, os.PathLike)):
         calib = list_images(calib)  # fails now, with a clear message, rather than mid-way
     if isinstance(calib, ImageListing):
