@@ -297,14 +297,20 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     return dict(kwargs, pretrained_cfg_overlay=_with_input_contract(overlay, path))
 
 
-def _with_input_contract(overlay: Dict[str, Any], path: str) -> Dict[str, Any]:
-    """``overlay`` plus the preprocessing recorded in a recycled file (its predecessor's mean, std, ...), so that
-    timm's data config feeds the weights what they expect; what the user set in ``overlay`` wins."""
+def recorded_input_contract(path: str) -> Dict[str, Any]:
+    """The preprocessing a recycled safetensors file records for its weights (its predecessor's mean, std, ...,
+    lists as tuples), {} where it records none or is no readable safetensors file (timm's own loading says so)."""
     try:
         contract = read_provenance(path).get('input_contract') or {}
-    except Exception:  # not a readable safetensors file: timm's own loading reports that
-        return overlay
-    return dict({k: tuple(v) if isinstance(v, list) else v for k, v in contract.items()}, **overlay)
+    except Exception:
+        return {}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in contract.items()}
+
+
+def _with_input_contract(overlay: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``overlay`` plus the preprocessing recorded in a recycled file, so that timm's data config feeds the weights
+    what they expect; what the user set in ``overlay`` wins."""
+    return dict(recorded_input_contract(path), **overlay)
 
 
 def build_jetmoe(model_cls, variant: str, pretrained: bool, model_args: Optional[Dict[str, Any]] = None, *,

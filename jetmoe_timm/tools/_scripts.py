@@ -31,8 +31,8 @@ import timm
 import torch
 
 from .._names import did_you_mean
-from ..export import read_provenance
 from ..models import list_jetmoe_models
+from ..models._pretrained import recorded_input_contract
 from .checks import check_model_kwargs
 from .cli import USER_ERRORS, closest_option, error_line
 
@@ -576,13 +576,10 @@ def _recorded_mean_std(path: Optional[str]) -> Optional[Tuple[Tuple[float, ...],
     file records none or cannot be read."""
     if not path or not str(path).endswith('.safetensors'):
         return None
-    try:
-        contract = read_provenance(path).get('input_contract') or {}
-    except Exception:  # not there or not readable: the general note
+    contract = recorded_input_contract(path)
+    if not (isinstance(contract.get('mean'), tuple) and isinstance(contract.get('std'), tuple)):
         return None
-    if not (isinstance(contract.get('mean'), list) and isinstance(contract.get('std'), list)):
-        return None
-    return tuple(contract['mean']), tuple(contract['std'])
+    return contract['mean'], contract['std']
 
 
 # the scripts' calls that read what the user named (a model, its pretrained weights, a checkpoint): (module, name)
