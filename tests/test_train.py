@@ -642,7 +642,11 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     """Read as train.py reads them (its parser, its --config file): --model-kwargs img_size=32 without --img-size
     would fail after the first batch, a missing image folder only once the model is built; both are said first,
     and a data size from a recipe file counts."""
-    from jetmoe_timm.tools._scripts import _argument_problem, _script_args
+    from jetmoe_timm.tools._scripts import _argument_problem, _parse_script_args
+
+    def _script_args(path, argv):  # argv as the script reads it, or None
+        return _parse_script_args(path, argv)[0]
+
     train_py = Path(SCRIPTS, 'train.py')
     model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4', '--device', 'cpu',
              '--num-classes', '10']

@@ -216,11 +216,6 @@ def _parse_script_args(path: Path, argv: List[str]) -> Tuple[Optional[argparse.N
         sys.argv = saved_argv
 
 
-def _script_args(path: Path, argv: List[str]) -> Optional[argparse.Namespace]:
-    """``argv`` as the script reads it, or None (``_parse_script_args``)."""
-    return _parse_script_args(path, argv)[0]
-
-
 def _config_problem(argv: List[str]) -> Optional[str]:
     """train.py's ``-c`` / ``--config`` YAML file that is not there (train.py: a traceback, and no other argument can
     be read before it)."""

@@ -541,10 +541,13 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')  # /proc/cpuinfo flags of the bf16 dot-product instructions
+
+
 def _cpu_name() -> str:
     """The CPU as the figures depend on it: its name, x86 family / model (one name covers several generations:
-    'AMD EPYC' was a Zen 5 in one session and a Zen 4 in the next, with other kernel rates) and the vector ISA
-    torch's kernels use."""
+    'AMD EPYC' was a Zen 5 in one session and a Zen 4 in the next, with other kernel rates), the vector ISA
+    torch's kernels use and the bf16 instructions the CPU has."""
     fields = {}
     try:
         with open('/proc/cpuinfo') as f:
@@ -558,6 +561,10 @@ def _cpu_name() -> str:
     name = fields.get('model name') or platform.processor() or platform.machine()
     details = [f"family {fields['cpu family']}, model {fields['model']}"] if 'cpu family' in fields else []
     details.append(f'torch CPU capability {torch.backends.cpu.get_cpu_capability()}')
+    if 'flags' in fields:
+        # bf16 instructions decide the bf16 rows: the same family and model came with and without avx512_bf16
+        flags = set(fields['flags'].split())
+        details.append('bf16: ' + (', '.join(f for f in _BF16_FLAGS if f in flags) or 'none'))
     return f"{name} ({'; '.join(details)})"
 
 
