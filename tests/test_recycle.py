@@ -915,3 +915,21 @@ def test_bare_vit_file_with_a_tiny_grid_is_read_or_refused_never_misread(tmp_pat
                    dict(img_size=16, reg_tokens=4), dict(img_size=8, reg_tokens=1), dict(img_size=32, reg_tokens=4)):
         pred = load(no_embed_class=True, **kwargs)
         assert pred.no_embed_class and pred.patch_embed.img_size == (kwargs['img_size'],) * 2, kwargs
+
+
+@pytest.mark.parametrize('terminal', [True, False])
+def test_progress_bar_on_a_terminal_only(predecessor, monkeypatch, terminal):
+    """progress=True draws tqdm's bar where stderr is a terminal; redirected to a file or a pipe, its
+    carriage-return frames would fill the log, so nothing is written."""
+    import io
+
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    err = Stderr()
+    monkeypatch.setattr(sys, 'stderr', err)
+    recycle(_successor(), predecessor, num_calib=8, batch_size=4, calib='synthetic')
+    written = err.getvalue()
+    assert ('recycling VisionTransformerJetMoE' in written and '\r' in written) == terminal
+    assert terminal or written == ''

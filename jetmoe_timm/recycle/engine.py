@@ -234,7 +234,7 @@ def recycle(
             tensors are taken as normalised and only resized where a fixed-size (ViT) model needs it.
         measure_retention: add ``provenance['retention']``: linear CKA of predecessor and successor features on
             the calibration images, recycled and at the successor's random init (see ``retention.py``).
-        progress: show a progress bar.
+        progress: show a progress bar (where stderr is a terminal).
     """
     check_options(method=method, recipe=recipe, statistic=statistic, calib=calib, num_calib=num_calib,
                   batch_size=batch_size, calib_size=calib_size)
@@ -273,7 +273,9 @@ def recycle(
     pred = family.resize(predecessor, successor)
     size = fixed_input_size(successor)  # None: the successor takes any size; the predecessor's data config rules
     # one bar over the whole recycling: statistics (one step per calibration batch), selection, plan, retention
-    new_bar = functools.partial(tqdm, desc=f'recycling {type(successor).__name__}', unit='step', disable=not progress)
+    # disable=None: on a terminal only; redirected to a file, tqdm's carriage-return frames would fill the log
+    new_bar = functools.partial(tqdm, desc=f'recycling {type(successor).__name__}', unit='step',
+                                disable=None if progress else True)
     kept: List[torch.Tensor] = []  # calibration images at the successor's size, for the retention figure
     pred_features: List[torch.Tensor] = []  # the predecessor's pooled features on them, from the statistics pass
     if calib == 'weights':

@@ -120,7 +120,7 @@ def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed=0, desc='') 
                               lr_min=lr * 0.01, t_in_epochs=False)
     accs = [evaluate(model, x_test, y_test)]
     step = 0
-    bar = tqdm(total=steps, desc=desc, unit='step', leave=False)
+    bar = tqdm(total=steps, desc=desc, unit='step', leave=False, disable=None)  # a terminal only, as recycling's
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(x), generator=g)
