@@ -61,7 +61,8 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
     parser.add_argument('--model-kwargs', nargs='*', default=[] if defaults else None, metavar='K=V',
                         help="the variant's kwargs to change, e.g. embed_dim=96")
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier output folder')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar (none is drawn where stderr is not a terminal)')
+    parser.add_argument('--no-progress', action='store_true',
+                        help='no progress bar (none is drawn where stderr is not a terminal)')
 
 
 def run(args) -> int:
