@@ -99,7 +99,7 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random translation by up to 2 px (pad and crop), the only augmentation: cheap and label-safe."""
     pad = F.pad(x, (2, 2, 2, 2), value=-1.0)
     i, j = torch.randint(0, 5, (2,), generator=g).tolist()
-    return pad[..., i:i + IMG, j:j + IMG]
+    return pad[..., i:i + x.shape[-2], j:j + x.shape[-1]]  # images of any size (scripts train at 56 px too)
 
 
 @torch.no_grad()

@@ -1,0 +1,148 @@
+""" What survives recycling when the predecessor carries what real checkpoints carry, measured on trained weights.
+
+Random weights prove the index maps exact (tests/test_recycle_exact.py); whether knowledge survives needs trained
+ones. This trains small dense ViT predecessors on Fashion-MNIST with the demo's recipe (d=192, depth 6, layer
+scale, `jetmoe-timm demo`), one per flavour of real checkpoint:
+
+- 'layer scale'  the demo's predecessor: 32 px, patch 8 (4x4 grid), class token with a position embedding;
+- 'registers'    + 4 register tokens and prefix tokens without position embedding (DINOv2-reg, DeiT-3's class);
+- 'patch 7'      56 px, patch 7 (8x8 grid): a smaller patch and a larger grid than the successor's, as DINOv2's
+                 patch 14 at 518 px (37x37) is for a successor at 224 px / patch 16 (14x14);
+- 'all'          registers and patch 7 together;
+
+recycles each (importance sampling, 256 Fashion-MNIST calibration images) into the demo's V-JetMoE successor (32 px,
+patch 8, d'=96, MoE in blocks 3..5) and measures, before any fine-tuning, on images no step has seen:
+- linear CKA of the successor's pooled features with the predecessor's, each at its own input size (the
+  predecessor at its native size: what a user's checkpoint knows; and resampled to the successor's grid, what
+  the successor could at most keep), next to the successor's random init;
+- ridge probes on the pooled features: Fashion-MNIST (the predecessor's own task) and MNIST-5k (transfer);
+- the same for the predecessor itself, native and resampled to the successor's grid by timm (`set_input_size`):
+  what the resampling alone keeps, before any channel or neuron is dropped.
+Successor rows run --seeds seeds (the recycling seed and the init of what is not recycled): median and range.
+
+    python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--pretrain-images 20000]
+
+Predecessors are cached like the demo's (in $JETMOE_TIMM_CACHE/demo), so a second run only measures.
+"""
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from jetmoe_timm.recycle import recycle
+from jetmoe_timm.recycle.retention import linear_cka, pooled_features
+from jetmoe_timm.tools.demo import IMG, PRED_ARGS, SUCC_ARGS, linear_probe, load_demo_split, pretrained_predecessor
+
+FLAVOURS = {  # name -> predecessor args over the demo's
+    'layer scale': {},
+    'registers': dict(reg_tokens=4, no_embed_class=True),
+    'patch 7': dict(img_size=56, patch_size=7),
+    'all': dict(img_size=56, patch_size=7, reg_tokens=4, no_embed_class=True),
+}
+CALIB_IMAGES = 256
+
+
+def _at(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (B, 1, 32, 32) at ``size`` px: the same content for a predecessor of another native size."""
+    return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+
+
+def _measure(model, size, refs, held_out, fm_probe, mnist_probe):
+    """CKA with the predecessor's features on ``held_out`` (``refs``: {'cka': native, 'cka_resampled': resampled to
+    the successor's grid, where it differs}), and the two probes, for a model fed ``size`` px."""
+    feats = pooled_features(model, [_at(held_out, size)])
+    (fx, fy, fxt, fyt), (mx, my, mxt, myt) = fm_probe, mnist_probe
+    return dict(**{k: linear_cka(ref, feats) for k, ref in refs.items()},
+                probe_fm=linear_probe(model, _at(fx, size), fy, _at(fxt, size), fyt),
+                probe_mnist=linear_probe(model, _at(mx, size), my, _at(mxt, size), myt))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--out', type=Path, required=True, help='folder for real_features_retention.json')
+    p.add_argument('--seeds', type=int, default=3)
+    p.add_argument('--flavours', nargs='+', default=list(FLAVOURS), choices=list(FLAVOURS))
+    p.add_argument('--pretrain-images', type=int, default=20000, help='Fashion-MNIST images each predecessor sees')
+    p.add_argument('--pretrain-epochs', type=int, default=1)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    fm_train = load_demo_split('fashion-mnist', 'train', args.pretrain_images)
+    fm_val = load_demo_split('fashion-mnist', 'validation', 3000)
+    # held out from every step: the predecessor's test split (its first 1000 images), the probe's train / test
+    held_out = fm_val[0][2000:2512]
+    fm_probe = (fm_val[0][:1000], fm_val[1][:1000], fm_val[0][1000:2000], fm_val[1][1000:2000])
+    mnist_probe = (*load_demo_split('mnist5k', 'train', 1000), *load_demo_split('mnist5k', 'validation', 1000))
+    calib = fm_train[0][-CALIB_IMAGES:]
+    cfg = dict(pretrain_images=args.pretrain_images, pretrain_epochs=args.pretrain_epochs)
+
+    rows = []
+    for flavour in args.flavours:
+        pred_args = dict(PRED_ARGS, **FLAVOURS[flavour])
+        size = pred_args['img_size']
+        data = (_at(fm_train[0], size), fm_train[1], _at(fm_val[0][:1000], size), fm_val[1][:1000])
+        tag = f"vit{pred_args['embed_dim']}_ls_" + flavour.replace(' ', '_')
+        pred = pretrained_predecessor(pred_args, cfg, data, tag)
+        resampled = copy.deepcopy(pred)
+        resampled.set_input_size(img_size=IMG, patch_size=SUCC_ARGS['patch_size'])  # timm's resampling alone
+        refs = {'cka': pooled_features(pred, [_at(held_out, size)])}
+        if size != IMG:  # what the successor can at most keep is what the resampled predecessor still has
+            refs['cka_resampled'] = pooled_features(resampled, [held_out])
+        # the successor takes the predecessor's registers, as recycling asks; its prefix tokens keep their position
+        # embedding (timm's default), the predecessor's convention is converted exactly (recycle/vit.py, resize)
+        succ_args = dict(SUCC_ARGS, reg_tokens=pred_args.get('reg_tokens', 0))
+        rows.append(dict(flavour=flavour, model='predecessor, native', seed=None,
+                         **_measure(pred, size, refs, held_out, fm_probe, mnist_probe)))
+        if size != IMG:
+            rows.append(dict(flavour=flavour, model='predecessor, resampled', seed=None,
+                             **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe)))
+        for seed in range(args.seeds):
+            for name in ('recycled', 'random init'):
+                torch.manual_seed(seed + 1)
+                succ = timm.create_model('v_jetmoe_tiny', **succ_args)
+                if name == 'recycled':
+                    recycle(succ, pred, calib=torch.utils.data.TensorDataset(calib), num_calib=CALIB_IMAGES,
+                            seed=seed, progress=False)
+                rows.append(dict(flavour=flavour, model=f'successor, {name}', seed=seed,
+                                 **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
+        print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
+
+    table = _table(rows)
+    print(table)
+    result = dict(rows=rows, table=table, args=vars(args), pretrain=cfg, seconds=time.perf_counter() - t_start,
+                  torch=torch.__version__, timm=timm.__version__)
+    (args.out / 'real_features_retention.json').write_text(json.dumps(result, indent=2, default=str))
+    print(f"wrote {args.out / 'real_features_retention.json'} ({result['seconds']:.0f} s)")
+
+
+def _cell(values, fmt):
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f'{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})'
+
+
+def _table(rows) -> str:
+    """Markdown: one row per flavour and model, seeds as median (range)."""
+    lines = ['| predecessor flavour | model | seeds | CKA with the predecessor | CKA with it resampled | '
+             'Fashion-MNIST probe % | MNIST-5k probe % |', '|---|---|---:|---:|---:|---:|---:|']
+    keys = list(dict.fromkeys((r['flavour'], r['model']) for r in rows))
+    for flavour, model in keys:
+        group = [r for r in rows if (r['flavour'], r['model']) == (flavour, model)]
+        lines.append(f"| {flavour} | {model} | {len(group) if group[0]['seed'] is not None else '-'} | "
+                     f"{_cell([r['cka'] for r in group], '{:.3f}')} | "
+                     f"{_cell([r['cka_resampled'] for r in group], '{:.3f}') if 'cka_resampled' in group[0] else '-'} | "
+                     f"{_cell([r['probe_fm'] for r in group], '{:.1f}')} | "
+                     f"{_cell([r['probe_mnist'] for r in group], '{:.1f}')} |")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    main()
