@@ -22,11 +22,11 @@ FIGURE_SUCC_ARGS = dict(SUCC_ARGS, patch_size=4, num_core_experts=32, num_univ_e
 FIGURE_CFG = dict(pretrain_images=20000, pretrain_epochs=2, lr=1e-3)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='docs/inspect_example')
     parser.add_argument('--epochs', type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = FIGURE_CFG
     fm = (*load_demo_split('fashion-mnist', 'train', cfg['pretrain_images']),
           *load_demo_split('fashion-mnist', 'validation', 2000))

@@ -16,10 +16,10 @@ from jetmoe_timm.profile import count_macs, count_params
 from jetmoe_timm.tools.bench import PAIRS
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--json', default=None, help='also write the figures here')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
     for pair in PAIRS:
         for name, kwargs in ((pair.model, pair.model_kwargs), (pair.twin, pair.twin_kwargs)):

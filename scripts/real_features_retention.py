@@ -20,7 +20,9 @@ patch 8, d'=96, MoE in blocks 3..5) and measures, before any fine-tuning, on ima
   what the resampling alone keeps, before any channel or neuron is dropped.
 Successor rows run --seeds seeds (the recycling seed and the init of what is not recycled): median and range.
 
-    python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--pretrain-images 20000]
+    python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--pretrain-images 60000]
+
+`--smoke` runs the same pipeline on toy sizes (quarter width, few images) for the test suite.
 
 Predecessors are cached like the demo's (in $JETMOE_TIMM_CACHE/demo), so a second run only measures.
 """
@@ -37,7 +39,8 @@ import torch.nn.functional as F
 
 from jetmoe_timm.recycle import recycle
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
-from jetmoe_timm.tools.demo import IMG, PRED_ARGS, SUCC_ARGS, linear_probe, load_demo_split, pretrained_predecessor
+from jetmoe_timm.tools.demo import IMG, PRED_ARGS, SUCC_ARGS, linear_probe, load_demo_split, pretrained_predecessor, \
+    scaled_args
 
 FLAVOURS = {  # name -> predecessor args over the demo's
     'layer scale': {},
@@ -45,7 +48,9 @@ FLAVOURS = {  # name -> predecessor args over the demo's
     'patch 7': dict(img_size=56, patch_size=7),
     'all': dict(img_size=56, patch_size=7, reg_tokens=4, no_embed_class=True),
 }
-CALIB_IMAGES = 256
+# images per use: recycling's calibration, each probe's train and test split, the held-out CKA set; model width
+SIZES = {'full': dict(calib=256, probe=1000, held_out=512, width=1),
+         'smoke': dict(calib=16, probe=50, held_out=32, width=0.25)}
 
 
 def _at(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -69,36 +74,40 @@ def main(argv=None):
     p.add_argument('--out', type=Path, required=True, help='folder for real_features_retention.json')
     p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--flavours', nargs='+', default=list(FLAVOURS), choices=list(FLAVOURS))
-    p.add_argument('--pretrain-images', type=int, default=20000, help='Fashion-MNIST images each predecessor sees')
+    p.add_argument('--pretrain-images', type=int, default=60000, help='Fashion-MNIST images each predecessor sees')
     p.add_argument('--pretrain-epochs', type=int, default=1)
+    p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
+    n = SIZES['smoke' if args.smoke else 'full']
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
+    k = n['probe']
     fm_train = load_demo_split('fashion-mnist', 'train', args.pretrain_images)
-    fm_val = load_demo_split('fashion-mnist', 'validation', 3000)
-    # held out from every step: the predecessor's test split (its first 1000 images), the probe's train / test
-    held_out = fm_val[0][2000:2512]
-    fm_probe = (fm_val[0][:1000], fm_val[1][:1000], fm_val[0][1000:2000], fm_val[1][1000:2000])
-    mnist_probe = (*load_demo_split('mnist5k', 'train', 1000), *load_demo_split('mnist5k', 'validation', 1000))
-    calib = fm_train[0][-CALIB_IMAGES:]
+    fm_val = load_demo_split('fashion-mnist', 'validation', 3 * k)
+    # held out from every step: the probe's train / test split (the first also the predecessor's test split)
+    held_out = fm_val[0][2 * k:2 * k + n['held_out']]
+    fm_probe = (fm_val[0][:k], fm_val[1][:k], fm_val[0][k:2 * k], fm_val[1][k:2 * k])
+    mnist_probe = (*load_demo_split('mnist5k', 'train', k), *load_demo_split('mnist5k', 'validation', k))
+    calib = fm_train[0][-n['calib']:]
+    base_pred, base_succ = scaled_args(PRED_ARGS, n['width']), scaled_args(SUCC_ARGS, n['width'])
     cfg = dict(pretrain_images=args.pretrain_images, pretrain_epochs=args.pretrain_epochs)
 
     rows = []
     for flavour in args.flavours:
-        pred_args = dict(PRED_ARGS, **FLAVOURS[flavour])
+        pred_args = dict(base_pred, **FLAVOURS[flavour])
         size = pred_args['img_size']
-        data = (_at(fm_train[0], size), fm_train[1], _at(fm_val[0][:1000], size), fm_val[1][:1000])
+        data = (_at(fm_train[0], size), fm_train[1], _at(fm_val[0][:k], size), fm_val[1][:k])
         tag = f"vit{pred_args['embed_dim']}_ls_" + flavour.replace(' ', '_')
         pred = pretrained_predecessor(pred_args, cfg, data, tag)
         resampled = copy.deepcopy(pred)
-        resampled.set_input_size(img_size=IMG, patch_size=SUCC_ARGS['patch_size'])  # timm's resampling alone
+        resampled.set_input_size(img_size=IMG, patch_size=base_succ['patch_size'])  # timm's resampling alone
         refs = {'cka': pooled_features(pred, [_at(held_out, size)])}
         if size != IMG:  # what the successor can at most keep is what the resampled predecessor still has
             refs['cka_resampled'] = pooled_features(resampled, [held_out])
         # the successor takes the predecessor's registers, as recycling asks; its prefix tokens keep their position
         # embedding (timm's default), the predecessor's convention is converted exactly (recycle/vit.py, resize)
-        succ_args = dict(SUCC_ARGS, reg_tokens=pred_args.get('reg_tokens', 0))
+        succ_args = dict(base_succ, reg_tokens=pred_args.get('reg_tokens', 0))
         rows.append(dict(flavour=flavour, model='predecessor, native', seed=None,
                          **_measure(pred, size, refs, held_out, fm_probe, mnist_probe)))
         if size != IMG:
@@ -109,8 +118,8 @@ def main(argv=None):
                 torch.manual_seed(seed + 1)
                 succ = timm.create_model('v_jetmoe_tiny', **succ_args)
                 if name == 'recycled':
-                    recycle(succ, pred, calib=torch.utils.data.TensorDataset(calib), num_calib=CALIB_IMAGES,
-                            seed=seed, progress=False)
+                    recycle(succ, pred, calib=torch.utils.data.TensorDataset(calib), num_calib=len(calib),
+                            batch_size=min(32, len(calib)), seed=seed, progress=False)
                 rows.append(dict(flavour=flavour, model=f'successor, {name}', seed=seed,
                                  **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)

@@ -73,7 +73,7 @@ CONFIGS = {
 SEEDED_RUNS = ('moe scratch', 'dense recycled', 'moe importance')  # the rows the verdict rests on
 
 
-def _scaled(args: Dict, width: float) -> Dict:
+def scaled_args(args: Dict, width: float) -> Dict:
     """Architecture args with widths scaled (heads kept) and fewer experts, for the smoke configuration."""
     if width == 1:
         return args
@@ -217,7 +217,7 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     name = config or ('quick' if quick else 'full')
     cfg = CONFIGS[name]
     width = cfg.get('width', 1)
-    pred_args, body_args, succ_args = (_scaled(a, width) for a in (PRED_ARGS, BODY_ARGS, SUCC_ARGS))
+    pred_args, body_args, succ_args = (scaled_args(a, width) for a in (PRED_ARGS, BODY_ARGS, SUCC_ARGS))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
