@@ -15,6 +15,7 @@ Operands are made once; candidates take turns every round; medians.
 """
 import argparse
 import statistics
+from typing import Optional
 
 import torch
 
@@ -71,14 +72,15 @@ def _build_brgemm():
                        extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'])
 
 
-def _brgemm_bf16_runs(brgemm) -> bool:
-    """Whether oneDNN generates the bf16 micro-kernel here (it refuses on CPUs without avx512_bf16 or AMX)."""
+def _brgemm_bf16_problem(brgemm) -> Optional[str]:
+    """Why the bf16 micro-kernel does not run here (oneDNN generates none on CPUs without avx512_bf16 or AMX), or
+    None."""
     try:
         brgemm.grouped_brgemm(torch.zeros(1, 2, 2, dtype=torch.bfloat16), torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16),
                               2, 2)
-    except RuntimeError:
-        return False
-    return True
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return None
 
 
 def _vnni(w: torch.Tensor) -> torch.Tensor:
@@ -95,11 +97,12 @@ def main(argv=None):
     parser.add_argument('--in-cache', action='store_true', help='add the core shape with 8 experts (in L3)')
     args = parser.parse_args(argv)
     brgemm = _build_brgemm() if args.brgemm else None
-    brgemm_bf16 = brgemm is not None and _brgemm_bf16_runs(brgemm)
+    bf16_problem = _brgemm_bf16_problem(brgemm) if brgemm is not None else None
+    brgemm_bf16 = brgemm is not None and bf16_problem is None
     torch.manual_seed(0)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; GMAC/s (median ms)')
-    if brgemm is not None and not brgemm_bf16:
-        print('no bf16 brgemm: oneDNN has no bf16 micro-kernel for this CPU (it needs avx512_bf16 or AMX)')
+    if bf16_problem:
+        print(f'no bf16 brgemm ({bf16_problem}): oneDNN makes bf16 micro-kernels on CPUs with avx512_bf16 or AMX')
     for batch in args.batch_sizes:
         rows = {'dense fc1': ((1, batch * TOKENS, DIM), DIM * 4)}
         rows.update({f'core fc1 ({CORE[0]} experts)': ((CORE[0], batch, DIM), CORE[1]),

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from jetmoe_timm.recycle import recycle
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
-from jetmoe_timm.tools.demo import IMG, PRED_ARGS, SUCC_ARGS, linear_probe, load_demo_split, pretrained_predecessor, \
-    scaled_args
+from jetmoe_timm.tools.demo import IMG, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
+    pretrained_predecessor, scaled_args
 
 FLAVOURS = {  # name -> predecessor args over the demo's
     'layer scale': {},
@@ -49,7 +49,7 @@ FLAVOURS = {  # name -> predecessor args over the demo's
     'all': dict(img_size=56, patch_size=7, reg_tokens=4, no_embed_class=True),
 }
 # images per use: recycling's calibration, each probe's train and test split, the held-out CKA set; model width
-SIZES = {'full': dict(calib=256, probe=1000, held_out=512, width=1),
+SIZES = {'full': dict(calib=256, probe=1000, held_out=1000, width=1),
          'smoke': dict(calib=16, probe=50, held_out=32, width=0.25)}
 
 
@@ -100,15 +100,16 @@ def main(argv=None):
         data = (_at(fm_train[0], size), fm_train[1], _at(fm_val[0][:k], size), fm_val[1][:k])
         tag = f"vit{pred_args['embed_dim']}_ls_" + flavour.replace(' ', '_')
         pred = pretrained_predecessor(pred_args, cfg, data, tag)
-        resampled = copy.deepcopy(pred)
-        resampled.set_input_size(img_size=IMG, patch_size=base_succ['patch_size'])  # timm's resampling alone
         refs = {'cka': pooled_features(pred, [_at(held_out, size)])}
         if size != IMG:  # what the successor can at most keep is what the resampled predecessor still has
+            resampled = copy.deepcopy(pred)
+            resampled.set_input_size(img_size=IMG, patch_size=base_succ['patch_size'])  # timm's resampling alone
             refs['cka_resampled'] = pooled_features(resampled, [held_out])
         # the successor takes the predecessor's registers, as recycling asks; its prefix tokens keep their position
         # embedding (timm's default), the predecessor's convention is converted exactly (recycle/vit.py, resize)
         succ_args = dict(base_succ, reg_tokens=pred_args.get('reg_tokens', 0))
-        rows.append(dict(flavour=flavour, model='predecessor, native', seed=None,
+        # its own test accuracy (head included), on the probe's train split: no step trains on it
+        rows.append(dict(flavour=flavour, model='predecessor, native', seed=None, accuracy=evaluate(pred, *data[2:]),
                          **_measure(pred, size, refs, held_out, fm_probe, mnist_probe)))
         if size != IMG:
             rows.append(dict(flavour=flavour, model='predecessor, resampled', seed=None,
@@ -119,7 +120,7 @@ def main(argv=None):
                 succ = timm.create_model('v_jetmoe_tiny', **succ_args)
                 if name == 'recycled':
                     recycle(succ, pred, calib=torch.utils.data.TensorDataset(calib), num_calib=len(calib),
-                            batch_size=min(32, len(calib)), seed=seed, progress=False)
+                            batch_size=min(32, len(calib)), seed=seed, measure_retention=False, progress=False)
                 rows.append(dict(flavour=flavour, model=f'successor, {name}', seed=seed,
                                  **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
@@ -145,6 +146,8 @@ def _table(rows) -> str:
     keys = list(dict.fromkeys((r['flavour'], r['model']) for r in rows))
     for flavour, model in keys:
         group = [r for r in rows if (r['flavour'], r['model']) == (flavour, model)]
+        if 'accuracy' in group[0]:
+            model += f" ({group[0]['accuracy']:.1f} % test)"
         lines.append(f"| {flavour} | {model} | {len(group) if group[0]['seed'] is not None else '-'} | "
                      f"{_cell([r['cka'] for r in group], '{:.3f}')} | "
                      f"{_cell([r['cka_resampled'] for r in group], '{:.3f}') if 'cka_resampled' in group[0] else '-'} | "

