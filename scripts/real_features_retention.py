@@ -18,7 +18,8 @@ patch 8, d'=96, MoE in blocks 3..5) and measures, before any fine-tuning, on ima
 - ridge probes on the pooled features: Fashion-MNIST (the predecessor's own task) and MNIST-5k (transfer);
 - the same for the predecessor itself, native and resampled to the successor's grid by timm (`set_input_size`):
   what the resampling alone keeps, before any channel or neuron is dropped.
-Successor rows run --seeds seeds (the recycling seed and the init of what is not recycled): median and range.
+Successor rows run --seeds seeds (the recycling seed and the init of what is not recycled) for each of
+--predecessor-seeds predecessors per flavour: median and range.
 
     python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--pretrain-images 60000]
 
@@ -72,7 +73,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', type=Path, required=True, help='folder for real_features_retention.json')
-    p.add_argument('--seeds', type=int, default=3)
+    p.add_argument('--seeds', type=int, default=3, help='successor seeds per predecessor')
+    p.add_argument('--predecessor-seeds', type=int, default=1,
+                   help='predecessors trained per flavour (init, order and augmentation from seeds 0, 1, ...)')
     p.add_argument('--flavours', nargs='+', default=list(FLAVOURS), choices=list(FLAVOURS))
     p.add_argument('--pretrain-images', type=int, default=60000, help='Fashion-MNIST images each predecessor sees')
     p.add_argument('--pretrain-epochs', type=int, default=1)
@@ -95,34 +98,9 @@ def main(argv=None):
 
     rows = []
     for flavour in args.flavours:
-        pred_args = dict(base_pred, **FLAVOURS[flavour])
-        size = pred_args['img_size']
-        data = (_at(fm_train[0], size), fm_train[1], _at(fm_val[0][:k], size), fm_val[1][:k])
-        tag = f"vit{pred_args['embed_dim']}_ls_" + flavour.replace(' ', '_')
-        pred = pretrained_predecessor(pred_args, cfg, data, tag)
-        refs = {'cka': pooled_features(pred, [_at(held_out, size)])}
-        if size != IMG:  # what the successor can at most keep is what the resampled predecessor still has
-            resampled = copy.deepcopy(pred)
-            resampled.set_input_size(img_size=IMG, patch_size=base_succ['patch_size'])  # timm's resampling alone
-            refs['cka_resampled'] = pooled_features(resampled, [held_out])
-        # the successor takes the predecessor's registers, as recycling asks; its prefix tokens keep their position
-        # embedding (timm's default), the predecessor's convention is converted exactly (recycle/vit.py, resize)
-        succ_args = dict(base_succ, reg_tokens=pred_args.get('reg_tokens', 0))
-        # its own test accuracy (head included), on the probe's train split: no step trains on it
-        rows.append(dict(flavour=flavour, model='predecessor, native', seed=None, accuracy=evaluate(pred, *data[2:]),
-                         **_measure(pred, size, refs, held_out, fm_probe, mnist_probe)))
-        if size != IMG:
-            rows.append(dict(flavour=flavour, model='predecessor, resampled', seed=None,
-                             **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe)))
-        for seed in range(args.seeds):
-            for name in ('recycled', 'random init'):
-                torch.manual_seed(seed + 1)
-                succ = timm.create_model('v_jetmoe_tiny', **succ_args)
-                if name == 'recycled':
-                    recycle(succ, pred, calib=torch.utils.data.TensorDataset(calib), num_calib=len(calib),
-                            batch_size=min(32, len(calib)), seed=seed, measure_retention=False, progress=False)
-                rows.append(dict(flavour=flavour, model=f'successor, {name}', seed=seed,
-                                 **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
+        for pred_seed in range(args.predecessor_seeds):
+            rows += _flavour_rows(flavour, pred_seed, dict(base_pred, **FLAVOURS[flavour]), base_succ, cfg, args.seeds,
+                                  fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k], calib))
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
 
     table = _table(rows)
@@ -133,6 +111,41 @@ def main(argv=None):
     print(f"wrote {args.out / 'real_features_retention.json'} ({result['seconds']:.0f} s)")
 
 
+def _flavour_rows(flavour, pred_seed, pred_args, base_succ, cfg, seeds, fm_train, eval_data):
+    """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
+    recycled and at random init, for ``seeds`` seeds."""
+    held_out, fm_probe, mnist_probe, test_x, test_y, calib = eval_data
+    size = pred_args['img_size']
+    data = (_at(fm_train[0], size), fm_train[1], _at(test_x, size), test_y)
+    tag = f"vit{pred_args['embed_dim']}_ls_" + flavour.replace(' ', '_')
+    pred = pretrained_predecessor(pred_args, cfg, data, tag, pred_seed)
+    refs = {'cka': pooled_features(pred, [_at(held_out, size)])}
+    if size != IMG:  # what the successor can at most keep is what the resampled predecessor still has
+        resampled = copy.deepcopy(pred)
+        resampled.set_input_size(img_size=IMG, patch_size=base_succ['patch_size'])  # timm's resampling alone
+        refs['cka_resampled'] = pooled_features(resampled, [held_out])
+    # the successor takes the predecessor's registers, as recycling asks; its prefix tokens keep their position
+    # embedding (timm's default), the predecessor's convention is converted exactly (recycle/vit.py, resize)
+    succ_args = dict(base_succ, reg_tokens=pred_args.get('reg_tokens', 0))
+    row = dict(flavour=flavour, predecessor_seed=pred_seed)
+    # its own test accuracy (head included), on the probe's train split: no step trains on it
+    rows = [dict(row, model='predecessor, native', seed=None, accuracy=evaluate(pred, *data[2:]),
+                 **_measure(pred, size, refs, held_out, fm_probe, mnist_probe))]
+    if size != IMG:
+        rows.append(dict(row, model='predecessor, resampled', seed=None,
+                         **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe)))
+    for seed in range(seeds):
+        for name in ('recycled', 'random init'):
+            torch.manual_seed(seed + 1)
+            succ = timm.create_model('v_jetmoe_tiny', **succ_args)
+            if name == 'recycled':
+                recycle(succ, pred, calib=torch.utils.data.TensorDataset(calib), num_calib=len(calib),
+                        batch_size=min(32, len(calib)), seed=seed, measure_retention=False, progress=False)
+            rows.append(dict(row, model=f'successor, {name}', seed=seed,
+                             **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
+    return rows
+
+
 def _cell(values, fmt):
     if len(values) == 1:
         return fmt.format(values[0])
@@ -140,15 +153,15 @@ def _cell(values, fmt):
 
 
 def _table(rows) -> str:
-    """Markdown: one row per flavour and model, seeds as median (range)."""
-    lines = ['| predecessor flavour | model | seeds | CKA with the predecessor | CKA with it resampled | '
+    """Markdown: one row per flavour and model, its runs (predecessors x successor seeds) as median (range)."""
+    lines = ['| predecessor flavour | model | runs | CKA with the predecessor | CKA with it resampled | '
              'Fashion-MNIST probe % | MNIST-5k probe % |', '|---|---|---:|---:|---:|---:|---:|']
     keys = list(dict.fromkeys((r['flavour'], r['model']) for r in rows))
     for flavour, model in keys:
         group = [r for r in rows if (r['flavour'], r['model']) == (flavour, model)]
         if 'accuracy' in group[0]:
-            model += f" ({group[0]['accuracy']:.1f} % test)"
-        lines.append(f"| {flavour} | {model} | {len(group) if group[0]['seed'] is not None else '-'} | "
+            model += f" ({_cell([r['accuracy'] for r in group], '{:.1f}')} % test)"
+        lines.append(f"| {flavour} | {model} | {len(group)} | "
                      f"{_cell([r['cka'] for r in group], '{:.3f}')} | "
                      f"{_cell([r['cka_resampled'] for r in group], '{:.3f}') if 'cka_resampled' in group[0] else '-'} | "
                      f"{_cell([r['probe_fm'] for r in group], '{:.1f}')} | "

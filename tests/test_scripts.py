@@ -50,4 +50,4 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
     for row in rows.values():
         assert 0 <= row['cka'] <= 1 + 1e-9 and 0 <= row['cka_resampled'] <= 1 + 1e-9
         assert 0 <= row['probe_fm'] <= 100 and 0 <= row['probe_mnist'] <= 100
-    assert '| all | successor, recycled | 1 |' in result['table']
+    assert '| all | successor, recycled | 1 |' in result['table'] and rows['successor, recycled']['predecessor_seed'] == 0

@@ -139,17 +139,18 @@ def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed=0, desc='') 
     return accs
 
 
-def predecessor_cache_path(args: Dict, cfg: Dict, tag: str) -> Path:
-    """Where the demo keeps its pretrained predecessor of this configuration."""
-    key = hashlib.sha256(json.dumps([args, cfg['pretrain_images'], cfg['pretrain_epochs']], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:12]
+def predecessor_cache_path(args: Dict, cfg: Dict, tag: str, seed: int = 0) -> Path:
+    """Where the demo keeps its pretrained predecessor of this configuration (and training seed)."""
+    key = [args, cfg['pretrain_images'], cfg['pretrain_epochs']] + ([seed] if seed else [])  # seed 0: earlier keys
+    key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return cache_dir() / 'demo' / f'{tag}_{key}.safetensors'
 
 
-def pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str) -> nn.Module:
-    """A dense ViT trained on Fashion-MNIST, cached by its configuration."""
-    path = predecessor_cache_path(args, cfg, tag)
-    torch.manual_seed(0)
+def pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str, seed: int = 0) -> nn.Module:
+    """A dense ViT trained on Fashion-MNIST (init, order and augmentation from ``seed``), cached by its
+    configuration."""
+    path = predecessor_cache_path(args, cfg, tag, seed)
+    torch.manual_seed(seed)
     model = timm.create_model('vit_tiny_patch16_224', **args)
     if path.is_file():
         from safetensors.torch import load_file
@@ -158,7 +159,7 @@ def pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str) -> nn.Module:
         return model.eval()
     x, y, xt, yt = data
     t0 = time.perf_counter()
-    accs = train(model, x, y, xt, yt, cfg['pretrain_epochs'], 64, 1e-3, desc=f'pretrain {tag}')
+    accs = train(model, x, y, xt, yt, cfg['pretrain_epochs'], 64, 1e-3, seed, desc=f'pretrain {tag}')
     print(f'predecessor {tag}: Fashion-MNIST test accuracy {accs[-1]:.1f}% ({time.perf_counter() - t0:.0f} s)')
     save_safetensors_atomic(model.state_dict(), path, dict(demo_predecessor=tag, fashion_mnist_acc=accs[-1]))
     return model.eval()
