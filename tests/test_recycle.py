@@ -731,6 +731,8 @@ def test_damaged_weights_are_refused_through_every_path(tmp_path, monkeypatch, t
     (dict(embed_dim=128, num_heads=2, patch_size=8, img_size=40, init_values=1e-5, reg_tokens=2,
           no_embed_class=True), 0, '.pth'),  # DINOv2-reg-like, headless
     (dict(embed_dim=64, num_heads=1, depth=3, class_token=False, global_pool='avg'), 1000, '.bin'),  # smaller
+    # qk-norm: its weights give the heads' width, here 16 (4 heads) where 64-wide heads would have made 1
+    (dict(embed_dim=64, num_heads=4, qk_norm=True), 1000, '.safetensors'),
 ])
 def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, classes, suffix):
     """A predecessor as users have it: a bare checkpoint file, any head, any compatible size; the architecture
@@ -745,8 +747,9 @@ def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, c
     state = {k: v.contiguous() for k, v in pred.state_dict().items()}
     save_file(state, path) if suffix == '.safetensors' else torch.save({'model': state}, path)
     succ_kwargs = dict(img_size=kwargs['img_size'], patch_size=kwargs.get('patch_size', 4), embed_dim=32,
-                       depth=kwargs['depth'], num_heads=1, num_core_experts=2, num_univ_experts=2, num_classes=0,
-                       class_token=kwargs.get('class_token', True), reg_tokens=kwargs.get('reg_tokens', 0))
+                       depth=kwargs['depth'], num_heads=kwargs['num_heads'] // 2 or 1, num_core_experts=2,
+                       num_univ_experts=2, num_classes=0, class_token=kwargs.get('class_token', True),
+                       reg_tokens=kwargs.get('reg_tokens', 0), qk_norm=kwargs.get('qk_norm', False))
     with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.build'):
         succ, result = build_recycled('v_jetmoe_tiny', succ_kwargs, predecessor=str(path), num_calib=8,
                                       progress=False)
@@ -754,7 +757,8 @@ def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, c
     assert f"embed_dim={kwargs['embed_dim']}" in line and f"depth={kwargs['depth']}" in line
     assert (f'its {classes}-class head is not used' in line) == bool(classes)
     assert "a bare file does not record these, assumed: num_heads from heads as wide as the tag's predecessor's " \
-           "(64 in timm's ViTs), a square patch grid" in line  # what is assumed, not read
+           "(64 in timm's ViTs) where no qk-norm weights give their width, a square patch grid" in line  # assumed
+    assert f"num_heads={kwargs['num_heads']}," in line  # the heads it was built with: read, or rightly assumed
     ch = result.selection['channels']
     torch.testing.assert_close(succ.blocks[0].norm1.weight, pred.blocks[0].norm1.weight[ch], rtol=0, atol=0)
 

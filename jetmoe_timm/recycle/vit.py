@@ -94,8 +94,11 @@ def _check_blocks(pred) -> None:
 
 def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
     """timm VisionTransformer arguments of a bare (timm-format) checkpoint, read off its tensors; heads come from
-    the family's head width (``hint``, the tag's predecessor, built on the meta device). The head is dropped."""
+    the qk-norm weights (one per head dimension) where it has them, else from the family's head width (``hint``,
+    the tag's predecessor, built on the meta device). The head is dropped."""
     d, c, p = state['patch_embed.proj.weight'].shape[:3]
+    q_norm = state.get('blocks.0.attn.q_norm.weight')
+    head_dim = q_norm.shape[0] if q_norm is not None else _head_dim(hint)
     prefix = int('cls_token' in state) + (state['reg_token'].shape[1] if 'reg_token' in state else 0)
     n_pos = state['pos_embed'].shape[1]
     # (grid side, no_embed_class): a square grid after the prefix tokens' rows, or a square grid alone with prefix
@@ -109,7 +112,7 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
                                    + (f'both {fits}' if fits else 'no square patch grid'))
     ((grid, no_embed_class),) = readings
     return dict(
-        embed_dim=d, in_chans=c, patch_size=p, img_size=grid * p, num_heads=max(1, d // _head_dim(hint)),
+        embed_dim=d, in_chans=c, patch_size=p, img_size=grid * p, num_heads=max(1, d // head_dim),
         depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
         mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / d, qkv_bias='blocks.0.attn.qkv.bias' in state,
         qk_norm='blocks.0.attn.q_norm.weight' in state, init_values=1. if 'blocks.0.ls1.gamma' in state else None,
@@ -331,5 +334,6 @@ SPEC = FamilySpec(
     features_module='head',  # its input is the pooled pre-logits feature
     block_pattern=r'blocks\.\d+\.',
     # a rectangular grid whose rows (+ prefix) make a square would be read as a square one: 14 x 16 + 1 = 15^2
-    assumed="num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs), a square patch grid",
+    assumed="num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs) where no qk-norm weights "
+            "give their width, a square patch grid",
 )
