@@ -79,6 +79,9 @@ def main(argv=None):
     p.add_argument('--flavours', nargs='+', default=list(FLAVOURS), choices=list(FLAVOURS))
     p.add_argument('--pretrain-images', type=int, default=60000, help='Fashion-MNIST images each predecessor sees')
     p.add_argument('--pretrain-epochs', type=int, default=1)
+    p.add_argument('--calib', default='images', choices=['images', 'weights'],
+                   help="what the neurons are ranked by: activations on Fashion-MNIST images (default) or the "
+                        "weights alone (recycling's data-free calib='weights')")
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
@@ -100,7 +103,8 @@ def main(argv=None):
     for flavour in args.flavours:
         for pred_seed in range(args.predecessor_seeds):
             rows += _flavour_rows(flavour, pred_seed, dict(base_pred, **FLAVOURS[flavour]), base_succ, cfg, args.seeds,
-                                  fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k], calib))
+                                  fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
+                                  calib if args.calib == 'images' else 'weights')
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
 
     table = _table(rows)
@@ -111,10 +115,10 @@ def main(argv=None):
     print(f"wrote {args.out / 'real_features_retention.json'} ({result['seconds']:.0f} s)")
 
 
-def _flavour_rows(flavour, pred_seed, pred_args, base_succ, cfg, seeds, fm_train, eval_data):
+def _flavour_rows(flavour, pred_seed, pred_args, base_succ, cfg, seeds, fm_train, eval_data, calib):
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
-    recycled and at random init, for ``seeds`` seeds."""
-    held_out, fm_probe, mnist_probe, test_x, test_y, calib = eval_data
+    recycled (calibrated on the images ``calib``, or 'weights') and at random init, for ``seeds`` seeds."""
+    held_out, fm_probe, mnist_probe, test_x, test_y = eval_data
     size = pred_args['img_size']
     data = (_at(fm_train[0], size), fm_train[1], _at(test_x, size), test_y)
     tag = f"vit{pred_args['embed_dim']}_ls_" + flavour.replace(' ', '_')
@@ -127,6 +131,8 @@ def _flavour_rows(flavour, pred_seed, pred_args, base_succ, cfg, seeds, fm_train
     # the successor takes the predecessor's registers, as recycling asks; its prefix tokens keep their position
     # embedding (timm's default), the predecessor's convention is converted exactly (recycle/vit.py, resize)
     succ_args = dict(base_succ, reg_tokens=pred_args.get('reg_tokens', 0))
+    calib_opts = dict(calib=calib) if isinstance(calib, str) else dict(
+        calib=torch.utils.data.TensorDataset(calib), num_calib=len(calib), batch_size=min(32, len(calib)))
     row = dict(flavour=flavour, predecessor_seed=pred_seed)
     # its own test accuracy (head included), on the probe's train split: no step trains on it
     rows = [dict(row, model='predecessor, native', seed=None, accuracy=evaluate(pred, *data[2:]),
@@ -139,8 +145,7 @@ def _flavour_rows(flavour, pred_seed, pred_args, base_succ, cfg, seeds, fm_train
             torch.manual_seed(seed + 1)
             succ = timm.create_model('v_jetmoe_tiny', **succ_args)
             if name == 'recycled':
-                recycle(succ, pred, calib=torch.utils.data.TensorDataset(calib), num_calib=len(calib),
-                        batch_size=min(32, len(calib)), seed=seed, measure_retention=False, progress=False)
+                recycle(succ, pred, seed=seed, measure_retention=False, progress=False, **calib_opts)
             rows.append(dict(row, model=f'successor, {name}', seed=seed,
                              **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
     return rows
