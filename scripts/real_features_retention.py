@@ -82,6 +82,8 @@ def main(argv=None):
     p.add_argument('--calib', default='images', choices=['images', 'weights'],
                    help="what the neurons are ranked by: activations on Fashion-MNIST images (default) or the "
                         "weights alone (recycling's data-free calib='weights')")
+    p.add_argument('--dense-successor', action='store_true',
+                   help='a successor without MoE blocks (the same width and recycled body): what the width alone keeps')
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
@@ -97,6 +99,8 @@ def main(argv=None):
     mnist_probe = (*load_demo_split('mnist5k', 'train', k), *load_demo_split('mnist5k', 'validation', k))
     calib = fm_train[0][-n['calib']:]
     base_pred, base_succ = scaled_args(PRED_ARGS, n['width']), scaled_args(SUCC_ARGS, n['width'])
+    if args.dense_successor:
+        base_succ = dict(base_succ, moe_blocks=())
     cfg = dict(pretrain_images=args.pretrain_images, pretrain_epochs=args.pretrain_epochs)
 
     rows = []
