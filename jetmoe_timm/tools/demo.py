@@ -53,6 +53,7 @@ IMG = 32  # 28x28 images padded to 32 so that patch 8 gives a 4x4 grid
 # MoE in blocks 3..5 with N/2 = 8 core and N = 16 universal experts (N = 16 patch tokens). Patch 8 rather than 4:
 # a quarter of the tokens makes every step 4x cheaper, which buys the predecessor three epochs of all 60k
 # Fashion-MNIST images inside the time budget.
+PRED_ARCH = 'vit_tiny_patch16_224'  # the timm architecture PRED_ARGS build on
 PRED_ARGS = dict(img_size=IMG, patch_size=8, in_chans=1, embed_dim=192, depth=6, num_heads=6, num_classes=10,
                  global_pool='avg', init_values=1e-5)
 BODY_ARGS = dict(PRED_ARGS, embed_dim=96, num_heads=3)
@@ -139,19 +140,21 @@ def train(model, x, y, x_test, y_test, epochs, batch_size, lr, seed=0, desc='') 
     return accs
 
 
-def predecessor_cache_path(args: Dict, cfg: Dict, tag: str, seed: int = 0) -> Path:
-    """Where the demo keeps its pretrained predecessor of this configuration (and training seed)."""
-    key = [args, cfg['pretrain_images'], cfg['pretrain_epochs']] + ([seed] if seed else [])  # seed 0: earlier keys
+def predecessor_cache_path(args: Dict, cfg: Dict, tag: str, seed: int = 0, arch: str = PRED_ARCH) -> Path:
+    """Where the demo keeps its pretrained predecessor of this architecture, configuration (and training seed)."""
+    # seed 0 and the demo's ViT: the keys of earlier versions, whose cached predecessors stay valid
+    key = ([args, cfg['pretrain_images'], cfg['pretrain_epochs']] + ([seed] if seed else [])
+           + ([arch] if arch != PRED_ARCH else []))
     key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return cache_dir() / 'demo' / f'{tag}_{key}.safetensors'
 
 
-def pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str, seed: int = 0) -> nn.Module:
-    """A dense ViT trained on Fashion-MNIST (init, order and augmentation from ``seed``), cached by its
-    configuration."""
-    path = predecessor_cache_path(args, cfg, tag, seed)
+def pretrained_predecessor(args: Dict, cfg: Dict, data, tag: str, seed: int = 0, arch: str = PRED_ARCH) -> nn.Module:
+    """A dense timm model (the demo's ViT unless ``arch`` names another) built with ``args`` and trained on
+    Fashion-MNIST (init, order and augmentation from ``seed``), cached by its configuration."""
+    path = predecessor_cache_path(args, cfg, tag, seed, arch)
     torch.manual_seed(seed)
-    model = timm.create_model('vit_tiny_patch16_224', **args)
+    model = timm.create_model(arch, **args)
     if path.is_file():
         from safetensors.torch import load_file
         model.load_state_dict(load_file(path))
