@@ -42,7 +42,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from jetmoe_timm.recycle import recycle
+from jetmoe_timm.recycle import METHODS, recycle
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
 from jetmoe_timm.tools.demo import IMG, PRED_ARCH, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
     pretrained_predecessor, scaled_args
@@ -109,6 +109,8 @@ def main(argv=None):
     p.add_argument('--calib', default='images', choices=['images', 'weights'],
                    help="what the neurons are ranked by: activations on Fashion-MNIST images (default) or the "
                         "weights alone (recycling's data-free calib='weights')")
+    p.add_argument('--methods', nargs='+', default=['importance'], choices=list(METHODS),
+                   help="how each expert's neurons are sampled; several: a recycled row per method, side by side")
     p.add_argument('--dense-successor', action='store_true',
                    help='a successor without MoE blocks (the same width and recycled body): what the width alone keeps')
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
@@ -135,7 +137,7 @@ def main(argv=None):
         for pred_seed in range(args.predecessor_seeds):
             rows += _flavour_rows(flavour, pred_seed, models, cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
-                                  calib if args.calib == 'images' else 'weights')
+                                  calib if args.calib == 'images' else 'weights', args.methods)
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
 
     table = _table(rows)
@@ -146,9 +148,10 @@ def main(argv=None):
     print(f"wrote {args.out / 'real_features_retention.json'} ({result['seconds']:.0f} s)")
 
 
-def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib):
+def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib, methods=('importance',)):
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
-    recycled (calibrated on the images ``calib``, or 'weights') and at random init, for ``seeds`` seeds.
+    recycled by each of ``methods`` (calibrated on the images ``calib``, or 'weights') and at random init, for
+    ``seeds`` seeds.
     ``models``: (predecessor arch, its args, successor arch, its args)."""
     held_out, fm_probe, mnist_probe, test_x, test_y = eval_data
     pred_arch, pred_args, succ_arch, succ_args = models
@@ -175,12 +178,13 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
     if size != IMG:
         rows.append(dict(row, model='predecessor, resampled', seed=None,
                          **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe)))
+    names = {'recycled' + (f' ({m})' if len(methods) > 1 else ''): m for m in methods}
     for seed in range(seeds):
-        for name in ('recycled', 'random init'):
-            torch.manual_seed(seed + 1)
+        for name, method in (*names.items(), ('random init', None)):
+            torch.manual_seed(seed + 1)  # every successor of a seed starts from the same init
             succ = timm.create_model(succ_arch, **succ_args)
-            if name == 'recycled':
-                recycle(succ, pred, seed=seed, measure_retention=False, progress=False, **calib_opts)
+            if method:
+                recycle(succ, pred, method=method, seed=seed, measure_retention=False, progress=False, **calib_opts)
             rows.append(dict(row, model=f'successor, {name}', seed=seed,
                              **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
     return rows
