@@ -25,7 +25,10 @@ the later half of the blocks, N/2 core and N universal experts for the N positio
 Successor rows run --seeds seeds (the recycling seed and the init of what is not recycled) for each of
 --predecessor-seeds predecessors per flavour: median and range.
 
-    python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--pretrain-images 60000]
+    python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--methods ...]
+        [--predecessor-seeds 1] [--calib images|weights] [--dense-successor] [--pretrain-images 60000]
+
+Without --flavours, the four ViT flavours run; 'convnext' is asked for by name.
 
 `--smoke` runs the same pipeline on toy sizes (quarter width, few images) for the test suite.
 
@@ -49,7 +52,8 @@ from jetmoe_timm.tools.demo import IMG, PRED_ARCH, PRED_ARGS, SUCC_ARGS, evaluat
 
 # The ConvNeXt pair: a stride-2 stem gives 16, 8, 4 and 2 px grids at 32 px, so that stage 3 routes 16 positions, as
 # the ViTs' MoE blocks route 16 patch tokens; the successor has the predecessor's depths at half its dims, MoE in the
-# later half of the blocks (stage 3's last three, stage 4), N/2 core and N universal experts for N positions
+# later half of the blocks (stage 3's last three, stage 4), N/2 core and N universal experts for N positions (the
+# counts of stages 1 and 2, which hold no MoE block, are not used)
 CNX_PRED_ARGS = dict(in_chans=1, num_classes=10, depths=(2, 2, 4, 2), dims=(64, 128, 256, 512), patch_size=2)
 CNX_SUCC_ARGS = dict(CNX_PRED_ARGS, dims=(32, 64, 128, 256), num_core_experts=(1, 1, 8, 2),
                      num_univ_experts=(1, 1, 16, 4))
@@ -103,7 +107,9 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, default=3, help='successor seeds per predecessor')
     p.add_argument('--predecessor-seeds', type=int, default=1,
                    help='predecessors trained per flavour (init, order and augmentation from seeds 0, 1, ...)')
-    p.add_argument('--flavours', nargs='+', default=list(FLAVOURS), choices=list(FLAVOURS))
+    p.add_argument('--flavours', nargs='+', choices=list(FLAVOURS),
+                   default=[f for f, (family, _) in FLAVOURS.items() if family == 'vit'],
+                   help='default: the ViT flavours')
     p.add_argument('--pretrain-images', type=int, default=60000, help='Fashion-MNIST images each predecessor sees')
     p.add_argument('--pretrain-epochs', type=int, default=1)
     p.add_argument('--calib', default='images', choices=['images', 'weights'],
@@ -133,7 +139,7 @@ def main(argv=None):
     for flavour in args.flavours:
         family, extra = FLAVOURS[flavour]
         pred_arch, base_pred, succ_arch, succ_args = _family_args(family, n['width'], args.dense_successor)
-        models = (pred_arch, dict(base_pred, **extra), succ_arch, succ_args)
+        models = (family, pred_arch, dict(base_pred, **extra), succ_arch, succ_args)
         for pred_seed in range(args.predecessor_seeds):
             rows += _flavour_rows(flavour, pred_seed, models, cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
@@ -152,13 +158,13 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
     recycled by each of ``methods`` (calibrated on the images ``calib``, or 'weights') and at random init, for
     ``seeds`` seeds.
-    ``models``: (predecessor arch, its args, successor arch, its args)."""
+    ``models``: (family, predecessor arch, its args, successor arch, its args)."""
     held_out, fm_probe, mnist_probe, test_x, test_y = eval_data
-    pred_arch, pred_args, succ_arch, succ_args = models
+    family, pred_arch, pred_args, succ_arch, succ_args = models
     size = pred_args.get('img_size', IMG)
     data = (_at(fm_train[0], size), fm_train[1], _at(test_x, size), test_y)
     width = pred_args['embed_dim'] if 'embed_dim' in pred_args else pred_args['dims'][0]
-    tag = f"{'vit' if pred_arch == PRED_ARCH else pred_arch.split('_')[0]}{width}_ls_" + flavour.replace(' ', '_')
+    tag = f'{family}{width}_ls_' + flavour.replace(' ', '_')  # 'vit192_ls_layer_scale': the cache's file names
     pred = pretrained_predecessor(pred_args, cfg, data, tag, pred_seed, pred_arch)
     refs = {'cka': pooled_features(pred, [_at(held_out, size)])}
     if size != IMG:  # what the successor can at most keep is what the resampled predecessor still has
@@ -178,14 +184,15 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
     if size != IMG:
         rows.append(dict(row, model='predecessor, resampled', seed=None,
                          **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe)))
-    names = {'recycled' + (f' ({m})' if len(methods) > 1 else ''): m for m in methods}
+    # the method in the name unless it is the default alone
+    names = {'recycled' + (f' ({m})' if list(methods) != ['importance'] else ''): m for m in methods}
     for seed in range(seeds):
         for name, method in (*names.items(), ('random init', None)):
             torch.manual_seed(seed + 1)  # every successor of a seed starts from the same init
             succ = timm.create_model(succ_arch, **succ_args)
             if method:
                 recycle(succ, pred, method=method, seed=seed, measure_retention=False, progress=False, **calib_opts)
-            rows.append(dict(row, model=f'successor, {name}', seed=seed,
+            rows.append(dict(row, model=f'successor, {name}', seed=seed, method=method,
                              **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
     return rows
 

@@ -37,23 +37,40 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
     monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
     script.main(['--out', str(tmp_path / 'out'), '--seeds', '1', '--pretrain-images', '32', '--flavours', 'all',
-                 'convnext', '--smoke'])
+                 'convnext', '--methods', 'importance', 'copy', '--smoke'])
     result = json.loads((tmp_path / 'out' / 'real_features_retention.json').read_text())
     by_flavour = {f: {r['model']: r for r in result['rows'] if r['flavour'] == f} for f in ('all', 'convnext')}
-    assert list(by_flavour['all']) == ['predecessor, native', 'predecessor, resampled', 'successor, recycled',
-                                       'successor, random init']
-    assert list(by_flavour['convnext']) == ['predecessor, native', 'successor, recycled', 'successor, random init']
+    successors = ['successor, recycled (importance)', 'successor, recycled (copy)', 'successor, random init']
+    assert list(by_flavour['all']) == ['predecessor, native', 'predecessor, resampled', *successors]
+    assert list(by_flavour['convnext']) == ['predecessor, native', *successors]
     rows = by_flavour['all']
     assert rows['predecessor, resampled']['cka_resampled'] == pytest.approx(1.0)
     assert rows['predecessor, resampled']['cka'] < 1 - 1e-6  # resampled: other features than the native model's
-    recycled, scratch = rows['successor, recycled'], rows['successor, random init']  # the same seed and init
+    recycled, scratch = rows['successor, recycled (importance)'], rows['successor, random init']  # same seed, init
     assert recycled['cka_resampled'] != scratch['cka_resampled']
+    # copies and sampled neurons are other experts (the ConvNeXt's barely trained blocks add ~nothing: ViT only)
+    assert rows['successor, recycled (copy)']['cka'] != recycled['cka']
     for flavour, rows in by_flavour.items():
         assert rows['predecessor, native']['cka'] == pytest.approx(1.0)
         assert 0 <= rows['predecessor, native']['accuracy'] <= 100
-        assert rows['successor, recycled']['cka'] != rows['successor, random init']['cka'], flavour
+        for method in ('importance', 'copy'):
+            row = rows[f'successor, recycled ({method})']
+            assert row['method'] == method and row['predecessor_seed'] == 0
+            assert row['cka'] != rows['successor, random init']['cka'], (flavour, method)
+            assert f'| {flavour} | successor, recycled ({method}) | 1 |' in result['table']
         for row in rows.values():
             assert 0 <= row['cka'] <= 1 + 1e-9 and 0 <= row.get('cka_resampled', 0) <= 1 + 1e-9
             assert 0 <= row['probe_fm'] <= 100 and 0 <= row['probe_mnist'] <= 100
-        assert f'| {flavour} | successor, recycled | 1 |' in result['table']
-        assert rows['successor, recycled']['predecessor_seed'] == 0
+
+
+def test_demo_predecessor_cache_keys_stay():
+    """Predecessors trained by earlier versions stay found: the demo's ViT keeps its keys (this one is the seed-0
+    layer-scale predecessor of real_features_retention.py), another architecture gets its own."""
+    from jetmoe_timm.tools.demo import PRED_ARGS, predecessor_cache_path
+    cfg = dict(pretrain_images=60000, pretrain_epochs=1)
+    assert predecessor_cache_path(PRED_ARGS, cfg, 'vit192_ls_layer_scale').name == \
+        'vit192_ls_layer_scale_c9c782525d91.safetensors'
+    assert predecessor_cache_path(PRED_ARGS, cfg, 'vit192_ls_layer_scale', seed=1).name == \
+        'vit192_ls_layer_scale_f64d06d0ed2b.safetensors'
+    assert predecessor_cache_path(PRED_ARGS, cfg, 'vit192_ls_layer_scale', arch='convnext_tiny').name != \
+        'vit192_ls_layer_scale_c9c782525d91.safetensors'

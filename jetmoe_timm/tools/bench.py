@@ -361,9 +361,12 @@ class _MatmulFloor:
     def forward(self):
         self._run(self.forward_ops)
 
-    def forward_backward(self):
-        self._run(self.forward_ops)
+    def backward(self):
         self._run(self.backward_ops)
+
+    def forward_backward(self):
+        self.forward()
+        self.backward()
 
 
 def _graph_breaks(layer: SpheroMoE, x: torch.Tensor) -> Dict[str, int]:
