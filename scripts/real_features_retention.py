@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from jetmoe_timm.recycle import METHODS, recycle
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
+from jetmoe_timm.tools.checks import parse_model_kwargs
 from jetmoe_timm.tools.demo import IMG, PRED_ARCH, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
     pretrained_predecessor, scaled_args
 
@@ -119,6 +120,9 @@ def main(argv=None):
                    help="how each expert's neurons are sampled; several: a recycled row per method, side by side")
     p.add_argument('--dense-successor', action='store_true',
                    help='a successor without MoE blocks (the same width and recycled body): what the width alone keeps')
+    p.add_argument('--successor-kwargs', nargs='*', default=[], metavar='K=V',
+                   help="successor arguments over the family's (e.g. num_heads=6: all the ViT predecessor's heads at "
+                        "half their width)")
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
@@ -139,7 +143,8 @@ def main(argv=None):
     for flavour in args.flavours:
         family, extra = FLAVOURS[flavour]
         pred_arch, base_pred, succ_arch, succ_args = _family_args(family, n['width'], args.dense_successor)
-        models = (family, pred_arch, dict(base_pred, **extra), succ_arch, succ_args)
+        models = (family, pred_arch, dict(base_pred, **extra), succ_arch,
+                  dict(succ_args, **parse_model_kwargs(args.successor_kwargs)))
         for pred_seed in range(args.predecessor_seeds):
             rows += _flavour_rows(flavour, pred_seed, models, cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
