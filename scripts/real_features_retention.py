@@ -26,7 +26,8 @@ Successor rows run --seeds seeds (the recycling seed and the init of what is not
 --predecessor-seeds predecessors per flavour: median and range.
 
     python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--methods ...]
-        [--predecessor-seeds 1] [--calib images|weights] [--dense-successor] [--pretrain-images 60000]
+        [--predecessor-seeds 1] [--calib images|weights] [--dense-successor] [--successor-kwargs K=V ...]
+        [--pretrain-images 60000]
 
 Without --flavours, the four ViT flavours run; 'convnext' is asked for by name.
 
