@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/benchmark.md ("GPU" row) in one run, sized for one lent H100 / H200 (about 6 minutes,
-# at most 8; each part has its own time limit so that one that hangs leaves the others their time):
+# The GPU measurements of docs/benchmark.md ("GPU" row) in one run, sized for one lent H100 / H200 (about 7 minutes,
+# at most 10; each part has its own time limit so that one that hangs leaves the others their time):
 #   1. v_jetmoe_tiny and c_jetmoe_femto against their dense twins, bf16 autocast, batch 256, inference and
 #      training step, with training-step memory (fused AdamW and the lean Adafactor), and the SpheroMoE layer
 #      against its matmul floor in float32 and in bf16 autocast;
+#   1b. the bound: v_jetmoe_tiny with its MoE layers at their matmul floor, against the twin and the shipped model
+#      (scripts/floor_bound.py, bf16 autocast, batch 256, inference and training step);
 #   2. training-step memory (and speed) of v_jetmoe_small and c_jetmoe_tiny at the same settings (peaks of about 33
 #      and 44 GiB estimated for the bf16 step: they fit an 80 GB H100);
 #   3. timm's train.py under torchrun, one process per GPU, bf16, on a synthetic image folder. On a one-GPU machine
@@ -58,6 +60,8 @@ run() {
         --compile off --layer-batch-sizes "$BATCH" --layer-precisions float32 bf16 --no-reference --rounds 5 \
         --out "$OUT/bench_small.json" \
         || echo "bench (small variants) failed: rc $?"
+    timeout 120 "$PY" scripts/floor_bound.py --device "$DEVICE" --precision bf16 --batch-sizes "$BATCH" \
+        --modes infer train --rounds 5 | tee "$OUT/floor_bound.txt" || echo "floor bound failed: rc $?"
     if [ -n "$BIG" ]; then
         timeout 120 "${bench[@]}" --models $BIG --batch-sizes "$BATCH" --precisions bf16 \
             --compile off --no-layer --rounds 3 --out "$OUT/bench_big.json" || echo "bench (big variants) failed: rc $?"

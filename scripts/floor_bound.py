@@ -18,6 +18,10 @@ Ratios are paired: the twin's time over the candidate's within each round, media
 bench` divides the medians instead; on a quiet machine the two agree, under other load the paired one varies less).
 
     python scripts/floor_bound.py [--batch-sizes 32 64 128] [--modes infer train] [--rounds 9]
+        [--device cuda] [--precision bf16]
+
+``--precision bf16`` runs the models under bf16 autocast against a floor of bfloat16 matmuls (as the benchmark's
+``--layer-precisions bf16``); ``--device`` runs all three on a GPU (each timed call ends with a synchronisation).
 """
 import argparse
 import copy
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 import jetmoe_timm  # noqa: F401  (registers v_jetmoe_tiny)
 from jetmoe_timm.layers import SpheroMoE
-from jetmoe_timm.tools.bench import _MatmulFloor, interleaved_times
+from jetmoe_timm.tools.bench import PRECISIONS, _autocast, _MatmulFloor, interleaved_times
 
 
 class _FloorFn(torch.autograd.Function):
@@ -57,9 +61,10 @@ class FloorLayer(nn.Module):
     floor for the batch it sees and returns a copy of the input (B, N, d) (the real layer writes an output of that
     size too)."""
 
-    def __init__(self, layer: SpheroMoE):
+    def __init__(self, layer: SpheroMoE, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.layer = layer
+        self.dtype = dtype  # of the floor's matmuls
         self.floors = {}  # (batch, tokens) -> _MatmulFloor, built on first use: its operands are the weights' bytes
         self.grads = None  # kept gradients of the layer's parameters, made on the first backward
 
@@ -68,7 +73,7 @@ class FloorLayer(nn.Module):
         if key not in self.floors:
             self.floors.clear()  # one batch size at a time: 6 layers' operands are ~1 GB
             with torch.inference_mode(False):  # normal tensors: the training mode writes them too
-                self.floors[key] = _MatmulFloor(self.layer, *key)
+                self.floors[key] = _MatmulFloor(self.layer, *key, dtype=self.dtype, device=x.device)
         if not torch.is_grad_enabled():
             self.floors[key].forward()
             return x.clone()
@@ -78,13 +83,13 @@ class FloorLayer(nn.Module):
         return _FloorFn.apply(x, self.floors[key], params, self.grads)
 
 
-def floor_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose SpheroMoE layers are ``FloorLayer``s."""
+def floor_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of ``model`` whose SpheroMoE layers are ``FloorLayer``s with matmuls in ``dtype``."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, SpheroMoE):
             parent, _, child = name.rpartition('.')
-            setattr(model.get_submodule(parent), child, FloorLayer(module))
+            setattr(model.get_submodule(parent), child, FloorLayer(module, dtype))
     return model
 
 
@@ -94,34 +99,41 @@ def main(argv=None):
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[32, 64, 128])
     p.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer'])
     p.add_argument('--rounds', type=int, default=9)
+    p.add_argument('--precision', choices=['float32', 'bf16'], default='float32')
+    p.add_argument('--device', default='cpu')
     args = p.parse_args(argv)
     if args.rounds < 2:
         p.error('--rounds must be at least 2 (the ratios report quartiles)')
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    moe = timm.create_model('v_jetmoe_tiny', num_classes=1000).eval()
-    models = {'dense twin': timm.create_model('vit_tiny_patch16_224', num_classes=1000).eval(),
-              'v_jetmoe_tiny': moe, 'v_jetmoe_tiny, MoE layers at their floor': floor_model(moe).eval()}
+    moe = timm.create_model('v_jetmoe_tiny', num_classes=1000, device=device).eval()
+    floor_dtype = PRECISIONS[args.precision] or torch.float32
+    models = {'dense twin': timm.create_model('vit_tiny_patch16_224', num_classes=1000, device=device).eval(),
+              'v_jetmoe_tiny': moe, 'v_jetmoe_tiny, MoE layers at their floor': floor_model(moe, floor_dtype)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.05, fused=True) for k, m in models.items()}
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()};'
-          f' float32, median ms per batch (range) over {args.rounds} interleaved rounds; ratio: images/s against the'
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}'
+    print(f'torch {torch.__version__}, {where}; {args.precision}, median ms per batch (range) over {args.rounds} interleaved rounds; ratio: images/s against the'
           f' dense twin, median of the rounds\' ratios')
     for batch in args.batch_sizes:
-        x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 1000, (batch,))
+        x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 1000, (batch,), device=device)
         for mode in args.modes:
             def runner(name):
                 m, opt = models[name], opts[name]
                 m.train(mode == 'train')
 
                 def infer():
-                    with torch.inference_mode():
+                    with torch.inference_mode(), _autocast(args.precision, device):
                         m(x)
 
                 def train():
                     opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(m(x), y).backward()
+                    with _autocast(args.precision, device):
+                        loss = F.cross_entropy(m(x), y)
+                    loss.backward()
                     opt.step()
                 return infer if mode == 'infer' else train
-            times = interleaved_times({k: runner(k) for k in models}, args.rounds, warmup=2)
+            times = interleaved_times({k: runner(k) for k in models}, args.rounds, warmup=2, device=device)
             for name, t in times.items():
                 # paired: the twin's time over the candidate's in the same round, where both met the same load
                 ratios = sorted(d / c for d, c in zip(times['dense twin'], t))
