@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from jetmoe_timm.recycle import METHODS, recycle
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
-from jetmoe_timm.tools.checks import parse_model_kwargs
+from jetmoe_timm.tools.checks import check_model_kwargs, parse_model_kwargs
 from jetmoe_timm.tools.demo import IMG, PRED_ARCH, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
     pretrained_predecessor, scaled_args
 
@@ -127,6 +127,16 @@ def main(argv=None):
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
+    models = {}  # flavour -> (family, predecessor arch, its args, successor arch, its args)
+    for flavour in args.flavours:
+        family, extra = FLAVOURS[flavour]
+        pred_arch, base_pred, succ_arch, succ_args = _family_args(family, n['width'], args.dense_successor)
+        models[flavour] = (family, pred_arch, dict(base_pred, **extra), succ_arch,
+                           dict(succ_args, **parse_model_kwargs(args.successor_kwargs)))
+        try:  # a misspelled --successor-kwargs fails now, not after the predecessors' training
+            check_model_kwargs(succ_arch, models[flavour][-1], flag='--successor-kwargs')
+        except ValueError as e:
+            p.error(f'{flavour}: {e}')
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -142,12 +152,8 @@ def main(argv=None):
 
     rows = []
     for flavour in args.flavours:
-        family, extra = FLAVOURS[flavour]
-        pred_arch, base_pred, succ_arch, succ_args = _family_args(family, n['width'], args.dense_successor)
-        models = (family, pred_arch, dict(base_pred, **extra), succ_arch,
-                  dict(succ_args, **parse_model_kwargs(args.successor_kwargs)))
         for pred_seed in range(args.predecessor_seeds):
-            rows += _flavour_rows(flavour, pred_seed, models, cfg, args.seeds,
+            rows += _flavour_rows(flavour, pred_seed, models[flavour], cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
                                   calib if args.calib == 'images' else 'weights', args.methods)
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)

@@ -74,3 +74,15 @@ def test_demo_predecessor_cache_keys_stay():
         'vit192_ls_layer_scale_f64d06d0ed2b.safetensors'
     assert predecessor_cache_path(PRED_ARGS, cfg, 'vit192_ls_layer_scale', arch='convnext_tiny').name != \
         'vit192_ls_layer_scale_c9c782525d91.safetensors'
+
+
+def test_real_features_retention_refuses_bad_successor_kwargs(tmp_path, capsys):
+    """A misspelled successor argument is refused at once, naming the option and the fix, before any training
+    (and before the output folder is made)."""
+    script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
+    with pytest.raises(SystemExit) as e:
+        script.main(['--out', str(tmp_path / 'out'), '--flavours', 'layer scale', '--successor-kwargs', 'num_head=6'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--successor-kwargs: v_jetmoe_tiny takes no argument 'num_head'; did you mean 'num_heads'?" in err
+    assert not (tmp_path / 'out').exists()

@@ -76,9 +76,9 @@ def parse_model_kwargs(items) -> Dict[str, Any]:
     return out
 
 
-def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
+def check_model_kwargs(model: str, kwargs: Dict[str, Any], flag: str = '--model-kwargs') -> None:
     """Build ``model`` with ``kwargs`` on the meta device now: a typo or a wrong type is named, with a
-    "did you mean", before any expensive work."""
+    "did you mean", before any expensive work; ``flag`` is the option that gave them."""
     if not kwargs:
         return
     arch = check_model_name(model)
@@ -94,14 +94,14 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any]) -> None:
                      and isinstance(params[k].default, (int, float)) and not isinstance(params[k].default, bool)]
             if words:
                 k = words[0]
-                raise ValueError(f'--model-kwargs {k}={kwargs[k]}: {arch} takes a number for {k}.') from None
-            raise ValueError(f'--model-kwargs {_kv(kwargs)}: a value has the wrong type ({e}).') from None
+                raise ValueError(f'{flag} {k}={kwargs[k]}: {arch} takes a number for {k}.') from None
+            raise ValueError(f'{flag} {_kv(kwargs)}: a value has the wrong type ({e}).') from None
         known = set(params) - {'self', 'args', 'kwargs'}
         close = closest_name(bad, sorted(known))
-        raise ValueError(f"--model-kwargs: {arch} takes no argument '{bad}'"
+        raise ValueError(f"{flag}: {arch} takes no argument '{bad}'"
                          + (f"; did you mean '{close}'?" if close else '.')) from None
     except (ValueError, AssertionError) as e:
-        raise ValueError(f"--model-kwargs {_kv(kwargs)} do not make a {arch}: {str(e).rstrip('.') or type(e).__name__}."
+        raise ValueError(f"{flag} {_kv(kwargs)} do not make a {arch}: {str(e).rstrip('.') or type(e).__name__}."
                          ) from None
 
 
