@@ -1,8 +1,8 @@
 """ The most any SpheroMoE implementation on these matmul kernels could give v_jetmoe_tiny against its dense twin.
 
 Issue 20 asks for v_jetmoe_tiny inference at 0.90x its dense twin (the FLOP ceiling is 0.92x) and a training step
-at 0.85x. This times, side by side in one process, float32 eager inference (and with ``--modes train`` a fused-AdamW
-training step, as `jetmoe-timm bench` times it) of:
+at 0.85x. This times, side by side in one process, eager inference (and with ``--modes train`` a fused-AdamW
+training step, as `jetmoe-timm bench` times it), float32 or bf16 autocast, of:
 - the dense twin, vit_tiny_patch16_224;
 - v_jetmoe_tiny as shipped;
 - v_jetmoe_tiny with every SpheroMoE layer replaced by its matmul floor (the layer's matmuls alone, as the benchmark
@@ -11,7 +11,7 @@ training step, as `jetmoe-timm bench` times it) of:
   in training its backward runs the floor's backward matmuls and hands the layer's parameters gradients kept from
   step to step (no fresh gradient memory), so the optimizer steps every parameter, as in the real model.
 The floor model's ratio bounds what any layer implementation that runs these matmuls through ATen's kernels could
-reach: if it stays under a target, no change of the layer's own code meets that target on this CPU. A bound up to
+reach: if it stays under a target, no change of the layer's own code meets that target on this machine. A bound up to
 cache effects: the floor's operands are tensors of their own (its backward reads a transposed copy of each weight),
 where a real layer feeds each matmul the last one's output, a few MB per matmul that may still be in cache.
 Ratios are paired: the twin's time over the candidate's within each round, median over the rounds (`jetmoe-timm
@@ -113,8 +113,8 @@ def main(argv=None):
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5, weight_decay=0.05, fused=True) for k, m in models.items()}
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}'
-    print(f'torch {torch.__version__}, {where}; {args.precision}, median ms per batch (range) over {args.rounds} interleaved rounds; ratio: images/s against the'
-          f' dense twin, median of the rounds\' ratios')
+    print(f'torch {torch.__version__}, {where}; {args.precision}, median ms per batch (range) over {args.rounds} '
+          f'interleaved rounds; ratio: images/s against the dense twin, median of the rounds\' ratios')
     for batch in args.batch_sizes:
         x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 1000, (batch,), device=device)
         for mode in args.modes:
