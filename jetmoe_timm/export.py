@@ -308,16 +308,19 @@ def _writers_prefix(dst: Path) -> str:
 
 
 def writing_folder(dst: Path, suffix: str = '') -> Path:
-    """A new temporary folder, beside ``dst``, to build ``dst`` in (``replace_folder`` renames it into place).
-    Folders that writers of ``dst`` on this host left when they were killed (SIGKILL, out of memory: a converted
-    model's is gigabytes) are deleted first; a live writer's is kept."""
+    """A new temporary folder, beside ``dst``, to build ``dst`` in (``replace_folder`` renames it into place), with
+    the permissions of a folder made by ``mkdir`` (mkdtemp's are 0700). Folders that writers of ``dst`` on this host
+    left when they were killed (SIGKILL, out of memory: a converted model's is gigabytes) are deleted first; a live
+    writer's is kept."""
     prefix = _writers_prefix(dst)  # then the pid and mkdtemp's 8 characters
     name = re.compile(rf'{re.escape(prefix)}(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}')
     for old in dst.parent.glob(glob.escape(prefix) + '*'):
         found = name.fullmatch(old.name)
         if found and old.is_dir() and not old.is_symlink() and not _alive(int(found[1])):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'{prefix}{os.getpid()}.', suffix=suffix))
+    folder = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'{prefix}{os.getpid()}.', suffix=suffix))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
 
 
 def _alive(pid: int) -> bool:
@@ -356,7 +359,6 @@ def save_pretrained_folder(
         # the (large) index selection stays in the weights' metadata only
         config[PROVENANCE_KEY] = {k: v for k, v in provenance.items() if k != 'selection'}
         config_path.write_text(json.dumps(config, indent=2, sort_keys=False) + '\n')
-        os.chmod(tmp, 0o777 & ~_umask())
         replace_folder(tmp, out_dir, is_model_folder, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

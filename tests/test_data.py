@@ -2,6 +2,8 @@
 import gzip
 import hashlib
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -96,7 +98,12 @@ def test_mnist5k_fixed_split(mnist_raw):
 
 def test_mnist5k_round_trip(tmp_path, mnist_raw):
     x, y = mnist_raw
-    out = data.export_dataset('mnist5k', tmp_path / 'm', limit=30)
+    umask = os.umask(0o027)  # the user's umask decides the folder's permissions, as for a folder made by mkdir
+    try:
+        out = data.export_dataset('mnist5k', tmp_path / 'm', limit=30)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
     seen = {}
     for split in data.SPLITS:
         items = _read_back(out, split)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import select
 import shutil
 import signal
@@ -875,7 +876,12 @@ def test_a_killed_writers_folder_is_removed_by_the_next_write(tmp_path):
         folder.mkdir()
         (folder / 'model.safetensors').write_bytes(b'x' * 100)
     torch.manual_seed(0)
-    save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), tmp_path / 'f')
+    umask = os.umask(0o027)  # the written folder takes the user's umask, as one made by mkdir
+    try:
+        save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), tmp_path / 'f')
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / 'f').stat().st_mode) == 0o750
     assert not killed.exists() and all(folder.exists() for folder in kept)
     assert writing_folder(tmp_path / 'f').name.startswith(f'.f.{host}-{os.getpid()}.')
 

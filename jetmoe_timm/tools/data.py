@@ -151,7 +151,6 @@ def export_dataset(
                     Image.fromarray(images[i]).save(tmp / 'calibration' / f'{source_index[i]:05d}.png')
                 meta['calibration'] = dict(count=len(held_out), split='train', disjoint_from='train')
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + '\n')
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         replace_folder(tmp, out, _is_dataset_folder, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
