@@ -92,10 +92,11 @@ def _at(x: torch.Tensor, size: int) -> torch.Tensor:
     return x if x.shape[-1] == size else F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
 
 
-def _measure(model, size, refs, held_out, fm_probe, mnist_probe):
+def _measure(model, size, refs, held_out, fm_probe, mnist_probe, feats=None):
     """CKA with the predecessor's features on ``held_out`` (``refs``: {'cka': native, 'cka_resampled': resampled to
-    the successor's grid, where it differs}), and the two probes, for a model fed ``size`` px."""
-    feats = pooled_features(model, [_at(held_out, size)])
+    the successor's grid, where it differs}), and the two probes, for a model fed ``size`` px; ``feats``: the
+    model's features on ``held_out`` where they are at hand (the predecessor's are the references)."""
+    feats = pooled_features(model, [_at(held_out, size)]) if feats is None else feats
     (fx, fy, fxt, fyt), (mx, my, mxt, myt) = fm_probe, mnist_probe
     return dict(**{k: linear_cka(ref, feats) for k, ref in refs.items()},
                 probe_fm=linear_probe(model, _at(fx, size), fy, _at(fxt, size), fyt),
@@ -192,10 +193,10 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
     row = dict(flavour=flavour, predecessor_seed=pred_seed)
     # its own test accuracy (head included), on the probe's train split: no step trains on it
     rows = [dict(row, model='predecessor, native', seed=None, accuracy=evaluate(pred, *data[2:]),
-                 **_measure(pred, size, refs, held_out, fm_probe, mnist_probe))]
+                 **_measure(pred, size, refs, held_out, fm_probe, mnist_probe, refs['cka']))]
     if size != IMG:
         rows.append(dict(row, model='predecessor, resampled', seed=None,
-                         **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe)))
+                         **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe, refs['cka_resampled'])))
     # the method in the name unless it is the default alone
     names = {'recycled' + (f' ({m})' if list(methods) != ['importance'] else ''): m for m in methods}
     for seed in range(seeds):
@@ -224,9 +225,9 @@ def _table(rows) -> str:
         group = [r for r in rows if (r['flavour'], r['model']) == (flavour, model)]
         if 'accuracy' in group[0]:
             model += f" ({_cell([r['accuracy'] for r in group], '{:.1f}')} % test)"
+        resampled = _cell([r['cka_resampled'] for r in group], '{:.3f}') if 'cka_resampled' in group[0] else '-'
         lines.append(f"| {flavour} | {model} | {len(group)} | "
-                     f"{_cell([r['cka'] for r in group], '{:.3f}')} | "
-                     f"{_cell([r['cka_resampled'] for r in group], '{:.3f}') if 'cka_resampled' in group[0] else '-'} | "
+                     f"{_cell([r['cka'] for r in group], '{:.3f}')} | {resampled} | "
                      f"{_cell([r['probe_fm'] for r in group], '{:.1f}')} | "
                      f"{_cell([r['probe_mnist'] for r in group], '{:.1f}')} |")
     return '\n'.join(lines)
