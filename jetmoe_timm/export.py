@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -52,6 +53,15 @@ _READ_CHUNK = 16 << 20
 
 
 def _umask() -> int:
+    """The process's umask: read from /proc where it can be (setting and restoring it, the portable way, leaves a
+    moment in which files another thread creates get no mask)."""
+    try:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -319,7 +329,8 @@ def writing_folder(dst: Path, suffix: str = '') -> Path:
         if found and old.is_dir() and not old.is_symlink() and not _alive(int(found[1])):
             shutil.rmtree(old, ignore_errors=True)
     folder = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'{prefix}{os.getpid()}.', suffix=suffix))
-    os.chmod(folder, 0o777 & ~_umask())
+    # a setgid bit inherited from the parent stays, as mkdir keeps it: subfolders go on taking the shared group
+    os.chmod(folder, 0o777 & ~_umask() | folder.stat().st_mode & stat.S_ISGID)
     return folder
 
 

@@ -885,6 +885,18 @@ def test_a_killed_writers_folder_is_removed_by_the_next_write(tmp_path):
     assert not killed.exists() and all(folder.exists() for folder in kept)
     assert writing_folder(tmp_path / 'f').name.startswith(f'.f.{host}-{os.getpid()}.')
 
+
+def test_written_folders_keep_a_setgid_parents_group_bit(tmp_path):
+    """In a setgid (group-shared) folder an output folder keeps the bit, as one made by mkdir does, so that what is
+    written inside it takes the shared group too; its other permissions follow the umask."""
+    from jetmoe_timm.export import _umask, writing_folder
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    assert _umask() == os.umask(_umask())  # read from /proc: the same as the portable read
+    folder = writing_folder(shared / 'out')
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o2777 & ~_umask()
+
 def test_push_without_token_sends_nothing(tmp_path, local_hub, monkeypatch):
     monkeypatch.delenv('HF_TOKEN', raising=False)
     monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)
