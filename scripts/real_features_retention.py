@@ -50,7 +50,7 @@ from jetmoe_timm.recycle import METHODS, recycle
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
 from jetmoe_timm.tools.checks import check_model_kwargs, parse_model_kwargs
 from jetmoe_timm.tools.demo import IMG, PRED_ARCH, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
-    pretrained_predecessor, scaled_args
+    pretrained_predecessor, scaled_args, train
 
 # The ConvNeXt pair: a stride-2 stem gives 16, 8, 4 and 2 px grids at 32 px, so that stage 3 routes 16 positions, as
 # the ViTs' MoE blocks route 16 patch tokens; the successor has the predecessor's depths at half its dims, MoE in the
@@ -125,6 +125,10 @@ def main(argv=None):
     p.add_argument('--successor-kwargs', nargs='*', default=[], metavar='K=V',
                    help="successor arguments over the family's (e.g. num_heads=6: all the ViT predecessor's heads at "
                         "half their width)")
+    p.add_argument('--finetune-epochs', type=int, default=0,
+                   help="then fine-tune every successor this many epochs on the MNIST-5k probe's train split with a "
+                        "fresh head, as the demo does (AdamW, batch 64), and report its test accuracy")
+    p.add_argument('--finetune-lr', type=float, default=5e-4, help="the fine-tune's peak learning rate (the demo's)")
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
@@ -156,7 +160,8 @@ def main(argv=None):
         for pred_seed in range(args.predecessor_seeds):
             rows += _flavour_rows(flavour, pred_seed, models[flavour], cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
-                                  calib if args.calib == 'images' else 'weights', args.methods)
+                                  calib if args.calib == 'images' else 'weights', args.methods,
+                                  (args.finetune_epochs, args.finetune_lr))
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
 
     table = _table(rows)
@@ -167,7 +172,8 @@ def main(argv=None):
     print(f"wrote {args.out / 'real_features_retention.json'} ({result['seconds']:.0f} s)")
 
 
-def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib, methods=('importance',)):
+def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib, methods=('importance',),
+                  finetune=(0, 5e-4)):
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
     recycled by each of ``methods`` (calibrated on the images ``calib``, or 'weights') and at random init, for
     ``seeds`` seeds.
@@ -207,6 +213,11 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
                 recycle(succ, pred, method=method, seed=seed, measure_retention=False, progress=False, **calib_opts)
             rows.append(dict(row, model=f'successor, {name}', seed=seed, method=method,
                              **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
+            if finetune[0]:  # (epochs, lr); the same fresh head for every successor of a seed
+                torch.manual_seed(seed + 1)
+                succ.reset_classifier(10)
+                accs = train(succ, *mnist_probe, finetune[0], 64, finetune[1], seed)
+                rows[-1].update(finetuned=accs[-1], finetune_accs=accs)
     return rows
 
 
@@ -218,8 +229,10 @@ def _cell(values, fmt):
 
 def _table(rows) -> str:
     """Markdown: one row per flavour and model, its runs (predecessors x successor seeds) as median (range)."""
+    tuned = any('finetuned' in r for r in rows)
     lines = ['| predecessor flavour | model | runs | CKA with the predecessor | CKA with it resampled | '
-             'Fashion-MNIST probe % | MNIST-5k probe % |', '|---|---|---:|---:|---:|---:|---:|']
+             'Fashion-MNIST probe % | MNIST-5k probe % |' + (' MNIST-5k fine-tuned % |' if tuned else ''),
+             '|---|---|---:|---:|---:|---:|---:|' + ('---:|' if tuned else '')]
     keys = list(dict.fromkeys((r['flavour'], r['model']) for r in rows))
     for flavour, model in keys:
         group = [r for r in rows if (r['flavour'], r['model']) == (flavour, model)]
@@ -229,7 +242,9 @@ def _table(rows) -> str:
         lines.append(f"| {flavour} | {model} | {len(group)} | "
                      f"{_cell([r['cka'] for r in group], '{:.3f}')} | {resampled} | "
                      f"{_cell([r['probe_fm'] for r in group], '{:.1f}')} | "
-                     f"{_cell([r['probe_mnist'] for r in group], '{:.1f}')} |")
+                     f"{_cell([r['probe_mnist'] for r in group], '{:.1f}')} |"
+                     + (f" {_cell([r['finetuned'] for r in group], '{:.1f}') if 'finetuned' in group[0] else '-'} |"
+                        if tuned else ''))
     return '\n'.join(lines)
 
 

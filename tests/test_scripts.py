@@ -37,7 +37,7 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
     monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
     script.main(['--out', str(tmp_path / 'out'), '--seeds', '1', '--pretrain-images', '32', '--flavours', 'all',
-                 'convnext', '--methods', 'importance', 'copy', '--smoke'])
+                 'convnext', '--methods', 'importance', 'copy', '--finetune-epochs', '1', '--smoke'])
     result = json.loads((tmp_path / 'out' / 'real_features_retention.json').read_text())
     by_flavour = {f: {r['model']: r for r in result['rows'] if r['flavour'] == f} for f in ('all', 'convnext')}
     successors = ['successor, recycled (importance)', 'successor, recycled (copy)', 'successor, random init']
@@ -61,6 +61,11 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
         for row in rows.values():
             assert 0 <= row['cka'] <= 1 + 1e-9 and 0 <= row.get('cka_resampled', 0) <= 1 + 1e-9
             assert 0 <= row['probe_fm'] <= 100 and 0 <= row['probe_mnist'] <= 100
+            # every successor fine-tuned (an accuracy before and after the epoch), no predecessor
+            assert ('finetuned' in row) == row['model'].startswith('successor')
+            if 'finetuned' in row:
+                assert len(row['finetune_accs']) == 2 and row['finetuned'] == row['finetune_accs'][-1]
+    assert 'MNIST-5k fine-tuned % |' in result['table'].splitlines()[0]
 
 
 def test_demo_predecessor_cache_keys_stay():
