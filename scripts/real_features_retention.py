@@ -129,6 +129,9 @@ def main(argv=None):
                    help="then fine-tune every successor this many epochs on the MNIST-5k probe's train split with a "
                         "fresh head, as the demo does (AdamW, batch 64), and report its test accuracy")
     p.add_argument('--finetune-lr', type=float, default=5e-4, help="the fine-tune's peak learning rate (the demo's)")
+    p.add_argument('--finetune-head-epochs', type=int, default=0,
+                   help='before --finetune-epochs, train the fresh head alone this many epochs (linear probing, then '
+                        'all weights)')
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
@@ -161,7 +164,7 @@ def main(argv=None):
             rows += _flavour_rows(flavour, pred_seed, models[flavour], cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
                                   calib if args.calib == 'images' else 'weights', args.methods,
-                                  (args.finetune_epochs, args.finetune_lr))
+                                  (args.finetune_epochs, args.finetune_lr, args.finetune_head_epochs))
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
 
     table = _table(rows)
@@ -173,7 +176,7 @@ def main(argv=None):
 
 
 def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib, methods=('importance',),
-                  finetune=(0, 5e-4)):
+                  finetune=(0, 5e-4, 0)):
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
     recycled by each of ``methods`` (calibrated on the images ``calib``, or 'weights') and at random init, for
     ``seeds`` seeds.
@@ -213,12 +216,27 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
                 recycle(succ, pred, method=method, seed=seed, measure_retention=False, progress=False, **calib_opts)
             rows.append(dict(row, model=f'successor, {name}', seed=seed, method=method,
                              **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
-            if finetune[0]:  # (epochs, lr); the same fresh head for every successor of a seed
-                torch.manual_seed(seed + 1)
-                succ.reset_classifier(10)
-                accs = train(succ, *mnist_probe, finetune[0], 64, finetune[1], seed)
-                rows[-1].update(finetuned=accs[-1], finetune_accs=accs)
+            if finetune[0]:
+                rows[-1].update(_finetune(succ, mnist_probe, *finetune, seed))
     return rows
+
+
+def _finetune(model, data, epochs, lr, head_epochs, seed):
+    """Fine-tune ``model`` on ``data`` (x, y, x_test, y_test) with a fresh head (the same for every model of a seed):
+    ``head_epochs`` of the head alone, then ``epochs`` of all weights; the test accuracy after each epoch."""
+    torch.manual_seed(seed + 1)
+    model.reset_classifier(10)
+    head_accs = []  # the accuracy before training, then after each head epoch
+    if head_epochs:
+        head = set(model.get_classifier().parameters())
+        body = [q for q in model.parameters() if q not in head]
+        for q in body:
+            q.requires_grad_(False)
+        head_accs = train(model, *data, head_epochs, 64, lr, seed)
+        for q in body:
+            q.requires_grad_(True)
+    accs = train(model, *data, epochs, 64, lr, seed)  # its first entry: after the head epochs
+    return dict(finetuned=accs[-1], finetune_accs=head_accs + accs[1:] if head_accs else accs)
 
 
 def _cell(values, fmt):
