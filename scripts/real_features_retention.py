@@ -132,6 +132,8 @@ def main(argv=None):
     p.add_argument('--finetune-head-epochs', type=int, default=0,
                    help='before --finetune-epochs, train the fresh head alone this many epochs (linear probing, then '
                         'all weights)')
+    p.add_argument('--finetune-head-lr', type=float, default=None,
+                   help="the head-alone epochs' peak learning rate (default: --finetune-lr)")
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
@@ -164,7 +166,8 @@ def main(argv=None):
             rows += _flavour_rows(flavour, pred_seed, models[flavour], cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
                                   calib if args.calib == 'images' else 'weights', args.methods,
-                                  (args.finetune_epochs, args.finetune_lr, args.finetune_head_epochs))
+                                  (args.finetune_epochs, args.finetune_lr, args.finetune_head_epochs,
+                                   args.finetune_head_lr or args.finetune_lr))
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
 
     table = _table(rows)
@@ -176,7 +179,7 @@ def main(argv=None):
 
 
 def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib, methods=('importance',),
-                  finetune=(0, 5e-4, 0)):
+                  finetune=(0, 5e-4, 0, 5e-4)):
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
     recycled by each of ``methods`` (calibrated on the images ``calib``, or 'weights') and at random init, for
     ``seeds`` seeds.
@@ -221,9 +224,10 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
     return rows
 
 
-def _finetune(model, data, epochs, lr, head_epochs, seed):
+def _finetune(model, data, epochs, lr, head_epochs, head_lr, seed):
     """Fine-tune ``model`` on ``data`` (x, y, x_test, y_test) with a fresh head (the same for every model of a seed):
-    ``head_epochs`` of the head alone, then ``epochs`` of all weights; the test accuracy after each epoch."""
+    ``head_epochs`` of the head alone (peak learning rate ``head_lr``), then ``epochs`` of all weights (``lr``); the
+    test accuracy after each epoch."""
     torch.manual_seed(seed + 1)
     model.reset_classifier(10)
     head_accs = []  # the accuracy before training, then after each head epoch
@@ -232,7 +236,7 @@ def _finetune(model, data, epochs, lr, head_epochs, seed):
         body = [q for q in model.parameters() if q not in head]
         for q in body:
             q.requires_grad_(False)
-        head_accs = train(model, *data, head_epochs, 64, lr, seed)
+        head_accs = train(model, *data, head_epochs, 64, head_lr, seed)
         for q in body:
             q.requires_grad_(True)
     accs = train(model, *data, epochs, 64, lr, seed)  # its first entry: after the head epochs
