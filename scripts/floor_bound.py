@@ -31,11 +31,10 @@ import statistics
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import jetmoe_timm  # noqa: F401  (registers v_jetmoe_tiny)
 from jetmoe_timm.layers import SpheroMoE
-from jetmoe_timm.tools.bench import PRECISIONS, _autocast, _MatmulFloor, interleaved_times
+from jetmoe_timm.tools.bench import PRECISIONS, _MatmulFloor, _runner, interleaved_times
 
 
 class _FloorFn(torch.autograd.Function):
@@ -118,22 +117,10 @@ def main(argv=None):
     for batch in args.batch_sizes:
         x, y = torch.randn(batch, 3, 224, 224, device=device), torch.randint(0, 1000, (batch,), device=device)
         for mode in args.modes:
-            def runner(name):
-                m, opt = models[name], opts[name]
+            for m in models.values():
                 m.train(mode == 'train')
-
-                def infer():
-                    with torch.inference_mode(), _autocast(args.precision, device):
-                        m(x)
-
-                def train():
-                    opt.zero_grad(set_to_none=True)
-                    with _autocast(args.precision, device):
-                        loss = F.cross_entropy(m(x), y)
-                    loss.backward()
-                    opt.step()
-                return infer if mode == 'infer' else train
-            times = interleaved_times({k: runner(k) for k in models}, args.rounds, warmup=2, device=device)
+            cands = {k: _runner(m, mode, x, y, args.precision, opts[k]) for k, m in models.items()}  # the bench's
+            times = interleaved_times(cands, args.rounds, warmup=2, device=device)
             for name, t in times.items():
                 # paired: the twin's time over the candidate's in the same round, where both met the same load
                 ratios = sorted(d / c for d, c in zip(times['dense twin'], t))
