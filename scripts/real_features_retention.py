@@ -160,14 +160,14 @@ def main(argv=None):
     calib = fm_train[0][-n['calib']:]
     cfg = dict(pretrain_images=args.pretrain_images, pretrain_epochs=args.pretrain_epochs)
 
+    finetune = dict(epochs=args.finetune_epochs, lr=args.finetune_lr, head_epochs=args.finetune_head_epochs,
+                    head_lr=args.finetune_head_lr or args.finetune_lr) if args.finetune_epochs else None
     rows = []
     for flavour in args.flavours:
         for pred_seed in range(args.predecessor_seeds):
             rows += _flavour_rows(flavour, pred_seed, models[flavour], cfg, args.seeds,
                                   fm_train, (held_out, fm_probe, mnist_probe, fm_val[0][:k], fm_val[1][:k]),
-                                  calib if args.calib == 'images' else 'weights', args.methods,
-                                  (args.finetune_epochs, args.finetune_lr, args.finetune_head_epochs,
-                                   args.finetune_head_lr or args.finetune_lr))
+                                  calib if args.calib == 'images' else 'weights', args.methods, finetune)
         print(f'{flavour}: done ({time.perf_counter() - t_start:.0f} s)', flush=True)
 
     table = _table(rows)
@@ -179,10 +179,10 @@ def main(argv=None):
 
 
 def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, calib, methods=('importance',),
-                  finetune=(0, 5e-4, 0, 5e-4)):
+                  finetune=None):
     """The rows of one predecessor: itself (native and resampled to the successor's grid) and its successors,
     recycled by each of ``methods`` (calibrated on the images ``calib``, or 'weights') and at random init, for
-    ``seeds`` seeds.
+    ``seeds`` seeds, each then fine-tuned with the ``_finetune`` options ``finetune`` where given.
     ``models``: (family, predecessor arch, its args, successor arch, its args)."""
     held_out, fm_probe, mnist_probe, test_x, test_y = eval_data
     family, pred_arch, pred_args, succ_arch, succ_args = models
@@ -219,8 +219,8 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
                 recycle(succ, pred, method=method, seed=seed, measure_retention=False, progress=False, **calib_opts)
             rows.append(dict(row, model=f'successor, {name}', seed=seed, method=method,
                              **_measure(succ, IMG, refs, held_out, fm_probe, mnist_probe)))
-            if finetune[0]:
-                rows[-1].update(_finetune(succ, mnist_probe, *finetune, seed))
+            if finetune:
+                rows[-1].update(_finetune(succ, mnist_probe, seed=seed, **finetune))
     return rows
 
 
