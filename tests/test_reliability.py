@@ -897,6 +897,7 @@ def test_written_folders_keep_a_setgid_parents_group_bit(tmp_path):
     folder = writing_folder(shared / 'out')
     assert stat.S_IMODE(folder.stat().st_mode) == 0o2777 & ~_umask()
 
+
 def test_push_without_token_sends_nothing(tmp_path, local_hub, monkeypatch):
     monkeypatch.delenv('HF_TOKEN', raising=False)
     monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)
