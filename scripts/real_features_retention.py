@@ -127,7 +127,8 @@ def main(argv=None):
                         "half their width)")
     p.add_argument('--finetune-epochs', type=int, default=0,
                    help="then fine-tune every successor this many epochs on the MNIST-5k probe's train split with a "
-                        "fresh head, as the demo does (AdamW, batch 64), and report its test accuracy")
+                        "fresh head, as the demo does (AdamW, batch 64), and report its test accuracy; the "
+                        "predecessor too, once per seed, as the control")
     p.add_argument('--finetune-lr', type=float, default=5e-4, help="the fine-tune's peak learning rate (the demo's)")
     p.add_argument('--finetune-head-epochs', type=int, default=0,
                    help='before --finetune-epochs, train the fresh head alone this many epochs (linear probing, then '
@@ -206,6 +207,10 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
     # its own test accuracy (head included), on the probe's train split: no step trains on it
     rows = [dict(row, model='predecessor, native', seed=None, accuracy=evaluate(pred, *data[2:]),
                  **_measure(pred, size, refs, held_out, fm_probe, mnist_probe, refs['cka']))]
+    if finetune:  # the control: what the predecessor itself reaches with the same fine-tune, once per seed
+        mnist_native = tuple(_at(t, size) if t.dim() == 4 else t for t in mnist_probe)
+        tuned = [_finetune(copy.deepcopy(pred), mnist_native, seed=seed, **finetune) for seed in range(seeds)]
+        rows[-1].update(finetuned=[t['finetuned'] for t in tuned], finetune_accs=[t['finetune_accs'] for t in tuned])
     if size != IMG:
         rows.append(dict(row, model='predecessor, resampled', seed=None,
                          **_measure(resampled, IMG, refs, held_out, fm_probe, mnist_probe, refs['cka_resampled'])))
@@ -249,6 +254,11 @@ def _cell(values, fmt):
     return f'{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})'
 
 
+def _finetuned(group):
+    """The fine-tuned accuracies of a table row's runs: one per successor, one per seed for a predecessor."""
+    return [a for r in group for a in (r['finetuned'] if isinstance(r['finetuned'], list) else [r['finetuned']])]
+
+
 def _table(rows) -> str:
     """Markdown: one row per flavour and model, its runs (predecessors x successor seeds) as median (range)."""
     tuned = any('finetuned' in r for r in rows)
@@ -265,8 +275,7 @@ def _table(rows) -> str:
                      f"{_cell([r['cka'] for r in group], '{:.3f}')} | {resampled} | "
                      f"{_cell([r['probe_fm'] for r in group], '{:.1f}')} | "
                      f"{_cell([r['probe_mnist'] for r in group], '{:.1f}')} |"
-                     + (f" {_cell([r['finetuned'] for r in group], '{:.1f}') if 'finetuned' in group[0] else '-'} |"
-                        if tuned else ''))
+                     + (f" {_cell(_finetuned(group), '{:.1f}') if 'finetuned' in group[0] else '-'} |" if tuned else ''))
     return '\n'.join(lines)
 
 

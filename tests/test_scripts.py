@@ -61,8 +61,12 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
         for row in rows.values():
             assert 0 <= row['cka'] <= 1 + 1e-9 and 0 <= row.get('cka_resampled', 0) <= 1 + 1e-9
             assert 0 <= row['probe_fm'] <= 100 and 0 <= row['probe_mnist'] <= 100
-            # every successor fine-tuned (an accuracy before and after the epoch), no predecessor
-            assert ('finetuned' in row) == row['model'].startswith('successor')
+            # every successor fine-tuned (an accuracy before and after the epoch); the native predecessor too, once
+            # per seed, as the control; not the resampled one
+            assert ('finetuned' in row) == (row['model'] != 'predecessor, resampled')
+            if row['model'] == 'predecessor, native':
+                assert len(row['finetuned']) == len(row['finetune_accs']) == 1  # --seeds 1
+                row = dict(row, finetuned=row['finetuned'][0], finetune_accs=row['finetune_accs'][0])
             if 'finetuned' in row:
                 assert len(row['finetune_accs']) == 2 and row['finetuned'] == row['finetune_accs'][-1]
     assert 'MNIST-5k fine-tuned % |' in result['table'].splitlines()[0]
