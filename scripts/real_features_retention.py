@@ -130,6 +130,8 @@ def main(argv=None):
                         "fresh head, as the demo does (AdamW, batch 64), and report its test accuracy; the "
                         "predecessor too, once per seed, as the control")
     p.add_argument('--finetune-lr', type=float, default=5e-4, help="the fine-tune's peak learning rate (the demo's)")
+    p.add_argument('--finetune-images', type=int, default=None,
+                   help="fine-tune on this many of the probe's training images, a fixed random subset (default: all 1,000)")
     p.add_argument('--finetune-head-epochs', type=int, default=0,
                    help='before --finetune-epochs, train the fresh head alone this many epochs (linear probing, then '
                         'all weights)')
@@ -137,6 +139,8 @@ def main(argv=None):
                    help="the head-alone epochs' peak learning rate (default: --finetune-lr)")
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
+    if args.finetune_images is not None and args.finetune_images < 1:
+        p.error(f'--finetune-images must be at least 1, got {args.finetune_images}')
     n = SIZES['smoke' if args.smoke else 'full']
     models = {}  # flavour -> (family, predecessor arch, its args, successor arch, its args)
     for flavour in args.flavours:
@@ -162,7 +166,8 @@ def main(argv=None):
     cfg = dict(pretrain_images=args.pretrain_images, pretrain_epochs=args.pretrain_epochs)
 
     finetune = dict(epochs=args.finetune_epochs, lr=args.finetune_lr, head_epochs=args.finetune_head_epochs,
-                    head_lr=args.finetune_head_lr or args.finetune_lr) if args.finetune_epochs else None
+                    head_lr=args.finetune_head_lr or args.finetune_lr,
+                    images=args.finetune_images) if args.finetune_epochs else None
     rows = []
     for flavour in args.flavours:
         for pred_seed in range(args.predecessor_seeds):
@@ -229,10 +234,13 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
     return rows
 
 
-def _finetune(model, data, epochs, lr, head_epochs, head_lr, seed):
-    """Fine-tune ``model`` on ``data`` (x, y, x_test, y_test) with a fresh head (the same for every model of a seed):
-    ``head_epochs`` of the head alone (peak learning rate ``head_lr``), then ``epochs`` of all weights (``lr``); the
-    test accuracy after each epoch."""
+def _finetune(model, data, epochs, lr, head_epochs, head_lr, images, seed):
+    """Fine-tune ``model`` on ``images`` (None: all) of ``data`` (x, y, x_test, y_test) with a fresh head
+    (the same for every model of a seed): ``head_epochs`` of the head alone (peak learning rate ``head_lr``), then
+    ``epochs`` of all weights (``lr``); the test accuracy after each epoch."""
+    if images is not None:  # a fixed random subset: the split is ordered by class
+        keep = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(0))[:images]
+        data = (data[0][keep], data[1][keep], *data[2:])
     torch.manual_seed(seed + 1)
     model.reset_classifier(10)
     head_accs = []  # the accuracy before training, then after each head epoch
