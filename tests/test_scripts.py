@@ -37,7 +37,8 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
     monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
     script.main(['--out', str(tmp_path / 'out'), '--seeds', '1', '--pretrain-images', '32', '--flavours', 'all',
-                 'convnext', '--methods', 'importance', 'copy', '--finetune-epochs', '1', '--smoke'])
+                 'convnext', '--methods', 'importance', 'copy', '--finetune-epochs', '1', '--finetune-images', '20',
+                 '--smoke'])
     result = json.loads((tmp_path / 'out' / 'real_features_retention.json').read_text())
     by_flavour = {f: {r['model']: r for r in result['rows'] if r['flavour'] == f} for f in ('all', 'convnext')}
     successors = ['successor, recycled (importance)', 'successor, recycled (copy)', 'successor, random init']
@@ -94,4 +95,9 @@ def test_real_features_retention_refuses_bad_successor_kwargs(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "--successor-kwargs: v_jetmoe_tiny takes no argument 'num_head'; did you mean 'num_heads'?" in err
+    assert not (tmp_path / 'out').exists()
+    with pytest.raises(SystemExit) as e:
+        script.main(['--out', str(tmp_path / 'out'), '--finetune-epochs', '1', '--finetune-images', '0'])
+    assert e.value.code == 2
+    assert '--finetune-images must be at least 1, got 0' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
