@@ -139,9 +139,13 @@ def main(argv=None):
                    help="the head-alone epochs' peak learning rate (default: --finetune-lr)")
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
-    if args.finetune_images is not None and args.finetune_images < 1:
-        p.error(f'--finetune-images must be at least 1, got {args.finetune_images}')
     n = SIZES['smoke' if args.smoke else 'full']
+    if args.finetune_images is not None:
+        if not args.finetune_epochs:
+            p.error('--finetune-images chooses the images of a fine-tune: give --finetune-epochs too')
+        if not 1 <= args.finetune_images <= n['probe']:
+            p.error(f"--finetune-images must be between 1 and the probe's {n['probe']} training images, "
+                    f"got {args.finetune_images}")
     models = {}  # flavour -> (family, predecessor arch, its args, successor arch, its args)
     for flavour in args.flavours:
         family, extra = FLAVOURS[flavour]
@@ -235,9 +239,10 @@ def _flavour_rows(flavour, pred_seed, models, cfg, seeds, fm_train, eval_data, c
 
 
 def _finetune(model, data, epochs, lr, head_epochs, head_lr, images, seed):
-    """Fine-tune ``model`` on ``images`` (None: all) of ``data`` (x, y, x_test, y_test) with a fresh head
-    (the same for every model of a seed): ``head_epochs`` of the head alone (peak learning rate ``head_lr``), then
-    ``epochs`` of all weights (``lr``); the test accuracy after each epoch."""
+    """Fine-tune ``model`` on ``images`` (None: all; the same subset for every model and seed) of ``data`` (x, y,
+    x_test, y_test) with a fresh head (drawn from the same seed for every model of a seed): ``head_epochs`` of the
+    head alone (peak learning rate ``head_lr``), then ``epochs`` of all weights (``lr``); the test accuracy after
+    each epoch."""
     if images is not None:  # a fixed random subset: the split is ordered by class
         keep = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(0))[:images]
         data = (data[0][keep], data[1][keep], *data[2:])
@@ -262,9 +267,13 @@ def _cell(values, fmt):
     return f'{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})'
 
 
-def _finetuned(group):
-    """The fine-tuned accuracies of a table row's runs: one per successor, one per seed for a predecessor."""
-    return [a for r in group for a in (r['finetuned'] if isinstance(r['finetuned'], list) else [r['finetuned']])]
+def _tuned_cell(group) -> str:
+    """The fine-tuned accuracies of a table row's runs: one per successor, one per seed for a predecessor (whose
+    count then differs from the row's runs, and is given)."""
+    if 'finetuned' not in group[0]:
+        return '-'
+    accs = [a for r in group for a in (r['finetuned'] if isinstance(r['finetuned'], list) else [r['finetuned']])]
+    return _cell(accs, '{:.1f}') + (f', {len(accs)} runs' if len(accs) != len(group) else '')
 
 
 def _table(rows) -> str:
@@ -283,7 +292,7 @@ def _table(rows) -> str:
                      f"{_cell([r['cka'] for r in group], '{:.3f}')} | {resampled} | "
                      f"{_cell([r['probe_fm'] for r in group], '{:.1f}')} | "
                      f"{_cell([r['probe_mnist'] for r in group], '{:.1f}')} |"
-                     + (f" {_cell(_finetuned(group), '{:.1f}') if 'finetuned' in group[0] else '-'} |" if tuned else ''))
+                     + (f" {_tuned_cell(group)} |" if tuned else ''))
     return '\n'.join(lines)
 
 

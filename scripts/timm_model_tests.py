@@ -43,17 +43,18 @@ def prepare(folder: Path) -> Path:
 # prepended to timm's conftest.py: registers the JetMoE models, and collects reference cycles after every test.
 # torch.jit.script and FX tracing leave the model they were given in cycles (a dense timm ViT too): without a
 # collection the 6 GB of c_jetmoe_tiny from one test are still held when the next builds its own, and the
-# --all-models run is killed for memory on a 24 GB machine (every test alone peaks at 13.1 GB)
-CONFTEST_HEAD = '''import gc as _gc
+# --all-models run is killed for memory on a 24 GB machine (every test alone peaks at 13.1 GB). A failing test's
+# traceback still holds its model until pytest lets the report go.
+CONFTEST_HEAD = '''import gc as _jetmoe_gc
 
 import jetmoe_timm  # noqa: F401  (registers the JetMoE models)
-import pytest as _pytest
+import pytest as _jetmoe_pytest
 
 
-@_pytest.fixture(autouse=True)
+@_jetmoe_pytest.fixture(autouse=True)
 def _collect_cycles():
     yield
-    _gc.collect()
+    _jetmoe_gc.collect()
 
 
 '''

