@@ -11,6 +11,8 @@ d=192, depth 6, layer scale), one per flavour of real checkpoint:
 - 'all'          registers and patch 7 together;
 - 'convnext'     a ConvNeXt (timm's blocks: depthwise 7x7, LayerNorm, MLP, layer scale, as convnext_tiny.fb_in22k)
                  at 32 px with a stride-2 stem, depths 2-2-4-2, dims 64-512;
+- 'convnext w48' the same at dims 48-384: pretrained at the width of a three-quarter successor of 'convnext', for
+                 fine-tuning comparisons;
 
 recycles each (importance sampling, 256 Fashion-MNIST calibration images) into a successor at half width and
 measures, before any fine-tuning, on images no step has seen: for the ViTs the demo's V-JetMoE (32 px, patch 8,
@@ -29,7 +31,7 @@ Successor rows run --seeds seeds (the recycling seed and the init of what is not
         [--predecessor-seeds 1] [--calib images|weights] [--dense-successor] [--successor-kwargs K=V ...]
         [--pretrain-images 60000]
 
-Without --flavours, the four ViT flavours run; 'convnext' is asked for by name.
+Without --flavours, the four ViT flavours run; the ConvNeXts are asked for by name.
 
 `--smoke` runs the same pipeline on toy sizes (quarter width, few images) for the test suite.
 
@@ -69,6 +71,8 @@ FLAVOURS = {  # name -> (family, predecessor args over the family's)
     'patch 7': ('vit', dict(img_size=56, patch_size=7)),
     'all': ('vit', dict(img_size=56, patch_size=7, reg_tokens=4, no_embed_class=True)),
     'convnext': ('convnext', {}),
+    # the control for a successor at three quarters of 'convnext''s width: a ConvNeXt pretrained at that width
+    'convnext w48': ('convnext', dict(dims=(48, 96, 192, 384))),
 }
 # images per use: recycling's calibration, each probe's train and test split, the held-out CKA set; model width
 SIZES = {'full': dict(calib=256, probe=1000, held_out=1000, width=1),
