@@ -135,7 +135,8 @@ def main(argv=None):
                         "predecessor too, once per seed, as the control")
     p.add_argument('--finetune-lr', type=float, default=5e-4, help="the fine-tune's peak learning rate (the demo's)")
     p.add_argument('--finetune-images', type=int, default=None,
-                   help="fine-tune on this many of the probe's training images, a fixed random subset (default: all 1,000)")
+                   help="fine-tune on this many of the probe's training images, a fixed random subset "
+                        "(default: all 1,000)")
     p.add_argument('--finetune-head-epochs', type=int, default=0,
                    help='before --finetune-epochs, train the fresh head alone this many epochs (linear probing, then '
                         'all weights)')
