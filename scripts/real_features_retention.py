@@ -11,8 +11,6 @@ d=192, depth 6, layer scale), one per flavour of real checkpoint:
 - 'all'          registers and patch 7 together;
 - 'convnext'     a ConvNeXt (timm's blocks: depthwise 7x7, LayerNorm, MLP, layer scale, as convnext_tiny.fb_in22k)
                  at 32 px with a stride-2 stem, depths 2-2-4-2, dims 64-512;
-- 'convnext w48' the same at dims 48-384: pretrained at the width of a three-quarter successor of 'convnext', for
-                 fine-tuning comparisons;
 
 recycles each (importance sampling, 256 Fashion-MNIST calibration images) into a successor at half width and
 measures, before any fine-tuning, on images no step has seen: for the ViTs the demo's V-JetMoE (32 px, patch 8,
@@ -29,9 +27,11 @@ Successor rows run --seeds seeds (the recycling seed and the init of what is not
 
     python scripts/real_features_retention.py --out DIR [--seeds 3] [--flavours ...] [--methods ...]
         [--predecessor-seeds 1] [--calib images|weights] [--dense-successor] [--successor-kwargs K=V ...]
+        [--predecessor-kwargs K=V ...]
         [--pretrain-images 60000]
 
-Without --flavours, the four ViT flavours run; the ConvNeXts are asked for by name.
+Without --flavours, the four ViT flavours run; 'convnext' is asked for by name. --predecessor-kwargs changes the
+predecessors (e.g. a ConvNeXt pretrained at a successor's width, as the control for its fine-tune).
 
 `--smoke` runs the same pipeline on toy sizes (quarter width, few images) for the test suite.
 
@@ -71,8 +71,6 @@ FLAVOURS = {  # name -> (family, predecessor args over the family's)
     'patch 7': ('vit', dict(img_size=56, patch_size=7)),
     'all': ('vit', dict(img_size=56, patch_size=7, reg_tokens=4, no_embed_class=True)),
     'convnext': ('convnext', {}),
-    # the control for a successor at three quarters of 'convnext''s width: a ConvNeXt pretrained at that width
-    'convnext w48': ('convnext', dict(dims=(48, 96, 192, 384))),
 }
 # images per use: recycling's calibration, each probe's train and test split, the held-out CKA set; model width
 SIZES = {'full': dict(calib=256, probe=1000, held_out=1000, width=1),
@@ -129,6 +127,9 @@ def main(argv=None):
     p.add_argument('--successor-kwargs', nargs='*', default=[], metavar='K=V',
                    help="successor arguments over the family's (e.g. num_heads=6: all the ViT predecessor's heads at "
                         "half their width)")
+    p.add_argument('--predecessor-kwargs', nargs='*', default=[], metavar='K=V',
+                   help="predecessor arguments over the flavour's (e.g. dims=(48,96,192,384): a ConvNeXt pretrained "
+                        "at three quarters of the width)")
     p.add_argument('--finetune-epochs', type=int, default=0,
                    help="then fine-tune every successor this many epochs on the MNIST-5k probe's train split with a "
                         "fresh head, as the demo does (AdamW, batch 64), and report its test accuracy; the "
@@ -155,9 +156,10 @@ def main(argv=None):
     for flavour in args.flavours:
         family, extra = FLAVOURS[flavour]
         pred_arch, base_pred, succ_arch, succ_args = _family_args(family, n['width'], args.dense_successor)
-        models[flavour] = (family, pred_arch, dict(base_pred, **extra), succ_arch,
-                           dict(succ_args, **parse_model_kwargs(args.successor_kwargs)))
-        try:  # a misspelled --successor-kwargs fails now, not after the predecessors' training
+        models[flavour] = (family, pred_arch, {**base_pred, **extra, **parse_model_kwargs(args.predecessor_kwargs)},
+                           succ_arch, {**succ_args, **parse_model_kwargs(args.successor_kwargs)})
+        try:  # misspelled kwargs fail now, not after the predecessors' training
+            check_model_kwargs(pred_arch, models[flavour][2], flag='--predecessor-kwargs')
             check_model_kwargs(succ_arch, models[flavour][-1], flag='--successor-kwargs')
         except ValueError as e:
             p.error(f'{flavour}: {e}')

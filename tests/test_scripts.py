@@ -93,9 +93,9 @@ def test_demo_predecessor_cache_keys_stay():
         'vit192_ls_layer_scale_c9c782525d91.safetensors'
 
 
-def test_real_features_retention_refuses_bad_successor_kwargs(tmp_path, capsys):
-    """A misspelled successor argument is refused at once, naming the option and the fix, before any training
-    (and before the output folder is made)."""
+def test_real_features_retention_refuses_bad_options(tmp_path, capsys):
+    """A misspelled successor or predecessor argument, or fine-tune images out of range or without a fine-tune, are
+    refused at once, naming the option and the fix, before any training (and before the output folder is made)."""
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
     with pytest.raises(SystemExit) as e:
         script.main(['--out', str(tmp_path / 'out'), '--flavours', 'layer scale', '--successor-kwargs', 'num_head=6'])
@@ -106,7 +106,9 @@ def test_real_features_retention_refuses_bad_successor_kwargs(tmp_path, capsys):
     for argv, message in ((['--finetune-epochs', '1', '--finetune-images', '0'],
                            "--finetune-images must be between 1 and the probe's 1000 training images, got 0"),
                           (['--finetune-epochs', '1', '--finetune-images', '1001'], 'got 1001'),
-                          (['--finetune-images', '250'], 'give --finetune-epochs too')):
+                          (['--finetune-images', '250'], 'give --finetune-epochs too'),
+                          (['--flavours', 'convnext', '--predecessor-kwargs', 'dim=(48,96,192,384)'],
+                           "convnext: --predecessor-kwargs: convnext_tiny takes no argument 'dim'; did you mean 'dims'?")):
         with pytest.raises(SystemExit) as e:
             script.main(['--out', str(tmp_path / 'out'), *argv])
         assert e.value.code == 2
