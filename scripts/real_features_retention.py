@@ -156,13 +156,14 @@ def main(argv=None):
     for flavour in args.flavours:
         family, extra = FLAVOURS[flavour]
         pred_arch, base_pred, succ_arch, succ_args = _family_args(family, n['width'], args.dense_successor)
-        models[flavour] = (family, pred_arch, {**base_pred, **extra, **parse_model_kwargs(args.predecessor_kwargs)},
-                           succ_arch, {**succ_args, **parse_model_kwargs(args.successor_kwargs)})
-        try:  # misspelled kwargs fail now, not after the predecessors' training
-            check_model_kwargs(pred_arch, models[flavour][2], flag='--predecessor-kwargs')
-            check_model_kwargs(succ_arch, models[flavour][-1], flag='--successor-kwargs')
+        try:  # malformed or misspelled kwargs fail now, not after the predecessors' training
+            pred_args = {**base_pred, **extra, **parse_model_kwargs(args.predecessor_kwargs)}
+            succ_args = {**succ_args, **parse_model_kwargs(args.successor_kwargs)}
+            check_model_kwargs(pred_arch, pred_args, flag='--predecessor-kwargs')
+            check_model_kwargs(succ_arch, succ_args, flag='--successor-kwargs')
         except ValueError as e:
             p.error(f'{flavour}: {e}')
+        models[flavour] = (family, pred_arch, pred_args, succ_arch, succ_args)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 

@@ -95,6 +95,7 @@ def test_deleted_model_is_freed_without_the_cycle_collector(family, options):
     steps, and with routing capture, kept gradient memory and autocast weight copies on."""
     name, kwargs, _ = family
     gc.collect()
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         model = timm.create_model(name, **kwargs)
@@ -111,11 +112,17 @@ def test_deleted_model_is_freed_without_the_cycle_collector(family, options):
         model.eval()
         with torch.no_grad(), torch.autocast('cpu', torch.bfloat16, enabled=options):
             model(x)
-        ref = weakref.ref(model)
-        del model, opt
-        assert ref() is None
+        layer = next(iter(model.moe_layers().values()))
+        if options:  # each option holds what it keeps
+            assert layer.last_routing is not None
+            assert layer.core_experts.fc1._grad_buffer is not None
+            assert layer.core_experts.fc1._autocast_copy is not None
+        refs = [weakref.ref(model), weakref.ref(layer.core_experts.fc1.weight)]
+        del model, opt, layer
+        assert [ref() for ref in refs] == [None, None]
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
 
 
 def test_moe_layers_weight_decay_and_layer_decay_groups(family):

@@ -108,7 +108,9 @@ def test_real_features_retention_refuses_bad_options(tmp_path, capsys):
                           (['--finetune-epochs', '1', '--finetune-images', '1001'], 'got 1001'),
                           (['--finetune-images', '250'], 'give --finetune-epochs too'),
                           (['--flavours', 'convnext', '--predecessor-kwargs', 'dim=(48,96,192,384)'],
-                           "convnext: --predecessor-kwargs: convnext_tiny takes no argument 'dim'; did you mean 'dims'?")):
+                           "convnext: --predecessor-kwargs: convnext_tiny takes no argument 'dim'; did you mean 'dims'?"),
+                          (['--successor-kwargs', 'num_heads'],
+                           "layer scale: model kwarg 'num_heads' is not of the form key=value")):
         with pytest.raises(SystemExit) as e:
             script.main(['--out', str(tmp_path / 'out'), *argv])
         assert e.value.code == 2
