@@ -97,13 +97,9 @@ def test_real_features_retention_refuses_bad_options(tmp_path, capsys):
     """A misspelled successor or predecessor argument, or fine-tune images out of range or without a fine-tune, are
     refused at once, naming the option and the fix, before any training (and before the output folder is made)."""
     script = _load(next(p for p in SCRIPTS if p.stem == 'real_features_retention'))
-    with pytest.raises(SystemExit) as e:
-        script.main(['--out', str(tmp_path / 'out'), '--flavours', 'layer scale', '--successor-kwargs', 'num_head=6'])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "--successor-kwargs: v_jetmoe_tiny takes no argument 'num_head'; did you mean 'num_heads'?" in err
-    assert not (tmp_path / 'out').exists()
-    for argv, message in ((['--finetune-epochs', '1', '--finetune-images', '0'],
+    for argv, message in ((['--flavours', 'layer scale', '--successor-kwargs', 'num_head=6'],
+                           "--successor-kwargs: v_jetmoe_tiny takes no argument 'num_head'; did you mean 'num_heads'?"),
+                          (['--finetune-epochs', '1', '--finetune-images', '0'],
                            "--finetune-images must be between 1 and the probe's 1000 training images, got 0"),
                           (['--finetune-epochs', '1', '--finetune-images', '1001'], 'got 1001'),
                           (['--finetune-images', '250'], 'give --finetune-epochs too'),
