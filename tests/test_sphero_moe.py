@@ -104,11 +104,26 @@ def test_dropout_and_drop_path_only_in_training():
     assert not torch.allclose(layer(x), sphero_moe_reference(layer, x), atol=1e-3)
 
 
-def test_expert_drop_mode_drops_whole_experts():
-    layer = _layer(expert_drop=0.999, expert_drop_mode='expert', noise_mult=0.).train()
+@pytest.mark.parametrize('rate', [0.999, 1.])
+def test_expert_drop_mode_drops_whole_experts(rate):
+    layer = _layer(expert_drop=rate, expert_drop_mode='expert', noise_mult=0.).train()
     x = torch.randn(2, 9, 16)
     torch.manual_seed(0)
-    assert layer(x).abs().max() == 0  # every expert dropped: nothing passes
+    out = layer(x)
+    assert torch.equal(out, torch.zeros_like(out))  # every expert dropped: nothing passes (rate 1: not 0 / 0)
+
+
+@pytest.mark.parametrize('combine', ['softmax', 'entmax15'])
+def test_a_nan_image_spoils_its_own_output_only(combine):
+    """Routing is per image: one image with a NaN gives NaN for that image and leaves the others as they were,
+    with the sparse combine too (whose support of a NaN row is empty)."""
+    layer = _layer(combine=combine).eval()
+    x = torch.randn(3, 9, 16)
+    clean = layer(x)
+    x[1, 4, 2] = float('nan')
+    out = layer(x)
+    assert out[1].isnan().all()
+    torch.testing.assert_close(out[[0, 2]], clean[[0, 2]])
 
 
 def test_every_parameter_gets_a_gradient():

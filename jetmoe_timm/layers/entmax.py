@@ -22,7 +22,9 @@ def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     ss = rho * (mean_sq - mean * mean)
     delta = (1 - ss) / rho
     tau = mean - torch.sqrt(delta.clamp(min=0))
-    support_size = (tau <= x_sorted).sum(dim=-1, keepdim=True)
+    # at least 1: a row with a NaN has no element above tau, and index -1 would fail the whole batch (softmax only
+    # makes that row NaN)
+    support_size = (tau <= x_sorted).sum(dim=-1, keepdim=True).clamp(min=1)
     tau_star = tau.gather(-1, support_size - 1)
     out = (x - tau_star).clamp(min=0) ** 2
     return out.transpose(dim, -1)

@@ -374,7 +374,10 @@ class SpheroMoE(nn.Module):
             keep = 1. - self.expert_drop
             S, d = self.slots_per_expert, y.shape[-1]
             mask = torch.empty(self.num_experts, 1, B, 1, device=y.device, dtype=y.dtype).bernoulli_(keep)
-            y = (y.view(self.num_experts, S, B, d) * mask / keep).view(self.num_slots, B, d)
+            y = y.view(self.num_experts, S, B, d) * mask
+            if keep > 0.:  # rate 1 drops every expert: zeros, as nn.Dropout(1.) gives, not 0 / 0
+                y = y / keep
+            y = y.view(self.num_slots, B, d)
 
         out = torch.bmm(combine.to(y.dtype), y.transpose(0, 1))  # (B, N, d); y read in place, not permuted
         if self.expert_drop_path > 0. and self.training:
