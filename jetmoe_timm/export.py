@@ -42,6 +42,7 @@ FOLDER_WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.bin')
 CHECKPOINT_SUFFIXES = FOLDER_WEIGHT_SUFFIXES + ('.pt',)
 OVERWRITE_FLAGS = {'--out': 'overwrite=True (--overwrite)', 'OUT': 'force=True (--force)'}  # the CLI's and the API's
 CHECKSUM_KEY = 'jetmoe_sha256'
+_ASIDE = '.old'  # the suffix of the folder an overwritten output is moved to until its replacement is in place
 
 # dtype names of the safetensors format, as they appear in a file's header
 _SAFETENSORS_DTYPES = {
@@ -131,12 +132,13 @@ def read_provenance(path: os.PathLike) -> Dict[str, Any]:
     return json.loads(meta.get(PROVENANCE_KEY, '{}'))
 
 
-def verify_safetensors(path: os.PathLike, require_checksum: bool = False) -> Dict[str, str]:
+def verify_safetensors(path: os.PathLike, require_checksum: bool = False, content: bool = True) -> Dict[str, str]:
     """Check that ``path`` is a complete safetensors file whose tensors match its content checksum.
 
     Reads the whole file (about 0.5 s per GB). Files without a checksum (not written by jetmoe_timm) only get the
-    structural checks, unless ``require_checksum``. Returns the file's metadata; raises ``ValueError`` naming
-    what is wrong (truncated, header damaged, checksum mismatch).
+    structural checks, unless ``require_checksum``; ``content=False`` makes only those (header and size, a read of
+    the header). Returns the file's metadata; raises ``ValueError`` naming what is wrong (truncated, header
+    damaged, checksum mismatch).
     """
     path = Path(path)
     size = path.stat().st_size
@@ -155,6 +157,8 @@ def verify_safetensors(path: os.PathLike, require_checksum: bool = False) -> Dic
             raise ValueError(f'{path} is {size} bytes but its header describes {expected}: '
                              f'{"truncated" if size < expected else "trailing data"}')
         checksum = metadata.get(CHECKSUM_KEY)
+        if not content:
+            return metadata
         if checksum is None:
             if require_checksum:
                 raise ValueError(f'{path} has no content checksum ({CHECKSUM_KEY}): it was not written by '
@@ -291,10 +295,13 @@ def replace_folder(new: Path, dst: Path, owned: Callable[[Path], bool], overwrit
     if not dst.exists():
         os.replace(new, dst)
         return
-    aside = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.old'))
+    # named as this writer's temporary folders: a later writer deletes it if this process dies before it does
+    aside = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'{_writers_prefix(dst)}{os.getpid()}.', suffix=_ASIDE))
     try:
         os.replace(dst, aside / dst.name)
     except BaseException:
+        if (aside / dst.name).exists() and not dst.exists():  # interrupted (Ctrl-C) just after the move itself
+            os.replace(aside / dst.name, dst)
         aside.rmdir()
         raise
     try:
@@ -320,10 +327,10 @@ def _writers_prefix(dst: Path) -> str:
 def writing_folder(dst: Path, suffix: str = '') -> Path:
     """A new temporary folder, beside ``dst``, to build ``dst`` in (``replace_folder`` renames it into place), with
     the permissions of a folder made by ``mkdir`` (mkdtemp's are 0700). Folders that writers of ``dst`` on this host
-    left when they were killed (SIGKILL, out of memory: a converted model's is gigabytes) are deleted first; a live
-    writer's is kept."""
+    left when they were killed (SIGKILL, out of memory: a converted model's is gigabytes), the outputs they were
+    replacing included, are deleted first; a live writer's are kept."""
     prefix = _writers_prefix(dst)  # then the pid and mkdtemp's 8 characters
-    name = re.compile(rf'{re.escape(prefix)}(\d+)\.[a-z0-9_]{{8}}{re.escape(suffix)}')
+    name = re.compile(rf'{re.escape(prefix)}(\d+)\.[a-z0-9_]{{8}}(?:{re.escape(suffix)}|{re.escape(_ASIDE)})')
     for old in dst.parent.glob(glob.escape(prefix) + '*'):
         found = name.fullmatch(old.name)
         if found and old.is_dir() and not old.is_symlink() and not _alive(int(found[1])):

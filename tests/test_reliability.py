@@ -793,9 +793,16 @@ def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
             raise OSError('device or resource busy')
         return real_replace(src, dst)
 
-    for failing, says in ((moving_in_fails, 'rename failed'), (moving_aside_fails, 'resource busy')):
+    def interrupted_as_moved_aside(src, dst):  # Ctrl-C just as the old folder's move returns
+        real_replace(src, dst)
+        if Path(src) == folder:
+            raise KeyboardInterrupt
+
+    for failing, error, says in ((moving_in_fails, OSError, 'rename failed'),
+                                 (moving_aside_fails, OSError, 'resource busy'),
+                                 (interrupted_as_moved_aside, KeyboardInterrupt, None)):
         monkeypatch.setattr(os, 'replace', failing)
-        with pytest.raises(OSError, match=says):
+        with pytest.raises(error, match=says):
             save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=10, **SUCC_KWARGS), 'f',
                                    overwrite=True)
         monkeypatch.setattr(os, 'replace', real_replace)
@@ -869,10 +876,12 @@ def test_a_killed_writers_folder_is_removed_by_the_next_write(tmp_path):
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
     host = socket.gethostname()
-    killed = tmp_path / f'.f.{host}-{gone.pid}.abcd_123'
+    # its temporary folder, and the earlier output an --overwrite had moved aside until the new one was in place
+    killed = [tmp_path / f'.f.{host}-{gone.pid}.abcd_123', tmp_path / f'.f.{host}-{gone.pid}.wxyz_789.old']
     kept = [tmp_path / f'.f.{host}-{os.getpid()}.zzzz9999', tmp_path / f'.g.{host}-{gone.pid}.abcd_123',
-            tmp_path / f'.f.{host}-{gone.pid}.abcd_123.tmp', tmp_path / f'.f.otherhost-{gone.pid}.abcd_123']
-    for folder in (killed, *kept):
+            tmp_path / f'.f.{host}-{gone.pid}.abcd_123.tmp', tmp_path / f'.f.otherhost-{gone.pid}.abcd_123',
+            tmp_path / f'.f.{host}-{os.getpid()}.zzzz9999.old']
+    for folder in (*killed, *kept):
         folder.mkdir()
         (folder / 'model.safetensors').write_bytes(b'x' * 100)
     torch.manual_seed(0)
@@ -882,7 +891,7 @@ def test_a_killed_writers_folder_is_removed_by_the_next_write(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / 'f').stat().st_mode) == 0o750
-    assert not killed.exists() and all(folder.exists() for folder in kept)
+    assert not any(folder.exists() for folder in killed) and all(folder.exists() for folder in kept)
     assert writing_folder(tmp_path / 'f').name.startswith(f'.f.{host}-{os.getpid()}.')
 
 
