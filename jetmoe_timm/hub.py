@@ -30,6 +30,7 @@ import timm
 import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
+from ._names import did_you_mean
 from .export import CARD_MARK, public_source, read_provenance, verify_safetensors, write_atomic
 from .hub_access import hub_reachable
 from .models import JetMoEMixin, is_jetmoe_model, list_jetmoe_models
@@ -46,6 +47,11 @@ _logger = logging.getLogger(__name__)
 
 UPLOAD_FILES = ('model.safetensors', 'config.json', 'README.md')
 CARD_DIR = Path(__file__).resolve().parent / 'model_cards'  # package data; the source is the top-level model_cards/
+# the ${name}s a card template may hold: what _card_context fills (docs/hub.md lists them)
+CARD_PLACEHOLDERS = frozenset({
+    'model_name', 'arch', 'display_name', 'tag', 'repo_id', 'version', 'license', 'datasets', 'dataset_line',
+    'architecture', 'origin', 'notes', 'params_m', 'gmacs', 'img_size', 'num_classes', 'num_features',
+    'classifier_note', 'create_kwargs', 'moe_layers', 'predecessor', 'provenance', 'model_args', 'load_by_name'})
 
 _TAG_DATASETS = {'in1k': 'imagenet-1k', 'in21k': 'imagenet-21k', 'in22k': 'imagenet-22k'}
 
@@ -188,7 +194,24 @@ def _template_path(arch: str, template: Optional[os.PathLike]) -> Path:
         raise FileNotFoundError(f'No model card template at {path}: ' + (
             'pass an existing file to --card-template.' if template else
             f'add model_cards/{_family(arch)}.md (see the others) or pass --card-template FILE.'))
+    _check_template(path)
     return path
+
+
+def _check_template(path: Path) -> None:
+    """Every placeholder of the template at ``path`` one that a card fills, before a conversion (minutes) and
+    not only when the card is rendered after it."""
+    text = path.read_text()
+    for m in string.Template.pattern.finditer(text):
+        line = text.count('\n', 0, m.start()) + 1
+        if m.group('invalid') is not None:
+            raise ValueError(f"Model card template {path}, line {line}: a '$' that starts no placeholder: write "
+                             f"${{name}} for a value or $$ for a dollar sign.")
+        name = m.group('named') or m.group('braced')
+        if name and name not in CARD_PLACEHOLDERS:
+            raise ValueError(f"Model card template {path}, line {line}: unknown placeholder '{name}'"
+                             f"{did_you_mean(name, sorted(CARD_PLACEHOLDERS))}: use one of "
+                             f"{', '.join(sorted(CARD_PLACEHOLDERS))}.")
 
 
 def _fmt(x: float) -> str:
@@ -340,10 +363,7 @@ def _render(name, config, model, repo_id, folder, template) -> str:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f'{folder}/config.json has incomplete provenance under "jetmoe" ({type(e).__name__}: '
                          f'{e}): convert the model again, or remove the "jetmoe" entry.') from None
-    try:
-        body = string.Template(text).substitute(context)
-    except (KeyError, ValueError) as e:
-        raise ValueError(f'Model card template {template or name}: unknown or malformed placeholder {e}.') from e
+    body = string.Template(text).substitute(context)  # every placeholder checked by _template_path
     # the mark goes after the front matter: the Hub requires the YAML block to open the file
     head, sep, rest = body.partition('\n---\n')
     return f'{head}{sep}{CARD_MARK}\n{rest}' if body.startswith('---\n') and sep else f'{CARD_MARK}\n{body}'
@@ -405,6 +425,9 @@ def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = N
         if constants.HF_HUB_OFFLINE:
             raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
         endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
+        if not endpoint.startswith(('http://', 'https://')):  # without it the probe would ask this machine
+            raise ValueError(f"endpoint '{endpoint}' (--endpoint or HF_ENDPOINT) has no scheme: give "
+                             f"https://{endpoint.split('://')[-1]} (or http:// for a local server).")
         if not hub_reachable(endpoint=endpoint):  # a TCP probe: seconds, where a conversion takes minutes
             raise RuntimeError(f'Cannot reach the Hub at {endpoint} (nothing answers): check the network, or '
                                f'HF_ENDPOINT / --endpoint (or use --dry-run to only write the folder).')

@@ -347,6 +347,11 @@ def convert_official_checkpoint(
         **model_kwargs: extra ``timm.create_model`` kwargs (e.g. ``moe_noise_at_eval=True``).
     """
 
+    from .models import VisionTransformerJetMoE  # here: the model module imports this one
+    arch = model_name.partition('.')[0]
+    if not isinstance(timm.create_model(arch, device='meta'), VisionTransformerJetMoE):  # before reading the file
+        raise ValueError(f"official MoE Jetpack checkpoints are V-JetMoE (ViT) models, and '{arch}' is not one: pass "
+                         f"a v_jetmoe_* model of the checkpoint's width.")
     path = Path(path)
     state_dict = _read_checkpoint(path, weights_only)
     if not is_official_state_dict(state_dict):

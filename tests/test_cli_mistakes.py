@@ -29,6 +29,12 @@ def world(tmp_path_factory):
     save_for_hf(pred, d / 'pred', safe_serialization=True)
     good = (d / 'pred' / 'model.safetensors').read_bytes()
     (d / 'truncated.safetensors').write_bytes(good[:len(good) // 3])
+    for name, weights, config in (('pred_cut', good[:len(good) // 3], None), ('pred_badcfg', good, '{not json')):
+        (d / name).mkdir()  # a predecessor folder whose copy stopped short, or whose config.json was hand-edited
+        (d / name / 'model.safetensors').write_bytes(weights)
+        (d / name / 'config.json').write_text(config or (d / 'pred' / 'config.json').read_text())
+    (d / 'typo_card.md').write_text('# ${display_name}\n\nLoad ${modle_name}.\n')
+    (d / 'dollar_card.md').write_text('# ${display_name}\n\nCosts $ 5.\n')
     (d / 'garbage.safetensors').write_bytes(os.urandom(4096))
     (d / 'garbage.pth').write_bytes(b'not a pickle at all')
     save_file({'encoder.weight': torch.zeros(2, 2)}, d / 'foreign.safetensors')
@@ -99,6 +105,23 @@ def _rows(d):
          'cannot be read as safetensors'),
         (['convert', 'v_jetmoe_tiny', '--out', new, '--from-official', str(d / 'exists')],
          'is a folder: pass the official checkpoint file itself'),
+        # options that would be silently unused
+        (['convert', 'v_jetmoe_tiny', '--out', new, '--from-official', str(d / 'garbage.pth'), '--method', 'copy',
+          '--calib', 'weights'], '--method, --calib: recycling options do not apply to --from-official'),
+        (['convert', 'c_jetmoe_femto', '--out', new, '--from-official', str(d / 'garbage.pth')],
+         "official MoE Jetpack checkpoints are V-JetMoE (ViT) models, and 'c_jetmoe_femto' is not one"),
+        (conv + ['--out', new, '--predecessor', pred, '--body-predecessor', pred, '--model-kwargs', *SUCC],
+         "body_predecessor (--body-predecessor) applies to recipe 'official' only"),
+        # a damaged predecessor folder: the file and the fix, not a parser's message
+        (conv + ['--out', new, '--predecessor', f'local-dir:{d / "pred_cut"}', '--model-kwargs', *SUCC],
+         f"predecessor folder 'local-dir:{d / 'pred_cut'}': {d / 'pred_cut' / 'model.safetensors'} is "),
+        (conv + ['--out', new, '--predecessor', f'local-dir:{d / "pred_badcfg"}', '--model-kwargs', *SUCC],
+         "config.json is not valid JSON (Expecting property name enclosed in double quotes"),
+        # a card template's mistakes: said before the conversion (new/ must not appear)
+        (['push', 'v_jetmoe_tiny', '--repo-id', 'me/x', '--dry-run', '--out', new, '--card-template',
+          str(d / 'typo_card.md')], "line 3: unknown placeholder 'modle_name' (did you mean 'model_name'?)"),
+        (['push', 'v_jetmoe_tiny', '--repo-id', 'me/x', '--dry-run', '--out', new, '--card-template',
+          str(d / 'dollar_card.md')], "line 3: a '$' that starts no placeholder"),
         (['data', 'export', 'mnist5k', new, '--limit', 'test=5'], "limit names splits ['test']"),
         (['data', 'export', 'mnist5k', str(d / 'a_file')], 'is a file: give a folder path'),
         (['data', 'export', 'mnist5k', new, '--limit', '5'], 'smaller than the 10 classes'),
@@ -247,3 +270,19 @@ def test_interrupt_and_torch_load_errors_are_one_line(monkeypatch, capsys):
     assert cli.main(['data', 'export', 'fashion-mnist', 'out']) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'VisionTransformerJetMoE: Unexpected key(s) in state_dict: "head.weight"' in err
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(monkeypatch, capsys):
+    """An error's line ends '(--debug shows the traceback)'; a user adds --debug at the end of the same command line
+    as often as before the command, and both give the traceback (the exception itself)."""
+    from jetmoe_timm.tools import cli, data
+
+    def fails(args):
+        raise TypeError('deep inside')
+    monkeypatch.setattr(data, '_cmd_export', fails)
+    assert cli.main(['data', 'export', 'fashion-mnist', 'out']) == 2
+    assert capsys.readouterr().err.strip().endswith('TypeError: deep inside (--debug shows the traceback)')
+    for argv in (['--debug', 'data', 'export', 'fashion-mnist', 'out'], ['data', 'export', 'fashion-mnist', 'out',
+                                                                        '--debug']):
+        with pytest.raises(TypeError, match='deep inside'):
+            cli.main(argv)

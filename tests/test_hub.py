@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -201,6 +202,17 @@ def test_card_renders_with_computed_figures(tiny_folder, tiny_model):
     assert usage.index('import jetmoe_timm') < usage.index("timm.create_model('hf-hub:org/name', pretrained=True)")
     assert 'features_only=True' in usage and 'forward_intermediates' in usage
     assert '--device-modules jetmoe_timm' in usage and 'python -m jetmoe_timm.train' in usage
+
+
+def test_the_placeholders_a_template_is_checked_against_are_what_a_card_fills(tiny_folder):
+    """push checks a template before converting, against CARD_PLACEHOLDERS; a card fills exactly those, and the
+    docs list them all."""
+    from jetmoe_timm.hub import CARD_PLACEHOLDERS, _card_context, _inspect_folder
+    name, config, model = _inspect_folder(tiny_folder)
+    assert set(_card_context(name, config, model, 'org/name', tiny_folder)) == CARD_PLACEHOLDERS
+    docs = (Path(__file__).resolve().parents[1] / 'docs' / 'hub.md').read_text()
+    listed = docs[docs.index('### Card templates'):docs.index('## Loading')]
+    assert {p for p in CARD_PLACEHOLDERS if f'`{p}`' not in listed} == set()
 
 
 @pytest.mark.parametrize('arch', timm.list_models(['v_jetmoe_*', 'c_jetmoe_*']))
@@ -622,6 +634,14 @@ def test_push_model_refuses_an_unreachable_hub_before_converting(tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert err == (f'jetmoe-timm push: error: Cannot reach the Hub at {dead} (nothing answers): check the network, '
                    f'or HF_ENDPOINT / --endpoint (or use --dry-run to only write the folder).')
+    assert not out.exists()
+    # an endpoint without its scheme would send the probe to this machine (port 80), not to the host named
+    bare = dead.split('://')[1]
+    assert main(['push', 'v_jetmoe_tiny', '--out', str(out), '--no-progress', '--repo-id', 'org/name', '--endpoint',
+                 bare]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"jetmoe-timm push: error: endpoint '{bare}' (--endpoint or HF_ENDPOINT) has no scheme: give https://{bare} "
+        f"(or http:// for a local server).")
     assert not out.exists()
 
 

@@ -280,8 +280,9 @@ def test_launcher_missing_scripts(tmp_path, monkeypatch, capsys):
     assert jetmoe_timm.validate.main(['--timm-scripts', str(tmp_path), 'DATA']) == 2
     err = capsys.readouterr().err
     assert f'{tmp_path / "validate.py"} not found (--timm-scripts=' in err
-    assert jetmoe_timm.train.main(['DATA', '--timm-scripts']) == 2
-    assert '--timm-scripts needs a folder' in capsys.readouterr().err
+    for argv in (['DATA', '--timm-scripts'], ['DATA', '--timm-scripts', '--model', 'v_jetmoe_tiny']):
+        assert jetmoe_timm.train.main(argv) == 2  # the option after it is not its folder
+        assert '--timm-scripts needs a folder' in capsys.readouterr().err
     # --help without the scripts: what the launcher is and how to get the scripts, not an error
     assert jetmoe_timm.train.main(['--help']) == 0
     out = capsys.readouterr().out
@@ -678,6 +679,11 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     # what the scripts only find inside, each a traceback there: one line here, exit code 2, before anything runs
     cpu = ['--device', 'cpu', '--num-classes', '10']
     in_backward = ['--opt-kwargs', 'step_in_backward=True']
+    cut = tmp_path / 'cut.safetensors'  # a copy that stopped short: safetensors' own error is a traceback
+    safetensors.torch.save_file({'w': torch.zeros(64, 64)}, cut)
+    whole = cut.stat().st_size
+    cut.write_bytes(cut.read_bytes()[:-100])
+    (tmp_path / 'a_file').write_text('x')
     for main, argv, said in (
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiyn', *cpu], "Unknown model 'v_jetmoe_tiyn' (did you mean "
                                                                           "'v_jetmoe_tiny'?)"),
@@ -720,7 +726,22 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
             (jetmoe_timm.train.main, ['--config', str(tmp_path / 'typo.yaml'), *cpu],
              f"--config {tmp_path / 'typo.yaml'} does not exist: pass an existing YAML file"),
             (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--resume', str(tmp_path), *cpu],
-             f'--resume {tmp_path} is a folder: pass the checkpoint file in it')):
+             f'--resume {tmp_path} is a folder: pass the checkpoint file in it'),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--initial-checkpoint', str(cut), *cpu],
+             f'--initial-checkpoint {cut} is {whole - 100} bytes but its header describes {whole}: truncated: pass '
+             f'an undamaged checkpoint file.'),
+            (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--checkpoint', str(cut), *cpu],
+             f'--checkpoint {cut} is {whole - 100} bytes'),
+            # where the scripts write, found only once the model is built (train.py) or evaluated (validate.py)
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--output', str(tmp_path / 'a_file'), *cpu],
+             f"--output {tmp_path / 'a_file'} is a file: give a folder path."),
+            (jetmoe_timm.train.main, ['--model', 'v_jetmoe_tiny', '--output', '/sys/jetmoe_out', *cpu],
+             '--output /sys/jetmoe_out: /sys is not writable'),
+            (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--results-file',
+                                         str(tmp_path / 'a_file' / 'r.csv'), *cpu],
+             f"r.csv: its folder {tmp_path / 'a_file'} is a file: give a folder path."),
+            (jetmoe_timm.validate.main, ['--model', 'v_jetmoe_tiny', '--results-file', str(tmp_path), *cpu],
+             f'--results-file {tmp_path} is a folder: give a file path')):
         assert main([str(tiny_data), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err

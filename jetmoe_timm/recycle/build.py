@@ -135,6 +135,7 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
         if not os.path.isfile(os.path.join(folder, 'config.json')):
             raise FileNotFoundError(f"predecessor folder '{given}' has no config.json: pass a folder written by timm "
                                     f"save_for_hf (config.json and model.safetensors), or the checkpoint file itself.")
+        _check_folder_files(folder, given)
     elif not is_local_spec(spec) and not spec.startswith('hf-hub:') and not os.path.isfile(spec):
         _check_timm_name(spec)
     try:
@@ -156,6 +157,23 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
                 f"({_first_load_problem(e)}): pass an unmodified timm checkpoint of that architecture, or a "
                 f"'local-dir:' folder whose config.json describes the weights.\n{e}") from e
         raise
+
+
+def _check_folder_files(folder: str, given: str) -> None:
+    """A 'local-dir:' predecessor's config.json and safetensors weights, read as far as needed to know they are
+    whole: damaged, timm's loader ends in a parser's message that names neither the file nor the fix."""
+    try:
+        with open(os.path.join(folder, 'config.json')) as f:
+            json.load(f)
+    except ValueError as e:
+        raise ValueError(f"predecessor folder '{given}': config.json is not valid JSON ({e}): write it again with "
+                         f"timm save_for_hf, or pass the checkpoint file itself.") from None
+    weights = os.path.join(folder, 'model.safetensors')  # timm's local-dir loader takes it before any .pth / .bin
+    if os.path.isfile(weights):
+        try:
+            verify_safetensors(weights, content=False)
+        except ValueError as e:
+            raise ValueError(f"predecessor folder '{given}': {e}: copy or save the weights again.") from None
 
 
 def _first_load_problem(e: Exception) -> str:
@@ -260,6 +278,9 @@ def build_recycled(
     full, source = recycle_source(model_name)
     opts = dict(DEFAULT_OPTIONS, **options)
     _check_options(opts)  # before the (slow) model loading
+    if body_predecessor and opts['recipe'] != 'official':  # silently unused otherwise
+        raise ValueError("body_predecessor (--body-predecessor) applies to recipe 'official' only: drop it, or pass "
+                         "recipe='official' (--recipe official).")
     if opts['recipe'] == 'official':  # before any predecessor is loaded; the family comes from a meta-device build
         check_recipe_family(opts['recipe'], family_of(timm.create_model(full.partition('.')[0], device='meta')), full)
     pred_spec = predecessor_spec(source, predecessor)

@@ -29,11 +29,13 @@ from typing import List, Optional, Tuple
 
 import timm
 import torch
+from safetensors import SafetensorError
 
 from .._names import did_you_mean
 from ..models import list_jetmoe_models
 from ..models._pretrained import recorded_input_contract
-from .checks import check_model_kwargs
+from ..export import verify_safetensors
+from .checks import check_model_kwargs, check_output_folder
 from .cli import USER_ERRORS, closest_option, error_line
 
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
@@ -173,7 +175,7 @@ def _split_scripts_opt(argv: List[str]) -> Tuple[Optional[str], List[str]]:
             rest.extend(argv[i:])
             break
         if arg == _SCRIPTS_OPT:
-            if i + 1 >= len(argv):
+            if i + 1 >= len(argv) or argv[i + 1].startswith('-'):  # not the option after it taken as the folder
                 raise ValueError(f'{_SCRIPTS_OPT} needs a folder: {_SCRIPTS_OPT} DIR.')
             value, i = argv[i + 1], i + 2
             continue
@@ -518,6 +520,14 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
         if path and name != 'checkpoint' and os.path.isdir(path):  # validate.py's --checkpoint DIR: its bulk mode
             return (f"--{name.replace('_', '-')} {path} is a folder: pass the checkpoint file in it (train.py writes "
                     f"last.pth.tar and model_best.pth.tar).")
+        if path and str(path).endswith('.safetensors') and os.path.isfile(path):
+            try:  # the header and the size only: a truncated file is otherwise a traceback from safetensors' loader
+                verify_safetensors(path, content=False)
+            except ValueError as e:
+                return f"--{name.replace('_', '-')} {e}: pass an undamaged checkpoint file."
+    problem = _output_problem(args, training)
+    if problem:
+        return problem
     allocator = os.environ.get(ALLOCATOR_ENV) if training else None  # train.py's; empty: unset
     if allocator and allocator.lower() not in _ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
@@ -537,6 +547,24 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
         return (f"--num-classes is needed: {model} has no classifier by default (num_classes=0), so without it the "
                 f"features are scored as logits: validate a fine-tuned checkpoint (--checkpoint) with the classes it "
                 f"was trained for.")
+    return None
+
+
+def _output_problem(args: argparse.Namespace, training: bool) -> Optional[str]:
+    """Where the script would write, checked now: train.py creates its --output folder (default ./output/train) only
+    once the model and optimizer are built, validate.py writes --results-file after the whole evaluation."""
+    try:
+        if training:
+            check_output_folder(getattr(args, 'output', '') or './output/train', overwrite=True, flag='--output')
+            return None
+        results = getattr(args, 'results_file', '')
+        if results and os.path.isdir(results):
+            return f'--results-file {results} is a folder: give a file path (validate.py writes a table to it).'
+        if results:
+            check_output_folder(os.path.dirname(os.path.abspath(results)), overwrite=True,
+                                flag=f'--results-file {results}: its folder')
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -597,7 +625,7 @@ def _loading_errors_in_one_line():
         def call(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except USER_ERRORS as e:
+            except USER_ERRORS + (SafetensorError,) as e:  # the latter: a damaged file the early check let through
                 if os.environ.get(DEBUG_ENV):
                     raise
                 raise _LoadError(error_line(e)) from e

@@ -91,7 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name in _COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
+    _add_debug_to_commands(parser)
     return parser
+
+
+def _add_debug_to_commands(parser: argparse.ArgumentParser) -> None:
+    """--debug after the (sub)command too, where a user adds it on seeing an error's hint; SUPPRESS: a command's
+    parser leaves the value given before the command alone."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                                     help='show the traceback of an error')
+                _add_debug_to_commands(command)
 
 
 USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError)  # their messages say what is wrong and the fix

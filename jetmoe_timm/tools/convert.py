@@ -68,6 +68,11 @@ def add_convert_arguments(parser, defaults: bool = True) -> None:
 def run(args) -> int:
     from ..recycle.folder import convert
     model_kwargs = parse_model_kwargs(args.model_kwargs)
+    recycling = [k for k, default in CONVERT_DEFAULTS.items() if getattr(args, k) != default]
+    if args.from_official and recycling:  # silently unused otherwise
+        flags = ', '.join('--' + k.replace('_', '-') for k in recycling)
+        raise ValueError(f'{flags}: recycling options do not apply to --from-official (the checkpoint is already '
+                         f'an MoE model); drop them.')
     # before the (long) conversion, not after
     check_output_folder(args.out, args.overwrite, owned=is_model_folder, what='a converted model',
                         overwrite_flag='--overwrite')
