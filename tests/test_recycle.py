@@ -792,22 +792,61 @@ def test_bare_file_that_is_not_a_timm_checkpoint_is_refused_in_one_line(tmp_path
     assert '\n' not in str(e.value)
 
 
-def test_bare_convnext_predecessor_file(tmp_path, caplog):
+@pytest.mark.parametrize('flavour', [
+    {},
+    dict(ls_init_value=None),  # no layer scale, where timm's ConvNeXts have one by default
+    dict(head_hidden_size=48),  # the 'mlp' heads of convnext_large_mlp and the like
+    dict(head_norm_first=True),  # convnext_tiny_hnf
+])
+def test_bare_convnext_predecessor_file(tmp_path, caplog, flavour):
     import logging
     from safetensors.torch import save_file
     from jetmoe_timm.recycle import build_recycled
     torch.manual_seed(0)
-    pred = _randomize(timm.create_model('convnext_tiny', depths=(1, 1, 2, 1), dims=(16, 24, 32, 40),
-                                        num_classes=21841))
+    # the entrypoint: timm.create_model drops ls_init_value=None and would bring back the default layer scale
+    pred = _randomize(timm.models.model_entrypoint('convnext_tiny')(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40),
+                                                                     num_classes=21841, **flavour))
     save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, tmp_path / 'cnx.safetensors')
     with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.build'):
         succ, r = build_recycled('c_jetmoe_femto', dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2,
-                                                        num_univ_experts=2, num_classes=0),
+                                                        num_univ_experts=2, num_classes=0,
+                                                        **{k: v for k, v in flavour.items() if v is not None}),
                                  predecessor=str(tmp_path / 'cnx.safetensors'), num_calib=4, progress=False)
     assert any('depths=(1, 1, 2, 1), dims=(16, 24, 32, 40)' in rec.getMessage() and '21841-class head' in
                rec.getMessage() for rec in caplog.records)
-    ch = r.selection['stage3.channels']
-    torch.testing.assert_close(succ.head.norm.weight, pred.head.norm.weight[ch], rtol=0, atol=0)
+    ch = r.selection['stage0.channels']
+    torch.testing.assert_close(succ.stem[1].weight, pred.stem[1].weight[ch], rtol=0, atol=0)
+    if 'ls_init_value' in flavour:  # the successor's layer scale passes the block's output as the predecessor's did
+        assert all(torch.equal(b.gamma, torch.ones_like(b.gamma)) for s in succ.stages for b in s.blocks)
+
+
+def test_bare_vit_file_without_layer_scale_under_a_tag_whose_predecessor_has_it(tmp_path):
+    """A plain ViT file given for the DeiT-3 tag (whose architecture has layer scale by default): read as it is,
+    without layer scale, not refused for missing the gammas that the architecture's default would add."""
+    from jetmoe_timm.recycle import build_recycled
+    torch.manual_seed(0)
+    pred = _randomize(timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, embed_dim=128, num_heads=2,
+                                                                        num_classes=0)))  # heads 64 wide, as timm's
+    torch.save(pred.state_dict(), tmp_path / 'plain.pth')
+    succ, r = build_recycled('v_jetmoe_tiny.recycled_deit3_in22k', dict(SUCC_KWARGS, num_classes=0),
+                             predecessor=str(tmp_path / 'plain.pth'), calib='weights', progress=False)
+    ch = r.selection['channels']
+    torch.testing.assert_close(succ.blocks[0].norm1.weight, pred.blocks[0].norm1.weight[ch], rtol=0, atol=0)
+
+
+def test_resizing_a_predecessor_shares_its_blocks_and_leaves_it_as_it_was():
+    """The successor's input layout (another size, prefix tokens without position embeddings) is made on a copy
+    that owns only the layers it changes: the blocks are not held twice, and the predecessor is untouched."""
+    from jetmoe_timm.recycle.vit import resize
+    pred = _randomize(timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, reg_tokens=2)))
+    before = {k: v.clone() for k, v in pred.state_dict().items()}
+    succ = timm.create_model('v_jetmoe_tiny', **dict(SUCC_KWARGS, img_size=48, reg_tokens=2, no_embed_class=True))
+    resized = resize(pred, succ)
+    assert resized.blocks is pred.blocks and resized.patch_embed is not pred.patch_embed
+    assert resized.no_embed_class and not pred.no_embed_class and tuple(resized.patch_embed.img_size) == (48, 48)
+    assert all(torch.equal(v, before[k]) for k, v in pred.state_dict().items())
+    assert tuple(pred.patch_embed.img_size) == (32, 32) and pred.pos_embed.shape[1] == 64 + 3
+    assert not torch.equal(resized.cls_token, pred.cls_token)  # its position embedding moved into the token
 
 
 def test_recycle_cache_keys_a_calibration_folder_by_where_it_is(tmp_path, monkeypatch):

@@ -59,6 +59,15 @@ def test_recycled_weights_are_the_predecessors(predecessor, method):
     assert torch.equal(S['head.fc.weight'], P['head.fc.weight'][:, ch[3]])  # same classes and pooling
 
 
+def test_classifier_of_another_pooling_is_not_taken(predecessor):
+    """Same classes, but the successor pools otherwise: the predecessor's classifier read max-pooled features, so
+    the successor's stays fresh (as for ViT), where with the same pooling it is taken."""
+    succ, r = _recycle(predecessor, global_pool='max')
+    taken = predecessor.head.fc.weight[:, r.selection['stage3.channels']]
+    assert 'head.fc.weight' in r.fresh_keys and not torch.equal(succ.head.fc.weight, taken)
+    assert 'head.fc.weight' not in _recycle(predecessor)[1].fresh_keys
+
+
 def test_full_width_dense_is_identity_and_deterministic(predecessor):
     succ, _ = _recycle(predecessor, dims=PRED['dims'], moe_blocks=())
     x = torch.randn(2, 3, 64, 64)

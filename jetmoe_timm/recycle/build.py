@@ -220,7 +220,9 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
         what = f' (no {e})' if isinstance(e, KeyError) else ''  # a missing tensor; else no block keys at all
         raise ValueError(f"'{path}' is not a timm-format {type(hint).__name__} checkpoint{what}: pass a timm "
                          f"checkpoint, or a 'local-dir:' folder with its config.json.") from None
-    model = timm.create_model(arch, **args)
+    # the entrypoint itself: create_model drops None-valued kwargs, so init_values=None / ls_init_value=None (a file
+    # without layer scale) would bring back the default of an architecture that has one (DeiT-3, ConvNeXt)
+    model = timm.models.model_entrypoint(arch)(pretrained=False, **args)
     head = tuple(f'{c}.' for c in (hint.pretrained_cfg.get('classifier'), 'head_dist') if c)  # the classifier
     try:
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)},

@@ -38,9 +38,12 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
                    for s in range(stages))
     dims = tuple(state[f'stages.{s}.blocks.0.conv_dw.weight'].shape[0] for s in range(stages))
     stem = state['stem.0.weight']
+    hidden = state.get('head.pre_logits.fc.weight')  # ConvNeXt-L/XL 'mlp' heads
     return dict(depths=depths, dims=dims, in_chans=stem.shape[1], patch_size=stem.shape[-1],
                 ls_init_value=1. if 'stages.0.blocks.0.gamma' in state else None,
-                conv_mlp=state['stages.0.blocks.0.mlp.fc1.weight'].ndim == 4, num_classes=0)
+                conv_mlp=state['stages.0.blocks.0.mlp.fc1.weight'].ndim == 4,
+                head_hidden_size=hidden.shape[0] if hidden is not None else None,
+                head_norm_first='norm_pre.weight' in state, num_classes=0)
 
 
 def resize(pred, succ):
@@ -151,9 +154,11 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     fc_w, pred_fc_w = getattr(succ.head.fc, 'weight', None), getattr(pred.head.fc, 'weight', None)
     # the head's hidden layer (head_hidden_size) whenever both have one of the same width: with num_classes=0 its
     # output is the model's feature; the classifier only when it means the same thing: same classes, reading the
-    # same hidden layer (or none)
+    # same hidden layer (or none) of the same pooling
     same_hidden = _pre_logits_width(succ) == _pre_logits_width(pred)
-    same_head = fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0] and same_hidden
+    same_pool = succ.head.global_pool.pool_type == pred.head.global_pool.pool_type
+    same_head = fc_w is not None and pred_fc_w is not None and fc_w.shape[0] == pred_fc_w.shape[0] and same_hidden \
+        and same_pool
     keys = [k for k in succ.state_dict() if (same_head or not k.startswith('head.fc.'))
             and (same_hidden or not k.startswith('head.pre_logits.'))]
     p = plan_from_rules(RULES, keys, idx)

@@ -135,12 +135,26 @@ def resize(pred, succ):
     same_size = (tuple(pred.patch_embed.img_size), tuple(pred.patch_embed.patch_size)) == (size, patch)
     if same_size and pred.no_embed_class == succ.no_embed_class:
         return pred
-    pred = copy.deepcopy(pred)
+    pred = _copy_input_layers(pred)
     if not same_size:
         pred.set_input_size(img_size=size, patch_size=patch)
     if pred.no_embed_class != succ.no_embed_class and pred.pos_embed is not None and pred.num_prefix_tokens:
         _move_prefix_embedding(pred, to_tokens=succ.no_embed_class)
     return pred
+
+
+def _copy_input_layers(model):
+    """A copy of ``model`` that owns what ``resize`` changes (patch embedding, position embedding, prefix tokens)
+    and shares the rest, its blocks: the bulk of its weights, which a deep copy would hold twice (1.2 GB for a
+    DINOv2-L)."""
+    new = copy.copy(model)
+    new._modules, new._parameters, new._buffers = dict(model._modules), dict(model._parameters), dict(model._buffers)
+    new.patch_embed = copy.deepcopy(model.patch_embed)
+    for name in ('pos_embed', 'cls_token', 'reg_token'):
+        p = getattr(model, name, None)
+        if p is not None:
+            setattr(new, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    return new
 
 
 @torch.no_grad()
