@@ -45,15 +45,16 @@ class _Accumulator:
         self.count += x.shape[0]
         # in row chunks: float64 copies of a whole batch's activations (32 x 197 x 1536 for ViT-S) would cost
         # ~80 MB each, several per probe, the largest transient of a conversion
+        # the sums on the CPU, where selection reads them, whatever device the predecessor runs on
         for chunk in x.split(_ROWS):
             xd = chunk.double()  # exact from any float dtype
             pos = xd > 0
-            self.sum_abs += xd.abs().sum(0)
-            self.sum_sq += (xd * xd).sum(0)
-            self.pos += pos.sum(0, dtype=torch.float64)
+            self.sum_abs += xd.abs().sum(0).cpu()
+            self.sum_sq += (xd * xd).sum(0).cpu()
+            self.pos += pos.sum(0, dtype=torch.float64).cpu()
             if self.want_coact:
                 b = pos.float()
-                self.coact_sum += (b.t() @ b).double()  # exact: float32 holds integers up to 2^24
+                self.coact_sum += (b.t() @ b).double().cpu()  # exact: float32 holds integers up to 2^24
 
 
 class ActivationStats:
