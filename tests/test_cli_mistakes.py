@@ -115,6 +115,8 @@ def _rows(d):
         # a damaged predecessor folder: the file and the fix, not a parser's message
         (conv + ['--out', new, '--predecessor', f'local-dir:{d / "pred_cut"}', '--model-kwargs', *SUCC],
          f"predecessor folder 'local-dir:{d / 'pred_cut'}': {d / 'pred_cut' / 'model.safetensors'} is "),
+        (conv + ['--out', new, '--predecessor', f'local-dir:{d / "truncated.safetensors"}'],
+         "is a file, and 'local-dir:' names a folder: pass the file without 'local-dir:'"),
         (conv + ['--out', new, '--predecessor', f'local-dir:{d / "pred_badcfg"}', '--model-kwargs', *SUCC],
          "config.json is not valid JSON (Expecting property name enclosed in double quotes"),
         # a card template's mistakes: said before the conversion (new/ must not appear)

@@ -631,6 +631,10 @@ def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretr
                             '--num-classes', '10', *cpu, '--output', str(tmp_path / 'out')])
         assert line.startswith('jetmoe-timm-train: error: ') and says in line
         assert line.endswith(f'({_scripts.DEBUG_ENV}=1 shows the traceback)')
+    # the same dense file as a checkpoint to validate: what it holds and the fix, not torch's list of every key
+    line = said(validate, [data, '--model', 'v_jetmoe_tiny', *tiny, '--num-classes', '10', '--checkpoint',
+                           str(tmp_path / 'dense.pth'), *cpu])
+    assert 'It is a dense checkpoint: recycle it into this model first' in line and len(line) < 600, line
     # validate.py over a folder of checkpoints records each one's failure and goes on, as without the launcher
     bulk = tmp_path / 'bulk'
     bulk.mkdir()

@@ -129,6 +129,9 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
                                     f".pt or .bin file, a folder or a timm model name.")
     if spec.startswith('local-dir:'):
         folder = local_path(spec)
+        if os.path.isfile(folder):
+            raise ValueError(f"predecessor '{given}' is a file, and 'local-dir:' names a folder: pass the file "
+                             f"without 'local-dir:' ({folder}).")
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"predecessor folder '{folder}' does not exist: pass an existing folder with "
                                     f"model.safetensors and config.json (e.g. written by timm save_for_hf).")

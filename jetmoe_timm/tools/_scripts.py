@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 
 from .._names import did_you_mean
-from ..models import list_jetmoe_models
+from ..models import JetMoEMixin, list_jetmoe_models
 from ..models._pretrained import recorded_input_contract
 from ..export import verify_safetensors
 from .checks import check_model_kwargs, check_output_folder
@@ -634,12 +634,27 @@ def _loading_errors_in_one_line():
     originals = [(importlib.import_module(module), name) for module, name in _LOADERS]
     originals = [(module, name, getattr(module, name)) for module, name in originals if hasattr(module, name)]
     for module, name, fn in originals:
-        setattr(module, name, one_line(fn))
+        setattr(module, name, one_line(_describing_mismatch(fn) if name == 'load_checkpoint' else fn))
     try:
         yield
     finally:
         for module, name, fn in originals:
             setattr(module, name, fn)
+
+
+def _describing_mismatch(load_checkpoint):
+    """timm's ``load_checkpoint``, whose failed strict load of another model's checkpoint (a dense one, say) into a
+    JetMoE model says what the checkpoint holds and the fix, as ``--pretrained-path`` does, not torch's list of
+    every key."""
+    @functools.wraps(load_checkpoint)
+    def call(model, checkpoint_path, *args, **kwargs):
+        try:
+            return load_checkpoint(model, checkpoint_path, *args, **kwargs)
+        except RuntimeError:
+            if isinstance(model, JetMoEMixin):  # raises its description where the checkpoint is another model's
+                model.check_checkpoint(timm.models.load_state_dict(checkpoint_path))
+            raise
+    return call
 
 
 def _one_model(model: Optional[str]) -> bool:
