@@ -820,6 +820,21 @@ def test_bare_convnext_predecessor_file(tmp_path, caplog, flavour):
         assert all(torch.equal(b.gamma, torch.ones_like(b.gamma)) for s in succ.stages for b in s.blocks)
 
 
+@pytest.mark.parametrize('model, arch, kwargs, says', [
+    ('v_jetmoe_tiny', 'vit_small_patch16_224', dict(PRED_KWARGS, global_pool='map'), 'pools with attention'),
+    ('v_jetmoe_tiny', 'deit_small_distilled_patch16_224', PRED_KWARGS, 'is a distilled DeiT'),
+    ('c_jetmoe_femto', 'convnextv2_tiny', dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40)), 'ConvNeXt-V2'),
+])
+def test_bare_file_of_a_kind_the_plan_cannot_take_says_why(tmp_path, model, arch, kwargs, says):
+    """A bare file of a predecessor the plan refuses (SigLIP's attention pooling, a distilled DeiT, a ConvNeXt-V2)
+    is refused for what it is, as a folder of it is, not as a file that fits no architecture."""
+    from jetmoe_timm.recycle import build_recycled
+    torch.save(timm.create_model(arch, **kwargs).state_dict(), tmp_path / 'pred.pth')
+    with pytest.raises(ValueError, match=says) as e:
+        build_recycled(model, {}, predecessor=str(tmp_path / 'pred.pth'), calib='weights', progress=False)
+    assert 'does not fit' not in str(e.value) and 'not a timm-format' not in str(e.value)
+
+
 def test_bare_vit_file_without_layer_scale_under_a_tag_whose_predecessor_has_it(tmp_path):
     """A plain ViT file given for the DeiT-3 tag (whose architecture has layer scale by default): read as it is,
     without layer scale, not refused for missing the gammas that the architecture's default would add."""

@@ -40,7 +40,7 @@ from ..version import __version__
 from .engine import (RECYCLE_DEFAULTS, RecycleResult, adapt_input_channels, check_options, check_recipe_family,
                      recycle, selection_to_json)
 from .families import FAMILIES, family_of
-from .family import UnreadableCheckpoint
+from .family import UnreadableCheckpoint, UnsupportedPredecessor
 
 __all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
            'cache_dir', 'input_contract']
@@ -217,6 +217,8 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
                          f"dense checkpoint it was made from.")
     try:
         args = family.predecessor_args(state, hint)
+    except UnsupportedPredecessor as e:
+        raise ValueError(f"'{path}': {e}") from None
     except UnreadableCheckpoint as e:
         raise ValueError(f"'{path}': {e}: pass a 'local-dir:' folder with its config.json.") from None
     except (KeyError, ValueError, IndexError) as e:

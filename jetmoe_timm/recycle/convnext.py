@@ -14,7 +14,7 @@ from timm.models.convnext import ConvNeXt
 
 from ..layers import SpheroMoE
 from ..models.convnext_jetmoe import RECYCLED_FROM, ConvNeXtJetMoE
-from .family import FamilySpec, check_activation
+from .family import FamilySpec, UnsupportedPredecessor, check_activation
 from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, select_block_neurons, top_k
 from .stats import Probe, WeightStatistics, mlp_weight_importance
@@ -31,8 +31,14 @@ def _blocks(model):
 SCALE_RULES = {r'stages\.(\d+)\.blocks\.(\d+)\.gamma': r'stages.\1.blocks.\2.mlp.fc2'}
 
 
+_GRN = ('predecessor MLPs have a global response norm (ConvNeXt-V2): they cannot be split into experts; pass a '
+        'ConvNeXt (V1) checkpoint, e.g. convnext_tiny.fb_in22k.')
+
+
 def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
     """timm ConvNeXt arguments of a bare (timm-format) checkpoint, read off its tensors. The head is dropped."""
+    if any('.mlp.grn.' in k for k in state):  # said as check says it, not as a file that fits no ConvNeXt
+        raise UnsupportedPredecessor(_GRN)
     stages = 1 + max(int(k.split('.')[1]) for k in state if k.startswith('stages.'))
     depths = tuple(1 + max(int(k.split('.')[3]) for k in state if k.startswith(f'stages.{s}.blocks.'))
                    for s in range(stages))
@@ -72,8 +78,7 @@ def check(pred, succ) -> None:
             raise ValueError(f'stage {s}: successor width {ds} exceeds the predecessor width {dp}: pick a wider '
                              f'predecessor or smaller dims.')
     if not isinstance(getattr(blk.mlp, 'grn', None), (nn.Identity, type(None))):
-        raise ValueError('predecessor MLPs have a global response norm (ConvNeXt-V2): they cannot be split into '
-                         'experts; pass a ConvNeXt (V1) checkpoint, e.g. convnext_tiny.fb_in22k.')
+        raise UnsupportedPredecessor(_GRN)
     check_activation(blk.mlp, succ.stages[0].blocks[0].mlp)
     for name, model in (('predecessor', pred), ('successor', succ)):
         if len(model.stem) != 2:  # a conv and its norm; an overlap stem has more layers, of other widths

@@ -22,6 +22,11 @@ class UnreadableCheckpoint(ValueError):
     """A bare checkpoint whose tensors do not tell its architecture (``predecessor_args``); the message says why."""
 
 
+class UnsupportedPredecessor(ValueError):
+    """A predecessor the family's plan cannot take (``check``, or ``predecessor_args`` where a bare checkpoint's
+    tensors already show it); the message says why and what to pass instead."""
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     model_cls: type  # the JetMoE successor class (a JetMoEMixin subclass)

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import SpheroMoE
 from ..models.vit_jetmoe import RECYCLED_FROM, VisionTransformerJetMoE
-from .family import FamilySpec, UnreadableCheckpoint, check_activation
+from .family import FamilySpec, UnreadableCheckpoint, UnsupportedPredecessor, check_activation
 from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, make_generator, select_block_neurons, select_neurons, top_k
 from .stats import Probe, WeightStatistics, mlp_weight_importance
@@ -68,13 +68,17 @@ def check(pred, succ) -> None:
                          f'{tokens(pred)}, the successor {tokens(succ)}: give the successor --model-kwargs '
                          f'{tokens(pred).replace(",", "")}.')
     if getattr(pred, 'dist_token', None) is not None:
-        raise ValueError('predecessor is a distilled DeiT (a distillation token): not supported; pass a '
-                         'non-distilled checkpoint (e.g. deit_small_patch16_224).')
+        raise UnsupportedPredecessor(_DISTILLED)
     if getattr(pred, 'attn_pool', None) is not None:
-        raise ValueError("predecessor pools with attention (global_pool='map', e.g. SigLIP): not recycled; pass a "
-                         "checkpoint with token or average pooling.")
+        raise UnsupportedPredecessor(_ATTENTION_POOL)
     _check_blocks(pred)
     check_activation(pred.blocks[0].mlp, succ.blocks[0].mlp)
+
+
+_DISTILLED = ('predecessor is a distilled DeiT (a distillation token): not supported; pass a non-distilled '
+              'checkpoint (e.g. deit_small_patch16_224).')
+_ATTENTION_POOL = ("predecessor pools with attention (global_pool='map', e.g. SigLIP): not recycled; pass a "
+                   "checkpoint with token or average pooling.")
 
 
 def _check_blocks(pred) -> None:
@@ -96,6 +100,10 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
     """timm VisionTransformer arguments of a bare (timm-format) checkpoint, read off its tensors; heads come from
     the qk-norm weights (one per head dimension) where it has them, else from the family's head width (``hint``,
     the tag's predecessor, built on the meta device). The head is dropped."""
+    if 'dist_token' in state:  # said as check says it, not as a file that fits no ViT
+        raise UnsupportedPredecessor(_DISTILLED)
+    if any(k.startswith('attn_pool.') for k in state):
+        raise UnsupportedPredecessor(_ATTENTION_POOL)
     d, c, p = state['patch_embed.proj.weight'].shape[:3]
     q_norm = state.get('blocks.0.attn.q_norm.weight')
     head_dim = q_norm.shape[0] if q_norm is not None else _head_dim(hint)
@@ -349,5 +357,5 @@ SPEC = FamilySpec(
     block_pattern=r'blocks\.\d+\.',
     # a rectangular grid whose rows (+ prefix) make a square would be read as a square one: 14 x 16 + 1 = 15^2
     assumed="num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs) where no qk-norm weights "
-            "give their width, a square patch grid",
+            "give their width, a square patch grid, exact GELU (SigLIP's is the tanh one)",
 )
