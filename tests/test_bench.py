@@ -283,7 +283,7 @@ def test_pairs_are_twins_of_every_variant():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the answer on a machine without a CUDA GPU')
 @pytest.mark.parametrize('device, message', [
-    ('cuda', 'torch sees no CUDA GPU here'), ('tpu', "Unknown device 'tpu'"), ('meta', 'runs on cpu or cuda')])
+    ('cuda', 'torch sees no CUDA GPU here'), ('tpu', '--device tpu: unknown device; use cpu, cuda or cuda:N.'), ('meta', 'runs on cpu or cuda')])
 def test_cli_rejects_a_device_it_cannot_use(tmp_path, monkeypatch, capsys, device, message):
     """One line that names the problem, exit 2, before any model is built, and no results file."""
     monkeypatch.setattr(bench, '_build', lambda *a: pytest.fail('a model was built before the device was checked'))

@@ -134,6 +134,8 @@ def _rows(d):
         (['inspect', 'v_jetmoe_tiny', str(d / 'no_image.png'), '--out', new, '--model-kwargs', 'num_head=2'],
          "did you mean 'num_heads'"),
         (['inspect', 'v_jetmoe_tiny', str(d / 'no_image.png'), '--out', str(d / 'a_file')], 'is a file'),
+        (['inspect', 'v_jetmoe_tiny', str(d / 'image.png'), '--out', new, '--device', 'cuda:99'],
+         'torch sees no CUDA GPU here' if not torch.cuda.is_available() else 'numbered from 0'),
         (['push', '--from', str(d / 'nowhere'), '--repo-id', 'me/x', '--dry-run'], 'nowhere'),
         (['push', '--from', str(d / 'converted'), '--repo-id', 'me/x', '--dry-run', '--method', 'copy'],
          'do not apply to --from'),

@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import timm
+import torch
 
 from .._names import closest_name, did_you_mean
 from ..export import replace_problem
 from ..models import list_jetmoe_models
 
-__all__ = ['check_model_kwargs', 'check_model_name', 'check_output_folder', 'parse_model_kwargs']
+__all__ = ['check_device', 'check_model_kwargs', 'check_model_name', 'check_output_folder', 'parse_model_kwargs']
 
 
 def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
@@ -50,6 +51,23 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
         raise ValueError(f'{flag} {out}: {parent} is not writable ({e.strerror}); choose a folder you can write '
                          f'to.') from None
     return out
+
+
+def check_device(name: str) -> torch.device:
+    """``--device NAME`` as torch reads it, refused now where it names no device or a GPU torch does not see (torch
+    would say so only when the model is moved, after building it)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: unknown device; use cpu, cuda or cuda:N.") from None
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f'--device {name}: torch sees no CUDA GPU here; run on a machine with one, or drop '
+                             f'--device to run on the CPU.')
+        if (dev.index or 0) >= count:
+            raise ValueError(f'--device {name}: torch sees {count} GPU(s), numbered from 0.')
+    return dev
 
 
 def check_model_name(model: str) -> str:

@@ -33,7 +33,7 @@ from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
 from ..recycle.calibration import fit_channels, image_mode, image_tensor, in_mode, model_data_config
 from ..routing import moe_layers, routing_info
-from .checks import check_model_kwargs, check_model_name, check_output_folder, parse_model_kwargs
+from .checks import check_device, check_model_kwargs, check_model_name, check_output_folder, parse_model_kwargs
 
 if TYPE_CHECKING:  # PIL is imported where images are read: the annotations only name it
     import PIL.Image
@@ -665,6 +665,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_model_name(args.model)
     check_model_kwargs(args.model, model_kwargs)
     _check_checkpoint(args.model, args.checkpoint, args.pretrained)
+    check_device(args.device)
     for image in args.images:
         _open_image(image)
     start = time.perf_counter()
