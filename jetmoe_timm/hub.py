@@ -358,11 +358,12 @@ def render_model_card(folder: os.PathLike, repo_id: str, template: Optional[os.P
 
 def _render(name, config, model, repo_id, folder, template) -> str:
     text = _template_path(name.partition('.')[0], template).read_text()
-    try:  # outside the template's try: a KeyError here is the folder's, not an unknown placeholder
+    try:  # the template's placeholders are checked: what fails here is the folder's config.json
         context = _card_context(name, config, model, repo_id, folder)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f'{folder}/config.json has incomplete provenance under "jetmoe" ({type(e).__name__}: '
-                         f'{e}): convert the model again, or remove the "jetmoe" entry.') from None
+        raise ValueError(f'{folder}/config.json lacks what the model card is made from (its provenance under '
+                         f'"jetmoe", pretrained_cfg, model_args; {type(e).__name__}: {e}): convert the model again, '
+                         f'or repair config.json.') from None
     body = string.Template(text).substitute(context)  # every placeholder checked by _template_path
     # the mark goes after the front matter: the Hub requires the YAML block to open the file
     head, sep, rest = body.partition('\n---\n')

@@ -545,7 +545,8 @@ def test_push_refuses_damaged_or_unbuildable_folders_in_one_line(tiny_folder, tm
     config['jetmoe'] = dict(method='importance', retention=dict(cka=1.0))
     (partial / 'config.json').write_text(json.dumps(config))
     err = push(partial)
-    assert f'{partial}/config.json has incomplete provenance under "jetmoe" (KeyError' in err
+    assert f'{partial}/config.json lacks what the model card is made from (its provenance under "jetmoe", ' \
+           f'pretrained_cfg, model_args; KeyError' in err
     assert 'template' not in err
 
 
