@@ -355,8 +355,8 @@ def test_calibration_feeds_multichannel_models(tmp_path, chans):
         for c in range(3):
             assert torch.allclose(flat_batch[0, c], torch.tensor((200 / 255 - cfg['mean'][c]) / cfg['std'][c]))
         Image.fromarray(bands[..., :3], 'RGB').save(tmp_path / 'rgb.png')
-        with pytest.warns(UserWarning, match=r'1 calibration image\(s\) had fewer channels than the model takes '
-                                             r'\(4\): their last channel is an opaque alpha band'):
+        with pytest.warns(UserWarning, match=r'1 calibration image\(s\) had no band of their own for the last of '
+                                             r'the 4 channels the model takes: it is an opaque alpha band'):
             list(calibration_batches(tmp_path, pred, num_images=4, batch_size=4)[0])
     else:
         Image.new('RGB', (8, 8)).save(tmp_path / 'rgb.png')
@@ -368,6 +368,62 @@ def test_calibration_feeds_multichannel_models(tmp_path, chans):
         assert torch.equal(succ.patch_embed.proj.weight, pred.patch_embed.proj.weight[r.selection['channels']])
         assert 0 <= r.provenance['retention']['cka'] <= 1
 
+
+
+def test_calibration_reads_images_as_they_are_meant(tmp_path):
+    """16-bit grey and 0..1 float images are scaled to 8 bits (PIL's convert clips at 255: white, or black for the
+    float ones), in a folder and as a Dataset's PIL images, which also keep a 4th band as a folder's file does;
+    integer tensors (pixel values) are refused; linked folders are walked; a folder with fewer images than asked
+    for is said, its description giving what it had; an RGB file read for a 2-channel model is said to have no
+    band of its own for the second."""
+    from jetmoe_timm.recycle.calibration import calibration_batches, list_images
+
+    class Images(torch.utils.data.Dataset):  # a Dataset that gives PIL images
+        def __init__(self, *images):
+            self.images = images
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.images[i]
+    grey = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, in_chans=1)).eval()
+    files = {'8bit.png': Image.fromarray(np.full((40, 40), 117, np.uint8)),
+             '16bit.png': Image.fromarray(np.full((40, 40), 30000, np.uint16)),  # 30000 / 257 = 116.7
+             'float.tif': Image.fromarray(np.full((40, 40), 117 / 255, np.float32), 'F')}
+    batches = {}
+    for name, im in files.items():
+        (tmp_path / name).mkdir()
+        im.save(tmp_path / name / name)
+        batches[name] = next(calibration_batches(tmp_path / name, grey, num_images=1, batch_size=1)[0])
+        dataset = next(calibration_batches(Images(Image.open(tmp_path / name / name)), grey, num_images=1,
+                                           batch_size=1)[0])
+        assert torch.equal(dataset, batches[name]), name
+    assert torch.equal(batches['16bit.png'], batches['8bit.png']) and torch.equal(batches['float.tif'],
+                                                                                  batches['8bit.png'])
+    four = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, in_chans=4)).eval()
+    flat = np.zeros((40, 40, 4), np.uint8)
+    flat[..., :3] = 200  # RGB 200, the 4th band 0: PIL's RGBA resampling would premultiply the RGB away
+    (tmp_path / 'nir').mkdir()
+    Image.fromarray(flat, 'RGBA').save(tmp_path / 'nir' / 'flat.png')
+    from_folder = next(calibration_batches(tmp_path / 'nir', four, num_images=1, batch_size=1)[0])
+    from_dataset = next(calibration_batches(Images(Image.fromarray(flat, 'RGBA')), four, num_images=1,
+                                            batch_size=1)[0])
+    assert torch.equal(from_dataset, from_folder) and from_folder[0, 0].min() > 0
+    pixels = torch.utils.data.TensorDataset(torch.full((2, 3, 32, 32), 117, dtype=torch.uint8))
+    with pytest.raises(ValueError, match='calibration tensors are taken as normalised model inputs, got torch.uint8'):
+        list(calibration_batches(pixels, timm.create_model('vit_small_patch16_224', **PRED_KWARGS), num_images=2)[0])
+    (tmp_path / 'linked').mkdir()  # a folder assembled from links to others, one of them a loop
+    (tmp_path / 'linked' / 'grey').symlink_to(tmp_path / '8bit.png')
+    (tmp_path / 'linked' / 'again').symlink_to(tmp_path / 'linked')
+    assert [p.name for p in list_images(tmp_path / 'linked').files] == ['8bit.png']
+    with pytest.warns(UserWarning, match="calibration took 1 images from .*linked', fewer than the 5 asked for"):
+        batches, total, description = calibration_batches(tmp_path / 'linked', grey, num_images=5, batch_size=4)
+        assert len(list(batches)) == total == 1 and description == 'folder:linked:1'
+    two = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, in_chans=2)).eval()
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / 'nir' / 'flat.png')
+    with pytest.warns(UserWarning, match='had no band of their own for the last of the 2 channels'):
+        list(calibration_batches(tmp_path / 'nir', two, num_images=1, batch_size=1)[0])
 
 
 def test_ready_tensors_take_the_size_a_vit_was_built_for():

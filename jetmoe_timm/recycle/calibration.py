@@ -6,9 +6,11 @@ Sources (``calib``):
     a folder               every image below it (any depth), a seeded subset of ``num_images``
     a Dataset/DataLoader   yields images (PIL or tensors) or (image, label) pairs
 PIL images go through the predecessor's own eval transform (timm's ``resolve_data_config``) at the input size
-asked for; tensors are taken as already normalised, and resized only to a size asked for or the one size a
-fixed-size model (a ViT) takes. Images are read in the model's channels: grey ('L'), RGB, or for 2 and 4 channels
-'LA' and 'RGBA' (a multispectral model's 4-band TIFFs); synthetic images are drawn in any number of channels.
+asked for (2- and 4-band ones are normalised and resized band by band, without its crop); float tensors are taken
+as already normalised, and resized only to a size asked for or the one size a fixed-size model (a ViT) takes.
+Images are read in the model's channels: grey ('L'), RGB, or for 2 and 4 channels 'LA' and 'RGBA' (a multispectral
+model's 4-band TIFFs), 16-bit and 0..1 float grey images scaled to 8 bits; synthetic images are drawn in any number
+of channels.
 """
 import os
 import warnings
@@ -41,10 +43,23 @@ def image_mode(chans: int) -> Optional[str]:
 
 def in_mode(im: Image.Image, mode: str) -> Image.Image:
     """``im`` in ``mode``: a 4-band file PIL reads as CMYK keeps its bands as they are (a multispectral TIFF), any
-    other image goes through PIL's convert (which adds an opaque alpha band to 3-band images read as RGBA)."""
+    other image goes through PIL's convert (which adds an opaque alpha band to 3-band images read as RGBA), 16-bit
+    grey and 0..1 float images scaled to 8 bits first (``_as_8_bit``)."""
     if len(im.getbands()) == 4 == len(mode) and im.mode != mode:
         return Image.merge(mode, [band.convert('L') for band in im.split()])
-    return im.convert(mode)
+    return _as_8_bit(im).convert(mode)
+
+
+def _as_8_bit(im: Image.Image) -> Image.Image:
+    """A wide grey image in 0..255: PIL's convert clips at 255, which turns all but the darkest pixels of a 16-bit
+    image white (and a 0..1 float one black). 16-bit are modes 'I;16*' (PNG, TIFF), 'I' read from a PGM (16-bit
+    there, a dark one too) and other 'I' images that hold values above 255 (an 8-bit image widened to 'I', or a
+    32-bit TIFF of 8-bit values, is taken as it is); float ('F') images of values up to 1 are scaled by 255."""
+    if im.mode.startswith('I;16') or im.mode == 'I' and (im.format == 'PPM' or im.getextrema()[1] > 255):
+        return im.convert('I').point(lambda v: v / 257 + 0.5)  # 0..65535 -> 0..255, rounded
+    if im.mode == 'F' and im.getextrema()[1] <= 1.:
+        return im.point(lambda v: v * 255 + 0.5)
+    return im
 
 
 def image_tensor(img: Image.Image, data_cfg: Dict[str, Any], transform) -> torch.Tensor:
@@ -93,8 +108,16 @@ def _bands_input(pixels: torch.Tensor, data_cfg: Dict[str, Any]) -> torch.Tensor
 
 
 def _walk_images(folder: Path) -> Iterator[Path]:
-    """Image files below ``folder``, any depth, in the order the file system lists them."""
-    return (p for p in folder.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files below ``folder``, any depth, linked folders too (a dataset assembled from links; each real folder
+    once, so a link loop ends), in the order the file system lists them."""
+    seen = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (p for p in map(Path(root).joinpath, files) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _check_image_folder(folder: Path) -> None:
@@ -152,7 +175,8 @@ def _folder_images(listing: ImageListing, num_images: int, seed: int, mode: str 
             break
         try:
             with Image.open(files[i]) as im:
-                filled += 'A' in mode and len(im.getbands()) < len(mode)  # PIL adds an opaque alpha band
+                # PIL adds an opaque alpha band to an image without one (RGB read as LA too)
+                filled += 'A' in mode and 'A' not in im.getbands() and len(im.getbands()) != len(mode)
                 img = in_mode(im, mode)
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             skipped += 1
@@ -162,22 +186,34 @@ def _folder_images(listing: ImageListing, num_images: int, seed: int, mode: str 
         yield img
     if skipped:
         warnings.warn(f'{skipped} calibration image(s) could not be decoded and were skipped')
+    if 0 < taken < num_images:
+        warnings.warn(f"calibration took {taken} images from '{listing.folder}', fewer than the {num_images} asked "
+                      f"for: statistics of fewer images are noisier; add images or lower num_calib (--num-calib)")
     if filled:
-        warnings.warn(f'{filled} calibration image(s) had fewer channels than the model takes ({len(mode)}): their '
-                      f'last channel is an opaque alpha band ({mode}); pass images of {len(mode)} channels for '
-                      f'statistics of real data')
+        warnings.warn(f'{filled} calibration image(s) had no band of their own for the last of the {len(mode)} '
+                      f'channels the model takes: it is an opaque alpha band ({mode}); pass images of {len(mode)} '
+                      f'channels for statistics of real data')
     if taken == 0:
         raise ValueError(f"no image in '{listing.folder}' could be decoded: check the files, or use "
                          f"calib='synthetic' (--calib synthetic).")
 
 
-def _batched(images, transform, batch_size: int, mode: str = 'RGB',
+def _batched(images, data_cfg: Dict[str, Any], transform, batch_size: int,
              size: Optional[Tuple[int, int]] = None) -> Iterator[torch.Tensor]:
-    """Batches of transformed images; ready tensors are only resized (antialiased bicubic) to ``size``."""
+    """Batches of transformed images: PIL images read as a folder's are (``in_mode``, ``image_tensor``), ready
+    tensors only resized (antialiased bicubic) to ``size``."""
+    chans = data_cfg['input_size'][0]
     batch = []
     for img in images:
         if isinstance(img, Image.Image):
-            img = transform(img if img.mode == mode else img.convert(mode))
+            if image_mode(chans) is None:
+                raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
+                                 f'synthetic images or ready {chans}-channel tensors.')
+            img = image_tensor(in_mode(img, image_mode(chans)), data_cfg, transform)
+        elif not img.is_floating_point():  # torchvision's read_image / PILToTensor: 0..255, not normalised
+            raise ValueError(f"calibration tensors are taken as normalised model inputs, got {img.dtype} ones (pixel "
+                             f"values?): give PIL images (the model's own transform normalises them) or float "
+                             f"tensors normalised with its mean and std.")
         else:
             img = _resized(img, size)
         batch.append(img)
@@ -254,17 +290,19 @@ def calibration_batches(
         size = data_cfg['input_size'][-1]
         if chans in (1, 3):  # drawn in RGB, read as the model's mode through its own eval transform
             images = (synthetic_image(i, size, seed) for i in range(num_images))
-            return _batched(images, transform, batch_size, mode), total, f'synthetic:{num_images}:seed{seed}'
+            return _batched(images, data_cfg, transform, batch_size), total, f'synthetic:{num_images}:seed{seed}'
         images = (_bands_input(_synthetic_pixels(i, size, seed, chans), data_cfg) for i in range(num_images))
-        return _batched(images, transform, batch_size), total, f'synthetic:{num_images}:seed{seed}'
+        return _batched(images, data_cfg, transform, batch_size), total, f'synthetic:{num_images}:seed{seed}'
     if isinstance(calib, (str, os.PathLike)):
         calib = list_images(calib)  # fails now, with a clear message, rather than mid-way
     if isinstance(calib, ImageListing):
         if mode is None:
             raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
                              f'synthetic images (--calib synthetic) or a Dataset of ready {chans}-channel tensors.')
+        count = min(num_images, len(calib.files))  # what the folder can give (less any it cannot decode)
         images = (image_tensor(img, data_cfg, transform) for img in _folder_images(calib, num_images, seed, mode))
-        return _batched(images, transform, batch_size), total, f'folder:{calib.folder.name}:{num_images}'
+        return (_batched(images, data_cfg, transform, batch_size), -(-count // batch_size),
+                f'folder:{calib.folder.name}:{count}')
     from_dataset = isinstance(calib, torch.utils.data.Dataset)
     if from_dataset:  # batches are lists of the dataset's own items: images, or (image, label, ...) tuples
         calib = torch.utils.data.DataLoader(calib, batch_size=batch_size, shuffle=False,
@@ -287,5 +325,5 @@ def calibration_batches(
                     if n == num_images:
                         return
         # ready tensors are resized only for a model that takes one size (a ViT) or to a size asked for
-        return (_batched(loader_images(), transform, batch_size, mode, img_size), total, f'loader:{num_images}')
+        return (_batched(loader_images(), data_cfg, transform, batch_size, img_size), total, f'loader:{num_images}')
     raise ValueError(f'calib must be a folder path, a Dataset/DataLoader or "synthetic", got {type(calib).__name__}')

@@ -194,16 +194,6 @@ def _data_config(model: nn.Module) -> Dict[str, Any]:
     return model_data_config(model, getattr(getattr(model, 'patch_embed', None), 'img_size', None))
 
 
-def _convert(img, mode: str):
-    """PIL image ``img`` converted to ``mode``, 16-bit grey scaled to 8 bits first: PIL's convert clips its values
-    at 255, which turns all but the darkest pixels white. 16-bit are modes 'I;16*' (PNG, TIFF), 'I' read from a
-    PGM (16-bit there, a dark one too), and other 'I' images only where they hold values above 255 (an 8-bit image
-    widened to 'I', or a 32-bit TIFF of 8-bit values, is taken as it is)."""
-    if img.mode.startswith('I;16') or img.mode == 'I' and (img.format == 'PPM' or img.getextrema()[1] > 255):
-        img = img.convert('I').point(lambda v: v / 257 + 0.5)  # 0..65535 -> 0..255, rounded
-    return in_mode(img, mode)  # a 4-band TIFF keeps its bands, as in calibration
-
-
 def _open_image(path: Union[str, os.PathLike], mode: str = 'RGB') -> 'PIL.Image.Image':
     """The image file at ``path``, decoded in full and converted to ``mode``; one-line errors that say the fix."""
     from PIL import Image, UnidentifiedImageError
@@ -216,7 +206,7 @@ def _open_image(path: Union[str, os.PathLike], mode: str = 'RGB') -> 'PIL.Image.
         raise ValueError(f'{path} is not a regular file: pass image files.')
     try:
         with Image.open(path) as f:
-            return _convert(f, mode)  # decodes every pixel: a truncated file fails here, not later
+            return in_mode(f, mode)  # decodes every pixel: a truncated file fails here, not later
     except UnidentifiedImageError:
         reason = 'not an image format PIL knows'
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, unreadable, too large
@@ -271,7 +261,7 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
             img = _open_image(img, mode)
             names.append(next(labels))
         elif hasattr(img, 'convert'):
-            img = _convert(img, mode)
+            img = in_mode(img, mode)
             names.append(f'image {i}')
         else:
             raise TypeError(f'Expected image paths, PIL images or one (B, C, H, W) tensor; got a {type(img).__name__}.')
