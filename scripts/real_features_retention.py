@@ -48,7 +48,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from jetmoe_timm.export import write_atomic
 from jetmoe_timm.recycle import METHODS, recycle
+from jetmoe_timm.recycle.engine import check_options
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features
 from jetmoe_timm.tools.checks import check_model_kwargs, parse_model_kwargs
 from jetmoe_timm.tools.demo import IMG, PRED_ARCH, PRED_ARGS, SUCC_ARGS, evaluate, linear_probe, load_demo_split, \
@@ -146,6 +148,13 @@ def main(argv=None):
     p.add_argument('--smoke', action='store_true', help='toy sizes, for the test suite')
     args = p.parse_args(argv)
     n = SIZES['smoke' if args.smoke else 'full']
+    if args.pretrain_images < 1:
+        p.error(f'--pretrain-images must be at least 1, got {args.pretrain_images}')
+    for method in args.methods:  # e.g. graph with --calib weights: refused now, not after the predecessors' training
+        try:
+            check_options(method=method, calib='weights' if args.calib == 'weights' else 'synthetic')
+        except ValueError as e:
+            p.error(f'--methods {method}: {e}')
     if args.finetune_images is not None:
         if not args.finetune_epochs:
             p.error('--finetune-images chooses the images of a fine-tune: give --finetune-epochs too')
@@ -168,13 +177,18 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     k = n['probe']
-    fm_train = load_demo_split('fashion-mnist', 'train', args.pretrain_images)
+    # the calibration images: the tail of the whole split, whatever --pretrain-images keeps (a subset is ordered by
+    # index and balanced by class rank, so its own tail misses classes)
+    fm_all = load_demo_split('fashion-mnist', 'train')
+    fm_train = fm_all if args.pretrain_images >= len(fm_all[1]) else \
+        load_demo_split('fashion-mnist', 'train', args.pretrain_images)
     fm_val = load_demo_split('fashion-mnist', 'validation', 3 * k)
     # held out from every step: the probe's train / test split (the first also the predecessor's test split)
     held_out = fm_val[0][2 * k:2 * k + n['held_out']]
     fm_probe = (fm_val[0][:k], fm_val[1][:k], fm_val[0][k:2 * k], fm_val[1][k:2 * k])
     mnist_probe = (*load_demo_split('mnist5k', 'train', k), *load_demo_split('mnist5k', 'validation', k))
-    calib = fm_train[0][-n['calib']:]
+    calib = fm_all[0][-n['calib']:]
+    del fm_all
     cfg = dict(pretrain_images=args.pretrain_images, pretrain_epochs=args.pretrain_epochs)
 
     finetune = dict(epochs=args.finetune_epochs, lr=args.finetune_lr, head_epochs=args.finetune_head_epochs,
@@ -192,7 +206,8 @@ def main(argv=None):
     print(table)
     result = dict(rows=rows, table=table, args=vars(args), pretrain=cfg, seconds=time.perf_counter() - t_start,
                   torch=torch.__version__, timm=timm.__version__)
-    (args.out / 'real_features_retention.json').write_text(json.dumps(result, indent=2, default=str))
+    write_atomic(args.out / 'real_features_retention.json',
+                 lambda tmp: tmp.write_text(json.dumps(result, indent=2, default=str)))
     print(f"wrote {args.out / 'real_features_retention.json'} ({result['seconds']:.0f} s)")
 
 

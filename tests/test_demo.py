@@ -38,3 +38,19 @@ def test_demo_smoke(tmp_path):
     table = (tmp_path / 'demo_results.md').read_text()
     assert all(f'| {run} |' in table for run in runs) and '| predecessor size (64 px) | copy |' in table
     assert (tmp_path / 'demo_convergence.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_the_demo_plot_leaves_the_callers_matplotlib_alone(tmp_path):
+    """run_demo from a notebook: the plot is drawn on a bare Figure, so pyplot keeps the caller's backend, and the
+    PNG is written whole under its name (a temporary name, then a rename)."""
+    matplotlib = pytest.importorskip('matplotlib', reason='the demo plot needs matplotlib (pip install ".[demo]")')
+    from jetmoe_timm.tools.demo import _plot
+    before = matplotlib.get_backend()
+    matplotlib.use('svg')
+    try:
+        _plot(dict(table=[dict(run='moe scratch', seeds=1, acc=[10., 20.]),
+                          dict(run='moe importance', seeds=3, acc=[12., 40.])]), tmp_path / 'p.png')
+        assert matplotlib.get_backend() == 'svg'
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / 'p.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and os.listdir(tmp_path) == ['p.png']

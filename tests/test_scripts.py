@@ -106,7 +106,10 @@ def test_real_features_retention_refuses_bad_options(tmp_path, capsys):
                           (['--flavours', 'convnext', '--predecessor-kwargs', 'dim=(48,96,192,384)'],
                            "convnext: --predecessor-kwargs: convnext_tiny takes no argument 'dim'; did you mean 'dims'?"),
                           (['--successor-kwargs', 'num_heads'],
-                           "layer scale: model kwarg 'num_heads' is not of the form key=value")):
+                           "layer scale: model kwarg 'num_heads' is not of the form key=value"),
+                          (['--pretrain-images', '0'], '--pretrain-images must be at least 1, got 0'),
+                          (['--methods', 'importance', 'graph', '--calib', 'weights'],
+                           "--methods graph: method 'graph' needs co-activation statistics")):
         with pytest.raises(SystemExit) as e:
             script.main(['--out', str(tmp_path / 'out'), *argv])
         assert e.value.code == 2

@@ -39,7 +39,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from ..export import save_safetensors_atomic
+from ..export import save_safetensors_atomic, write_atomic
 from ..recycle import CALIB_SIZES, METHODS, recycle
 from ..recycle.build import cache_dir
 from ..recycle.retention import linear_cka, pooled_features
@@ -291,8 +291,9 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
                    results=results, table=table, retention=retention_rows, calibration_comparison=calib_cmp,
                    wall_seconds=time.perf_counter() - t_start, torch=torch.__version__, timm=timm.__version__)
     _print_tables(summary)
-    (out / 'demo_results.json').write_text(json.dumps(summary, indent=2, default=str))
-    (out / 'demo_results.md').write_text(markdown_table(summary))
+    # each file whole or not at all: an interrupted write after 11 minutes leaves the last run's, not half of one
+    write_atomic(out / 'demo_results.json', lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=str)))
+    write_atomic(out / 'demo_results.md', lambda tmp: tmp.write_text(markdown_table(summary)))
     _plot(summary, out / 'demo_convergence.png')
     print(f'wrote {out / "demo_results.json"} and {out / "demo_convergence.png"} ({summary["wall_seconds"]:.0f} s)')
     return summary
@@ -370,10 +371,9 @@ def markdown_table(summary: Dict) -> str:
 
 
 def _plot(summary: Dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    from matplotlib.figure import Figure  # a bare Figure: pyplot's backend and state stay the caller's
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for row in summary['table']:
         style = '--' if 'scratch' in row['run'] else '-'
         label = row['run'] + (f" ({row['seeds']} seeds)" if row['seeds'] > 1 else '')
@@ -385,8 +385,7 @@ def _plot(summary: Dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format='png'))
 
 
 def _run(args) -> int:
