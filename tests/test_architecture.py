@@ -68,6 +68,8 @@ V_JETMOE_TINY = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, global
     (dict(embed_dim=96, num_heads=2, moe_drop_rate=0.1), dict(embed_dim=96, num_heads=2)),
     (dict(routing='softmoe', num_univ_experts=0), dict(routing='softmoe', num_univ_experts=0)),
     (dict(global_pool='token'), dict(global_pool='token')),  # norm instead of fc_norm: other keys
+    # two that make the same change: each looks idle with the other there, one of them counts
+    (dict(global_pool='token', fc_norm=False, drop_rate=0.1), dict(global_pool='token')),
     (dict(num_heads=6), dict(num_heads=6)),  # same shapes, other heads: recycled weights differ
     (dict(block_fn=ResPostBlock), dict(block_fn=ResPostBlock)),  # same shapes, post-norm blocks
     (dict(act_layer='relu', drop_rate=0.1), dict(act_layer='relu')),  # same shapes, another activation

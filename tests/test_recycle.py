@@ -921,14 +921,18 @@ def test_resizing_a_predecessor_shares_its_blocks_and_leaves_it_as_it_was():
 
 
 def test_recycle_cache_keys_a_calibration_folder_by_where_it_is(tmp_path, monkeypatch):
-    """JETMOE_TIMM_CALIB=calib from two projects is two folders, two builds; one folder spelled two ways is one."""
+    """JETMOE_TIMM_CALIB=calib from two projects is two folders, two builds; one folder spelled two ways is one.
+    The same for the official recipe's body predecessor."""
     from jetmoe_timm.recycle.build import _cache_key
-    keys = {}
+    keys, body_keys = {}, {}
     for project in ('a', 'b'):
         (tmp_path / project / 'calib').mkdir(parents=True)
+        (tmp_path / project / 'body').mkdir()
         monkeypatch.chdir(tmp_path / project)
         keys[project] = _cache_key('v_jetmoe_tiny.recycled_in21k', {}, 'vit_small_patch16_224', dict(calib='calib'))
-    assert keys['a'] != keys['b']
+        body_keys[project] = _cache_key('v_jetmoe_tiny.recycled_in21k', {}, 'vit_small_patch16_224',
+                                        dict(recipe='official', body_predecessor='body'))
+    assert keys['a'] != keys['b'] and body_keys['a'] != body_keys['b']
     assert keys['b'] == _cache_key('v_jetmoe_tiny.recycled_in21k', {}, 'vit_small_patch16_224',
                                    dict(calib=str(tmp_path / 'b' / 'calib')))
     assert _cache_key('m', {}, 'p', dict(calib='synthetic')) != _cache_key('m', {}, 'p', dict(calib='weights'))
@@ -1047,3 +1051,18 @@ def test_progress_bar_on_a_terminal_only(predecessor, monkeypatch, terminal):
     written = err.getvalue()
     assert ('recycling VisionTransformerJetMoE' in written and '\r' in written) == terminal
     assert terminal or written == ''
+
+
+def test_a_cache_folder_that_cannot_be_written_is_said_in_one_line(tmp_path, monkeypatch):
+    """A read-only cache answers what it holds; a build it cannot take names the folder and the variable that moves
+    it (was filelock's traceback on the lock file)."""
+    from jetmoe_timm.recycle import build
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+
+    def refused(path):  # as a cache folder of mode 0555 answers a user who does not own it (not root)
+        raise PermissionError(13, 'Permission denied', f'{path}.lock')
+    monkeypatch.setattr(build, '_lock', refused)
+    with pytest.raises(PermissionError, match=r'Cannot build v_jetmoe_tiny.recycled_in21k into the cache at .* '
+                                              r'\(Permission denied\): set JETMOE_TIMM_CACHE to a folder you can '
+                                              r'write to\.'):
+        build.cached_recycled_file('v_jetmoe_tiny', {}, calib='weights')

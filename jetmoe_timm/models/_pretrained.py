@@ -126,12 +126,19 @@ def _architecture_kwargs(model_cls, cfg, model_args: Dict[str, Any], user: Dict[
     if asked == _signature(model_cls, model_args, skip):
         return {}
 
-    def matters(key):
+    def signature(kwargs):
         try:
-            return _signature(model_cls, dict(model_args, **{k: v for k, v in user.items() if k != key}), skip) != asked
+            return _signature(model_cls, dict(model_args, **kwargs), skip)
         except (ValueError, AssertionError, TypeError, RuntimeError):
-            return True
-    return {k: v for k, v in user.items() if matters(k)}
+            return None
+
+    kept = {k: v for k, v in user.items() if signature({j: w for j, w in user.items() if j != k}) != asked}
+    # two kwargs that make the same change (global_pool='token' and fc_norm=False both drop fc_norm) each look
+    # idle with the other there: each of the others that still changes the architecture is added back
+    for k, v in user.items():
+        if k not in kept and signature(dict(kept, **{k: v})) != signature(kept):
+            kept[k] = v
+    return kept if signature(kept) == asked else user
 
 
 def _damage(path: str) -> Optional[str]:

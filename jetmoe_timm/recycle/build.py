@@ -354,6 +354,9 @@ def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options:
     calib = options.get('calib')
     if isinstance(calib, (str, os.PathLike)) and calib not in ('synthetic', 'weights'):  # a folder: the same
         options = dict(options, calib=os.path.realpath(calib))  # 'calib' from two working folders is two folders
+    body = options.get('body_predecessor')
+    if body and is_local_spec(body):  # the official recipe's second predecessor, as the first
+        options = dict(options, body_predecessor=os.path.realpath(local_path(body)))
     blob = json.dumps(dict(model=full, kwargs=model_kwargs, predecessor=pred_spec, options=options,
                            version=__version__), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -437,8 +440,12 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
     path = cache_dir() / full / f'{key}.safetensors'
     if _cache_problem(path, key, fingerprint) is None:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _lock(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = _lock(path)
+    except PermissionError as e:  # a read-only cache answers hits only: one line, not filelock's traceback
+        raise PermissionError(f'Cannot build {full} into the cache at {path.parent} ({e.strerror}): set '
+                              f'JETMOE_TIMM_CACHE to a folder you can write to.') from None
     try:
         problem = _cache_problem(path, key, fingerprint)  # another process may have built it while we waited
         if problem is None:
