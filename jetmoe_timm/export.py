@@ -22,7 +22,7 @@ import stat
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import safetensors.torch
 import torch
@@ -31,7 +31,7 @@ from timm.models._hub import save_config_for_hf
 
 __all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'write_atomic', 'read_provenance',
            'verify_safetensors', 'check_replaceable', 'is_local_spec', 'local_path', 'is_model_folder',
-           'replace_problem', 'replace_folder', 'writing_folder']
+           'replace_problem', 'replace_folder', 'remove_dead_writers', 'writing_folder']
 
 PROVENANCE_KEY = 'jetmoe'
 # the first line of a model card that ``jetmoe-timm push`` wrote (and may rewrite); a card without it is the user's
@@ -116,13 +116,24 @@ def write_atomic(path: os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 def save_safetensors_atomic(state_dict: Dict[str, torch.Tensor], path: os.PathLike,
                             provenance: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``state_dict`` to ``path`` with provenance and a content checksum, atomically (``write_atomic``)."""
+    """Write ``state_dict`` to ``path`` with provenance and a content checksum, atomically: in a writer's folder
+    beside it (``writing_folder``), then renamed into place. safetensors writes a temporary file of its own next
+    to the one it is given; in that folder, what a killed writer left (up to the model's size) is removed by the
+    next write of ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = _contiguous_state_dict(state_dict)
     metadata = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True),
                 CHECKSUM_KEY: _state_dict_digest(tensors)}
-    return write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
+    folder = writing_folder(path)
+    try:
+        tmp = folder / path.name
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # as a file made by open(); the folder's 0700 does not carry over
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return path
 
 
 def read_provenance(path: os.PathLike) -> Dict[str, Any]:
@@ -324,18 +335,27 @@ def _writers_prefix(dst: Path) -> str:
     return f'.{dst.name}.{socket.gethostname()}-'
 
 
-def writing_folder(dst: Path, suffix: str = '') -> Path:
-    """A new temporary folder, beside ``dst``, to build ``dst`` in (``replace_folder`` renames it into place), with
-    the permissions of a folder made by ``mkdir`` (mkdtemp's are 0700). Folders that writers of ``dst`` on this host
-    left when they were killed (SIGKILL, out of memory: a converted model's is gigabytes), the outputs they were
-    replacing included, are deleted first; a live writer's are kept."""
+def remove_dead_writers(dst: Path, suffix: str = '') -> List[Path]:
+    """Delete the folders that writers of ``dst`` on this host left when they were killed (SIGKILL, out of memory:
+    a converted model's is gigabytes), the outputs they were replacing included; a live writer's are kept.
+    Returns those deleted."""
     prefix = _writers_prefix(dst)  # then the pid and mkdtemp's 8 characters
     name = re.compile(rf'{re.escape(prefix)}(\d+)\.[a-z0-9_]{{8}}(?:{re.escape(suffix)}|{re.escape(_ASIDE)})')
+    removed = []
     for old in dst.parent.glob(glob.escape(prefix) + '*'):
         found = name.fullmatch(old.name)
         if found and old.is_dir() and not old.is_symlink() and not _alive(int(found[1])):
             shutil.rmtree(old, ignore_errors=True)
-    folder = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'{prefix}{os.getpid()}.', suffix=suffix))
+            removed.append(old)
+    return removed
+
+
+def writing_folder(dst: Path, suffix: str = '') -> Path:
+    """A new temporary folder, beside ``dst``, to build ``dst`` in (``replace_folder`` renames it into place), with
+    the permissions of a folder made by ``mkdir`` (mkdtemp's are 0700); killed writers' folders are deleted first
+    (``remove_dead_writers``)."""
+    remove_dead_writers(dst, suffix)
+    folder = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f'{_writers_prefix(dst)}{os.getpid()}.', suffix=suffix))
     # a setgid bit inherited from the parent stays, as mkdir keeps it: subfolders go on taking the shared group
     os.chmod(folder, 0o777 & ~_umask() | folder.stat().st_mode & stat.S_ISGID)
     return folder

@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 
 from .._names import did_you_mean
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
-    save_safetensors_atomic, verify_safetensors
+    remove_dead_writers, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError, register_weight_builder
@@ -400,10 +400,10 @@ def _lock(path: Path) -> FileLock:
 
 
 def _remove_leftovers(path: Path) -> None:
-    """Delete temporary files of killed builds of ``path``; only call this holding its lock."""
-    for tmp in path.parent.glob(f'.{path.name}.*.tmp'):
-        _logger.info(f'Removing {tmp}, left by an interrupted build.')
-        tmp.unlink(missing_ok=True)
+    """Delete what killed builds of ``path`` left (their writer folders, with the partial file in them); only call
+    this holding its lock."""
+    for old in remove_dead_writers(path):
+        _logger.info(f'Removed {old}, left by an interrupted build.')
 
 
 def _duration_hint(model_name: str, model_kwargs: Dict[str, Any], num_calib: int) -> str:
