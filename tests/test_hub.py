@@ -423,6 +423,11 @@ _GIVEN = _TWIN + """
             print('ERROR', str(e))
         else:
             print('LOADED', hub_id, all(torch.equal(v, mine[k]) for k, v in m.state_dict().items()))
+    cfg = timm.models.get_pretrained_cfg('v_jetmoe_hubtwin.recycled_in21k').to_dict()
+    try:  # the same given in a whole pretrained_cfg of the user's
+        timm.create_model('v_jetmoe_hubtwin', pretrained=True, pretrained_cfg=dict(cfg, hf_hub_id='jetmoe-test/mien'))
+    except WeightsUnavailableError as e:
+        print('ERROR', str(e))
     assert not os.path.exists(os.environ['JETMOE_TIMM_CACHE'])  # nothing was recycled in place of the user's repo
     for _ in range(2):  # the tag's own repo: recycled, why said once
         m = timm.create_model('v_jetmoe_hubtwin', pretrained=True)
@@ -450,13 +455,14 @@ def test_a_repo_the_user_names_is_never_replaced_by_recycled_weights(tmp_path, l
              _client_env(tmp_path / 'loader', local_hub.url, JETMOE_TIMM_CALIB_IMAGES='4'))  # no token
     lines = r.stdout.splitlines()
     assert lines[0] == 'LOADED jetmoe-test/mine True'
-    for line, repo, why in zip(lines[1:4], ('mine-private', 'mien', 'mine@nope'), (
+    for line, repo, why in zip(lines[1:5], ('mine-private', 'mien', 'mine@nope', 'mien'), (
             'no such repo, or a private one and no token with access was sent; HTTP 401',
             'no such repo, or a private one and no token with access was sent; HTTP 404',
-            'no such revision; HTTP 404')):
+            'no such revision; HTTP 404',
+            'no such repo, or a private one and no token with access was sent; HTTP 404')):
         assert line.startswith(f"ERROR Cannot get model.safetensors of the hf_hub_id 'jetmoe-test/{repo}' you gave "
                                f"({why}") and 'HF_TOKEN' in line, line
-    assert lines[4] == 'RECYCLED True'
+    assert lines[5] == 'RECYCLED True'
     told = [line for line in r.stderr.splitlines() if 'jetmoe-test/never-published' in line]
     assert told == ['No converted weights from jetmoe-test/never-published (no such repo, or a private one and no '
                     'token with access was sent; HTTP 404, RepositoryNotFoundError): recycling locally.'], r.stderr

@@ -288,7 +288,9 @@ def prepare_pretrained(variant: str, model_cls, model_args: Dict[str, Any], kwar
     changes = _architecture_kwargs(model_cls, cfg, model_args,
                                    {k: v for k, v in kwargs.items() if k not in _FACTORY_KWARGS})
     # an hf_hub_id other than the registered one is the user's source: used whatever the kwargs, never replaced
-    registered = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'))
+    # the registry's cfg of the tag: a pretrained_cfg the user passes as a dict is theirs, a str names a tag
+    asked = kwargs.get('pretrained_cfg')
+    registered = resolve_pretrained_cfg(variant, pretrained_cfg=asked if isinstance(asked, str) else None)
     given = bool(cfg.hf_hub_id) and cfg.hf_hub_id != getattr(registered, 'hf_hub_id', None)
     path = None
     hub_fits = set(changes) <= _RESAMPLED_ON_LOAD
