@@ -37,7 +37,7 @@ from .models import JetMoEMixin, is_jetmoe_model, list_jetmoe_models
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
-from .recycle.build import DEFAULT_OPTIONS
+from .recycle.engine import RECYCLE_DEFAULTS
 from .routing import moe_layers
 from .version import __version__
 
@@ -153,7 +153,7 @@ def default_repo_problem(name: str, provenance: Dict[str, Any]) -> Optional[str]
     source = RECYCLE_SOURCES.get(name)
     if source is None:
         return None
-    want = dict(predecessor=source['predecessor'], method=DEFAULT_OPTIONS['method'], recipe=DEFAULT_OPTIONS['recipe'])
+    want = dict(predecessor=source['predecessor'], method=RECYCLE_DEFAULTS['method'], recipe=RECYCLE_DEFAULTS['recipe'])
     got = {k: provenance.get(k) for k in want}
     if got == want:
         return None

@@ -44,6 +44,9 @@ __all__ = ['is_official_state_dict', 'official_to_timm', 'timm_to_official', 'co
 
 _logger = logging.getLogger(__name__)
 
+# the official pipeline's preprocessing (MMPretrain's ImageNet eval): the official_in1k tag's and a converted file's
+OFFICIAL_DATA_CFG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875)
+
 # wrappers the official training code (mmengine / MMPretrain / DDP / torch.compile) puts around the timm keys
 _KEY_PREFIXES = ('module.', '_orig_mod.', 'model.', 'backbone.')
 _CONTAINER_KEYS = ('state_dict', 'model', 'module')
@@ -370,7 +373,7 @@ def convert_official_checkpoint(
     kwargs.update(model_kwargs)
     if '.' not in model_name and f'{model_name}.official_in1k' in timm.list_pretrained(f'{model_name}.*'):
         model_name = f'{model_name}.official_in1k'
-    overlay = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875)
+    overlay = dict(OFFICIAL_DATA_CFG)
 
     # built on the meta device and filled by assignment: no 1 GB random init that is overwritten at once
     model = timm.create_model(model_name, pretrained_cfg_overlay=overlay, device='meta', **kwargs)

@@ -37,7 +37,9 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     model.eval()
     p = next(model.parameters())
     x = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
-    with _unfused_attention(model), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
+    try:
+        with _unfused_attention(model), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
     return counter.get_total_flops() // 2

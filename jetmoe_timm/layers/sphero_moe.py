@@ -407,8 +407,8 @@ class SpheroMoE(nn.Module):
 
     @torch.jit.unused
     def expert_groups(self) -> Dict[str, ExpertMlp]:
-        """{'core': the core experts, 'univ': the universal experts}, the paths that hold experts (a path of none is
-        None); a path's module is ``<path>_experts``."""
+        """{'core': the core experts, 'univ': the universal experts}, the paths that hold experts (a path without
+        any is left out: its ``<path>_experts`` is None); a path's module is ``<path>_experts``."""
         groups = {'core': self.core_experts, 'univ': self.univ_experts}
         return {path: group for path, group in groups.items() if group is not None}
 

@@ -13,6 +13,18 @@ def list_jetmoe_models() -> List[str]:
     return timm.list_models(module=sorted({cls.__module__.rpartition('.')[2] for cls in JetMoEMixin.__subclasses__()}))
 
 
+def check_model_name(model: str) -> str:
+    """The architecture of ``model`` ('arch' or 'arch.tag'); an unknown one is named, with a "did you mean" and the
+    JetMoE models to pick from."""
+    import timm
+    from .._names import did_you_mean
+    arch = model.partition('.')[0]
+    if not timm.is_model(arch):
+        models = list_jetmoe_models()
+        raise ValueError(f"Unknown model '{arch}'{did_you_mean(arch, models)}: pick one of {models}.")
+    return arch
+
+
 def is_jetmoe_model(name: str) -> bool:
     """Whether timm's model ``name`` ('arch' or 'arch.tag') is a JetMoE model (a ``JetMoEMixin``: SpheroMoE layers),
     whoever registered it."""

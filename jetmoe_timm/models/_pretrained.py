@@ -40,6 +40,8 @@ __all__ = ['HF_ORG', 'PAPER_CFG', 'WeightsUnavailableError', 'architecture_signa
 _logger = logging.getLogger(__name__)
 
 HF_ORG = 'jetmoe-timm'  # the Hub organisation of every tag's converted weights
+# the predecessor's preprocessing, which its weights were trained for: the successor inherits it
+INPUT_CONTRACT_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
 # the pretrained-cfg fields every JetMoE tag shares
 PAPER_CFG = dict(
     license='apache-2.0',
@@ -57,7 +59,7 @@ def recycled_cfgs(cfg: Callable[..., Dict[str, Any]], recycled_from: Dict[str, D
     for tag, source in recycled_from.items():
         pred = source['predecessor']
         data = {k: v for k, v in timm.models.get_pretrained_cfg(pred).to_dict().items()
-                if k in ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')}
+                if k in ('input_size', *INPUT_CONTRACT_KEYS)}
         remark = f" ({source['remark']})" if source.get('remark') else ''
         cfgs[tag] = cfg(hf_hub_id=f'{HF_ORG}/{tag}', num_classes=0, **data, notes=(
             f'Recycled init, not fine-tuned: built from {pred}{remark} by importance sampling (paper recipe). '

@@ -17,14 +17,14 @@ from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import get_act_layer
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
 from ..layers import SpheroMoE
-from ..official import _load_official_pre_hook, is_official_state_dict, official_to_timm
+from ..official import OFFICIAL_DATA_CFG, _load_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
 from ._pretrained import HF_ORG, PAPER_CFG, build_jetmoe, recycled_cfgs
 
@@ -211,9 +211,7 @@ default_cfgs = generate_default_cfgs({
     **recycled_cfgs(_cfg, RECYCLED_FROM),  # first: each model's default tag is a recycled one
     'v_jetmoe_tiny.official_in1k': _cfg(
         hf_hub_id=f'{HF_ORG}/v_jetmoe_tiny.official_in1k',
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        crop_pct=0.875,
+        **OFFICIAL_DATA_CFG,
         notes=(
             'Official MoE Jetpack V-JetMoE-T fine-tuned on ImageNet-1k, converted from the MMPretrain '
             'checkpoint (paper: 79.9% top-1). Uses routing="official" (entmax15 combine).',

@@ -34,8 +34,9 @@ from .._names import did_you_mean
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
     remove_dead_writers, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
-from ..models import is_jetmoe_model, list_jetmoe_models
-from ..models._pretrained import WeightsUnavailableError, register_weight_builder
+from ..models import check_model_name, is_jetmoe_model
+from ..models._pretrained import INPUT_CONTRACT_KEYS, WeightsUnavailableError, register_weight_builder
+from ..profile import count_params
 from ..version import __version__
 from .engine import (RECYCLE_DEFAULTS, RecycleResult, adapt_input_channels, check_options, check_recipe_family,
                      recycle, selection_to_json)
@@ -52,9 +53,7 @@ RECYCLE_SOURCES: Dict[str, Dict[str, Any]] = {
     tag: dict(source) for spec in FAMILIES for tag, source in spec.recycled_from.items()}
 
 # the options a cached build's key always records; calib and num_calib have defaults from the environment too
-DEFAULT_OPTIONS = {k: RECYCLE_DEFAULTS[k] for k in ('method', 'recipe', 'statistic', 'seed', 'calib_size')}
-# the predecessor's preprocessing, which its weights were trained for: the successor inherits it
-INPUT_CONTRACT_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode')
+CACHE_KEY_OPTIONS = {k: RECYCLE_DEFAULTS[k] for k in ('method', 'recipe', 'statistic', 'seed', 'calib_size')}
 _LOCK_NOTICE_S = 10.  # after this long waiting for another process's build, say so
 
 
@@ -71,9 +70,7 @@ def predecessor_spec(source: Dict[str, Any], given: Optional[str] = None) -> str
 def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """('arch.tag', its recycling source) for 'arch' (default tag) or 'arch.tag'."""
     arch, _, tag = model_name.partition('.')
-    if not timm.is_model(arch):
-        models = list_jetmoe_models()
-        raise ValueError(f"Unknown model '{arch}'{did_you_mean(arch, models)}: pick one of {models}.")
+    check_model_name(arch)
     full = f'{arch}.{tag}' if tag else next(
         (n for n in timm.models.get_arch_pretrained_cfgs(arch) if n in RECYCLE_SOURCES), None)
     if full in RECYCLE_SOURCES:
@@ -283,7 +280,7 @@ def build_recycled(
     Returns the loaded successor and the recycling result (with selection and provenance).
     """
     full, source = recycle_source(model_name)
-    opts = dict(DEFAULT_OPTIONS, **options)
+    opts = dict(CACHE_KEY_OPTIONS, **options)
     _check_options(opts)  # before the (slow) model loading
     if body_predecessor and opts['recipe'] != 'official':  # silently unused otherwise
         raise ValueError("body_predecessor (--body-predecessor) applies to recipe 'official' only: drop it, or pass "
@@ -411,7 +408,7 @@ def _duration_hint(model_name: str, model_kwargs: Dict[str, Any], num_calib: int
     45 s on 2 CPU cores, and 31 s with 16 images: about a third of it passes over images (statistics, retention),
     the rest loading, initialising and writing, which scale with the parameters."""
     model = timm.create_model(model_name.partition('.')[0], device='meta', **model_kwargs)
-    params = sum(p.numel() for p in model.parameters())
+    params = count_params(model)
     side = model_kwargs.get('img_size', model.pretrained_cfg['input_size'][-1])
     side = side[-1] if isinstance(side, (tuple, list)) else side
     images = num_calib / 256 * (side / 224) ** 2
@@ -423,7 +420,7 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
     """Path of recycled weights for ``model_name``, building them (once, under a lock) if not cached."""
     full, source = recycle_source(model_name)
     model_kwargs = dict(model_kwargs or {})
-    opts = dict(DEFAULT_OPTIONS, **options)
+    opts = dict(CACHE_KEY_OPTIONS, **options)
     calib = os.environ.get('JETMOE_TIMM_CALIB')
     if calib and 'calib' not in opts:
         opts['calib'] = calib

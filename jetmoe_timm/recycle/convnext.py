@@ -63,7 +63,7 @@ def check(pred, succ) -> None:
         raise ValueError(f'a C-JetMoE successor needs a dense timm ConvNeXt predecessor, got {type(pred).__name__}: '
                          f'pass a ConvNeXt checkpoint (e.g. convnext_tiny.fb_in22k).')
     blk = pred.stages[0].blocks[0]
-    if not hasattr(blk.mlp, 'fc1') or blk.mlp.fc1.__class__.__name__ != 'Linear':
+    if not isinstance(getattr(blk.mlp, 'fc1', None), nn.Linear):  # conv_mlp's are 1x1 convolutions
         raise ValueError('the predecessor keeps its MLPs as 1x1 convolutions (conv_mlp=True: timm\'s convnext_atto '
                          'to convnext_nano), which are not recycled: pass a ConvNeXt with Linear MLPs (convnext_tiny '
                          'and wider).')

@@ -10,9 +10,9 @@ from typing import Any, Callable, Dict, Optional
 import timm
 import torch
 
-from .._names import closest_name, did_you_mean
+from .._names import closest_name
 from ..export import replace_problem
-from ..models import list_jetmoe_models
+from ..models import check_model_name
 
 __all__ = ['check_device', 'check_model_kwargs', 'check_model_name', 'check_output_folder', 'parse_model_kwargs']
 
@@ -68,16 +68,6 @@ def check_device(name: str) -> torch.device:
         if (dev.index or 0) >= count:
             raise ValueError(f'--device {name}: torch sees {count} GPU(s), numbered from 0.')
     return dev
-
-
-def check_model_name(model: str) -> str:
-    """The architecture of ``model`` ('arch' or 'arch.tag'); an unknown one is named, with a "did you mean" and the
-    JetMoE models to pick from."""
-    arch = model.partition('.')[0]
-    if not timm.is_model(arch):
-        models = list_jetmoe_models()
-        raise ValueError(f"Unknown model '{arch}'{did_you_mean(arch, models)}: pick one of {models}.")
-    return arch
 
 
 def parse_model_kwargs(items) -> Dict[str, Any]:

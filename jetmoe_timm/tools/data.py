@@ -118,7 +118,7 @@ def export_dataset(
                          f'and without a train limit every one is exported: add a limit (--limit train=N).')
     out = Path(os.path.abspath(out))  # '.' and '..' have no usable parent
     _check_force(out, force)
-    check_replaceable(out, force, _is_dataset_folder, 'an exported dataset', 'OUT')
+    check_replaceable(out, force, _is_dataset_folder, 'an exported dataset', 'OUT', 'force=True (--force)')
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = writing_folder(out, suffix='.tmp')

@@ -40,6 +40,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
 from ..export import save_safetensors_atomic, write_atomic
+from ..profile import count_params
 from ..recycle import CALIB_SIZES, METHODS, recycle
 from ..recycle.build import cache_dir
 from ..recycle.retention import linear_cka, pooled_features
@@ -176,8 +177,7 @@ def _epochs_to(accs: List[float], target: float) -> Optional[int]:
 def linear_probe(model: nn.Module, x, y, xt, yt) -> float:
     """Accuracy of a ridge-regression probe on the pooled features: what the features know, head aside."""
     model.eval()
-    f = torch.cat([model.forward_head(model.forward_features(x[i:i + 250]), pre_logits=True) for i in range(0, len(x), 250)])
-    ft = torch.cat([model.forward_head(model.forward_features(xt[i:i + 250]), pre_logits=True) for i in range(0, len(xt), 250)])
+    f, ft = pooled_features(model, [x], chunk=250), pooled_features(model, [xt], chunk=250)
     mu, sd = f.mean(0), f.std(0) + 1e-6
     f, ft = (f - mu) / sd, (ft - mu) / sd
     f1 = torch.cat([f, torch.ones(len(f), 1)], 1).double()
@@ -274,7 +274,7 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
             results[run].append(dict(seed=s, acc=accs, cka_before=cka0, probe_before=probe0,
                                      probe_after=linear_probe(model, x, y, xt, yt),
                                      seconds=time.perf_counter() - t0,
-                                     params_m=sum(p.numel() for p in model.parameters()) / 1e6))
+                                     params_m=count_params(model) / 1e6))
             print(f'{run:34s} seed {s}  final {accs[-1]:5.1f}%  at init: CKA {cka0:.3f}, probe {probe0:5.1f}%  '
                   f'({results[run][-1]["seconds"]:.0f} s)')
 

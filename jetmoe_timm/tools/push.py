@@ -7,7 +7,8 @@ from ..hub import check_push, default_repo_problem, push_to_hub
 from ..export import is_model_folder
 from ..models._pretrained import architecture_signature
 from ..recycle import convert
-from ..recycle.build import DEFAULT_OPTIONS, predecessor_spec, recycle_source
+from ..recycle.build import predecessor_spec, recycle_source
+from ..recycle.engine import RECYCLE_DEFAULTS
 from .convert import CONVERT_DEFAULTS, add_convert_arguments
 from .checks import check_model_kwargs, check_output_folder, parse_model_kwargs
 
@@ -51,7 +52,7 @@ def _convert_for_push(args) -> Path:
     if args.repo_id is None:  # the tag's default repo takes its own recipe only: fail now, not after converting
         full, source = recycle_source(args.model)
         requested = dict(predecessor=predecessor_spec(source, args.predecessor),
-                         **{k: getattr(args, k) or DEFAULT_OPTIONS[k] for k in ('method', 'recipe')})
+                         **{k: getattr(args, k) or RECYCLE_DEFAULTS[k] for k in ('method', 'recipe')})
         problem = default_repo_problem(full, requested)
         if problem:
             raise ValueError(f'--repo-id not given: {problem}.')
