@@ -478,19 +478,25 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, peak=status('VmHWM'), ba
 '''
 
 
-def _convert_variants() -> Dict[str, Tuple[str, int]]:
-    """variant -> (the dense architecture its default tag is recycled from, that checkpoint's class count: the
-    in21k / in22k heads), in the order of ``PAIRS``."""
+def _convert_sources(names) -> Dict[str, Tuple[str, int]]:
+    """variant or tag -> (the dense architecture its weights are recycled from, that checkpoint's class count: the
+    in21k / in22k / in1k heads)."""
     from timm.models import get_pretrained_cfg
     from ..recycle.build import recycle_source
-    variants = {}
-    for pair in PAIRS:
-        predecessor = recycle_source(pair.model)[1]['predecessor']
-        variants[pair.model] = (predecessor.partition('.')[0], get_pretrained_cfg(predecessor).num_classes)
-    return variants
+    sources = {}
+    for name in names:
+        predecessor = recycle_source(name)[1]['predecessor']
+        sources[name] = (predecessor.partition('.')[0], get_pretrained_cfg(predecessor).num_classes)
+    return sources
 
 
-CONVERT_VARIANTS = _convert_variants()
+def _recycled_tags():
+    from ..recycle.build import RECYCLE_SOURCES
+    return sorted(RECYCLE_SOURCES)
+
+
+CONVERT_VARIANTS = _convert_sources(pair.model for pair in PAIRS)  # each variant's default tag, as PAIRS orders them
+CONVERT_SOURCES = dict(CONVERT_VARIANTS, **_convert_sources(_recycled_tags()))  # and every recycled tag by name
 
 
 def _bench_convert(model: str, method: str = 'importance', num_calib: int = 256) -> Dict:
@@ -498,7 +504,7 @@ def _bench_convert(model: str, method: str = 'importance', num_calib: int = 256)
     in22k head, in a fresh process: seconds, peak RSS, and the bytes of the successor and the predecessor."""
     import timm
     from safetensors.torch import save_file
-    arch, classes = CONVERT_VARIANTS[model]
+    arch, classes = CONVERT_SOURCES[model]
     with tempfile.TemporaryDirectory() as tmp:
         pred = timm.create_model(arch, num_classes=classes)
         pred_file = os.path.join(tmp, f'{arch}.safetensors')
@@ -650,7 +656,7 @@ def run_benchmark(
         result['memory'] += mem_rows
         section_done(pair.name, t0)
     for model in convert:
-        log(f'convert: full-size {model} from {CONVERT_VARIANTS[model][0]} (minutes)...')
+        log(f'convert: full-size {model} from {CONVERT_SOURCES[model][0]} (minutes)...')
         t0 = time.perf_counter()
         result['convert'].append(_bench_convert(model))
         section_done(f'convert {model}', t0)
@@ -825,9 +831,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--no-reference', action='store_true', help='skip the (slow) looped reference layer')
     p.add_argument('--no-memory', action='store_true', help='skip the training-step memory measurement')
     p.add_argument('--no-layer', action='store_true', help='skip the SpheroMoE layer section')
-    p.add_argument('--convert', nargs='*', choices=sorted(CONVERT_VARIANTS), metavar='NAME',
+    p.add_argument('--convert', nargs='*', choices=sorted(CONVERT_SOURCES), metavar='NAME',
                    help='also convert full-size models from predecessor files and report time and peak RSS: the '
-                        f'NAMEs given, or all four ({", ".join(CONVERT_VARIANTS)}; about 15 minutes on 2 cores)')
+                        f'NAMEs given (a variant, its default tag, or a recycled tag such as '
+                        f'v_jetmoe_tiny.recycled_deit3_in22k), or all four variants ({", ".join(CONVERT_VARIANTS)}; '
+                        f'about 15 minutes on 2 cores)')
     p.set_defaults(func=_run)
     return p
 
