@@ -148,8 +148,8 @@ def _default_hub_id(name: str) -> Optional[str]:
 def default_repo_problem(name: str, provenance: Dict[str, Any]) -> Optional[str]:
     """Why weights of this ``provenance`` (predecessor, method, recipe) do not belong in the default repo of the
     recycled tag ``name``, which ``create_model(name, pretrained=True)`` downloads and whose cfg promises weights
-    recycled from the tag's predecessor by importance sampling (paper recipe); None if they do, or if the tag is
-    not built by recycling."""
+    recycled from the tag's predecessor with the default method and recipe; None if they do, or if the tag is not
+    built by recycling."""
     source = RECYCLE_SOURCES.get(name)
     if source is None:
         return None
@@ -157,9 +157,9 @@ def default_repo_problem(name: str, provenance: Dict[str, Any]) -> Optional[str]
     got = {k: provenance.get(k) for k in want}
     if got == want:
         return None
-    return (f"the default repo of '{name}' holds weights recycled from {want['predecessor']} by importance sampling "
-            f"(paper recipe), not {', '.join(f'{k}={v}' for k, v in got.items() if v != want[k])}: push them to your "
-            f"own --repo-id ORG/NAME")
+    return (f"the default repo of '{name}' holds weights recycled from {want['predecessor']} by {want['method']} "
+            f"sampling ({want['recipe']} recipe), not {', '.join(f'{k}={v}' for k, v in got.items() if v != want[k])}: "
+            f"push them to your own --repo-id ORG/NAME")
 
 
 def _fits_default_model(name: str, folder: Path) -> bool:

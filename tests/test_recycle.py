@@ -1066,3 +1066,14 @@ def test_a_cache_folder_that_cannot_be_written_is_said_in_one_line(tmp_path, mon
                                               r'\(Permission denied\): set JETMOE_TIMM_CACHE to a folder you can '
                                               r'write to\.'):
         build.cached_recycled_file('v_jetmoe_tiny', {}, calib='weights')
+
+
+def test_the_registered_tags_describe_what_a_build_with_the_defaults_makes():
+    """A recycled tag's registered note names the recycler's default method and recipe (models cannot import the
+    recycler, so the note states them itself): a change of either default must change the note too."""
+    from jetmoe_timm.recycle.build import RECYCLE_SOURCES
+    from jetmoe_timm.recycle.engine import RECYCLE_DEFAULTS
+    for tag, source in RECYCLE_SOURCES.items():
+        (note,) = timm.models.get_pretrained_cfg(tag).notes
+        assert source['predecessor'] in note, tag
+        assert f"by {RECYCLE_DEFAULTS['method']} sampling ({RECYCLE_DEFAULTS['recipe']} recipe)" in note, tag

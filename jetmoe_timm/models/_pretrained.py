@@ -61,10 +61,16 @@ def recycled_cfgs(cfg: Callable[..., Dict[str, Any]], recycled_from: Dict[str, D
         data = {k: v for k, v in timm.models.get_pretrained_cfg(pred).to_dict().items()
                 if k in ('input_size', *INPUT_CONTRACT_KEYS)}
         remark = f" ({source['remark']})" if source.get('remark') else ''
-        cfgs[tag] = cfg(hf_hub_id=f'{HF_ORG}/{tag}', num_classes=0, **data, notes=(
-            f'Recycled init, not fine-tuned: built from {pred}{remark} by importance sampling (paper recipe). '
-            f'No classifier; fine-tune before use.',))
+        cfgs[tag] = cfg(hf_hub_id=f'{HF_ORG}/{tag}', num_classes=0, **data,
+                        notes=(recycled_note(f'{pred}{remark}', 'importance', 'paper'),))
     return cfgs
+
+
+def recycled_note(predecessor: str, method: str, recipe: str) -> str:
+    """A pretrained cfg's note on recycled weights: what they were built from, how, and that they need a fine-tune
+    (the registered tags' and every build's, which describes its own predecessor and options)."""
+    return (f'Recycled init, not fine-tuned: built from {predecessor} by {method} sampling ({recipe} recipe). '
+            f'No classifier; fine-tune before use.')
 
 # arguments of timm's model factory (create_model / build_model_with_cfg and its feature options), not of the
 # model class; device / dtype are the model's but the comparison builds on the meta device anyway

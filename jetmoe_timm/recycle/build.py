@@ -35,7 +35,8 @@ from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, loca
     remove_dead_writers, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models import check_model_name, is_jetmoe_model
-from ..models._pretrained import INPUT_CONTRACT_KEYS, WeightsUnavailableError, register_weight_builder
+from ..models._pretrained import INPUT_CONTRACT_KEYS, WeightsUnavailableError, recycled_note, \
+    register_weight_builder
 from ..profile import count_params
 from ..version import __version__
 from .engine import (RECYCLE_DEFAULTS, RecycleResult, adapt_input_channels, check_options, check_recipe_family,
@@ -313,8 +314,7 @@ def build_recycled(
     succ = result.model
     contract = input_contract(pred)
     # the cfg describes these weights, not the registered default's: their predecessor, their recipe
-    notes = (f"Recycled init, not fine-tuned: built from {public_source(pred_spec)} by {opts['method']} sampling "
-             f"({opts['recipe']} recipe). No classifier of the predecessor's; fine-tune before use.",)
+    notes = (recycled_note(public_source(pred_spec), opts['method'], opts['recipe']),)
     succ.pretrained_cfg = dict(succ.pretrained_cfg, notes=notes, **contract)
     # published with the weights (push): a local predecessor by its name only, never its path (the cache key,
     # not this record, tells one local file from another)
