@@ -98,41 +98,31 @@ def _state_dict_digest(tensors: Dict[str, torch.Tensor]) -> str:
 
 
 def write_atomic(path: os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``path``, then an atomic rename to ``path``: readers see the old
-    file or the complete new one, never a partial one, and a failure leaves nothing behind."""
+    """``write(tmp)`` to a file of ``path``'s name in a writer's folder beside it (``writing_folder``), then an
+    atomic rename to ``path``: readers see the old file or the complete new one, never a partial one, and a failure
+    leaves nothing behind. What a killed writer left there (safetensors writes a temporary file of its own next to
+    the one it is given: up to a model's size) is removed by the next write of ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
+    folder = writing_folder(path)
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        tmp = folder / path.name
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as a file made by open(); the folder's mode does not carry over
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 
 def save_safetensors_atomic(state_dict: Dict[str, torch.Tensor], path: os.PathLike,
                             provenance: Optional[Dict[str, Any]] = None) -> Path:
-    """Write ``state_dict`` to ``path`` with provenance and a content checksum, atomically: in a writer's folder
-    beside it (``writing_folder``), then renamed into place. safetensors writes a temporary file of its own next
-    to the one it is given; in that folder, what a killed writer left (up to the model's size) is removed by the
-    next write of ``path``."""
+    """Write ``state_dict`` to ``path`` with provenance and a content checksum, atomically (``write_atomic``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = _contiguous_state_dict(state_dict)
     metadata = {PROVENANCE_KEY: json.dumps(provenance or {}, sort_keys=True),
                 CHECKSUM_KEY: _state_dict_digest(tensors)}
-    folder = writing_folder(path)
-    try:
-        tmp = folder / path.name
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # as a file made by open(); the folder's 0700 does not carry over
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return path
+    return write_atomic(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_provenance(path: os.PathLike) -> Dict[str, Any]:
