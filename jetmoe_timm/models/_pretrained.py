@@ -143,10 +143,13 @@ def _architecture_kwargs(model_cls, cfg, model_args: Dict[str, Any], user: Dict[
     kept = {k: v for k, v in user.items() if signature({j: w for j, w in user.items() if j != k}) != asked}
     # two kwargs that make the same change (global_pool='token' and fc_norm=False both drop fc_norm) each look
     # idle with the other there: each of the others that still changes the architecture is added back
+    current = signature(kept)
     for k, v in user.items():
-        if k not in kept and signature(dict(kept, **{k: v})) != signature(kept):
-            kept[k] = v
-    return kept if signature(kept) == asked else user
+        if k not in kept:
+            added = signature(dict(kept, **{k: v}))
+            if added != current:
+                kept[k], current = v, added
+    return kept if current == asked else user
 
 
 def _damage(path: str) -> Optional[str]:

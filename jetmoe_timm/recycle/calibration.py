@@ -203,13 +203,14 @@ def _batched(images, data_cfg: Dict[str, Any], transform, batch_size: int,
     """Batches of transformed images: PIL images read as a folder's are (``in_mode``, ``image_tensor``), ready
     tensors only resized (antialiased bicubic) to ``size``."""
     chans = data_cfg['input_size'][0]
+    mode = image_mode(chans)
     batch = []
     for img in images:
         if isinstance(img, Image.Image):
-            if image_mode(chans) is None:
+            if mode is None:
                 raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
                                  f'synthetic images or ready {chans}-channel tensors.')
-            img = image_tensor(in_mode(img, image_mode(chans)), data_cfg, transform)
+            img = image_tensor(in_mode(img, mode), data_cfg, transform)
         elif not img.is_floating_point():  # torchvision's read_image / PILToTensor: 0..255, not normalised
             raise ValueError(f"calibration tensors are taken as normalised model inputs, got {img.dtype} ones (pixel "
                              f"values?): give PIL images (the model's own transform normalises them) or float "

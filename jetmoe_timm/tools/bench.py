@@ -45,9 +45,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models import get_pretrained_cfg
 
 from ..export import write_atomic
 from ..layers import SpheroMoE, set_autocast_weight_cache, set_keep_grad_memory, sphero_moe_reference
+from ..recycle.build import RECYCLE_SOURCES, recycle_source
 from .checks import check_device, check_output_folder
 
 __all__ = ['Pair', 'LayerShape', 'PAIRS', 'DEFAULT_PAIRS', 'V_JETMOE_TINY_LAYER', 'interleaved_times', 'run_benchmark',
@@ -481,8 +483,6 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, peak=status('VmHWM'), ba
 def _convert_sources(names) -> Dict[str, Tuple[str, int]]:
     """variant or tag -> (the dense architecture its weights are recycled from, that checkpoint's class count: the
     in21k / in22k / in1k heads)."""
-    from timm.models import get_pretrained_cfg
-    from ..recycle.build import recycle_source
     sources = {}
     for name in names:
         predecessor = recycle_source(name)[1]['predecessor']
@@ -490,13 +490,8 @@ def _convert_sources(names) -> Dict[str, Tuple[str, int]]:
     return sources
 
 
-def _recycled_tags():
-    from ..recycle.build import RECYCLE_SOURCES
-    return sorted(RECYCLE_SOURCES)
-
-
 CONVERT_VARIANTS = _convert_sources(pair.model for pair in PAIRS)  # each variant's default tag, as PAIRS orders them
-CONVERT_SOURCES = dict(CONVERT_VARIANTS, **_convert_sources(_recycled_tags()))  # and every recycled tag by name
+CONVERT_SOURCES = dict(CONVERT_VARIANTS, **_convert_sources(sorted(RECYCLE_SOURCES)))  # and every recycled tag by name
 
 
 def _bench_convert(model: str, method: str = 'importance', num_calib: int = 256) -> Dict:
