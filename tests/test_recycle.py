@@ -975,6 +975,30 @@ def test_recycle_cache_follows_a_local_predecessor_replaced_in_place(tmp_path, m
         assert not torch.equal(a, b) and torch.equal(b, c), spec
 
 
+def test_recycle_cache_follows_a_body_predecessor_replaced_in_place(tmp_path, monkeypatch, caplog):
+    """The official recipe's body predecessor, a local file, is tied to the cached build as the predecessor is:
+    other weights written to its path are recycled again (was: served from the cache, keyed by the path only)."""
+    import logging
+    from jetmoe_timm.recycle import cached_recycled_file
+    monkeypatch.setenv('JETMOE_TIMM_CACHE', str(tmp_path / 'cache'))
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model('vit_small_patch16_224', **PRED_KWARGS), tmp_path / 'pred')
+    monkeypatch.setenv('JETMOE_TIMM_PREDECESSOR', f'local-dir:{tmp_path / "pred"}')
+    kwargs = {k: v for k, v in SUCC_KWARGS.items() if k != 'num_classes'}
+    built = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        body = timm.create_model('vit_tiny_patch16_224', **dict(PRED_KWARGS, embed_dim=32, num_heads=2))
+        save_for_hf(body, tmp_path / 'body')  # a folder: a bare file's heads are assumed 64 wide
+        with caplog.at_level(logging.WARNING, logger='jetmoe_timm'):
+            path = cached_recycled_file('v_jetmoe_tiny.recycled_in21k', kwargs, recipe='official',
+                                        body_predecessor=f'local-dir:{tmp_path / "body"}', calib='weights')
+        built.append(safetensors.torch.load_file(path)['blocks.0.mlp.fc1.weight'])
+    assert torch.equal(built[1], body.blocks[0].mlp.fc1.weight.detach())  # the body, verbatim: the new one
+    assert not torch.equal(built[0], built[1])
+    assert 'the body predecessor has changed since' in caplog.text
+
+
 def test_first_load_recycles_a_grey_scale_predecessor_file(tmp_path, monkeypatch, caplog, tiny_vit_kwargs):
     """A 1-channel predecessor file behind a tag, where in_chans never reaches the build (timm adapts it on load):
     the predecessor's stem is adapted to the tag's 3 channels by timm's rule, so the file and its cfg are RGB as the

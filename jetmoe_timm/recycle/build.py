@@ -345,6 +345,14 @@ def _local_fingerprint(pred_spec: str) -> Optional[list]:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()] or None
 
 
+def _local_fingerprints(pred_spec: str, body_spec: Optional[str]) -> Dict[str, list]:
+    """The provenance fields that tie a cached build to its local predecessors' files (``_local_fingerprint``):
+    the predecessor's and the official recipe's body predecessor's, each where it is local and still there."""
+    found = dict(predecessor_fingerprint=_local_fingerprint(pred_spec),
+                 body_predecessor_fingerprint=_local_fingerprint(body_spec) if body_spec else None)
+    return {k: v for k, v in found.items() if v is not None}
+
+
 def _cache_key(full: str, model_kwargs: Dict[str, Any], pred_spec: str, options: Dict[str, Any]) -> str:
     if is_local_spec(pred_spec):  # one key per file or folder, whatever the working folder or spelling
         pred_spec = os.path.realpath(local_path(pred_spec))
@@ -363,12 +371,12 @@ def _check_options(opts: Dict[str, Any]) -> None:
     check_options(**{k: opts[k] for k in RECYCLE_DEFAULTS if k in opts})
 
 
-def _cache_problem(path: Path, key: str, fingerprint: Optional[list] = None) -> Optional[str]:
+def _cache_problem(path: Path, key: str, fingerprints: Optional[Dict[str, list]] = None) -> Optional[str]:
     """Why the cached file ``path`` must not be used for build ``key``: None if it can, '' if there is none.
 
-    ``fingerprint`` (``_local_fingerprint``) of a local predecessor that is still there: a build from other files at
-    the same path is stale. A predecessor deleted since the build leaves the cached weights usable. Timm names and
-    hf-hub: repos are keyed by name only: a repo updated on the Hub keeps its earlier build.
+    ``fingerprints`` (``_local_fingerprints``) of the local predecessors that are still there: a build from other
+    files at the same path is stale. A predecessor deleted since the build leaves the cached weights usable. Timm
+    names and hf-hub: repos are keyed by name only: a repo updated on the Hub keeps its earlier build.
     """
     if not path.is_file():
         return ''
@@ -380,8 +388,10 @@ def _cache_problem(path: Path, key: str, fingerprint: Optional[list] = None) -> 
     if prov.get('cache_key') != key:
         made = ', '.join(f'{k}={prov.get(k)}' for k in ('model', 'recipe', 'method', 'jetmoe_timm_version'))
         return f'{path} was built for another request ({made})'
-    if fingerprint is not None and prov.get('predecessor_fingerprint') != fingerprint:
-        return f'the predecessor has changed since {path} was built from it'
+    for field, fingerprint in (fingerprints or {}).items():
+        if prov.get(field) != fingerprint:
+            which = field.rpartition('_fingerprint')[0].replace('_', ' ')
+            return f'the {which} has changed since {path} was built from it'
     return None
 
 
@@ -433,9 +443,9 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
     _check_options(opts)  # bad requests fail here, before anything is created
     pred_spec = predecessor_spec(source)
     key = _cache_key(full, model_kwargs, pred_spec, opts)
-    fingerprint = _local_fingerprint(pred_spec)
+    fingerprints = _local_fingerprints(pred_spec, opts.get('body_predecessor'))
     path = cache_dir() / full / f'{key}.safetensors'
-    if _cache_problem(path, key, fingerprint) is None:
+    if _cache_problem(path, key, fingerprints) is None:
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +454,7 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
         raise PermissionError(f'Cannot build {full} into the cache at {path.parent} ({e.strerror}): set '
                               f'JETMOE_TIMM_CACHE to a folder you can write to.') from None
     try:
-        problem = _cache_problem(path, key, fingerprint)  # another process may have built it while we waited
+        problem = _cache_problem(path, key, fingerprints)  # another process may have built it while we waited
         if problem is None:
             return path
         if problem:  # reported once, by the process that replaces it
@@ -457,7 +467,7 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
         model, result = build_recycled(full, model_kwargs, predecessor=pred_spec, on_loaded=announce,
                                        adapt_in_chans=True, **opts)
         provenance = dict(result.provenance, cache_key=key, selection=selection_to_json(result.selection),
-                          **({'predecessor_fingerprint': fingerprint} if fingerprint is not None else {}))
+                          **fingerprints)
         save_safetensors_atomic(model.state_dict(), path, provenance)
         kept = provenance.get('retention')
         if kept:
