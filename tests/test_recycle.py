@@ -833,8 +833,9 @@ def test_prefix_token_and_head_refusals_name_the_fix(tmp_path):
     pred = timm.create_model('vit_small_patch16_224', **dict(PRED_KWARGS, embed_dim=64, num_heads=1, num_classes=0))
     succ = timm.create_model('v_jetmoe_tiny', img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2,
                              num_core_experts=2, num_univ_experts=2)
-    with pytest.raises(ValueError, match=r"the predecessor only 1: use num_heads <= 1 \(a bare checkpoint file does "
-                                         r"not record its heads: they are assumed 64 wide; pass a 'local-dir:'"):
+    with pytest.raises(ValueError, match=r"the predecessor only 1: use num_heads <= 1 \(if the predecessor is a bare "
+                                         r"checkpoint file, which does not record its heads, they were assumed 64 "
+                                         r"wide: pass a 'local-dir:'"):
         recycle(succ, pred, calib='weights', progress=False)
 
 

@@ -53,9 +53,10 @@ def check(pred, succ) -> None:
                          f'or a smaller embed_dim.')
     h, h_s = pred.blocks[0].attn.num_heads, succ.blocks[0].attn.num_heads
     if h_s > h:
-        raise ValueError(f'successor has {h_s} attention heads, the predecessor only {h}: use num_heads <= {h} (a '
-                         f'bare checkpoint file does not record its heads: they are assumed {_head_dim(pred)} wide; '
-                         f"pass a 'local-dir:' folder with its config.json if its heads are narrower).")
+        raise ValueError(f'successor has {h_s} attention heads, the predecessor only {h}: use num_heads <= {h} (if '
+                         f'the predecessor is a bare checkpoint file, which does not record its heads, they were '
+                         f"assumed {_head_dim(pred)} wide: pass a 'local-dir:' folder with its config.json if they "
+                         f'are narrower).')
     if _head_dim(succ) > _head_dim(pred):
         raise ValueError(f'successor head_dim {_head_dim(succ)} exceeds the predecessor head_dim {_head_dim(pred)}: '
                          f'use more heads (num_heads) or a smaller embed_dim.')
