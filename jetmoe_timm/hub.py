@@ -31,7 +31,7 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 from ._names import did_you_mean
-from .export import CARD_MARK, public_source, read_provenance, verify_safetensors, write_atomic
+from .export import CARD_MARK, PROVENANCE_KEY, public_source, read_provenance, verify_safetensors, write_atomic
 from .hub_access import hub_reachable
 from .models import JetMoEMixin, is_jetmoe_model, list_jetmoe_models
 from .models._pretrained import architecture_signature
@@ -288,7 +288,7 @@ def _provenance(prov: Dict[str, Any], has_selection: bool) -> str:
 
 def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: str, folder: Path) -> Dict[str, str]:
     arch, _, tag = name.partition('.')
-    cfg, prov = config['pretrained_cfg'], config.get('jetmoe') or {}
+    cfg, prov = config['pretrained_cfg'], config.get(PROVENANCE_KEY) or {}
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
     registered_pred = RECYCLE_SOURCES.get(name, {}).get('predecessor')
     predecessor = _link(prov.get('predecessor') or registered_pred)
@@ -466,7 +466,7 @@ def push_to_hub(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "
             f"({config.get('model_args')}): timm.create_model('{name.partition('.')[0]}', pretrained=True) would "
             f"fail to load them. Push them to your own --repo-id ORG/NAME.")
-    problem = default_repo_problem(name, config.get('jetmoe') or {}) if repo_id == default_id else None
+    problem = default_repo_problem(name, config.get(PROVENANCE_KEY) or {}) if repo_id == default_id else None
     if problem:
         raise ValueError(f'{repo_id}: {problem}.')
     endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
@@ -488,7 +488,7 @@ def _upload(folder, repo_id, name, config, private, revision, token, endpoint, c
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
     api = HfApi(endpoint=endpoint, token=token, library_name='jetmoe_timm')
-    prov = config.get('jetmoe') or {}
+    prov = config.get(PROVENANCE_KEY) or {}
     how = ', '.join(f'{k}={prov[k]}' for k in ('predecessor', 'method', 'recipe', 'source') if prov.get(k))
     message = commit_message or f'Upload {name}' + (f' ({how})' if how else '')
     try:

@@ -40,7 +40,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .export import is_torch_checkpoint, save_pretrained_folder
 from .layers import SpheroMoE
 
-__all__ = ['is_official_state_dict', 'official_to_timm', 'timm_to_official', 'convert_official_checkpoint']
+__all__ = ['is_official_state_dict', 'official_to_timm', 'timm_to_official', 'convert_official_checkpoint',
+           'convert_official_pre_hook']
 
 _logger = logging.getLogger(__name__)
 
@@ -165,13 +166,14 @@ def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: nn.Module, 
 
 def _temperature_to_raw(scale: torch.Tensor, layer: SpheroMoE, key: str) -> float:
     t = float(scale)
-    if not t > layer.temperature_min:
+    try:
+        return layer.temperature_to_raw(t)
+    except ValueError:
         raise ValueError(
             f'{key} = {t:g}: jetmoe_timm keeps temperatures above temperature_min={layer.temperature_min:g} '
             f'(t = temperature_min + softplus(temp_raw)), so this official temperature cannot be represented. '
             f'If it is positive, lower the floor of every SpheroMoE layer before loading (e.g. '
-            f'`layer.temperature_min = {t / 2:g}`).')
-    return layer._temp_to_raw(t)
+            f'`layer.temperature_min = {t / 2:g}`).') from None
 
 
 def official_to_timm(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -253,7 +255,7 @@ def timm_to_official(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     return out
 
 
-def _load_official_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args) -> None:
+def convert_official_pre_hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args) -> None:
     """``load_state_dict`` pre-hook: convert official keys under ``prefix`` in place, so that
     ``model.load_state_dict(official)`` and ``timm.models.load_checkpoint(model, official_file)`` just work."""
     own = {k[len(prefix):]: k for k in state_dict if k.startswith(prefix)}

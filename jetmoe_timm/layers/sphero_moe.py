@@ -190,13 +190,13 @@ class SpheroMoE(nn.Module):
             q = torch.randn_like(self.slot_query, dtype=torch.promote_types(self.slot_query.dtype, torch.float32))
             nn.init.orthogonal_(q)
             self.slot_query.copy_(q)
-            self.temp_raw.fill_(self._temp_to_raw(self.temperature_init))
+            self.temp_raw.fill_(self.temperature_to_raw(self.temperature_init))
         if isinstance(self.slot_norm, nn.LayerNorm):
             self.slot_norm.reset_parameters()
 
-    def _temp_to_raw(self, t: float) -> float:
-        """Inverse of the softplus parametrisation."""
-        if t <= self.temperature_min:
+    def temperature_to_raw(self, t: float) -> float:
+        """The ``temp_raw`` value of temperature ``t``: the inverse of ``temperature``'s softplus parametrisation."""
+        if not t > self.temperature_min:  # NaN too
             raise ValueError(f'temperature {t} must exceed temperature_min={self.temperature_min}.')
         v = t - self.temperature_min
         return v + math.log(-math.expm1(-v))  # log(expm1(v)), stable for large v

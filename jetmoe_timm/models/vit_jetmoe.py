@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import get_act_layer
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 
 from ..layers import SpheroMoE
-from ..official import OFFICIAL_DATA_CFG, _load_official_pre_hook, is_official_state_dict, official_to_timm
+from ..official import OFFICIAL_DATA_CFG, convert_official_pre_hook, is_official_state_dict, official_to_timm
 from ._moe import JetMoEMixin, MoEOptions
 from ._pretrained import HF_ORG, PAPER_CFG, build_jetmoe, recycled_cfgs
 
@@ -85,6 +85,8 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
                 kwargs.get('drop_path_rate', 0.), device=first.device, dtype=first.dtype)
         if kwargs.get('weight_init', '') != 'skip':  # timm's init ran on the dense MLPs replaced here
             self._init_experts(kwargs.get('weight_init', ''))
+        # official MoE Jetpack state dicts load as they are, e.g. with timm.models.load_checkpoint
+        self.register_load_state_dict_pre_hook(convert_official_pre_hook)
 
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
         """timm's ViT init, ``mode`` included for the experts: timm's per-module init passes by their stacked
@@ -97,17 +99,16 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
         """Initialise every expert as timm's init ``mode`` does a ViT MLP's ``nn.Linear`` ('jax': xavier-uniform
         weights, N(0, 1e-6) biases; 'moco': xavier-uniform, zero biases; other modes: ExpertLinear's own init,
         timm's default), fan in and out those of one expert; then ``fix_init``'s scaling."""
-        moe = [i for i, block in enumerate(self.blocks) if isinstance(block.mlp, SpheroMoE)]
         if mode.startswith(_EXPERT_INIT_MODES):
             with torch.no_grad():
-                for i in moe:
+                for i in self.moe_blocks:
                     for group in self.blocks[i].mlp.expert_groups().values():
                         for fc in (group.fc1, group.fc2):
                             bound = math.sqrt(6. / (fc.in_features + fc.out_features))
                             fc.weight.uniform_(-bound, bound)
                             fc.bias.normal_(std=1e-6) if mode.startswith('jax') else fc.bias.zero_()
         if self.fix_init:
-            self._fix_init_mlps(moe)
+            self._fix_init_mlps(self.moe_blocks)
 
     def fix_init_weight(self) -> None:
         """timm's init fix, each block's output projections divided by sqrt(2 * layer id): in a MoE block those of
@@ -153,12 +154,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
 
 def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optional[Dict] = None, **kwargs) -> VisionTransformerJetMoE:
     # model_args: the entrypoint's architecture; kwargs: what the user asked for on top of it
-    cfg = kwargs.get('pretrained_cfg')
-    tag = cfg if isinstance(cfg, str) else cfg.get('tag') if isinstance(cfg, dict) else getattr(cfg, 'tag', None)
+    tag = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg')).tag
     if tag == 'official_in1k':  # the official weights are only the official model with its entmax15 combine
         model_args = dict(model_args or {}, routing='official')
     out_indices = kwargs.pop('out_indices', 3)
-    model = build_jetmoe(
+    return build_jetmoe(
         VisionTransformerJetMoE,
         variant,
         pretrained,
@@ -167,10 +167,6 @@ def _create_vit_jetmoe(variant: str, pretrained: bool = False, model_args: Optio
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
-    if isinstance(model, VisionTransformerJetMoE):  # not the features_only wrapper, whose keys differ
-        # official MoE Jetpack state dicts then load as they are, e.g. with timm.models.load_checkpoint
-        model.register_load_state_dict_pre_hook(_load_official_pre_hook)
-    return model
 
 
 def _cfg(**kwargs):

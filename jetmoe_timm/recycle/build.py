@@ -68,6 +68,12 @@ def predecessor_spec(source: Dict[str, Any], given: Optional[str] = None) -> str
     return given or os.environ.get('JETMOE_TIMM_PREDECESSOR') or source['predecessor']
 
 
+def body_predecessor_spec(source: Dict[str, Any], recipe: str, given: Optional[str] = None) -> Optional[str]:
+    """The body predecessor a build of ``source`` with ``recipe`` uses (the official recipe's only): the one
+    ``given``, else the tag's own, else None."""
+    return (given or source.get('body_predecessor')) if recipe == 'official' else None
+
+
 def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
     """('arch.tag', its recycling source) for 'arch' (default tag) or 'arch.tag'."""
     arch, _, tag = model_name.partition('.')
@@ -301,8 +307,8 @@ def build_recycled(
             _logger.warning(f'Predecessor {public_source(pred_spec)} takes {chans} input channels: its stem is adapted '
                             f"to the successor's {wanted} by timm's rule; {back}.")
     body = None
+    body_spec = body_predecessor_spec(source, opts['recipe'], body_predecessor)
     if opts['recipe'] == 'official':
-        body_spec = body_predecessor or source.get('body_predecessor')
         if not body_spec:
             raise ValueError(f"recipe 'official' needs a body predecessor for {full}: pass --body-predecessor.")
         body = load_predecessor(body_spec, arch_hint=source.get('body_predecessor'))
@@ -321,8 +327,7 @@ def build_recycled(
     result.provenance.update(
         input_contract=contract,
         model=full, predecessor=public_source(pred_spec),
-        body_predecessor=public_source(body_predecessor or source.get('body_predecessor'))
-        if opts['recipe'] == 'official' else None, model_kwargs=model_kwargs)
+        body_predecessor=public_source(body_spec), model_kwargs=model_kwargs)
     return succ, result
 
 
@@ -443,7 +448,8 @@ def cached_recycled_file(model_name: str, model_kwargs: Optional[Dict[str, Any]]
     _check_options(opts)  # bad requests fail here, before anything is created
     pred_spec = predecessor_spec(source)
     key = _cache_key(full, model_kwargs, pred_spec, opts)
-    fingerprints = _local_fingerprints(pred_spec, opts.get('body_predecessor'))
+    fingerprints = _local_fingerprints(pred_spec, body_predecessor_spec(source, opts['recipe'],
+                                                                        opts.get('body_predecessor')))
     path = cache_dir() / full / f'{key}.safetensors'
     if _cache_problem(path, key, fingerprints) is None:
         return path

@@ -36,7 +36,7 @@ from ..models import JetMoEMixin, list_jetmoe_models
 from ..models._pretrained import recorded_input_contract
 from ..export import verify_safetensors
 from .checks import check_model_kwargs, check_output_folder
-from .cli import USER_ERRORS, closest_option, error_line
+from .cli import INTERRUPTED, USER_ERRORS, closest_option, error_line
 
 __all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
 
@@ -660,10 +660,6 @@ def _describing_mismatch(load_checkpoint):
 def _one_model(model: Optional[str]) -> bool:
     """Whether validate.py's --model names one model (not 'all', a wildcard or a file of names)."""
     return bool(model) and model != 'all' and not any(c in model for c in '*?[') and not os.path.isfile(model)
-
-
-# the exit status of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it
-INTERRUPTED = 128 + signal.SIGINT
 
 
 @contextlib.contextmanager

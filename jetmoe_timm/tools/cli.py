@@ -15,6 +15,8 @@ from typing import List, Optional
 from .._names import closest_name
 from ..version import __version__
 
+INTERRUPTED = 128 + signal.SIGINT  # the exit code of a command stopped by Ctrl-C, as a shell reports it
+
 _COMMAND_MODULES = (
     'jetmoe_timm.tools.convert',  # convert
     'jetmoe_timm.tools.visualize',  # inspect
@@ -146,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was being written is removed on the way here; no traceback
         print(f'jetmoe-timm {args.command}: interrupted', file=sys.stderr)
-        return 130
+        return INTERRUPTED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
