@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._modes import eval_mode
+
 __all__ = ['count_params', 'count_macs']
 
 
@@ -33,13 +35,8 @@ def _unfused_attention(model: nn.Module):
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224)) -> int:
     """Multiply-accumulates of one image's inference forward pass."""
-    was_training = model.training
-    model.eval()
     p = next(model.parameters())
     x = torch.zeros(1, *input_size, device=p.device, dtype=p.dtype)
-    try:
-        with _unfused_attention(model), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), _unfused_attention(model), FlopCounterMode(display=False) as counter:
+        model(x)
     return counter.get_total_flops() // 2

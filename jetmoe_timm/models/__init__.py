@@ -5,6 +5,9 @@ from .vit_jetmoe import VisionTransformerJetMoE
 from .convnext_jetmoe import ConvNeXtJetMoE
 from ._moe import JetMoEMixin
 
+__all__ = ['ConvNeXtJetMoE', 'JetMoEMixin', 'VisionTransformerJetMoE', 'check_model_name', 'is_jetmoe_model',
+           'list_jetmoe_models']
+
 
 def list_jetmoe_models() -> List[str]:
     """The JetMoE architectures this package registers with timm, every family's (the entrypoints of the modules

@@ -10,6 +10,8 @@ from typing import Dict, Iterable
 import torch
 import torch.nn as nn
 
+from .._modes import eval_mode
+
 __all__ = ['linear_cka', 'pooled_features', 'retention']
 
 
@@ -39,15 +41,11 @@ class _Pooled(nn.Module):
 def pooled_features(model: nn.Module, images: Iterable[torch.Tensor], chunk: int = 8) -> torch.Tensor:
     """Pooled features (n, num_features) of ``model`` in eval mode on ``images`` (batches, run ``chunk`` images
     at a time)."""
-    was_training = model.training
-    model.eval()
     wrapper = _Pooled(model)
     first = next(model.parameters())  # images go to the model's device and dtype (a bf16 model)
-    try:
+    with eval_mode(model):
         # a few images at a time: the figure needs no speed, and a large successor's activations stay small
         feats = [wrapper(c.to(first.device, first.dtype)).float().cpu() for x in images for c in x.split(chunk)]
-    finally:
-        model.train(was_training)
     return torch.cat(feats)
 
 

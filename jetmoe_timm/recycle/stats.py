@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .._modes import eval_mode
+
 __all__ = ['STATISTICS', 'Probe', 'ActivationStats', 'WeightStatistics', 'mlp_weight_importance',
            'collect_statistics']
 
@@ -125,20 +127,18 @@ def collect_statistics(
             handles.append(modules[p.module].register_forward_pre_hook(lambda m, args, a=a: a.update(args[0])))
         else:
             handles.append(modules[p.module].register_forward_hook(lambda m, args, out, a=a: a.update(out)))
-    was_training = model.training
-    model.eval()
     first = next(model.parameters())  # images go to the model's device and dtype (a bf16 predecessor)
     num_images = 0
     try:
-        for x in batches:
-            model(x.to(first.device, first.dtype))
-            num_images += x.shape[0]
-            if bar is not None:
-                bar.update()
+        with eval_mode(model):
+            for x in batches:
+                model(x.to(first.device, first.dtype))
+                num_images += x.shape[0]
+                if bar is not None:
+                    bar.update()
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if num_images == 0:
         raise ValueError('the calibration data yielded no images')
     return ActivationStats(acc, num_images, source)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._modes import eval_mode
 from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, write_atomic
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
@@ -315,16 +316,16 @@ def inspect_routing(
     hooks = [
         layer.register_forward_pre_hook(lambda m, args, name=name: shapes.__setitem__(name, args[0].shape))
         for name, layer in layers.items()]
-    was_training = model.training
     was_capturing = {name: layer.capture_routing for name, layer in layers.items()}
-    model.eval()  # no dropout, drop path or (unless noise_at_eval) logit noise: the routing used at test time
     try:
         for layer in layers.values():
             layer.capture_routing = True
             layer.last_routing = None  # a layer this forward does not reach must not report an older pass
-        start = time.perf_counter()
-        model(x)
-        seconds = time.perf_counter() - start
+        # eval: no dropout, drop path or (unless noise_at_eval) logit noise: the routing used at test time
+        with eval_mode(model):
+            start = time.perf_counter()
+            model(x)
+            seconds = time.perf_counter() - start
         info = routing_info(model)
     finally:
         for h in hooks:
@@ -333,7 +334,6 @@ def inspect_routing(
             layer.capture_routing = was_capturing[name]
             if not was_capturing[name]:
                 layer.last_routing = None
-        model.train(was_training)
 
     image_hw = tuple(x.shape[-2:])
     num_prefix = int(getattr(model, 'num_prefix_tokens', 0))
