@@ -31,7 +31,7 @@ from timm.models._hub import save_config_for_hf
 
 __all__ = ['public_source', 'save_pretrained_folder', 'save_safetensors_atomic', 'write_atomic', 'read_provenance',
            'verify_safetensors', 'check_replaceable', 'is_local_spec', 'local_path', 'is_model_folder',
-           'replace_problem', 'replace_folder', 'remove_dead_writers', 'writing_folder']
+           'read_model_config', 'replace_problem', 'replace_folder', 'remove_dead_writers', 'writing_folder']
 
 PROVENANCE_KEY = 'jetmoe'
 # the first line of a model card that ``jetmoe-timm push`` wrote (and may rewrite); a card without it is the user's
@@ -232,6 +232,23 @@ def _describe(provenance: Dict[str, Any]) -> str:
     return 'Recycled with jetmoe_timm (' + ', '.join(parts) + ')'
 
 
+def read_model_config(folder: os.PathLike, fix: str) -> Dict[str, Any]:
+    """The config.json of a timm model folder (timm's ``save_for_hf``, ``save_pretrained_folder``): a JSON object
+    naming its ``architecture``. Anything else is refused in one line: what is wrong with which file, then ``fix``."""
+    path = Path(folder) / 'config.json'
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f'{folder} is not a folder: {fix}')
+    if not path.is_file():
+        raise FileNotFoundError(f'{folder} has no config.json: {fix}')
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f'{path} is not valid JSON ({e}): {fix}') from None
+    if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
+        raise ValueError(f"{path} names no 'architecture' (not a timm model folder?): {fix}")
+    return config
+
+
 def is_model_folder(path: Path) -> bool:
     """Whether ``path`` holds what ``save_pretrained_folder`` and ``push`` write there and nothing else:
     model.safetensors, a timm config.json and, optionally, the model card that push generated."""
@@ -241,11 +258,9 @@ def is_model_folder(path: Path) -> bool:
     try:
         if 'README.md' in names and CARD_MARK not in (path / 'README.md').read_text(errors='replace'):
             return False
-        config = json.loads((path / 'config.json').read_text())
+        return isinstance(read_model_config(path, '').get('pretrained_cfg'), dict)
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and isinstance(config.get('architecture'), str) \
-        and isinstance(config.get('pretrained_cfg'), dict)
 
 
 def replace_problem(dst: os.PathLike, owned: Callable[[Path], bool], what: str) -> Optional[str]:

@@ -16,7 +16,6 @@ Pushing checks the folder before anything leaves the machine: its weights must l
 ``pretrained=True`` user would get a shape error). Re-pushing identical files makes no commit: the Hub reports
 each file's current oid before upload and huggingface_hub drops unchanged files.
 """
-import json
 import logging
 import os
 import re
@@ -31,7 +30,8 @@ import torch.nn as nn
 from timm.models import get_pretrained_cfg
 
 from ._names import did_you_mean
-from .export import CARD_MARK, PROVENANCE_KEY, public_source, read_provenance, verify_safetensors, write_atomic
+from .export import CARD_MARK, PROVENANCE_KEY, public_source, read_model_config, read_provenance, \
+    verify_safetensors, write_atomic
 from .hub_access import hub_reachable
 from .models import JetMoEMixin, is_jetmoe_model, list_jetmoe_models
 from .models._pretrained import architecture_signature
@@ -77,13 +77,10 @@ def _read_config(folder: Path) -> Dict[str, Any]:
         raise FileNotFoundError(
             f'{folder} lacks {", ".join(missing)}: push needs a folder written by `jetmoe-timm convert` or '
             f'jetmoe_timm.export.save_pretrained_folder.')
-    try:
-        config = json.loads((folder / 'config.json').read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{folder / "config.json"} is not valid JSON ({e}).') from e
-    if not isinstance(config.get('architecture'), str) or not isinstance(config.get('pretrained_cfg'), dict):
-        raise ValueError(f'{folder / "config.json"} is not a timm config: it needs "architecture" and '
-                         f'"pretrained_cfg" (write it with jetmoe_timm.export.save_pretrained_folder).')
+    fix = 'write the folder again with `jetmoe-timm convert` or jetmoe_timm.export.save_pretrained_folder.'
+    config = read_model_config(folder, fix)
+    if not isinstance(config.get('pretrained_cfg'), dict):
+        raise ValueError(f'{folder / "config.json"} has no "pretrained_cfg": {fix}')
     return config
 
 

@@ -603,7 +603,7 @@ def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretr
     folder = save_pretrained_folder(timm.create_model('v_jetmoe_tiny', num_classes=0, **TINY_VIT), tmp_path / 'conv')
     for main, verb in ((train, 'trains its features as logits'), (validate, 'features are scored as logits')):
         assert verb in said(main, [data, '--model', f'local-dir:{folder}', '--pretrained', *cpu])
-    assert "holds no readable config.json: pass the folder jetmoe-timm convert wrote" in said(
+    assert f"{tmp_path / 'conv1'} is not a folder: pass the folder jetmoe-timm convert wrote" in said(
         train, [data, '--model', f'local-dir:{tmp_path / "conv1"}', '--pretrained', '--num-classes', '10', *cpu])
     # validate.py on a fine-tune's checkpoint, the model asked for not the one its run trained
     run = tmp_path / 'run'

@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 
 from .._names import did_you_mean
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
-    remove_dead_writers, save_safetensors_atomic, verify_safetensors
+    read_model_config, remove_dead_writers, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
 from ..models import check_model_name, is_jetmoe_model
 from ..models._pretrained import INPUT_CONTRACT_KEYS, WeightsUnavailableError, recycled_note, \
@@ -139,9 +139,6 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"predecessor folder '{folder}' does not exist: pass an existing folder with "
                                     f"model.safetensors and config.json (e.g. written by timm save_for_hf).")
-        if not os.path.isfile(os.path.join(folder, 'config.json')):
-            raise FileNotFoundError(f"predecessor folder '{given}' has no config.json: pass a folder written by timm "
-                                    f"save_for_hf (config.json and model.safetensors), or the checkpoint file itself.")
         _check_folder_files(folder, given)
     elif not is_local_spec(spec) and not spec.startswith('hf-hub:') and not os.path.isfile(spec):
         _check_timm_name(spec)
@@ -169,12 +166,8 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
 def _check_folder_files(folder: str, given: str) -> None:
     """A 'local-dir:' predecessor's config.json and safetensors weights, read as far as needed to know they are
     whole: damaged, timm's loader ends in a parser's message that names neither the file nor the fix."""
-    try:
-        with open(os.path.join(folder, 'config.json')) as f:
-            json.load(f)
-    except ValueError as e:
-        raise ValueError(f"predecessor folder '{given}': config.json is not valid JSON ({e}): write it again with "
-                         f"timm save_for_hf, or pass the checkpoint file itself.") from None
+    read_model_config(folder, 'pass a folder written by timm save_for_hf (config.json and model.safetensors), or '
+                              'the checkpoint file itself.')
     weights = os.path.join(folder, 'model.safetensors')  # timm's local-dir loader takes it before any .pth / .bin
     if os.path.isfile(weights):
         try:

@@ -13,7 +13,6 @@ import functools
 import importlib
 import importlib.metadata
 import io
-import json
 import os
 import platform
 import re
@@ -34,7 +33,7 @@ from safetensors import SafetensorError
 from .._names import did_you_mean
 from ..models import JetMoEMixin, list_jetmoe_models
 from ..models._pretrained import recorded_input_contract
-from ..export import verify_safetensors
+from ..export import read_model_config, verify_safetensors
 from .checks import check_model_kwargs, check_output_folder
 from .cli import INTERRUPTED, USER_ERRORS, closest_option, error_line
 
@@ -257,15 +256,12 @@ def _local_dir_config(model: Optional[str]) -> Tuple[Optional[dict], Optional[st
     """(config.json, None) of a ``local-dir:`` model, or (None, why it cannot be read); (None, None) for others."""
     if not model or not model.startswith('local-dir:'):
         return None, None
-    folder = model.partition(':')[2]
     try:
-        config = json.loads((Path(folder) / 'config.json').read_text())
-    except (OSError, ValueError):
-        return None, (f"--model {model}: '{folder}' holds no readable config.json: pass the folder jetmoe-timm convert "
-                      f"wrote (config.json and model.safetensors).")
-    if not isinstance(config, dict):
-        return None, f'--model {model}: its config.json is no JSON object.'
-    return config, None
+        return read_model_config(model.partition(':')[2], 'pass the folder jetmoe-timm convert wrote (config.json and '
+                                                          'model.safetensors).'), None
+    except (OSError, ValueError) as e:
+        return None, f'--model {model}: {e}'
+
 
 
 def _default_classes(cfg, config: Optional[dict]) -> Optional[int]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .._modes import eval_mode
-from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, write_atomic
+from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, read_model_config, write_atomic
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
 from ..recycle.calibration import fit_channels, image_mode, image_tensor, in_mode, model_data_config
@@ -560,21 +560,8 @@ def _check_checkpoint(name: str, checkpoint: Optional[str], pretrained: bool) ->
         raise ValueError('--checkpoint and --pretrained both name the weights: pass only one.')
     path = Path(checkpoint)
     if path.is_dir():
-        config = path / 'config.json'
-        if not config.is_file():
-            raise FileNotFoundError(
-                f'{path} has no config.json: pass a folder written by save_pretrained_folder / timm save_for_hf, '
-                'or the weights file itself.')
-        try:
-            cfg = json.loads(config.read_text())
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f'{config} is not valid JSON ({e}): write the folder again with save_pretrained_folder, '
-                             f'or pass its weights file.') from None
-        arch = cfg.get('architecture') if isinstance(cfg, dict) else None
-        if not arch:
-            raise ValueError(f"{config} names no 'architecture' (not a timm model folder?): pass a folder written by "
-                             f'save_pretrained_folder / timm save_for_hf, or its weights file (MODEL and '
-                             f'--model-kwargs then describe the model).')
+        arch = read_model_config(path, 'pass a folder written by save_pretrained_folder / timm save_for_hf, or its '
+                                       'weights file (MODEL and --model-kwargs then describe the model).')['architecture']
         if ':' not in name and arch != timm.models.split_model_name_tag(name)[0]:
             if timm.is_model(arch) and not is_jetmoe_model(arch):
                 raise ValueError(
