@@ -32,7 +32,7 @@ from timm.models import get_pretrained_cfg
 from ._names import did_you_mean
 from .export import CARD_MARK, PROVENANCE_KEY, public_source, read_model_config, read_provenance, \
     verify_safetensors, write_atomic
-from .hub_access import hub_reachable
+from .hub_access import hub_offline_mode, hub_reachable
 from .models import JetMoEMixin, is_jetmoe_model, list_jetmoe_models
 from .models._pretrained import architecture_signature
 from .profile import count_macs, count_params
@@ -420,7 +420,7 @@ def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = N
         if not token:
             raise RuntimeError('No Hugging Face token: run `hf auth login` or set HF_TOKEN to a token with write '
                                f"access to '{repo_id.split('/')[0]}' (or use --dry-run to only write the folder).")
-        if constants.HF_HUB_OFFLINE:
+        if hub_offline_mode():
             raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
         endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
         if not endpoint.startswith(('http://', 'https://')):  # without it the probe would ask this machine

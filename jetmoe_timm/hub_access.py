@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import constants
 
-__all__ = ['hub_offline_mode', 'hub_reachable', 'hub_offline_unless_reachable']
+__all__ = ['hub_offline_mode', 'hub_reachable', 'hub_offline_unless_reachable', 'not_cached_reason']
 
 PROBE_TIMEOUT_S = 3.
 
@@ -51,6 +51,12 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S, endpoint: Optional[str] = No
     """Whether the Hub ``endpoint`` (default ``HF_ENDPOINT``) accepts a connection; False in offline mode. Cached
     per endpoint."""
     return not hub_offline_mode() and _reachable(endpoint or constants.ENDPOINT, timeout)
+
+
+def not_cached_reason() -> str:
+    """Why a file that is not in the local cache cannot be downloaded now, when ``hub_reachable()`` says it cannot."""
+    return ('HF_HUB_OFFLINE is set and it is not in the local cache' if hub_offline_mode() else
+            'the Hub cannot be reached and it is not in the local cache')
 
 
 @contextmanager

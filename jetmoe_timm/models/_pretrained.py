@@ -32,7 +32,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from ..export import read_provenance, verify_safetensors
-from ..hub_access import hub_offline_mode, hub_reachable
+from ..hub_access import hub_reachable, not_cached_reason
 
 __all__ = ['HF_ORG', 'PAPER_CFG', 'WeightsUnavailableError', 'architecture_signature', 'build_jetmoe',
            'prepare_pretrained', 'recycled_cfgs', 'refuse_damaged', 'register_weight_builder']
@@ -260,9 +260,7 @@ def _hub_file(hf_hub_id: str, cache_dir: Optional[str], given: bool = False) -> 
                            else 'cannot download them again offline: recycling locally.'))
     if not online:  # a default repo not cached offline is the documented path: the recycler says what it builds
         if given:
-            unavailable(f'cached copy damaged: {problem}' if damaged else
-                        'HF_HUB_OFFLINE is set and it is not cached' if hub_offline_mode() else
-                        'the Hub cannot be reached and it is not cached')
+            unavailable(f'cached copy damaged: {problem}' if damaged else not_cached_reason())
         return None
     try:
         path = hf_hub_download(repo_id, 'model.safetensors', cache_dir=cache_dir, revision=revision,

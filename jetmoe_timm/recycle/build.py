@@ -33,7 +33,7 @@ from filelock import FileLock, Timeout
 from .._names import did_you_mean
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
     read_model_config, remove_dead_writers, save_safetensors_atomic, verify_safetensors
-from ..hub_access import hub_offline_mode, hub_offline_unless_reachable, hub_reachable
+from ..hub_access import hub_offline_unless_reachable, hub_reachable, not_cached_reason
 from ..models import check_model_name, is_jetmoe_model
 from ..models._pretrained import INPUT_CONTRACT_KEYS, WeightsUnavailableError, recycled_note, \
     register_weight_builder
@@ -102,12 +102,7 @@ def _dense_model_problem(model_name: str) -> str:
 
 
 def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
-    if hub_offline_mode():
-        reason = 'HF_HUB_OFFLINE is set and it is not in the local cache'
-    elif not hub_reachable():
-        reason = 'the Hub cannot be reached and it is not in the local cache'
-    else:
-        reason = f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
+    reason = not_cached_reason() if not hub_reachable() else f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
     return WeightsUnavailableError(
         f"Cannot load the predecessor '{spec}' to recycle from ({reason}). Ways out: connect to the Hugging Face "
         f"Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR (jetmoe-timm convert: --predecessor) "
