@@ -162,6 +162,25 @@ def test_checkpoint_of_another_model_is_named_not_dumped(tmp_path):
             assert '\n' not in str(e.value)
 
 
+def test_checkpoint_with_other_prefix_tokens_is_named_not_a_reshape_error(tmp_path):
+    """A file whose position embedding timm cannot resample (another prefix-token layout: DeiT-3 and DINOv2 keep
+    none for the class token) gets the one-line refusal, not timm's reshape error: a dense DeiT-3 file is a dense
+    checkpoint to recycle, a JetMoE file made with no_embed_class=True names the kwargs."""
+    from safetensors.torch import save_file
+    name, kwargs, _ = FAMILIES['vit']
+    dense = timm.create_model('deit3_small_patch16_224', img_size=64, patch_size=8, embed_dim=64, depth=4,
+                              num_heads=1, num_classes=0)
+    save_file(dense.state_dict(), tmp_path / 'deit3.safetensors')
+    with pytest.raises(ValueError, match='It is a dense checkpoint: recycle it into this model first'):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'deit3.safetensors')),
+                          **dict(kwargs, img_size=64))
+    save_file(timm.create_model(name, no_embed_class=True, **kwargs).state_dict(), tmp_path / 'nec.safetensors')
+    with pytest.raises(ValueError, match=r"The checkpoint's pos_embed \(1, 16, 32\) cannot be resampled to this "
+                                         r"model's \(1, 17, 32\): it was made with other prefix tokens"):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'nec.safetensors')),
+                          **kwargs)
+
+
 def test_checkpoint_with_other_moe_blocks_names_them_and_the_widths(family):
     """A JetMoE checkpoint whose MoE layers sit in other blocks is no dense checkpoint: the message names the blocks
     found and the model's, and the widths (a ConvNeXt's per stage, read off the blocks: the stem is timm's)."""

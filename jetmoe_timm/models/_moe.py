@@ -162,11 +162,17 @@ class JetMoEMixin:
 
     def filter_checkpoint(self, state_dict: Dict[str, torch.Tensor], timm_filter) -> Dict[str, torch.Tensor]:
         """``timm_filter(state_dict, self)`` (timm's layout conversions), then ``check_checkpoint``; a checkpoint
-        timm cannot convert at all (a KeyError) is described instead, when it is another model's."""
+        timm cannot convert at all (a missing key, or a position embedding its resampling cannot reshape: another
+        prefix-token layout) is described instead, when it is another model's."""
         try:
             converted = timm_filter(state_dict, self)
-        except KeyError:
+        except (KeyError, RuntimeError) as e:
             self.check_checkpoint(state_dict)
+            pos, ours = state_dict.get('pos_embed'), getattr(self, 'pos_embed', None)
+            if isinstance(e, RuntimeError) and pos is not None and ours is not None and pos.shape != ours.shape:
+                raise ValueError(f"The checkpoint's pos_embed {tuple(pos.shape)} cannot be resampled to this model's "
+                                 f"{tuple(ours.shape)}: it was made with other prefix tokens (class_token, reg_tokens, "
+                                 f"no_embed_class). Create the model with the kwargs it was made with.") from None
             raise
         self.check_checkpoint(converted)
         return converted
