@@ -130,6 +130,7 @@ def test_retention_is_reported_and_tells_recycled_from_scratch():
     (dict(mlp_layer=SwiGLUPacked, mlp_ratio=2.0), 'GLU'),
     (dict(block_fn=timm.models.vision_transformer.ResPostBlock), 'pre-norm Block'),
     (dict(scale_mlp_norm=True), 'inner norm'),
+    (dict(attn_layer='diff', num_heads=2), "predecessor attention is DiffAttention, not timm's multi-head Attention"),
 ])
 def test_unrecyclable_vits_are_refused_in_one_line(kwargs, match):
     pred = timm.create_model('vit_small_patch16_224', **dict(BASE, **kwargs))

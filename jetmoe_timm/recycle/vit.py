@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp
+from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import SpheroMoE
@@ -47,6 +47,7 @@ def check(pred, succ) -> None:
         raise ValueError(f'a V-JetMoE successor needs a dense timm VisionTransformer predecessor, got '
                          f'{type(pred).__name__}: pass a ViT checkpoint (e.g. vit_small_patch16_224.augreg_in21k; '
                          f'RoPE ViTs such as EVA are not supported).')
+    _check_blocks(pred)  # first: the head and width limits below assume standard blocks
     d, d_s = pred.embed_dim, succ.embed_dim
     if d_s > d:
         raise ValueError(f'successor width {d_s} exceeds the predecessor width {d}: pick a wider predecessor '
@@ -72,7 +73,6 @@ def check(pred, succ) -> None:
         raise UnsupportedPredecessor(_DISTILLED)
     if getattr(pred, 'attn_pool', None) is not None:
         raise UnsupportedPredecessor(_ATTENTION_POOL)
-    _check_blocks(pred)
     check_activation(pred.blocks[0].mlp, succ.blocks[0].mlp)
 
 
@@ -92,6 +92,9 @@ def _check_blocks(pred) -> None:
         inner = ' with an inner norm' if type(blk.mlp) is Mlp else ''
         raise ValueError(f'predecessor MLPs are {type(blk.mlp).__name__}{inner}: only plain fc1 -> act -> fc2 MLPs '
                          f'can be split into experts (GLU / SwiGLU cannot).')
+    if type(blk.attn) is not Attention:  # e.g. DiffAttention: heads of two halves, which the head selection splits
+        raise ValueError(f'predecessor attention is {type(blk.attn).__name__}, not timm\'s multi-head Attention: '
+                         f'only standard ViT attention can be recycled; pass a standard ViT checkpoint.')
     if not isinstance(getattr(blk.attn, 'norm', nn.Identity()), nn.Identity):
         raise ValueError('predecessor attention has an inner norm (scale_attn_norm): not supported; pass a '
                          'standard ViT checkpoint.')
