@@ -99,16 +99,18 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
         """Initialise every expert as timm's init ``mode`` does a ViT MLP's ``nn.Linear`` ('jax': xavier-uniform
         weights, N(0, 1e-6) biases; 'moco': xavier-uniform, zero biases; other modes: ExpertLinear's own init,
         timm's default), fan in and out those of one expert; then ``fix_init``'s scaling."""
+        # the layers there are, not moe_blocks: timm's __init__ calls this before the MoE layers (and moe_blocks) exist
+        moe = [i for i, block in enumerate(self.blocks) if isinstance(block.mlp, SpheroMoE)]
         if mode.startswith(_EXPERT_INIT_MODES):
             with torch.no_grad():
-                for i in self.moe_blocks:
+                for i in moe:
                     for group in self.blocks[i].mlp.expert_groups().values():
                         for fc in (group.fc1, group.fc2):
                             bound = math.sqrt(6. / (fc.in_features + fc.out_features))
                             fc.weight.uniform_(-bound, bound)
                             fc.bias.normal_(std=1e-6) if mode.startswith('jax') else fc.bias.zero_()
         if self.fix_init:
-            self._fix_init_mlps(self.moe_blocks)
+            self._fix_init_mlps(moe)
 
     def fix_init_weight(self) -> None:
         """timm's init fix, each block's output projections divided by sqrt(2 * layer id): in a MoE block those of
