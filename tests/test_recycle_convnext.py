@@ -68,6 +68,20 @@ def test_classifier_of_another_pooling_is_not_taken(predecessor):
     assert 'head.fc.weight' not in _recycle(predecessor)[1].fresh_keys
 
 
+@pytest.mark.parametrize('pred_kwargs, succ_kwargs, match', [
+    (dict(head_norm_first=True), {}, r'nothing for \(head\.norm\..*build it with head_norm_first=True\.$'),
+    ({}, dict(head_norm_first=True), r'nothing for \(norm_pre\..*build it with head_norm_first=False\.$'),
+    (dict(conv_bias=True), dict(conv_bias=False), r'no place for .*stem\.0\.bias.*with conv_bias=True\.$'),
+])
+def test_layers_only_one_side_has_are_refused_naming_the_option(pred_kwargs, succ_kwargs, match):
+    """A norm or bias only the predecessor has would be lost, one only the successor has would stay freshly
+    initialised inside the recycled computation: both refused, naming the option that fixes it."""
+    pred = timm.create_model('convnext_tiny', **dict(PRED, **pred_kwargs))
+    succ = timm.create_model('c_jetmoe_femto', **dict(SUCC, **succ_kwargs))
+    with pytest.raises(ValueError, match=match):
+        recycle(succ, pred, calib='weights', progress=False)
+
+
 def test_full_width_dense_is_identity_and_deterministic(predecessor):
     succ, _ = _recycle(predecessor, dims=PRED['dims'], moe_blocks=())
     x = torch.randn(2, 3, 64, 64)

@@ -22,6 +22,9 @@ VIT_FLAVOURS = {  # timm ViT flavours: what real checkpoints carry
     'qk_norm': dict(qk_norm=True, qkv_bias=False),
     'patch16_big_grid': dict(img_size=96, patch_size=16),
     'no_head': dict(num_classes=0),
+    'clip_pre_norm': dict(pre_norm=True),
+    'embed_norm': dict(embed_norm_layer='layernorm'),
+    'no_final_norm': dict(final_norm=False, init_values=1e-5, reg_tokens=2, no_embed_class=True),  # C-RADIO-like
 }
 
 
@@ -44,7 +47,8 @@ def _vit(flavour):
 
 def _succ(kwargs, **overrides):
     keys = ('img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'num_classes', 'class_token',
-            'global_pool', 'reg_tokens', 'no_embed_class', 'qk_norm', 'qkv_bias', 'fc_norm')
+            'global_pool', 'reg_tokens', 'no_embed_class', 'qk_norm', 'qkv_bias', 'fc_norm', 'pre_norm',
+            'embed_norm_layer', 'final_norm')
     succ_kwargs = {k: v for k, v in kwargs.items() if k in keys}
     torch.manual_seed(1)
     return timm.create_model('v_jetmoe_tiny', **dict(succ_kwargs, **overrides))
@@ -147,6 +151,15 @@ def test_unrecyclable_vits_are_refused_in_one_line(kwargs, match):
     # another function in the MLPs (CLIP's QuickGELU), and the fix named
     ('vit_small_patch16_224', dict(act_layer='quick_gelu'), {}, r"QuickGELU.*act_layer='quick_gelu'"),
     ('deit_small_distilled_patch16_224', {}, {}, 'distilled DeiT'),
+    # each with the option that places it: CLIP's pre-norm, an embedding norm (either side), no final norm
+    # (C-RADIO, InternViT), where the successor's own norm would have stayed freshly initialised
+    ('vit_small_patch16_224', dict(pre_norm=True), {}, r'e\.g\. norm_pre\.weight.*build the successor with pre_norm=True'),
+    ('vit_small_patch16_224', dict(embed_norm_layer='layernorm'), {}, r"with embed_norm_layer='layernorm'\.$"),
+    ('vit_small_patch16_224', {}, dict(embed_norm_layer='layernorm'),
+     r'predecessor has nothing for \(patch_embed\.norm\..*build it with embed_norm_layer=None\.$'),
+    ('vit_small_patch16_224', dict(final_norm=False), {}, r"nothing for \(fc_norm\.weight.*with fc_norm=False or global_p"),
+    ('vit_small_patch16_224', dict(final_norm=False), dict(global_pool='token'),
+     r'nothing for \(norm\.weight.*build it with final_norm=False'),
 ])
 def test_predecessor_parts_the_successor_would_lose_are_refused_before_statistics(model, pred_kwargs, succ_kwargs,
                                                                                    match):

@@ -141,6 +141,15 @@ RULES = (
 )
 
 
+# (tensor, option where only the predecessor has it, option where only the successor has it): FamilySpec.layer_options
+LAYER_OPTIONS = (
+    (r'norm_pre\.', 'head_norm_first=True', 'head_norm_first=False'),
+    (r'head\.norm\.', 'head_norm_first=False', 'head_norm_first=True'),
+    (r'head\.pre_logits\.', "the predecessor's head_hidden_size", 'head_hidden_size=None'),
+    (r'(?:stem\.0|stages\.\d+\.(?:downsample\.1|blocks\.\d+\.conv_dw))\.bias', 'conv_bias=True', 'conv_bias=False'),
+)
+
+
 def _pre_logits_width(model) -> int:
     """Width of the head's hidden layer (``head_hidden_size``), 0 without one."""
     fc = getattr(getattr(model.head, 'pre_logits', None), 'fc', None)  # ClassifierHead (head_norm_first) has none
@@ -188,4 +197,5 @@ SPEC = FamilySpec(
     scale_rules=SCALE_RULES,
     features_module='head.fc',  # its input is the pooled pre-logits feature
     block_pattern=r'stages\.\d+\.blocks\.\d+\.',
+    layer_options=LAYER_OPTIONS,
 )

@@ -23,12 +23,12 @@ import torch.nn as nn
 from timm.models import adapt_input_conv
 from tqdm.auto import tqdm
 
-from ..layers import free_no_grad_buffers
+from ..layers import SpheroMoE, free_no_grad_buffers
 from ..version import __version__
 from .calibration import (ImageListing, calibration_batches, check_calibration, first_conv, fixed_input_size,
                           input_channels, list_images)
 from .families import family_of
-from .family import FamilySpec
+from .family import FamilySpec, layer_options_for
 from .retention import pooled_features, retention
 from .rules import apply_plan, fill_missing_biases, fold_scales, unplaced_tensors
 from .selection import METHODS
@@ -180,13 +180,22 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
                               'paper')
     plan = family.plan(predecessor, successor, selection, 'paper')
     unread, missing = unplaced_tensors(plan, predecessor.state_dict(), family.block_pattern, family.scale_rules)
-    if missing:
-        raise ValueError(f"the successor needs {what} tensors that are not there: {', '.join(missing[:4])}"
-                         f"{' ...' if len(missing) > 4 else ''}: build it with the {what}'s layer options.")
+    # the successor's own tensors that nothing fills, besides its MoE routing and its classifier: a norm the
+    # predecessor has not (final_norm, embed_norm_layer) would sit freshly initialised inside the recycled computation
+    own = tuple(f'{n}.' for n, m in successor.named_modules() if isinstance(m, SpheroMoE)) + (
+        f'{family.features_module}.',)
+    fresh = [k for k in successor.state_dict() if k not in plan and not k.startswith(own)]
+    fix = lambda keys, predecessor_has, default: (  # noqa: E731
+        layer_options_for(family, keys, predecessor_has) or default)
+    listed = lambda keys: ', '.join(keys[:4]) + (' ...' if len(keys) > 4 else '')  # noqa: E731
+    if missing or fresh:
+        keys = missing or fresh
+        raise ValueError(f"the successor has tensors the {what} has nothing for ({listed(keys)}): build it with "
+                         f"{fix(keys, False, f'the {what} layer options')}.")
     if unread:
-        raise ValueError(f"the successor has no place for {len(unread)} {what} tensor(s), e.g. "
-                         f"{', '.join(unread[:4])}: their computation would be lost; build the successor with the "
-                         f"{what}'s layer options (e.g. qkv_bias=True, qk_norm=True, proj_bias=True).")
+        raise ValueError(f"the successor has no place for {len(unread)} {what} tensor(s), e.g. {listed(unread)}: "
+                         f"their computation would be lost; build the successor with "
+                         f"{fix(unread, True, f'the {what} layer options (e.g. qkv_bias=True, qk_norm=True)')}.")
 
 
 def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:

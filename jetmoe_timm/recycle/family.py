@@ -6,8 +6,9 @@ which predecessor tensor. It ends with one ``SPEC``, through which the engine, t
 it. Adding a family takes its model module as well (``models/``), this module with its ``SPEC`` and one line in
 ``FAMILIES``: docs/architecture.md lists the steps.
 """
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from timm.layers.create_act import _ACT_LAYER_DEFAULT
 
 from ..layers import SpheroMoE
 
-__all__ = ['FamilySpec', 'UnreadableCheckpoint', 'check_activation']
+__all__ = ['FamilySpec', 'UnreadableCheckpoint', 'check_activation', 'layer_options_for']
 
 
 class UnreadableCheckpoint(ValueError):
@@ -52,6 +53,17 @@ class FamilySpec:
     # the residual width of a model, for the official tool's two-predecessor recipe ('official'): None where that
     # recipe does not exist for the family
     body_width: Optional[Callable[[nn.Module], int]] = None
+    # the successor option that places a tensor the plan cannot: (key regex, matched at the key's start; the option
+    # where only the predecessor has such tensors; the option where only the successor has them)
+    layer_options: Sequence[Tuple[str, str, str]] = ()
+
+
+def layer_options_for(family: FamilySpec, keys: Sequence[str], predecessor_has: bool) -> str:
+    """The successor options (``FamilySpec.layer_options``) that would place ``keys``, which only the predecessor
+    (``predecessor_has``) or only the successor has: '' where the table names none."""
+    found = dict.fromkeys(opts[0 if predecessor_has else 1] for k in keys for pattern, *opts in family.layer_options
+                          if re.match(pattern, k))
+    return ', '.join(found)
 
 
 def _activation(mlp: nn.Module) -> nn.Module:

@@ -251,7 +251,7 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
 # which index set selects each dimension of each recycled tensor (successor key patterns; see rules.Rule)
 RULES = (
     Rule(r'cls_token|reg_token|pos_embed', ('...', 'channels')),
-    Rule(r'patch_embed\.proj\.(?:weight|bias)|norm_pre\..*', ('channels',)),
+    Rule(r'patch_embed\.(?:proj\.weight|proj\.bias|norm\..*)|norm_pre\..*', ('channels',)),
     Rule(r'blocks\.(\d+)\.(?:norm1|norm2|ls1|ls2)\..*', ('channels',)),
     Rule(r'blocks\.(\d+)\.attn\.qkv\.weight', ('blocks.{0}.qkv_rows', 'channels')),
     Rule(r'blocks\.(\d+)\.attn\.qkv\.bias', ('blocks.{0}.qkv_rows',)),
@@ -263,6 +263,18 @@ RULES = (
     Rule(r'blocks\.(\d+)\.mlp\.fc2\.weight', ('channels', 'blocks.{0}.mlp')),
     Rule(r'head\.weight', (None, 'channels')),
     Rule(r'head\.bias', (None,)),
+)
+
+
+# (tensor, option where only the predecessor has it, option where only the successor has it): FamilySpec.layer_options
+LAYER_OPTIONS = (
+    (r'norm_pre\.', 'pre_norm=True', 'pre_norm=False'),
+    (r'patch_embed\.norm\.', "embed_norm_layer='layernorm'", 'embed_norm_layer=None'),
+    (r'norm\.', 'final_norm=True', 'final_norm=False'),
+    (r'fc_norm\.', 'fc_norm=True', "fc_norm=False or global_pool='token'"),
+    (r'blocks\.\d+\.attn\.qkv\.bias', 'qkv_bias=True', 'qkv_bias=False'),
+    (r'blocks\.\d+\.attn\.[qk]_norm\.', 'qk_norm=True', 'qk_norm=False'),
+    (r'blocks\.\d+\.attn\.proj\.bias', 'proj_bias=True', 'proj_bias=False'),
 )
 
 
@@ -317,7 +329,8 @@ def plan(pred, succ, sel: Dict[str, torch.Tensor], recipe: str, body=None) -> Di
     # the classifier only when it means the same thing: same classes, same pooling, the norm on the same side of it
     head_w, src_head_w = getattr(succ.head, 'weight', None), getattr(src.head, 'weight', None)
     same_head = (head_w is not None and src_head_w is not None and head_w.shape[0] == src_head_w.shape[0]
-                 and succ.global_pool == src.global_pool and succ_norm == src_norm)
+                 and succ.global_pool == src.global_pool and succ_norm == src_norm
+                 and getattr(succ, 'pool_include_prefix', False) == getattr(src, 'pool_include_prefix', False))
     keys = [k for k in keys if same_head or not k.startswith('head.')]
     if recipe == 'official':
         p = plan_from_rules(RULES, keys, _identity(body, succ), predecessor='body')
@@ -359,6 +372,7 @@ SPEC = FamilySpec(
     scale_rules=SCALE_RULES,
     features_module='head',  # its input is the pooled pre-logits feature
     block_pattern=r'blocks\.\d+\.',
+    layer_options=LAYER_OPTIONS,
     # a rectangular grid whose rows (+ prefix) make a square would be read as a square one: 14 x 16 + 1 = 15^2
     assumed="num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs) where no qk-norm weights "
             "give their width, a square patch grid, exact GELU (SigLIP's is the tanh one)",
