@@ -812,11 +812,29 @@ def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, c
     (line,) = [r.getMessage() for r in caplog.records if 'read off its tensors' in r.getMessage()]
     assert f"embed_dim={kwargs['embed_dim']}" in line and f"depth={kwargs['depth']}" in line
     assert (f'its {classes}-class head is not used' in line) == bool(classes)
-    assert "a bare file does not record these, assumed: num_heads from heads as wide as the tag's predecessor's " \
-           "(64 in timm's ViTs) where no qk-norm weights give their width, a square patch grid" in line  # assumed
+    assert "a bare file does not record these, assumed: num_heads as timm's ViTs of that width have them (64-wide " \
+           "heads but for ViT-H, g, G, so400m) where no qk-norm weights give their width, a square patch grid" in line
     assert f"num_heads={kwargs['num_heads']}," in line  # the heads it was built with: read, or rightly assumed
     ch = result.selection['channels']
     torch.testing.assert_close(succ.blocks[0].norm1.weight, pred.blocks[0].norm1.weight[ch], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', ['vit_huge_patch14_224', 'vit_giant_patch14_224', 'vit_gigantic_patch14_224',
+                                  'vit_base_patch16_clip_224', 'vit_large_patch14_clip_quickgelu_224',
+                                  'vit_medium_patch16_gap_256', 'vit_small_patch16_224', 'deit3_base_patch16_224',
+                                  'vit_base_patch14_reg4_dinov2'])
+def test_bare_vit_file_of_a_real_architecture_is_read_as_it_was_built(name):
+    """The architecture read off a bare file's tensors (shapes only: the model is built on the meta device) is the
+    one timm built: the heads of ViT-H / g / G (16 of 80-104 dims, not 64-wide), CLIP's pre-norm and missing patch
+    bias, DINOv2's registers and layer scale. Such files were refused (CLIP) or misread (ViT-H: 20 heads)."""
+    from jetmoe_timm.recycle.vit import predecessor_args
+    model = timm.create_model(name, device='meta')
+    hint = timm.create_model('vit_small_patch16_224', device='meta')
+    args = predecessor_args(model.state_dict(), hint)
+    rebuilt = timm.models.model_entrypoint('vit_small_patch16_224')(pretrained=False, device='meta', **args)
+    assert rebuilt.blocks[0].attn.num_heads == model.blocks[0].attn.num_heads
+    assert {k: v.shape for k, v in rebuilt.state_dict().items() if not k.startswith('head')} == \
+           {k: v.shape for k, v in model.state_dict().items() if not k.startswith('head')}
 
 
 def test_prefix_token_and_head_refusals_name_the_fix(tmp_path):

@@ -8,6 +8,7 @@ narrower, the same top dims within every kept head, for q, k and v alike.
 import copy
 import dataclasses
 import math
+import inspect
 from typing import Dict, Optional
 
 import torch
@@ -78,6 +79,10 @@ def check(pred, succ) -> None:
 
 _DISTILLED = ('predecessor is a distilled DeiT (a distillation token): not supported; pass a non-distilled '
               'checkpoint (e.g. deit_small_patch16_224).')
+_VIT_DEFAULTS = {k: v.default for k, v in inspect.signature(VisionTransformer.__init__).parameters.items()}
+# the heads timm's ViTs of these widths have where they are not 64 wide (ViT-H, g, G, so400m, 2B, 6B: timm 1.0's
+# vision_transformer configs without qk-norm, which would give their head width); other widths: 64-wide heads
+_HEADS_OF_WIDTH = {1152: 16, 1280: 16, 1408: 16, 1664: 16, 2048: 16, 3072: 24}
 _ATTENTION_POOL = ("predecessor pools with attention (global_pool='map', e.g. SigLIP): not recycled; pass a "
                    "checkpoint with token or average pooling.")
 
@@ -102,15 +107,16 @@ def _check_blocks(pred) -> None:
 
 def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
     """timm VisionTransformer arguments of a bare (timm-format) checkpoint, read off its tensors; heads come from
-    the qk-norm weights (one per head dimension) where it has them, else from the family's head width (``hint``,
-    the tag's predecessor, built on the meta device). The head is dropped."""
+    the qk-norm weights (one per head dimension) where it has them, else as timm's ViTs of that width have them
+    (``_HEADS_OF_WIDTH``, else heads as wide as ``hint``'s, the tag's predecessor built on the meta device: 64 in
+    timm's ViTs). The head is dropped."""
     if 'dist_token' in state:  # said as check says it, not as a file that fits no ViT
         raise UnsupportedPredecessor(_DISTILLED)
     if any(k.startswith('attn_pool.') for k in state):
         raise UnsupportedPredecessor(_ATTENTION_POOL)
     d, c, p = state['patch_embed.proj.weight'].shape[:3]
     q_norm = state.get('blocks.0.attn.q_norm.weight')
-    head_dim = q_norm.shape[0] if q_norm is not None else _head_dim(hint)
+    num_heads = d // q_norm.shape[0] if q_norm is not None else _HEADS_OF_WIDTH.get(d, d // _head_dim(hint))
     prefix = int('cls_token' in state) + (state['reg_token'].shape[1] if 'reg_token' in state else 0)
     n_pos = state['pos_embed'].shape[1]
     # (grid side, no_embed_class): a square grid after the prefix tokens' rows, or a square grid alone with prefix
@@ -123,14 +129,21 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
         raise UnreadableCheckpoint(f'its pos_embed of {n_pos} rows ({prefix} prefix tokens) fits '
                                    + (f'both {fits}' if fits else 'no square patch grid'))
     ((grid, no_embed_class),) = readings
+    # layers most checkpoints have or lack alike, given only where one differs (CLIP: pre-norm, no patch bias, no
+    # final norm in some; a LayerNorm after the patch embedding)
+    rare = dict(pre_norm='norm_pre.weight' in state, final_norm='norm.weight' in state or 'fc_norm.weight' in state,
+                proj_bias='blocks.0.attn.proj.bias' in state,
+                embed_norm_layer='layernorm' if 'patch_embed.norm.weight' in state else None)
+    rare = {k: v for k, v in rare.items() if v != _VIT_DEFAULTS[k]}
     return dict(
-        embed_dim=d, in_chans=c, patch_size=p, img_size=grid * p, num_heads=max(1, d // head_dim),
+        embed_dim=d, in_chans=c, patch_size=p, img_size=grid * p, num_heads=max(1, num_heads),
         depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
         mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / d, qkv_bias='blocks.0.attn.qkv.bias' in state,
         qk_norm='blocks.0.attn.q_norm.weight' in state, init_values=1. if 'blocks.0.ls1.gamma' in state else None,
         class_token='cls_token' in state, reg_tokens=prefix - int('cls_token' in state),
         no_embed_class=no_embed_class, fc_norm='fc_norm.weight' in state,
-        global_pool='avg' if 'fc_norm.weight' in state or 'cls_token' not in state else 'token', num_classes=0)
+        global_pool='avg' if 'fc_norm.weight' in state or 'cls_token' not in state else 'token', num_classes=0,
+        **rare)
 
 
 def resize(pred, succ):
@@ -374,6 +387,6 @@ SPEC = FamilySpec(
     block_pattern=r'blocks\.\d+\.',
     layer_options=LAYER_OPTIONS,
     # a rectangular grid whose rows (+ prefix) make a square would be read as a square one: 14 x 16 + 1 = 15^2
-    assumed="num_heads from heads as wide as the tag's predecessor's (64 in timm's ViTs) where no qk-norm weights "
-            "give their width, a square patch grid, exact GELU (SigLIP's is the tanh one)",
+    assumed="num_heads as timm's ViTs of that width have them (64-wide heads but for ViT-H, g, G, so400m) where no "
+            "qk-norm weights give their width, a square patch grid, exact GELU (SigLIP's is the tanh one)",
 )
