@@ -336,7 +336,11 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
         num_features=str(config.get('num_features', getattr(model, 'num_features', '?'))),
         classifier_note=(
             'This checkpoint has no classifier (`num_classes=0`): pass your own `num_classes` and fine-tune '
-            'before using the logits.' if num_classes == 0 else f'The classifier predicts {num_classes} classes.'),
+            'before using the logits.' if num_classes == 0 else
+            f'The classifier ({num_classes} classes) is freshly initialised: fine-tune before using the logits.'
+            if prov.get('classifier') == 'fresh' else
+            f"The classifier predicts {num_classes} classes (the predecessor's, taken as it was)."
+            if prov.get('classifier') == 'taken' else f'The classifier predicts {num_classes} classes.'),
         create_kwargs=', num_classes=100' if num_classes == 0 else '',
         moe_layers=_moe_layers_markdown(model),
         predecessor=predecessor,

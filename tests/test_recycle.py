@@ -287,6 +287,22 @@ def test_unpooled_successor_gets_a_retention_figure(predecessor):
     assert 0 < r.provenance['retention']['cka'] <= 1 and r.provenance['retention']['features'] == 32
 
 
+def test_a_builds_note_and_provenance_say_what_its_classifier_is(pred_dir):
+    """The predecessor's classifier (same classes and pooling), a fresh one, or none: the cfg's note and the
+    provenance say which (the note said 'No classifier' for all three)."""
+    from jetmoe_timm.recycle.build import build_recycled
+    kwargs = {k: v for k, v in SUCC_KWARGS.items() if k != 'num_classes'}
+    for extra, classifier, note in ((dict(num_classes=10, global_pool='token'), 'taken',
+                                     "The predecessor's classifier (same classes and pooling)"),
+                                    (dict(num_classes=5), 'fresh', 'A freshly initialised classifier'),
+                                    (dict(num_classes=0), 'none', 'No classifier')):
+        succ, r = build_recycled('v_jetmoe_tiny', dict(kwargs, **extra), predecessor=f'local-dir:{pred_dir}',
+                                 calib='weights', progress=False)
+        assert r.provenance['classifier'] == classifier and f'{note}; fine-tune before use.' in succ.pretrained_cfg[
+            'notes'][0], extra
+        assert ('head.weight' in r.fresh_keys) == (classifier == 'fresh')
+
+
 def test_head_is_copied_only_with_the_norm_on_the_same_side_of_the_pooling(predecessor):
     """An average-pooling predecessor that norms before pooling (fc_norm=False, timm's *_gap_* ViTs) into a successor
     that norms after it (fc_norm, the default for average pooling): the head would read other features, so it is

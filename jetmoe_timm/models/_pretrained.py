@@ -66,11 +66,17 @@ def recycled_cfgs(cfg: Callable[..., Dict[str, Any]], recycled_from: Dict[str, D
     return cfgs
 
 
-def recycled_note(predecessor: str, method: str, recipe: str) -> str:
-    """A pretrained cfg's note on recycled weights: what they were built from, how, and that they need a fine-tune
-    (the registered tags' and every build's, which describes its own predecessor and options)."""
+# what a recycled build's classifier is (``recycled_note``): none, freshly initialised, or the predecessor's
+_CLASSIFIER_NOTES = {'none': 'No classifier', 'fresh': 'A freshly initialised classifier',
+                     'taken': "The predecessor's classifier (same classes and pooling)"}
+
+
+def recycled_note(predecessor: str, method: str, recipe: str, classifier: str = 'none') -> str:
+    """A pretrained cfg's note on recycled weights: what they were built from, how, what their ``classifier`` is
+    (a ``_CLASSIFIER_NOTES`` key) and that they need a fine-tune (the registered tags' and every build's, which
+    describes its own predecessor and options)."""
     return (f'Recycled init, not fine-tuned: built from {predecessor} by {method} sampling ({recipe} recipe). '
-            f'No classifier; fine-tune before use.')
+            f'{_CLASSIFIER_NOTES[classifier]}; fine-tune before use.')
 
 # arguments of timm's model factory (create_model / build_model_with_cfg and its feature options), not of the
 # model class; device / dtype are the model's but the comparison builds on the meta device anyway

@@ -308,13 +308,16 @@ def build_recycled(
     succ = result.model
     contract = input_contract(pred)
     # the cfg describes these weights, not the registered default's: their predecessor, their recipe
-    notes = (recycled_note(public_source(pred_spec), opts['method'], opts['recipe']),)
+    head = getattr(succ.get_classifier(), 'weight', None)
+    head_name = next((n for n, p in succ.named_parameters() if p is head), None) if head is not None else None
+    classifier = 'none' if head_name is None else 'fresh' if head_name in result.fresh_keys else 'taken'
+    notes = (recycled_note(public_source(pred_spec), opts['method'], opts['recipe'], classifier),)
     succ.pretrained_cfg = dict(succ.pretrained_cfg, notes=notes, **contract)
     # published with the weights (push): a local predecessor by its name only, never its path (the cache key,
     # not this record, tells one local file from another)
     result.provenance.update(
         input_contract=contract,
-        model=full, predecessor=public_source(pred_spec),
+        model=full, predecessor=public_source(pred_spec), classifier=classifier,
         body_predecessor=public_source(body_spec), model_kwargs=model_kwargs)
     return succ, result
 
