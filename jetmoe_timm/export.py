@@ -251,14 +251,17 @@ def read_model_config(folder: os.PathLike, fix: str) -> Dict[str, Any]:
 
 def is_model_folder(path: Path) -> bool:
     """Whether ``path`` holds what ``save_pretrained_folder`` and ``push`` write there and nothing else:
-    model.safetensors, a timm config.json and, optionally, the model card that push generated."""
+    model.safetensors written by jetmoe_timm (its content checksum; a dense timm folder, as ``save_for_hf`` writes
+    it, has none: a user's predecessor is never taken for an earlier output), a timm config.json and, optionally,
+    the model card that push generated."""
     names = {p.name for p in path.iterdir()}
     if not {'model.safetensors', 'config.json'} <= names <= {'model.safetensors', 'config.json', 'README.md'}:
         return False
     try:
         if 'README.md' in names and CARD_MARK not in (path / 'README.md').read_text(errors='replace'):
             return False
-        return isinstance(read_model_config(path, '').get('pretrained_cfg'), dict)
+        written_here = CHECKSUM_KEY in verify_safetensors(path / 'model.safetensors', content=False)
+        return written_here and isinstance(read_model_config(path, '').get('pretrained_cfg'), dict)
     except (OSError, ValueError):
         return False
 

@@ -763,11 +763,16 @@ def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
     (lookalike / 'config.json').write_text('{"lr": 0.1}')
     handmade = save_pretrained_folder(model, tmp_path / 'handmade')
     (handmade / 'README.md').write_text('my own model card')
-    for folder in (lookalike, handmade):
+    # a dense timm model folder (save_for_hf: the same two file names), e.g. the predecessor being converted
+    dense = tmp_path / 'dense'
+    timm.models.save_for_hf(timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1), dense,
+                            safe_serialization=True)
+    for folder in (lookalike, handmade, dense):
         with pytest.raises(FileExistsError, match='holds files that are not a converted model'):
             save_pretrained_folder(model, folder, overwrite=True)
     assert (lookalike / 'README.md').read_text() == 'my notes' and (handmade / 'README.md').is_file()
-    shutil.rmtree(lookalike), shutil.rmtree(handmade)
+    assert sorted(p.name for p in dense.iterdir()) == ['config.json', 'model.safetensors']
+    shutil.rmtree(lookalike), shutil.rmtree(handmade), shutil.rmtree(dense)
 
     folder = save_pretrained_folder(model, tmp_path / 'f')
     monkeypatch.chdir(folder)
