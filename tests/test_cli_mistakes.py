@@ -91,6 +91,10 @@ def _rows(d):
          'not a timm-format VisionTransformer checkpoint'),
         (conv + ['--out', new, '--predecessor', 'hf-hub:nobody/nothing', '--model-kwargs', *SUCC],
          "Cannot load the predecessor 'hf-hub:nobody/nothing'"),
+        (conv + ['--out', new, '--predecessor', pred, '--recipe', 'official', '--model-kwargs', *SUCC],  # its own flag
+         "Cannot load the body predecessor 'vit_tiny_patch16_224.augreg_in21k' of recipe 'official' (HF_HUB_OFFLINE "
+         "is set and it is not in the local cache). Ways out: connect to the Hugging Face Hub once (it is cached "
+         "afterwards); or pass body_predecessor (jetmoe-timm convert: --body-predecessor)"),
         (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'no_calib')], 'does not exist'),
         (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'empty_calib')], 'holds no images'),
         (['convert', 'v_jetmoe_tiny', '--out', new, '--num-calib', '0'], 'must be at least 1'),

@@ -181,6 +181,17 @@ def test_checkpoint_with_other_prefix_tokens_is_named_not_a_reshape_error(tmp_pa
                           **kwargs)
 
 
+def test_a_missing_weights_file_is_named(family, tmp_path):
+    """pretrained_cfg_overlay=dict(file=...) naming nothing: the path and what to pass (timm raised a
+    FileNotFoundError without a message)."""
+    name, kwargs, _ = family
+    for tag in ('', '.official_in1k') if name.startswith('v_') else ('',):
+        with pytest.raises(FileNotFoundError, match=f"pretrained weights file '{tmp_path / 'x.safetensors'}' .* "
+                                                    f"does not exist: pass the path of an existing weights file"):
+            timm.create_model(name + tag, pretrained=True, **kwargs,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'x.safetensors')))
+
+
 def test_checkpoint_with_other_moe_blocks_names_them_and_the_widths(family):
     """A JetMoE checkpoint whose MoE layers sit in other blocks is no dense checkpoint: the message names the blocks
     found and the model's, and the widths (a ConvNeXt's per stage, read off the blocks: the stem is timm's)."""

@@ -180,6 +180,9 @@ def _given_weights(cfg, cache_dir: Optional[str] = None) -> Optional[str]:
     in ``cache_dir`` (the HF cache by default), downloaded first when the Hub answers."""
     if cfg.file:  # a file, or a local-dir: folder (timm keeps the folder there)
         path = str(cfg.file)
+        if not os.path.exists(path):  # timm's loader raises a FileNotFoundError without a message
+            raise FileNotFoundError(f"pretrained weights file '{path}' (pretrained_cfg_overlay file=..., train.py "
+                                    f"--pretrained-path) does not exist: pass the path of an existing weights file.")
         path = os.path.join(path, 'model.safetensors') if os.path.isdir(path) else path
     elif cfg.source == 'hf-hub' and cfg.hf_hub_id:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache

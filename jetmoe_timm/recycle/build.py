@@ -101,8 +101,13 @@ def _dense_model_problem(model_name: str) -> str:
             f"predecessor='{model_name}' (jetmoe-timm convert MODEL --predecessor {model_name}).")
 
 
-def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
+def _offline_error(spec: str, err: Exception, body: bool = False) -> WeightsUnavailableError:
     reason = not_cached_reason() if not hub_reachable() else f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
+    if body:  # the official recipe's second predecessor has its own option
+        return WeightsUnavailableError(
+            f"Cannot load the body predecessor '{spec}' of recipe 'official' ({reason}). Ways out: connect to the "
+            f"Hugging Face Hub once (it is cached afterwards); or pass body_predecessor (jetmoe-timm convert: "
+            f"--body-predecessor) a local checkpoint file, a 'local-dir:' folder or an 'hf-hub:' name.")
     return WeightsUnavailableError(
         f"Cannot load the predecessor '{spec}' to recycle from ({reason}). Ways out: connect to the Hugging Face "
         f"Hub once (it is cached afterwards); or set JETMOE_TIMM_PREDECESSOR (jetmoe-timm convert: --predecessor) "
@@ -112,12 +117,12 @@ def _offline_error(spec: str, err: Exception) -> WeightsUnavailableError:
         f"weights.")
 
 
-def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
+def load_predecessor(spec: str, arch_hint: Optional[str] = None, body: bool = False) -> nn.Module:
     """A dense timm model with pretrained weights from ``spec``.
 
     ``spec`` is a timm name ('vit_small_patch16_224.augreg_in21k'), 'hf-hub:org/name', 'local-dir:/path' (or just
     the folder's path), or a checkpoint file (.safetensors / .pth / .pt / .bin) holding weights of the
-    ``arch_hint`` architecture.
+    ``arch_hint`` architecture; ``body``: it is the official recipe's body predecessor (said where it fails).
     """
     given = spec
     if is_local_spec(spec) and not spec.startswith('local-dir:'):
@@ -149,7 +154,7 @@ def load_predecessor(spec: str, arch_hint: Optional[str] = None) -> nn.Module:
         if isinstance(e, FileNotFoundError) or 'offline' in str(e).lower() or 'connect' in str(e).lower() \
                 or type(e).__name__.endswith(('EntryNotFoundError', 'NotFoundError', 'ConnectionError')) \
                 or 'Hub' in str(e) or 'hf_hub' in str(e).lower():
-            raise _offline_error(spec, e) from None  # the cause is in the message; no chained traceback
+            raise _offline_error(spec, e, body) from None  # the cause is in the message; no chained traceback
         if 'loading state_dict' in str(e):  # missing / unexpected keys or wrong shapes
             raise RuntimeError(
                 f"The predecessor weights '{spec}' do not fit the architecture its config.json names "
@@ -299,7 +304,7 @@ def build_recycled(
     if opts['recipe'] == 'official':
         if not body_spec:
             raise ValueError(f"recipe 'official' needs a body predecessor for {full}: pass --body-predecessor.")
-        body = load_predecessor(body_spec, arch_hint=source.get('body_predecessor'))
+        body = load_predecessor(body_spec, arch_hint=source.get('body_predecessor'), body=True)
     if on_loaded is not None:
         on_loaded()
     # built after the calibration pass, then filled in place: the successor is held once (see recycle)
