@@ -294,3 +294,20 @@ def test_debug_shows_the_traceback_before_or_after_the_command(monkeypatch, caps
                                                                         '--debug']):
         with pytest.raises(TypeError, match='deep inside'):
             cli.main(argv)
+
+
+def test_warnings_are_one_line_each(monkeypatch, capsys):
+    """A warning during a command is one line as an error is ('jetmoe-timm CMD: warning: ...'), not Python's two
+    (file:line: UserWarning: ..., then the source line that raised it); other categories are named."""
+    import warnings
+    from jetmoe_timm.tools import cli, data
+
+    def warns(args):
+        warnings.warn('calibration took 2 images')
+        warnings.warn('old option', FutureWarning)
+        return 0
+    monkeypatch.setattr(data, '_cmd_export', warns)
+    assert cli.main(['data', 'export', 'fashion-mnist', 'out']) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        'jetmoe-timm data: warning: calibration took 2 images',
+        'jetmoe-timm data: warning (FutureWarning): old option']

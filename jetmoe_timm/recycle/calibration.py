@@ -188,7 +188,8 @@ def _folder_images(listing: ImageListing, num_images: int, seed: int, mode: str 
         warnings.warn(f'{skipped} calibration image(s) could not be decoded and were skipped')
     if 0 < taken < num_images:
         warnings.warn(f"calibration took {taken} images from '{listing.folder}', fewer than the {num_images} asked "
-                      f"for: statistics of fewer images are noisier; add images or lower num_calib (--num-calib)")
+                      f"for: statistics of fewer images are noisier; add images to it (lowering num_calib, "
+                      f"--num-calib, only silences this)")
     if filled:
         warnings.warn(f'{filled} calibration image(s) had no band of their own for the last of the {len(mode)} '
                       f'channels the model takes: it is an opaque alpha band ({mode}); pass images of {len(mode)} '

@@ -6,10 +6,12 @@ them all; what ``jetmoe-timm --help`` costs is ``import timm`` (about 4 s here),
 its models.
 """
 import argparse
+import functools
 import importlib
 import signal
 import sys
 import threading
+import warnings
 from typing import List, Optional
 
 from .._names import closest_name
@@ -121,6 +123,11 @@ def error_line(e: BaseException) -> str:
     return first if isinstance(e, USER_ERRORS) else f'{type(e).__name__}: {first}'
 
 
+def _show_warning(command: str, message, category, filename, lineno, file=None, line=None) -> None:
+    kind = '' if category is UserWarning else f' ({category.__name__})'
+    print(f'jetmoe-timm {command}: warning{kind}: {message}', file=sys.stderr if file is None else file)
+
+
 def _exit_on_sigterm():
     """Make SIGTERM (``timeout``, schedulers, ``kill``) end the command as an exception does, so that what it was
     writing is removed on the way out (a hidden temporary folder next to ``--out`` otherwise stays); returns the
@@ -138,7 +145,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         _command_parser(parser, argv).unrecognized(extra)
     previous = _exit_on_sigterm()
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not args.debug:  # a warning in one line as errors are, not with the source line that raised it
+                warnings.showwarning = functools.partial(_show_warning, args.command)
+            return int(args.func(args) or 0)
     except Exception as e:  # every failure: one line (the traceback only with --debug), exit code 2
         if args.debug:
             raise

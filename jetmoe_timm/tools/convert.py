@@ -88,7 +88,8 @@ def run(args) -> int:
     kept = (read_provenance(Path(out) / 'model.safetensors').get('retention') if not args.from_official else None)
     if kept:
         few = kept['images'] < kept.get('features', 0)  # CKA of fewer samples than dimensions reads high
-        more = f', or raise --num-calib (it uses up to {RETENTION_IMAGES})' if kept['images'] < RETENTION_IMAGES else ''
+        more = (f', or calibrate on more images (it uses up to {RETENTION_IMAGES}: --num-calib, and a --calib folder '
+                f'that holds them)' if kept['images'] < RETENTION_IMAGES else '')
         print(f"retention: linear CKA with the predecessor's features {kept['cka']:.3f} (random init "
               f"{kept['cka_scratch']:.3f}) on {kept['images']} calibration images"
               + (f"; on fewer images than its {kept['features']} feature dimensions CKA reads high for any model: "
