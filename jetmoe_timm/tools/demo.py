@@ -222,8 +222,7 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
     cfg = CONFIGS[name]
     width = cfg.get('width', 1)
     pred_args, body_args, succ_args = (scaled_args(a, width) for a in (PRED_ARGS, BODY_ARGS, SUCC_ARGS))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)  # made when there are results to write: a run that stops early leaves no empty folder
     t_start = time.perf_counter()
     fm = (*load_demo_split('fashion-mnist', 'train', cfg['pretrain_images']),
           *load_demo_split('fashion-mnist', 'validation', 2000))
@@ -292,6 +291,7 @@ def run_demo(out: os.PathLike = 'jetmoe_demo', quick: bool = False, seed: int = 
                    wall_seconds=time.perf_counter() - t_start, torch=torch.__version__, timm=timm.__version__)
     _print_tables(summary)
     # each file whole or not at all: an interrupted write after 11 minutes leaves the last run's, not half of one
+    out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / 'demo_results.json', lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=str)))
     write_atomic(out / 'demo_results.md', lambda tmp: tmp.write_text(markdown_table(summary)))
     _plot(summary, out / 'demo_convergence.png')
@@ -401,6 +401,9 @@ def add_parser(subparsers) -> None:
                    help='a smaller run: one seed, 20k-image pretraining for 1 epoch, 6 fine-tune epochs; 415 s on 2 '
                         'CPU cores with other load (the full run: 641 s); recycled MoE about 65 %% against 32 %% '
                         'from scratch')
-    p.add_argument('--out', default='jetmoe_demo', help='folder for demo_results.json and demo_convergence.png')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', default='jetmoe_demo', help='folder for demo_results.json, demo_results.md and '
+                                                         'demo_convergence.png (default: %(default)s)')
+    p.add_argument('--seed', type=int, default=0, help='first seed of the recycling and fine-tunes: rows with '
+                                                       'several seeds take seed, seed + 1, ...; the predecessors are '
+                                                       'pretrained (and cached) with seed 0 (default: %(default)s)')
     p.set_defaults(func=_run)
