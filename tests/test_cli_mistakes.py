@@ -59,6 +59,11 @@ def _rows(d):
     return [
         (['convert', 'v_jetmoe_huge', '--out', new], "Unknown model 'v_jetmoe_huge'"),
         (['convert', 'v_jetmoe_tny', '--out', new], "Unknown model 'v_jetmoe_tny' (did you mean 'v_jetmoe_tiny'?)"),
+        (['convert', 'v_jetmoe_tiny.recycled_in21', '--out', new],
+         "'v_jetmoe_tiny' has no pretrained tag 'recycled_in21' (did you mean 'recycled_in21k'?)"),
+        (['push', 'v_jetmoe_tiny.official_in1k', '--repo-id', 'me/x', '--dry-run', '--out', new],
+         "holds the official MoE Jetpack weights, which are converted, not recycled: jetmoe-timm convert v_jetmoe_tiny "
+         "--from-official FILE"),
         (['convert', 'v_jetmoe_tiny', '--ouy', new], "required: --out; did you mean '--out' for '--ouy'?"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dm=96'], "did you mean 'embed_dim'"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=x'], '--model-kwargs embed_dim=x: v_jetmoe_tiny takes a '

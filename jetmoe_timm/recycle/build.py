@@ -87,6 +87,12 @@ def recycle_source(model_name: str) -> Tuple[str, Dict[str, Any]]:
         raise ValueError(_dense_model_problem(model_name))
     if not tag:
         raise ValueError(f"'{arch}' has no recycled pretrained tag.")
+    tags = [t.partition('.')[2] for t in timm.models.get_arch_pretrained_cfgs(arch)]
+    if tag not in tags:
+        raise ValueError(f"'{arch}' has no pretrained tag '{tag}'{did_you_mean(tag, tags)}: pick one of {tags}.")
+    if tag == 'official_in1k':  # converted from the official release, not recycled
+        raise ValueError(f"'{full}' holds the official MoE Jetpack weights, which are converted, not recycled: "
+                         f"jetmoe-timm convert {arch} --from-official FILE --out DIR (FILE: the official checkpoint).")
     raise ValueError(f"'{full}' is not built by recycling; recycled tags: {sorted(RECYCLE_SOURCES)}.")
 
 
