@@ -67,7 +67,12 @@ def _rows(d):
         (['convert', 'v_jetmoe_tiny', '--ouy', new], "required: --out; did you mean '--out' for '--ouy'?"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dm=96'], "did you mean 'embed_dim'"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=x'], '--model-kwargs embed_dim=x: v_jetmoe_tiny takes a '
-                                                                 'number for embed_dim.'),
+                                                                 'whole number for embed_dim.'),
+        (conv + ['--out', new, '--model-kwargs', 'num_core_experts=2.5'], 'takes a whole number for num_core_experts'),
+        (conv + ['--out', new, '--model-kwargs', 'univ_ratio=x'], 'takes a number for univ_ratio'),
+        (conv + ['--out', new, '--model-kwargs', 'moe_blocks=[2,', '3]'], "model kwarg 'moe_blocks=[2, 3]' has a space, "
+                                                                          'which the shell splits: write it without '
+                                                                          'spaces (moe_blocks=[2,3]) or quote it'),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim'], 'not of the form key=value'),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=100'], 'do not make a v_jetmoe_tiny'),
         (conv + ['--out', str(d / 'a_file'), '--overwrite'], 'is a file: give a folder path'),

@@ -72,11 +72,15 @@ def check_device(name: str) -> torch.device:
 
 def parse_model_kwargs(items) -> Dict[str, Any]:
     """``k=v`` strings -> dict, values parsed as Python literals (as timm's train.py does)."""
-    out = {}
+    out, last = {}, None
     for item in items or ():
         key, sep, value = item.partition('=')
         if not sep:
+            if last is not None and isinstance(out[last], str) and out[last][:1] in '[(':  # the shell split it
+                raise ValueError(f"model kwarg '{last}={out[last]} {item}' has a space, which the shell splits: write "
+                                 f"it without spaces ({last}={out[last]}{item}) or quote it")
             raise ValueError(f"model kwarg '{item}' is not of the form key=value")
+        last = key
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -97,12 +101,17 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any], flag: str = '--model-
                   for name, p in inspect.signature(cls.__init__).parameters.items()}
         bad = next((k for k in kwargs if f"'{k}'" in str(e)), None)
         if bad is None:
-            # a word where the model takes a number (ParseKwargs keeps what is no Python literal as a string)
-            words = [k for k, v in kwargs.items() if isinstance(v, str) and k in params
-                     and isinstance(params[k].default, (int, float)) and not isinstance(params[k].default, bool)]
-            if words:
-                k = words[0]
-                raise ValueError(f'{flag} {k}={kwargs[k]}: {arch} takes a number for {k}.') from None
+            # a word where the model takes a number (ParseKwargs keeps what is no Python literal as a string), or a
+            # fraction where it takes a count
+            def wrong(k, v):
+                d = params[k].default if k in params else None
+                return not isinstance(d, bool) and (isinstance(d, int) and not isinstance(v, int) or
+                                                    isinstance(d, float) and not isinstance(v, (int, float)))
+            numbers = [k for k, v in kwargs.items() if wrong(k, v)]
+            if numbers:
+                k = numbers[0]
+                kind = 'a whole number' if isinstance(params[k].default, int) else 'a number'
+                raise ValueError(f'{flag} {k}={kwargs[k]}: {arch} takes {kind} for {k}.') from None
             raise ValueError(f'{flag} {_kv(kwargs)}: a value has the wrong type ({e}).') from None
         known = set(params) - {'self', 'args', 'kwargs'}
         close = closest_name(bad, sorted(known))
