@@ -74,6 +74,9 @@ def _rows(d):
                                                                           'which the shell splits: write it without '
                                                                           'spaces (moe_blocks=[2,3]) or quote it'),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim'], 'not of the form key=value'),
+        (['convert', '--model-kwargs', 'embed_dim=32', 'v_jetmoe_tiny', '--out', new],
+         "required: model; --model-kwargs took 'v_jetmoe_tiny', which is no K=V: put --model-kwargs after the "
+         "positional arguments"),
         (conv + ['--out', new, '--model-kwargs', 'embed_dim=100'], 'do not make a v_jetmoe_tiny'),
         (conv + ['--out', str(d / 'a_file'), '--overwrite'], 'is a file: give a folder path'),
         (conv + ['--out', str(d / 'a_file' / 'out')], 'is a file, not a folder'),

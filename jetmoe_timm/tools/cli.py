@@ -40,7 +40,25 @@ class OneLineParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
-        self.exit(2, f'{self.prog}: error: {message}{self._misspelled_required(message)} (see {self.prog} --help)\n')
+        hint = self._misspelled_required(message) or self._taken_by_kwargs(message)
+        self.exit(2, f'{self.prog}: error: {message}{hint} (see {self.prog} --help)\n')
+
+    def _taken_by_kwargs(self, message: str) -> str:
+        """For 'the following arguments are required: model': the words a K=V option ('--model-kwargs', which takes
+        every word after it) took that are no K=V, most likely the positional argument written after it."""
+        if not message.startswith('the following arguments are required'):
+            return ''
+        for action in self._actions:
+            for flag in action.option_strings if action.metavar == 'K=V' else ():
+                if flag not in self._argv:
+                    continue
+                after = self._argv[self._argv.index(flag) + 1:]
+                words = after[:next((i for i, w in enumerate(after) if w.startswith('-')), len(after))]
+                taken = [w for w in words if '=' not in w]
+                if taken:
+                    return (f"; {flag} took {', '.join(repr(w) for w in taken)}, which is no K=V: put {flag} after "
+                            f"the positional arguments")
+        return ''
 
     def _misspelled_required(self, message: str) -> str:
         """For 'the following arguments are required: --out': the given flag that was meant for it ('--ouy'),
