@@ -16,6 +16,7 @@ from jetmoe_timm.tools import cli
 from jetmoe_timm.export import save_pretrained_folder, save_safetensors_atomic
 from jetmoe_timm.layers import SpheroMoE
 from jetmoe_timm.tools.visualize import inspect_routing, plot_dispatch_maps, save_inspection
+from jetmoe_timm.tools.checks import parse_model_kwargs
 
 needs_matplotlib = pytest.mark.skipif(
     importlib.util.find_spec('matplotlib') is None, reason='figures need matplotlib (pip install -e ".[test]")')
@@ -209,6 +210,9 @@ def test_cli_inspect_end_to_end(tmp_path, tiny_vit_kwargs, kind, capsys):
 def test_cli_inspect_errors(tmp_path, capsys):
     images = _write_images(tmp_path, n=1)
     convnext = save_pretrained_folder(timm.create_model('c_jetmoe_femto', **TINY_CONVNEXT), tmp_path / 'convnext')
+    kwargs = parse_model_kwargs(TINY_ARGS)
+    other = save_pretrained_folder(timm.create_model('v_jetmoe_tiny', **dict(kwargs, num_core_experts=3)),
+                                   tmp_path / 'other')
     cases = [
         (['v_jetmoe_tiny', str(tmp_path / 'missing.jpg')], 'Image not found'),
         (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path / 'nope.safetensors')], 'Checkpoint not found'),
@@ -216,6 +220,9 @@ def test_cli_inspect_errors(tmp_path, capsys):
         (['v_jetmoe_tiny', *images, '--checkpoint', str(tmp_path)], 'has no config.json'),
         (['v_jetmoe_tiny', *images, '--checkpoint', str(convnext)], "holds a 'c_jetmoe_femto'"),
         (['v_jetmoe_tiny', *images, '--top-k', '0'], '--top-k must be >= 1'),
+        # the weights file of a folder made with other kwargs: the folder, whose config.json knows them
+        (['v_jetmoe_tiny', *images, '--checkpoint', str(other / 'model.safetensors')],
+         f'Or pass the folder it is in, whose config.json describes the model: --checkpoint {other}'),
     ]
     for args, message in cases:
         assert cli.main(['inspect', *args, '--model-kwargs', *TINY_ARGS, '--out', str(tmp_path / 'o')]) == 2

@@ -605,6 +605,11 @@ def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_
     overlay = dict(file=str(path), custom_load=False)
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **model_kwargs)
+    except ValueError as e:  # weights of another model: where they sit in a model folder, its config.json knows it
+        if (path.parent / 'config.json').is_file() and str(e).startswith('The checkpoint holds'):
+            raise ValueError(f'{e} Or pass the folder it is in, whose config.json describes the model: --checkpoint '
+                             f'{path.parent}') from None
+        raise
     except (RuntimeError, pickle.UnpicklingError) as e:  # timm re-raises torch.load's UnpicklingError
         unpickling = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
         if not isinstance(unpickling, pickle.UnpicklingError):
