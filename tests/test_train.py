@@ -635,6 +635,10 @@ def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretr
     line = said(validate, [data, '--model', 'v_jetmoe_tiny', *tiny, '--num-classes', '10', '--checkpoint',
                            str(tmp_path / 'dense.pth'), *cpu])
     assert 'It is a dense checkpoint: recycle it into this model first' in line and len(line) < 600, line
+    # a recycled init (no classifier) scored with --num-classes: fine-tune it first, not torch's missing head.weight
+    line = said(validate, [data, '--model', 'v_jetmoe_tiny', *tiny, '--num-classes', '10', '--checkpoint',
+                           str(pretrained_file), *cpu])
+    assert f'{pretrained_file} has no classifier (a recycled init has none): fine-tune it first' in line, line
     # validate.py over a folder of checkpoints records each one's failure and goes on, as without the launcher
     bulk = tmp_path / 'bulk'
     bulk.mkdir()

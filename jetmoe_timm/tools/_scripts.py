@@ -648,7 +648,14 @@ def _describing_mismatch(load_checkpoint):
             return load_checkpoint(model, checkpoint_path, *args, **kwargs)
         except RuntimeError:
             if isinstance(model, JetMoEMixin):  # raises its description where the checkpoint is another model's
-                model.check_checkpoint(timm.models.load_state_dict(checkpoint_path))
+                state = timm.models.load_state_dict(checkpoint_path)
+                model.check_checkpoint(state)
+                head = model.pretrained_cfg.get('classifier')
+                if head and f'{head}.weight' not in state and getattr(model.get_classifier(), 'weight', None) is not None:
+                    raise ValueError(  # recycled weights (num_classes=0) scored with a classifier nobody trained
+                        f'{checkpoint_path} has no classifier (a recycled init has none): fine-tune it first '
+                        f'(jetmoe-timm-train ... --pretrained-path {checkpoint_path}), then validate that run\'s '
+                        f'checkpoint.') from None
             raise
     return call
 
