@@ -182,23 +182,27 @@ def _display_name(arch: str) -> str:
     return f'{family.upper()}-JetMoE-{size[:1].upper()}'
 
 
-def _template_path(arch: str, template: Optional[os.PathLike]) -> Path:
-    """The card template: ``template``, else model_cards/<arch>.md where a variant has its own, else its family's
-    model_cards/<family>.md (v_jetmoe.md, c_jetmoe.md)."""
+def _template(arch: str, template: Optional[os.PathLike]) -> Tuple[Path, str]:
+    """The card template's path and text, checked (``_check_template``): ``template``, else model_cards/<arch>.md
+    where a variant has its own, else its family's model_cards/<family>.md (v_jetmoe.md, c_jetmoe.md)."""
     own = CARD_DIR / f'{arch}.md'
     path = Path(template) if template else own if own.is_file() else CARD_DIR / f'{_family(arch)}.md'
     if not path.is_file():
         raise FileNotFoundError(f'No model card template at {path}: ' + (
             'pass an existing file to --card-template.' if template else
             f'add model_cards/{_family(arch)}.md (see the others) or pass --card-template FILE.'))
-    _check_template(path)
-    return path
+    try:
+        text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError:
+        raise ValueError(f'Model card template {path} is not UTF-8 text: pass a Markdown file to '
+                         f'--card-template.') from None
+    _check_template(path, text)
+    return path, text
 
 
-def _check_template(path: Path) -> None:
-    """Every placeholder of the template at ``path`` one that a card fills, before a conversion (minutes) and
-    not only when the card is rendered after it."""
-    text = path.read_text()
+def _check_template(path: Path, text: str) -> None:
+    """Every placeholder of the template ``text`` (at ``path``) one that a card fills, before a conversion
+    (minutes) and not only when the card is rendered after it."""
     for m in string.Template.pattern.finditer(text):
         line = text.count('\n', 0, m.start()) + 1
         if m.group('invalid') is not None:
@@ -358,14 +362,14 @@ def render_model_card(folder: os.PathLike, repo_id: str, template: Optional[os.P
 
 
 def _render(name, config, model, repo_id, folder, template) -> str:
-    text = _template_path(name.partition('.')[0], template).read_text()
+    _, text = _template(name.partition('.')[0], template)
     try:  # the template's placeholders are checked: what fails here is the folder's config.json
         context = _card_context(name, config, model, repo_id, folder)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f'{folder}/config.json lacks what the model card is made from (its provenance under '
                          f'"jetmoe", pretrained_cfg, model_args; {type(e).__name__}: {e}): convert the model again, '
                          f'or repair config.json.') from None
-    body = string.Template(text).substitute(context)  # every placeholder checked by _template_path
+    body = string.Template(text).substitute(context)  # every placeholder checked by _template
     # the mark goes after the front matter: the Hub requires the YAML block to open the file
     head, sep, rest = body.partition('\n---\n')
     return f'{head}{sep}{CARD_MARK}\n{rest}' if body.startswith('---\n') and sep else f'{CARD_MARK}\n{body}'
@@ -418,7 +422,7 @@ def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = N
         raise ValueError(f"--revision {revision!r} is not a valid branch name: no leading '-', '/' or "
                          f"'.', no trailing '/', '.' or '.lock', no '..', '//', '@{{', spaces or any of ~^:?*[\\, "
                          f"and not HEAD or @.")
-    _template_path(name.partition('.')[0], card_template)
+    _template(name.partition('.')[0], card_template)
     if not dry_run:
         token = token or get_token()
         if not token:

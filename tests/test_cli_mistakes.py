@@ -35,6 +35,7 @@ def world(tmp_path_factory):
         (d / name / 'config.json').write_text(config or (d / 'pred' / 'config.json').read_text())
     (d / 'typo_card.md').write_text('# ${display_name}\n\nLoad ${modle_name}.\n')
     (d / 'dollar_card.md').write_text('# ${display_name}\n\nCosts $ 5.\n')
+    (d / 'card.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(16))  # a picture given for the card
     (d / 'garbage.safetensors').write_bytes(os.urandom(4096))
     (d / 'garbage.pth').write_bytes(b'not a pickle at all')
     save_file({'encoder.weight': torch.zeros(2, 2)}, d / 'foreign.safetensors')
@@ -139,6 +140,8 @@ def _rows(d):
         # a card template's mistakes: said before the conversion (new/ must not appear)
         (['push', 'v_jetmoe_tiny', '--repo-id', 'me/x', '--dry-run', '--out', new, '--card-template',
           str(d / 'typo_card.md')], "line 3: unknown placeholder 'modle_name' (did you mean 'model_name'?)"),
+        (['push', 'v_jetmoe_tiny', '--repo-id', 'me/x', '--dry-run', '--out', new, '--card-template',
+          str(d / 'card.png')], 'card.png is not UTF-8 text: pass a Markdown file to --card-template'),
         (['push', 'v_jetmoe_tiny', '--repo-id', 'me/x', '--dry-run', '--out', new, '--card-template',
           str(d / 'dollar_card.md')], "line 3: a '$' that starts no placeholder"),
         (['data', 'export', 'mnist5k', new, '--limit', 'test=5'], "limit names splits ['test']"),

@@ -218,8 +218,8 @@ def test_the_placeholders_a_template_is_checked_against_are_what_a_card_fills(ti
 @pytest.mark.parametrize('arch', timm.list_models(['v_jetmoe_*', 'c_jetmoe_*']))
 def test_every_registered_model_has_a_card_template(arch, tiny_folder):
     """One template per family serves each size, under the paper's name of the variant."""
-    from jetmoe_timm.hub import _template_path
-    template = _template_path(arch, None)
+    from jetmoe_timm.hub import _template
+    template, _ = _template(arch, None)
     assert template == CARD_DIR / f"{arch.rpartition('_')[0]}.md"
     card = render_model_card(tiny_folder, 'org/name', template=template)  # every placeholder is a known one
     assert '${' not in card and _front_matter(card)['library_name'] == 'timm'
