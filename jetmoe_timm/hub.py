@@ -432,7 +432,7 @@ def check_push(name: str, repo_id: Optional[str], *, revision: Optional[str] = N
             raise RuntimeError('HF_HUB_OFFLINE is set: unset it to push (or use --dry-run to only write the folder).')
         endpoint = (endpoint or constants.ENDPOINT).rstrip('/')
         if not endpoint.startswith(('http://', 'https://')):  # without it the probe would ask this machine
-            raise ValueError(f"endpoint '{endpoint}' (--endpoint or HF_ENDPOINT) has no scheme: give "
+            raise ValueError(f"endpoint '{endpoint}' (--endpoint or HF_ENDPOINT) is no http(s) URL: give "
                              f"https://{endpoint.split('://')[-1]} (or http:// for a local server).")
         if not hub_reachable(endpoint=endpoint):  # a TCP probe: seconds, where a conversion takes minutes
             raise RuntimeError(f'Cannot reach the Hub at {endpoint} (nothing answers): check the network, or '

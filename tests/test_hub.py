@@ -644,11 +644,12 @@ def test_push_model_refuses_an_unreachable_hub_before_converting(tmp_path, monke
     assert not out.exists()
     # an endpoint without its scheme would send the probe to this machine (port 80), not to the host named
     bare = dead.split('://')[1]
-    assert main(['push', 'v_jetmoe_tiny', '--out', str(out), '--no-progress', '--repo-id', 'org/name', '--endpoint',
-                 bare]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"jetmoe-timm push: error: endpoint '{bare}' (--endpoint or HF_ENDPOINT) has no scheme: give https://{bare} "
-        f"(or http:// for a local server).")
+    for endpoint in (bare, f'ftp://{bare}'):  # or with another scheme
+        assert main(['push', 'v_jetmoe_tiny', '--out', str(out), '--no-progress', '--repo-id', 'org/name',
+                     '--endpoint', endpoint]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"jetmoe-timm push: error: endpoint '{endpoint}' (--endpoint or HF_ENDPOINT) is no http(s) URL: give "
+            f"https://{bare} (or http:// for a local server).")
     assert not out.exists()
 
 
