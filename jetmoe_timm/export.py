@@ -289,8 +289,10 @@ def replace_problem(dst: os.PathLike, owned: Callable[[Path], bool], what: str) 
 def check_replaceable(dst: Path, overwrite: bool, owned: Callable[[Path], bool], what: str, flag: str,
                       overwrite_hint: str = 'overwrite=True (--overwrite)') -> None:
     """Raise FileExistsError, naming ``flag``, when writing the folder ``dst`` would fail or lose files: it exists
-    and ``overwrite`` is off, or replacing it could delete what is not ``what`` (``replace_problem``)."""
-    if dst.exists() and not overwrite:
+    with files and ``overwrite`` is off (an empty folder is filled), or replacing it could delete what is not ``what``
+    (``replace_problem``)."""
+    empty = dst.is_dir() and not any(dst.iterdir())  # made beforehand (mkdir -p): filled as a new one would be
+    if dst.exists() and not overwrite and not empty:
         raise FileExistsError(f'{dst} already exists: choose another {flag} or pass {overwrite_hint}.')
     problem = replace_problem(dst, owned, what)
     if problem:

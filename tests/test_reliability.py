@@ -773,6 +773,12 @@ def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
     assert (lookalike / 'README.md').read_text() == 'my notes' and (handmade / 'README.md').is_file()
     assert sorted(p.name for p in dense.iterdir()) == ['config.json', 'model.safetensors']
     shutil.rmtree(lookalike), shutil.rmtree(handmade), shutil.rmtree(dense)
+    (tmp_path / 'made_first').mkdir()  # an empty folder made beforehand (mkdir -p) is filled, without --overwrite
+    made = save_pretrained_folder(model, tmp_path / 'made_first')
+    assert sorted(p.name for p in made.iterdir()) == ['config.json', 'model.safetensors']
+    with pytest.raises(FileExistsError, match='already exists: choose another --out or pass overwrite=True'):
+        save_pretrained_folder(model, made)  # ... which then holds files
+    shutil.rmtree(made)
 
     folder = save_pretrained_folder(model, tmp_path / 'f')
     monkeypatch.chdir(folder)
