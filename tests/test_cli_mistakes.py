@@ -175,6 +175,8 @@ def _rows(d):
         (['bench', '--quick', '--out', f'{new}/b.json', '--batch-sizes', '0'], 'batch sizes must be at least 1'),
         (['bench', '--quick', '--out', f'{new}/b.json', '--rounds', '0'], '--rounds 0: give at least 1'),
         (['bench', '--quick', '--out', f'{new}/b.json', '--threads', '0'], '--threads 0: give at least 1'),
+        (['bench', '--quick', '--out', f'{new}/b.json', '--precisions', 'bf16-weights', '--modes', 'train'],
+         "['bf16-weights'] time inference only"),
         (['bench', '--quick', '--out', f'{new}/b.json', '--device', 'cuda:99'], 'torch sees no CUDA GPU' if
          not torch.cuda.is_available() else 'numbered from 0'),
         (['bench', '--quick', '--out', f'{new}/b.json', '--compile', 'all', '--compile-batch-sizes', '64'],
@@ -270,6 +272,7 @@ def test_every_mistake_gets_one_line_exit_2_and_leaves_nothing(world, tmp_path):
         assert 'Traceback' not in r.stderr, (argv, r.stderr[-2000:])
         assert len(lines) == 1 and re.match(f'jetmoe-timm {argv[0]}( export)?: error: ', lines[0]), (argv, lines)
         assert says in lines[0], (argv, lines[0])
+        assert not r.stdout.strip(), (argv, r.stdout)  # nothing before the error, such as a banner
     assert not (world / 'new').exists() and not list(world.glob('.new*'))  # nothing half-written
     assert (world / 'exists' / 'keep.txt').read_text() == 'keep' and (world / 'a_file').read_text() == 'x'
     assert sorted(p.name for p in (world / 'converted').iterdir()) == ['config.json', 'model.safetensors']

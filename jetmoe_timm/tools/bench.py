@@ -562,6 +562,19 @@ def _cpu_name() -> str:
     return f"{name} ({'; '.join(details)})"
 
 
+def _check_runs(precisions: Sequence[str], modes: Sequence[str]) -> None:
+    """Refuse precisions and modes that name nothing, or nothing to time together (before the CLI's banner)."""
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"Unknown precision '{p}'; choose from {sorted(PRECISIONS)}.")
+    for m in modes:
+        if m not in ('infer', 'train'):
+            raise ValueError(f"Unknown mode '{m}'; choose 'infer' or 'train'.")
+    if 'infer' not in modes and all(p in _INFER_ONLY for p in precisions):
+        raise ValueError(f'{list(precisions)} time inference only: add the infer mode or a training precision '
+                         '(float32, bf16).')
+
+
 def run_benchmark(
         pairs: Sequence[Pair] = DEFAULT_PAIRS,
         batch_sizes: Sequence[int] = (32, 64, 128),
@@ -593,15 +606,7 @@ def run_benchmark(
     ``on_section``: called with the results so far after each section (the CLI writes them, so a run that fails
     later, e.g. out of GPU memory on a big variant, keeps what it measured).
     """
-    for p in precisions:
-        if p not in PRECISIONS:
-            raise ValueError(f"Unknown precision '{p}'; choose from {sorted(PRECISIONS)}.")
-    for m in modes:
-        if m not in ('infer', 'train'):
-            raise ValueError(f"Unknown mode '{m}'; choose 'infer' or 'train'.")
-    if 'infer' not in modes and all(p in _INFER_ONLY for p in precisions):
-        raise ValueError(f'{list(precisions)} time inference only: add the infer mode or a training precision '
-                         '(float32, bf16).')
+    _check_runs(precisions, modes)
     if any(p not in ('float32', 'bf16') for p in layer_precisions):
         raise ValueError(f'Layer precisions are float32 and bf16 (autocast), not {list(layer_precisions)}.')
     if rounds < 1 or any(b < 1 for b in list(batch_sizes) + list(layer_batch_sizes)):
@@ -755,6 +760,8 @@ def _run(args) -> int:
     if compile_mode == 'all' and not set(compile_batch_sizes) <= set(batch_sizes):
         raise ValueError(f'--compile-batch-sizes {sorted(set(compile_batch_sizes) - set(batch_sizes))} are not among '
                          f'the batch sizes {batch_sizes}: models are compiled only at sizes they are timed at.')
+    precisions = args.precisions or (['float32'] if quick else ['float32', 'bf16'])
+    _check_runs(precisions, args.modes)
     _device(args.device)
     # torch.compile imports cpp_extension, which warns on every CPU-only machine that it found no CUDA runtime
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
@@ -764,7 +771,7 @@ def _run(args) -> int:
         log=lambda line: print(f'  {line}', flush=True),
         pairs=pairs,
         batch_sizes=batch_sizes,
-        precisions=args.precisions or (['float32'] if quick else ['float32', 'bf16']),
+        precisions=precisions,
         modes=args.modes,
         torch_compile=(False, True) if compile_mode == 'all' else (False,),
         compile_batch_sizes=compile_batch_sizes,
