@@ -117,8 +117,14 @@ def test_mnist5k_round_trip(tmp_path, mnist_raw):
 
 def test_export_is_atomic(tmp_path, mnist_raw, monkeypatch):
     out = tmp_path / 'm'
+    taken = tmp_path / 'taken'
+    taken.mkdir()
+    (taken / 'keep.txt').write_text('keep')  # a folder with files: refused (an empty one is filled)
     with pytest.raises(FileExistsError, match='--force'):
-        data.export_dataset('mnist5k', tmp_path, limit=10)
+        data.export_dataset('mnist5k', taken, limit=10)
+    assert [p.name for p in taken.iterdir()] == ['keep.txt']
+    (taken / 'keep.txt').unlink()
+    taken.rmdir()
 
     calls = {'n': 0}
     save = Image.Image.save

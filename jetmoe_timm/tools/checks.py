@@ -26,6 +26,8 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
     not write there (``owned`` recognises an earlier output, ``what`` names it). Without ``overwrite``, a folder
     that holds files is refused naming ``overwrite_flag`` (the command's own option, e.g. '--overwrite'); without
     that either, it is left to the command."""
+    if not str(out):  # Path('') is the current folder
+        raise ValueError(f'{flag} is empty: give a folder path.')
     out = Path(out)
     if os.path.islink(out) and not out.exists():
         raise ValueError(f'{flag} {out} is a link to nothing ({os.readlink(out)}): remove it or choose another path.')

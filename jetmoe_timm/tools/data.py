@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Tuple, Union
@@ -345,10 +346,10 @@ def _cmd_export(args) -> int:
     counts = ', '.join(f'{s} {v["count"]}' for s, v in meta['splits'].items())
     print(f'Wrote {args.dataset} to {out} ({counts} images, {len(meta["classes"])} classes).')
     if 'train' not in meta['splits']:  # train.py would train on validation/: the launcher refuses that
-        print(f'Validate with: jetmoe-timm-validate {out} --model ... (timm ImageFolder layout).')
+        print(f'Validate with: jetmoe-timm-validate {shlex.quote(str(out))} --model ... (timm ImageFolder layout).')
     else:  # without validation/, train.py needs --val-split '' not to validate on train/
         no_val = '' if 'validation' in meta['splits'] else " --val-split ''"
-        print(f'Train with: jetmoe-timm-train {out} --model ... --num-classes {len(meta["classes"])}{no_val} '
+        print(f'Train with: jetmoe-timm-train {shlex.quote(str(out))} --model ... --num-classes {len(meta["classes"])}{no_val} '
               f'(timm ImageFolder layout).')
     if 'calibration' in meta:
         print(f"Held-out calibration images ({meta['calibration']['count']}, none among the training ones): "
