@@ -695,8 +695,9 @@ def test_predecessor_input_contract_travels(tmp_path, predecessor, monkeypatch, 
                  '--no-progress', '--model-kwargs'] + [f'{k}={v}' for k, v in kw.items()]) == 0
     said = capsys.readouterr().out  # 8 images of 32 features: too few for the figure to tell, and it says so
     assert 'retention: linear CKA' in said and ('on fewer images than its 32 feature dimensions CKA reads high for '
-                                                'any model: read it against the random-init figure, or raise '
-                                                '--num-calib (it uses up to 256)') in said
+                                                'any model: read it against the random-init figure, or calibrate '
+                                                'on more images (it uses up to 256: --num-calib, and a --calib '
+                                                'folder that holds them)') in said
     assert expected(timm.create_model(f'local-dir:{out}', pretrained=True)) == contract
     given = timm.create_model('v_jetmoe_tiny', pretrained=True, **kw,  # as train.py's --pretrained-path passes it
                               pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')))
