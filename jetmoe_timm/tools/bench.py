@@ -442,7 +442,8 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
             def reference():
                 with torch.no_grad():
                     sphero_moe_reference(layer, x[:sub])
-            t = interleaved_times({'r': reference}, cfg['reference_rounds'], 0, device)['r']
+            # one warm-up call: a cold first call (allocator, caches) took up to 25x a warm one, times the batch
+            t = interleaved_times({'r': reference}, cfg['reference_rounds'], 1, device)['r']
             times['looped reference'] = [v * batch / sub for v in t]
             info['reference_images'] = sub
         base = statistics.median(times['floor (matmuls alone)'])
