@@ -192,6 +192,16 @@ def test_a_missing_weights_file_is_named(family, tmp_path):
                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'x.safetensors')))
 
 
+def test_mlp_variants_the_experts_cannot_be_are_refused():
+    """A GLU MLP (ViT mlp_layer) or ConvNeXt-V2's global response norm (use_grn) would hold in the dense blocks
+    only, the experts being plain MLPs: refused when the model is built, instead of silently dropped."""
+    from timm.layers import SwiGLUPacked
+    with pytest.raises(ValueError, match=r"needs timm's plain Mlp \(fc1 -> act -> fc2\), not mlp_layer=GluMlp"):
+        timm.create_model(FAMILIES['vit'][0], mlp_layer=SwiGLUPacked, **FAMILIES['vit'][1])
+    with pytest.raises(ValueError, match='C-JetMoE needs use_grn=False'):
+        timm.create_model(FAMILIES['convnext'][0], use_grn=True, **FAMILIES['convnext'][1])
+
+
 def test_checkpoint_with_other_moe_blocks_names_them_and_the_widths(family):
     """A JetMoE checkpoint whose MoE layers sit in other blocks is no dense checkpoint: the message names the blocks
     found and the model's, and the widths (a ConvNeXt's per stage, read off the blocks: the stem is timm's)."""

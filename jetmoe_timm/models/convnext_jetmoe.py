@@ -84,6 +84,9 @@ class ConvNeXtJetMoE(JetMoEMixin, ConvNeXt):
         """
         if kwargs.get('conv_mlp', False):
             raise ValueError('C-JetMoE needs conv_mlp=False: SpheroMoE takes channels-last (B, H, W, C) tokens.')
+        if kwargs.get('use_grn', False):  # the MoE blocks' experts would silently lack it
+            raise ValueError('C-JetMoE needs use_grn=False: its experts are plain MLPs, without the global response '
+                             'norm of ConvNeXt-V2.')
         super().__init__(**kwargs)
         options = MoEOptions(
             univ_ratio=univ_ratio, slots_per_expert=slots_per_expert, routing=routing, moe_combine=moe_combine,

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import get_act_layer
+from timm.layers import Mlp, get_act_layer
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
@@ -69,6 +69,11 @@ class VisionTransformerJetMoE(JetMoEMixin, VisionTransformer):
             moe_drop_path_rate: peak expert drop path, on the block drop-path schedule (default: drop_path_rate).
             **kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim, depth, ...).
         """
+        mlp_layer = kwargs.get('mlp_layer', Mlp)
+        if mlp_layer is not Mlp:  # the MoE blocks' experts would silently be plain MLPs
+            name = getattr(getattr(mlp_layer, 'func', mlp_layer), '__name__', mlp_layer)  # a partial: its class
+            raise ValueError(f"V-JetMoE needs timm's plain Mlp (fc1 -> act -> fc2), not mlp_layer={name}: its experts "
+                             f"are plain MLPs.")
         super().__init__(**kwargs)
         options = MoEOptions(
             univ_ratio=univ_ratio, slots_per_expert=slots_per_expert, routing=routing, moe_combine=moe_combine,
