@@ -72,6 +72,10 @@ def test_classifier_of_another_pooling_is_not_taken(predecessor):
     (dict(head_norm_first=True), {}, r'nothing for \(head\.norm\..*build it with head_norm_first=True\.$'),
     ({}, dict(head_norm_first=True), r'nothing for \(norm_pre\..*build it with head_norm_first=False\.$'),
     (dict(conv_bias=True), dict(conv_bias=False), r'no place for .*stem\.0\.bias.*with conv_bias=True\.$'),
+    # other kernels, wider experts: said before any statistics (a shape error in the plan, after them)
+    (dict(kernel_sizes=5), {}, r'depthwise kernels differ: build the successor with kernel_sizes=\[5, 5, 5, 5\]\.$'),
+    ({}, dict(core_mlp_ratio=16.), r'MLP of 192: build the successor with MLPs of at most 192 \(mlp_ratio; .*'
+                                   r'core_mlp_ratio for C-JetMoE\)$'),
 ])
 def test_layers_only_one_side_has_are_refused_naming_the_option(pred_kwargs, succ_kwargs, match):
     """A norm or bias only the predecessor has would be lost, one only the successor has would stay freshly

@@ -84,6 +84,11 @@ def check(pred, succ) -> None:
         if len(model.stem) != 2:  # a conv and its norm; an overlap stem has more layers, of other widths
             raise ValueError(f"the {name} has a stem of {len(model.stem)} layers (stem_type='overlap'), which is not "
                              f"recycled: use ConvNeXts with timm's patch stem (stem_type='patch', the default).")
+    kernel = lambda stage: stage.blocks[0].conv_dw.kernel_size[0] if len(stage.blocks) else None  # noqa: E731
+    kernels = [kernel(stage) for stage in pred.stages]
+    if any(kernel(ss) not in (None, k) for ss, k in zip(succ.stages, kernels)):
+        raise ValueError(f'predecessor and successor depthwise kernels differ: build the successor with '
+                         f'kernel_sizes={kernels}.')
     if pred.stem[0].kernel_size != succ.stem[0].kernel_size:
         patch = pred.stem[0].kernel_size
         raise ValueError(f'predecessor and successor stems differ: patches of {patch} and '

@@ -181,7 +181,9 @@ def select_neurons(
     """
     H = importance.numel()
     if k > H:
-        raise ValueError(f'an expert of {k} hidden neurons cannot be sampled from an MLP of {H}')
+        raise ValueError(f"a successor MLP or expert of {k} hidden neurons cannot be sampled from the predecessor's "
+                         f"MLP of {H}: build the successor with MLPs of at most {H} (mlp_ratio; core_hidden for "
+                         f"V-JetMoE, core_mlp_ratio for C-JetMoE)")
     if method not in METHODS:
         raise ValueError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
     rows = METHODS[method].rows(num_experts, k, importance, generator,
