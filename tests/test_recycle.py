@@ -297,7 +297,7 @@ def test_a_builds_note_and_provenance_say_what_its_classifier_is(pred_dir):
                                     (dict(num_classes=5), 'fresh', 'A freshly initialised classifier'),
                                     (dict(num_classes=0), 'none', 'No classifier')):
         succ, r = build_recycled('v_jetmoe_tiny', dict(kwargs, **extra), predecessor=f'local-dir:{pred_dir}',
-                                 calib='weights', progress=False)
+                                 calib='weights', measure_retention=False, progress=False)
         assert r.provenance['classifier'] == classifier and f'{note}; fine-tune before use.' in succ.pretrained_cfg[
             'notes'][0], extra
         assert ('head.weight' in r.fresh_keys) == (classifier == 'fresh')
