@@ -34,7 +34,7 @@ import torch.nn as nn
 
 import jetmoe_timm  # noqa: F401  (registers v_jetmoe_tiny)
 from jetmoe_timm.layers import SpheroMoE
-from jetmoe_timm.tools.bench import PRECISIONS, _MatmulFloor, _runner, interleaved_times
+from jetmoe_timm.tools.bench import PRECISIONS, MatmulFloor, timed_runner, interleaved_times
 
 
 class _FloorFn(torch.autograd.Function):
@@ -64,7 +64,7 @@ class FloorLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.dtype = dtype  # of the floor's matmuls
-        self.floors = {}  # (batch, tokens) -> _MatmulFloor, built on first use: its operands are the weights' bytes
+        self.floors = {}  # (batch, tokens) -> MatmulFloor, built on first use: its operands are the weights' bytes
         self.grads = None  # kept gradients of the layer's parameters, made on the first backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ class FloorLayer(nn.Module):
         if key not in self.floors:
             self.floors.clear()  # one batch size at a time: 6 layers' operands are ~1 GB
             with torch.inference_mode(False):  # normal tensors: the training mode writes them too
-                self.floors[key] = _MatmulFloor(self.layer, *key, dtype=self.dtype, device=x.device)
+                self.floors[key] = MatmulFloor(self.layer, *key, dtype=self.dtype, device=x.device)
         if not torch.is_grad_enabled():
             self.floors[key].forward()
             return x.clone()
@@ -119,7 +119,7 @@ def main(argv=None):
         for mode in args.modes:
             for m in models.values():
                 m.train(mode == 'train')
-            cands = {k: _runner(m, mode, x, y, args.precision, opts[k]) for k, m in models.items()}  # the bench's
+            cands = {k: timed_runner(m, mode, x, y, args.precision, opts[k]) for k, m in models.items()}  # the bench's
             times = interleaved_times(cands, args.rounds, warmup=2, device=device)
             for name, t in times.items():
                 # paired: the twin's time over the candidate's in the same round, where both met the same load

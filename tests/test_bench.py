@@ -86,7 +86,7 @@ def test_layer_section_in_bf16_is_autocast_against_bfloat16_matmuls(monkeypatch)
     """--layer-precisions bf16: the layer runs under autocast (its experts compute in bfloat16) and its floor times
     the same matmuls on bfloat16 operands; the float32 section is unchanged beside it."""
     expert_dtypes = []
-    real_build, real_floor = LayerShape.build, bench._MatmulFloor
+    real_build, real_floor = LayerShape.build, bench.MatmulFloor
 
     def build(self):
         layer = real_build(self)
@@ -95,7 +95,7 @@ def test_layer_section_in_bf16_is_autocast_against_bfloat16_matmuls(monkeypatch)
         return layer
     floors = []
     monkeypatch.setattr(LayerShape, 'build', build)
-    monkeypatch.setattr(bench, '_MatmulFloor', lambda *a, **k: floors.append(real_floor(*a, **k)) or floors[-1])
+    monkeypatch.setattr(bench, 'MatmulFloor', lambda *a, **k: floors.append(real_floor(*a, **k)) or floors[-1])
     result = run_benchmark(pairs=[], layer=TINY_LAYER, layer_batch_sizes=(3,), layer_precisions=('float32', 'bf16'),
                            compile_layer=False, rounds=1, warmup=0, memory=False, log=lambda s: None)
     assert expert_dtypes == [{torch.float32}, {torch.bfloat16}]
@@ -113,7 +113,7 @@ def test_floor_has_the_layers_matmuls():
     """The floor times exactly the matmul work of the layer's forward (same MACs as the layer, counted)."""
     layer = TINY_LAYER.build().eval()
     B = 3
-    floor = bench._MatmulFloor(layer, B, TINY_LAYER.tokens)
+    floor = bench.MatmulFloor(layer, B, TINY_LAYER.tokens)
     with FlopCounterMode(display=False) as counter:
         layer(torch.randn(B, TINY_LAYER.tokens, TINY_LAYER.dim))
     matmul_ops = {'mm', 'bmm', 'baddbmm'}
@@ -145,7 +145,7 @@ def test_bf16_weights_is_inference_of_a_bfloat16_copy(tmp_path, monkeypatch):
     carried over from the float32 training cells) and leaves the float32 originals as they were."""
     monkeypatch.setattr(bench, 'DEFAULT_PAIRS', (TINY_PAIR,))
     built, timed = [], []
-    real_build, real_runner = bench._build, bench._runner
+    real_build, real_runner = bench._build, bench.timed_runner
     monkeypatch.setattr(bench, '_build',
                         lambda name, kwargs, device: built.append(real_build(name, kwargs, device)) or built[-1])
 
@@ -153,7 +153,7 @@ def test_bf16_weights_is_inference_of_a_bfloat16_copy(tmp_path, monkeypatch):
         timed.append((precision, mode, {p.dtype for p in model.parameters()}, x.dtype,
                       any(p.grad is not None for p in model.parameters())))
         return real_runner(model, mode, x, y, precision, opt)
-    monkeypatch.setattr(bench, '_runner', spy_runner)
+    monkeypatch.setattr(bench, 'timed_runner', spy_runner)
     out = tmp_path / 'b.json'
     rc = cli.main(['bench', '--models', 'v_jetmoe_tiny', '--precisions', 'float32', 'bf16-weights', '--compile',
                    'off', '--batch-sizes', '2', '--rounds', '1', '--no-memory', '--no-layer', '--out', str(out)])
@@ -177,7 +177,7 @@ def test_bf16_cached_times_the_opt_in_weight_copies(tmp_path, monkeypatch):
     from jetmoe_timm.layers import ExpertLinear
     monkeypatch.setattr(bench, 'DEFAULT_PAIRS', (TINY_PAIR,))
     seen, models = [], []
-    real_runner = bench._runner
+    real_runner = bench.timed_runner
 
     def spy_runner(model, mode, x, y, precision, opt):
         models.append(model)
@@ -188,7 +188,7 @@ def test_bf16_cached_times_the_opt_in_weight_copies(tmp_path, monkeypatch):
             experts = [m for m in model.modules() if isinstance(m, ExpertLinear)]
             seen.append((precision, mode, tuple(id(m._autocast_copy) if m._autocast_copy else None for m in experts)))
         return timed
-    monkeypatch.setattr(bench, '_runner', spy_runner)
+    monkeypatch.setattr(bench, 'timed_runner', spy_runner)
     out = tmp_path / 'b.json'
     rc = cli.main(['bench', '--models', 'v_jetmoe_tiny', '--precisions', 'bf16', 'bf16-cached', '--compile', 'off',
                    '--batch-sizes', '2', '--rounds', '2', '--no-memory', '--no-layer', '--out', str(out)])

@@ -163,7 +163,7 @@ def _build(name: str, kwargs: Dict, device: torch.device = torch.device('cpu')) 
     return timm.create_model(name, pretrained=False, **dict(dict(num_classes=1000, device=device), **kwargs))
 
 
-def _runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, precision: str,
+def timed_runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, precision: str,
             opt: Optional[torch.optim.Optimizer]) -> Callable[[], None]:
     if mode == 'infer':
         def run():
@@ -284,13 +284,13 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                         m.train(mode == 'train')
                         if compile_on:
                             c = compiled.setdefault((k, cast), torch.compile(m))
-                            run = _runner(c, mode, xm, y, precision, opts[k])
+                            run = timed_runner(c, mode, xm, y, precision, opts[k])
                             t0 = time.perf_counter()
                             run()  # compiles for this batch, precision and mode
                             _synchronize(device)
                             compile_s[k] = time.perf_counter() - t0
                         else:
-                            run = _runner(m, mode, xm, y, precision, opts[k])
+                            run = timed_runner(m, mode, xm, y, precision, opts[k])
                         cands[k] = run
                     with _switched_on(set_autocast_weight_cache, models.values(), precision == 'bf16-cached'):
                         times = interleaved_times(cands, cfg['rounds'], cfg['warmup'], device)
@@ -308,7 +308,7 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                 for k, m in models.items():
                     opt = opts[k] if opt_name == 'adamw' else _optimizer(m, opt_name)
                     if not opt.state:  # a first step creates the optimizer state
-                        _runner(m, 'train', x, y, cfg['memory_precisions'][0], opt)()
+                        timed_runner(m, 'train', x, y, cfg['memory_precisions'][0], opt)()
                     variants = [(precision, False) for precision in cfg['memory_precisions']]
                     if (k == 'model' and device.type == 'cpu' and 'float32' in cfg['memory_precisions']
                             and opt_name != 'lean-in-backward'):  # kept buffers would hold what it frees
@@ -317,7 +317,7 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
                     for precision, kept in variants:
                         with _switched_on(set_keep_grad_memory, [m], kept):
                             if kept:
-                                _runner(m, 'train', x, y, precision, opt)()  # fills the kept buffers
+                                timed_runner(m, 'train', x, y, precision, opt)()  # fills the kept buffers
                             mem = _train_step_memory(m, opt, x, y, precision)
                         mem_rows.append(dict(model=names[k], batch=batch, precision=precision, optimizer=opt_name,
                                              kept_grads=kept, **mem))
@@ -330,7 +330,7 @@ def _bench_pair(pair: Pair, cfg: Dict, log: Callable[[str], None]) -> Tuple[List
 
 # ---------------------------------------------------------------------------------------------------- layer
 
-class _MatmulFloor:
+class MatmulFloor:
     """The layer's matmuls alone: same shapes, contiguous operands, preallocated outputs.
 
     Forward: logits (BN, d) @ (d, M); slots (B, M, N) @ (B, N, d); per expert path fc1 (E, SB, d) @ (E, d, h) and
@@ -393,7 +393,7 @@ def _bench_layer(shape: LayerShape, batch: int, cfg: Dict, log: Callable[[str], 
     x = torch.randn(batch, shape.tokens, shape.dim, device=device)
     x_grad = x.clone().requires_grad_()
     dy = torch.randn_like(x)
-    floor = _MatmulFloor(layer, batch, shape.tokens, dtype=PRECISIONS[precision] or torch.float32, device=device)
+    floor = MatmulFloor(layer, batch, shape.tokens, dtype=PRECISIONS[precision] or torch.float32, device=device)
 
     def fwd(m):
         def run():

@@ -133,7 +133,7 @@ def export_dataset(
         )
         for split in splits:
             images, labels, source_index = _load_split(name, split, source)
-            keep = _balanced_subset(labels, limits.get(split))
+            keep = balanced_subset(labels, limits.get(split))
             for c in classes:
                 (tmp / split / c).mkdir(parents=True)
             for i in keep:
@@ -146,7 +146,7 @@ def export_dataset(
                 if len(rest) < calib_images:
                     raise ValueError(f'only {len(rest)} training images are left outside the exported ones: ask '
                                      f'for at most {len(rest)} calibration images, or export fewer (--limit).')
-                held_out = rest[_balanced_subset(labels[rest], calib_images)]
+                held_out = rest[balanced_subset(labels[rest], calib_images)]
                 (tmp / 'calibration').mkdir()
                 for i in held_out:
                     Image.fromarray(images[i]).save(tmp / 'calibration' / f'{source_index[i]:05d}.png')
@@ -259,7 +259,7 @@ def _mnist5k_validation_mask(labels: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _balanced_subset(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
+def balanced_subset(labels: np.ndarray, limit: Optional[int]) -> np.ndarray:
     """Indices of the first ``limit`` images taken round-robin over classes in source order (all if None)."""
     if limit is None or limit >= len(labels):
         return np.arange(len(labels))

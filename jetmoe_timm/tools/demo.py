@@ -88,10 +88,10 @@ def scaled_args(args: Dict, width: float) -> Dict:
 def load_demo_split(name: str, split: str, limit: Optional[int] = None):
     """Images padded to 32 px and normalised as the models are trained, and labels; ``limit`` takes the same
     number of each class (first in source order: MNIST-5k is sorted by class, so a plain prefix would not do)."""
-    from .data import _balanced_subset, load_arrays
+    from .data import balanced_subset, load_arrays
     images, labels = load_arrays(name, split)
     if limit:
-        keep = _balanced_subset(labels, limit)
+        keep = balanced_subset(labels, limit)
         images, labels = images[keep], labels[keep]
     x = torch.tensor(images).float().div(255).sub(0.5).div(0.5).unsqueeze(1)
     return F.pad(x, (2, 2, 2, 2), value=-1.0), torch.tensor(labels).long()
