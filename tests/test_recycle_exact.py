@@ -207,10 +207,13 @@ def test_rope_vit_is_refused():
 @pytest.mark.parametrize('pred_ls, succ_ls', [(1e-6, None), (1e-6, 1e-6), (None, 1e-6)],
                          ids=['gamma-folded', 'gamma-copied', 'gamma-ones'])
 def test_convnext_full_width_is_exact_with_layer_scale(pred_ls, succ_ls):
+    """Built through the entrypoints: create_model drops ls_init_value=None, which would give both a gamma."""
     kwargs = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=5)
-    pred = _randomize(timm.create_model('convnext_tiny', **kwargs, ls_init_value=pred_ls))
+    entrypoint = timm.models.model_entrypoint
+    pred = _randomize(entrypoint('convnext_tiny')(**kwargs, ls_init_value=pred_ls))
     torch.manual_seed(1)
-    succ = timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=(), ls_init_value=succ_ls)
+    succ = entrypoint('c_jetmoe_femto')(**kwargs, moe_blocks=(), ls_init_value=succ_ls)
+    assert [(m.stages[0].blocks[0].gamma is None) for m in (pred, succ)] == [pred_ls is None, succ_ls is None]
     succ, _ = _recycled(succ, pred)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
