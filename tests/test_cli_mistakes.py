@@ -71,6 +71,8 @@ def _rows(d):
                                                                  'whole number for embed_dim.'),
         (conv + ['--out', new, '--model-kwargs', 'num_core_experts=2.5'], 'takes a whole number for num_core_experts'),
         (conv + ['--out', new, '--model-kwargs', 'univ_ratio=x'], 'takes a number for univ_ratio'),
+        (['convert', 'c_jetmoe_femto', '--out', new, '--model-kwargs', 'ls_init_value=None'],
+         "--model-kwargs ls_init_value=None: timm's create_model drops arguments set to None"),
         (conv + ['--out', new, '--model-kwargs', 'moe_blocks=[2,', '3]'], "model kwarg 'moe_blocks=[2, 3]' has a space, "
                                                                           'which the shell splits: write it without '
                                                                           'spaces (moe_blocks=[2,3]) or quote it'),

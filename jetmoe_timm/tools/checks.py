@@ -96,6 +96,10 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any], flag: str = '--model-
     if not kwargs:
         return
     arch = check_model_name(model)
+    dropped = [k for k, v in kwargs.items() if v is None]
+    if dropped:  # e.g. ls_init_value=None, meant to build without layer scale, would build it with
+        raise ValueError(f"{flag} {dropped[0]}=None: timm's create_model drops arguments set to None, so the model "
+                         f"would keep its default {dropped[0]}; leave it out, or give a value.")
     try:
         timm.create_model(arch, device='meta', **kwargs)
     except TypeError as e:
