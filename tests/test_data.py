@@ -202,7 +202,10 @@ def test_per_split_limits_and_a_held_out_calibration_folder(tmp_path, capsys, mn
     for bad, message in ((['--limit', 'train=0'], "--limit train '0' is not a positive number"),
                          (['--limit', '100', '7'], 'give one number, or SPLIT=N'),
                          (['--limit', 'test=100'], "limit names splits ['test']"),
-                         (['--limit', 'train=20', '--calib-images', '5000'], 'training images are left')):
+                         (['--limit', 'train=20', '--calib-images', '5000'], 'training images are left'),
+                         (['--split', 'validation', '--calib-images', '5'],
+                          'are held out from the train split, which is not exported here: add train to the splits'),
+                         (['--calib-images', '0'], 'calib_images (0) must be at least 1.')):
         assert main(['data', 'export', 'mnist5k', str(tmp_path / 'bad'), *bad]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / 'bad').exists() and not list(tmp_path.glob('.bad*'))  # nothing half-written

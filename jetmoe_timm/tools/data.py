@@ -112,8 +112,11 @@ def export_dataset(
             raise ValueError(
                 f'limit {n} ({split}) is smaller than the {len(classes)} classes of {name}: timm numbers classes by '
                 f'the folders it finds, so every class needs at least one image. Use limit >= {len(classes)}.')
-    if calib_images is not None and (calib_images < 1 or 'train' not in splits):
-        raise ValueError(f'calib_images ({calib_images}) must be at least 1 and needs the train split exported.')
+    if calib_images is not None and calib_images < 1:
+        raise ValueError(f'calib_images ({calib_images}) must be at least 1.')
+    if calib_images is not None and 'train' not in splits:
+        raise ValueError(f'calib_images ({calib_images}) are held out from the train split, which is not exported '
+                         f'here: add train to the splits (--split train ...).')
     if calib_images and limits.get('train') is None:  # said now, not after writing the whole split
         raise ValueError(f'calib_images ({calib_images}) are taken from training images outside the exported ones, '
                          f'and without a train limit every one is exported: add a limit (--limit train=N).')
