@@ -162,6 +162,10 @@ def test_bad_input_errors(tmp_path):
         data.export_dataset('mnist5k', tmp_path / 'x', splits=['test'])
     with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
         data.load_arrays('fashion-mnist', 'train', source=tmp_path)
+    (tmp_path / 'a_file').write_text('x')  # --source given a file, or nothing: said as what it is
+    for source, what in (('a_file', 'a file'), ('missing', 'not there')):
+        with pytest.raises(FileNotFoundError, match=f"--source {tmp_path / source} is {what}: pass the folder"):
+            data.load_arrays('fashion-mnist', 'train', source=tmp_path / source)
     assert not (tmp_path / 'x').exists()
 
 

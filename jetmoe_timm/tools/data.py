@@ -210,6 +210,9 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 def _load_fashion_mnist(split: str, source: Optional[os.PathLike]) -> Tuple[np.ndarray, np.ndarray]:
     root = Path(source or FASHION_MNIST_DIR)
+    if source and not root.is_dir():  # the user's --source: said as what it is, not as files missing inside it
+        raise FileNotFoundError(f"--source {root} is {'a file' if root.exists() else 'not there'}: pass the folder "
+                                f"holding Fashion-MNIST's idx .gz files.")
     image_file, label_file = (root / f for f in _FASHION_MNIST_FILES[split])
     missing = [str(p) for p in (image_file, label_file) if not p.is_file()]
     if missing:
