@@ -171,6 +171,19 @@ def test_predecessor_parts_the_successor_would_lose_are_refused_before_statistic
     assert '\n' not in str(e.value) and not calls
 
 
+def test_a_new_head_may_start_fresh_where_a_lost_norm_may_not():
+    """What a successor adds as a new head (an attention pool, ConvNeXt's hidden head layer) starts fresh, as a new
+    classifier does; a norm inside the recycled computation that the predecessor has not is refused (above)."""
+    pred = timm.create_model('vit_small_patch16_224', **dict(BASE, num_classes=0))
+    _, r = _recycled(_succ(BASE, moe_blocks=(), num_classes=0, global_pool='map'), pred)
+    assert {k.split('.')[0] for k in r.fresh_keys} == {'attn_pool'}
+    kwargs = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40), num_classes=5)
+    _, r = _recycled(timm.create_model('c_jetmoe_femto', **kwargs, moe_blocks=(), head_hidden_size=24),
+                     timm.create_model('convnext_tiny', **kwargs))
+    assert sorted(r.fresh_keys) == ['head.fc.bias', 'head.fc.weight', 'head.pre_logits.fc.bias',
+                                    'head.pre_logits.fc.weight']
+
+
 class _Counting(torch.utils.data.Dataset):
     """Calibration images that record being read."""
 

@@ -150,7 +150,6 @@ RULES = (
 LAYER_OPTIONS = (
     (r'norm_pre\.', 'head_norm_first=True', 'head_norm_first=False'),
     (r'head\.norm\.', 'head_norm_first=False', 'head_norm_first=True'),
-    (r'head\.pre_logits\.', "the predecessor's head_hidden_size", 'head_hidden_size=None'),
     (r'(?:stem\.0|stages\.\d+\.(?:downsample\.1|blocks\.\d+\.conv_dw))\.bias', 'conv_bias=True', 'conv_bias=False'),
 )
 
@@ -202,5 +201,6 @@ SPEC = FamilySpec(
     scale_rules=SCALE_RULES,
     features_module='head.fc',  # its input is the pooled pre-logits feature
     block_pattern=r'stages\.\d+\.blocks\.\d+\.',
+    new_head=r'head\.(?:fc|pre_logits)\.',
     layer_options=LAYER_OPTIONS,
 )

@@ -180,11 +180,11 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
                               'paper')
     plan = family.plan(predecessor, successor, selection, 'paper')
     unread, missing = unplaced_tensors(plan, predecessor.state_dict(), family.block_pattern, family.scale_rules)
-    # the successor's own tensors that nothing fills, besides its MoE routing and its classifier: a norm the
-    # predecessor has not (final_norm, embed_norm_layer) would sit freshly initialised inside the recycled computation
-    own = tuple(f'{n}.' for n, m in successor.named_modules() if isinstance(m, SpheroMoE)) + (
-        f'{family.features_module}.',)
-    fresh = [k for k in successor.state_dict() if k not in plan and not k.startswith(own)]
+    # the successor's own tensors that nothing fills, besides its MoE routing and a new head: a norm the predecessor
+    # has not (final_norm, embed_norm_layer) would sit freshly initialised inside the recycled computation
+    routing = tuple(f'{n}.' for n, m in successor.named_modules() if isinstance(m, SpheroMoE))
+    fresh = [k for k in successor.state_dict()
+             if k not in plan and not k.startswith(routing) and not re.match(family.new_head, k)]
     fix = lambda keys, predecessor_has, default: (  # noqa: E731
         layer_options_for(family, keys, predecessor_has) or default)
     listed = lambda keys: ', '.join(keys[:4]) + (' ...' if len(keys) > 4 else '')  # noqa: E731

@@ -53,6 +53,9 @@ class FamilySpec:
     # the residual width of a model, for the official tool's two-predecessor recipe ('official'): None where that
     # recipe does not exist for the family
     body_width: Optional[Callable[[nn.Module], int]] = None
+    # the successor tensors that may start fresh besides its MoE routing (regex, matched at the key's start): a new
+    # head, i.e. the classifier and what a successor may add before it (ViT's attention pool, ConvNeXt's hidden layer)
+    new_head: str = r'head\.'
     # the successor option that places a tensor the plan cannot: (key regex, matched at the key's start; the option
     # where only the predecessor has such tensors; the option where only the successor has them)
     layer_options: Sequence[Tuple[str, str, str]] = ()

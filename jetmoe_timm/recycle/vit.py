@@ -385,6 +385,7 @@ SPEC = FamilySpec(
     scale_rules=SCALE_RULES,
     features_module='head',  # its input is the pooled pre-logits feature
     block_pattern=r'blocks\.\d+\.',
+    new_head=r'(?:head|attn_pool)\.',
     layer_options=LAYER_OPTIONS,
     # a rectangular grid whose rows (+ prefix) make a square would be read as a square one: 14 x 16 + 1 = 15^2
     assumed="num_heads as timm's ViTs of that width have them (64-wide heads but for ViT-H, g, G, so400m) where no "
