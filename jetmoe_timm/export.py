@@ -260,10 +260,20 @@ def is_model_folder(path: Path) -> bool:
     try:
         if 'README.md' in names and CARD_MARK not in (path / 'README.md').read_text(errors='replace'):
             return False
-        written_here = CHECKSUM_KEY in verify_safetensors(path / 'model.safetensors', content=False)
-        return written_here and isinstance(read_model_config(path, '').get('pretrained_cfg'), dict)
+        return _written_here(path / 'model.safetensors') and isinstance(
+            read_model_config(path, '').get('pretrained_cfg'), dict)
     except (OSError, ValueError):
         return False
+
+
+def _written_here(path: Path) -> bool:
+    """Whether the safetensors file ``path`` was written by jetmoe_timm (its header names the content checksum),
+    damaged or not: a truncated earlier output is still one, which --overwrite is there to replace."""
+    try:
+        return CHECKSUM_KEY in verify_safetensors(path, content=False)
+    except ValueError:  # truncated or damaged: the key, where the header's start survived
+        with open(path, 'rb') as f:
+            return CHECKSUM_KEY.encode() in f.read(1 << 20)
 
 
 def replace_problem(dst: os.PathLike, owned: Callable[[Path], bool], what: str) -> Optional[str]:
@@ -291,7 +301,8 @@ def check_replaceable(dst: Path, overwrite: bool, owned: Callable[[Path], bool],
     """Raise FileExistsError, naming ``flag``, when writing the folder ``dst`` would fail or lose files: it exists
     with files and ``overwrite`` is off (an empty folder is filled), or replacing it could delete what is not ``what``
     (``replace_problem``)."""
-    empty = dst.is_dir() and not any(dst.iterdir())  # made beforehand (mkdir -p): filled as a new one would be
+    # made beforehand (mkdir -p): filled as a new one would be; not through a link, which the rename would replace
+    empty = dst.is_dir() and not dst.is_symlink() and not any(dst.iterdir())
     if dst.exists() and not overwrite and not empty:
         raise FileExistsError(f'{dst} already exists: choose another {flag} or pass {overwrite_hint}.')
     problem = replace_problem(dst, owned, what)

@@ -71,6 +71,9 @@ def _rows(d):
                                                                  'whole number for embed_dim.'),
         (conv + ['--out', new, '--model-kwargs', 'num_core_experts=2.5'], 'takes a whole number for num_core_experts'),
         (conv + ['--out', new, '--model-kwargs', 'univ_ratio=x'], 'takes a number for univ_ratio'),
+        (conv + ['--out', new, '--model-kwargs', 'img_size=(32,32)', 'depth=x'], 'takes a whole number for depth'),
+        (conv + ['--out', new, '--model-kwargs', 'global_pool=', 'v_jetmoe_tiny'],
+         "model kwarg 'v_jetmoe_tiny' is not of the form key=value"),
         (['convert', 'c_jetmoe_femto', '--out', new, '--model-kwargs', 'ls_init_value=None'],
          "--model-kwargs ls_init_value=None: timm's create_model drops arguments set to None"),
         (conv + ['--out', new, '--model-kwargs', 'moe_blocks=[2,', '3]'], "model kwarg 'moe_blocks=[2, 3]' has a space, "

@@ -157,7 +157,9 @@ def test_unrecyclable_vits_are_refused_in_one_line(kwargs, match):
     ('vit_small_patch16_224', dict(embed_norm_layer='layernorm'), {}, r"with embed_norm_layer='layernorm'\.$"),
     ('vit_small_patch16_224', {}, dict(embed_norm_layer='layernorm'),
      r'predecessor has nothing for \(patch_embed\.norm\..*build it with embed_norm_layer=None\.$'),
-    ('vit_small_patch16_224', dict(final_norm=False), {}, r"nothing for \(fc_norm\.weight.*with fc_norm=False or global_p"),
+    ('vit_small_patch16_224', dict(final_norm=False), {}, r'nothing for \(fc_norm\.weight.*with final_norm=False\.$'),
+    ('vit_small_patch16_224', dict(global_pool='avg'), dict(final_norm=False),
+     r'no place for 2 .*fc_norm\.weight.*with final_norm=True\.$'),
     ('vit_small_patch16_224', dict(final_norm=False), dict(global_pool='token'),
      r'nothing for \(norm\.weight.*build it with final_norm=False'),
 ])

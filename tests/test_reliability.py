@@ -778,7 +778,17 @@ def test_overwrite_replaces_only_an_earlier_model_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in made.iterdir()) == ['config.json', 'model.safetensors']
     with pytest.raises(FileExistsError, match='already exists: choose another --out or pass overwrite=True'):
         save_pretrained_folder(model, made)  # ... which then holds files
+    # a damaged earlier output (truncated weights) is still one: --overwrite replaces it
+    with open(made / 'model.safetensors', 'r+b') as f:
+        f.truncate(5000)
+    save_pretrained_folder(model, made, overwrite=True)
+    verify_safetensors(made / 'model.safetensors')
     shutil.rmtree(made)
+    (tmp_path / 'real').mkdir()  # a link to an empty folder: refused, not replaced by the rename
+    (tmp_path / 'link').symlink_to(tmp_path / 'real')
+    with pytest.raises(FileExistsError, match='already exists'):
+        save_pretrained_folder(model, tmp_path / 'link')
+    (tmp_path / 'link').unlink(), (tmp_path / 'real').rmdir()
 
     folder = save_pretrained_folder(model, tmp_path / 'f')
     monkeypatch.chdir(folder)

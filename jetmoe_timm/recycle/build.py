@@ -396,8 +396,10 @@ def _cache_problem(path: Path, key: str, fingerprints: Optional[Dict[str, list]]
         made = ', '.join(f'{k}={prov.get(k)}' for k in ('model', 'recipe', 'method', 'jetmoe_timm_version'))
         return f'{path} was built for another request ({made})'
     for field, fingerprint in (fingerprints or {}).items():
-        if prov.get(field) != fingerprint:
-            which = field.rpartition('_fingerprint')[0].replace('_', ' ')
+        which = field.rpartition('_fingerprint')[0].replace('_', ' ')
+        if field not in prov:  # built by a version that did not record it
+            return f'{path} records no fingerprint of its {which}'
+        if prov[field] != fingerprint:
             return f'the {which} has changed since {path} was built from it'
     return None
 

@@ -284,7 +284,7 @@ LAYER_OPTIONS = (
     (r'norm_pre\.', 'pre_norm=True', 'pre_norm=False'),
     (r'patch_embed\.norm\.', "embed_norm_layer='layernorm'", 'embed_norm_layer=None'),
     (r'norm\.', 'final_norm=True', 'final_norm=False'),
-    (r'fc_norm\.', 'fc_norm=True', "fc_norm=False or global_pool='token'"),
+    (r'fc_norm\.', 'final_norm=True', 'final_norm=False'),  # timm has an fc_norm only with a final norm
     (r'blocks\.\d+\.attn\.qkv\.bias', 'qkv_bias=True', 'qkv_bias=False'),
     (r'blocks\.\d+\.attn\.[qk]_norm\.', 'qk_norm=True', 'qk_norm=False'),
     (r'blocks\.\d+\.attn\.proj\.bias', 'proj_bias=True', 'proj_bias=False'),
@@ -388,6 +388,6 @@ SPEC = FamilySpec(
     new_head=r'(?:head|attn_pool)\.',
     layer_options=LAYER_OPTIONS,
     # a rectangular grid whose rows (+ prefix) make a square would be read as a square one: 14 x 16 + 1 = 15^2
-    assumed="num_heads as timm's ViTs of that width have them (64-wide heads but for ViT-H, g, G, so400m) where no "
-            "qk-norm weights give their width, a square patch grid, exact GELU (SigLIP's is the tanh one)",
+    assumed="num_heads as most of timm's ViTs of that width have them (64-wide heads; 16 for ViT-H, g, G, so400m) "
+            "where no qk-norm weights give their width, a square patch grid, exact GELU (SigLIP's is the tanh one)",
 )

@@ -41,7 +41,8 @@ def check_output_folder(out: os.PathLike, overwrite: bool, flag: str = '--out',
     if out.exists() and not overwrite and any(out.iterdir()) and overwrite_flag:
         raise ValueError(f'{flag} {out} already exists: choose another {flag} or pass {overwrite_flag}.')
     target = Path(os.path.abspath(out))
-    target = target.parent if replacing else target  # a replacement is made and renamed beside it
+    # a replacement, or the filling of a folder that exists, is made beside it and renamed into place
+    target = target.parent if replacing or (out.exists() and owned is not None) else target
     parent = next(p for p in (target, *target.parents) if p.exists())
     if not parent.is_dir():
         raise ValueError(f'{flag} {out}: {parent} is a file, not a folder; choose another path.')
@@ -78,7 +79,7 @@ def parse_model_kwargs(items) -> Dict[str, Any]:
     for item in items or ():
         key, sep, value = item.partition('=')
         if not sep:
-            if last is not None and isinstance(out[last], str) and out[last][:1] in '[(':  # the shell split it
+            if last is not None and isinstance(out[last], str) and out[last][:1] in ('[', '('):  # the shell split it
                 raise ValueError(f"model kwarg '{last}={out[last]} {item}' has a space, which the shell splits: write "
                                  f"it without spaces ({last}={out[last]}{item}) or quote it")
             raise ValueError(f"model kwarg '{item}' is not of the form key=value")
@@ -109,10 +110,10 @@ def check_model_kwargs(model: str, kwargs: Dict[str, Any], flag: str = '--model-
         if bad is None:
             # a word where the model takes a number (ParseKwargs keeps what is no Python literal as a string), or a
             # fraction where it takes a count
-            def wrong(k, v):
+            def wrong(k, v):  # a tuple where the default is one number may be right (img_size=(64, 64))
                 d = params[k].default if k in params else None
-                return not isinstance(d, bool) and (isinstance(d, int) and not isinstance(v, int) or
-                                                    isinstance(d, float) and not isinstance(v, (int, float)))
+                return isinstance(d, (int, float)) and not isinstance(d, bool) and (
+                    isinstance(v, str) or isinstance(v, float) and isinstance(d, int))
             numbers = [k for k, v in kwargs.items() if wrong(k, v)]
             if numbers:
                 k = numbers[0]
