@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ._names import quoted
 from .export import is_torch_checkpoint, save_pretrained_folder
 from .layers import SpheroMoE
 
@@ -274,7 +275,7 @@ def _read_checkpoint(path: Path, weights_only: bool) -> Dict[str, torch.Tensor]:
         try:
             return _unwrap(safetensors.torch.load_file(str(path)))
         except Exception as e:  # SafetensorError: truncated or not safetensors at all
-            raise ValueError(f'{path} cannot be read as safetensors ({str(e).splitlines()[0][:120]}): pass an '
+            raise ValueError(f'{path} cannot be read as safetensors ({quoted(e)}): pass an '
                              f'intact official checkpoint.') from None
     if not is_torch_checkpoint(path):
         raise ValueError(f'{path} is no PyTorch checkpoint (neither a zip archive nor a pickle): pass the official '

@@ -180,6 +180,7 @@ def _rows(d):
         (['bench', '--quick', '--out', f'{new}/b.json', '--batch-sizes', '0'], 'batch sizes must be at least 1'),
         (['bench', '--quick', '--out', f'{new}/b.json', '--rounds', '0'], '--rounds 0: give at least 1'),
         (['bench', '--quick', '--out', f'{new}/b.json', '--threads', '0'], '--threads 0: give at least 1'),
+        (['bench', '--quick', '--out', f'{new}/b.json', '--threads', '999'], '--threads 999: this process may run on'),
         (['convert', 'v_jetmoe_tiny', '--out', ''], '--out is empty: give a folder path'),
         (['bench', '--quick', '--out', f'{new}/b.json', '--precisions', 'bf16-weights', '--modes', 'train'],
          "['bf16-weights'] time inference only"),

@@ -31,6 +31,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
+from .._names import quoted
 from ..export import read_provenance, verify_safetensors
 from ..hub_access import hub_reachable, not_cached_reason
 
@@ -217,8 +218,7 @@ def _why(e: BaseException) -> str:
     meaning = next((_HUB_REASONS[n] for n in names if n in _HUB_REASONS), None)
     response = getattr(e, 'response', None)
     status = f'HTTP {response.status_code}, ' if getattr(response, 'status_code', None) else ''
-    text = str(e).strip().splitlines()
-    return f'{meaning or (text[0][:200] if text else "failed")}; {status}{type(e).__name__}'
+    return f'{meaning or quoted(e, 200) or "failed"}; {status}{type(e).__name__}'
 
 
 # default repos whose fallback to recycling was already explained in this process (said once, not per load)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from filelock import FileLock, Timeout
 
-from .._names import did_you_mean
+from .._names import did_you_mean, quoted
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
     read_model_config, remove_dead_writers, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_unless_reachable, hub_reachable, not_cached_reason
@@ -108,7 +108,7 @@ def _dense_model_problem(model_name: str) -> str:
 
 
 def _offline_error(spec: str, err: Exception, body: bool = False) -> WeightsUnavailableError:
-    reason = not_cached_reason() if not hub_reachable() else f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'
+    reason = not_cached_reason() if not hub_reachable() else f'{type(err).__name__}: {quoted(err, 200)}'
     if body:  # the official recipe's second predecessor has its own option
         return WeightsUnavailableError(
             f"Cannot load the body predecessor '{spec}' of recipe 'official' ({reason}). Ways out: connect to the "
@@ -212,7 +212,7 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
         state = timm.models.load_state_dict(path)  # .safetensors / .pth / .bin; unwraps 'state_dict' / 'model'
     except Exception as e:  # truncated, not a checkpoint at all, a pickle of something else
         raise ValueError(f"'{path}' cannot be read as a checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else ''}): pass a timm .safetensors, .pth or "
+                         f"{quoted(e)}): pass a timm .safetensors, .pth or "
                          f".bin file.") from None
     if any(k.endswith('.slot_query') for k in state):
         raise ValueError(f"'{path}' holds a JetMoE model (SpheroMoE layers), not a dense predecessor: load it as "

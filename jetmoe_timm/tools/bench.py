@@ -738,6 +738,10 @@ def _check_counts(args, batch_sizes: List[int]) -> None:
     for flag, value in (('--rounds', args.rounds), ('--threads', args.threads)):
         if value is not None and value < 1:
             raise ValueError(f'{flag} {value}: give at least 1, or leave {flag} out for the default.')
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if args.threads is not None and cores and args.threads > cores:  # oversubscribed: every figure would be noise
+        raise ValueError(f'--threads {args.threads}: this process may run on {cores} cores; give at most {cores}, or '
+                         f'leave --threads out for the default.')
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f'batch sizes must be at least 1, got {sorted({b for b in batch_sizes if b < 1})}.')
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .._modes import eval_mode
+from .._names import quoted
 from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, read_model_config, write_atomic
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
@@ -621,7 +622,7 @@ def _create_model(name: str, checkpoint: Optional[str], pretrained: bool, model_
                              f'the weights alone (torch.save(model.state_dict(), ...) or a .safetensors file) and '
                              f'pass that.') from None
         reason = re.search(r'WeightsUnpickler error:\s*([^\n]+)', str(unpickling))
-        reason = reason.group(1).strip() if reason else (str(unpickling).strip().splitlines() or [''])[0][:120]
+        reason = reason.group(1).strip() if reason else quoted(unpickling)
         raise ValueError(f'Cannot read --checkpoint {path} as weights, it is no PyTorch checkpoint (torch.load: '
                          f'{reason}): pass a .safetensors or .pth file of the model.') from None
 
