@@ -117,6 +117,8 @@ def _rows(d):
         (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'no_calib')], 'does not exist'),
         (conv + ['--out', new, '--predecessor', pred, '--calib', str(d / 'empty_calib')], 'holds no images'),
         (['convert', 'v_jetmoe_tiny', '--out', new, '--num-calib', '0'], 'must be at least 1'),
+        (['convert', 'v_jetmoe_tiny', '--out', new, '--calib', 'weights', '--calib-size', 'predecessor'],
+         "calib_size 'predecessor' (--calib-size) sizes calibration images, and calib='weights' takes none"),
         (['convert', 'c_jetmoe_femto', '--out', new, '--recipe', 'official'], 'exists for ViT only'),
         (['convert', 'v_jetmoe_tiny', '--out', new, '--method', 'graph', '--calib', 'weights'],
          'needs co-activation statistics'),

@@ -69,6 +69,9 @@ def check_options(**options) -> None:
     if calib == 'weights':
         if METHODS[method].needs_coactivation:
             raise ValueError(f"method '{method}' needs co-activation statistics: pass calibration images.")
+        if calib_size != RECYCLE_DEFAULTS['calib_size']:  # silently unused otherwise
+            raise ValueError(f"calib_size '{calib_size}' (--calib-size) sizes calibration images, and calib='weights' "
+                             f"takes none: drop it, or pass calibration images.")
         return
     if num_calib < 1 or batch_size < 1:
         raise ValueError(f'num_calib ({num_calib}) and batch_size ({batch_size}) must be at least 1.')
