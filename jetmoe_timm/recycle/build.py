@@ -319,9 +319,9 @@ def build_recycled(
     succ = result.model
     contract = input_contract(pred)
     # the cfg describes these weights, not the registered default's: their predecessor, their recipe
-    head = getattr(succ.get_classifier(), 'weight', None)
-    head_name = next((n for n, p in succ.named_parameters() if p is head), None) if head is not None else None
-    classifier = 'none' if head_name is None else 'fresh' if head_name in result.fresh_keys else 'taken'
+    has_head = getattr(succ.get_classifier(), 'weight', None) is not None
+    classifier = 'none' if not has_head else 'fresh' if f"{succ.pretrained_cfg['classifier']}.weight" in \
+        result.fresh_keys else 'taken'
     notes = (recycled_note(public_source(pred_spec), opts['method'], opts['recipe'], classifier),)
     succ.pretrained_cfg = dict(succ.pretrained_cfg, notes=notes, **contract)
     # published with the weights (push): a local predecessor by its name only, never its path (the cache key,

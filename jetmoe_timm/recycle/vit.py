@@ -283,8 +283,7 @@ RULES = (
 LAYER_OPTIONS = (
     (r'norm_pre\.', 'pre_norm=True', 'pre_norm=False'),
     (r'patch_embed\.norm\.', "embed_norm_layer='layernorm'", 'embed_norm_layer=None'),
-    (r'norm\.', 'final_norm=True', 'final_norm=False'),
-    (r'fc_norm\.', 'final_norm=True', 'final_norm=False'),  # timm has an fc_norm only with a final norm
+    (r'(?:fc_)?norm\.', 'final_norm=True', 'final_norm=False'),  # timm has an fc_norm only with a final norm
     (r'blocks\.\d+\.attn\.qkv\.bias', 'qkv_bias=True', 'qkv_bias=False'),
     (r'blocks\.\d+\.attn\.[qk]_norm\.', 'qk_norm=True', 'qk_norm=False'),
     (r'blocks\.\d+\.attn\.proj\.bias', 'proj_bias=True', 'proj_bias=False'),
