@@ -34,7 +34,7 @@ from .export import CARD_MARK, PROVENANCE_KEY, public_source, read_model_config,
     verify_safetensors, write_atomic
 from .hub_access import hub_offline_mode, hub_reachable
 from .models import JetMoEMixin, is_jetmoe_model, list_jetmoe_models
-from .models._pretrained import architecture_signature
+from .models._pretrained import architecture_signature, weight_shapes
 from .profile import count_macs, count_params
 from .recycle import RECYCLE_SOURCES
 from .recycle.engine import RECYCLE_DEFAULTS
@@ -84,14 +84,14 @@ def _read_config(folder: Path) -> Dict[str, Any]:
     return config
 
 
-def _weight_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+def _file_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
     with safetensors.safe_open(str(path), framework='pt') as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def _mismatch(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) -> str:
     """Why ``shapes`` would not load strictly into ``model`` ('' if they would)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = weight_shapes(model.state_dict())
     missing = sorted(expected.keys() - shapes.keys())
     unexpected = sorted(shapes.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
@@ -127,7 +127,7 @@ def _inspect_folder(folder: Path, model_name: Optional[str] = None) -> Tuple[str
         raise ValueError(f"{folder}/config.json does not describe a buildable '{arch}' ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}): fix its model_args, or re-export the folder "
                          f"with save_pretrained_folder.") from None
-    problem = _mismatch(model, _weight_shapes(folder / 'model.safetensors'))
+    problem = _mismatch(model, _file_shapes(folder / 'model.safetensors'))
     if problem:
         raise ValueError(f'{folder}/model.safetensors does not fit the model its config.json describes '
                          f'({problem}): re-export the folder with save_pretrained_folder.')
@@ -163,7 +163,7 @@ def _fits_default_model(name: str, folder: Path) -> bool:
     """Whether the folder holds weights of ``timm.create_model(name)`` itself (what ``pretrained=True`` builds):
     the same shapes, module types and attention heads as the architecture its config.json describes."""
     default = timm.create_model(name, device='meta')
-    if _mismatch(default, _weight_shapes(folder / 'model.safetensors')):
+    if _mismatch(default, _file_shapes(folder / 'model.safetensors')):
         return False
     return architecture_signature(timm.create_model(f'local-dir:{folder}', device='meta')) == \
         architecture_signature(default)

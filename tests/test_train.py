@@ -547,7 +547,8 @@ def test_torchrun_ddp_pretrained_resume(first_run, tiny_data, predecessor_dir, t
 
 def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
     """validate.py --checkpoint of a train.py run with a model whose weights are not the run's is named with the
-    run's flags (quoted for the shell); the same model said otherwise passes: a tuple args.yaml lists, kwargs that
+    run's flags (quoted for the shell), also where only the attention heads differ (the load would succeed into
+    another computation); the same model said otherwise passes: a tuple args.yaml lists, kwargs that
     change no weight (drop rates, routing defaults), --num-classes at its default on one side."""
     from argparse import Namespace
     run = tmp_path / 'run'
@@ -569,6 +570,7 @@ def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
                          + " 'moe_blocks=[2, 3]' moe_drop_path_rate=0.1 "
                          + ' '.join(f'{k}={v}' for k, v in sorted(TINY_VIT.items()) if k > 'moe') + '.')
     assert problem(5, **TINY_VIT, moe_blocks=(2, 3)) is not None
+    assert problem(**dict(TINY_VIT, moe_blocks=(2, 3), num_heads=4)) is not None  # the same shapes, other heads
     (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='vit_tiny_patch16_224', num_classes=None,
                                                        model_kwargs=None)))
     dense = Namespace(model='vit_tiny_patch16_224', num_classes=1000, model_kwargs=None,

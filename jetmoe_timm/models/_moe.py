@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..layers import SpheroMoE
 from ..routing import moe_layers
+from ._pretrained import weight_shapes
 
 __all__ = ['JetMoEMixin', 'MoEOptions']
 
@@ -183,8 +184,7 @@ class JetMoEMixin:
         timm, which adapts them (in_chans, num_classes)."""
         cfg = getattr(self, 'pretrained_cfg', None) or {}  # none on a model built without timm's factory
         skip = tuple(c for c in (cfg.get('first_conv'), cfg.get('classifier'), 'head') if c)
-        ours = {k: tuple(v.shape) for k, v in self.state_dict().items() if not k.startswith(skip)}
-        theirs = {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(skip)}
+        ours, theirs = weight_shapes(self.state_dict(), skip), weight_shapes(state_dict, skip)
         bad = [k for k, s in ours.items() if theirs.get(k) != s]
         if len(bad) <= 3:  # a few keys: timm's strict load names them better than a summary would
             return

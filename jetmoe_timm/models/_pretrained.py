@@ -22,7 +22,7 @@ import inspect
 import itertools
 import logging
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import safetensors.torch
 import timm
@@ -36,7 +36,7 @@ from ..export import read_provenance, verify_safetensors
 from ..hub_access import hub_reachable, not_cached_reason
 
 __all__ = ['HF_ORG', 'PAPER_CFG', 'WeightsUnavailableError', 'architecture_signature', 'build_jetmoe',
-           'prepare_pretrained', 'recycled_cfgs', 'refuse_damaged', 'register_weight_builder']
+           'prepare_pretrained', 'recycled_cfgs', 'refuse_damaged', 'register_weight_builder', 'weight_shapes']
 
 _logger = logging.getLogger(__name__)
 
@@ -106,12 +106,17 @@ def register_weight_builder(builder: Callable[[str, Dict[str, Any]], os.PathLike
     _weight_builder = builder
 
 
+def weight_shapes(state_dict: Mapping[str, torch.Tensor], skip=()) -> Dict[str, Tuple[int, ...]]:
+    """{key: shape} of a state dict, leaving out keys starting with ``skip`` (a prefix or a tuple of them)."""
+    return {k: tuple(v.shape) for k, v in state_dict.items() if not k.startswith(skip)}
+
+
 def architecture_signature(model: nn.Module, skip=()) -> Dict[str, Any]:
     """What a model's weights mean: every tensor's shape, every module's type (post-norm blocks, another
     activation) and the head count of every attention (a (3d, d) qkv is the same shape for 3 or 6 heads, but
     recycled weights differ: heads are selected whole). Dropout and drop path, which come and go with their
     rates, are left out, and so are keys starting with ``skip``."""
-    out: Dict[str, Any] = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(skip)}
+    out: Dict[str, Any] = dict(weight_shapes(model.state_dict(), skip))
     for name, m in model.named_modules():
         if not isinstance(m, _MEANINGLESS) and not (skip and name.startswith(skip)):
             out[f'{name}#type'] = type(m).__name__

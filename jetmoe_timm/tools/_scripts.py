@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 
 from .._names import did_you_mean
 from ..models import JetMoEMixin, list_jetmoe_models
-from ..models._pretrained import recorded_input_contract
+from ..models._pretrained import architecture_signature, recorded_input_contract
 from ..export import read_model_config, verify_safetensors
 from .checks import check_model_kwargs, check_output_folder
 from .cli import INTERRUPTED, USER_ERRORS, closest_option, error_line
@@ -288,27 +288,28 @@ def _run_args(checkpoint: Optional[str]) -> Optional[dict]:
     return run if isinstance(run, dict) else None  # not train.py's otherwise
 
 
-def _weight_shapes(model: str, num_classes: Optional[int], model_kwargs: Optional[dict]) -> Optional[dict]:
-    """{key: shape} of the model a script builds from these options (on the meta device), None where it cannot be
-    built here (the script then says why)."""
+def _built_signature(model: str, num_classes: Optional[int], model_kwargs: Optional[dict]) -> Optional[dict]:
+    """``architecture_signature`` of the model a script builds from these options (on the meta device), None where
+    it cannot be built here (the script then says why)."""
     try:
         kwargs = dict(model_kwargs or {}, **({'num_classes': num_classes} if num_classes is not None else {}))
         built = timm.create_model(model, device='meta', **kwargs)
     except Exception:
         return None
-    return {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    return architecture_signature(built)
 
 
 def _checkpoint_run_problem(args: argparse.Namespace) -> Optional[str]:
     """validate.py ``--checkpoint`` of a train.py run, with a model whose weights are not the run's (architecture,
-    classes, model kwargs that change shapes): the load fails with torch's list of mismatched tensors. Compared as
-    built, so options that change no weight (drop rates, routing) and equal ways of saying one thing pass."""
+    classes, model kwargs that change shapes, module types or heads): the load fails with torch's list of
+    mismatched tensors, or loads into another computation. Compared as built, so options that change no weight
+    (drop rates, routing) and equal ways of saying one thing pass."""
     checkpoint = getattr(args, 'checkpoint', None)
     run = _run_args(checkpoint) if checkpoint and os.path.isfile(checkpoint) else None
     if not run or not isinstance(run.get('model'), str) or not isinstance(run.get('model_kwargs') or {}, dict):
         return None
-    wanted = _weight_shapes(run['model'], run.get('num_classes'), run.get('model_kwargs'))
-    given = _weight_shapes(args.model, args.num_classes, getattr(args, 'model_kwargs', None))
+    wanted = _built_signature(run['model'], run.get('num_classes'), run.get('model_kwargs'))
+    given = _built_signature(args.model, args.num_classes, getattr(args, 'model_kwargs', None))
     if wanted is None or given is None or wanted == given:
         return None
     flags = [f"--model {run['model']}"] + ([f"--num-classes {run['num_classes']}"] if run.get('num_classes') else [])
