@@ -36,9 +36,12 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.ppm', '.tif', '.
 _PIL_MODES = {1: 'L', 2: 'LA', 3: 'RGB', 4: 'RGBA'}  # the image mode read for a model of these channels
 
 
-def image_mode(chans: int) -> Optional[str]:
-    """The PIL mode images are read in for a model of ``chans`` input channels; None above 4 (no image file mode)."""
-    return _PIL_MODES.get(chans)
+def image_mode(chans: int, instead: str) -> str:
+    """The PIL mode image files are read in for a model of ``chans`` input channels. Above 4 channels no image file
+    mode fits: refused in one line that ends with ``instead``, what to give in place of files."""
+    if chans not in _PIL_MODES:
+        raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: {instead}')
+    return _PIL_MODES[chans]
 
 
 def in_mode(im: Image.Image, mode: str) -> Image.Image:
@@ -204,13 +207,10 @@ def _batched(images, data_cfg: Dict[str, Any], transform, batch_size: int,
     """Batches of transformed images: PIL images read as a folder's are (``in_mode``, ``image_tensor``), ready
     tensors only resized (antialiased bicubic) to ``size``."""
     chans = data_cfg['input_size'][0]
-    mode = image_mode(chans)
     batch = []
     for img in images:
         if isinstance(img, Image.Image):
-            if mode is None:
-                raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
-                                 f'synthetic images or ready {chans}-channel tensors.')
+            mode = image_mode(chans, f'calibrate with synthetic images or ready {chans}-channel tensors.')
             img = image_tensor(in_mode(img, mode), data_cfg, transform)
         elif not img.is_floating_point():  # torchvision's read_image / PILToTensor: 0..255, not normalised
             raise ValueError(f"calibration tensors are taken as normalised model inputs, got {img.dtype} ones (pixel "
@@ -285,7 +285,6 @@ def calibration_batches(
     data_cfg = model_data_config(model, img_size)
     img_size = img_size or fixed_input_size(model)  # what ready tensors are resized to (None: any size)
     chans = data_cfg['input_size'][0]
-    mode = image_mode(chans)
     transform = create_transform(**data_cfg, is_training=False)
     total = -(-num_images // batch_size)
     if calib is None or calib == 'synthetic':
@@ -298,9 +297,8 @@ def calibration_batches(
     if isinstance(calib, (str, os.PathLike)):
         calib = list_images(calib)  # fails now, with a clear message, rather than mid-way
     if isinstance(calib, ImageListing):
-        if mode is None:
-            raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: calibrate with '
-                             f'synthetic images (--calib synthetic) or a Dataset of ready {chans}-channel tensors.')
+        mode = image_mode(chans, 'calibrate with synthetic images (--calib synthetic) or a Dataset of ready '
+                                 f'{chans}-channel tensors.')
         count = min(num_images, len(calib.files))  # what the folder can give (less any it cannot decode)
         images = (image_tensor(img, data_cfg, transform) for img in _folder_images(calib, num_images, seed, mode))
         return (_batched(images, data_cfg, transform, batch_size), -(-count // batch_size),

@@ -249,10 +249,9 @@ def _load_batch(images: ImageInput, data_config: Dict[str, Any]) -> Tuple[torch.
     from timm.data import create_transform
     images = list(images)
     chans = data_config['input_size'][0]
-    mode = image_mode(chans)  # the model's channels, read as calibration reads them
-    if mode is None:
-        raise ValueError(f'image files hold at most 4 channels, the model takes {chans}: pass the images as one '
-                         f'(B, {chans}, H, W) tensor to inspect_routing(model, images) in Python.')
+    # the model's channels, read as calibration reads them
+    mode = image_mode(chans, f'pass the images as one (B, {chans}, H, W) tensor to inspect_routing(model, images) '
+                             'in Python.')
     data_config = fit_channels(data_config, chans)  # a config given for the RGB model a grey one comes from
     transform = create_transform(**data_config, is_training=False)
     paths = [img for img in images if isinstance(img, (str, os.PathLike))]
