@@ -565,12 +565,12 @@ def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
     assert problem(**dict(TINY_VIT, moe_blocks=(2, 3))) is None  # no drop rate, the tuple as given
     assert problem(**dict(TINY_VIT, moe_blocks=[2, 3], univ_ratio=0.25, moe_noise_mult=0.)) is None
     said = problem(**TINY_VIT, moe_blocks=[3])
+    assert said == problem(5, **TINY_VIT, moe_blocks=(2, 3))  # other classes
+    assert said == problem(**dict(TINY_VIT, moe_blocks=(2, 3), num_heads=4))  # the same shapes, other heads
     assert said.endswith("validate it with --model v_jetmoe_tiny --num-classes 10 --model-kwargs "
                          + ' '.join(f'{k}={v}' for k, v in sorted(TINY_VIT.items()) if k < 'moe')
                          + " 'moe_blocks=[2, 3]' moe_drop_path_rate=0.1 "
                          + ' '.join(f'{k}={v}' for k, v in sorted(TINY_VIT.items()) if k > 'moe') + '.')
-    assert problem(5, **TINY_VIT, moe_blocks=(2, 3)) is not None
-    assert problem(**dict(TINY_VIT, moe_blocks=(2, 3), num_heads=4)) is not None  # the same shapes, other heads
     (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='vit_tiny_patch16_224', num_classes=None,
                                                        model_kwargs=None)))
     dense = Namespace(model='vit_tiny_patch16_224', num_classes=1000, model_kwargs=None,
