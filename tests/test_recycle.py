@@ -841,15 +841,17 @@ def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, c
                                   'vit_base_patch16_clip_224', 'vit_large_patch14_clip_quickgelu_224',
                                   'vit_medium_patch16_gap_256', 'vit_small_patch16_224', 'deit3_base_patch16_224',
                                   'vit_base_patch14_reg4_dinov2'])
-def test_bare_vit_file_of_a_real_architecture_is_read_as_it_was_built(name):
+@pytest.mark.parametrize('hint_arch', ['vit_small_patch16_224', 'vit_base_patch16_clip_224'])
+def test_bare_vit_file_of_a_real_architecture_is_read_as_it_was_built(name, hint_arch):
     """The architecture read off a bare file's tensors (shapes only: the model is built on the meta device) is the
     one timm built: the heads of ViT-H / g / G (16 of 80-104 dims, not 64-wide), CLIP's pre-norm and missing patch
-    bias, DINOv2's registers and layer scale. Such files were refused (CLIP) or misread (ViT-H: 20 heads)."""
+    bias, DINOv2's registers and layer scale. Such files were refused (CLIP) or misread (ViT-H: 20 heads). Under
+    the entrypoint of an architecture with other layers (CLIP's pre-norm) too: what the file lacks is said."""
     from jetmoe_timm.recycle.vit import predecessor_args
     model = timm.create_model(name, device='meta')
-    hint = timm.create_model('vit_small_patch16_224', device='meta')
+    hint = timm.create_model(hint_arch, device='meta')
     args = predecessor_args(model.state_dict(), hint)
-    rebuilt = timm.models.model_entrypoint('vit_small_patch16_224')(pretrained=False, device='meta', **args)
+    rebuilt = timm.models.model_entrypoint(hint_arch)(pretrained=False, device='meta', **args)
     assert rebuilt.blocks[0].attn.num_heads == model.blocks[0].attn.num_heads
     assert {k: v.shape for k, v in rebuilt.state_dict().items() if not k.startswith('head')} == \
            {k: v.shape for k, v in model.state_dict().items() if not k.startswith('head')}
@@ -890,6 +892,7 @@ def test_bare_file_that_is_not_a_timm_checkpoint_is_refused_in_one_line(tmp_path
     dict(ls_init_value=None),  # no layer scale, where timm's ConvNeXts have one by default
     dict(head_hidden_size=48),  # the 'mlp' heads of convnext_large_mlp and the like
     dict(head_norm_first=True),  # convnext_tiny_hnf
+    dict(conv_bias=False),  # refused before: the tensors' missing biases were not read
 ])
 def test_bare_convnext_predecessor_file(tmp_path, caplog, flavour):
     import logging

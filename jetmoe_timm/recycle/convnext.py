@@ -14,7 +14,7 @@ from timm.models.convnext import ConvNeXt
 
 from ..layers import SpheroMoE
 from ..models.convnext_jetmoe import RECYCLED_FROM, ConvNeXtJetMoE
-from .family import FamilySpec, UnsupportedPredecessor, check_activation
+from .family import FamilySpec, LayerOption, UnsupportedPredecessor, check_activation, layer_args
 from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, select_block_neurons, top_k
 from .stats import Probe, WeightStatistics, mlp_weight_importance
@@ -30,6 +30,12 @@ def _blocks(model):
 # layer scale -> the linear whose output it scales, folded into it when the successor has none (ls_init_value=None)
 SCALE_RULES = {r'stages\.(\d+)\.blocks\.(\d+)\.gamma': r'stages.\1.blocks.\2.mlp.fc2'}
 
+# the options that decide which tensors a ConvNeXt has (FamilySpec.layer_options)
+LAYER_OPTIONS = (
+    LayerOption(r'norm_pre\.', 'head_norm_first', True, False),
+    LayerOption(r'head\.norm\.', 'head_norm_first', False, True),
+    LayerOption(r'(?:stem\.0|stages\.\d+\.(?:downsample\.1|blocks\.\d+\.conv_dw))\.bias', 'conv_bias', True, False),
+)
 
 _GRN = ('predecessor MLPs have a global response norm (ConvNeXt-V2): they cannot be split into experts; pass a '
         'ConvNeXt (V1) checkpoint, e.g. convnext_tiny.fb_in22k.')
@@ -48,8 +54,8 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
     return dict(depths=depths, dims=dims, in_chans=stem.shape[1], patch_size=stem.shape[-1],
                 ls_init_value=1. if 'stages.0.blocks.0.gamma' in state else None,
                 conv_mlp=state['stages.0.blocks.0.mlp.fc1.weight'].ndim == 4,
-                head_hidden_size=hidden.shape[0] if hidden is not None else None,
-                head_norm_first='norm_pre.weight' in state, num_classes=0)
+                head_hidden_size=hidden.shape[0] if hidden is not None else None, num_classes=0,
+                **layer_args(LAYER_OPTIONS, state, hint.state_dict()))
 
 
 def resize(pred, succ):
@@ -143,14 +149,6 @@ RULES = (
     Rule(r'head\.pre_logits\.fc\.bias', (None,)),
     Rule(r'head\.fc\.weight', (None, 'head.in')),  # the last stage's channels, or every hidden unit
     Rule(r'head\.fc\.bias', (None,)),
-)
-
-
-# (tensor, option where only the predecessor has it, option where only the successor has it): FamilySpec.layer_options
-LAYER_OPTIONS = (
-    (r'norm_pre\.', 'head_norm_first=True', 'head_norm_first=False'),
-    (r'head\.norm\.', 'head_norm_first=False', 'head_norm_first=True'),
-    (r'(?:stem\.0|stages\.\d+\.(?:downsample\.1|blocks\.\d+\.conv_dw))\.bias', 'conv_bias=True', 'conv_bias=False'),
 )
 
 

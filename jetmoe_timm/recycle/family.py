@@ -8,7 +8,7 @@ it. Adding a family takes its model module as well (``models/``), this module wi
 """
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ from timm.layers.create_act import _ACT_LAYER_DEFAULT
 
 from ..layers import SpheroMoE
 
-__all__ = ['FamilySpec', 'UnreadableCheckpoint', 'check_activation', 'layer_options_for']
+__all__ = ['FamilySpec', 'LayerOption', 'UnreadableCheckpoint', 'UnsupportedPredecessor', 'check_activation',
+           'layer_args', 'layer_options_for']
 
 
 class UnreadableCheckpoint(ValueError):
@@ -26,6 +27,18 @@ class UnreadableCheckpoint(ValueError):
 class UnsupportedPredecessor(ValueError):
     """A predecessor the family's plan cannot take (``check``, or ``predecessor_args`` where a bare checkpoint's
     tensors already show it); the message says why and what to pass instead."""
+
+
+class LayerOption(NamedTuple):
+    """A model option that decides whether some tensors exist: keys matching ``pattern`` (at the key's start) are
+    there with ``name=present`` and not with ``name=absent``."""
+    pattern: str
+    name: str
+    present: Any
+    absent: Any
+
+    def option(self, present: bool) -> str:
+        return f'{self.name}={self.present if present else self.absent!r}'
 
 
 @dataclass(frozen=True)
@@ -56,17 +69,30 @@ class FamilySpec:
     # the successor tensors that may start fresh besides its MoE routing (regex, matched at the key's start): a new
     # head, i.e. the classifier and what a successor may add before it (ViT's attention pool, ConvNeXt's hidden layer)
     new_head: str = r'head\.'
-    # the successor option that places a tensor the plan cannot: (key regex, matched at the key's start; the option
-    # where only the predecessor has such tensors; the option where only the successor has them)
-    layer_options: Sequence[Tuple[str, str, str]] = ()
+    # the options that decide which tensors a model has: what a bare checkpoint's keys say (``layer_args``), and
+    # what places a tensor only one side has (``layer_options_for``)
+    layer_options: Sequence[LayerOption] = ()
 
 
 def layer_options_for(family: FamilySpec, keys: Sequence[str], predecessor_has: bool) -> str:
     """The successor options (``FamilySpec.layer_options``) that would place ``keys``, which only the predecessor
     (``predecessor_has``) or only the successor has: '' where the table names none."""
-    found = dict.fromkeys(opts[0 if predecessor_has else 1] for k in keys for pattern, *opts in family.layer_options
-                          if re.match(pattern, k))
+    found = dict.fromkeys(o.option(predecessor_has) for k in keys for o in family.layer_options
+                          if re.match(o.pattern, k))
     return ', '.join(found)
+
+
+def layer_args(options: Sequence[LayerOption], keys: Iterable[str], like: Iterable[str]) -> dict:
+    """The ``options`` a checkpoint's ``keys`` show, where they differ from those of the model with keys ``like``
+    (the architecture they are given to): {name: present or absent}."""
+    def read(names):
+        names = list(names)
+        out = {}
+        for o in options:  # rows naming one option say the same of any checkpoint timm makes: the first decides
+            out.setdefault(o.name, o.present if any(re.match(o.pattern, k) for k in names) else o.absent)
+        return out
+    ours, theirs = read(keys), read(like)
+    return {k: v for k, v in ours.items() if v != theirs[k]}
 
 
 def _activation(mlp: nn.Module) -> nn.Module:

@@ -8,7 +8,6 @@ narrower, the same top dims within every kept head, for q, k and v alike.
 import copy
 import dataclasses
 import math
-import inspect
 from typing import Dict, Optional
 
 import torch
@@ -18,7 +17,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..layers import SpheroMoE
 from ..models.vit_jetmoe import RECYCLED_FROM, VisionTransformerJetMoE
-from .family import FamilySpec, UnreadableCheckpoint, UnsupportedPredecessor, check_activation
+from .family import FamilySpec, LayerOption, UnreadableCheckpoint, UnsupportedPredecessor, check_activation, \
+    layer_args
 from .rules import Rule, Take, expert_takes, plan_from_rules
 from .selection import METHODS, make_generator, select_block_neurons, select_neurons, top_k
 from .stats import Probe, WeightStatistics, mlp_weight_importance
@@ -79,7 +79,17 @@ def check(pred, succ) -> None:
 
 _DISTILLED = ('predecessor is a distilled DeiT (a distillation token): not supported; pass a non-distilled '
               'checkpoint (e.g. deit_small_patch16_224).')
-_VIT_DEFAULTS = {k: v.default for k, v in inspect.signature(VisionTransformer.__init__).parameters.items()}
+
+# the options that decide which tensors a ViT has (FamilySpec.layer_options)
+LAYER_OPTIONS = (
+    LayerOption(r'norm_pre\.', 'pre_norm', True, False),
+    LayerOption(r'patch_embed\.norm\.', 'embed_norm_layer', 'layernorm', None),
+    LayerOption(r'(?:fc_)?norm\.', 'final_norm', True, False),  # timm has an fc_norm only with a final norm
+    LayerOption(r'blocks\.\d+\.attn\.qkv\.bias', 'qkv_bias', True, False),
+    LayerOption(r'blocks\.\d+\.attn\.[qk]_norm\.', 'qk_norm', True, False),
+    LayerOption(r'blocks\.\d+\.attn\.proj\.bias', 'proj_bias', True, False),
+)
+
 # the heads timm's ViTs of these widths have where they are not 64 wide (ViT-H, g, G, so400m, 2B, 6B: timm 1.0's
 # vision_transformer configs without qk-norm, which would give their head width); other widths: 64-wide heads
 _HEADS_OF_WIDTH = {1152: 16, 1280: 16, 1408: 16, 1664: 16, 2048: 16, 3072: 24}
@@ -129,21 +139,17 @@ def predecessor_args(state: Dict[str, torch.Tensor], hint) -> Dict:
         raise UnreadableCheckpoint(f'its pos_embed of {n_pos} rows ({prefix} prefix tokens) fits '
                                    + (f'both {fits}' if fits else 'no square patch grid'))
     ((grid, no_embed_class),) = readings
-    # layers most checkpoints have or lack alike, given only where one differs (CLIP: pre-norm, no patch bias, no
-    # final norm in some; a LayerNorm after the patch embedding)
-    rare = dict(pre_norm='norm_pre.weight' in state, final_norm='norm.weight' in state or 'fc_norm.weight' in state,
-                proj_bias='blocks.0.attn.proj.bias' in state,
-                embed_norm_layer='layernorm' if 'patch_embed.norm.weight' in state else None)
-    rare = {k: v for k, v in rare.items() if v != _VIT_DEFAULTS[k]}
     return dict(
         embed_dim=d, in_chans=c, patch_size=p, img_size=grid * p, num_heads=max(1, num_heads),
         depth=1 + max(int(k.split('.')[1]) for k in state if k.startswith('blocks.')),
-        mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / d, qkv_bias='blocks.0.attn.qkv.bias' in state,
-        qk_norm='blocks.0.attn.q_norm.weight' in state, init_values=1. if 'blocks.0.ls1.gamma' in state else None,
+        mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / d,
+        init_values=1. if 'blocks.0.ls1.gamma' in state else None,
         class_token='cls_token' in state, reg_tokens=prefix - int('cls_token' in state),
         no_embed_class=no_embed_class, fc_norm='fc_norm.weight' in state,
         global_pool='avg' if 'fc_norm.weight' in state or 'cls_token' not in state else 'token', num_classes=0,
-        **rare)
+        # layers most checkpoints have or lack alike, given where the file's differ from the architecture's (CLIP:
+        # pre-norm and no patch bias, no final norm in some; qkv bias, qk-norm, a LayerNorm after the patch embedding)
+        **layer_args(LAYER_OPTIONS, state, hint.state_dict()))
 
 
 def resize(pred, succ):
@@ -276,17 +282,6 @@ RULES = (
     Rule(r'blocks\.(\d+)\.mlp\.fc2\.weight', ('channels', 'blocks.{0}.mlp')),
     Rule(r'head\.weight', (None, 'channels')),
     Rule(r'head\.bias', (None,)),
-)
-
-
-# (tensor, option where only the predecessor has it, option where only the successor has it): FamilySpec.layer_options
-LAYER_OPTIONS = (
-    (r'norm_pre\.', 'pre_norm=True', 'pre_norm=False'),
-    (r'patch_embed\.norm\.', "embed_norm_layer='layernorm'", 'embed_norm_layer=None'),
-    (r'(?:fc_)?norm\.', 'final_norm=True', 'final_norm=False'),  # timm has an fc_norm only with a final norm
-    (r'blocks\.\d+\.attn\.qkv\.bias', 'qkv_bias=True', 'qkv_bias=False'),
-    (r'blocks\.\d+\.attn\.[qk]_norm\.', 'qk_norm=True', 'qk_norm=False'),
-    (r'blocks\.\d+\.attn\.proj\.bias', 'proj_bias=True', 'proj_bias=False'),
 )
 
 
