@@ -290,8 +290,9 @@ def _read_checkpoint(path: Path, weights_only: bool) -> Dict[str, torch.Tensor]:
             raise
         raise RuntimeError(
             f'{path} holds more than tensors (e.g. mmengine training state), which torch.load(weights_only=True) '
-            f'refuses. If you trust the file, pass weights_only=False; it then needs the '
-            f'packages that pickled it (e.g. mmengine). Or keep only its weights where the official code runs: '
+            f'refuses. If you trust the file, convert it in Python with convert_official_checkpoint(path, out, '
+            f'weights_only=False), which needs the packages that pickled it (e.g. mmengine); or keep only its '
+            f'weights where the official code runs: '
             f"torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.pth').") from e
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f'{path} holds a {type(checkpoint).__name__}, not a state dict.')

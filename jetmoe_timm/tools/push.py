@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument('--card-template', default=None, metavar='FILE',
                    help='model card template (default: the family\'s model_cards/<family>.md, e.g. v_jetmoe.md)')
     g = p.add_argument_group('conversion (without --from; defaults as in `jetmoe-timm convert`)')
-    g.add_argument('--out', default=None, metavar='DIR', help='folder to convert into (default: ./<repo name>)')
+    g.add_argument('--out', default=None, metavar='DIR', help='folder to convert into (default: ./<repo name> of --repo-id, else ./MODEL)')
     add_convert_arguments(g, defaults=False)
     p.set_defaults(func=run)
 
