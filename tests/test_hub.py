@@ -201,7 +201,7 @@ def test_card_renders_with_computed_figures(tiny_folder, tiny_model):
     usage = card[card.index('## Model Usage'):]
     assert usage.index('import jetmoe_timm') < usage.index("timm.create_model('hf-hub:org/name', pretrained=True)")
     assert 'features_only=True' in usage and 'forward_intermediates' in usage
-    assert '--device-modules jetmoe_timm' in usage and 'python -m jetmoe_timm.train' in usage
+    assert '--device-modules jetmoe_timm' in usage and 'torchrun --nproc_per_node=4 -m jetmoe_timm.train' in usage
 
 
 def test_the_placeholders_a_template_is_checked_against_are_what_a_card_fills(tiny_folder):
