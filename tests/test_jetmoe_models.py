@@ -23,6 +23,23 @@ def family(request):
     return FAMILIES[request.param]
 
 
+def test_every_moe_option_reaches_every_moe_layer(family):
+    """The model kwargs of MoEOptions arrive, each under its layer name, in every SpheroMoE layer; expert drop path
+    follows the blocks' linear schedule up to moe_drop_path_rate."""
+    name, kwargs, _ = family
+    model = timm.create_model(name, **kwargs, univ_ratio=0.5, slots_per_expert=2, routing='official',
+                              moe_combine='softmax', moe_noise_mult=0.5, moe_noise_at_eval=True, moe_drop_rate=0.3,
+                              moe_drop_mode='expert', moe_drop_path_rate=0.2)
+    layers = list(model.moe_layers().values())
+    said = dict(routing='official', combine='softmax', slots_per_expert=2, noise_mult=0.5, noise_at_eval=True,
+                expert_drop=0.3, expert_drop_mode='expert')
+    for layer in layers:
+        assert {k: getattr(layer, k) for k in said} == said
+        assert layer.univ_hidden == layer.core_hidden // 2  # univ_ratio of the core experts' hidden width
+    depth = sum(1 for k in model.state_dict() if k.endswith('norm1.weight') or k.endswith('conv_dw.weight'))
+    assert [layer.expert_drop_path for layer in layers] == pytest.approx([0.2 * i / (depth - 1) for i in model.moe_blocks])
+
+
 def test_moe_blocks_take_indices_as_timms_out_indices(family):
     """One int is one block (--model-kwargs moe_blocks=3), negative indices count from the end; anything but ints
     is refused (a string was read as its digits, a float truncated)."""

@@ -104,8 +104,30 @@ def test_dropout_and_drop_path_only_in_training():
     assert not torch.allclose(layer(x), sphero_moe_reference(layer, x), atol=1e-3)
 
 
+@pytest.mark.parametrize('mode', ['expert', 'element'])
+def test_expert_drop_mode_drops_whole_experts_per_image(mode):
+    """'expert': each expert's output for one image is dropped whole (every one of its slots zero) or kept whole
+    (scaled by 1 / keep); 'element' drops hidden units inside the experts, which no slot shows that way."""
+    layer = _layer(expert_drop=0.5, expert_drop_mode=mode, noise_mult=0.)
+    layer.capture_routing = True
+    x = torch.randn(8, 9, 16)
+    layer.eval()
+    layer(x)
+    kept = layer.last_routing['slot_contrib'].unflatten(1, (layer.num_experts, -1)) / 0.5  # (B, experts, slots)
+    layer.train()
+    torch.manual_seed(0)
+    layer(x)
+    got = layer.last_routing['slot_contrib'].unflatten(1, (layer.num_experts, -1))
+    dropped = (got == 0).all(-1)
+    whole = dropped | torch.isclose(got, kept, rtol=1e-5, atol=1e-6).all(-1)
+    if mode == 'expert':
+        assert whole.all() and 0 < dropped.sum() < dropped.numel()  # some dropped, some kept, each whole
+    else:
+        assert not whole.any()
+
+
 @pytest.mark.parametrize('rate', [0.999, 1.])
-def test_expert_drop_mode_drops_whole_experts(rate):
+def test_expert_drop_mode_drops_every_expert_at_rate_one(rate):
     layer = _layer(expert_drop=rate, expert_drop_mode='expert', noise_mult=0.).train()
     x = torch.randn(2, 9, 16)
     torch.manual_seed(0)
