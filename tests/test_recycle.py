@@ -127,6 +127,40 @@ def test_method_specifics(predecessor):
         assert len(partial) <= 1
 
 
+def test_statistics_are_what_they_say_over_more_rows_than_one_chunk():
+    """l2 (root mean square), l1 (mean |x|), freq (share of x > 0) and co-activation counts of a module's input and
+    output, accumulated in float64 over batches and row chunks, equal the same figures computed at once."""
+    from jetmoe_timm.recycle.stats import STATISTICS, Probe, collect_statistics
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU())
+    batches = [torch.randn(4, 300, 6), torch.randn(3, 300, 6)]  # 2100 rows: three chunks of at most 1024
+    stats = collect_statistics(model, [Probe('0', on_input=True), Probe('1', coact=True)], batches)
+    with torch.no_grad():
+        seen = {'0': torch.cat(batches).double(), '1': model(torch.cat(batches)).double()}
+    for module, x in seen.items():
+        x = x.reshape(-1, x.shape[-1])
+        want = dict(l2=x.pow(2).mean(0).sqrt(), l1=x.abs().mean(0), freq=(x > 0).double().mean(0))
+        assert set(want) == set(STATISTICS)
+        for statistic in STATISTICS:
+            torch.testing.assert_close(stats[module, statistic], want[statistic], rtol=1e-6, atol=1e-9)
+    pos = (seen['1'].reshape(-1, 5) > 0).double()
+    assert torch.equal(stats.coact('1'), pos.t() @ pos)
+    assert stats.num_images == 7
+    with pytest.raises(KeyError, match='no co-activation'):
+        stats.coact('0')
+
+
+@pytest.mark.parametrize('statistic', ['l1', 'freq'])
+def test_every_statistic_drives_the_selection(predecessor, statistic):
+    """Another statistic ranks the channels and weighs the neurons experts sample otherwise, and the provenance says
+    which was used."""
+    _, l2 = _recycle(predecessor, 'importance')
+    _, other = _recycle(predecessor, 'importance', statistic=statistic)
+    assert other.provenance['statistic'] == statistic and l2.provenance['statistic'] == 'l2'
+    assert not torch.equal(other.selection['channels'], l2.selection['channels'])
+    assert not torch.equal(other.selection['blocks.3.core_neurons'], l2.selection['blocks.3.core_neurons'])
+
+
 def test_deterministic_by_seed(predecessor):
     _, a = _recycle(predecessor, 'importance', seed=3)
     _, b = _recycle(predecessor, 'importance', seed=3)

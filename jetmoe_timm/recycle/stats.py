@@ -1,10 +1,8 @@
 """ Activation statistics of a predecessor, collected with forward hooks in one pass over calibration data.
 
-Per probe (a module output, or a module input) and per feature (last dim) it accumulates in float64:
-    l2    root mean square                         (the official default)
-    l1    mean absolute value
-    freq  fraction of positions with a positive value
-and, where asked, co-activation counts (x > 0)^T (x > 0) for the graph method.
+Per probe (a module output, or a module input) and per feature (last dim) it accumulates in float64 the count of
+positions, the sums of |x| and x^2 and the count of x > 0, from which ``STATISTICS`` are read, and, where asked,
+co-activation counts (x > 0)^T (x > 0) for the graph method.
 """
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
@@ -18,7 +16,13 @@ from .._modes import eval_mode
 __all__ = ['STATISTICS', 'Probe', 'ActivationStats', 'WeightStatistics', 'mlp_weight_importance',
            'collect_statistics']
 
-STATISTICS = ('l2', 'l1', 'freq')
+# each statistic from a probe's running sums (_Accumulator), per feature
+_STATISTIC_OF_SUMS = {
+    'l2': lambda a: (a.sum_sq / a.count).sqrt(),  # root mean square (the official default)
+    'l1': lambda a: a.sum_abs / a.count,  # mean absolute value
+    'freq': lambda a: a.pos / a.count,  # fraction of positions with a positive value
+}
+STATISTICS = tuple(_STATISTIC_OF_SUMS)
 _ROWS = 1024  # activation rows (positions) reduced at a time
 
 
@@ -69,14 +73,9 @@ class ActivationStats:
 
     def __getitem__(self, key) -> torch.Tensor:
         module, statistic = key
-        a = self._acc[module]
-        if statistic == 'l2':
-            return (a.sum_sq / a.count).sqrt()
-        if statistic == 'l1':
-            return a.sum_abs / a.count
-        if statistic == 'freq':
-            return a.pos / a.count
-        raise ValueError(f"Unknown statistic '{statistic}'; choose one of {', '.join(STATISTICS)}.")
+        if statistic not in _STATISTIC_OF_SUMS:
+            raise ValueError(f"Unknown statistic '{statistic}'; choose one of {', '.join(STATISTICS)}.")
+        return _STATISTIC_OF_SUMS[statistic](self._acc[module])
 
     def coact(self, module: str) -> torch.Tensor:
         c = self._acc[module].coact_sum
