@@ -86,7 +86,7 @@ class LocalHub:
     """A Hub stand-in serving on ``127.0.0.1`` at a free port; use as a context manager.
 
     State for tests to inspect: ``requests`` (method, path) in arrival order, ``commits(repo_id)``,
-    ``read(repo_id, path)``, ``branches(repo_id)``, ``is_private(repo_id)``.
+    ``read(repo_id, path)``, ``branches(repo_id)``, ``titles(repo_id)``, ``is_private(repo_id)``.
     """
 
     def __init__(
@@ -152,6 +152,12 @@ class LocalHub:
                 out.append(oid)
                 oid = repo.commits[oid].parent
             return out
+
+    def titles(self, repo_id: str, revision: str = 'main') -> List[str]:
+        """The commit messages' titles of ``commits(repo_id, revision)``, newest first."""
+        with self._lock:
+            repo = self._repos[repo_id]
+        return [repo.commits[oid].title for oid in self.commits(repo_id, revision)]
 
     def read(self, repo_id: str, path: str, revision: str = 'main') -> bytes:
         with self._lock:

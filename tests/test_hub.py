@@ -68,7 +68,7 @@ def _run(code, env, expect_rc=0):
 # --- end to end: push, re-push, load three ways ----------------------------------------------------------
 
 _PUSH = """
-    import sys
+    import os, sys
     from huggingface_hub import HfApi
     from jetmoe_timm.tools.cli import main
     args = ['push', '--from', {folder!r}, '--repo-id', {repo!r}]
@@ -81,6 +81,12 @@ _PUSH = """
     assert main(args) == 0
     print('=== branch')
     assert main(args + ['--revision', 'v1']) == 0
+    print('=== private')
+    assert main(['push', '--from', {folder!r}, '--repo-id', {repo!r} + '-private', '--private',
+                 '--commit-message', 'my own message']) == 0
+    print('=== bad token')
+    os.environ['HF_TOKEN'] = 'hf_not_the_token'
+    assert main(args + ['--revision', 'v1', '--commit-message', 'refused']) == 2
 """
 
 _LOAD = """
@@ -134,7 +140,7 @@ def test_push_repush_and_load_three_ways(tmp_path, local_hub, tiny_folder, tiny_
     r = _run(_PUSH.format(folder=str(tiny_folder), repo=REPO, dead=dead), push_env)
     assert f'jetmoe-timm push: error: Cannot reach the Hub at {dead} (nothing answers)' in r.stderr
     assert 'HF_ENDPOINT' in r.stderr and 'Traceback' not in r.stderr
-    dry, push, repush, branch = r.stdout.split('=== ')
+    dry, push, repush, branch, private, bad_token = r.stdout.split('=== ')
     assert 'dry run: would upload' in dry and 'nothing was sent' in dry
 
     # the dry run reached the server only through the repo_exists probe; then exactly one commit was made
@@ -158,6 +164,13 @@ def test_push_repush_and_load_three_ways(tmp_path, local_hub, tiny_folder, tiny_
     assert local_hub.read(REPO, 'README.md', 'v1') == (tiny_folder / 'README.md').read_bytes()
     assert f"hf-hub:{REPO}@v1'".encode() in local_hub.read(REPO, 'README.md', 'v1')
     assert local_hub.read(REPO, 'model.safetensors', 'v1') == local_hub.read(REPO, 'model.safetensors')
+    # the default commit message says what was recycled how; --private and --commit-message reach the Hub
+    assert local_hub.titles(REPO)[0] == ('Upload v_jetmoe_tiny.recycled_in21k (predecessor=vit_small_patch16_224.'
+                                         'augreg_in21k, method=importance, recipe=paper)')
+    assert local_hub.is_private(REPO + '-private') and local_hub.titles(REPO + '-private')[0] == 'my own message'
+    # a token the Hub rejects: one line naming the fix, nothing committed
+    assert (f'jetmoe-timm push: error: The Hub at {local_hub.url} rejected the token (401): log in again with '
+            f'`hf auth login` or fix HF_TOKEN.') in r.stderr and 'refused' not in local_hub.titles(REPO, 'v1')
 
     # load back in a fresh HF_HOME, without a token: by the cfg's hf_hub_id, by hf-hub: name, from local-dir:
     home = tmp_path / 'loader'
