@@ -155,15 +155,15 @@ def test_every_parameter_gets_a_gradient():
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_autocast_finite_and_float32_routing(dtype):
+def test_autocast_close_to_float32_with_float32_routing(dtype):
     layer = _layer().eval()
     layer.capture_routing = True
     x = torch.randn(2, 9, 16)
     with torch.autocast('cpu', dtype=dtype):
         out = layer(x)
-    assert torch.isfinite(out).all()
     assert layer.last_routing['dispatch'].dtype == torch.float32
     torch.testing.assert_close(layer.last_routing['combine'].sum(-1), torch.ones(2, 9))
+    torch.testing.assert_close(out.float(), layer(x), rtol=0.05, atol=0.01)
 
 
 def test_bad_arguments_name_the_fix():

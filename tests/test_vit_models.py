@@ -25,13 +25,11 @@ def test_registration_and_default_cfgs():
     assert cfg.num_classes == 0  # a recycled init has no classifier
 
 
-@pytest.mark.parametrize('name,expected', [('v_jetmoe_tiny', 265_411_636), ('v_jetmoe_small', 1_058_100_000)])
+# v_jetmoe_tiny: the official model, parameter for parameter
+@pytest.mark.parametrize('name,expected', [('v_jetmoe_tiny', 265_411_636), ('v_jetmoe_small', 1_058_124_916)])
 def test_full_size_parameter_counts(name, expected):
     model = timm.create_model(name, num_classes=1000, device='meta')
-    n = sum(p.numel() for p in model.parameters())
-    assert abs(n - expected) / expected < 0.005, n
-    if name == 'v_jetmoe_tiny':
-        assert n == 265_411_636  # the official model, parameter for parameter
+    assert sum(p.numel() for p in model.parameters()) == expected
     moe = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, SpheroMoE)]
     assert moe == [6, 7, 8, 9, 10, 11]
     layer = model.blocks[6].mlp
@@ -111,7 +109,10 @@ def test_no_weight_decay_and_group_matcher(tiny_vit_kwargs):
     assert scale[names['blocks.0.mlp.fc1.weight']] == pytest.approx(0.6 ** 4)
     assert scale[names['blocks.0.norm2.weight']] == pytest.approx(0.6 ** 4)
     assert scale[names['patch_embed.proj.weight']] == pytest.approx(0.6 ** 5)
-    assert model.group_matcher(coarse=True)
+    coarse = timm.models.group_parameters(model, model.group_matcher(coarse=True), reverse=True)
+    assert coarse['blocks.3.mlp.slot_query'] == coarse['blocks.2.norm2.weight'] == coarse['head.weight'] == 5
+    assert (coarse['cls_token'], coarse['patch_embed.proj.weight'], coarse['blocks.0.mlp.fc1.weight'],
+            coarse['blocks.3.attn.qkv.weight']) == (0, 0, 1, 4)
 
 
 def test_device_dtype_and_unknown_kwargs(tiny_vit_kwargs):
@@ -198,11 +199,35 @@ def test_torchscript(tiny_vit_kwargs):
     torch.testing.assert_close(scripted(x), model(x))
 
 
-def test_bf16_autocast_finite(tiny_vit_kwargs):
+def test_bf16_autocast_close_to_float32(tiny_vit_kwargs):
     model = timm.create_model('v_jetmoe_tiny', num_classes=3, **tiny_vit_kwargs).eval()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = model(torch.randn(2, 3, 32, 32))
-    assert torch.isfinite(out).all()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+        torch.testing.assert_close(out.float(), model(x), rtol=0.05, atol=0.01)  # bf16's 8 bits of mantissa
+
+
+def test_macs_are_the_matmuls_of_the_forward_pass():
+    """count_macs counts every matmul of one image's forward pass, attention's included (timm's fused attention,
+    which the counter does not see, is switched off), and the SpheroMoE layer's: routing logits, dispatch, each
+    expert's two matmuls per slot, combine."""
+    from jetmoe_timm.profile import count_macs
+    d, h, p, img, classes = 32, 128, 8, 32, 10
+    patches = (img // p) ** 2
+    n = patches + 1  # the class token
+    embed, head = patches * 3 * p * p * d, d * classes
+    attention = n * 4 * d * d + 2 * n * n * d  # qkv and proj; q k^T and attn v
+    dense = timm.create_model('vit_small_patch16_224', img_size=img, patch_size=p, embed_dim=d, depth=2,
+                              num_heads=2, num_classes=classes)
+    assert count_macs(dense, (3, img, img)) == embed + 2 * (attention + n * 2 * d * h) + head
+    moe = timm.create_model('v_jetmoe_tiny', img_size=img, patch_size=p, embed_dim=d, depth=2, num_heads=2,
+                            num_classes=classes, num_core_experts=2, num_univ_experts=4, moe_blocks=[1])
+    layer = moe.blocks[1].mlp
+    slots = layer.num_slots  # one per expert
+    experts = 2 * 2 * d * layer.core_hidden + 4 * 2 * d * layer.univ_hidden
+    routing = 3 * n * slots * d  # logits against the slot queries, dispatch, combine
+    assert count_macs(moe, (3, img, img)) == embed + 2 * attention + n * 2 * d * h + routing + experts + head
 
 
 def test_routing_inspection_api(tiny_vit_kwargs):
