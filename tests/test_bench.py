@@ -304,11 +304,14 @@ def test_cli_checks_the_results_path_first(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
 
 
-def test_cli_rejects_unknown_model(tmp_path):
+def test_cli_rejects_unknown_model(tmp_path, capsys):
     assert cli.main(['bench', '--models', 'nope', '--out', str(tmp_path / 'b.json')]) == 2
+    assert capsys.readouterr().err == ("jetmoe-timm bench: error: No benchmark pair for ['nope']; choose from "
+                                       "['v_jetmoe_tiny', 'c_jetmoe_femto', 'v_jetmoe_small', 'c_jetmoe_tiny'].\n")
     with pytest.raises(SystemExit) as e:  # argparse's choices: every variant converts, nothing else
         cli.main(['bench', '--convert', 'v_jetmoe_huge', '--out', str(tmp_path / 'b.json')])
     assert e.value.code == 2
+    assert "argument --convert: invalid choice: 'v_jetmoe_huge' (choose from 'c_jetmoe_femto'" in capsys.readouterr().err
 
 
 def test_layer_compiles_without_graph_breaks():

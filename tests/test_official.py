@@ -445,7 +445,7 @@ def test_convert_reads_the_layout_and_loads_from_local_dir(tiny_vit_kwargs, tmp_
     x = torch.randn(2, 17, tiny_vit_kwargs['embed_dim'])
     torch.testing.assert_close(model.blocks[3].mlp(x).double(), official_layer(sd, 3, x), atol=1e-5, rtol=1e-5)
 
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match='already exists'):
         convert_official_checkpoint(path, out, **arch)
 
     # what the file's tensors are is not overridden (a 7-class head, a 32 px grid): one line, the folder loads so
@@ -478,7 +478,7 @@ def test_convert_rejects_non_official_files(tiny_vit_kwargs, tmp_path):
     torch.save(tiny_model(tiny_vit_kwargs).state_dict(), path)
     with pytest.raises(ValueError, match='not an official MoE Jetpack checkpoint'):
         convert_official_checkpoint(path, tmp_path / 'out')
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r'No checkpoint at .*missing.pth: pass the official checkpoint file'):
         convert_official_checkpoint(tmp_path / 'missing.pth', tmp_path / 'out')
 
 

@@ -657,7 +657,7 @@ def test_user_source_is_respected(tmp_path, pred_dir, monkeypatch, tiny_vit_kwar
     assert not (tmp_path / 'cache').exists()  # nothing recycled
 
 
-def test_convert_cli_writes_loadable_folder(tmp_path, pred_dir, monkeypatch):
+def test_convert_cli_writes_loadable_folder(tmp_path, pred_dir, monkeypatch, capsys):
     from jetmoe_timm.tools.cli import main
     out = tmp_path / 'out'
     args = ['convert', 'v_jetmoe_tiny', '--out', str(out), '--predecessor', f'local-dir:{pred_dir}',
@@ -672,8 +672,10 @@ def test_convert_cli_writes_loadable_folder(tmp_path, pred_dir, monkeypatch):
     before = (out / 'model.safetensors').read_bytes()
     assert main(args) == 2  # exists: a clear error, the folder untouched
     assert (out / 'model.safetensors').read_bytes() == before
-    with pytest.raises(SystemExit):  # argparse names the valid methods
-        main(args[:5] + ['--method', 'best'])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse names the valid methods
+        main(args[:6] + ['--method', 'best'])
+    assert e.value.code == 2 and "argument --method: invalid choice: 'best' (choose from" in capsys.readouterr().err
 
 
 def test_convert_cli_ended_by_sigterm_leaves_nothing_behind(tmp_path, pred_dir):
