@@ -173,29 +173,6 @@ def test_deterministic_by_seed(predecessor):
     assert torch.equal(g1.selection['blocks.3.core_neurons'], g2.selection['blocks.3.core_neurons'])
 
 
-def test_full_width_dense_successor_reproduces_predecessor(predecessor):
-    """At full width with no MoE block, recycling is an identity map: same outputs to float precision."""
-    succ = _successor(embed_dim=64, num_heads=4, moe_blocks=(), global_pool='token')
-    succ, r = _recycle(predecessor, succ=succ)
-    assert 'head.weight' not in r.fresh_keys  # same classes, same pool: the head is recycled too
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(succ.eval()(x), predecessor(x), atol=2e-5, rtol=1e-5)
-
-
-def test_copy_experts_reproduce_dense_mlp_on_equal_tokens(predecessor):
-    """Construction: d' == d, core experts only (universal would be narrower), method 'copy' with the full
-    hidden width, so every expert IS the dense MLP. With all tokens equal, every slot equals that token
-    whatever the dispatch weights, and combine weights sum to one: the layer returns MLP(token) exactly."""
-    succ = _successor(embed_dim=64, num_heads=4, num_univ_experts=0, num_core_experts=3)
-    succ, _ = _recycle(predecessor, 'copy', succ=succ)
-    for i in (2, 3):
-        token = torch.randn(1, 1, 64)
-        x = token.expand(2, 17, 64)
-        moe, mlp = succ.blocks[i].mlp.eval(), predecessor.blocks[i].mlp
-        torch.testing.assert_close(moe(x), mlp(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(moe(token), mlp(token), atol=1e-5, rtol=1e-5)  # a single token too
-
-
 def test_resampled_grid_and_narrow_heads(predecessor):
     succ = _successor(img_size=48)
     succ, _ = _recycle(predecessor, succ=succ)
