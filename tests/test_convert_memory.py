@@ -97,7 +97,8 @@ _CONVERT_PEAK = textwrap.dedent(r'''
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')  # reset the peak (VmHWM) to what the process holds now
     except OSError:
-        print(json.dumps(dict(skip='this kernel cannot reset the peak RSS (/proc/self/clear_refs)')))
+        print(json.dumps(dict(skip='this kernel cannot reset the peak RSS (/proc/self/clear_refs is not writable, e.g. in '
+                                 'some containers): run the test on a host or VM whose /proc allows it')))
         sys.exit(0)
     base = status('VmRSS')
     jetmoe_timm.convert('v_jetmoe_tiny', out, predecessor=pred, progress=False, num_calib=16, batch_size=8,
