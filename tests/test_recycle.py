@@ -531,6 +531,19 @@ def test_build_on_first_load_is_cached_with_its_provenance(tmp_path, pred_dir, m
     assert all(torch.equal(second[k], v) for k, v in first.items() if not k.startswith('head.'))
 
 
+def test_registered_tags_say_the_method_and_recipe_that_build_them():
+    """A recycled tag's cfg note names how its weights are built: recycle()'s defaults, which models/ cannot import."""
+    from jetmoe_timm.models._pretrained import recycled_note
+    from jetmoe_timm.recycle.build import RECYCLE_SOURCES
+    from jetmoe_timm.recycle.engine import RECYCLE_DEFAULTS
+    assert RECYCLE_SOURCES
+    for name, source in RECYCLE_SOURCES.items():
+        note = timm.models.get_pretrained_cfg(name).notes[0]
+        how = recycled_note('X', RECYCLE_DEFAULTS['method'], RECYCLE_DEFAULTS['recipe']).split(' by ', 1)[1]
+        assert note.startswith(f"Recycled init, not fine-tuned: built from {source['predecessor']}") and \
+            note.endswith(how), name
+
+
 def test_predecessor_paths(pred_dir, tmp_path, monkeypatch):
     """A folder's path is timm's 'local-dir:', a bare relative name too (timm would call it an unknown model); a
     checkpoint path that does not exist is named as such (timm would call it a model name with no source prefix)."""

@@ -62,6 +62,8 @@ def recycled_cfgs(cfg: Callable[..., Dict[str, Any]], recycled_from: Dict[str, D
         data = {k: v for k, v in timm.models.get_pretrained_cfg(pred).to_dict().items()
                 if k in ('input_size', *INPUT_CONTRACT_KEYS)}
         remark = f" ({source['remark']})" if source.get('remark') else ''
+        # recycle()'s default method and recipe, which build the tags (models never import the recycling code:
+        # tests/test_recycle.py checks that the two agree)
         cfgs[tag] = cfg(hf_hub_id=f'{HF_ORG}/{tag}', num_classes=0, **data,
                         notes=(recycled_note(f'{pred}{remark}', 'importance', 'paper'),))
     return cfgs

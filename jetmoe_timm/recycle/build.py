@@ -231,7 +231,8 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
     # the entrypoint itself: create_model drops None-valued kwargs, so init_values=None / ls_init_value=None (a file
     # without layer scale) would bring back the default of an architecture that has one (DeiT-3, ConvNeXt)
     model = timm.models.model_entrypoint(arch)(pretrained=False, **args)
-    head = tuple(f'{c}.' for c in (hint.pretrained_cfg.get('classifier'), 'head_dist') if c)  # the classifier
+    classifier = hint.pretrained_cfg.get('classifier')
+    head = (f'{classifier}.',) if classifier else ()
     try:
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)},
                                                     strict=False)
@@ -241,7 +242,7 @@ def _predecessor_from_file(path: str, arch_hint: str) -> nn.Module:
     if problem:
         raise ValueError(f"'{path}' does not fit {arch}({_args_line(args)}) read off its tensors ({problem}): pass "
                          f"a 'local-dir:' folder with its config.json.")
-    classes = next((v.shape[0] for k, v in state.items() if k.startswith(head[:1]) and k.endswith('weight')), 0)
+    classes = next((v.shape[0] for k, v in state.items() if k.startswith(head) and k.endswith('weight')), 0)
     # a bare file does not say how its images were normalised: the family default's preprocessing is assumed
     # (it drives calibration and is recorded as the successor's), so say which
     contract = ', '.join(f'{k}={tuple(round(x, 4) for x in v) if isinstance(v, (tuple, list)) else v}'
