@@ -180,9 +180,9 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
     needs a tensor the predecessor lacks, before any statistics are taken: a dry plan from data-free statistics
     names the same tensors as the real one (which index is taken does not change which tensor is read)."""
     d = RECYCLE_DEFAULTS
-    selection = family.select(predecessor, successor, family.weight_stats(predecessor), d['method'], d['statistic'],
-                              seed, d['recipe'])
-    plan = family.plan(predecessor, successor, selection, d['recipe'])
+    selection = family.select(predecessor, successor, family.weight_stats(predecessor), method=d['method'],
+                              statistic=d['statistic'], seed=seed, recipe=d['recipe'])
+    plan = family.plan(predecessor, successor, selection, recipe=d['recipe'])
     unread, missing = unplaced_tensors(plan, predecessor.state_dict(), family.block_pattern, family.scale_rules)
     # the successor's own tensors that nothing fills, besides its MoE routing and a new head: a norm the predecessor
     # has not (final_norm, embed_norm_layer) would sit freshly initialised inside the recycled computation
@@ -309,7 +309,7 @@ def recycle(
                 _record_features(pred_features, RETENTION_IMAGES))
         bar.set_postfix_str('statistics')
         try:
-            stats = collect_statistics(stats_model, family.probes(stats_model, successor, method), batches,
+            stats = collect_statistics(stats_model, family.probes(stats_model, successor, method=method), batches,
                                        source=source, bar=bar)
         finally:
             if hook is not None:
@@ -319,14 +319,14 @@ def recycle(
     t_stats = time.perf_counter() - t0
 
     bar.set_postfix_str('selection')
-    selection = family.select(pred, successor, stats, method, statistic, seed, recipe)
+    selection = family.select(pred, successor, stats, method=method, statistic=statistic, seed=seed, recipe=recipe)
     bar.update()
     bar.set_postfix_str('plan')
     if make_successor is not None:
         _release_free_memory()  # what the calibration pass freed, before the successor is allocated
         successor = make_successor()
     body = family.resize(body_predecessor, successor) if body_predecessor is not None else None
-    plan = family.plan(pred, successor, selection, recipe, body)
+    plan = family.plan(pred, successor, selection, recipe=recipe, body=body)
     target = successor.state_dict()
     scratch = None
     if measure_retention:  # the successor's features at its own init, before the plan overwrites it

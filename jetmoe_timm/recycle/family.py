@@ -8,7 +8,7 @@ it. Adding a family takes its model module as well (``models/``), this module wi
 """
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,40 @@ class LayerOption(NamedTuple):
         return f'{self.name}={self.present if present else self.absent!r}'
 
 
+# The recycling steps a family provides, in the order the engine runs them. ``pred`` is the dense predecessor,
+# ``succ`` the JetMoE successor (on the meta device in the dry run that checks a plan before any statistics); the
+# engine passes everything after them by keyword.
+
+class CheckFn(Protocol):
+    def __call__(self, pred: nn.Module, succ: nn.Module) -> None:
+        """Raise one clear line (ValueError) when ``pred`` cannot be recycled into ``succ``."""
+
+
+class ResizeFn(Protocol):
+    def __call__(self, pred: nn.Module, succ: nn.Module) -> nn.Module:
+        """``pred`` in ``succ``'s input layout (grid, patch size, tokens): a changed copy, or ``pred`` itself."""
+
+
+class ProbesFn(Protocol):
+    def __call__(self, pred: nn.Module, succ: nn.Module, *, method: str) -> List[Any]:
+        """Where statistics are measured (``stats.Probe``s of the resized predecessor), co-activation where the
+        selection ``method`` needs it."""
+
+
+class SelectFn(Protocol):
+    def __call__(self, pred: nn.Module, succ: nn.Module, stats: Any, *, method: str, statistic: str, seed: int,
+                 recipe: str) -> Dict[str, torch.Tensor]:
+        """Statistics (``stats[module, statistic]``) -> the index sets: channels, heads, each expert's neurons, as
+        flat {name: LongTensor} (stored for audit)."""
+
+
+class PlanFn(Protocol):
+    def __call__(self, pred: nn.Module, succ: nn.Module, sel: Dict[str, torch.Tensor], *, recipe: str,
+                 body: Optional[nn.Module] = None) -> Dict[str, Any]:
+        """Index sets -> {successor key: ``rules.Take``} for every tensor recycled; ``body``: the official recipe's
+        same-width predecessor (resized), whose body is taken whole."""
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     model_cls: type  # the JetMoE successor class (a JetMoEMixin subclass)
@@ -49,13 +83,13 @@ class FamilySpec:
     # the predecessor's timm arguments read off a bare checkpoint's tensors, f(state, hint model on meta); raises
     # UnreadableCheckpoint where the tensors fit more than one architecture, or none
     predecessor_args: Callable[[Mapping[str, Any], nn.Module], dict]
-    # recycling steps, each f(pred, succ, ...): see vit.py for the contract of each
-    check: Callable[[nn.Module, nn.Module], None]  # raise one clear line when pred cannot be recycled into succ
-    resize: Callable[[nn.Module, nn.Module], nn.Module]  # the predecessor at the successor's input size
-    probes: Callable[..., list]  # where statistics are measured
-    select: Callable[..., dict]  # statistics -> index sets (channels, heads, neurons per expert)
-    plan: Callable[..., dict]  # index sets -> successor key: Take
-    weight_stats: Callable[[nn.Module], Any]  # data-free statistics from the weights
+    # the recycling steps (the Protocols above)
+    check: CheckFn
+    resize: ResizeFn
+    probes: ProbesFn
+    select: SelectFn
+    plan: PlanFn
+    weight_stats: Callable[[nn.Module], Any]  # data-free statistics from the weights (a WeightStatistics class)
     # declarative parts
     scale_rules: Mapping[str, str]  # layer-scale key regex -> the linear it scales (folded when the successor has none)
     features_module: str  # its input is the pooled pre-logits feature (retention figure)
