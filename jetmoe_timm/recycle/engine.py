@@ -16,7 +16,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -209,6 +209,61 @@ def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:
                          f"recipe (recipe='paper', --recipe paper) for {name}.")
 
 
+def _check_models(family: FamilySpec, predecessor: nn.Module, successor: nn.Module, recipe: str,
+                  body_predecessor: Optional[nn.Module], seed: int) -> None:
+    """Refuse, before any statistics, a predecessor (and body predecessor) the recipe cannot recycle into
+    the successor, in one line that names the fix."""
+    family.check(predecessor, successor)
+    _check_input(predecessor, successor)
+    check_recipe_family(recipe, family, type(successor).__name__)
+    if recipe == 'paper':
+        check_nothing_lost(family, predecessor, successor, seed)
+        return
+    if body_predecessor is None:
+        raise ValueError("recipe 'official' needs body_predecessor: a dense model of the successor's width "
+                         "(e.g. vit_tiny_patch16_224.augreg_in21k for v_jetmoe_tiny).")
+    scales = [k for k in successor.state_dict() if any(re.fullmatch(r, k) for r in family.scale_rules)]
+    if scales:  # the experts (from one predecessor) would be scaled by the body's (another's) layer scale
+        raise ValueError(f"recipe 'official' takes the experts and the body from two predecessors and cannot "
+                         f"give a successor with layer scale ('{scales[0]}') one scale for both: build it "
+                         f"without init_values, or use recipe='paper'.")
+    family.check(body_predecessor, successor)
+    if family.body_width(body_predecessor) != family.body_width(successor):
+        raise ValueError('the official recipe copies the body verbatim: body_predecessor must have the '
+                         'successor\'s width.')
+    check_nothing_lost(family, body_predecessor, successor, seed, 'body_predecessor')
+
+
+def _activation_statistics(family: FamilySpec, stats_model: nn.Module, successor: nn.Module, at_succ: bool,
+                           new_bar, calib: Any, num_calib: int, batch_size: int, seed: int, method: str,
+                           retention_lists: Optional[Tuple[list, list]]):
+    """(statistics of ``stats_model``'s activations on the calibration images, the progress bar made for them):
+    at the successor's input size (``at_succ``: ``stats_model`` is the resized predecessor) or the predecessor's
+    own. ``retention_lists``: (images, features) to fill with the first calibration images and the predecessor's
+    pooled features on them, which the retention figure reuses."""
+    size = fixed_input_size(successor)
+    batches, total, source = calibration_batches(calib, stats_model, num_calib, batch_size, seed,
+                                                 img_size=size if at_succ else None)
+    bar = new_bar(total=total + 3)  # its total known from the start (it grew once the batches were counted)
+    hook = None
+    if retention_lists is not None:  # the predecessor's features on the first images (and those images)
+        kept, pred_features = retention_lists
+        if not _made_again(calib):  # otherwise they are made again for retention instead of kept
+            batches = _keep_first(batches, kept, RETENTION_IMAGES)
+        hook = stats_model.get_submodule(family.features_module).register_forward_pre_hook(
+            _record_features(pred_features, RETENTION_IMAGES))
+    bar.set_postfix_str('statistics')
+    try:
+        stats = collect_statistics(stats_model, family.probes(stats_model, successor, method=method), batches,
+                                   source=source, bar=bar)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if at_succ and size is not None:
+        stats.source += f':{size[0]}x{size[1]}'
+    return stats, bar
+
+
 def recycle(
         successor: Union[nn.Module, Callable[[], nn.Module]],
         predecessor: nn.Module,
@@ -262,25 +317,7 @@ def recycle(
         with torch.device('meta'):
             successor = make_successor()
     family = family_of(successor)
-    family.check(predecessor, successor)
-    _check_input(predecessor, successor)
-    check_recipe_family(recipe, family, type(successor).__name__)
-    if recipe == 'paper':
-        check_nothing_lost(family, predecessor, successor, seed)
-    if recipe == 'official':
-        if body_predecessor is None:
-            raise ValueError("recipe 'official' needs body_predecessor: a dense model of the successor's width "
-                             "(e.g. vit_tiny_patch16_224.augreg_in21k for v_jetmoe_tiny).")
-        scales = [k for k in successor.state_dict() if any(re.fullmatch(r, k) for r in family.scale_rules)]
-        if scales:  # the experts (from one predecessor) would be scaled by the body's (another's) layer scale
-            raise ValueError(f"recipe 'official' takes the experts and the body from two predecessors and cannot "
-                             f"give a successor with layer scale ('{scales[0]}') one scale for both: build it "
-                             f"without init_values, or use recipe='paper'.")
-        family.check(body_predecessor, successor)
-        if family.body_width(body_predecessor) != family.body_width(successor):
-            raise ValueError('the official recipe copies the body verbatim: body_predecessor must have the '
-                             'successor\'s width.')
-        check_nothing_lost(family, body_predecessor, successor, seed, 'body_predecessor')
+    _check_models(family, predecessor, successor, recipe, body_predecessor, seed)
 
     t0 = time.perf_counter()
     # everything is recycled from the predecessor at the successor's grid; statistics are taken there by default
@@ -297,25 +334,9 @@ def recycle(
         stats = family.weight_stats(pred)
     else:
         at_succ = calib_size == 'successor'
-        stats_model = pred if at_succ else predecessor
-        batches, total, source = calibration_batches(calib, stats_model, num_calib, batch_size, seed,
-                                                     img_size=size if at_succ else None)
-        bar = new_bar(total=total + 3)  # its total known from the start (it grew once the batches were counted)
-        hook = None
-        if at_succ and measure_retention:  # the predecessor's features on the first images (and those images)
-            if not _made_again(calib):  # otherwise they are made again for retention instead of kept
-                batches = _keep_first(batches, kept, RETENTION_IMAGES)
-            hook = pred.get_submodule(family.features_module).register_forward_pre_hook(
-                _record_features(pred_features, RETENTION_IMAGES))
-        bar.set_postfix_str('statistics')
-        try:
-            stats = collect_statistics(stats_model, family.probes(stats_model, successor, method=method), batches,
-                                       source=source, bar=bar)
-        finally:
-            if hook is not None:
-                hook.remove()
-        if at_succ and size is not None:
-            stats.source += f':{size[0]}x{size[1]}'
+        stats, bar = _activation_statistics(family, pred if at_succ else predecessor, successor, at_succ, new_bar,
+                                            calib, num_calib, batch_size, seed, method,
+                                            (kept, pred_features) if at_succ and measure_retention else None)
     t_stats = time.perf_counter() - t0
 
     bar.set_postfix_str('selection')
