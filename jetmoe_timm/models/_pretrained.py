@@ -35,8 +35,9 @@ from .._names import quoted
 from ..export import read_provenance, verify_safetensors
 from ..hub_access import hub_reachable, not_cached_reason
 
-__all__ = ['HF_ORG', 'PAPER_CFG', 'WeightsUnavailableError', 'architecture_signature', 'build_jetmoe',
-           'prepare_pretrained', 'recycled_cfgs', 'refuse_damaged', 'register_weight_builder', 'weight_shapes']
+__all__ = ['HF_ORG', 'INPUT_CONTRACT_KEYS', 'PAPER_CFG', 'WeightsUnavailableError', 'architecture_signature',
+           'build_jetmoe', 'prepare_pretrained', 'recorded_input_contract', 'recycled_cfgs', 'recycled_note',
+           'refuse_damaged', 'register_weight_builder', 'weight_shapes']
 
 _logger = logging.getLogger(__name__)
 

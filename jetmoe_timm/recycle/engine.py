@@ -34,7 +34,8 @@ from .rules import apply_plan, fill_missing_biases, fold_scales, unplaced_tensor
 from .selection import METHODS
 from .stats import STATISTICS, collect_statistics
 
-__all__ = ['CALIB_SIZES', 'RECIPES', 'RECYCLE_DEFAULTS', 'RecycleResult', 'check_options', 'recycle']
+__all__ = ['CALIB_SIZES', 'RECIPES', 'RECYCLE_DEFAULTS', 'RETENTION_IMAGES', 'RecycleResult', 'adapt_input_channels',
+           'check_nothing_lost', 'check_options', 'check_recipe_family', 'recycle', 'selection_to_json']
 
 RECIPES = ('paper', 'official')
 # where the statistics are taken: at the successor's input size and tokens (the predecessor resized to it, the
