@@ -172,8 +172,9 @@ def _fits_default_model(name: str, folder: Path) -> bool:
 # --- the model card --------------------------------------------------------------------------------------
 
 def _family(arch: str) -> str:
-    """'v_jetmoe_tiny' -> 'v_jetmoe': the family whose card template serves every size."""
-    return arch.rpartition('_')[0]
+    """'v_jetmoe_tiny' (or 'v_jetmoe_base_patch14') -> 'v_jetmoe': the family whose card template serves every
+    size."""
+    return arch.partition('_jetmoe_')[0] + '_jetmoe'
 
 
 def _display_name(arch: str) -> str:

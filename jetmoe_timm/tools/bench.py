@@ -94,7 +94,7 @@ PAIRS = (
 )
 # what runs without --models: the two small variants (v_jetmoe_small and c_jetmoe_tiny need 17 and 25 GB for float32
 # weights, gradients and AdamW state before any activation: ask for them by name, on a machine that holds them)
-DEFAULT_PAIRS = PAIRS[:2]
+DEFAULT_PAIRS = tuple(p for p in PAIRS if p.model in ('v_jetmoe_tiny', 'c_jetmoe_femto'))
 # one MoE block of v_jetmoe_tiny: 197 tokens of width 192, 98 core (768) + 196 universal (192) experts
 V_JETMOE_TINY_LAYER = LayerShape(dim=192, tokens=197, num_core_experts=98, num_univ_experts=196, core_hidden=768)
 # 'bf16' is autocast over float32 weights. Inference only: 'bf16-weights' runs a bfloat16 copy of the model, which
@@ -841,7 +841,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--convert', nargs='*', choices=sorted(CONVERT_SOURCES), metavar='NAME',
                    help='also convert full-size models from predecessor files and report time and peak RSS: the '
                         f'NAMEs given (a variant, its default tag, or a recycled tag such as '
-                        f'v_jetmoe_tiny.recycled_deit3_in22k), or all four variants ({", ".join(CONVERT_VARIANTS)}; '
+                        f'v_jetmoe_tiny.recycled_deit3_in22k), or all {len(CONVERT_VARIANTS)} variants ({", ".join(CONVERT_VARIANTS)}; '
                         f'about 15 minutes on 2 cores)')
     p.set_defaults(func=_run)
     return p
