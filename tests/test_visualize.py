@@ -343,13 +343,14 @@ def test_cli_inspect_single_path_models(tmp_path, single, capsys):
 def test_cli_inspect_model_kwargs_before_the_images(tmp_path, capsys):
     images = _write_images(tmp_path, n=2)
     out = str(tmp_path / 'o')
-    with pytest.raises(SystemExit) as e:  # --model-kwargs took the only image: argparse finds no images
+    with pytest.raises(SystemExit) as e:  # --model-kwargs took the images: argparse finds none
         cli.main(['inspect', 'v_jetmoe_tiny', '--model-kwargs', *TINY_ARGS, *images, '--out', out])
     assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     took = ', '.join(repr(str(i)) for i in images)  # named, as docs/inspect.md says
-    assert len(lines) == 1 and f'no image files: --model-kwargs took {took}: pass them' in lines[0] \
-        and 'put --model-kwargs after the images' in lines[0]
+    assert lines == [f'jetmoe-timm inspect: error: the following arguments are required: images; --model-kwargs '
+                     f'took {took}, which is no K=V: put --model-kwargs after the positional arguments (see '
+                     f'jetmoe-timm inspect --help)']
     with pytest.raises(SystemExit) as e:  # no images at all, and no --model-kwargs: argparse's own words
         cli.main(['inspect', 'v_jetmoe_tiny', '--out', out])
     assert e.value.code == 2

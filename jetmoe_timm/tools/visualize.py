@@ -509,14 +509,6 @@ def save_inspection(result: RoutingInspection, out_dir: os.PathLike, top_k: int 
 _KWARGS_LAST = 'it takes every word after it, so put --model-kwargs after the images'
 
 
-class _KwargsSeen(argparse.Action):
-    """Stores --model-kwargs and marks its parser with its words: a missing image is then most likely one it took."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        parser.saw_model_kwargs = list(values)
-
-
 def _parse_model_kwargs(items: Sequence[str]) -> Dict[str, Any]:
     """--model-kwargs K=V words -> kwargs, as ``convert`` parses them; a word that is no K=V is named, and when it
     looks like a file, so is the usual cause (--model-kwargs before the images)."""
@@ -680,24 +672,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('images', nargs='+', help='image files')
     p.add_argument('--checkpoint', help='weights: a .safetensors / .pth file, or a folder with config.json')
     p.add_argument('--pretrained', action='store_true', help="load the model's default pretrained weights")
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V', action=_KwargsSeen,
+    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
                    help='model kwargs, as in timm train.py (e.g. num_classes=10); after the images, since it takes '
                         'every word after it')
     p.add_argument('--out', default='inspect', help='output folder (default: ./inspect)')
     p.add_argument('--top-k', type=int, default=3, help='experts shown per path and image (default: 3)')
     p.add_argument('--device', default='cpu', help='torch device (default: cpu)')
     p.set_defaults(func=_run)
-    parser_error = p.error
-
-    def error(message: str):
-        # '--model-kwargs K=V a.jpg' leaves no image: one line that names the cause, as the command's own errors
-        seen = getattr(p, 'saw_model_kwargs', None)
-        if message == 'the following arguments are required: images' and seen is not None:
-            taken = [w for w in seen if '=' not in w]
-            took = f'--model-kwargs took {", ".join(repr(w) for w in taken)}: ' if taken else ''
-            print(f'{p.prog}: error: no image files: {took}pass them after MODEL ({_KWARGS_LAST}).', file=sys.stderr)
-            sys.exit(2)
-        parser_error(message)
-
-    p.error = error
     return p
