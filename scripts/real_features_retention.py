@@ -48,7 +48,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from jetmoe_timm.export import write_atomic
+from jetmoe_timm.atomic import write_atomic
 from jetmoe_timm.recycle import METHODS, recycle
 from jetmoe_timm.recycle.engine import check_options
 from jetmoe_timm.recycle.retention import linear_cka, pooled_features

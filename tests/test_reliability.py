@@ -883,7 +883,7 @@ def test_a_killed_writers_folder_is_removed_by_the_next_write(tmp_path):
     """A convert killed by SIGKILL leaves its hidden temporary folder beside --out (gigabytes for a full-size model);
     the next write of that output deletes it, never a live writer's (this process's), another output's, or one of
     another kind (a data export's)."""
-    from jetmoe_timm.export import writing_folder
+    from jetmoe_timm.atomic import writing_folder
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
     host = socket.gethostname()
@@ -910,7 +910,8 @@ def test_a_killed_weights_writers_leftovers_are_removed_by_the_next_write(tmp_pa
     """safetensors writes a temporary file of its own beside the one it is given: killed in save_file, a cache
     build left up to the model's size behind for good. The weights are written in a writer's folder, which the
     next write of that file removes with whatever the killed writer left in it."""
-    from jetmoe_timm.export import _umask, save_safetensors_atomic
+    from jetmoe_timm.atomic import _umask
+    from jetmoe_timm.export import save_safetensors_atomic
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
     killed = tmp_path / f'.w.safetensors.{socket.gethostname()}-{gone.pid}.abcd_123'
@@ -924,7 +925,7 @@ def test_a_killed_weights_writers_leftovers_are_removed_by_the_next_write(tmp_pa
 def test_written_folders_keep_a_setgid_parents_group_bit(tmp_path):
     """In a setgid (group-shared) folder an output folder keeps the bit, as one made by mkdir does, so that what is
     written inside it takes the shared group too; its other permissions follow the umask."""
-    from jetmoe_timm.export import _umask, writing_folder
+    from jetmoe_timm.atomic import _umask, writing_folder
     shared = tmp_path / 'shared'
     shared.mkdir()
     os.chmod(shared, 0o2775)

@@ -31,8 +31,9 @@ import torch.nn as nn
 from filelock import FileLock, Timeout
 
 from .._names import did_you_mean, quoted
+from ..atomic import remove_dead_writers
 from ..export import FOLDER_WEIGHT_SUFFIXES, PROVENANCE_KEY, is_local_spec, local_path, public_source, \
-    read_model_config, remove_dead_writers, save_safetensors_atomic, verify_safetensors
+    read_model_config, save_safetensors_atomic, verify_safetensors
 from ..hub_access import hub_offline_unless_reachable, hub_reachable, not_cached_reason
 from ..models import check_model_name, is_jetmoe_model
 from ..models._pretrained import INPUT_CONTRACT_KEYS, WeightsUnavailableError, recycled_note, \

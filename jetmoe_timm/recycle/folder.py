@@ -3,7 +3,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..export import check_replaceable, is_model_folder, save_pretrained_folder
+from ..atomic import check_replaceable
+from ..export import is_model_folder, save_pretrained_folder
 from .build import build_recycled
 from .engine import selection_to_json
 

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import get_pretrained_cfg
 
-from ..export import write_atomic
+from ..atomic import write_atomic
 from ..layers import SpheroMoE, set_autocast_weight_cache, set_keep_grad_memory, sphero_moe_reference
 from ..recycle.build import RECYCLE_SOURCES, recycle_source
 from .checks import check_device, check_output_folder

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from .._names import closest_name
-from ..export import replace_problem
+from ..atomic import replace_problem
 from ..models import check_model_name
 
 __all__ = ['check_device', 'check_model_kwargs', 'check_model_name', 'check_output_folder', 'parse_model_kwargs']

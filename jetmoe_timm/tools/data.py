@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..export import check_replaceable, replace_folder, writing_folder
+from ..atomic import check_replaceable, replace_folder, writing_folder
 from .checks import check_output_folder
 
 __all__ = ['DATASETS', 'SPLITS', 'class_names', 'load_arrays', 'export_dataset']

@@ -39,7 +39,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from tqdm.auto import tqdm
 
-from ..export import save_safetensors_atomic, write_atomic
+from ..atomic import write_atomic
+from ..export import save_safetensors_atomic
 from ..profile import count_params
 from ..recycle import CALIB_SIZES, METHODS, recycle
 from ..recycle.build import cache_dir

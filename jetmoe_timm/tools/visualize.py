@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from .._modes import eval_mode
 from .._names import quoted
-from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, read_model_config, write_atomic
+from ..atomic import write_atomic
+from ..export import FOLDER_WEIGHT_SUFFIXES, is_torch_checkpoint, read_model_config
 from ..models import is_jetmoe_model, list_jetmoe_models
 from ..models._pretrained import WeightsUnavailableError
 from ..recycle.calibration import fit_channels, image_mode, image_tensor, in_mode, model_data_config
