@@ -68,7 +68,7 @@ def _run(code, env, expect_rc=0):
 # --- end to end: push, re-push, load three ways ----------------------------------------------------------
 
 _PUSH = """
-    import os, sys
+    import os, shutil, sys, tempfile
     from huggingface_hub import HfApi
     from jetmoe_timm.tools.cli import main
     args = ['push', '--from', {folder!r}, '--repo-id', {repo!r}]
@@ -81,12 +81,13 @@ _PUSH = """
     assert main(args) == 0
     print('=== branch')
     assert main(args + ['--revision', 'v1']) == 0
+    copy = shutil.copytree({folder!r}, tempfile.mkdtemp() + '/copy')  # a push writes the card for its repo
     print('=== private')
-    assert main(['push', '--from', {folder!r}, '--repo-id', {repo!r} + '-private', '--private',
+    assert main(['push', '--from', copy, '--repo-id', {repo!r} + '-private', '--private',
                  '--commit-message', 'my own message']) == 0
     print('=== bad token')
     os.environ['HF_TOKEN'] = 'hf_not_the_token'
-    assert main(args + ['--revision', 'v1', '--commit-message', 'refused']) == 2
+    assert main(['push', '--from', copy, '--repo-id', {repo!r}, '--revision', 'v2']) == 2
 """
 
 _LOAD = """
@@ -168,9 +169,9 @@ def test_push_repush_and_load_three_ways(tmp_path, local_hub, tiny_folder, tiny_
     assert local_hub.titles(REPO)[0] == ('Upload v_jetmoe_tiny.recycled_in21k (predecessor=vit_small_patch16_224.'
                                          'augreg_in21k, method=importance, recipe=paper)')
     assert local_hub.is_private(REPO + '-private') and local_hub.titles(REPO + '-private')[0] == 'my own message'
-    # a token the Hub rejects: one line naming the fix, nothing committed
+    # a token the Hub rejects: one line naming the fix, and no branch made
     assert (f'jetmoe-timm push: error: The Hub at {local_hub.url} rejected the token (401): log in again with '
-            f'`hf auth login` or fix HF_TOKEN.') in r.stderr and 'refused' not in local_hub.titles(REPO, 'v1')
+            f'`hf auth login` or fix HF_TOKEN.') in r.stderr and set(local_hub.branches(REPO)) == {'main', 'v1'}
 
     # load back in a fresh HF_HOME, without a token: by the cfg's hf_hub_id, by hf-hub: name, from local-dir:
     home = tmp_path / 'loader'
@@ -252,6 +253,12 @@ def test_dry_run_writes_the_folder_and_sends_nothing(tiny_folder, local_hub, mon
         assert f'{name:<18} {(tiny_folder / name).stat().st_size:>14,d} bytes' in out
     assert (tiny_folder / 'README.md').read_text() == render_model_card(tiny_folder, 'org/name')
     assert local_hub.requests == []
+
+
+def test_a_card_template_serves_every_size_of_its_family():
+    from jetmoe_timm.hub import _family
+    assert [_family(a) for a in ('v_jetmoe_tiny', 'c_jetmoe_femto', 'v_jetmoe_base_patch14')] == \
+        ['v_jetmoe', 'c_jetmoe', 'v_jetmoe']
 
 
 def test_card_at_a_tags_default_repo_names_the_tag(tiny_folder):

@@ -84,15 +84,20 @@ def test_successor_layer_scale_without_predecessor_one_is_identity():
 
 
 @pytest.mark.parametrize('flavour', ['augreg', 'deit3_layer_scale', 'dinov2_registers', 'qk_norm'])
-def test_full_width_copy_experts_are_exact_on_equal_tokens(flavour):
+@pytest.mark.parametrize('univ', [2, 0], ids=['dual-path', 'core-only'])
+def test_full_width_copy_experts_are_exact_on_equal_tokens(flavour, univ):
     pred, kwargs = _vit(flavour)
-    succ = _succ(kwargs, moe_blocks=(1, 2), num_core_experts=3, num_univ_experts=2, univ_ratio=1.0)
+    succ = _succ(kwargs, moe_blocks=(1, 2), num_core_experts=3, num_univ_experts=univ, univ_ratio=1.0)
     succ, _ = _recycled(succ, pred, method='copy')
     for i in (1, 2):
         token = torch.randn(1, 1, 48)
         x = token.expand(2, 5, 48)  # equal tokens: attention returns v(token) for every query, slots equal it
         with torch.no_grad():
             torch.testing.assert_close(succ.blocks[i](x), pred.blocks[i](x), atol=1e-4, rtol=1e-4)
+            # the MoE layer alone (with the layer scale a successor without one has folded in), on a single token
+            # too: every expert is the dense MLP and the combine weights sum to one
+            s, p = succ.blocks[i], pred.blocks[i]
+            torch.testing.assert_close(s.ls2(s.mlp(token)), p.ls2(p.mlp(token)), atol=1e-4, rtol=1e-4)
 
 
 def test_statistics_and_weights_at_the_successor_grid():

@@ -564,6 +564,7 @@ def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
 
     assert problem(**dict(TINY_VIT, moe_blocks=(2, 3))) is None  # no drop rate, the tuple as given
     assert problem(**dict(TINY_VIT, moe_blocks=[2, 3], univ_ratio=0.25, moe_noise_mult=0.)) is None
+    assert problem(**dict(TINY_VIT, moe_blocks=(2, 3), patch_drop_rate=0.1)) is None  # a PatchDropout module only
     said = problem(**TINY_VIT, moe_blocks=[3])
     assert said == problem(5, **TINY_VIT, moe_blocks=(2, 3))  # other classes
     assert said == problem(**dict(TINY_VIT, moe_blocks=(2, 3), num_heads=4))  # the same shapes, other heads

@@ -28,7 +28,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+from timm.layers import DropPath, PatchDropout
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from .._names import quoted
@@ -87,7 +87,7 @@ def recycled_note(predecessor: str, method: str, recipe: str, classifier: str = 
 _FACTORY_KWARGS = ({p for f in (timm.create_model, build_model_with_cfg) for p in inspect.signature(f).parameters}
                    | {'features_only', 'out_indices', 'feature_cls', 'device', 'dtype'}) - {'kwargs'}
 # modules that can come and go without changing what the weights mean (dropout rates of 0 give Identity)
-_MEANINGLESS = (nn.Dropout, DropPath, nn.Identity)
+_MEANINGLESS = (nn.Dropout, DropPath, PatchDropout, nn.Identity)
 # model arguments timm itself adapts pretrained weights to: they never call for other weights
 _ADAPTED_ON_LOAD = {'num_classes', 'in_chans'}
 # ... and those whose position grid the family's checkpoint filter resamples on load: with nothing else changed the

@@ -101,11 +101,16 @@ def check(pred, succ) -> None:
                          f'{succ.stem[0].kernel_size}; build the successor with patch_size={patch[0]}.')
 
 
+# where a block is measured: its channels (the norm's output) and hidden neurons (the MLP activation's output);
+# probes, the data-free statistics and the selection read these names
+_CHANNELS, _NEURONS = 'norm', 'mlp.act'
+
+
 def probes(pred, succ, method: str):
     out = []
     for s, b, name, blk in _blocks(succ):
         coact = METHODS[method].needs_coactivation and isinstance(blk.mlp, SpheroMoE)
-        out += [Probe(f'{name}.norm'), Probe(f'{name}.mlp.act', coact=coact)]
+        out += [Probe(f'{name}.{_CHANNELS}'), Probe(f'{name}.{_NEURONS}', coact=coact)]
     return out
 
 
@@ -114,20 +119,24 @@ class WeightStats(WeightStatistics):
 
     def __getitem__(self, key) -> torch.Tensor:
         module, _ = key
-        if module.endswith('.norm'):
+        block, _, probe = module.partition('.blocks.')
+        block = f"{block}.blocks.{probe.split('.', 1)[0]}"
+        if module == f'{block}.{_CHANNELS}':
             return self.pred.get_submodule(module).weight.detach().double().abs()
-        return mlp_weight_importance(self.pred.get_submodule(module.rsplit('.', 2)[0]).mlp)  # '{block}.mlp.act'
+        if module == f'{block}.{_NEURONS}':
+            return mlp_weight_importance(self.pred.get_submodule(block).mlp)
+        raise KeyError(module)
 
 
 def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: str) -> Dict[str, torch.Tensor]:
     sel: Dict[str, torch.Tensor] = {}
     for s, stage in enumerate(succ.stages):
         names = [f'stages.{s}.blocks.{b}' for b in range(len(stage.blocks))]
-        score = torch.stack([stats[f'{n}.norm', statistic] for n in names]).mean(0)
+        score = torch.stack([stats[f'{n}.{_CHANNELS}', statistic] for n in names]).mean(0)
         sel[f'stage{s}.channels'] = top_k(score, succ.feature_info[s]['num_chs'])
     for s, b, name, blk in _blocks(succ):
-        neurons = select_block_neurons(blk.mlp, stats[f'{name}.mlp.act', statistic], method, seed, name,
-                                       lambda: stats.coact(f'{name}.mlp.act'))
+        neurons = select_block_neurons(blk.mlp, stats[f'{name}.{_NEURONS}', statistic], method, seed, name,
+                                       lambda: stats.coact(f'{name}.{_NEURONS}'))
         sel.update({f'{name}.{k}': v for k, v in neurons.items()})
     return sel
 

@@ -180,10 +180,11 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
     """Refuse a successor that has no place for part of the predecessor (a bias, a norm, a pooling layer), or
     needs a tensor the predecessor lacks, before any statistics are taken: a dry plan from data-free statistics
     names the same tensors as the real one (which index is taken does not change which tensor is read)."""
-    d = RECYCLE_DEFAULTS
-    selection = family.select(predecessor, successor, family.weight_stats(predecessor), method=d['method'],
-                              statistic=d['statistic'], seed=seed, recipe=d['recipe'])
-    plan = family.plan(predecessor, successor, selection, recipe=d['recipe'])
+    # the paper recipe's plan, whatever the request's: one predecessor for every tensor (the official recipe's plan
+    # needs its body predecessor, checked on its own); the method and statistic only change which indices are taken
+    selection = family.select(predecessor, successor, family.weight_stats(predecessor), method='importance',
+                              statistic='l2', seed=seed, recipe='paper')
+    plan = family.plan(predecessor, successor, selection, recipe='paper')
     unread, missing = unplaced_tensors(plan, predecessor.state_dict(), family.block_pattern, family.scale_rules)
     # the successor's own tensors that nothing fills, besides its MoE routing and a new head: a norm the predecessor
     # has not (final_norm, embed_norm_layer) would sit freshly initialised inside the recycled computation

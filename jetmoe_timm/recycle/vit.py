@@ -205,13 +205,27 @@ def _move_prefix_embedding(model, to_tokens: bool) -> None:
     model.no_embed_class = to_tokens
 
 
+# where block i is measured: the residual channels (norm2's output), each attention dim (attn.proj's input), each
+# hidden neuron (the MLP activation's output); probes, the data-free statistics and the selection read these names
+def _channels(i: int) -> str:
+    return f'blocks.{i}.norm2'
+
+
+def _attn_dims(i: int) -> str:
+    return f'blocks.{i}.attn.proj'
+
+
+def _neurons(i: int) -> str:
+    return f'blocks.{i}.mlp.act'
+
+
 def probes(pred, succ, method: str):
     out = []
     for i in range(len(succ.blocks)):
         out += [
-            Probe(f'blocks.{i}.norm2'),
-            Probe(f'blocks.{i}.attn.proj', on_input=True),
-            Probe(f'blocks.{i}.mlp.act', coact=METHODS[method].needs_coactivation and _moe(succ, i) is not None),
+            Probe(_channels(i)),
+            Probe(_attn_dims(i), on_input=True),
+            Probe(_neurons(i), coact=METHODS[method].needs_coactivation and _moe(succ, i) is not None),
         ]
     return out
 
@@ -222,14 +236,15 @@ class WeightStats(WeightStatistics):
 
     def __getitem__(self, key) -> torch.Tensor:
         module, _ = key
-        blk = self.pred.blocks[int(module.split('.')[1])]
+        i = int(module.split('.')[1])
+        blk = self.pred.blocks[i]
         with torch.no_grad():
-            if module.endswith('norm2'):
+            if module == _channels(i):
                 return blk.norm2.weight.double().abs()
-            if module.endswith('attn.proj'):
+            if module == _attn_dims(i):
                 return blk.attn.proj.weight.double().norm(dim=0) * blk.attn.qkv.weight.double().view(
                     3, -1, blk.attn.qkv.weight.shape[-1])[2].norm(dim=1)
-            if module.endswith('mlp.act'):
+            if module == _neurons(i):
                 return mlp_weight_importance(blk.mlp)
         raise KeyError(module)
 
@@ -239,26 +254,26 @@ def select(pred, succ, stats, method: str, statistic: str, seed: int, recipe: st
     d_s = succ.embed_dim
     depth = len(succ.blocks)
     sel: Dict[str, torch.Tensor] = {}
-    channel_score = torch.stack([stats[f'blocks.{i}.norm2', statistic] for i in range(depth)]).mean(0)
+    channel_score = torch.stack([stats[_channels(i), statistic] for i in range(depth)]).mean(0)
     channels = top_k(channel_score, d_s)
     sel['channels'] = channels
 
     h, hd = pred.blocks[0].attn.num_heads, _head_dim(pred)
     h_s, hd_s = succ.blocks[0].attn.num_heads, _head_dim(succ)
     for i in range(depth):
-        dim_score = stats[f'blocks.{i}.attn.proj', statistic].view(h, hd)
+        dim_score = stats[_attn_dims(i), statistic].view(h, hd)
         heads = top_k(dim_score.sum(1), h_s)
         within = top_k(dim_score[heads].sum(0), hd_s)  # the same dims in every kept head (q, k, v alike)
         sel[f'blocks.{i}.heads'] = heads
         sel[f'blocks.{i}.attn_dims'] = (heads[:, None] * hd + within[None, :]).flatten()
 
-        neurons = select_block_neurons(succ.blocks[i].mlp, stats[f'blocks.{i}.mlp.act', statistic], method, seed, i,
-                                       lambda: stats.coact(f'blocks.{i}.mlp.act'))
+        neurons = select_block_neurons(succ.blocks[i].mlp, stats[_neurons(i), statistic], method, seed, i,
+                                       lambda: stats.coact(_neurons(i)))
         sel.update({f'blocks.{i}.{k}': v for k, v in neurons.items()})
         moe = _moe(succ, i)
         if moe is not None and recipe == 'official':
             # each expert also samples its own input / output channels, as the official tool does
-            ch_importance = stats[f'blocks.{i}.norm2', statistic]
+            ch_importance = stats[_channels(i), statistic]
             ch_method = METHODS[method].dense_method or method  # channels have no co-activation graph
             sel[f'blocks.{i}.core_channels'] = select_neurons(
                 ch_method, moe.num_core_experts, d_s, ch_importance, make_generator(seed, 'core-ch', i))

@@ -23,8 +23,9 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import timm
 import torch
@@ -454,64 +455,78 @@ def _step_in_backward_problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> Optional[str]:
-    """What would fail late, said before anything runs: an image folder that is not there (found only after the
-    model is built, which may mean recycling it), a train.py folder with one of its two splits (silently read as
-    both), ``--model-kwargs img_size=N`` without ``--img-size N``
-    (train.py / validate.py size their data from --img-size, else the default cfg's 224, not from the model: it
-    fails after the first batch) or an --img-size / --input-size that a fixed-size model is not built for (the
-    same); an unknown model, model kwarg or optimizer, ``step_in_backward`` with what it cannot take part in
-    (silently wrong in the script), a checkpoint file that is not there, and the scripts' default ``--device cuda``
-    where torch sees no GPU (each a traceback from inside the script)."""
-    if args is None:
-        return None
-    training = script == 'train.py' or hasattr(args, 'opt')  # validate.py's arguments have no optimizer
-    model = getattr(args, 'model', None)
-    cfg = _default_cfg(model)
-    # the folder each script reads: train.py prefers --data-dir, validate.py the positional DATA
-    data, data_dir = getattr(args, 'data', None), getattr(args, 'data_dir', None)
-    root = (data_dir or data) if training else (data or data_dir)
-    if root and _reads_folder(getattr(args, 'dataset', '')) and not os.path.exists(root):
-        return f"data folder '{root}' does not exist: pass the folder that holds your images (train/ and validation/)."
-    problem = _split_problem(args, root, training) if root else None
-    if problem:
-        return problem
-    size = (getattr(args, 'model_kwargs', None) or {}).get('img_size')
-    default_size = cfg.input_size[-1] if cfg is not None and cfg.input_size else None
-    if (size is not None and getattr(args, 'img_size', None) is None and getattr(args, 'input_size', None) is None
-            and size != default_size):
+@dataclass
+class _Run:
+    """What a script run is asked for, as the argument checks read it."""
+    args: argparse.Namespace
+    training: bool  # train.py (validate.py's arguments have no optimizer)
+    model: Optional[str]
+    cfg: Any  # the model's default pretrained cfg, None where there is none
+    root: Optional[str]  # the image folder the script reads: train.py prefers --data-dir, validate.py DATA
+
+
+def _data_problem(run: _Run) -> Optional[str]:
+    """An image folder that is not there (found only after the model is built, which may mean recycling it), or a
+    train.py folder with one of its two splits (silently read as both)."""
+    if run.root and _reads_folder(getattr(run.args, 'dataset', '')) and not os.path.exists(run.root):
+        return (f"data folder '{run.root}' does not exist: pass the folder that holds your images (train/ and "
+                f"validation/).")
+    return _split_problem(run.args, run.root, run.training) if run.root else None
+
+
+def _img_size_problem(run: _Run) -> Optional[str]:
+    """``--model-kwargs img_size=N`` without ``--img-size N``: the scripts size their data from --img-size, else
+    the default cfg's, not from the model (it fails after the first batch)."""
+    size = (getattr(run.args, 'model_kwargs', None) or {}).get('img_size')
+    default_size = run.cfg.input_size[-1] if run.cfg is not None and run.cfg.input_size else None
+    if (size is not None and getattr(run.args, 'img_size', None) is None
+            and getattr(run.args, 'input_size', None) is None and size != default_size):
         return (f'--model-kwargs img_size={size} changes the model but not the data pipeline: add --img-size {size} '
                 f'(train.py and validate.py size the images from it).')
+    return None
+
+
+def _model_problem(run: _Run) -> Optional[str]:
+    """An unknown model or model kwarg, a kwarg the script sets itself, or an --img-size / --input-size that a
+    fixed-size model is not built for."""
+    model, args = run.model, run.args
     # 'hf-hub:' / 'local-dir:' models are timm's to resolve; validate.py also takes 'all', wildcards and a file of names
     # (and models registered by train.py's --device-modules, imported only inside it)
-    if model and ':' not in model and _one_model(model) and not getattr(args, 'device_modules', None):
-        arch = model.partition('.')[0]
-        if not timm.is_model(arch):
-            return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
-                    f"(jetmoe_timm adds {', '.join(list_jetmoe_models())}).")
-        model_kwargs = getattr(args, 'model_kwargs', None) or {}
-        script_args = dict(_SCRIPT_MODEL_ARGS, **(_TRAIN_MODEL_ARGS if training else {}))
-        for key in model_kwargs:
-            if key in script_args:
-                return (f'--model-kwargs {key}={model_kwargs[key]}: the script passes {key} itself; use '
-                        f'{script_args[key]} instead.')
-        try:
-            check_model_kwargs(model, model_kwargs)
-        except ValueError as e:
-            return str(e)
-        problem = _size_problem(args, model, model_kwargs, cfg)
-        if problem:
-            return problem
-    opt = getattr(args, 'opt', None)  # train.py: timm's factory reads 'lookahead_NAME' and the part after the last '_'
+    if not model or ':' in model or not _one_model(model) or getattr(args, 'device_modules', None):
+        return None
+    arch = model.partition('.')[0]
+    if not timm.is_model(arch):
+        return (f"Unknown model '{arch}'{did_you_mean(arch, timm.list_models())}: pass a timm model name "
+                f"(jetmoe_timm adds {', '.join(list_jetmoe_models())}).")
+    model_kwargs = getattr(args, 'model_kwargs', None) or {}
+    script_args = dict(_SCRIPT_MODEL_ARGS, **(_TRAIN_MODEL_ARGS if run.training else {}))
+    for key in model_kwargs:
+        if key in script_args:
+            return (f'--model-kwargs {key}={model_kwargs[key]}: the script passes {key} itself; use '
+                    f'{script_args[key]} instead.')
+    try:
+        check_model_kwargs(model, model_kwargs)
+    except ValueError as e:
+        return str(e)
+    return _size_problem(args, model, model_kwargs, run.cfg)
+
+
+def _optimizer_problem(run: _Run) -> Optional[str]:
+    """An unknown optimizer, or ``step_in_backward`` with what it cannot take part in (silently wrong)."""
+    # train.py: timm's factory reads 'lookahead_NAME' and the part after the last '_'
+    opt = getattr(run.args, 'opt', None)
     if isinstance(opt, str) and opt.lower().split('_')[-1] not in timm.optim.list_optimizers():
         return (f"Unknown optimizer '{opt}'{did_you_mean(opt.lower(), timm.optim.list_optimizers())}: pass a name "
                 "from timm.optim.list_optimizers() (the memory-lean one for JetMoE models: adafactorlean).")
-    if 'step_in_backward' in (getattr(args, 'opt_kwargs', None) or {}):
-        problem = _step_in_backward_problem(args)
-        if problem:
-            return problem
+    if 'step_in_backward' in (getattr(run.args, 'opt_kwargs', None) or {}):
+        return _step_in_backward_problem(run.args)
+    return None
+
+
+def _checkpoint_file_problem(run: _Run) -> Optional[str]:
+    """A checkpoint file that is not there, a folder, or a damaged .safetensors."""
     for name in _FILE_ARGS:
-        path = getattr(args, name, None)
+        path = getattr(run.args, name, None)
         if path and not os.path.exists(path):
             return f"--{name.replace('_', '-')} {path} does not exist: pass an existing checkpoint file."
         if path and name != 'checkpoint' and os.path.isdir(path):  # validate.py's --checkpoint DIR: its bulk mode
@@ -522,29 +537,54 @@ def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> O
                 verify_safetensors(path, content=False)
             except ValueError as e:
                 return f"--{name.replace('_', '-')} {e}: pass an undamaged checkpoint file."
-    problem = _output_problem(args, training)
-    if problem:
-        return problem
-    allocator = os.environ.get(ALLOCATOR_ENV) if training else None  # train.py's; empty: unset
+    return None
+
+
+def _environment_problem(run: _Run) -> Optional[str]:
+    """train.py's allocator variable set to what it does not know, or the scripts' default ``--device cuda``
+    where torch sees no GPU."""
+    allocator = os.environ.get(ALLOCATOR_ENV) if run.training else None  # train.py's; empty: unset
     if allocator and allocator.lower() not in _ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
                 'it (CPU training keeps freed memory).')
-    device = str(getattr(args, 'device', None) or '')
+    device = str(getattr(run.args, 'device', None) or '')
     if device.startswith('cuda') and not torch.cuda.is_available():
         return f'--device {device} (timm\'s default is cuda) needs a GPU, and torch sees none here: add --device cpu.'
-    config, problem = _local_dir_config(model)
-    problem = problem or (None if training else _checkpoint_run_problem(args))
+    return None
+
+
+def _weights_problem(run: _Run) -> Optional[str]:
+    """A 'local-dir:' folder that is no model folder, validate.py's checkpoint of another model's run, or no
+    --num-classes for a model without a classifier (the recycled tags and folders converted from them)."""
+    config, problem = _local_dir_config(run.model)
+    problem = problem or (None if run.training else _checkpoint_run_problem(run.args))
     if problem:
         return problem
-    if getattr(args, 'num_classes', None) is None and _default_classes(cfg, config) == 0:
-        # the recycled tags and folders converted from them: no classifier, so none to train or score either
-        if training:
-            return (f"--num-classes is needed: {model}'s default weights have no classifier (num_classes=0), so "
-                    f"without it the model trains its features as logits{_class_folders(root)}.")
-        return (f"--num-classes is needed: {model} has no classifier by default (num_classes=0), so without it the "
-                f"features are scored as logits: validate a fine-tuned checkpoint (--checkpoint) with the classes it "
-                f"was trained for.")
+    if getattr(run.args, 'num_classes', None) is None and _default_classes(run.cfg, config) == 0:
+        if run.training:
+            return (f"--num-classes is needed: {run.model}'s default weights have no classifier (num_classes=0), so "
+                    f"without it the model trains its features as logits{_class_folders(run.root)}.")
+        return (f"--num-classes is needed: {run.model} has no classifier by default (num_classes=0), so without it "
+                f"the features are scored as logits: validate a fine-tuned checkpoint (--checkpoint) with the classes "
+                f"it was trained for.")
     return None
+
+
+# what would fail late in the scripts (after the model is built, the first batch, or the whole evaluation, most
+# as a traceback from inside them), checked before anything runs, in this order
+_ARGUMENT_CHECKS = (_data_problem, _img_size_problem, _model_problem, _optimizer_problem, _checkpoint_file_problem,
+                    lambda run: _output_problem(run.args, run.training), _environment_problem, _weights_problem)
+
+
+def _argument_problem(args: Optional[argparse.Namespace], script: str = '') -> Optional[str]:
+    """The first of ``_ARGUMENT_CHECKS``' answers for a run of ``script`` with ``args``, None if all pass."""
+    if args is None:
+        return None
+    training = script == 'train.py' or hasattr(args, 'opt')  # validate.py's arguments have no optimizer
+    data, data_dir = getattr(args, 'data', None), getattr(args, 'data_dir', None)
+    run = _Run(args, training, getattr(args, 'model', None), _default_cfg(getattr(args, 'model', None)),
+               (data_dir or data) if training else (data or data_dir))
+    return next((problem for check in _ARGUMENT_CHECKS if (problem := check(run))), None)
 
 
 def _output_problem(args: argparse.Namespace, training: bool) -> Optional[str]:
