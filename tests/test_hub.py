@@ -19,7 +19,9 @@ from timm.models import get_pretrained_cfg, save_for_hf
 from hub_server import LocalHub
 from jetmoe_timm.tools.cli import main
 from jetmoe_timm.export import save_pretrained_folder
-from jetmoe_timm.hub import CARD_DIR, CARD_MARK, UPLOAD_FILES, push_to_hub, render_model_card
+from jetmoe_timm.export import CARD_MARK
+from jetmoe_timm.hub import UPLOAD_FILES, push_to_hub, render_model_card
+from jetmoe_timm.model_card import CARD_DIR
 from jetmoe_timm.profile import count_macs, count_params
 
 REPO = 'jetmoe-test/v_jetmoe_tiny.pushed'
@@ -221,9 +223,10 @@ def test_card_renders_with_computed_figures(tiny_folder, tiny_model):
 def test_the_placeholders_a_template_is_checked_against_are_what_a_card_fills(tiny_folder):
     """push checks a template before converting, against CARD_PLACEHOLDERS; a card fills exactly those, and the
     docs list them all."""
-    from jetmoe_timm.hub import CARD_PLACEHOLDERS, _card_context, _inspect_folder
+    from jetmoe_timm.hub import _inspect_folder
+    from jetmoe_timm.model_card import CARD_PLACEHOLDERS, _card_context
     name, config, model = _inspect_folder(tiny_folder)
-    assert set(_card_context(name, config, model, 'org/name', tiny_folder)) == CARD_PLACEHOLDERS
+    assert set(_card_context(name, config, model, 'org/name', tiny_folder, None, False)) == CARD_PLACEHOLDERS
     docs = (Path(__file__).resolve().parents[1] / 'docs' / 'hub.md').read_text()
     listed = docs[docs.index('### Card templates'):docs.index('## Loading')]
     assert {p for p in CARD_PLACEHOLDERS if f'`{p}`' not in listed} == set()
@@ -232,12 +235,11 @@ def test_the_placeholders_a_template_is_checked_against_are_what_a_card_fills(ti
 @pytest.mark.parametrize('arch', timm.list_models(['v_jetmoe_*', 'c_jetmoe_*']))
 def test_every_registered_model_has_a_card_template(arch, tiny_folder):
     """One template per family serves each size, under the paper's name of the variant."""
-    from jetmoe_timm.hub import _template
-    template, _ = _template(arch, None)
+    from jetmoe_timm.model_card import _display_name, template_of
+    template, _ = template_of(arch, None)
     assert template == CARD_DIR / f"{arch.rpartition('_')[0]}.md"
     card = render_model_card(tiny_folder, 'org/name', template=template)  # every placeholder is a known one
     assert '${' not in card and _front_matter(card)['library_name'] == 'timm'
-    from jetmoe_timm.hub import _display_name
     assert _display_name(arch) == {'v_jetmoe_tiny': 'V-JetMoE-T', 'v_jetmoe_small': 'V-JetMoE-S',
                                    'c_jetmoe_femto': 'C-JetMoE-F', 'c_jetmoe_tiny': 'C-JetMoE-T'}[arch]
     assert 'A V-JetMoE-T image model' in card  # the tiny folder's own architecture names the card
@@ -256,7 +258,7 @@ def test_dry_run_writes_the_folder_and_sends_nothing(tiny_folder, local_hub, mon
 
 
 def test_a_card_template_serves_every_size_of_its_family():
-    from jetmoe_timm.hub import _family
+    from jetmoe_timm.model_card import _family
     assert [_family(a) for a in ('v_jetmoe_tiny', 'c_jetmoe_femto', 'v_jetmoe_base_patch14')] == \
         ['v_jetmoe', 'c_jetmoe', 'v_jetmoe']
 
