@@ -830,7 +830,7 @@ def test_bare_predecessor_file_of_any_head_and_size(tmp_path, caplog, flavour, c
                        depth=kwargs['depth'], num_heads=kwargs['num_heads'] // 2 or 1, num_core_experts=2,
                        num_univ_experts=2, num_classes=0, class_token=kwargs.get('class_token', True),
                        reg_tokens=kwargs.get('reg_tokens', 0), qk_norm=kwargs.get('qk_norm', False))
-    with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.build'):
+    with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.predecessor'):
         succ, result = build_recycled('v_jetmoe_tiny', succ_kwargs, predecessor=str(path), num_calib=8,
                                       progress=False)
     (line,) = [r.getMessage() for r in caplog.records if 'read off its tensors' in r.getMessage()]
@@ -910,7 +910,7 @@ def test_bare_convnext_predecessor_file(tmp_path, caplog, flavour):
     pred = _randomize(timm.models.model_entrypoint('convnext_tiny')(depths=(1, 1, 2, 1), dims=(16, 24, 32, 40),
                                                                      num_classes=21841, **flavour))
     save_file({k: v.contiguous() for k, v in pred.state_dict().items()}, tmp_path / 'cnx.safetensors')
-    with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.build'):
+    with caplog.at_level(logging.WARNING, logger='jetmoe_timm.recycle.predecessor'):
         succ, r = build_recycled('c_jetmoe_femto', dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_core_experts=2,
                                                         num_univ_experts=2, num_classes=0,
                                                         **{k: v for k, v in flavour.items() if v is not None}),
