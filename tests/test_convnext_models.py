@@ -218,15 +218,6 @@ def test_torchscript():
     torch.testing.assert_close(scripted(x), model(x))
 
 
-def test_bf16_autocast_close_to_float32():
-    model = timm.create_model('c_jetmoe_femto', num_classes=3, **TINY_CONVNEXT).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        with torch.autocast('cpu', dtype=torch.bfloat16):
-            out = model(x)
-        torch.testing.assert_close(out.float(), model(x), rtol=0.05, atol=0.01)  # bf16's 8 bits of mantissa
-
-
 def test_routing_inspection_on_spatial_tokens():
     model = timm.create_model('c_jetmoe_femto', num_classes=3, **TINY_CONVNEXT).eval()
     set_routing_capture(model, True)

@@ -40,6 +40,16 @@ def test_every_moe_option_reaches_every_moe_layer(family):
     assert [layer.expert_drop_path for layer in layers] == pytest.approx([0.2 * i / (depth - 1) for i in model.moe_blocks])
 
 
+def test_bf16_autocast_close_to_float32(family):
+    name, kwargs, _ = family
+    model = timm.create_model(name, num_classes=3, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+        torch.testing.assert_close(out.float(), model(x), rtol=0.05, atol=0.01)  # bf16's 8 bits of mantissa
+
+
 def test_moe_blocks_take_indices_as_timms_out_indices(family):
     """One int is one block (--model-kwargs moe_blocks=3), negative indices count from the end; anything but ints
     is refused (a string was read as its digits, a float truncated)."""
