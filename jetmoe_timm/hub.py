@@ -41,6 +41,8 @@ __all__ = ['UPLOAD_FILES', 'PushResult', 'check_push', 'push_to_hub', 'render_mo
 _logger = logging.getLogger(__name__)
 
 UPLOAD_FILES = ('model.safetensors', 'config.json', 'README.md')
+
+
 @dataclass
 class PushResult:
     repo_id: str
@@ -164,7 +166,8 @@ def render_model_card(folder: os.PathLike, repo_id: str, template: Optional[os.P
 def _render_card(name, config, model, repo_id: str, folder: Path, template) -> str:
     default_repo = _default_hub_id(name)
     fits = default_repo is not None and repo_id != default_repo and _fits_default_model(name, folder)
-    return model_card.render(name, config, model, repo_id, folder, template, default_repo, fits)
+    return model_card.render(name, config, model, repo_id, folder, template, default_repo=default_repo,
+                             fits_default=fits)
 
 
 # --- pushing ---------------------------------------------------------------------------------------------

@@ -215,8 +215,7 @@ def _card_context(name: str, config: Dict[str, Any], model: nn.Module, repo_id: 
 
 
 def render(name: str, config: Dict[str, Any], model: nn.Module, repo_id: str, folder: Path,
-           template: Optional[os.PathLike] = None, default_repo: Optional[str] = None,
-           fits_default: bool = False) -> str:
+           template: Optional[os.PathLike], *, default_repo: Optional[str], fits_default: bool) -> str:
     """The model card of the model ``name`` (``config`` and ``model``: what the folder's config.json describes) as
     published at ``repo_id``, from ``template`` or the family's own, figures computed from ``folder``;
     ``default_repo``: the tag's own Hub repo, ``fits_default``: whether the weights fit the tag's default
@@ -228,7 +227,7 @@ def render(name: str, config: Dict[str, Any], model: nn.Module, repo_id: str, fo
         raise ValueError(f'{folder}/config.json lacks what the model card is made from (its provenance under '
                          f'"jetmoe", pretrained_cfg, model_args; {type(e).__name__}: {e}): convert the model again, '
                          f'or repair config.json.') from None
-    body = string.Template(text).substitute(context)  # every placeholder checked by _template
+    body = string.Template(text).substitute(context)  # every placeholder checked by template_of
     # the mark goes after the front matter: the Hub requires the YAML block to open the file
     head, sep, rest = body.partition('\n---\n')
     return f'{head}{sep}{CARD_MARK}\n{rest}' if body.startswith('---\n') and sep else f'{CARD_MARK}\n{body}'

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import jetmoe_timm
 from jetmoe_timm.export import verify_safetensors
 from jetmoe_timm.recycle import recycle
-from jetmoe_timm.recycle.build import load_predecessor
+from jetmoe_timm.recycle.predecessor import load_predecessor
 
 SUCC = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=1, num_core_experts=4,
             num_univ_experts=8, num_classes=0)

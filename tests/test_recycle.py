@@ -548,7 +548,7 @@ def test_predecessor_paths(pred_dir, tmp_path, monkeypatch):
     """A folder's path is timm's 'local-dir:', a bare relative name too (timm would call it an unknown model); a
     checkpoint path that does not exist is named as such (timm would call it a model name with no source prefix)."""
     from jetmoe_timm.export import is_local_spec, public_source
-    from jetmoe_timm.recycle.build import load_predecessor
+    from jetmoe_timm.recycle.predecessor import load_predecessor
     monkeypatch.chdir(pred_dir.parent)
     assert is_local_spec(pred_dir.name) and public_source(pred_dir.name) == f"local checkpoint '{pred_dir.name}'"
     by_prefix = load_predecessor(f'local-dir:{pred_dir}')
@@ -864,6 +864,27 @@ def test_bare_vit_file_of_a_real_architecture_is_read_as_it_was_built(name, hint
            {k: v.shape for k, v in model.state_dict().items() if not k.startswith('head')}
 
 
+def test_a_tensor_no_layer_option_places_is_refused_without_a_wrong_option():
+    """Where the family's table of layer options names none for the tensors (here a ViT's class token, which only
+    check_nothing_lost is asked about), the refusal names no option rather than one that cannot help."""
+    import dataclasses
+    from jetmoe_timm.recycle.engine import check_nothing_lost
+    from jetmoe_timm.recycle.families import family_of
+    from jetmoe_timm.recycle.family import LayerOption
+    pred = timm.create_model('vit_small_patch16_224', img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=0, class_token=False, global_pool='avg')
+    succ = timm.create_model('v_jetmoe_tiny', img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_core_experts=2, num_univ_experts=2)
+    family = family_of(succ)
+    with pytest.raises(ValueError, match=r'nothing for \(cls_token\): build it with the layers of the predecessor '
+                                         r'\(no single option is known to place them\)\.$'):
+        check_nothing_lost(family, pred, succ)
+    table_says = dataclasses.replace(family, layer_options=family.layer_options + (
+        LayerOption(r'cls_token', 'class_token', True, False),))
+    with pytest.raises(ValueError, match=r'nothing for \(cls_token\): build it with class_token=False\.$'):
+        check_nothing_lost(table_says, pred, succ)
+
+
 def test_prefix_token_and_head_refusals_name_the_fix(tmp_path):
     """A predecessor with other class / register tokens than the successor: both counts and the kwargs that fix it;
     more successor heads than a bare file's assumed ones: the limit and the way to give the real heads."""
@@ -1088,7 +1109,7 @@ def test_bare_vit_file_with_a_tiny_grid_is_read_or_refused_never_misread(tmp_pat
     convention (9 rows with 5 prefix tokens: 3x3 alone, or 2x2 after 5) is refused, and prefix tokens that outnumber
     the grid's rows read as having no embedding (they were 'not timm-format', or a grid of 0)."""
     from safetensors.torch import save_file
-    from jetmoe_timm.recycle.build import load_predecessor
+    from jetmoe_timm.recycle.predecessor import load_predecessor
 
     def load(**kwargs):
         model = timm.create_model('vit_small_patch16_224', patch_size=8, embed_dim=64, depth=1, num_heads=1,

@@ -248,7 +248,7 @@ def test_train_launcher_keeps_freed_memory_for_cpu_training(tmp_path):
     def kept_mb(*args, **env):
         out = tmp_path / 'out.json'
         run_env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'LD_PRELOAD'
-                   and k != _scripts.ALLOCATOR_ENV}
+                   and k != _script_checks.ALLOCATOR_ENV}
         proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), str(out),
                                *args], env={**run_env, **env}, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
@@ -257,16 +257,16 @@ def test_train_launcher_keeps_freed_memory_for_cpu_training(tmp_path):
         return kept['main'], proc.stderr
 
     kept, err = kept_mb('--device', 'cpu')
-    assert kept > 200 and f'{_scripts.ALLOCATOR_ENV}=default turns this off' in err
-    kept, err = kept_mb('--device', 'cpu', **{_scripts.ALLOCATOR_ENV: 'default'})
+    assert kept > 200 and f'{_script_checks.ALLOCATOR_ENV}=default turns this off' in err
+    kept, err = kept_mb('--device', 'cpu', **{_script_checks.ALLOCATOR_ENV: 'default'})
     assert kept < 50 and 'keeps freed memory' not in err
     kept, err = kept_mb('--device', 'cpu', MALLOC_ARENA_MAX='4')  # the user's own malloc settings win
     assert kept < 50 and 'keeps freed memory' not in err
     proc = subprocess.run([sys.executable, '-m', 'jetmoe_timm.train', '--timm-scripts', str(scripts), 'refused.json',
-                           '--device', 'cpu'], env={**os.environ, _scripts.ALLOCATOR_ENV: 'glibc'},
+                           '--device', 'cpu'], env={**os.environ, _script_checks.ALLOCATOR_ENV: 'glibc'},
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().endswith(
-        f'{_scripts.ALLOCATOR_ENV}=glibc: set it to default (or off) to leave glibc\'s malloc as it is, or unset it '
+        f'{_script_checks.ALLOCATOR_ENV}=glibc: set it to default (or off) to leave glibc\'s malloc as it is, or unset it '
         '(CPU training keeps freed memory).') and not (tmp_path / 'refused.json').exists()
 
 
@@ -758,12 +758,12 @@ def test_launcher_says_what_would_fail_late_before_anything_runs(tmp_path, tiny_
         assert said in err and len(err.splitlines()) == 1, err
     lean_in_backward = [str(tiny_data), '--model', 'v_jetmoe_tiny', '--opt', 'adafactorlean', *in_backward, *cpu]
     assert argument_problem(_script_args(train_py, lean_in_backward)) is None
-    monkeypatch.setenv(_scripts.ALLOCATOR_ENV, '')  # empty: unset, as a shell's VAR= means
+    monkeypatch.setenv(_script_checks.ALLOCATOR_ENV, '')  # empty: unset, as a shell's VAR= means
     assert argument_problem(_script_args(train_py, lean_in_backward)) is None
-    monkeypatch.setenv(_scripts.ALLOCATOR_ENV, 'glibc')  # train.py's variable: validate.py does not read it
+    monkeypatch.setenv(_script_checks.ALLOCATOR_ENV, 'glibc')  # train.py's variable: validate.py does not read it
     validate_args = _script_args(Path(SCRIPTS, 'validate.py'), [str(tiny_data), *model, '--img-size', '32'])
     assert argument_problem(validate_args) is None
-    monkeypatch.delenv(_scripts.ALLOCATOR_ENV)
+    monkeypatch.delenv(_script_checks.ALLOCATOR_ENV)
     # a model registered by train.py's own --device-modules hook is train.py's to find
     assert argument_problem(_script_args(train_py, [str(tiny_data), '--model', 'my_net', '--device-modules',
                                                      'mymodels', *cpu])) is None

@@ -1,5 +1,6 @@
 """ Checkpoint recycling: dense timm checkpoints become initial weights of JetMoE successors. """
-from .build import RECYCLE_SOURCES, build_recycled, cached_recycled_file, load_predecessor
+from .build import RECYCLE_SOURCES, build_recycled, cached_recycled_file
+from .predecessor import load_predecessor
 from .folder import convert
 from .engine import CALIB_SIZES, RECIPES, RecycleResult, recycle
 from .selection import METHODS

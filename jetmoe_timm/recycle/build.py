@@ -43,8 +43,8 @@ from .engine import (RECYCLE_DEFAULTS, RecycleResult, adapt_input_channels, chec
 from .families import FAMILIES, family_of
 from .predecessor import input_contract, load_predecessor
 
-__all__ = ['RECYCLE_SOURCES', 'recycle_source', 'load_predecessor', 'build_recycled', 'cached_recycled_file',
-           'cache_dir', 'input_contract']
+__all__ = ['RECYCLE_SOURCES', 'build_recycled', 'cache_dir', 'cached_recycled_file', 'predecessor_spec',
+           'recycle_source']
 
 _logger = logging.getLogger(__name__)
 

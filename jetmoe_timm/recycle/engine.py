@@ -194,15 +194,14 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
     fix = lambda keys, predecessor_has, default: (  # noqa: E731
         layer_options_for(family, keys, predecessor_has) or default)
     listed = lambda keys: ', '.join(keys[:4]) + (' ...' if len(keys) > 4 else '')  # noqa: E731
-    options = ', '.join(dict.fromkeys(o.name for o in family.layer_options))  # what decides which tensors exist
     if missing or fresh:
         keys = missing or fresh
         raise ValueError(f"the successor has tensors the {what} has nothing for ({listed(keys)}): build it with "
-                         f"{fix(keys, False, f'the {what} layer options ({options})')}.")
+                         f"{fix(keys, False, f'the layers of the {what} (no single option is known to place them)')}.")
     if unread:
         raise ValueError(f"the successor has no place for {len(unread)} {what} tensor(s), e.g. {listed(unread)}: "
                          f"their computation would be lost; build the successor with "
-                         f"{fix(unread, True, f'the {what} layer options ({options})')}.")
+                         f"{fix(unread, True, f'the layers of the {what} (no single option is known to place them)')}.")
 
 
 def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:

@@ -18,11 +18,11 @@ from ..models import list_jetmoe_models
 from ..models._pretrained import architecture_signature, recorded_input_contract
 from .checks import check_model_kwargs, check_output_folder
 
-__all__ = ['ALLOCATOR_ENV', 'argument_problem', 'config_problem', 'one_model', 'preprocessing_note']
+__all__ = ['ALLOCATOR_ENV', 'ALLOCATOR_OFF', 'argument_problem', 'config_problem', 'one_model', 'preprocessing_note']
 
 
 ALLOCATOR_ENV = 'JETMOE_TIMM_ALLOCATOR'
-_ALLOCATOR_OFF = ('default', 'off')  # its values (any case) that leave glibc's malloc as it is
+ALLOCATOR_OFF = ('default', 'off')  # its values (any case) that leave glibc's malloc as it is
 
 
 def one_model(model: Optional[str]) -> bool:
@@ -356,7 +356,7 @@ def _environment_problem(run: _Run) -> Optional[str]:
     """train.py's allocator variable set to what it does not know, or the scripts' default ``--device cuda``
     where torch sees no GPU."""
     allocator = os.environ.get(ALLOCATOR_ENV) if run.training else None  # train.py's; empty: unset
-    if allocator and allocator.lower() not in _ALLOCATOR_OFF:
+    if allocator and allocator.lower() not in ALLOCATOR_OFF:
         return (f'{ALLOCATOR_ENV}={allocator}: set it to default (or off) to leave glibc\'s malloc as it is, or unset '
                 'it (CPU training keeps freed memory).')
     device = str(getattr(run.args, 'device', None) or '')

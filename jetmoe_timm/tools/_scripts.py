@@ -30,11 +30,11 @@ import torch
 from safetensors import SafetensorError
 
 from ..models import JetMoEMixin
-from ._script_checks import ALLOCATOR_ENV, _ALLOCATOR_OFF, argument_problem, config_problem, one_model, \
+from ._script_checks import ALLOCATOR_ENV, ALLOCATOR_OFF, argument_problem, config_problem, one_model, \
     preprocessing_note
 from .cli import INTERRUPTED, USER_ERRORS, closest_option, error_line
 
-__all__ = ['SCRIPTS_ENV', 'ALLOCATOR_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
+__all__ = ['SCRIPTS_ENV', 'find_timm_script', 'run_timm_script', 'keep_freed_memory']
 
 SCRIPTS_ENV = 'JETMOE_TIMM_SCRIPTS'
 _SCRIPTS_OPT = '--timm-scripts'
@@ -142,7 +142,7 @@ def keep_freed_memory() -> Optional[str]:
     a process that trains: the train launcher calls it for CPU runs, and children forked later (DataLoader workers) get
     glibc's defaults back. Returns why it did nothing (another libc, or the user chose an allocator), else None.
     """
-    if os.environ.get(ALLOCATOR_ENV, '').lower() in _ALLOCATOR_OFF:
+    if os.environ.get(ALLOCATOR_ENV, '').lower() in ALLOCATOR_OFF:
         return f'{ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]}'
     chosen = [k for k in os.environ if k.startswith('MALLOC_') or k == 'LD_PRELOAD' and os.environ[k]
               or k == 'GLIBC_TUNABLES' and 'malloc' in os.environ[k]]
