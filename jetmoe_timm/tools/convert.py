@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
         description='Recycle a dense timm checkpoint into JetMoE weights and write a folder that '
                     "timm.create_model('local-dir:OUT', pretrained=True) loads after import jetmoe_timm.")
     p.add_argument('model', help="JetMoE model, optionally with its tag, e.g. 'v_jetmoe_tiny'")
-    p.add_argument('--out', required=True, help='output folder; must not exist unless --overwrite')
+    p.add_argument('--out', required=True, help='output folder: new or empty, or an earlier output with --overwrite')
     p.add_argument('--from-official', default=None, metavar='FILE',
                    help='convert an official MoE Jetpack checkpoint (.pt / .pth / .safetensors) instead of recycling')
     add_convert_arguments(p)
