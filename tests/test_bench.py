@@ -155,7 +155,7 @@ def test_bf16_weights_is_inference_of_a_bfloat16_copy(tmp_path, monkeypatch):
         return real_runner(model, mode, x, y, precision, opt)
     monkeypatch.setattr(bench, 'timed_runner', spy_runner)
     out = tmp_path / 'b.json'
-    rc = cli.main(['bench', '--models', 'v_jetmoe_tiny', '--precisions', 'float32', 'bf16-weights', '--compile',
+    rc = cli.main(['bench', '--precisions', 'float32', 'bf16-weights', '--compile',
                    'off', '--batch-sizes', '2', '--rounds', '1', '--no-memory', '--no-layer', '--out', str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -190,7 +190,7 @@ def test_bf16_cached_times_the_opt_in_weight_copies(tmp_path, monkeypatch):
         return timed
     monkeypatch.setattr(bench, 'timed_runner', spy_runner)
     out = tmp_path / 'b.json'
-    rc = cli.main(['bench', '--models', 'v_jetmoe_tiny', '--precisions', 'bf16', 'bf16-cached', '--compile', 'off',
+    rc = cli.main(['bench', '--precisions', 'bf16', 'bf16-cached', '--compile', 'off',
                    '--batch-sizes', '2', '--rounds', '2', '--no-memory', '--no-layer', '--out', str(out)])
     assert rc == 0
     rows = json.loads(out.read_text())['models']
