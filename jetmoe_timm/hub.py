@@ -146,14 +146,11 @@ def default_repo_problem(name: str, provenance: Dict[str, Any]) -> Optional[str]
             f"push them to your own --repo-id ORG/NAME")
 
 
-def _fits_default_model(name: str, folder: Path) -> bool:
-    """Whether the folder holds weights of ``timm.create_model(name)`` itself (what ``pretrained=True`` builds):
-    the same shapes, module types and attention heads as the architecture its config.json describes."""
-    default = timm.create_model(name, device='meta')
-    if _mismatch(default, _file_shapes(folder / 'model.safetensors')):
-        return False
-    return architecture_signature(timm.create_model(f'local-dir:{folder}', device='meta')) == \
-        architecture_signature(default)
+def _fits_default_model(name: str, model: nn.Module) -> bool:
+    """Whether a checked folder's weights, which fit ``model`` (the architecture its config.json describes, from
+    ``_inspect_folder``), are those of ``timm.create_model(name)`` itself (what ``pretrained=True`` builds): the same
+    shapes, module types and attention heads."""
+    return architecture_signature(model) == architecture_signature(timm.create_model(name, device='meta'))
 
 
 def render_model_card(folder: os.PathLike, repo_id: str, template: Optional[os.PathLike] = None) -> str:
@@ -165,7 +162,7 @@ def render_model_card(folder: os.PathLike, repo_id: str, template: Optional[os.P
 
 def _render_card(name, config, model, repo_id: str, folder: Path, template) -> str:
     default_repo = _default_hub_id(name)
-    fits = default_repo is not None and repo_id != default_repo and _fits_default_model(name, folder)
+    fits = default_repo is not None and repo_id != default_repo and _fits_default_model(name, model)
     return model_card.render(name, config, model, repo_id, folder, template, default_repo=default_repo,
                              fits_default=fits)
 
@@ -252,7 +249,7 @@ def push_to_hub(
     # refused before the folder is touched
     repo_id, token = check_push(name, repo_id, revision=revision, dry_run=dry_run, token=token,
                                 card_template=card_template, endpoint=endpoint)
-    if repo_id == default_id and not _fits_default_model(name, folder):
+    if repo_id == default_id and not _fits_default_model(name, model):
         raise ValueError(
             f"{repo_id} is the default repo of '{name}', but these weights are for other model arguments "
             f"({config.get('model_args')}): timm.create_model('{name.partition('.')[0]}', pretrained=True) would "
