@@ -191,17 +191,17 @@ def check_nothing_lost(family: FamilySpec, predecessor: nn.Module, successor: nn
     routing = tuple(f'{n}.' for n, m in successor.named_modules() if isinstance(m, SpheroMoE))
     fresh = [k for k in successor.state_dict()
              if k not in plan and not k.startswith(routing) and not re.match(family.new_head, k)]
-    fix = lambda keys, predecessor_has, default: (  # noqa: E731
-        layer_options_for(family, keys, predecessor_has) or default)
+    fix = lambda keys, predecessor_has: (  # noqa: E731
+        layer_options_for(family, keys, predecessor_has)
+        or f'the layers of the {what} (no single option is known to place them)')
     listed = lambda keys: ', '.join(keys[:4]) + (' ...' if len(keys) > 4 else '')  # noqa: E731
     if missing or fresh:
         keys = missing or fresh
         raise ValueError(f"the successor has tensors the {what} has nothing for ({listed(keys)}): build it with "
-                         f"{fix(keys, False, f'the layers of the {what} (no single option is known to place them)')}.")
+                         f"{fix(keys, False)}.")
     if unread:
         raise ValueError(f"the successor has no place for {len(unread)} {what} tensor(s), e.g. {listed(unread)}: "
-                         f"their computation would be lost; build the successor with "
-                         f"{fix(unread, True, f'the layers of the {what} (no single option is known to place them)')}.")
+                         f"their computation would be lost; build the successor with {fix(unread, True)}.")
 
 
 def check_recipe_family(recipe: str, family: FamilySpec, name: str) -> None:
