@@ -119,12 +119,10 @@ class WeightStats(WeightStatistics):
 
     def __getitem__(self, key) -> torch.Tensor:
         module, _ = key
-        block, _, probe = module.partition('.blocks.')
-        block = f"{block}.blocks.{probe.split('.', 1)[0]}"
-        if module == f'{block}.{_CHANNELS}':
+        if module.endswith(f'.{_CHANNELS}'):
             return self.pred.get_submodule(module).weight.detach().double().abs()
-        if module == f'{block}.{_NEURONS}':
-            return mlp_weight_importance(self.pred.get_submodule(block).mlp)
+        if module.endswith(f'.{_NEURONS}'):  # '{block}.mlp.act'
+            return mlp_weight_importance(self.pred.get_submodule(module.removesuffix(f'.{_NEURONS}')).mlp)
         raise KeyError(module)
 
 
