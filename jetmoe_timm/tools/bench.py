@@ -164,7 +164,7 @@ def _build(name: str, kwargs: Dict, device: torch.device = torch.device('cpu')) 
 
 
 def timed_runner(model: nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor, precision: str,
-            opt: Optional[torch.optim.Optimizer]) -> Callable[[], None]:
+                 opt: Optional[torch.optim.Optimizer]) -> Callable[[], None]:
     if mode == 'infer':
         def run():
             with torch.inference_mode(), _autocast(precision, x.device):
@@ -841,8 +841,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument('--convert', nargs='*', choices=sorted(CONVERT_SOURCES), metavar='NAME',
                    help='also convert full-size models from predecessor files and report time and peak RSS: the '
                         f'NAMEs given (a variant, its default tag, or a recycled tag such as '
-                        f'v_jetmoe_tiny.recycled_deit3_in22k), or all {len(CONVERT_VARIANTS)} variants ({", ".join(CONVERT_VARIANTS)}; '
-                        f'about 15 minutes on 2 cores)')
+                        f'v_jetmoe_tiny.recycled_deit3_in22k), or all {len(CONVERT_VARIANTS)} variants '
+                        f'({", ".join(CONVERT_VARIANTS)}; about 15 minutes on 2 cores)')
     p.set_defaults(func=_run)
     return p
 
